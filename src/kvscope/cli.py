@@ -1,0 +1,154 @@
+"""Command line: ``kvscope generate | models | strategies``."""
+from __future__ import annotations
+
+import argparse
+import inspect
+import json
+import sys
+import time
+from typing import Any
+
+from kvscope.errors import KVScopeError
+
+DEMO_PROMPTS = [
+    "What is the capital of France?",
+    "Write a haiku about memory.",
+    "Explain in two sentences why the sky is blue.",
+    "List three uses of a paperclip.",
+]
+
+
+def _size(text: str) -> int:
+    """``"512MiB"``, ``"2G"``, ``"1000000"`` -> bytes."""
+    units = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+    t = text.strip().lower().removesuffix("b").removesuffix("i")
+    try:
+        if t and t[-1] in units:
+            return int(float(t[:-1]) * units[t[-1]])
+        return int(t)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} (e.g. 512MiB, 2GiB, 1000000)") from None
+
+
+def _add_generate(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("generate", help="generate text with one model and one KV strategy")
+    p.add_argument("prompts", nargs="*", help="prompts (default: a few demo questions)")
+    p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--strategy", default="paged", help="name[:key=value,...], e.g. paged:block_size=32")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default="float32")
+    p.add_argument("--kv-memory", type=_size, default=None, help="KV pool size, e.g. 256MiB")
+    p.add_argument("--max-model-len", type=int, default=None)
+    p.add_argument("--max-num-seqs", type=int, default=64)
+    p.add_argument("--max-num-batched-tokens", type=int, default=2048)
+    p.add_argument("--preemption-mode", default="recompute", choices=["recompute", "swap"])
+    p.add_argument("--max-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    p.add_argument("--ignore-eos", action="store_true")
+    p.add_argument("--raw", action="store_true", help="send prompts as plain text, not as chat turns")
+    p.add_argument("--json", action="store_true", help="print one JSON object per request, then stats")
+
+
+def _generate(args: argparse.Namespace) -> int:
+    from kvscope import LLM, SamplingParams
+
+    llm = LLM(
+        model=args.model,
+        strategy=args.strategy,
+        kv_memory_bytes=args.kv_memory,
+        device=args.device,
+        dtype=args.dtype,
+        max_model_len=args.max_model_len,
+        max_num_seqs=args.max_num_seqs,
+        max_num_batched_tokens=args.max_num_batched_tokens,
+        preemption_mode=args.preemption_mode,
+    )
+    params = SamplingParams(
+        max_tokens=args.max_tokens,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        seed=args.seed,
+        stop=args.stop,
+        ignore_eos=args.ignore_eos,
+    )
+    prompts = args.prompts or DEMO_PROMPTS
+    t0 = time.perf_counter()
+    if args.raw or not llm.tokenizer.has_chat_template:
+        outs = llm.generate(prompts, params)
+    else:
+        outs = llm.chat([[{"role": "user", "content": p}] for p in prompts], params)
+    elapsed = time.perf_counter() - t0
+    stats = llm.engine.stats()
+    n_out = sum(len(o.token_ids) for o in outs)
+    summary = {"elapsed_s": elapsed, "output_tokens": n_out, "output_tokens_per_s": n_out / elapsed}
+    if args.json:
+        for prompt, o in zip(prompts, outs):
+            print(json.dumps({"prompt": prompt, "text": o.text, "token_ids": o.token_ids,
+                              "finish_reason": o.finish_reason, "ttft_s": o.metrics.ttft}))
+        print(json.dumps({"stats": stats, **summary}))
+        return 0
+    for prompt, o in zip(prompts, outs):
+        print(f"\n>>> {prompt}\n{o.text.strip()}  [{len(o.token_ids)} tokens, {o.finish_reason}]")
+    print(
+        f"\n{len(outs)} requests, {n_out} output tokens in {elapsed:.2f} s "
+        f"({summary['output_tokens_per_s']:.1f} tok/s) | strategy={stats['strategy']} "
+        f"preemptions={stats['num_preemptions']} peak KV used={stats.get('peak_kv_bytes_used', 0) / 2**20:.1f} MiB "
+        f"of {stats['kv_bytes_reserved'] / 2**20:.1f} MiB reserved"
+    )
+    return 0
+
+
+def _models(_: argparse.Namespace) -> int:
+    from kvscope.models.loader import list_models
+
+    rows = list_models()
+    print(f"{'name':<24} {'kind':<9} {'arch':<6} {'params':>9}  available")
+    for r in rows:
+        params = f"{r['params'] / 1e9:.2f}B" if r.get("params") else "-"
+        avail = "yes" if r.get("available") else f"no ({r.get('install', '')})"
+        print(f"{r['name']:<24} {r['kind']:<9} {r.get('arch', '-'):<6} {params:>9}  {avail}")
+    print("\nAlso: a path to an HF safetensors folder or to a .gguf file.")
+    return 0
+
+
+def _strategies(_: argparse.Namespace) -> int:
+    from kvscope.kv import registry
+
+    for name, cls in registry.available().items():
+        caps = [c for c in ("lossless", "supports_prefix_caching", "supports_swap", "supports_fork")
+                if getattr(cls, c)]
+        sig = inspect.signature(cls.__init__)
+        args = ", ".join(f"{p.name}={p.default!r}" for p in sig.parameters.values() if p.name != "self")
+        doc = (cls.__doc__ or "").strip().splitlines()[0]
+        print(f"{name:<12} {doc}\n{'':<12} args: {args or '-'}\n{'':<12} {', '.join(caps)}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="kvscope", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_generate(sub)
+    sub.add_parser("models", help="list the models kvscope can load")
+    sub.add_parser("strategies", help="list the KV-cache strategies and their arguments")
+    return parser
+
+
+COMMANDS: dict[str, Any] = {"generate": _generate, "models": _models, "strategies": _strategies}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return COMMANDS[args.command](args)
+    except KVScopeError as e:
+        print(f"kvscope: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

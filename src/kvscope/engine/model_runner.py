@@ -1,0 +1,41 @@
+"""Turns a scheduled step into model inputs, runs the model through the strategy's backend."""
+from __future__ import annotations
+
+import torch
+
+from kvscope.engine.request import Request
+from kvscope.kv.base import KVStrategy, StepBatch
+from kvscope.models.base import CausalLM
+
+
+class ModelRunner:
+    def __init__(self, model: CausalLM, kv: KVStrategy, device: torch.device) -> None:
+        self.model = model
+        self.kv = kv
+        self.device = device
+
+    def build_batch(self, requests: list[Request], num_new_tokens: list[int]) -> StepBatch:
+        ids: list[int] = []
+        pos: list[int] = []
+        starts = [0]
+        for req, n in zip(requests, num_new_tokens):
+            s = req.num_computed_tokens
+            tokens = req.all_token_ids
+            ids.extend(tokens[s : s + n])
+            pos.extend(range(s, s + n))
+            starts.append(starts[-1] + n)
+        return StepBatch(
+            requests=requests,
+            num_new_tokens=num_new_tokens,
+            input_ids=torch.tensor(ids, dtype=torch.long, device=self.device),
+            positions=torch.tensor(pos, dtype=torch.long, device=self.device),
+            query_start=starts,
+        )
+
+    @torch.inference_mode()
+    def run(self, batch: StepBatch, sample_rows: list[int]) -> torch.Tensor:
+        """Compute the step; return float32 logits ``[len(sample_rows), vocab]`` of those rows."""
+        attn = self.kv.begin_step(batch)
+        hidden = self.model(batch.input_ids, batch.positions, attn)
+        rows = torch.tensor(sample_rows, dtype=torch.long, device=hidden.device)
+        return self.model.compute_logits(hidden[rows])

@@ -1,0 +1,120 @@
+"""The KV strategy contract: what the scheduler and the model may ask of a KV-cache manager.
+
+Scheduler side (no tensors): ``lookup_prefix`` / ``allocate`` (admit and grow) / ``free`` /
+``swap_out`` / ``swap_in`` / ``fork`` / ``stats``. ``allocate`` returning False means "no room":
+the scheduler preempts (or, for strategies that evict, the strategy has already made room).
+
+Model side: ``begin_step`` turns the scheduled batch into an :class:`AttentionBackend` that knows
+where each request's KV lives; ``end_step`` lets the strategy update its bookkeeping (prefix-cache
+registration, eviction) once the step's tokens are computed.
+"""
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+
+from kvscope.engine.request import Request
+from kvscope.errors import ConfigError
+from kvscope.models.base import AttentionBackend
+from kvscope.models.config import ModelConfig
+
+
+@dataclass(frozen=True)
+class KVSetup:
+    """Everything a strategy needs to size and place its memory."""
+
+    model: ModelConfig
+    device: torch.device
+    dtype: torch.dtype
+    kv_memory_bytes: int
+    max_model_len: int
+    max_num_seqs: int
+    swap_space_bytes: int
+
+
+@dataclass
+class StepBatch:
+    """The scheduled work of one step, flattened like vLLM's varlen batches.
+
+    Request ``i`` computes ``num_new_tokens[i]`` tokens starting at its ``num_computed_tokens``;
+    its query rows are ``query_start[i]:query_start[i+1]`` of the flattened ``[N]`` tensors.
+    """
+
+    requests: list[Request]
+    num_new_tokens: list[int]
+    input_ids: torch.Tensor  # [N] int64
+    positions: torch.Tensor  # [N] int64
+    query_start: list[int]  # [B + 1]
+
+    @property
+    def context_lens(self) -> list[int]:
+        """Tokens each request will hold after this step: computed + new."""
+        return [r.num_computed_tokens + n for r, n in zip(self.requests, self.num_new_tokens)]
+
+
+class KVStrategy(ABC):
+    """Base class of every KV-cache management strategy (one subclass per file)."""
+
+    name: ClassVar[str]
+    #: Produces exactly the attention of a full cache (so outputs equal HF transformers').
+    lossless: ClassVar[bool] = True
+    supports_prefix_caching: ClassVar[bool] = False
+    supports_swap: ClassVar[bool] = False
+    supports_fork: ClassVar[bool] = False
+
+    def __init__(self) -> None:
+        self.setup: KVSetup | None = None
+
+    # ---- lifecycle -------------------------------------------------------------------------
+    @abstractmethod
+    def bind(self, setup: KVSetup) -> None:
+        """Allocate the strategy's memory for ``setup``. Called once by the engine."""
+
+    # ---- scheduler side --------------------------------------------------------------------
+    @abstractmethod
+    def max_request_tokens(self) -> int:
+        """The most tokens one request can ever hold (the whole pool, or one slot)."""
+
+    def lookup_prefix(self, request: Request) -> int:
+        """Leading tokens of a not-yet-admitted request already cached. No side effects."""
+        return 0
+
+    @abstractmethod
+    def allocate(self, request: Request, num_tokens: int) -> bool:
+        """Make ``request`` hold room for ``num_tokens`` tokens in total.
+
+        For a request that holds nothing yet this admits it (taking prefix-cache hits first,
+        which the scheduler then counts as computed). Returns False, changing nothing, when the
+        pool cannot provide the room.
+        """
+
+    @abstractmethod
+    def free(self, request: Request) -> None:
+        """Release everything ``request`` holds (finish, abort, preemption by recompute)."""
+
+    def swap_out(self, request: Request) -> int:
+        """Move ``request``'s KV to host memory and free its device memory; returns bytes moved."""
+        raise ConfigError(f"strategy {self.name!r} does not support swap preemption")
+
+    def swap_in(self, request: Request) -> int | None:
+        """Bring a swapped request back; returns bytes moved, or None if there is no room."""
+        raise ConfigError(f"strategy {self.name!r} does not support swap preemption")
+
+    def fork(self, parent: Request, child: Request) -> None:
+        """Make ``child`` share all of ``parent``'s KV (copy-on-write)."""
+        raise ConfigError(f"strategy {self.name!r} does not support forking (n > 1)")
+
+    @abstractmethod
+    def stats(self) -> dict[str, Any]:
+        """Accounting counters; see ``docs/architecture.md`` for their meaning."""
+
+    # ---- model side ------------------------------------------------------------------------
+    @abstractmethod
+    def begin_step(self, batch: StepBatch) -> AttentionBackend:
+        """Return the attention backend the model uses for this step."""
+
+    def end_step(self, batch: StepBatch) -> None:
+        """Called after the step's tokens are computed and the counters moved forward."""

@@ -1,0 +1,248 @@
+"""``paged``: vLLM's PagedAttention memory manager (the vLLM row of the study).
+
+KV lives in fixed-size blocks drawn from one pool; each request has a block table. Blocks are
+reference-counted: full prompt blocks are shared through the prefix cache (chained hashes, token
+ids re-checked), and forked requests share everything, copying a shared block only when one of
+them writes into it. When the pool is exhausted the scheduler preempts by recompute (free the
+blocks) or by swap (copy them to host memory and back).
+"""
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+
+from kvscope.engine.request import Request
+from kvscope.errors import ConfigError
+from kvscope.kv.base import KVSetup, KVStrategy, StepBatch
+from kvscope.kv.block_pool import BlockHash, BlockPool, hash_block
+from kvscope.kv.registry import register
+from kvscope.kv.slot_cache import SlotAttention, SlotKVCache
+
+
+@register
+class PagedStrategy(KVStrategy):
+    """Block-table KV with prefix caching, copy-on-write and swap."""
+
+    name = "paged"
+    supports_prefix_caching = True
+    supports_swap = True
+    supports_fork = True
+
+    def __init__(self, block_size: int = 16, enable_prefix_caching: bool = True) -> None:
+        super().__init__()
+        if not isinstance(block_size, int) or block_size <= 0:
+            raise ConfigError(f"paged: block_size must be a positive integer, got {block_size!r}")
+        self.block_size = block_size
+        self.enable_prefix_caching = bool(enable_prefix_caching)
+        self.tables: dict[str, list[int]] = {}
+        self._hashes: dict[str, list[BlockHash]] = {}
+        self._held_tokens: dict[str, int] = {}
+        self._registered: dict[str, int] = {}  # full blocks already offered to the prefix cache
+        self._host: dict[str, torch.Tensor] = {}
+        self.host_bytes = 0
+        self.swapped_out_bytes = 0
+        self.swapped_in_bytes = 0
+        self.prefix_queried_tokens = 0
+        self.prefix_hit_tokens = 0
+        self.cow_copies = 0
+
+    def bind(self, setup: KVSetup) -> None:
+        self.setup = setup
+        self.bytes_per_token = setup.model.kv_bytes_per_token(setup.dtype)
+        block_bytes = self.bytes_per_token * self.block_size
+        num_blocks = setup.kv_memory_bytes // block_bytes
+        if num_blocks < 1:
+            raise ConfigError(
+                f"paged: kv_memory_bytes={setup.kv_memory_bytes} is smaller than one block "
+                f"({block_bytes} bytes = {self.block_size} tokens x {self.bytes_per_token} B/token)"
+            )
+        self.pool = BlockPool(num_blocks, enable_caching=self.enable_prefix_caching)
+        self.cache = SlotKVCache(setup.model, num_blocks * self.block_size, setup.device, setup.dtype)
+        self.scale = setup.model.head_dim**-0.5
+
+    # ---- scheduler side ------------------------------------------------------------------------
+    def max_request_tokens(self) -> int:
+        return self.pool.num_blocks * self.block_size
+
+    def _num_blocks(self, num_tokens: int) -> int:
+        return math.ceil(num_tokens / self.block_size)
+
+    def _block_hashes(self, request: Request, num_blocks: int) -> list[BlockHash]:
+        """Chained hashes of the request's first ``num_blocks`` full blocks (memoised)."""
+        hashes = self._hashes.setdefault(request.request_id, [])
+        tokens = request.all_token_ids
+        bs = self.block_size
+        while len(hashes) < num_blocks:
+            i = len(hashes)
+            hashes.append(hash_block(hashes[-1] if hashes else None, tokens[i * bs : (i + 1) * bs]))
+        return hashes[:num_blocks]
+
+    def _prefix_hits(self, request: Request) -> list[int]:
+        if not self.enable_prefix_caching:
+            return []
+        # The last token is always recomputed: its logits are needed to sample.
+        max_blocks = (request.num_tokens - 1) // self.block_size
+        tokens = request.all_token_ids
+        hits = []
+        for i, h in enumerate(self._block_hashes(request, max_blocks)):
+            block = self.pool.lookup(h, tokens[i * self.block_size : (i + 1) * self.block_size])
+            if block is None:
+                break
+            hits.append(block)
+        return hits
+
+    def lookup_prefix(self, request: Request) -> int:
+        return len(self._prefix_hits(request)) * self.block_size
+
+    def allocate(self, request: Request, num_tokens: int) -> bool:
+        rid = request.request_id
+        table = self.tables.get(rid)
+        if table is None:
+            hits = self._prefix_hits(request)
+            need = self._num_blocks(num_tokens) - len(hits)
+            revived = sum(1 for b in hits if self.pool.ref_cnt[b] == 0)
+            if need > self.pool.num_free - revived:
+                return False
+            self.pool.share(hits)
+            self.tables[rid] = hits + self.pool.allocate(max(need, 0))
+            self._held_tokens[rid] = len(hits) * self.block_size
+            self.prefix_queried_tokens += request.num_tokens
+            self.prefix_hit_tokens += len(hits) * self.block_size
+            return True
+        need = max(self._num_blocks(num_tokens) - len(table), 0)
+        write_block = request.num_computed_tokens // self.block_size
+        cow = write_block < len(table) and self.pool.ref_cnt[table[write_block]] > 1
+        if need + cow > self.pool.num_free:
+            return False
+        if cow:
+            self._copy_on_write(table, write_block)
+        table.extend(self.pool.allocate(need))
+        return True
+
+    def _copy_on_write(self, table: list[int], index: int) -> None:
+        old = table[index]
+        new = self.pool.allocate(1)[0]
+        offsets = torch.arange(self.block_size, device=self.cache.kv.device)
+        self.cache.copy(old * self.block_size + offsets, new * self.block_size + offsets)
+        self.pool.free([old])
+        table[index] = new
+        self.cow_copies += 1
+
+    def free(self, request: Request) -> None:
+        rid = request.request_id
+        table = self.tables.pop(rid, None)
+        if table is not None:
+            # Tail first, so that the LRU queue evicts a prefix's end before its start.
+            self.pool.free(list(reversed(table)))
+        self._hashes.pop(rid, None)
+        self._held_tokens.pop(rid, None)
+        self._registered.pop(rid, None)
+        data = self._host.pop(rid, None)
+        if data is not None:
+            self.host_bytes -= data.numel() * data.element_size()
+
+    def fork(self, parent: Request, child: Request) -> None:
+        table = self.tables[parent.request_id]
+        self.pool.share(table)
+        self.tables[child.request_id] = list(table)
+        self._hashes[child.request_id] = list(self._hashes.get(parent.request_id, []))
+        self._held_tokens[child.request_id] = self._held_tokens[parent.request_id]
+        self._registered[child.request_id] = self._registered.get(parent.request_id, 0)
+
+    def _slots(self, table: list[int], num_tokens: int) -> torch.Tensor:
+        """Slot ids ``[num_tokens]`` of a request's first tokens."""
+        device = self.cache.kv.device
+        blocks = torch.tensor(table[: self._num_blocks(num_tokens)], dtype=torch.long, device=device)
+        offsets = torch.arange(self.block_size, dtype=torch.long, device=device)
+        return (blocks[:, None] * self.block_size + offsets).flatten()[:num_tokens]
+
+    def swap_out(self, request: Request) -> int | None:
+        """Copy the computed KV to host memory and free the blocks; None if swap space is full."""
+        rid = request.request_id
+        n = request.num_computed_tokens
+        nbytes = n * self.bytes_per_token
+        if self.host_bytes + nbytes > self.setup.swap_space_bytes:
+            return None
+        data = self.cache.read(self._slots(self.tables[rid], n))
+        host = torch.empty(data.shape, dtype=data.dtype, pin_memory=data.is_cuda)
+        host.copy_(data)
+        self.pool.free(list(reversed(self.tables.pop(rid))))
+        self._host[rid] = host
+        self._held_tokens.pop(rid, None)
+        self._registered.pop(rid, None)
+        self.host_bytes += nbytes
+        self.swapped_out_bytes += nbytes
+        return nbytes
+
+    def swap_in(self, request: Request) -> int | None:
+        rid = request.request_id
+        host = self._host[rid]
+        n = host.shape[2]
+        need = self._num_blocks(n)
+        if need > self.pool.num_free:
+            return None
+        table = self.pool.allocate(need)
+        self.tables[rid] = table
+        self.cache.write(self._slots(table, n), host)
+        del self._host[rid]
+        nbytes = n * self.bytes_per_token
+        self.host_bytes -= nbytes
+        self.swapped_in_bytes += nbytes
+        self._held_tokens[rid] = n
+        return nbytes
+
+    def stats(self) -> dict[str, Any]:
+        bs, bpt = self.block_size, self.bytes_per_token
+        # A block shared by several requests holds as many tokens as its fullest user wrote.
+        filled: dict[int, int] = {}
+        for rid, table in self.tables.items():
+            held = self._held_tokens.get(rid, 0)
+            for i, b in enumerate(table):
+                filled[b] = max(filled.get(b, 0), min(bs, max(0, held - i * bs)))
+        used_tokens = sum(filled.values())
+        allocated_slots = self.pool.num_used * bs
+        return {
+            "block_size": bs,
+            "num_blocks": self.pool.num_blocks,
+            "blocks_used": self.pool.num_used,
+            "blocks_free": self.pool.num_free,
+            "blocks_cached": self.pool.num_cached,
+            "kv_bytes_reserved": self.pool.num_blocks * bs * bpt,
+            "kv_bytes_allocated": allocated_slots * bpt,
+            "kv_bytes_used": used_tokens * bpt,
+            "internal_fragmentation": (1 - used_tokens / allocated_slots) if allocated_slots else 0.0,
+            "host_kv_bytes": self.host_bytes,
+            "swapped_out_bytes": self.swapped_out_bytes,
+            "swapped_in_bytes": self.swapped_in_bytes,
+            "prefix_cache_queried_tokens": self.prefix_queried_tokens,
+            "prefix_cache_hit_tokens": self.prefix_hit_tokens,
+            "cow_copies": self.cow_copies,
+        }
+
+    # ---- model side ------------------------------------------------------------------------------
+    def begin_step(self, batch: StepBatch) -> SlotAttention:
+        tables, new_slots = [], []
+        for req, n in zip(batch.requests, batch.num_new_tokens):
+            slots = self._slots(self.tables[req.request_id], req.num_computed_tokens + n)
+            tables.append(slots)
+            new_slots.append(slots[req.num_computed_tokens :])
+        return SlotAttention(self.cache, torch.cat(new_slots), tables, batch.query_start, self.scale)
+
+    def end_step(self, batch: StepBatch) -> None:
+        bs = self.block_size
+        for req in batch.requests:
+            rid = req.request_id
+            if rid not in self.tables:
+                continue
+            self._held_tokens[rid] = req.num_computed_tokens
+            if not self.enable_prefix_caching:
+                continue
+            table = self.tables[rid]
+            tokens = req.all_token_ids
+            full = req.num_computed_tokens // bs
+            hashes = self._block_hashes(req, full)
+            for i in range(self._registered.get(rid, 0), full):
+                self.pool.cache(table[i], hashes[i], tokens[i * bs : (i + 1) * bs])
+            self._registered[rid] = full

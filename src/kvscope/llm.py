@@ -1,0 +1,115 @@
+"""The user-facing facade: ``LLM(...).generate(prompts, SamplingParams)``."""
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from tqdm.auto import tqdm
+
+from kvscope.config import EngineConfig
+from kvscope.engine.engine import LLMEngine
+from kvscope.engine.outputs import RequestOutput
+from kvscope.engine.sampling_params import SamplingParams
+from kvscope.errors import RequestError
+from kvscope.kv import registry
+from kvscope.kv.base import KVStrategy
+from kvscope.models.loader import load_model
+
+Prompt = str | list[int]
+
+
+class LLM:
+    """Load a model and a KV strategy into one engine.
+
+    Args:
+        model: ``smollm2-135m`` (default), ``qwen2.5-0.5b``, an HF safetensors folder, a ``.gguf``
+            file, or ``dummy:<preset>``.
+        strategy: a registered name (``kvscope strategies``), a ``name:key=value,...`` spec, or
+            a :class:`KVStrategy` instance; ``strategy_args`` adds keyword arguments.
+        kv_memory_bytes: size of the KV pool; None takes a fraction of free device memory.
+        **engine_args: any other :class:`EngineConfig` field (``max_model_len``, ``max_num_seqs``,
+            ``max_num_batched_tokens``, ``preemption_mode``, ``swap_space_bytes``, ``seed``...).
+    """
+
+    def __init__(
+        self,
+        model: str = "smollm2-135m",
+        strategy: str | KVStrategy = "paged",
+        strategy_args: dict[str, Any] | None = None,
+        kv_memory_bytes: int | None = None,
+        device: str = "cpu",
+        dtype: str = "float32",
+        **engine_args: Any,
+    ) -> None:
+        self.config = EngineConfig(
+            model=model,
+            strategy=strategy,
+            strategy_args=strategy_args,
+            kv_memory_bytes=kv_memory_bytes,
+            device=device,
+            dtype=dtype,
+            **engine_args,
+        )
+        kv = registry.create(strategy, strategy_args)
+        loaded = load_model(model, self.config.torch_device, self.config.torch_dtype, self.config.seed)
+        self.tokenizer = loaded.tokenizer
+        self.engine = LLMEngine(loaded, kv, self.config)
+
+    def generate(
+        self,
+        prompts: Prompt | Sequence[Prompt],
+        sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+        use_tqdm: bool = True,
+    ) -> list[RequestOutput]:
+        """Generate for every prompt (text or token ids); outputs come back in prompt order.
+
+        All prompts are validated before any runs: a bad one raises :class:`RequestError` naming
+        its index, and the engine is left as it was.
+        """
+        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
+            prompts = [prompts]  # type: ignore[list-item]
+        prompts = list(prompts)  # type: ignore[arg-type]
+        if sampling_params is None or isinstance(sampling_params, SamplingParams):
+            params = [sampling_params or SamplingParams()] * len(prompts)
+        else:
+            params = list(sampling_params)
+            if len(params) != len(prompts):
+                raise RequestError(f"got {len(params)} sampling params for {len(prompts)} prompts")
+        ids: list[str] = []
+        try:
+            for i, (prompt, p) in enumerate(zip(prompts, params)):
+                try:
+                    ids.append(self.engine.add_request(prompt, p))
+                except RequestError as e:
+                    raise RequestError(f"prompt {i}: {e}") from None
+        except RequestError:
+            for rid in ids:
+                self.engine.abort(rid)
+            while self.engine.has_unfinished_requests():  # drain the aborted requests
+                self.engine.step()
+            raise
+        return self._run(ids, use_tqdm)
+
+    def chat(
+        self,
+        conversations: list[dict[str, str]] | list[list[dict[str, str]]],
+        sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+        use_tqdm: bool = True,
+    ) -> list[RequestOutput]:
+        """Generate replies to chat conversations through the model's chat template."""
+        if conversations and isinstance(conversations[0], dict):
+            conversations = [conversations]  # type: ignore[list-item]
+        prompts = [self.tokenizer.apply_chat_template(c) for c in conversations]  # type: ignore[arg-type]
+        return self.generate(prompts, sampling_params, use_tqdm)
+
+    def _run(self, ids: list[str], use_tqdm: bool) -> list[RequestOutput]:
+        wanted = set(ids)
+        done: dict[str, RequestOutput] = {}
+        bar = tqdm(total=len(ids), desc="generate", unit="req", disable=not use_tqdm)
+        while self.engine.has_unfinished_requests():
+            for out in self.engine.step():
+                if out.finished and out.request_id in wanted:
+                    done[out.request_id] = out
+                    bar.update(1)
+        bar.close()
+        return [done[i] for i in ids]

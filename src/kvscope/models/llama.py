@@ -1,0 +1,123 @@
+"""Llama-family decoder (Llama 2/3, Mistral, SmolLM2, Qwen2): RMSNorm, RoPE, GQA, SwiGLU.
+
+Module names mirror the HF checkpoints (``model.layers.{i}.self_attn.q_proj.weight``, ...), so a
+safetensors state dict loads with ``load_state_dict(strict=True)`` as is.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from kvscope.errors import ModelLoadError
+from kvscope.models.base import AttentionBackend, CausalLM
+from kvscope.models.config import ModelConfig
+from kvscope.models.rope import RotaryEmbedding, rotate
+
+
+class RMSNorm(nn.Module):
+    """``x / rms(x) * weight`` over the last dim, normalised in float32 then cast back before scaling."""
+
+    def __init__(self, size: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(size))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` ``[N, size]`` -> ``[N, size]``."""
+        normed = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps)
+        return self.weight * normed.to(x.dtype)
+
+
+class LlamaAttention(nn.Module):
+    def __init__(self, config: ModelConfig, layer_idx: int) -> None:
+        super().__init__()
+        h, d = config.hidden_size, config.head_dim
+        self.layer_idx = layer_idx
+        self.num_heads, self.num_kv_heads, self.head_dim = config.num_heads, config.num_kv_heads, d
+        self.q_proj = nn.Linear(h, config.num_heads * d, bias=config.attention_bias)
+        self.k_proj = nn.Linear(h, config.num_kv_heads * d, bias=config.attention_bias)
+        self.v_proj = nn.Linear(h, config.num_kv_heads * d, bias=config.attention_bias)
+        self.o_proj = nn.Linear(config.num_heads * d, h, bias=config.attention_out_bias)
+
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], attn: AttentionBackend) -> torch.Tensor:
+        """``x`` ``[N, hidden]``, ``rope`` = RoPE ``(cos, sin)`` of the N positions -> ``[N, hidden]``."""
+        n = x.shape[0]
+        q = self.q_proj(x).view(n, self.num_heads, self.head_dim)
+        k = self.k_proj(x).view(n, self.num_kv_heads, self.head_dim)
+        v = self.v_proj(x).view(n, self.num_kv_heads, self.head_dim)
+        q, k = rotate(q, *rope), rotate(k, *rope)
+        out = attn.attend(self.layer_idx, q, k, v)
+        return self.o_proj(out.reshape(n, self.num_heads * self.head_dim))
+
+
+class LlamaMLP(nn.Module):
+    """SwiGLU: ``down(silu(gate(x)) * up(x))``."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        h, i = config.hidden_size, config.intermediate_size
+        self.gate_proj = nn.Linear(h, i, bias=config.mlp_bias)
+        self.up_proj = nn.Linear(h, i, bias=config.mlp_bias)
+        self.down_proj = nn.Linear(i, h, bias=config.mlp_bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` ``[N, hidden]`` -> ``[N, hidden]``."""
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class LlamaDecoderLayer(nn.Module):
+    def __init__(self, config: ModelConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.self_attn = LlamaAttention(config, layer_idx)
+        self.mlp = LlamaMLP(config)
+        self.input_layernorm = RMSNorm(config.hidden_size, config.norm_eps)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.norm_eps)
+
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], attn: AttentionBackend) -> torch.Tensor:
+        """Pre-norm residual block, ``x`` ``[N, hidden]`` -> ``[N, hidden]``."""
+        x = x + self.self_attn(self.input_layernorm(x), rope, attn)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class LlamaModel(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(LlamaDecoderLayer(config, i) for i in range(config.num_layers))
+        self.norm = RMSNorm(config.hidden_size, config.norm_eps)
+
+
+class LlamaForCausalLM(CausalLM):
+    """Llama-family causal LM; ``config.arch`` must be ``"llama"``."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        if config.arch != "llama":
+            raise ModelLoadError(f"LlamaForCausalLM cannot run arch {config.arch!r}")
+        if config.hidden_act != "silu":
+            raise ModelLoadError(f"hidden_act {config.hidden_act!r} is not supported for llama (only 'silu')")
+        self.config = config
+        self.model = LlamaModel(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.rope = RotaryEmbedding(config)
+        self.tie_weights()
+
+    def tie_weights(self) -> None:
+        """Share the embedding matrix with the LM head when the config says so (call after loading)."""
+        if self.config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    def forward(
+        self, input_ids: torch.Tensor, positions: torch.Tensor, attn: AttentionBackend
+    ) -> torch.Tensor:
+        """``input_ids``/``positions`` ``[N]`` int64 -> final hidden states ``[N, hidden]``."""
+        x = self.model.embed_tokens(input_ids)
+        rope = self.rope.cos_sin(positions, x.dtype)
+        for layer in self.model.layers:
+            x = layer(x, rope, attn)
+        return self.model.norm(x)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """``hidden`` ``[M, hidden]`` -> float32 logits ``[M, vocab_size]``."""
+        return self.lm_head(hidden).float()
