@@ -81,7 +81,7 @@ class LLMEngine:
     @property
     def token_limit(self) -> int:
         """The most tokens (prompt + output) one request may reach."""
-        return min(self.max_model_len, self.kv.max_request_tokens())
+        return min(self.max_model_len, self.kv.max_sequence_tokens())
 
     def add_request(
         self,
@@ -115,6 +115,9 @@ class LLMEngine:
                 f"request {rid}: prompt has {n} tokens but the whole KV pool of strategy "
                 f"{self.kv.name!r} holds at most {self.kv.max_request_tokens()} tokens per request"
             )
+        forced = params.forced_token_ids or []
+        if forced and (min(forced) < 0 or max(forced) >= vocab):
+            raise RequestError(f"request {rid}: forced_token_ids must be in [0, {vocab})")
         if params.n > 1 and not self.kv.supports_fork:
             raise RequestError(f"request {rid}: n={params.n} needs a strategy that can fork KV")
         req = Request(
@@ -182,10 +185,15 @@ class LLMEngine:
         now = time.perf_counter()
         touched = set()
         for row, req, tok in zip(rows, sampled_reqs, tokens):
+            forced = req.params.forced_token_ids
+            if forced is not None:
+                tok = forced[len(req.output_token_ids)]
             req.output_token_ids.append(tok)
             req.token_times.append(now)
             if req.params.return_logits:
                 req.logits.append(logits[row].detach().cpu())
+            if req.params.logprobs:
+                req.logprobs.append(float(torch.log_softmax(logits[row], -1)[tok]))
             self._check_stop(req, tok)
             touched.add(req.parent_id or req.request_id)
         self._track_peaks()
@@ -272,6 +280,7 @@ class LLMEngine:
                 text_end=r.text_end,
                 error=r.error,
                 logits=list(r.logits),
+                logprobs=list(r.logprobs),
             )
             for r in group
         ]

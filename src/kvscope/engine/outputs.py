@@ -40,6 +40,7 @@ class CompletionOutput:
     text_end: int | None = None
     error: str | None = None
     logits: list[torch.Tensor] = field(default_factory=list, repr=False)
+    logprobs: list[float] = field(default_factory=list, repr=False)
 
     @property
     def text(self) -> str:

@@ -49,6 +49,7 @@ class Request:
     # Where a matched stop string cuts the decoded text (None: no cut).
     text_end: int | None = None
     logits: list[torch.Tensor] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)
     generator: torch.Generator | None = None
 
     @property

@@ -15,6 +15,9 @@ class SamplingParams:
     ``n > 1`` forks the request after its prompt is computed: the children share the prompt's KV
     (copy-on-write for the shared last block) and each samples its own continuation.
     ``return_logits`` keeps every step's float32 logits row (for tests and agreement checks).
+    ``logprobs`` records the log-probability of each output token under the model.
+    ``forced_token_ids`` is teacher forcing: output token ``i`` is ``forced_token_ids[i]``
+    whatever the model predicts (with ``logprobs``, this scores a text; used for perplexity).
     """
 
     max_tokens: int = 16
@@ -29,6 +32,8 @@ class SamplingParams:
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
     return_logits: bool = False
+    logprobs: bool = False
+    forced_token_ids: list[int] | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -43,6 +48,10 @@ class SamplingParams:
             raise ConfigError(f"top_k must be >= 0 (0 disables it), got {self.top_k}")
         if self.n < 1:
             raise ConfigError(f"n must be >= 1, got {self.n}")
+        if self.forced_token_ids is not None:
+            if not self.forced_token_ids:
+                raise ConfigError("forced_token_ids must not be empty")
+            self.max_tokens = min(self.max_tokens, len(self.forced_token_ids))
         if any(not s for s in self.stop):
             raise ConfigError("stop strings must be non-empty")
 

@@ -78,6 +78,10 @@ class KVStrategy(ABC):
     def max_request_tokens(self) -> int:
         """The most tokens one request can ever hold (the whole pool, or one slot)."""
 
+    def max_sequence_tokens(self) -> int:
+        """The longest sequence a request may reach; strategies that evict can exceed what they hold."""
+        return self.max_request_tokens()
+
     def lookup_prefix(self, request: Request) -> int:
         """Leading tokens of a not-yet-admitted request already cached. No side effects."""
         return 0

@@ -1,0 +1,273 @@
+"""The shared eviction mechanism behind ``h2o``, ``streaming``, ``tova``, ``snapkv``, ``knorm`` and
+``random``: a budget, a recent window, top-k selection per layer and KV head, and real memory freed.
+
+Storage is the paged block pool. Each request holds ``resident`` slots (the same count in every
+layer and KV head), but slot ``j`` of head ``h`` may hold a different token than slot ``j`` of head
+``h'``: after RoPE, attention needs no positions, so heads can keep different tokens in one table.
+Two more per-slot tensors live beside the KV: the policy's score and the token position.
+
+A step writes the new tokens after the resident ones and attends over ``resident + new`` slots
+(computing attention statistics when the policy needs them: column sums, never a T x T matrix in
+decode). ``end_step`` then evicts: in every layer and KV head it keeps the recent window plus the
+top-scoring older tokens, compacts them into the first ``budget`` slots, and returns the emptied
+blocks to the pool. A policy is a subclass that chooses which attention rows feed its scores and
+how scores are initialised or read at selection time.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+
+from kvscope.engine.request import Request
+from kvscope.errors import ConfigError
+from kvscope.kv.base import KVSetup, KVStrategy, StepBatch
+from kvscope.kv.block_pool import BlockPool
+from kvscope.kv.eviction_attention import EvictionAttention
+from kvscope.kv.slot_cache import SlotKVCache
+
+
+def _ratio(name: str, value: float | None) -> None:
+    if value is not None and not (isinstance(value, (int, float)) and 0.0 < value <= 1.0):
+        raise ConfigError(f"{name} must be in (0, 1], got {value!r}")
+
+
+def _count(name: str, value: int | None, minimum: int) -> None:
+    if value is not None and (not isinstance(value, int) or value < minimum):
+        raise ConfigError(f"{name} must be an integer >= {minimum}, got {value!r}")
+
+
+@dataclass(frozen=True)
+class Budget:
+    """Resident tokens a request may keep per layer and KV head: ``total`` = heavy + ``recent``."""
+
+    total: int
+    recent: int
+
+
+class EvictionStrategy(KVStrategy):
+    """Base class: budget resolution, the block pool, eviction and compaction.
+
+    The budget is absolute (``budget`` tokens, ``recent`` of them the recent window) or a ratio of
+    the prompt length (``budget_ratio``, ``recent_ratio``). ``compress_prompt`` also evicts at the
+    end of every prefill step (the "real drop" of the prompt); otherwise the prompt is kept whole
+    until the first decode step.
+    """
+
+    lossless = False
+    #: Query rows whose attention feeds the scores: "none", "all" (summed), "last" (newest
+    #: query only, replacing), or "window" (the last ``window`` prompt rows, summed).
+    attention_rows: ClassVar[str] = "none"
+    #: Whether the cache is kept at budget during decode (SnapKV only compresses the prompt).
+    evict_in_decode: ClassVar[bool] = True
+    #: Share of the budget given to the recent window when only a total budget is given.
+    default_recent_fraction: ClassVar[float] = 0.5
+    #: For ``attention_rows == "window"``: how many final prompt rows are observed.
+    window: int = 0
+
+    def __init__(
+        self,
+        budget_ratio: float | None = None,
+        recent_ratio: float | None = None,
+        budget: int | None = None,
+        recent: int | None = None,
+        compress_prompt: bool = False,
+        block_size: int = 16,
+    ) -> None:
+        super().__init__()
+        _ratio(f"{self.name}: budget_ratio", budget_ratio)
+        _ratio(f"{self.name}: recent_ratio", recent_ratio)
+        _count(f"{self.name}: budget", budget, 1)
+        _count(f"{self.name}: recent", recent, 1)
+        _count(f"{self.name}: block_size", block_size, 1)
+        if budget is None and budget_ratio is None:
+            raise ConfigError(f"{self.name}: give a budget (tokens) or a budget_ratio (of the prompt)")
+        if budget is not None and budget_ratio is not None:
+            raise ConfigError(f"{self.name}: give either budget or budget_ratio, not both")
+        if budget is not None and recent is not None and recent > budget:
+            raise ConfigError(f"{self.name}: budget ({budget}) is smaller than the recent window ({recent})")
+        if budget_ratio is not None and recent_ratio is not None and recent_ratio > budget_ratio:
+            raise ConfigError(
+                f"{self.name}: budget_ratio ({budget_ratio}) is smaller than recent_ratio ({recent_ratio})"
+            )
+        self.budget_ratio = budget_ratio
+        self.recent_ratio = recent_ratio
+        self.budget = budget
+        self.recent = recent
+        self.compress_prompt = bool(compress_prompt)
+        self.block_size = block_size
+        self.tables: dict[str, list[int]] = {}
+        self.resident: dict[str, int] = {}
+        self.budgets: dict[str, Budget] = {}
+        self.evicted_tokens = 0
+        self.freed_blocks = 0
+        self.num_evictions = 0
+
+    # ---- policy hooks ----------------------------------------------------------------------------
+    def initial_scores(self, k: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """Score of freshly written tokens. ``k``: ``[N, Hkv, D]``; returns ``[N, Hkv]`` float32."""
+        return torch.zeros(k.shape[:2], dtype=torch.float32, device=k.device)
+
+    def selection_scores(self, scores: torch.Tensor, positions: torch.Tensor, request: Request) -> torch.Tensor:
+        """Scores used to rank tokens. ``scores``/``positions``: ``[L, r, Hkv]``; higher is kept."""
+        return scores
+
+    def resolve_budget(self, num_prompt_tokens: int) -> Budget:
+        """The budget of a request with a ``num_prompt_tokens``-token prompt."""
+        if self.budget is not None:
+            total = self.budget
+            recent = self.recent if self.recent is not None else self._default_recent(total)
+        else:
+            total = max(1, int(self.budget_ratio * num_prompt_tokens))
+            if self.recent_ratio is not None:
+                recent = int(self.recent_ratio * num_prompt_tokens)
+            else:
+                recent = self._default_recent(total)
+        recent = max(1, min(recent, total))  # the newest token is always kept
+        return Budget(total, recent)
+
+    def _default_recent(self, total: int) -> int:
+        return int(total * self.default_recent_fraction)
+
+    # ---- lifecycle ----------------------------------------------------------------------------------
+    def bind(self, setup: KVSetup) -> None:
+        self.setup = setup
+        m = setup.model
+        self.bytes_per_token = m.kv_bytes_per_token(setup.dtype)
+        # Per token and KV head: K and V, plus a float32 score and an int64 position per layer.
+        slot_bytes = self.bytes_per_token + m.num_layers * m.num_kv_heads * (4 + 8)
+        num_blocks = setup.kv_memory_bytes // (slot_bytes * self.block_size)
+        if num_blocks < 1:
+            raise ConfigError(
+                f"{self.name}: kv_memory_bytes={setup.kv_memory_bytes} is smaller than one block "
+                f"({slot_bytes * self.block_size} bytes)"
+            )
+        self.pool = BlockPool(num_blocks, enable_caching=False)
+        num_slots = num_blocks * self.block_size
+        self.cache = SlotKVCache(m, num_slots, setup.device, setup.dtype)
+        self.scores = torch.zeros(m.num_layers, num_slots, m.num_kv_heads, dtype=torch.float32, device=setup.device)
+        self.positions = torch.zeros(m.num_layers, num_slots, m.num_kv_heads, dtype=torch.long, device=setup.device)
+        self.scale = m.head_dim**-0.5
+
+    # ---- scheduler side --------------------------------------------------------------------------------
+    def max_request_tokens(self) -> int:
+        return self.pool.num_blocks * self.block_size
+
+    def max_sequence_tokens(self) -> int:
+        # Decode keeps a request at its budget, so sequences may outgrow the pool.
+        return 1 << 62
+
+    def allocate(self, request: Request, num_tokens: int) -> bool:
+        rid = request.request_id
+        new = num_tokens - request.num_computed_tokens
+        table = self.tables.get(rid)
+        resident = self.resident.get(rid, 0)
+        need = math.ceil((resident + new) / self.block_size) - (len(table) if table else 0)
+        if need > self.pool.num_free:
+            return False
+        if table is None:
+            self.tables[rid] = table = []
+            self.resident[rid] = 0
+            self.budgets[rid] = self.resolve_budget(request.num_prompt_tokens)
+        table.extend(self.pool.allocate(max(need, 0)))
+        return True
+
+    def free(self, request: Request) -> None:
+        table = self.tables.pop(request.request_id, None)
+        if table is not None:
+            self.pool.free(list(reversed(table)))
+        self.resident.pop(request.request_id, None)
+        self.budgets.pop(request.request_id, None)
+
+    def _slots(self, table: list[int], n: int) -> torch.Tensor:
+        device = self.cache.kv.device
+        blocks = torch.tensor(table[: math.ceil(n / self.block_size)], dtype=torch.long, device=device)
+        offsets = torch.arange(self.block_size, dtype=torch.long, device=device)
+        return (blocks[:, None] * self.block_size + offsets).flatten()[:n]
+
+    def resident_positions(self, request: Request) -> torch.Tensor:
+        """Positions of the tokens each layer and KV head keeps: ``[L, Hkv, resident]``, sorted."""
+        slots = self._slots(self.tables[request.request_id], self.resident[request.request_id])
+        return self.positions[:, slots].transpose(1, 2).sort(dim=-1).values
+
+    def stats(self) -> dict[str, Any]:
+        bs, bpt = self.block_size, self.bytes_per_token
+        used = sum(self.resident.values())
+        allocated = self.pool.num_used * bs
+        return {
+            "block_size": bs,
+            "num_blocks": self.pool.num_blocks,
+            "blocks_used": self.pool.num_used,
+            "blocks_free": self.pool.num_free,
+            "kv_bytes_reserved": self.pool.num_blocks * bs * bpt,
+            "kv_bytes_allocated": allocated * bpt,
+            "kv_bytes_used": used * bpt,
+            "internal_fragmentation": (1 - used / allocated) if allocated else 0.0,
+            "num_evictions": self.num_evictions,
+            "evicted_tokens": self.evicted_tokens,
+            "freed_blocks": self.freed_blocks,
+        }
+
+    # ---- model side ---------------------------------------------------------------------------------
+    def begin_step(self, batch: StepBatch) -> EvictionAttention:
+        tables, new_slots, new_pos = [], [], []
+        for req, n in zip(batch.requests, batch.num_new_tokens):
+            r = self.resident[req.request_id]
+            slots = self._slots(self.tables[req.request_id], r + n)
+            tables.append(slots)
+            new_slots.append(slots[r:])
+        window_start = [req.num_prompt_tokens - self.window for req in batch.requests]
+        return EvictionAttention(
+            self, torch.cat(new_slots), tables, batch.query_start, batch.positions, window_start
+        )
+
+    def end_step(self, batch: StepBatch) -> None:
+        for req, n in zip(batch.requests, batch.num_new_tokens):
+            rid = req.request_id
+            if rid not in self.tables:
+                continue
+            self.resident[rid] += n
+            if req.num_computed_tokens > req.num_prompt_tokens:
+                evict = self.evict_in_decode
+            elif self.evict_in_decode:
+                evict = self.compress_prompt  # every prefill chunk, so memory stays bounded
+            else:
+                evict = req.num_computed_tokens == req.num_prompt_tokens  # once, when the prompt is in
+            if evict:
+                self._evict(req)
+
+    def _evict(self, req: Request) -> None:
+        """Keep the recent window and the top-scoring older tokens in every layer and KV head."""
+        rid = req.request_id
+        budget = self.budgets[rid]
+        r = self.resident[rid]
+        if r <= budget.total:
+            return
+        table = self.tables[rid]
+        slots = self._slots(table, r)
+        pos = self.positions[:, slots]  # [L, r, Hkv]
+        rank = self.selection_scores(self.scores[:, slots], pos, req).clone()
+        rank[pos >= req.num_computed_tokens - budget.recent] = float("inf")
+        keep = rank.topk(budget.total, dim=1).indices.sort(dim=1).values  # [L, B, Hkv]
+        self._compact(slots, keep)
+        self.resident[rid] = budget.total
+        nb = math.ceil(budget.total / self.block_size)
+        if nb < len(table):
+            self.pool.free(list(reversed(table[nb:])))
+            self.freed_blocks += len(table) - nb
+            del table[nb:]
+        m = self.setup.model
+        self.evicted_tokens += (r - budget.total) * m.num_layers * m.num_kv_heads
+        self.num_evictions += 1
+
+    def _compact(self, slots: torch.Tensor, keep: torch.Tensor) -> None:
+        """Move the kept tokens ``keep`` (``[L, B, Hkv]`` indices into ``slots``) to ``slots[:B]``."""
+        L, B, H = keep.shape
+        dst = slots[:B]
+        kv = self.cache.kv[:, :, slots]  # [L, 2, r, Hkv, D]
+        idx = keep[:, None, :, :, None].expand(L, 2, B, H, kv.shape[-1])
+        self.cache.kv[:, :, dst] = kv.gather(2, idx)
+        self.scores[:, dst] = self.scores[:, slots].gather(1, keep)
+        self.positions[:, dst] = self.positions[:, slots].gather(1, keep)

@@ -1,0 +1,119 @@
+"""Attention for evicting strategies: the slot-cache attention plus the statistics scorers need.
+
+Scores are float32 and live per slot (``strategy.scores[layer, slot, kv_head]``). Grouped-query
+attention: a KV head's statistic is the *sum* over the query heads of its group (H2O's per-head
+accumulated attention generalised to GQA). Decode computes one row of probabilities per query head,
+so its column sums cost O(T); prefill chunks materialise ``[heads, n, T]`` once per chunk.
+"""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+
+from kvscope.attention.torch_ref import attend_causal, attend_decode
+
+if TYPE_CHECKING:
+    from kvscope.kv.eviction import EvictionStrategy
+
+
+def _probs_and_out(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float):
+    """``q`` ``[B, Hkv, G, n, D]``, ``k``/``v`` ``[B, T, Hkv, D]``, ``mask`` broadcastable to
+    ``[B, Hkv, G, n, T]`` (True = visible). Returns float32 probabilities ``[B, Hkv, G, n, T]`` and
+    the output ``[B, Hkv, G, n, D]`` in ``q``'s dtype."""
+    logits = torch.einsum("bhgnd,bthd->bhgnt", q.float(), k.float()) * scale
+    probs = logits.masked_fill(~mask, float("-inf")).softmax(-1)
+    out = torch.einsum("bhgnt,bthd->bhgnd", probs, v.float())
+    return probs, out.to(q.dtype)
+
+
+class EvictionAttention:
+    """AttentionBackend for one step of an :class:`EvictionStrategy` (same layout as SlotAttention)."""
+
+    def __init__(
+        self,
+        strategy: "EvictionStrategy",
+        slot_mapping: torch.Tensor,
+        tables: list[torch.Tensor],
+        query_start: list[int],
+        positions: torch.Tensor,
+        window_start: list[int],
+    ) -> None:
+        self.s = strategy
+        self.slot_mapping = slot_mapping
+        self.tables = tables
+        self.query_start = query_start
+        self.positions = positions
+        self.window_start = window_start
+        device = slot_mapping.device
+        q_lens = [query_start[i + 1] - query_start[i] for i in range(len(tables))]
+        self.decode_rows = [i for i, n in enumerate(q_lens) if n == 1]
+        self.prefill_rows = [i for i, n in enumerate(q_lens) if n > 1]
+        if self.decode_rows:
+            lens = [tables[i].numel() for i in self.decode_rows]
+            self.decode_slots = torch.zeros(len(lens), max(lens), dtype=torch.long, device=device)
+            for j, i in enumerate(self.decode_rows):
+                self.decode_slots[j, : lens[j]] = tables[i]
+            self.decode_lens = torch.tensor(lens, device=device)
+            self.decode_valid = torch.arange(max(lens), device=device)[None, :] < self.decode_lens[:, None]
+            self.decode_q = torch.tensor([query_start[i] for i in self.decode_rows], device=device)
+            self.decode_valid_slots = self.decode_slots[self.decode_valid]
+
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        s = self.s
+        kc, vc = s.cache.kv[layer, 0], s.cache.kv[layer, 1]
+        kc.index_copy_(0, self.slot_mapping, k.to(kc.dtype))
+        vc.index_copy_(0, self.slot_mapping, v.to(vc.dtype))
+        hkv = k.shape[1]
+        s.positions[layer].index_copy_(0, self.slot_mapping, self.positions[:, None].expand(-1, hkv))
+        s.scores[layer].index_copy_(0, self.slot_mapping, s.initial_scores(k, self.positions))
+        out = torch.empty_like(q)
+        if s.attention_rows == "none":
+            self._attend_plain(q, kc, vc, out)
+            return out
+        g = q.shape[1] // hkv
+        if self.decode_rows:
+            b = len(self.decode_rows)
+            qd = q[self.decode_q].view(b, hkv, g, 1, -1)
+            mask = self.decode_valid[:, None, None, None, :]
+            probs, o = _probs_and_out(qd, kc[self.decode_slots], vc[self.decode_slots], mask, s.scale)
+            out[self.decode_q] = o.reshape(b, hkv * g, -1)
+            if s.attention_rows in ("all", "last"):  # decode rows are never in SnapKV's window
+                self._update(layer, self.decode_valid_slots, probs, self.decode_valid)
+        for i in self.prefill_rows:
+            st, en = self.query_start[i], self.query_start[i + 1]
+            table = self.tables[i]
+            n, t = en - st, table.numel()
+            qi = q[st:en].view(n, hkv, g, -1).permute(1, 2, 0, 3)[None]  # [1, Hkv, G, n, D]
+            causal = torch.arange(t, device=q.device)[None, :] <= torch.arange(t - n, t, device=q.device)[:, None]
+            probs, o = _probs_and_out(qi, kc[table][None], vc[table][None], causal, s.scale)
+            out[st:en] = o[0].permute(2, 0, 1, 3).reshape(n, hkv * g, -1)
+            if s.attention_rows == "window":
+                probs = probs[:, :, :, self.positions[st:en] >= self.window_start[i]]
+            self._update(layer, table, probs, None)
+        return out
+
+    def _update(self, layer: int, slots: torch.Tensor, probs: torch.Tensor, valid: torch.Tensor | None) -> None:
+        """Fold ``probs`` ``[B, Hkv, G, n, T]`` into the scores of ``slots`` (valid entries only)."""
+        s = self.s
+        hkv = probs.shape[1]
+        if s.attention_rows == "last":
+            # TOVA: the newest query's attention averaged over all heads of the layer, replacing.
+            stat = probs[:, :, :, -1].mean((1, 2))[:, None, :].expand(-1, hkv, -1)
+        else:
+            stat = probs.sum((2, 3))  # [B, Hkv, T]: over the group's query heads and the rows
+        stat = stat.transpose(1, 2)  # [B, T, Hkv]
+        stat = stat[valid] if valid is not None else stat[0]
+        if s.attention_rows == "last":
+            s.scores[layer].index_copy_(0, slots, stat)
+        else:
+            s.scores[layer].index_add_(0, slots, stat)
+
+    def _attend_plain(self, q: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor, out: torch.Tensor) -> None:
+        if self.decode_rows:
+            out[self.decode_q] = attend_decode(
+                q[self.decode_q], kc[self.decode_slots], vc[self.decode_slots], self.decode_lens, self.s.scale
+            )
+        for i in self.prefill_rows:
+            st, en = self.query_start[i], self.query_start[i + 1]
+            out[st:en] = attend_causal(q[st:en], kc[self.tables[i]], vc[self.tables[i]], self.s.scale)

@@ -1,0 +1,32 @@
+"""``knorm``: keep the keys with the lowest L2 norm (Devoto et al., 2024), per layer and KV head."""
+from __future__ import annotations
+
+import torch
+
+from kvscope.kv.eviction import EvictionStrategy
+from kvscope.kv.registry import register
+
+
+@register
+class KNormStrategy(EvictionStrategy):
+    """Low key norm correlates with high attention; no attention statistics needed."""
+
+    name = "knorm"
+    default_recent_fraction = 0.0
+
+    def __init__(
+        self,
+        budget_ratio: float | None = 0.2,
+        budget: int | None = None,
+        compress_prompt: bool = False,
+        block_size: int = 16,
+    ) -> None:
+        super().__init__(
+            budget_ratio=None if budget is not None else budget_ratio,
+            budget=budget,
+            compress_prompt=compress_prompt,
+            block_size=block_size,
+        )
+
+    def initial_scores(self, k: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        return -k.float().norm(dim=-1)

@@ -1,0 +1,60 @@
+"""``snapkv``: SnapKV (Li et al., 2024): compress the prompt once, from an observation window.
+
+The last ``window`` prompt queries vote: their attention to each earlier prompt token is summed
+over the window and over the query heads of each KV group, smoothed by 1-D pooling along the
+sequence (so neighbours of a hit survive too), and each KV head keeps its top tokens plus the
+window itself. Generated tokens are all kept: SnapKV does not evict during decode.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from kvscope.engine.request import Request
+from kvscope.errors import ConfigError
+from kvscope.kv.eviction import Budget, EvictionStrategy
+from kvscope.kv.registry import register
+
+
+@register
+class SnapKVStrategy(EvictionStrategy):
+    """Prompt compression scored by an observation window at the prompt's end, pooled, per head."""
+
+    name = "snapkv"
+    attention_rows = "window"
+    evict_in_decode = False
+
+    def __init__(
+        self,
+        budget_ratio: float | None = 0.2,
+        budget: int | None = None,
+        window: int = 32,
+        kernel_size: int = 7,
+        pooling: str = "max",
+        block_size: int = 16,
+    ) -> None:
+        if not isinstance(window, int) or window < 1:
+            raise ConfigError(f"snapkv: window must be an integer >= 1, got {window!r}")
+        if not isinstance(kernel_size, int) or kernel_size < 1 or kernel_size % 2 == 0:
+            raise ConfigError(f"snapkv: kernel_size must be an odd integer >= 1, got {kernel_size!r}")
+        if pooling not in ("max", "avg"):
+            raise ConfigError(f"snapkv: pooling must be 'max' or 'avg', got {pooling!r}")
+        self.window = window
+        self.kernel_size = kernel_size
+        self.pooling = pooling
+        super().__init__(
+            budget_ratio=None if budget is not None else budget_ratio, budget=budget, block_size=block_size
+        )
+
+    def resolve_budget(self, num_prompt_tokens: int) -> Budget:
+        total = super().resolve_budget(num_prompt_tokens).total
+        return Budget(total, max(1, min(self.window, total)))
+
+    def selection_scores(self, scores: torch.Tensor, positions: torch.Tensor, request: Request) -> torch.Tensor:
+        # Slots are in position order until the first compression: pool along them.
+        x = scores.permute(0, 2, 1)  # [L, Hkv, r]
+        pool = F.max_pool1d if self.pooling == "max" else F.avg_pool1d
+        pad = self.kernel_size // 2
+        pooled = pool(x, self.kernel_size, stride=1, padding=pad) if self.pooling == "max" else \
+            pool(x, self.kernel_size, stride=1, padding=pad, count_include_pad=False)
+        return pooled.permute(0, 2, 1)

@@ -1,0 +1,32 @@
+"""``tova``: Token Omission Via Attention (Oren et al., 2024): rank by the newest query's attention.
+
+TOVA averages the newest query's attention over all heads of a layer, so every KV head of a layer
+keeps the same tokens. Only the newest token is protected (a recent window of one).
+"""
+from __future__ import annotations
+
+from kvscope.kv.eviction import EvictionStrategy
+from kvscope.kv.registry import register
+
+
+@register
+class TOVAStrategy(EvictionStrategy):
+    """Keep the tokens the newest query attends to most (head-averaged, per layer)."""
+
+    name = "tova"
+    attention_rows = "last"
+    default_recent_fraction = 0.0
+
+    def __init__(
+        self,
+        budget_ratio: float | None = 0.2,
+        budget: int | None = None,
+        compress_prompt: bool = False,
+        block_size: int = 16,
+    ) -> None:
+        super().__init__(
+            budget_ratio=None if budget is not None else budget_ratio,
+            budget=budget,
+            compress_prompt=compress_prompt,
+            block_size=block_size,
+        )

@@ -1,0 +1,165 @@
+"""Eviction strategies: identical to paged at full budget; h2o equal to an independent dense
+mask-based H2O (token sets and logits); resident size and real memory freed; bad parameters."""
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from h2o_ref import DenseMaskedH2O
+from hf_ref import make_tiny_checkpoint
+from kvscope import LLM, SamplingParams
+from kvscope.errors import ConfigError
+from kvscope.models.loader import load_model
+
+EVICTING = ["h2o", "streaming", "tova", "snapkv", "knorm", "random"]
+NEW = 20
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    path = tmp_path_factory.mktemp("llama")
+    make_tiny_checkpoint("llama", path)
+    rng = random.Random(3)
+    prompts = [[rng.randrange(4, 256) for _ in range(n)] for n in (40, 23, 57)]
+    return str(path), prompts
+
+
+def greedy(n=NEW, **kw):
+    return SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True, **kw)
+
+
+@pytest.mark.parametrize("name", EVICTING)
+def test_full_budget_equals_paged(tiny, name):
+    path, prompts = tiny
+    ref = LLM(path, kv_memory_bytes=8 << 20).generate(prompts, greedy(), use_tqdm=False)
+    llm = LLM(path, strategy=f"{name}:budget=4096", kv_memory_bytes=8 << 20)
+    outs = llm.generate(prompts, greedy(), use_tqdm=False)
+    assert [o.token_ids for o in outs] == [r.token_ids for r in ref]
+    assert llm.engine.stats()["evicted_tokens"] == 0
+
+
+def run_lockstep(path, prompts, budget, recent):
+    """Engine (batched) and the dense reference (one per prompt) side by side, step by step."""
+    llm = LLM(path, strategy=f"h2o:budget={budget},recent={recent}", kv_memory_bytes=8 << 20)
+    eng, kv = llm.engine, llm.engine.kv
+    model = load_model(path).model
+    scale = model.config.head_dim ** -0.5
+    refs = {}
+    for i, p in enumerate(prompts):
+        eng.add_request(p, greedy(return_logits=True), request_id=str(i))
+        refs[str(i)] = (DenseMaskedH2O(model.config.num_layers, budget, recent, scale), list(p))
+    checked = 0
+    while eng.has_unfinished_requests():
+        live = {r.request_id: r for r in eng.scheduler.running}
+        outs = eng.step()
+        for out in outs:
+            ref, tokens = refs[out.request_id]
+            # Feed the reference what the engine just computed: the prompt, then one token per step.
+            new = tokens if ref.k[0] is None else tokens[-1:]
+            pos = torch.arange(len(tokens) - len(new), len(tokens))
+            with torch.no_grad():
+                hidden = model(torch.tensor(new), pos, ref)
+                logits = model.compute_logits(hidden[-1:])[0]
+            if len(tokens) > len(prompts[int(out.request_id)]):
+                ref.evict(len(tokens))
+            ours = out.outputs[0].logits[-1]
+            assert torch.allclose(ours, logits.float(), atol=1e-4, rtol=0), (ours - logits).abs().max()
+            tokens.append(out.token_ids[-1])
+            assert int(logits.argmax()) == out.token_ids[-1]
+            req = live.get(out.request_id)
+            if req is not None and not out.finished:
+                assert torch.equal(kv.resident_positions(req), ref.kept_positions())
+                checked += 1
+    return checked
+
+
+def test_h2o_matches_dense_masked_reference_batch1(tiny):
+    path, prompts = tiny
+    assert run_lockstep(path, prompts[:1], budget=16, recent=6) >= NEW - 2
+
+
+def test_h2o_matches_dense_masked_reference_batched(tiny):
+    path, prompts = tiny
+    assert run_lockstep(path, prompts, budget=12, recent=4) >= 3 * (NEW - 2)
+
+
+@pytest.mark.parametrize("name", EVICTING)
+def test_resident_size_is_min_budget_length_every_step(tiny, name):
+    path, prompts = tiny
+    budget = 24
+    spec = f"{name}:budget={budget}" + ("" if name == "snapkv" else ",compress_prompt=True")
+    llm = LLM(path, strategy=spec, kv_memory_bytes=8 << 20, max_num_batched_tokens=16)
+    eng, kv = llm.engine, llm.engine.kv
+    for i, p in enumerate(prompts):
+        eng.add_request(p, greedy(), request_id=str(i))
+    steps = 0
+    while eng.has_unfinished_requests():
+        eng.step()
+        for req in eng.scheduler.running:
+            n = req.num_computed_tokens
+            pos = kv.resident_positions(req)
+            expected = n if name == "snapkv" and n < req.num_prompt_tokens else min(budget, n)
+            if name == "snapkv" and n > req.num_prompt_tokens:
+                expected = min(budget, req.num_prompt_tokens) + n - req.num_prompt_tokens
+            assert pos.shape[-1] == expected, (name, n, pos.shape)
+            # Every head keeps the newest token, and nothing beyond what was computed.
+            assert bool((pos[..., -1] == n - 1).all()) and int(pos.max()) < n
+            assert kv.resident[req.request_id] * 1 <= len(kv.tables[req.request_id]) * kv.block_size
+            steps += 1
+    assert steps > 10
+    s = eng.stats()
+    assert s["freed_blocks"] > 0 and s["evicted_tokens"] > 0 and s["blocks_used"] == 0
+
+
+def test_tova_keeps_same_tokens_across_heads_and_streaming_keeps_sinks(tiny):
+    path, prompts = tiny
+    for name, check in (("tova", "heads"), ("streaming", "sinks")):
+        llm = LLM(path, strategy=f"{name}:budget=16", kv_memory_bytes=8 << 20)
+        eng = llm.engine
+        eng.add_request(prompts[0], greedy())
+        for _ in range(5):
+            eng.step()
+        req = eng.scheduler.running[0]
+        pos = eng.kv.resident_positions(req)
+        if check == "heads":
+            assert torch.equal(pos[:, :1].expand_as(pos), pos)
+        else:
+            n = req.num_computed_tokens
+            expected = torch.tensor([0, 1, 2, 3] + list(range(n - 12, n)))
+            assert torch.equal(pos, expected.expand_as(pos))
+
+
+def test_h2o_ratio_budget_and_memory_gain(tiny):
+    path, prompts = tiny
+    llm = LLM(path, strategy="h2o", kv_memory_bytes=8 << 20)  # 10% heavy + 10% recent of the prompt
+    eng = llm.engine
+    eng.add_request(prompts[2], greedy())  # 57 tokens -> 5 heavy + 5 recent
+    eng.step()
+    eng.step()
+    req = eng.scheduler.running[0]
+    assert eng.kv.budgets[req.request_id].total == 10
+    assert eng.kv.resident_positions(req).shape[-1] == 10
+    assert len(eng.kv.tables[req.request_id]) == 1  # one 16-token block instead of four
+
+
+@pytest.mark.parametrize(
+    "spec, match",
+    [
+        ("h2o:heavy_ratio=0", "heavy_ratio must be in"),
+        ("h2o:recent_ratio=1.5", "recent_ratio must be in"),
+        ("h2o:heavy_ratio=0.7,recent_ratio=0.6", "must be <= 1"),
+        ("h2o:budget=8,recent=16", "smaller than the recent window"),
+        ("tova:budget_ratio=2", "budget_ratio must be in"),
+        ("streaming:budget=4", "must exceed the 4 sink"),
+        ("snapkv:kernel_size=4", "odd integer"),
+        ("h2o:scorer=foo", "unknown argument"),
+        ("heavyhitter", "unknown strategy"),
+    ],
+)
+def test_bad_parameters(spec, match):
+    from kvscope.kv import registry
+
+    with pytest.raises(ConfigError, match=match):
+        registry.create(spec)
