@@ -15,3 +15,7 @@ class ModelLoadError(KVScopeError):
 
 class RequestError(KVScopeError, ValueError):
     """A single request cannot be served (too long for the context or for the KV pool)."""
+
+
+class DatasetError(KVScopeError):
+    """A data set or text source is missing (names the pip package to install) or unreadable."""
