@@ -29,7 +29,8 @@ def _cpu_model() -> str:
 def environment() -> dict:
     import torch
 
-    commit = subprocess.run(
+    # A copy of the tree without .git (e.g. on a remote benchmark machine) passes the commit in.
+    commit = os.environ.get("KVSCOPE_COMMIT") or subprocess.run(
         ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=Path(__file__).parent
     ).stdout.strip()
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
