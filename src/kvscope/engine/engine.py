@@ -33,7 +33,7 @@ class LLMEngine:
     ``add_request`` and never disturb the requests already being served.
     """
 
-    def __init__(self, loaded: "LoadedModel", kv: KVStrategy, config: EngineConfig) -> None:
+    def __init__(self, loaded: LoadedModel, kv: KVStrategy, config: EngineConfig) -> None:
         self.config = config
         self.model = loaded.model
         self.tokenizer = loaded.tokenizer
