@@ -163,3 +163,30 @@ def test_bad_parameters(spec, match):
 
     with pytest.raises(ConfigError, match=match):
         registry.create(spec)
+
+
+@pytest.mark.parametrize("name", ["h2o", "snapkv"])
+def test_eviction_under_preemption_and_mixed_batches(tiny, name):
+    """A pool too small for the prompts' prefill forces preemption (recompute); every request still
+    finishes, never holds more than its budget in decode, and all blocks come back."""
+    path, prompts = tiny
+    probe = LLM(path, strategy=f"{name}:budget=8", kv_memory_bytes=8 << 20)
+    slot_bytes = probe.engine.kv.setup.kv_memory_bytes // probe.engine.kv.max_request_tokens()
+    llm = LLM(path, strategy=f"{name}:budget=8", kv_memory_bytes=5 * 16 * slot_bytes, max_num_batched_tokens=64)
+    eng, kv = llm.engine, llm.engine.kv
+    rng = random.Random(0)
+    many = [[rng.randrange(4, 256) for _ in range(rng.randrange(20, 60))] for _ in range(8)]
+    for i, p in enumerate(many):
+        eng.add_request(p, greedy(), request_id=str(i))
+    done = {}
+    while eng.has_unfinished_requests():
+        for out in eng.step():
+            if out.finished:
+                done[out.request_id] = out
+        for req in eng.scheduler.running:
+            if name == "h2o" and req.num_computed_tokens > req.num_prompt_tokens:
+                assert kv.resident[req.request_id] <= 8
+    assert sorted(done) == sorted(str(i) for i in range(8))
+    assert all(len(o.token_ids) == NEW for o in done.values())
+    s = eng.stats()
+    assert s["num_preemptions"] > 0 and s["blocks_used"] == 0

@@ -212,7 +212,7 @@ class EvictionStrategy(KVStrategy):
 
     # ---- model side ---------------------------------------------------------------------------------
     def begin_step(self, batch: StepBatch) -> EvictionAttention:
-        tables, new_slots, new_pos = [], [], []
+        tables, new_slots = [], []
         for req, n in zip(batch.requests, batch.num_new_tokens):
             r = self.resident[req.request_id]
             slots = self._slots(self.tables[req.request_id], r + n)
