@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import argparse
-import inspect
 import json
 import sys
 import time
@@ -122,8 +121,7 @@ def _strategies(_: argparse.Namespace) -> int:
     for name, cls in registry.available().items():
         caps = [c for c in ("lossless", "supports_prefix_caching", "supports_swap", "supports_fork")
                 if getattr(cls, c)]
-        sig = inspect.signature(cls.__init__)
-        args = ", ".join(f"{p.name}={p.default!r}" for p in sig.parameters.values() if p.name != "self")
+        args = ", ".join(f"{n}={p.default!r}" for n, p in registry.accepted_args(cls).items())
         doc = (cls.__doc__ or "").strip().splitlines()[0]
         print(f"{name:<12} {doc}\n{'':<12} args: {args or '-'}\n{'':<12} {', '.join(caps)}")
     return 0

@@ -26,7 +26,7 @@ from kvscope.errors import ConfigError
 from kvscope.kv.base import KVSetup, KVStrategy, StepBatch
 from kvscope.kv.block_pool import BlockPool
 from kvscope.kv.eviction_attention import EvictionAttention
-from kvscope.kv.slot_cache import SlotKVCache
+from kvscope.kv.slot_cache import SlotKVCache, table_slots
 
 
 def _ratio(name: str, value: float | None) -> None:
@@ -66,6 +66,8 @@ class EvictionStrategy(KVStrategy):
     default_recent_fraction: ClassVar[float] = 0.5
     #: For ``attention_rows == "window"``: how many final prompt rows are observed.
     window: int = 0
+    #: Budget when neither ``budget`` nor ``budget_ratio`` is given (the H2O paper's 20%).
+    default_budget_ratio: ClassVar[float] = 0.2
 
     def __init__(
         self,
@@ -82,8 +84,6 @@ class EvictionStrategy(KVStrategy):
         _count(f"{self.name}: budget", budget, 1)
         _count(f"{self.name}: recent", recent, 1)
         _count(f"{self.name}: block_size", block_size, 1)
-        if budget is None and budget_ratio is None:
-            raise ConfigError(f"{self.name}: give a budget (tokens) or a budget_ratio (of the prompt)")
         if budget is not None and budget_ratio is not None:
             raise ConfigError(f"{self.name}: give either budget or budget_ratio, not both")
         if budget is not None and recent is not None and recent > budget:
@@ -92,6 +92,8 @@ class EvictionStrategy(KVStrategy):
             raise ConfigError(
                 f"{self.name}: budget_ratio ({budget_ratio}) is smaller than recent_ratio ({recent_ratio})"
             )
+        if budget is None and budget_ratio is None:
+            budget_ratio = self.default_budget_ratio
         self.budget_ratio = budget_ratio
         self.recent_ratio = recent_ratio
         self.budget = budget
@@ -182,10 +184,7 @@ class EvictionStrategy(KVStrategy):
         self.budgets.pop(request.request_id, None)
 
     def _slots(self, table: list[int], n: int) -> torch.Tensor:
-        device = self.cache.kv.device
-        blocks = torch.tensor(table[: math.ceil(n / self.block_size)], dtype=torch.long, device=device)
-        offsets = torch.arange(self.block_size, dtype=torch.long, device=device)
-        return (blocks[:, None] * self.block_size + offsets).flatten()[:n]
+        return table_slots(table, n, self.block_size, self.cache.kv.device)
 
     def resident_positions(self, request: Request) -> torch.Tensor:
         """Positions of the tokens each layer and KV head keeps: ``[L, Hkv, resident]``, sorted."""

@@ -14,19 +14,6 @@ class KNormStrategy(EvictionStrategy):
     name = "knorm"
     default_recent_fraction = 0.0
 
-    def __init__(
-        self,
-        budget_ratio: float | None = 0.2,
-        budget: int | None = None,
-        compress_prompt: bool = False,
-        block_size: int = 16,
-    ) -> None:
-        super().__init__(
-            budget_ratio=None if budget is not None else budget_ratio,
-            budget=budget,
-            compress_prompt=compress_prompt,
-            block_size=block_size,
-        )
 
     def initial_scores(self, k: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         return -k.float().norm(dim=-1)

@@ -18,7 +18,7 @@ from kvscope.errors import ConfigError
 from kvscope.kv.base import KVSetup, KVStrategy, StepBatch
 from kvscope.kv.block_pool import BlockHash, BlockPool, hash_block
 from kvscope.kv.registry import register
-from kvscope.kv.slot_cache import SlotAttention, SlotKVCache
+from kvscope.kv.slot_cache import SlotAttention, SlotKVCache, table_slots
 
 
 @register
@@ -152,11 +152,7 @@ class PagedStrategy(KVStrategy):
         self._registered[child.request_id] = self._registered.get(parent.request_id, 0)
 
     def _slots(self, table: list[int], num_tokens: int) -> torch.Tensor:
-        """Slot ids ``[num_tokens]`` of a request's first tokens."""
-        device = self.cache.kv.device
-        blocks = torch.tensor(table[: self._num_blocks(num_tokens)], dtype=torch.long, device=device)
-        offsets = torch.arange(self.block_size, dtype=torch.long, device=device)
-        return (blocks[:, None] * self.block_size + offsets).flatten()[:num_tokens]
+        return table_slots(table, num_tokens, self.block_size, self.cache.kv.device)
 
     def swap_out(self, request: Request) -> int | None:
         """Copy the computed KV to host memory and free the blocks; None if swap space is full."""

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import ast
 import inspect
-from typing import Any, Callable
+from typing import Any
 
 from kvscope.errors import ConfigError
 from kvscope.kv.base import KVStrategy
@@ -25,6 +25,21 @@ def _load_builtin() -> None:
 def available() -> dict[str, type[KVStrategy]]:
     _load_builtin()
     return dict(sorted(_REGISTRY.items()))
+
+
+def accepted_args(cls: type[KVStrategy]) -> dict[str, inspect.Parameter]:
+    """Keyword arguments a strategy's constructor takes, following ``**kwargs`` up to its bases."""
+    out: dict[str, inspect.Parameter] = {}
+    for klass in cls.__mro__:
+        if "__init__" not in vars(klass):
+            continue
+        params = inspect.signature(klass.__init__).parameters.values()
+        for p in params:
+            if p.name != "self" and p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL):
+                out.setdefault(p.name, p)
+        if not any(p.kind is p.VAR_KEYWORD for p in params):
+            break
+    return out
 
 
 def parse_spec(spec: str) -> tuple[str, dict[str, Any]]:
@@ -53,11 +68,11 @@ def create(strategy: str | KVStrategy, strategy_args: dict[str, Any] | None = No
     registry = available()
     if name not in registry:
         raise ConfigError(f"unknown strategy {name!r}; available: {', '.join(registry)}")
-    cls: Callable[..., KVStrategy] = registry[name]
-    params = inspect.signature(cls.__init__).parameters
-    unknown = sorted(set(args) - set(params) - {"self"})
+    cls = registry[name]
+    params = accepted_args(cls)
+    unknown = sorted(set(args) - set(params))
     if unknown:
-        allowed = [p for p in params if p != "self"]
+        allowed = list(params)
         raise ConfigError(
             f"unknown argument(s) {unknown} for strategy {name!r}; it accepts {allowed or 'none'}"
         )

@@ -13,6 +13,13 @@ from kvscope.attention.torch_ref import attend_causal, attend_decode
 from kvscope.models.config import ModelConfig
 
 
+def table_slots(table: list[int], num_tokens: int, block_size: int, device: torch.device) -> torch.Tensor:
+    """Slot ids ``[num_tokens]`` of the first tokens of a request whose blocks are ``table``."""
+    blocks = torch.tensor(table[: -(-num_tokens // block_size)], dtype=torch.long, device=device)
+    offsets = torch.arange(block_size, dtype=torch.long, device=device)
+    return (blocks[:, None] * block_size + offsets).flatten()[:num_tokens]
+
+
 class SlotKVCache:
     """``kv``: ``[num_layers, 2, num_slots, num_kv_heads, head_dim]``, allocated once."""
 

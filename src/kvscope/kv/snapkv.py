@@ -26,7 +26,7 @@ class SnapKVStrategy(EvictionStrategy):
 
     def __init__(
         self,
-        budget_ratio: float | None = 0.2,
+        budget_ratio: float | None = None,
         budget: int | None = None,
         window: int = 32,
         kernel_size: int = 7,
@@ -43,7 +43,7 @@ class SnapKVStrategy(EvictionStrategy):
         self.kernel_size = kernel_size
         self.pooling = pooling
         super().__init__(
-            budget_ratio=None if budget is not None else budget_ratio, budget=budget, block_size=block_size
+            budget_ratio=budget_ratio, budget=budget, block_size=block_size
         )
 
     def resolve_budget(self, num_prompt_tokens: int) -> Budget:

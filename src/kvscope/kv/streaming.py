@@ -17,7 +17,7 @@ class StreamingStrategy(EvictionStrategy):
 
     def __init__(
         self,
-        budget_ratio: float | None = 0.2,
+        budget_ratio: float | None = None,
         budget: int | None = None,
         sinks: int = 4,
         compress_prompt: bool = False,
@@ -29,7 +29,7 @@ class StreamingStrategy(EvictionStrategy):
             raise ConfigError(f"streaming: budget ({budget}) must exceed the {sinks} sink tokens")
         self.sinks = sinks
         super().__init__(
-            budget_ratio=None if budget is not None else budget_ratio,
+            budget_ratio=budget_ratio,
             budget=budget,
             compress_prompt=compress_prompt,
             block_size=block_size,
