@@ -8,7 +8,15 @@ import pytest
 import torch
 
 from hf_ref import hf_greedy, make_tiny_checkpoint
-from kvscope import LLM, SamplingParams
+import functools
+import os
+
+from kvscope import LLM as _LLM
+from kvscope import SamplingParams
+
+# The same tests run on a GPU with KVSCOPE_TEST_DEVICE=cuda (the HF reference stays on the CPU).
+DEVICE = os.environ.get("KVSCOPE_TEST_DEVICE", "cpu")
+LLM = functools.partial(_LLM, device=DEVICE)
 from kvscope.errors import ConfigError, RequestError
 
 KINDS = ["llama", "qwen2", "opt"]

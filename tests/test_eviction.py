@@ -9,7 +9,15 @@ import torch
 
 from h2o_ref import DenseMaskedH2O
 from hf_ref import make_tiny_checkpoint
-from kvscope import LLM, SamplingParams
+import functools
+import os
+
+from kvscope import LLM as _LLM
+from kvscope import SamplingParams
+
+# The same tests run on a GPU with KVSCOPE_TEST_DEVICE=cuda (the HF reference stays on the CPU).
+DEVICE = os.environ.get("KVSCOPE_TEST_DEVICE", "cpu")
+LLM = functools.partial(_LLM, device=DEVICE)
 from kvscope.errors import ConfigError
 from kvscope.models.loader import load_model
 
@@ -70,7 +78,7 @@ def run_lockstep(path, prompts, budget, recent):
             assert int(logits.argmax()) == out.token_ids[-1]
             req = live.get(out.request_id)
             if req is not None and not out.finished:
-                assert torch.equal(kv.resident_positions(req), ref.kept_positions())
+                assert torch.equal(kv.resident_positions(req).cpu(), ref.kept_positions())
                 checked += 1
     return checked
 
@@ -99,7 +107,7 @@ def test_resident_size_is_min_budget_length_every_step(tiny, name):
         eng.step()
         for req in eng.scheduler.running:
             n = req.num_computed_tokens
-            pos = kv.resident_positions(req)
+            pos = kv.resident_positions(req).cpu()
             expected = n if name == "snapkv" and n < req.num_prompt_tokens else min(budget, n)
             if name == "snapkv" and n > req.num_prompt_tokens:
                 expected = min(budget, req.num_prompt_tokens) + n - req.num_prompt_tokens
@@ -122,7 +130,7 @@ def test_tova_keeps_same_tokens_across_heads_and_streaming_keeps_sinks(tiny):
         for _ in range(5):
             eng.step()
         req = eng.scheduler.running[0]
-        pos = eng.kv.resident_positions(req)
+        pos = eng.kv.resident_positions(req).cpu()
         if check == "heads":
             assert torch.equal(pos[:, :1].expand_as(pos), pos)
         else:
@@ -140,7 +148,7 @@ def test_h2o_ratio_budget_and_memory_gain(tiny):
     eng.step()
     req = eng.scheduler.running[0]
     assert eng.kv.budgets[req.request_id].total == 10
-    assert eng.kv.resident_positions(req).shape[-1] == 10
+    assert eng.kv.resident_positions(req).cpu().shape[-1] == 10
     assert len(eng.kv.tables[req.request_id]) == 1  # one 16-token block instead of four
 
 
