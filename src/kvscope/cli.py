@@ -1,4 +1,4 @@
-"""Command line: ``kvscope generate | models | strategies``."""
+"""Command line: ``kvscope generate | models | strategies | study run | study report``."""
 from __future__ import annotations
 
 import argparse
@@ -127,16 +127,50 @@ def _strategies(_: argparse.Namespace) -> int:
     return 0
 
 
+def _add_study(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("study", help="run a grid of configurations resumably, and report on it")
+    study = p.add_subparsers(dest="study_command", required=True)
+    run = study.add_parser("run", help="run every point of a study not yet in its results")
+    src = run.add_mutually_exclusive_group(required=True)
+    src.add_argument("spec", nargs="?", help="YAML study spec")
+    src.add_argument("--preset", help="a named study: quick (CPU, minutes) or paper (GPU)")
+    run.add_argument("--results", default=None, help="results directory (default: results/<study name>)")
+    run.add_argument("--no-progress", action="store_true")
+    report = study.add_parser("report", help="write report.html and report.md from a results directory")
+    report.add_argument("results_dir")
+
+
+def _study(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from kvscope.study import load_spec, preset, read_results, run_study
+
+    if args.study_command == "report":
+        from kvscope.study.report import write_report
+
+        html, md = write_report(args.results_dir)
+        print(f"wrote {html} and {md}")
+        return 0
+    spec = preset(args.preset) if args.preset else load_spec(args.spec)
+    results = Path(args.results or Path("results") / spec.name)
+    new = run_study(spec, results, progress=not args.no_progress)
+    rows = read_results(results / "results.jsonl")
+    errors = sum(r.get("status") == "error" for r in new)
+    print(f"{len(new)} points run ({errors} errors); {len(rows)} rows in {results / 'results.jsonl'}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="kvscope", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     _add_generate(sub)
     sub.add_parser("models", help="list the models kvscope can load")
     sub.add_parser("strategies", help="list the KV-cache strategies and their arguments")
+    _add_study(sub)
     return parser
 
 
-COMMANDS: dict[str, Any] = {"generate": _generate, "models": _models, "strategies": _strategies}
+COMMANDS: dict[str, Any] = {"generate": _generate, "models": _models, "strategies": _strategies, "study": _study}
 
 
 def main(argv: list[str] | None = None) -> int:

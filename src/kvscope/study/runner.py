@@ -1,0 +1,242 @@
+"""Run a study: every grid point not yet in the results file, one JSONL row per finished point.
+
+The results file is append-only. Each row is written, flushed and fsynced as soon as its point
+ends, so a killed run loses at most the point in progress; a rerun reads the ids already present
+(``ok`` or ``error``) and skips them. A point that raises is recorded with ``status: "error"`` and
+the study goes on.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import subprocess
+import time
+import traceback
+from collections.abc import Callable
+from dataclasses import asdict
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from kvscope.bench import quality
+from kvscope.bench.metrics import serving_metrics
+from kvscope.bench.serve import run_workload
+from kvscope.engine.sampling_params import SamplingParams
+from kvscope.errors import ConfigError
+from kvscope.llm import LLM
+from kvscope.study.spec import Point, StudySpec, WorkloadSpec, expand
+from kvscope.workload.arrivals import gamma_arrivals
+from kvscope.workload.requests import (
+    WorkloadRequest,
+    fixed_length_requests,
+    read_trace,
+    uniform_length_requests,
+    with_arrivals,
+)
+from kvscope.workload.ruler import ruler_samples
+from kvscope.workload.sharegpt import sharegpt_requests
+from kvscope.workload.text import token_sequences
+
+RESULTS_FILE = "results.jsonl"
+
+
+def read_results(path: str | Path) -> list[dict[str, Any]]:
+    """Rows of a results file; a torn last line (a run killed mid-write) is ignored."""
+    path = Path(path)
+    if not path.is_file():
+        return []
+    rows = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return rows
+
+
+def environment(device: str) -> dict[str, Any]:
+    """Device, library versions and commit recorded with every row."""
+    commit = os.environ.get("KVSCOPE_COMMIT")
+    if commit is None:
+        try:
+            commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                    cwd=Path(__file__).parent, timeout=10).stdout.strip() or None
+        except (OSError, subprocess.SubprocessError):
+            commit = None
+    versions = {}
+    for pkg in ("kvscope", "torch", "transformers", "numpy"):
+        try:
+            versions[pkg] = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            versions[pkg] = None
+    on_gpu = device.startswith("cuda") and torch.cuda.is_available()
+    return {
+        "device": device,
+        "device_name": torch.cuda.get_device_name(torch.device(device)) if on_gpu else platform.processor()
+        or platform.machine(),
+        "torch_threads": torch.get_num_threads(),
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "versions": versions,
+        "commit": commit,
+    }
+
+
+def _requests(llm: LLM, w: WorkloadSpec, seed: int) -> list[WorkloadRequest]:
+    tok = llm.tokenizer
+    if w.kind == "sharegpt":
+        extra = {"max_prompt_len": w.max_prompt_len} if w.max_prompt_len else {}
+        return sharegpt_requests(tok, w.num_requests, seed=seed, output_len=w.output_len, **extra)
+    if w.kind == "fixed":
+        return fixed_length_requests(tok, w.num_requests, w.input_len, w.output_len, source=w.source or "britannica")
+    if w.kind == "uniform":
+        return uniform_length_requests(tok, w.num_requests, w.input_len, w.output_len, w.range_ratio or 0.0,
+                                       seed=seed, source=w.source or "britannica")
+    if w.kind == "trace":
+        return read_trace(w.path)
+    if w.kind == "ruler":
+        return [WorkloadRequest(s["input"], w.output_len or int(s["tokens_to_generate"]))
+                for s in _ruler(llm, w, seed)]
+    raise ConfigError(f"unknown workload kind {w.kind!r}")
+
+
+def _ruler(llm: LLM, w: WorkloadSpec, seed: int) -> list[dict[str, Any]]:
+    return ruler_samples(w.task, w.length, llm.tokenizer, num_samples=w.num_samples, seed=42 + seed)
+
+
+def _build_llm(cfg: dict[str, Any]) -> LLM:
+    kv = cfg["kv_memory"]
+    memory = {"kv_memory_fraction": kv} if isinstance(kv, float) else {"kv_memory_bytes": kv}
+    llm = LLM(model=cfg["model"], strategy=cfg["strategy"], device=cfg["device"], dtype=cfg["dtype"],
+              max_model_len=cfg["max_model_len"], seed=cfg["seed"], **memory, **cfg["engine"])
+    # The first steps of a fresh model pay one-time set-up; keep it out of the measured latencies.
+    llm.generate([[1, 2, 3, 4]], SamplingParams(max_tokens=2), use_tqdm=False)
+    return llm
+
+
+def _quality(llm: LLM, point: Point, cache: dict[str, Any]) -> dict[str, Any]:
+    """Quality metrics of the point's strategy. They do not depend on the arrival process, so they
+    are computed once per (model, strategy, memory, seed, ...) within a run and reused."""
+    cfg, q = point.config, point.config["quality"]
+    base = {k: cfg[k] for k in ("model", "strategy", "kv_memory", "seed", "device", "dtype", "max_model_len",
+                                "engine")}
+    out: dict[str, Any] = {}
+    if q["perplexity"]:
+        key = json.dumps({**base, "q": "ppl", "args": q}, sort_keys=True)
+        if key not in cache:
+            seqs = token_sequences(llm.tokenizer, q["perplexity_sequences"], q["perplexity_len"])
+            res = quality.perplexity(llm, seqs, prefix=q["perplexity_prefix"])
+            cache[key] = {k: res[k] for k in ("perplexity", "mean_nll", "tokens_scored", "num_sequences", "prefix")}
+        out["perplexity"] = cache[key]
+    w = point.workload
+    if q["ruler"] and w.kind == "ruler":
+        key = json.dumps({**base, "q": "ruler", "w": w.to_dict()}, sort_keys=True)
+        if key not in cache:
+            res = quality.ruler_accuracy(llm, _ruler(llm, w, cfg["seed"]), max_tokens=w.output_len)
+            cache[key] = {k: res[k] for k in ("accuracy", "score", "num_samples", "per_task")}
+        out["ruler"] = cache[key]
+    return out
+
+
+def run_point(point: Point, quality_cache: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Run one point and return its row (without ``id``/``status``/``environment``)."""
+    cfg = point.config
+    llm = _build_llm(cfg)
+    requests = _requests(llm, point.workload, cfg["seed"])
+    offsets = gamma_arrivals(len(requests), point.rate, cfg["burstiness"], seed=cfg["seed"])
+    run = run_workload(llm, with_arrivals(requests, offsets), mode="timed")
+    metrics = serving_metrics(run.records, goodput=cfg["slos"] or None)
+    metrics["wall_time_s"] = run.wall_time_s
+    metrics["peak_device_memory_bytes"] = run.peak_device_memory_bytes
+    metrics["peak_host_rss_bytes"] = run.peak_host_rss_bytes
+    errors = sorted({r.error for r in run.records if r.error})
+    return {
+        "metrics": metrics,
+        "timeline_peaks": run.peaks(),
+        "engine_stats": llm.engine.stats(),
+        "request_errors": errors[:5],
+        "quality": _quality(llm, point, quality_cache if quality_cache is not None else {}),
+    }
+
+
+def _append(path: Path, row: dict[str, Any]) -> None:
+    # One write of the whole line, then fsync: a crash leaves at most one torn last line.
+    _append_text(path, json.dumps(row, default=str) + "\n")
+
+
+def _end_torn_line(path: Path) -> None:
+    # A run killed mid-write leaves a partial last line; end it so the next row starts on its own
+    # line (the partial one is skipped by read_results and its point is run again).
+    if path.is_file() and path.stat().st_size:
+        with path.open("rb") as f:
+            f.seek(-1, os.SEEK_END)
+            torn = f.read(1) != b"\n"
+        if torn:
+            _append_text(path, "\n")
+
+
+def _append_text(path: Path, text: str) -> None:
+    with path.open("a", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def run_study(
+    spec: StudySpec,
+    results_path: str | Path,
+    progress: bool = True,
+    run_point_fn: Callable[[Point, dict[str, Any]], dict[str, Any]] = run_point,
+) -> list[dict[str, Any]]:
+    """Run every point of ``spec`` that ``results_path`` does not hold yet; return the new rows.
+
+    ``results_path`` is a JSONL file, or a directory (the file is ``results.jsonl`` inside it,
+    and the spec is saved beside it as ``spec.json``). ``run_point_fn`` is the per-point runner
+    (a seam for tests).
+    """
+    path = Path(results_path)
+    if path.suffix != ".jsonl":
+        path.mkdir(parents=True, exist_ok=True)
+        (path / "spec.json").write_text(json.dumps(_spec_json(spec), indent=1, default=str), encoding="utf-8")
+        path = path / RESULTS_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    done = {row.get("id") for row in read_results(path)}
+    _end_torn_line(path)
+    points = expand(spec)
+    todo = [p for p in points if p.id not in done]
+    env = environment(spec.device)
+    cache: dict[str, Any] = {}
+    new_rows = []
+    bar = tqdm(total=len(points), initial=len(points) - len(todo), desc=f"study {spec.name}", unit="point",
+               disable=not progress)
+    for point in todo:
+        start = time.perf_counter()
+        row: dict[str, Any] = {"id": point.id, "study": spec.name, "config": point.config}
+        try:
+            row.update(run_point_fn(point, cache))
+            row["status"] = "ok"
+        except Exception as e:  # noqa: BLE001 - a failing point is recorded and the study goes on
+            row["status"] = "error"
+            row["error"] = f"{type(e).__name__}: {e}"
+            row["traceback"] = traceback.format_exc(limit=8)
+        row["elapsed_s"] = time.perf_counter() - start
+        row["environment"] = env
+        _append(path, row)
+        new_rows.append(row)
+        bar.set_postfix_str(f"{row['status']} {point.config['strategy']}")
+        bar.update(1)
+    bar.close()
+    return new_rows
+
+
+def _spec_json(spec: StudySpec) -> dict[str, Any]:
+    out = asdict(spec)
+    out["rates"] = ["inf" if math.isinf(r) else r for r in spec.rates]
+    return out
