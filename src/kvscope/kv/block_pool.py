@@ -12,6 +12,8 @@ import hashlib
 from collections import OrderedDict
 from collections.abc import Sequence
 
+from typing import Any
+
 from kvscope.errors import ConfigError
 
 BlockHash = bytes
@@ -101,3 +103,18 @@ class BlockPool:
         if h is not None:
             del self._cached[h]
             del self._tokens_of[block]
+
+
+def pool_stats(pool: BlockPool, block_size: int, bytes_per_token: int, used_tokens: int) -> dict[str, Any]:
+    """The accounting every block-pool strategy reports (see docs/architecture.md)."""
+    allocated = pool.num_used * block_size
+    return {
+        "block_size": block_size,
+        "num_blocks": pool.num_blocks,
+        "blocks_used": pool.num_used,
+        "blocks_free": pool.num_free,
+        "kv_bytes_reserved": pool.num_blocks * block_size * bytes_per_token,
+        "kv_bytes_allocated": allocated * bytes_per_token,
+        "kv_bytes_used": used_tokens * bytes_per_token,
+        "internal_fragmentation": (1 - used_tokens / allocated) if allocated else 0.0,
+    }

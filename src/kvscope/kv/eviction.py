@@ -24,7 +24,7 @@ import torch
 from kvscope.engine.request import Request
 from kvscope.errors import ConfigError
 from kvscope.kv.base import KVSetup, KVStrategy, StepBatch
-from kvscope.kv.block_pool import BlockPool
+from kvscope.kv.block_pool import BlockPool, pool_stats
 from kvscope.kv.eviction_attention import EvictionAttention
 from kvscope.kv.slot_cache import SlotKVCache, table_slots
 
@@ -192,18 +192,8 @@ class EvictionStrategy(KVStrategy):
         return self.positions[:, slots].transpose(1, 2).sort(dim=-1).values
 
     def stats(self) -> dict[str, Any]:
-        bs, bpt = self.block_size, self.bytes_per_token
-        used = sum(self.resident.values())
-        allocated = self.pool.num_used * bs
         return {
-            "block_size": bs,
-            "num_blocks": self.pool.num_blocks,
-            "blocks_used": self.pool.num_used,
-            "blocks_free": self.pool.num_free,
-            "kv_bytes_reserved": self.pool.num_blocks * bs * bpt,
-            "kv_bytes_allocated": allocated * bpt,
-            "kv_bytes_used": used * bpt,
-            "internal_fragmentation": (1 - used / allocated) if allocated else 0.0,
+            **pool_stats(self.pool, self.block_size, self.bytes_per_token, sum(self.resident.values())),
             "num_evictions": self.num_evictions,
             "evicted_tokens": self.evicted_tokens,
             "freed_blocks": self.freed_blocks,

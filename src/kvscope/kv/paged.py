@@ -16,7 +16,7 @@ import torch
 from kvscope.engine.request import Request
 from kvscope.errors import ConfigError
 from kvscope.kv.base import KVSetup, KVStrategy, StepBatch
-from kvscope.kv.block_pool import BlockHash, BlockPool, hash_block
+from kvscope.kv.block_pool import BlockHash, BlockPool, hash_block, pool_stats
 from kvscope.kv.registry import register
 from kvscope.kv.slot_cache import SlotAttention, SlotKVCache, table_slots
 
@@ -197,18 +197,9 @@ class PagedStrategy(KVStrategy):
             held = self._held_tokens.get(rid, 0)
             for i, b in enumerate(table):
                 filled[b] = max(filled.get(b, 0), min(bs, max(0, held - i * bs)))
-        used_tokens = sum(filled.values())
-        allocated_slots = self.pool.num_used * bs
         return {
-            "block_size": bs,
-            "num_blocks": self.pool.num_blocks,
-            "blocks_used": self.pool.num_used,
-            "blocks_free": self.pool.num_free,
+            **pool_stats(self.pool, bs, bpt, sum(filled.values())),
             "blocks_cached": self.pool.num_cached,
-            "kv_bytes_reserved": self.pool.num_blocks * bs * bpt,
-            "kv_bytes_allocated": allocated_slots * bpt,
-            "kv_bytes_used": used_tokens * bpt,
-            "internal_fragmentation": (1 - used_tokens / allocated_slots) if allocated_slots else 0.0,
             "host_kv_bytes": self.host_bytes,
             "swapped_out_bytes": self.swapped_out_bytes,
             "swapped_in_bytes": self.swapped_in_bytes,
