@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from kvscope.attention.torch_ref import attend_causal, attend_decode
+from kvscope.kv.slot_cache import SlotAttention
 
 if TYPE_CHECKING:
     from kvscope.kv.eviction import EvictionStrategy
@@ -27,8 +27,12 @@ def _probs_and_out(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torc
     return probs, out.to(q.dtype)
 
 
-class EvictionAttention:
-    """AttentionBackend for one step of an :class:`EvictionStrategy` (same layout as SlotAttention)."""
+class EvictionAttention(SlotAttention):
+    """The slot-cache attention of one step of an :class:`EvictionStrategy`, plus the scores.
+
+    Besides K/V it writes each new token's position and initial score; when the policy needs
+    attention statistics it computes the probabilities explicitly and folds them into the scores.
+    """
 
     def __init__(
         self,
@@ -39,45 +43,32 @@ class EvictionAttention:
         positions: torch.Tensor,
         window_start: list[int],
     ) -> None:
+        super().__init__(strategy.cache, slot_mapping, tables, query_start, strategy.scale)
         self.s = strategy
-        self.slot_mapping = slot_mapping
-        self.tables = tables
-        self.query_start = query_start
         self.positions = positions
         self.window_start = window_start
-        device = slot_mapping.device
-        q_lens = [query_start[i + 1] - query_start[i] for i in range(len(tables))]
-        self.decode_rows = [i for i, n in enumerate(q_lens) if n == 1]
-        self.prefill_rows = [i for i, n in enumerate(q_lens) if n > 1]
         if self.decode_rows:
-            lens = [tables[i].numel() for i in self.decode_rows]
-            self.decode_slots = torch.zeros(len(lens), max(lens), dtype=torch.long, device=device)
-            for j, i in enumerate(self.decode_rows):
-                self.decode_slots[j, : lens[j]] = tables[i]
-            self.decode_lens = torch.tensor(lens, device=device)
-            self.decode_valid = torch.arange(max(lens), device=device)[None, :] < self.decode_lens[:, None]
-            self.decode_q = torch.tensor([query_start[i] for i in self.decode_rows], device=device)
+            width = self.decode_slots.shape[1]
+            self.decode_valid = torch.arange(width, device=slot_mapping.device)[None, :] < self.decode_lens[:, None]
             self.decode_valid_slots = self.decode_slots[self.decode_valid]
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         s = self.s
-        kc, vc = s.cache.kv[layer, 0], s.cache.kv[layer, 1]
-        kc.index_copy_(0, self.slot_mapping, k.to(kc.dtype))
-        vc.index_copy_(0, self.slot_mapping, v.to(vc.dtype))
+        self.write(layer, k, v)
         hkv = k.shape[1]
         s.positions[layer].index_copy_(0, self.slot_mapping, self.positions[:, None].expand(-1, hkv))
         s.scores[layer].index_copy_(0, self.slot_mapping, s.initial_scores(k, self.positions))
-        out = torch.empty_like(q)
         if s.attention_rows == "none":
-            self._attend_plain(q, kc, vc, out)
-            return out
+            return self.attend_cached(layer, q)
+        kc, vc = s.cache.kv[layer, 0], s.cache.kv[layer, 1]
+        out = torch.empty_like(q)
         g = q.shape[1] // hkv
         if self.decode_rows:
             b = len(self.decode_rows)
-            qd = q[self.decode_q].view(b, hkv, g, 1, -1)
+            qd = q[self.decode_q_index].view(b, hkv, g, 1, -1)
             mask = self.decode_valid[:, None, None, None, :]
             probs, o = _probs_and_out(qd, kc[self.decode_slots], vc[self.decode_slots], mask, s.scale)
-            out[self.decode_q] = o.reshape(b, hkv * g, -1)
+            out[self.decode_q_index] = o.reshape(b, hkv * g, -1)
             if s.attention_rows in ("all", "last"):  # decode rows are never in SnapKV's window
                 self._update(layer, self.decode_valid_slots, probs, self.decode_valid)
         for i in self.prefill_rows:
@@ -108,12 +99,3 @@ class EvictionAttention:
             s.scores[layer].index_copy_(0, slots, stat)
         else:
             s.scores[layer].index_add_(0, slots, stat)
-
-    def _attend_plain(self, q: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor, out: torch.Tensor) -> None:
-        if self.decode_rows:
-            out[self.decode_q] = attend_decode(
-                q[self.decode_q], kc[self.decode_slots], vc[self.decode_slots], self.decode_lens, self.s.scale
-            )
-        for i in self.prefill_rows:
-            st, en = self.query_start[i], self.query_start[i + 1]
-            out[st:en] = attend_causal(q[st:en], kc[self.tables[i]], vc[self.tables[i]], self.s.scale)

@@ -84,10 +84,18 @@ class SlotAttention:
             self.decode_q_index = torch.tensor([query_start[i] for i in self.decode_rows], device=device)
 
     def attend(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        k_cache = self.cache.kv[layer_idx, 0]
-        v_cache = self.cache.kv[layer_idx, 1]
+        self.write(layer_idx, k, v)
+        return self.attend_cached(layer_idx, q)
+
+    def write(self, layer_idx: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Store the step's new keys/values ``[N, Hkv, D]`` at their slots."""
+        k_cache, v_cache = self.cache.kv[layer_idx, 0], self.cache.kv[layer_idx, 1]
         k_cache.index_copy_(0, self.slot_mapping, k.to(k_cache.dtype))
         v_cache.index_copy_(0, self.slot_mapping, v.to(v_cache.dtype))
+
+    def attend_cached(self, layer_idx: int, q: torch.Tensor) -> torch.Tensor:
+        """Attention of ``q`` ``[N, Hq, D]`` over the cached (already written) slots."""
+        k_cache, v_cache = self.cache.kv[layer_idx, 0], self.cache.kv[layer_idx, 1]
         out = torch.empty_like(q)
         if self.decode_rows:
             out[self.decode_q_index] = attend_decode(
