@@ -56,6 +56,7 @@ class LLMEngine:
                 swap_space_bytes=config.swap_space_bytes,
             )
         )
+        kv.attach_model(loaded)
         self.scheduler = Scheduler(
             kv, config.max_num_seqs, config.max_num_batched_tokens, config.preemption_mode
         )

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 
@@ -20,6 +20,9 @@ from kvscope.engine.request import Request
 from kvscope.errors import ConfigError
 from kvscope.models.base import AttentionBackend
 from kvscope.models.config import ModelConfig
+
+if TYPE_CHECKING:
+    from kvscope.models.loader import LoadedModel
 
 
 @dataclass(frozen=True)
@@ -33,6 +36,8 @@ class KVSetup:
     max_model_len: int
     max_num_seqs: int
     swap_space_bytes: int
+    #: ``"torch"`` or ``"triton"`` (resolved from ``EngineConfig.attention_backend``).
+    attention_backend: str = "torch"
 
 
 @dataclass
@@ -72,6 +77,10 @@ class KVStrategy(ABC):
     @abstractmethod
     def bind(self, setup: KVSetup) -> None:
         """Allocate the strategy's memory for ``setup``. Called once by the engine."""
+
+    def attach_model(self, loaded: "LoadedModel") -> None:
+        """Called once after :meth:`bind` with the model being served. Strategies that read the
+        weights (InfiniGen's speculation and skewing) keep what they need; others ignore it."""
 
     # ---- scheduler side --------------------------------------------------------------------
     @abstractmethod

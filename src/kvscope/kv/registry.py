@@ -19,7 +19,9 @@ def register(cls: type[KVStrategy]) -> type[KVStrategy]:
 
 def _load_builtin() -> None:
     # Importing the modules runs their @register decorators.
-    from kvscope.kv import contiguous, h2o, knorm, paged, random_policy, snapkv, streaming, tova  # noqa: F401
+    from kvscope.kv import (  # noqa: F401
+        contiguous, h2o, infinigen, knorm, offload, paged, random_policy, snapkv, streaming, tova,
+    )
 
 
 def available() -> dict[str, type[KVStrategy]]:

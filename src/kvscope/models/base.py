@@ -5,6 +5,10 @@ scheduled request (varlen, like vLLM) and an :class:`AttentionBackend` built by 
 this step. For every layer the model computes q/k/v for the new tokens (RoPE already applied) and
 hands them to ``backend.attend``, which writes k/v wherever the strategy keeps them and returns the
 attention output.
+
+A backend may also define ``layer_input(layer_idx, x)``: the model calls it with each layer's
+attention input before projecting it, which is the moment an offloading strategy starts fetching
+the next layer's KV (and InfiniGen speculates on it with :meth:`CausalLM.attention_query`).
 """
 from __future__ import annotations
 
@@ -32,6 +36,13 @@ class AttentionBackend(Protocol):
         ...
 
 
+def notify_layer_input(attn: AttentionBackend, layer_idx: int, x: torch.Tensor) -> None:
+    """Call the backend's optional ``layer_input`` hook with attention input ``x`` ``[N, hidden]``."""
+    hook = getattr(attn, "layer_input", None)
+    if hook is not None:
+        hook(layer_idx, x)
+
+
 class CausalLM(nn.Module):
     """Common interface of the model families (see ``llama.py`` and ``opt.py``)."""
 
@@ -41,6 +52,11 @@ class CausalLM(nn.Module):
         self, input_ids: torch.Tensor, positions: torch.Tensor, attn: AttentionBackend
     ) -> torch.Tensor:
         """``input_ids``/``positions``: ``[N]`` int64. Returns final hidden states ``[N, hidden]``."""
+        raise NotImplementedError
+
+    def attention_query(self, layer_idx: int, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """Queries ``[N, num_heads, head_dim]`` (RoPE applied, not scaled) that layer ``layer_idx``
+        would compute from attention input ``x`` ``[N, hidden]`` at ``positions`` ``[N]``."""
         raise NotImplementedError
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from kvscope.errors import ModelLoadError
-from kvscope.models.base import AttentionBackend, CausalLM
+from kvscope.models.base import AttentionBackend, CausalLM, notify_layer_input
 from kvscope.models.config import ModelConfig
 from kvscope.models.rope import RotaryEmbedding, rotate
 
@@ -43,6 +43,7 @@ class LlamaAttention(nn.Module):
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], attn: AttentionBackend) -> torch.Tensor:
         """``x`` ``[N, hidden]``, ``rope`` = RoPE ``(cos, sin)`` of the N positions -> ``[N, hidden]``."""
         n = x.shape[0]
+        notify_layer_input(attn, self.layer_idx, x)
         q = self.q_proj(x).view(n, self.num_heads, self.head_dim)
         k = self.k_proj(x).view(n, self.num_kv_heads, self.head_dim)
         v = self.v_proj(x).view(n, self.num_kv_heads, self.head_dim)
@@ -117,6 +118,11 @@ class LlamaForCausalLM(CausalLM):
         for layer in self.model.layers:
             x = layer(x, rope, attn)
         return self.model.norm(x)
+
+    def attention_query(self, layer_idx: int, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        attn = self.model.layers[layer_idx].self_attn
+        q = attn.q_proj(x).view(x.shape[0], attn.num_heads, attn.head_dim)
+        return rotate(q, *self.rope.cos_sin(positions, x.dtype))
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """``hidden`` ``[M, hidden]`` -> float32 logits ``[M, vocab_size]``."""

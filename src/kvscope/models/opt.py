@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from kvscope.errors import ModelLoadError
-from kvscope.models.base import AttentionBackend, CausalLM
+from kvscope.models.base import AttentionBackend, CausalLM, notify_layer_input
 from kvscope.models.config import ModelConfig
 
 # OPT's position table has two leading rows (a fairseq padding-index legacy): position p uses row p + 2.
@@ -31,6 +31,7 @@ class OPTAttention(nn.Module):
     def forward(self, x: torch.Tensor, attn: AttentionBackend) -> torch.Tensor:
         """``x`` ``[N, hidden]`` -> ``[N, hidden]``."""
         n = x.shape[0]
+        notify_layer_input(attn, self.layer_idx, x)
         q = self.q_proj(x).view(n, self.num_heads, self.head_dim)
         k = self.k_proj(x).view(n, self.num_kv_heads, self.head_dim)
         v = self.v_proj(x).view(n, self.num_kv_heads, self.head_dim)
@@ -114,6 +115,10 @@ class OPTForCausalLM(CausalLM):
         if dec.final_layer_norm is not None:
             x = dec.final_layer_norm(x)
         return x
+
+    def attention_query(self, layer_idx: int, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        attn = self.model.decoder.layers[layer_idx].self_attn
+        return attn.q_proj(x).view(x.shape[0], attn.num_heads, attn.head_dim)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """``hidden`` ``[M, hidden]`` -> float32 logits ``[M, vocab_size]``."""

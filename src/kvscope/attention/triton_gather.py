@@ -1,0 +1,116 @@
+"""Row gather and scatter between host-resident KV and the device, run by the GPU itself.
+
+Offloading strategies keep KV in pinned host memory and need, per layer and step, a scattered set
+of rows (one token of one KV head, ``D`` elements; or one token of all heads). Gathering those rows
+on the CPU into a staging buffer and then copying it is bound by the CPU's memory copy (a few GB/s
+measured on an H100 host). Pinned memory is mapped into the GPU's address space (UVA), so a kernel
+can load the rows itself, straight across PCIe, and write them densely into device memory: the
+transfer becomes many independent reads of ``row_bytes`` each, which keeps enough requests in
+flight to run the link near its bulk-copy speed.
+
+Layout: ``src`` is ``[2, R, W]`` (K and V planes, ``R`` rows of ``W`` elements, contiguous in the
+last two dims); ``idx`` is ``[M]`` int64 row numbers; the result is ``[2, M, W]``. The same kernel
+with source and destination swapped writes new rows into host memory (``scatter_rows``).
+
+On CPU (and in the Triton interpreter) host and device are the same memory and the torch reference
+(``index_select`` / ``index_copy_``) is used unless ``use_triton`` forces the kernel.
+"""
+from __future__ import annotations
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # CPU-only installs without Triton use the torch path
+    triton = None
+
+
+if triton is not None:
+
+    @triton.jit
+    def _rows_kernel(
+        src_ptr, dst_ptr, src_rows_ptr, dst_rows_ptr,
+        num_rows, width,
+        src_plane, dst_plane,
+        GATHER: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_W: tl.constexpr,
+    ):
+        # One program moves BLOCK_R rows of both planes; the row loop over W keeps any width legal.
+        pid = tl.program_id(0)
+        rows = pid * BLOCK_R + tl.arange(0, BLOCK_R)
+        row_ok = rows < num_rows
+        if GATHER:
+            s_rows = tl.load(src_rows_ptr + rows, mask=row_ok, other=0)
+            d_rows = rows.to(tl.int64)
+        else:
+            s_rows = rows.to(tl.int64)
+            d_rows = tl.load(dst_rows_ptr + rows, mask=row_ok, other=0)
+        for w0 in range(0, width, BLOCK_W):
+            cols = w0 + tl.arange(0, BLOCK_W)
+            m = row_ok[:, None] & (cols < width)[None, :]
+            s_off = s_rows[:, None] * width + cols[None, :]
+            d_off = d_rows[:, None] * width + cols[None, :]
+            for plane in range(2):
+                x = tl.load(src_ptr + plane * src_plane + s_off, mask=m)
+                tl.store(dst_ptr + plane * dst_plane + d_off, x, mask=m)
+
+
+def _launch(src: torch.Tensor, dst: torch.Tensor, rows: torch.Tensor, gather: bool, num_rows: int) -> None:
+    width = src.shape[2]
+    block_w = min(triton.next_power_of_2(width), 256)
+    # 8 KiB of payload per program and plane at D=128 bf16: enough loads in flight per SM to hide
+    # PCIe latency, few enough programs to launch cheaply.
+    block_r = max(1, min(32, 4096 // block_w))
+    grid = (triton.cdiv(num_rows, block_r),)
+    _rows_kernel[grid](
+        src, dst, rows, rows,  # GATHER picks which side the row numbers index
+        num_rows, width, src.stride(0), dst.stride(0),
+        GATHER=gather, BLOCK_R=block_r, BLOCK_W=block_w,
+    )
+
+
+def _check(src: torch.Tensor, idx: torch.Tensor) -> None:
+    if src.dim() != 3 or src.shape[0] != 2 or not src[0].is_contiguous():
+        raise ValueError(f"expected a [2, R, W] tensor with contiguous planes, got {tuple(src.shape)}")
+    if idx.dtype != torch.int64 or idx.dim() != 1:
+        raise ValueError(f"row indices must be a 1-D int64 tensor, got {idx.dtype} {tuple(idx.shape)}")
+
+
+def gather_rows(
+    src: torch.Tensor, idx: torch.Tensor, out: torch.Tensor | None = None, use_triton: bool | None = None
+) -> torch.Tensor:
+    """``out[p, m] = src[p, idx[m]]``.
+
+    Args:
+        src: ``[2, R, W]`` rows (pinned host memory or device memory).
+        idx: ``[M]`` int64 row numbers, on the device that runs the copy.
+        out: optional ``[2, >= M, W]`` destination on ``idx``'s device (its first M rows are written).
+        use_triton: force (True) or forbid (False) the kernel; default: kernel when ``idx`` is on CUDA.
+    Returns:
+        ``[2, M, W]`` (a view of ``out`` when given).
+    """
+    _check(src, idx)
+    m = idx.numel()
+    if out is None:
+        out = torch.empty(2, m, src.shape[2], dtype=src.dtype, device=idx.device)
+    out = out[:, :m]
+    if use_triton is None:
+        use_triton = idx.is_cuda and triton is not None
+    if not use_triton:
+        out.copy_(src.index_select(1, idx.to(src.device)))
+        return out
+    if m:
+        _launch(src, out, idx, gather=True, num_rows=m)
+    return out
+
+
+def scatter_rows(dst: torch.Tensor, idx: torch.Tensor, rows: torch.Tensor, use_triton: bool | None = None) -> None:
+    """``dst[p, idx[m]] = rows[p, m]``: write ``rows`` ``[2, M, W]`` into ``dst`` ``[2, R, W]``."""
+    _check(dst, idx)
+    if use_triton is None:
+        use_triton = idx.is_cuda and triton is not None
+    if not use_triton:
+        dst.index_copy_(1, idx.to(dst.device), rows.to(dst.device))
+        return
+    if idx.numel():
+        _launch(rows.contiguous(), dst, idx, gather=False, num_rows=idx.numel())

@@ -1,0 +1,249 @@
+"""``infinigen``: host-resident KV with speculative prefetch of the tokens the next layer will attend
+to (InfiniGen, Lee et al., OSDI 2024; the InfiniGen row of the study).
+
+Per layer ``l >= dense_layers`` and decode step, while layer ``l - 1`` computes:
+
+1. **Speculate.** Layer ``l - 1``'s attention input ``x`` goes through layer ``l``'s query
+   projection and RoPE (InfiniGen's Llama code: the whole next-layer query, then the skew), is
+   skewed (``q A``, see ``kv/skew.py``) and cut to the partial columns. Its dot products with the
+   *partial key cache* (the same columns of every cached key, skewed, resident on the device) give
+   approximate attention logits ``[B, Hq, T]``.
+2. **Select.** Per query head, tokens whose logit exceeds the head's max minus ``alpha``. ``k`` is
+   the mean count over the batch's heads, capped by ``max_num_kv`` and by ``budget_ratio`` of the
+   mean context; every KV head then takes its top ``k`` tokens. Grouped-query attention: a KV
+   head's score of a token is the best over its group's query heads (InfiniGen, written for MHA,
+   selects per head; a KV head is fetched for all its query heads at once).
+3. **Prefetch** those rows (one token of one KV head each) from pinned host memory on the copy
+   stream, with the device-side gather.
+
+Layer ``l`` then attends over the fetched rows plus the new token (always included; no recent
+window, as in InfiniGen). Layers below ``dense_layers`` (InfiniGen: 2) and prefill chunks fetch
+the whole KV like ``offload``. Each selection bumps the host pool's per-token counter; with
+``pool_eviction`` a full pool replaces the least-selected old token instead of preempting.
+
+``lossless`` is False: with ``alpha`` large and no cap every token is selected and the outputs
+equal ``paged``'s (tested).
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from kvscope.errors import ConfigError
+from kvscope.kv.base import KVSetup, StepBatch
+from kvscope.kv.offload_base import HostOffloadStrategy, OffloadAttention, _Staged
+from kvscope.kv.registry import register
+from kvscope.kv.skew import CALIBRATION_TOKENS, calibration_tokens, load_or_compute_skew
+from kvscope.kv.slot_cache import SlotAttention
+
+
+class InfiniGenAttention(OffloadAttention):
+    """One step of :class:`InfiniGenStrategy`: dense fetch below ``dense_layers`` and for prefill
+    chunks, speculative per-head fetch for decode rows above."""
+
+    def __init__(self, strategy: "InfiniGenStrategy", batch: StepBatch, prev: list[torch.Tensor],
+                 new_slots: torch.Tensor) -> None:
+        self.g = strategy
+        qs = batch.query_start
+        n = batch.num_new_tokens
+        self.spec = [i for i in range(len(prev)) if n[i] == 1 and prev[i].numel() > 0]
+        self.full = [i for i in range(len(prev)) if i not in set(self.spec)]
+        super().__init__(strategy, batch, prev, new_slots)
+        if not self.spec:
+            return
+        device = new_slots.device
+        hkv = strategy.setup.model.num_kv_heads
+        heads = torch.arange(hkv, device=device)
+        full_prev = torch.cat([prev[i] for i in self.full]) if self.full else new_slots[:0]
+        self.num_full = full_prev.numel()
+        self.full_rows = (full_prev[:, None] * hkv + heads).flatten()  # per-head rows, token-major
+        lens = [prev[i].numel() for i in self.spec]
+        width = max(lens)
+        padded = torch.zeros(len(lens), width, dtype=torch.long, device=device)
+        for j, i in enumerate(self.spec):
+            padded[j, : lens[j]] = prev[i]
+        self.spec_slots = padded  # [B, Tmax]
+        self.spec_valid = torch.arange(width, device=device)[None, :] < torch.tensor(lens, device=device)[:, None]
+        self.spec_mean_len = sum(lens) / len(lens)
+        self.num_candidates = sum(lens)
+        self.spec_q = torch.tensor([qs[i] for i in self.spec], device=device)
+        self.spec_positions = batch.positions[self.spec_q]
+        # Staged layout of speculative layers: the full rows' fetched tokens, then all new tokens;
+        # a decode row's table holds only its new token (its real attention is computed apart).
+        m, tables, off = self.num_full, [], 0
+        for i in range(len(prev)):
+            new = torch.arange(m + qs[i], m + qs[i + 1], device=device)
+            if i in self.spec:
+                tables.append(new)
+            else:
+                c = prev[i].numel()
+                tables.append(torch.cat((torch.arange(off, off + c, device=device), new)))
+                off += c
+        self.partial_dense = SlotAttention(_Staged(new_slots.new_empty(0)), new_slots, tables, qs, strategy.scale)
+        self.selected: dict[int, torch.Tensor] = {}
+
+    def speculative(self, layer: int) -> bool:
+        return layer >= self.g.dense_layers and bool(self.spec)
+
+    def layer_input(self, layer: int, x: torch.Tensor) -> None:
+        nxt = layer + 1
+        if nxt >= self.g.num_layers:
+            return
+        if not self.speculative(nxt):
+            self.start_fetch(nxt)
+            return
+        rows = self.speculate(nxt, x[self.spec_q])
+        host = self.g.pool.layer_rows(nxt, per_head=True)
+        self.fetches[nxt] = self.g.transfer.fetch(host, torch.cat((self.full_rows, rows)), slot=nxt)
+
+    def speculate(self, layer: int, x: torch.Tensor) -> torch.Tensor:
+        """Select layer ``layer``'s tokens for the decode rows from their attention input ``x``
+        ``[B, hidden]`` (of the previous layer); returns per-head host rows ``[B * Hkv * k]``."""
+        g = self.g
+        b, hkv = x.shape[0], g.setup.model.num_kv_heads
+        q = g.model.attention_query(layer, x, self.spec_positions)  # [B, Hq, D]
+        q = q.view(b, hkv, -1, q.shape[-1]).float()
+        qp = torch.einsum("bhgd,hdc->bhgc", q, g.skew_sub[layer])
+        pk = g.partial_keys[layer][self.spec_slots].float()  # [B, T, Hkv, d']
+        logits = torch.einsum("bhgc,bthc->bhgt", qp, pk) * self.s.scale
+        logits = logits.masked_fill(~self.spec_valid[:, None, None, :], float("-inf"))
+        rel = (logits - logits.amax(-1, keepdim=True)).amax(2)  # [B, Hkv, T], 0 at each head's max
+        counts = (rel > -g.alpha).sum(-1)
+        k = int(counts.float().mean().item())  # one k for the batch, as InfiniGen (a host sync)
+        if g.max_num_kv is not None:
+            k = min(k, g.max_num_kv)
+        if g.budget_ratio is not None:
+            k = min(k, max(1, int(g.budget_ratio * self.spec_mean_len)))
+        k = max(1, min(k, self.spec_slots.shape[1]))
+        score, pos = rel.topk(k, dim=-1)  # [B, Hkv, k]
+        valid = score > float("-inf")
+        slots = torch.gather(self.spec_slots[:, None, :].expand(-1, hkv, -1), 2, pos)
+        g.pool.counters.index_add_(0, slots[valid], torch.ones_like(slots[valid], dtype=torch.int32))
+        g.selected_tokens[layer] += valid.sum((0, 2))
+        g.candidate_tokens[layer] += self.num_candidates
+        self.selected[layer] = valid
+        heads = torch.arange(hkv, device=x.device)[None, :, None]
+        return (slots * hkv + heads).flatten()
+
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        g = self.g
+        if layer >= g.dense_layers:
+            g.partial_keys[layer].index_copy_(
+                0, self.new_slots, torch.einsum("nhd,hdc->nhc", k.float(), g.skew_sub[layer]).to(k.dtype)
+            )
+        if not self.speculative(layer):
+            return super().attend(layer, q, k, v)
+        fetched = g.transfer.wait(self.fetches.pop(layer))  # [2, Mf * Hkv + B * Hkv * k, D]
+        self.store(layer, k, v)
+        hkv, d = k.shape[1], k.shape[2]
+        m = self.num_full
+        staged = torch.empty(1, 2, m + k.shape[0], hkv, d, dtype=k.dtype, device=k.device)
+        staged[0, :, :m] = fetched[:, : m * hkv].view(2, m, hkv, d)
+        staged[0, 0, m:] = k
+        staged[0, 1, m:] = v
+        self.partial_dense.cache = _Staged(staged)
+        out = self.partial_dense.attend_cached(0, q)
+        valid = self.selected.pop(layer)  # [B, Hkv, k]
+        b, kk = valid.shape[0], valid.shape[2]
+        sel = fetched[:, m * hkv :].view(2, b, hkv, kk, d)
+        keys = torch.cat((sel[0], k[self.spec_q][:, :, None]), dim=2)  # [B, Hkv, k + 1, D]
+        vals = torch.cat((sel[1], v[self.spec_q][:, :, None]), dim=2)
+        mask = torch.cat((valid, valid.new_ones(b, hkv, 1)), dim=2)
+        group = q.shape[1] // hkv
+        mask = mask.repeat_interleave(group, dim=1)[:, :, None, :]  # [B, Hq, 1, k + 1]
+        o = F.scaled_dot_product_attention(
+            q[self.spec_q][:, :, None], keys, vals, attn_mask=mask, scale=self.s.scale, enable_gqa=group > 1
+        )
+        out[self.spec_q] = o[:, :, 0]
+        return out
+
+
+@register
+class InfiniGenStrategy(HostOffloadStrategy):
+    """InfiniGen. Args: ``alpha`` (4), ``partial_weight_ratio`` (0.2), ``budget_ratio`` (0.2; None:
+    uncapped), ``max_num_kv`` (None), ``dense_layers`` (2), ``calibration`` (prose source or
+    ``"random"``), ``pool_eviction`` (True), plus ``offload``'s ``host_kv_bytes``, ``block_size``,
+    ``overlap``."""
+
+    name = "infinigen"
+    lossless = False
+
+    def __init__(
+        self,
+        alpha: float = 4.0,
+        partial_weight_ratio: float = 0.2,
+        budget_ratio: float | None = 0.2,
+        max_num_kv: int | None = None,
+        dense_layers: int = 2,
+        calibration: str = "britannica",
+        pool_eviction: bool = True,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(**kwargs)
+        if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not alpha > 0:
+            raise ConfigError(f"infinigen: alpha must be > 0, got {alpha!r}")
+        for key, val in (("partial_weight_ratio", partial_weight_ratio), ("budget_ratio", budget_ratio)):
+            if val is not None and not (isinstance(val, (int, float)) and 0.0 < val <= 1.0):
+                raise ConfigError(f"infinigen: {key} must be in (0, 1], got {val!r}")
+        if partial_weight_ratio is None:
+            raise ConfigError("infinigen: partial_weight_ratio must be in (0, 1], got None")
+        if max_num_kv is not None and (not isinstance(max_num_kv, int) or max_num_kv < 1):
+            raise ConfigError(f"infinigen: max_num_kv must be an integer >= 1, got {max_num_kv!r}")
+        if not isinstance(dense_layers, int) or dense_layers < 1:
+            # Layer 0 has no previous layer to speculate from.
+            raise ConfigError(f"infinigen: dense_layers must be an integer >= 1, got {dense_layers!r}")
+        self.alpha = float(alpha)
+        self.partial_weight_ratio = float(partial_weight_ratio)
+        self.budget_ratio = budget_ratio
+        self.max_num_kv = max_num_kv
+        self.dense_layers = dense_layers
+        self.calibration = calibration
+        self.evicts_on_full = bool(pool_eviction)
+
+    def _partial_dim(self, head_dim: int) -> int:
+        return max(1, int(self.partial_weight_ratio * head_dim))
+
+    def resident_bytes_per_token(self, setup: KVSetup) -> int:
+        """The partial key cache: ``d'`` skewed columns of every layer's keys."""
+        m = setup.model
+        elem = torch.empty(0, dtype=setup.dtype).element_size()
+        return m.num_layers * m.num_kv_heads * self._partial_dim(m.head_dim) * elem
+
+    def bind(self, setup: KVSetup) -> None:
+        super().bind(setup)
+        m = setup.model
+        self.partial_keys = torch.zeros(
+            m.num_layers, self.pool.num_slots, m.num_kv_heads, self._partial_dim(m.head_dim),
+            dtype=setup.dtype, device=setup.device,
+        )
+        self.selected_tokens = torch.zeros(m.num_layers, m.num_kv_heads, dtype=torch.float64, device=setup.device)
+        self.candidate_tokens = torch.zeros(m.num_layers, dtype=torch.float64)
+
+    def attach_model(self, loaded) -> None:
+        self.model = loaded.model
+        length = min(CALIBRATION_TOKENS, loaded.config.max_position_embeddings)
+        tokens = calibration_tokens(loaded.tokenizer, loaded.config.vocab_size, self.calibration, length)
+        skew, self.skew_path = load_or_compute_skew(loaded.model, tokens, self.setup.device)
+        self.skew_cols, sub = skew.partial(self.partial_weight_ratio)
+        self.skew_sub = sub.to(self.setup.device)  # [L, Hkv, D, d'] float32
+
+    def begin_step(self, batch: StepBatch) -> InfiniGenAttention:
+        prev, new = self.step_slots(batch)
+        return InfiniGenAttention(self, batch, prev, new)
+
+    def stats(self) -> dict[str, Any]:
+        m = self.setup.model
+        partial_used = self.pool.used_tokens * m.num_layers * m.num_kv_heads * self.partial_keys.shape[-1]
+        elem = self.partial_keys.element_size()
+        per_layer = self.selected_tokens.sum(1).cpu() / m.num_kv_heads
+        frac = torch.where(self.candidate_tokens > 0, per_layer / self.candidate_tokens.clamp(min=1), 0.0)
+        return {
+            **super().stats(),
+            "kv_bytes_reserved": self.transfer.nbytes + self.partial_keys.numel() * elem,
+            "kv_bytes_allocated": self.transfer.nbytes + self.partial_keys.numel() * elem,
+            "kv_bytes_used": partial_used * elem,
+            "selected_tokens_per_layer_head": self.selected_tokens.cpu().tolist(),
+            "selected_fraction_per_layer": frac.tolist(),
+        }

@@ -1,0 +1,140 @@
+"""The transfer engine shared by the offloading strategies (``offload``, ``infinigen``).
+
+It moves KV rows between the host pool and the device, per layer, and keeps the books:
+
+* a dedicated **copy stream** (CUDA), so that fetching layer ``l + 1`` runs while layer ``l``
+  computes; each fetch records an event that the compute stream waits on just before it needs
+  the rows (per-layer events);
+* **preallocated prefetch buffers** on the device: two of them, used alternately by consecutive
+  layers, so a fetch never overwrites rows that the previous layer is still reading;
+* **byte counters** both ways, and the time the compute stream spent waiting on transfers;
+* a **synchronous mode** (``overlap=False``) that runs every copy on the compute stream, in order,
+  for tests and debugging: it must give bit-identical outputs.
+
+On CPU there is no second stream; host and device are the same memory, and the same calls run
+the torch reference gather, so selection and accounting are exercised in CI.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+
+from kvscope.attention.triton_gather import gather_rows, scatter_rows
+
+
+@dataclass
+class Fetch:
+    """A fetch in flight: ``rows`` ``[2, M, W]`` (a view of a prefetch buffer) and its event."""
+
+    rows: torch.Tensor
+    done: torch.cuda.Event | None
+    nbytes: int
+
+
+class TransferEngine:
+    """Host <-> device row transfers with two prefetch buffers of ``buffer_elems`` elements each."""
+
+    def __init__(self, device: torch.device, dtype: torch.dtype, buffer_elems: int, overlap: bool = True) -> None:
+        self.device = device
+        self.dtype = dtype
+        self.cuda = device.type == "cuda"
+        self.overlap = overlap and self.cuda
+        self.stream = torch.cuda.Stream(device) if self.overlap else None
+        # Two planes (K and V) per buffer; allocated once, viewed per fetch.
+        self.buffers = [torch.empty(2 * buffer_elems, dtype=dtype, device=device) for _ in range(2)]
+        self.buffer_elems = buffer_elems
+        self.elem_size = torch.empty(0, dtype=dtype).element_size()
+        self.bytes_h2d = 0
+        self.bytes_d2h = 0
+        self.wait_ms = 0.0
+        self._timings: list[tuple[torch.cuda.Event, torch.cuda.Event]] = []
+
+    @property
+    def nbytes(self) -> int:
+        """Device bytes held by the prefetch buffers."""
+        return 2 * 2 * self.buffer_elems * self.elem_size
+
+    def capacity_rows(self, width: int) -> int:
+        """Rows of ``width`` elements one prefetch buffer holds."""
+        return self.buffer_elems // width
+
+    def fetch(self, src: torch.Tensor, idx: torch.Tensor, slot: int) -> Fetch:
+        """Start copying rows ``idx`` ``[M]`` of the host planes ``src`` ``[2, R, W]`` into buffer ``slot % 2``.
+
+        The copy is ordered after everything already queued on the compute stream (so the buffer's
+        previous reader is done and earlier host writes have landed).
+        """
+        m, width = idx.numel(), src.shape[2]
+        if m * width > self.buffer_elems:
+            raise RuntimeError(f"fetch of {m} rows x {width} exceeds the prefetch buffer ({self.buffer_elems} elements)")
+        out = self.buffers[slot % 2][: 2 * m * width].view(2, m, width)
+        nbytes = 2 * m * width * self.elem_size
+        self.bytes_h2d += nbytes
+        if not self.overlap:
+            t0 = self._start_timer()
+            gather_rows(src, idx, out=out)
+            self._stop_timer(t0)
+            return Fetch(out, None, nbytes)
+        self.stream.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(self.stream):
+            gather_rows(src, idx, out=out)
+            done = torch.cuda.Event(enable_timing=True)
+            done.record(self.stream)
+        idx.record_stream(self.stream)
+        return Fetch(out, done, nbytes)
+
+    def wait(self, fetch: Fetch) -> torch.Tensor:
+        """Make the compute stream wait for ``fetch``; returns its rows ``[2, M, W]``."""
+        if fetch.done is not None:
+            ready = torch.cuda.Event(enable_timing=True)
+            ready.record()
+            torch.cuda.current_stream(self.device).wait_event(fetch.done)
+            self._timings.append((ready, fetch.done))
+        return fetch.rows
+
+    def write(self, dst: torch.Tensor, idx: torch.Tensor, rows: torch.Tensor) -> None:
+        """Store ``rows`` ``[2, M, W]`` (device) at rows ``idx`` ``[M]`` of the host planes ``dst``."""
+        self.bytes_d2h += rows.numel() * self.elem_size
+        if not self.overlap:
+            scatter_rows(dst, idx, rows)
+            return
+        self.stream.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(self.stream):
+            scatter_rows(dst, idx, rows)
+        # The compute stream may free these before the copy stream reads them.
+        rows.record_stream(self.stream)
+        idx.record_stream(self.stream)
+
+    def finish_step(self) -> None:
+        """Wait for all copies of the step and add up how long compute waited on them."""
+        if not self.cuda:
+            return
+        (self.stream or torch.cuda.current_stream(self.device)).synchronize()
+        for start, end in self._timings:
+            self.wait_ms += max(0.0, start.elapsed_time(end))
+        self._timings.clear()
+
+    def _start_timer(self) -> torch.cuda.Event | float:
+        # Synchronous mode: the compute waits for the whole transfer, so its duration is the wait.
+        if self.cuda:
+            ev = torch.cuda.Event(enable_timing=True)
+            ev.record()
+            return ev
+        return time.perf_counter()
+
+    def _stop_timer(self, start: torch.cuda.Event | float) -> None:
+        if isinstance(start, float):
+            self.wait_ms += (time.perf_counter() - start) * 1e3
+            return
+        end = torch.cuda.Event(enable_timing=True)
+        end.record()
+        self._timings.append((start, end))
+
+    def stats(self) -> dict[str, float]:
+        return {
+            "transfer_bytes_h2d": self.bytes_h2d,
+            "transfer_bytes_d2h": self.bytes_d2h,
+            "transfer_wait_ms": self.wait_ms,
+        }
