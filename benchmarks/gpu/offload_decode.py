@@ -1,0 +1,247 @@
+"""Offloaded KV on a GPU: the device-side gather against the PCIe ceiling, and the decode step of
+``infinigen`` against ``offload`` and GPU-resident ``paged`` (Llama-3-8B shapes, bf16).
+
+One run, in order:
+
+1. **Ceiling**: pinned host-to-device bulk copy bandwidth (``ceilings.host_bandwidth``).
+2. **Gather correctness**: the Triton gather from pinned memory equals ``index_select`` on the CPU,
+   for per-head rows (256 B) and per-token rows (2 KiB); the scatter back likewise.
+3. **Gather bandwidth** on a 4 GiB pinned pool: random per-head rows (InfiniGen's pattern) and
+   per-token rows (``offload``'s), as a fraction of the bulk copy; beside it the naive design,
+   a CPU ``index_select`` into a pinned buffer followed by a bulk copy.
+4. **Decode step**: for each strategy and (batch, context), requests are given their context
+   directly (random KV written into the cache, no prefill) and one decode step is timed (median
+   of 10 after 3 warm-up steps, ``torch.cuda.synchronize`` around each). For the offloading
+   strategies the bytes fetched per step divided by the step time give the effective prefetch
+   bandwidth.
+
+Writes ``benchmarks/results/offload_decode.{json,md}``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from ceilings import env_line, gpu_environment, host_bandwidth, time_ms  # noqa: E402
+
+from kvscope.attention.triton_gather import gather_rows, scatter_rows  # noqa: E402
+from kvscope.config import EngineConfig  # noqa: E402
+from kvscope.engine.engine import LLMEngine  # noqa: E402
+from kvscope.engine.request import Request  # noqa: E402
+from kvscope.engine.sampling_params import SamplingParams  # noqa: E402
+from kvscope.kv.registry import create  # noqa: E402
+from kvscope.models.loader import load_model  # noqa: E402
+
+RESULTS = Path(__file__).parents[1] / "results"
+MODEL = "dummy:llama-3.1-8b"  # Llama-3-8B shapes, 128k positions
+GRID = [(1, 4096), (1, 16384), (1, 32768), (4, 4096), (4, 16384), (4, 32768), (16, 4096), (16, 16384)]
+
+
+def check_gather() -> dict:
+    """Triton gather/scatter through UVA against the CPU reference; returns max abs errors."""
+    host = torch.randn(2, 4096, 1024, dtype=torch.bfloat16).pin_memory()
+    errs = {}
+    for name, rows in (("per_token", host), ("per_head", host.view(2, -1, 128))):
+        idx = torch.randint(0, rows.shape[1], (3000,))
+        got = gather_rows(rows, idx.cuda()).cpu()
+        errs[f"gather_{name}"] = float((got.float() - rows.index_select(1, idx).float()).abs().max())
+    dst = torch.zeros(2, 4096, 1024, dtype=torch.bfloat16).pin_memory()
+    idx = torch.randperm(4096)[:500]
+    src = torch.randn(2, 500, 1024, dtype=torch.bfloat16, device="cuda")
+    scatter_rows(dst, idx.cuda(), src)
+    torch.cuda.synchronize()
+    errs["scatter_per_token"] = float((dst[:, idx].float() - src.cpu().float()).abs().max())
+    return errs
+
+
+def gather_bandwidth(pool_bytes: int = 4 << 30) -> list[dict]:
+    """GB/s of gathering random rows from a pinned pool into device memory."""
+    elems = pool_bytes // 2 // 2
+    host = torch.empty(2, elems, dtype=torch.bfloat16).pin_memory()
+    host.view(-1)[: 1 << 24].normal_()  # content does not matter for bandwidth; avoid all-zero pages
+    out = []
+    for label, width, rows in (("per_head_256B", 128, 400_000), ("per_token_2KiB", 1024, 100_000)):
+        src = host.view(2, -1, width)
+        idx = torch.randint(0, src.shape[1], (rows,), device="cuda")
+        dst = torch.empty(2, rows, width, dtype=torch.bfloat16, device="cuda")
+        nbytes = dst.numel() * 2
+        ms = statistics.median(time_ms(lambda: gather_rows(src, idx, out=dst)))
+        row = {"pattern": label, "rows": rows, "bytes": nbytes, "ms": ms, "gb_s": nbytes / ms / 1e6}
+        idx_cpu = idx.cpu()
+        staging = torch.empty(2, rows, width, dtype=torch.bfloat16).pin_memory()
+
+        def cpu_then_copy() -> None:
+            torch.index_select(src, 1, idx_cpu, out=staging)
+            dst.copy_(staging, non_blocking=True)
+
+        t0 = time.perf_counter()
+        for _ in range(3):
+            cpu_then_copy()
+        torch.cuda.synchronize()
+        cpu_ms = (time.perf_counter() - t0) / 3 * 1e3
+        row["cpu_gather_then_copy_gb_s"] = nbytes / cpu_ms / 1e6
+        out.append(row)
+    del host
+    return out
+
+
+def make_engine(loaded, strategy: str, max_tokens: int) -> LLMEngine:
+    cfg = EngineConfig(model=MODEL, device="cuda", dtype="bfloat16", max_model_len=40_000, max_num_seqs=16,
+                       kv_memory_bytes=int(max_tokens * 1.05) * 131072 if strategy == "paged" else 12 << 30)
+    kv = create(strategy)
+    return LLMEngine(loaded, kv, cfg)
+
+
+def fill_random(engine: LLMEngine) -> None:
+    """Random KV everywhere (bandwidth and selection need realistic, non-zero data)."""
+    kv = engine.kv
+    if kv.name == "paged":
+        kv.cache.kv.normal_()
+        return
+    chunk = torch.empty(1 << 28, dtype=torch.bfloat16, device="cuda")
+    flat = kv.pool.kv.view(-1)
+    for s in range(0, flat.numel(), chunk.numel()):
+        n = min(chunk.numel(), flat.numel() - s)
+        flat[s : s + n].copy_(chunk[:n].normal_())
+    if kv.name == "infinigen":
+        kv.partial_keys.normal_()
+
+
+def time_decode(engine: LLMEngine, batch: int, context: int) -> dict:
+    kv = engine.kv
+    reqs = []
+    for i in range(batch):
+        r = Request(f"b{i}", [1] * context, SamplingParams(max_tokens=8, ignore_eos=True))
+        r.output_token_ids.append(1)
+        if not kv.allocate(r, context):
+            raise RuntimeError(f"{kv.name}: no room for {batch} x {context}")
+        r.num_computed_tokens = context
+        reqs.append(r)
+    for r in reqs:
+        assert kv.allocate(r, context + 1)
+    batch_obj = engine.runner.build_batch(reqs, [1] * batch)
+    rows = list(range(batch))
+    before = dict(kv.stats()) if kv.name != "paged" else {}
+
+    def step() -> None:
+        engine.runner.run(batch_obj, rows)
+        kv.end_step(batch_obj)
+
+    for _ in range(3):
+        step()
+    torch.cuda.synchronize()
+    h2d0 = kv.stats().get("transfer_bytes_h2d", 0)
+    times = []
+    for _ in range(10):
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        step()
+        torch.cuda.synchronize()
+        times.append((time.perf_counter() - t0) * 1e3)
+    after = kv.stats()
+    ms = statistics.median(times)
+    row = {"strategy": kv.name, "batch": batch, "context": context, "step_ms": ms,
+           "step_ms_min": min(times), "step_ms_max": max(times)}
+    if before:
+        per_step = (after["transfer_bytes_h2d"] - h2d0) / 10
+        row["h2d_bytes_per_step"] = per_step
+        row["prefetch_gb_s"] = per_step / ms / 1e6
+        if kv.name == "infinigen":
+            row["selected_fraction_last_layer"] = after["selected_fraction_per_layer"][-1]
+    for r in reqs:
+        kv.free(r)
+    return row
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--out", type=Path, default=RESULTS)
+    ap.add_argument("--strategies", default="paged,offload,infinigen:calibration=random")
+    args = ap.parse_args()
+    env = gpu_environment()
+    print(env_line(env), flush=True)
+    h2d = host_bandwidth("h2d")
+    print(f"pinned h2d: {h2d['gb_s']:.1f} GB/s", flush=True)
+    errs = check_gather()
+    print("gather/scatter max abs error:", errs, flush=True)
+    assert all(e == 0.0 for e in errs.values()), errs
+    gather = gather_bandwidth()
+    for g in gather:
+        g["fraction_of_h2d"] = g["gb_s"] / h2d["gb_s"]
+        print(f"gather {g['pattern']}: {g['gb_s']:.1f} GB/s ({g['fraction_of_h2d']:.0%} of pinned h2d); "
+              f"CPU gather + copy {g['cpu_gather_then_copy_gb_s']:.1f} GB/s", flush=True)
+
+    loaded = load_model(MODEL, device="cuda", dtype=torch.bfloat16)
+    max_tokens = max(b * t for b, t in GRID) + 16 * 64
+    decode = []
+    for spec in args.strategies.split(","):
+        name = spec.split(":")[0]
+        if name != "paged":
+            spec += f"{',' if ':' in spec else ':'}host_kv_bytes={(max_tokens + 4096) * 131072}"
+        t0 = time.perf_counter()
+        engine = make_engine(loaded, spec, max_tokens)
+        fill_random(engine)
+        print(f"{spec}: set up in {time.perf_counter() - t0:.1f} s", flush=True)
+        for b, t in GRID:
+            row = time_decode(engine, b, t)
+            if "prefetch_gb_s" in row:
+                row["prefetch_fraction_of_h2d"] = row["prefetch_gb_s"] / h2d["gb_s"]
+            decode.append(row)
+            print(json.dumps(row), flush=True)
+        del engine
+        torch.cuda.empty_cache()
+    by = {(r["strategy"], r["batch"], r["context"]): r for r in decode}
+    for b, t in GRID:
+        off, ig = by.get(("offload", b, t)), by.get(("infinigen", b, t))
+        if off and ig:
+            ig["speedup_vs_offload"] = off["step_ms"] / ig["step_ms"]
+    result = {"env": env, "model": MODEL, "dtype": "bfloat16", "h2d": h2d, "gather_errors": errs,
+              "gather": gather, "decode": decode, "strategies": args.strategies}
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "offload_decode.json").write_text(json.dumps(result, indent=1))
+    (args.out / "offload_decode.md").write_text(markdown(result))
+    print(markdown(result))
+
+
+def markdown(r: dict) -> str:
+    env = r["env"]
+    lines = [
+        "# Offloaded KV: device-side gather and decode step (Llama-3-8B shapes, bf16)", "",
+        f"{env_line(env)}; commit {env.get('commit')}; {env['date']}.", "",
+        f"Pinned host-to-device bulk copy, measured in the same run: **{r['h2d']['gb_s']:.1f} GB/s**.", "",
+        "## Gather of scattered rows from pinned memory (4 GiB pool, random rows)", "",
+        "| pattern | rows | MB | GPU gather GB/s | of pinned h2d | CPU gather + copy GB/s |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for g in r["gather"]:
+        lines.append(f"| {g['pattern']} | {g['rows']} | {g['bytes'] / 1e6:.0f} | {g['gb_s']:.1f} | "
+                     f"{g['fraction_of_h2d']:.0%} | {g['cpu_gather_then_copy_gb_s']:.1f} |")
+    lines += ["", "## Decode step (median of 10, ms)", "",
+              "`infinigen`: alpha 4, partial ratio 0.2, budget 20% of the context, 2 dense layers; "
+              "prefetch GB/s = host-to-device bytes per step / step time.", "",
+              "| batch | context | paged | offload | infinigen | infinigen vs offload | offload GB/s | "
+              "infinigen GB/s | infinigen GB/s of h2d |",
+              "|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    by = {(d["strategy"], d["batch"], d["context"]): d for d in r["decode"]}
+    pairs = sorted({(d["batch"], d["context"]) for d in r["decode"]})
+    for b, t in pairs:
+        p, o, i = by.get(("paged", b, t)), by.get(("offload", b, t)), by.get(("infinigen", b, t))
+
+        def f(d, key, fmt="{:.2f}"):
+            return fmt.format(d[key]) if d and key in d else "-"
+
+        lines.append(f"| {b} | {t} | {f(p, 'step_ms')} | {f(o, 'step_ms')} | {f(i, 'step_ms')} | "
+                     f"{f(i, 'speedup_vs_offload', '{:.2f}x')} | {f(o, 'prefetch_gb_s', '{:.1f}')} | "
+                     f"{f(i, 'prefetch_gb_s', '{:.1f}')} | {f(i, 'prefetch_fraction_of_h2d', '{:.0%}')} |")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,185 @@
+"""``offload`` and ``infinigen``: lossless cases against HF, exact transfer accounting, selection
+counts, the host pool's counter eviction, skewing, and bad parameters.
+
+On CPU host and device are the same memory and the transfer engine runs synchronously; the same
+code paths (selection, gather through the torch reference, accounting) run. With
+``KVSCOPE_TEST_DEVICE=cuda`` the engine tests run on the GPU, and the overlapped copy stream is
+compared with the synchronous mode.
+"""
+from __future__ import annotations
+
+import os
+import random
+
+import pytest
+import torch
+
+from hf_ref import hf_greedy, make_tiny_checkpoint
+from kvscope import LLM, SamplingParams
+from kvscope.errors import ConfigError, RequestError
+from kvscope.kv.host_pool import HostKVPool
+from kvscope.kv.skew import compute_skew
+from kvscope.models.dummy import preset_config
+from kvscope.models.loader import load_model
+
+DEVICE = os.environ.get("KVSCOPE_TEST_DEVICE", "cpu")
+NEW = 16
+LOSSLESS_INFINIGEN = "infinigen:alpha=1e9,budget_ratio=None,calibration=random,dense_layers=1"
+
+
+@pytest.fixture(autouse=True)
+def _cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("KVSCOPE_CACHE_DIR", str(tmp_path / "cache"))
+
+
+@pytest.fixture(scope="module", params=["llama", "opt"])
+def tiny(request, tmp_path_factory):
+    path = tmp_path_factory.mktemp(request.param)
+    hf = make_tiny_checkpoint(request.param, path)
+    rng = random.Random(3)
+    prompts = [[rng.randrange(4, 256) for _ in range(n)] for n in (5, 40, 1, 23)]
+    return str(path), prompts, [hf_greedy(hf, p, NEW) for p in prompts]
+
+
+def greedy(n: int = NEW) -> SamplingParams:
+    return SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True, return_logits=True)
+
+
+def assert_matches(outs, refs):
+    for out, (tokens, logits) in zip(outs, refs):
+        assert out.token_ids == tokens
+        ours = torch.stack(out.outputs[0].logits)
+        assert torch.allclose(ours, logits, atol=1e-3, rtol=0), (ours - logits).abs().max()
+
+
+def test_offload_equals_hf_batched_chunked_and_preempted(tiny):
+    path, prompts, refs = tiny
+    llm = LLM(path, device=DEVICE, strategy="offload", kv_memory_bytes=8 << 20, max_model_len=256)
+    assert_matches(llm.generate(prompts, greedy(), use_tqdm=False), refs)
+    # 7-token chunks: prefill chunks attend over fetched earlier chunks plus themselves, causally.
+    # A host pool of 64 tokens cannot hold all four requests: the scheduler preempts.
+    bpt = llm.engine.kv.bytes_per_token
+    llm = LLM(path, device=DEVICE, strategy=f"offload:host_kv_bytes={64 * bpt},block_size=4",
+              kv_memory_bytes=8 << 20, max_model_len=64, max_num_batched_tokens=7)
+    assert_matches(llm.generate(prompts, greedy(), use_tqdm=False), refs)
+    assert llm.engine.stats()["num_preemptions"] > 0
+
+
+def test_infinigen_selecting_everything_equals_hf(tiny):
+    path, prompts, refs = tiny
+    llm = LLM(path, device=DEVICE, strategy=LOSSLESS_INFINIGEN, kv_memory_bytes=8 << 20, max_model_len=256)
+    for p, ref in zip(prompts, refs):  # one at a time: k is the batch mean, equal to each count
+        assert_matches(llm.generate([p], greedy(), use_tqdm=False), [ref])
+    frac = llm.engine.stats()["selected_fraction_per_layer"]
+    assert frac[1:] == [1.0] * (len(frac) - 1)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the copy stream exists only on CUDA")
+@pytest.mark.parametrize("strategy", ["offload", "infinigen:calibration=random"])
+def test_overlapped_equals_synchronous(tiny, strategy):
+    path, prompts, _ = tiny
+    outs = []
+    for overlap in (True, False):
+        llm = LLM(path, device="cuda", strategy=f"{strategy},overlap={overlap}".replace("offload,", "offload:"),
+                  kv_memory_bytes=8 << 20, max_model_len=256)
+        outs.append([o.outputs[0].logits for o in llm.generate(prompts, greedy(), use_tqdm=False)])
+    for a, b in zip(*outs):
+        assert torch.equal(torch.stack(a), torch.stack(b))
+
+
+def test_offload_transfer_bytes_are_exact():
+    """One request, prompt P, G tokens: decode step j fetches the P + j - 1 earlier tokens of every
+    layer; every computed token is written back once."""
+    llm = LLM("dummy:tiny-llama", strategy="offload", kv_memory_bytes=8 << 20, max_model_len=128)
+    p, g = 20, 6
+    llm.generate([[5] * p], SamplingParams(max_tokens=g, ignore_eos=True), use_tqdm=False)
+    cfg = llm.engine.model_config
+    per_token_layer = 2 * cfg.num_kv_heads * cfg.head_dim * 4  # K and V, float32
+    fetched = sum(p + j - 1 for j in range(1, g))
+    st = llm.engine.stats()
+    assert st["transfer_bytes_h2d"] == cfg.num_layers * fetched * per_token_layer
+    assert st["transfer_bytes_d2h"] == cfg.num_layers * (p + g - 1) * per_token_layer
+    assert st["host_kv_bytes"] == 0 and st["host_blocks_used"] == 0
+
+
+def test_infinigen_selection_counts_follow_the_budget():
+    """alpha = inf selects every token, so k is the budget cap: int(ratio * context) per head."""
+    ratio, p, g = 0.5, 30, 5
+    llm = LLM("dummy:tiny-llama", strategy=f"infinigen:alpha=1e9,budget_ratio={ratio},calibration=random,dense_layers=1",
+              kv_memory_bytes=8 << 20, max_model_len=128)
+    llm.generate([[7] * p], SamplingParams(max_tokens=g, ignore_eos=True), use_tqdm=False)
+    cfg = llm.engine.model_config
+    st = llm.engine.stats()
+    ks = [int(ratio * (p + j - 1)) for j in range(1, g)]
+    per_head = st["selected_tokens_per_layer_head"]
+    for layer in range(cfg.num_layers):
+        expect = sum(ks) if layer >= 1 else 0
+        assert per_head[layer] == [expect] * cfg.num_kv_heads
+    # Fetched bytes: dense layers take everything, speculative ones k rows per KV head.
+    row = cfg.head_dim * 4 * 2
+    dense = sum(p + j - 1 for j in range(1, g)) * cfg.num_kv_heads * row
+    spec = (cfg.num_layers - 1) * sum(ks) * cfg.num_kv_heads * row
+    assert st["transfer_bytes_h2d"] == dense + spec
+
+
+def test_host_pool_counter_eviction_picks_least_selected_old_token():
+    cfg = preset_config("tiny-llama")
+    pool = HostKVPool(cfg, 16 * cfg.kv_bytes_per_token(torch.float32), torch.float32, False, 4, torch.device("cpu"))
+    slots = pool.append("r", 16, 0)
+    assert slots.tolist() == list(range(16)) and not pool.can_append("r", 1)
+    pool.counters[slots] = torch.tensor([5, 1, 7, 0, 9, 9, 9, 9, 0, 0, 0, 0, 0, 0, 0, 0], dtype=torch.int32)
+    # Older half of position 16 is positions 0..7: slot 3 has the fewest selections there.
+    assert pool.replace_least_selected("r", 16).tolist() == [3]
+    assert pool.positions[3] == 16 and pool.counters[3] == 0
+    assert pool.replace_least_selected("r", 17).tolist() == [1]
+    assert pool.held("r") == 16 and pool.evicted_tokens == 2
+    pool.free("r")
+    assert pool.pool.num_free == 4
+
+
+def test_skewing_preserves_scores():
+    loaded = load_model("dummy:tiny-llama", seed=0)
+    cfg = loaded.config
+    skew = compute_skew(loaded.model, list(range(1, 60)), torch.device("cpu"))
+    a = skew.matrix  # [L, Hkv, D, D]
+    eye = torch.eye(cfg.head_dim).expand_as(a)
+    assert torch.allclose(a.transpose(-1, -2) @ a, eye, atol=1e-5)
+    q, k = torch.randn(2, 10, cfg.head_dim), torch.randn(2, 12, cfg.head_dim)
+    for layer in range(cfg.num_layers):
+        for h in range(cfg.num_kv_heads):
+            m = a[layer, h]
+            assert torch.allclose((q @ m) @ (k @ m).transpose(-1, -2), q @ k.transpose(-1, -2), atol=1e-4)
+    # Energy is sorted by construction of the SVD: the first column carries the most.
+    assert (skew.energy[..., 0] >= skew.energy[..., -1]).all()
+
+
+@pytest.mark.parametrize(
+    "spec, message",
+    [
+        ("infinigen:alpha=0", "alpha must be > 0"),
+        ("infinigen:alpha=-1", "alpha must be > 0"),
+        ("infinigen:partial_weight_ratio=0", "partial_weight_ratio must be in (0, 1]"),
+        ("infinigen:partial_weight_ratio=1.5", "partial_weight_ratio must be in (0, 1]"),
+        ("infinigen:budget_ratio=2", "budget_ratio must be in (0, 1]"),
+        ("infinigen:max_num_kv=0", "max_num_kv must be an integer >= 1"),
+        ("infinigen:dense_layers=0", "dense_layers must be an integer >= 1"),
+        ("offload:host_kv_bytes=-5", "host_kv_bytes must be a positive integer"),
+    ],
+)
+def test_bad_parameters(spec, message):
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)").replace("]", r"\]")):
+        LLM("dummy:tiny-llama", strategy=spec)
+
+
+def test_host_pool_smaller_than_one_request():
+    with pytest.raises(ConfigError, match="smaller than one request of max_model_len=128"):
+        LLM("dummy:tiny-llama", strategy="offload:host_kv_bytes=20000", max_model_len=128)
+    # InfiniGen may hold less than max_model_len (it evicts), but a prompt must fit the pool.
+    llm = LLM("dummy:tiny-llama", strategy="infinigen:calibration=random,dense_layers=1,host_kv_bytes=20000,block_size=4",
+              kv_memory_bytes=8 << 20, max_model_len=128)
+    cap = llm.engine.kv.pool.capacity_tokens
+    with pytest.raises(RequestError):
+        llm.engine.add_request([1] * (cap + 1), SamplingParams(max_tokens=2))
+    out = llm.generate([[3] * (cap - 4)], SamplingParams(max_tokens=40, ignore_eos=True), use_tqdm=False)
+    assert len(out[0].outputs[0].token_ids) == 40
+    assert llm.engine.stats()["host_evicted_tokens"] > 0
