@@ -1,0 +1,259 @@
+"""Paged prefill (and chunked-prefill) attention in Triton: variable-length causal chunks over a
+block-table KV cache.
+
+Layout: the same as :mod:`kvscope.attention.triton_decode`. ``kv[layer, 0].view(num_blocks,
+block_size, Hkv, D)`` is the K cache, ``kv[layer, 1]`` likewise V; sequence ``b``'s token ``t`` lives
+in block ``block_tables[b, t // block_size]`` at offset ``t % block_size``. The chunk's own K/V must
+already be written (the engine writes a step's K/V before attending).
+
+Queries are flattened like the engine's step batch: sequence ``b``'s ``n_b`` new tokens are rows
+``cu_seqlens_q[b] : cu_seqlens_q[b + 1]`` of ``q``. With ``T_b = context_lens[b]`` tokens cached
+(the chunk included), query token ``j`` sits at position ``T_b - n_b + j`` and attends to keys
+``0 .. T_b - n_b + j``: everything cached before the chunk, and the chunk causally.
+
+Design (prefill is bound by arithmetic, unlike decode):
+
+* **Grouped-query rows.** One program serves one (query tile, KV head, sequence). Its ``BLOCK_M``
+  rows are ``BLOCK_M // G`` query tokens times the ``G = Hq // Hkv`` query heads of that KV head,
+  so each K/V tile is loaded once for the whole group and feeds one ``[BLOCK_M, BLOCK_N]``
+  tensor-core product. When ``G`` does not divide ``BLOCK_M`` the few leftover rows are padding.
+* **Two key ranges.** Keys before the tile's first query position are visible to every row and
+  need no causal mask; only the last few key tiles, which overlap the chunk's diagonal, are masked.
+* **Online softmax in float32**, base 2 (``exp2`` with ``log2(e)`` folded into the scale).
+* **Heavy tiles first.** Later query tiles attend to more keys; programs run roughly in launch
+  order, so the grid hands out the last tiles first and the short ones fill in the tail.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+_LOG2E = 1.4426950408889634
+
+
+@triton.jit
+def _attend_tile(
+    acc, l, m, q, t, ctx, pos,
+    k_base, v_base, table_ptr, qk_scale,
+    stride_kblk, stride_ktok, stride_vblk, stride_vtok,
+    d, d_mask,
+    PAGE: tl.constexpr, CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    """Fold keys ``t`` ``[BLOCK_N]`` into the running ``(acc, l, m)`` of the rows ``q``.
+
+    With ``CAUSAL`` row ``r`` sees only keys ``t <= pos[r]``; without it every key is visible.
+    Returns the updated ``acc`` ``[BLOCK_M, D_PAD]``, ``l`` and ``m`` ``[BLOCK_M]``.
+    """
+    key_ok = t < ctx
+    # int64: a pool of several GiB has element offsets beyond 2**31.
+    block = tl.load(table_ptr + t // PAGE, mask=key_ok, other=0).to(tl.int64)
+    offset = t % PAGE
+    kv_mask = key_ok[:, None] & d_mask[None, :]
+    k = tl.load(
+        k_base + block[:, None] * stride_kblk + offset[:, None] * stride_ktok + d[None, :], mask=kv_mask, other=0.0
+    )
+    v = tl.load(
+        v_base + block[:, None] * stride_vblk + offset[:, None] * stride_vtok + d[None, :], mask=kv_mask, other=0.0
+    )
+    s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
+    if CAUSAL:
+        s = tl.where(t[None, :] <= pos[:, None], s, float("-inf"))
+    # m is finite after the first tile: key 0 is visible to every row and is in the first tile.
+    m_new = tl.maximum(m, tl.max(s, axis=1))
+    alpha = tl.exp2(m - m_new)
+    p = tl.exp2(s - m_new[:, None])
+    l = l * alpha + tl.sum(p, axis=1)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+    return acc, l, m_new
+
+
+@triton.jit
+def _prefill_kernel(
+    q_ptr, k_ptr, v_ptr, o_ptr, tables_ptr, cu_ptr, lens_ptr,
+    qk_scale,
+    stride_qt, stride_qh,
+    stride_kblk, stride_ktok, stride_kh,
+    stride_vblk, stride_vtok, stride_vh,
+    stride_ot, stride_oh,
+    stride_tb,
+    HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr,
+    GROUP: tl.constexpr, TOKENS: tl.constexpr,
+    PAGE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    """One (query tile, KV head, sequence): ``TOKENS`` query tokens x ``GROUP`` heads as rows."""
+    tile = tl.num_programs(0) - 1 - tl.program_id(0)  # heavy (late) tiles first
+    kv_head = tl.program_id(1)
+    b = tl.program_id(2)
+    q_start = tl.load(cu_ptr + b)
+    q_len = tl.load(cu_ptr + b + 1) - q_start
+    tok0 = tile * TOKENS
+    if tok0 >= q_len:  # the grid is sized for the longest chunk of the batch
+        return
+    ctx = tl.load(lens_ptr + b)
+
+    r = tl.arange(0, BLOCK_M)
+    d = tl.arange(0, D_PAD)
+    d_mask = d < HEAD_DIM
+    tok = tok0 + r // GROUP
+    row_ok = (r < TOKENS * GROUP) & (tok < q_len)
+    # Padding rows repeat the tile's last real token, so that every row has a finite maximum (no
+    # NaN from an all-masked row) and every load stays in bounds; they are never stored.
+    tok = tl.minimum(tok, tl.minimum(tok0 + TOKENS, q_len) - 1)
+    heads = kv_head * GROUP + r % GROUP
+    pos = ctx - q_len + tok
+    q_rows = (q_start + tok).to(tl.int64)
+    q = tl.load(
+        q_ptr + q_rows[:, None] * stride_qt + heads[:, None] * stride_qh + d[None, :],
+        mask=d_mask[None, :],
+        other=0.0,
+    )
+
+    m = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, D_PAD], tl.float32)
+    k_base = k_ptr + kv_head * stride_kh
+    v_base = v_ptr + kv_head * stride_vh
+    table_ptr = tables_ptr + b * stride_tb
+    n = tl.arange(0, BLOCK_N)
+    first_pos = ctx - q_len + tok0
+    # Keys below the first row's position are visible to every row: whole tiles of them unmasked.
+    unmasked_end = (first_pos + 1) // BLOCK_N * BLOCK_N
+    key_end = ctx - q_len + tl.minimum(tok0 + TOKENS, q_len)
+    for start in range(0, unmasked_end, BLOCK_N):
+        acc, l, m = _attend_tile(
+            acc, l, m, q, start + n, ctx, pos, k_base, v_base, table_ptr, qk_scale,
+            stride_kblk, stride_ktok, stride_vblk, stride_vtok, d, d_mask,
+            PAGE=PAGE, CAUSAL=False, DOT_PRECISION=DOT_PRECISION,
+        )
+    for start in range(unmasked_end, key_end, BLOCK_N):
+        acc, l, m = _attend_tile(
+            acc, l, m, q, start + n, ctx, pos, k_base, v_base, table_ptr, qk_scale,
+            stride_kblk, stride_ktok, stride_vblk, stride_vtok, d, d_mask,
+            PAGE=PAGE, CAUSAL=True, DOT_PRECISION=DOT_PRECISION,
+        )
+
+    out = acc / l[:, None]
+    tl.store(
+        o_ptr + q_rows[:, None] * stride_ot + heads[:, None] * stride_oh + d[None, :],
+        out.to(o_ptr.dtype.element_ty),
+        mask=row_ok[:, None] & d_mask[None, :],
+    )
+
+
+def _as_blocks(cache: torch.Tensor, block_size: int) -> torch.Tensor:
+    """``[num_slots, Hkv, D]`` or ``[num_blocks, block_size, Hkv, D]`` -> the latter."""
+    if cache.dim() == 3:
+        cache = cache.view(-1, block_size, *cache.shape[1:])
+    if cache.dim() != 4 or cache.shape[1] != block_size:
+        raise ValueError(f"KV cache of shape {tuple(cache.shape)} is not [num_blocks, {block_size}, Hkv, D]")
+    if cache.stride(-1) != 1:
+        raise ValueError("KV cache: the head dimension must be contiguous")
+    return cache
+
+
+def paged_prefill_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    context_lens: torch.Tensor,
+    scale: float,
+    block_size: int,
+    max_query_len: int | None = None,
+    *,
+    out: torch.Tensor | None = None,
+    block_m: int | None = None,
+    block_n: int | None = None,
+    num_warps: int | None = None,
+    num_stages: int | None = None,
+) -> torch.Tensor:
+    """Causal attention of each sequence's new tokens over its paged K/V (chunk included).
+
+    Args:
+        q: ``[Nq, Hq, D]`` float32, float16 or bfloat16 (the cache's dtype), last dim contiguous;
+            sequence ``b``'s rows are ``cu_seqlens_q[b] : cu_seqlens_q[b + 1]``.
+        k_cache, v_cache: ``[num_blocks, block_size, Hkv, D]`` (or the flat ``[num_slots, Hkv, D]``),
+            last dim contiguous; ``Hq`` must be a multiple of ``Hkv``.
+        block_tables: ``[B, max_blocks]`` int32 block ids; entries past a sequence's last block are
+            never read.
+        cu_seqlens_q: ``[B + 1]`` int32 row offsets, non-decreasing (an empty chunk is allowed).
+        context_lens: ``[B]`` int32 tokens cached per sequence after writing the chunk, each at
+            least the chunk's length and at most ``max_blocks * block_size``.
+        scale: softmax scale (``D ** -0.5`` for every supported family).
+        block_size: tokens per block.
+        max_query_len: the longest chunk; None reads it from ``cu_seqlens_q`` (a device sync).
+        out: ``[Nq, Hq, D]`` tensor to write into (e.g. a slice of a larger output); rows outside
+            the chunks are left untouched.
+        block_m, block_n, num_warps, num_stages: tuning knobs (query rows and keys per tile, warps
+            per program, software-pipelining depth); None picks the defaults tuned on an H100.
+    Returns:
+        ``out`` ``[Nq, Hq, D]`` in q's dtype.
+    """
+    k_cache = _as_blocks(k_cache, block_size)
+    v_cache = _as_blocks(v_cache, block_size)
+    _, num_heads, head_dim = q.shape
+    num_kv_heads = k_cache.shape[2]
+    if num_heads % num_kv_heads or k_cache.shape[3] != head_dim or v_cache.shape != k_cache.shape:
+        raise ValueError(
+            f"shapes do not match: q {tuple(q.shape)}, k {tuple(k_cache.shape)}, v {tuple(v_cache.shape)}"
+        )
+    if not (q.dtype == k_cache.dtype == v_cache.dtype) or q.stride(-1) != 1:
+        raise ValueError("q, k_cache and v_cache must share one dtype, with contiguous last dims")
+    if block_tables.dtype != torch.int32 or cu_seqlens_q.dtype != torch.int32 or context_lens.dtype != torch.int32:
+        raise ValueError("block_tables, cu_seqlens_q and context_lens must be int32")
+    batch = context_lens.shape[0]
+    if cu_seqlens_q.shape != (batch + 1,) or block_tables.shape[0] != batch:
+        raise ValueError(
+            f"batch sizes do not match: cu_seqlens_q {tuple(cu_seqlens_q.shape)}, context_lens "
+            f"{tuple(context_lens.shape)}, block_tables {tuple(block_tables.shape)}"
+        )
+    if out is None:
+        out = torch.empty_like(q)
+    elif out.shape != q.shape or out.dtype != q.dtype or out.stride(-1) != 1:
+        raise ValueError(f"out must be {tuple(q.shape)} {q.dtype} with a contiguous last dim")
+    if max_query_len is None:
+        max_query_len = int((cu_seqlens_q[1:] - cu_seqlens_q[:-1]).max()) if batch else 0
+    if batch == 0 or max_query_len == 0:
+        return out
+    group = num_heads // num_kv_heads
+
+    # 16-bit: 128-row tiles of 64 keys, 8 warps, 3 stages (benchmarks/gpu/NOTES.md). Float32 takes
+    # half the rows so that its q tile and the K/V stages still fit in shared memory.
+    if block_m is None:
+        block_m = 128 if q.element_size() == 2 else 64
+    if block_n is None:
+        block_n = 64 if q.element_size() == 2 else 32
+    if num_warps is None:
+        num_warps = 8 if q.element_size() == 2 else 4
+    if num_stages is None:
+        num_stages = 3 if q.element_size() == 2 else 2
+    # Every row of a tile shares one KV head, so a tile holds at least one token's whole group;
+    # tl.dot needs at least 16 along every dimension.
+    block_m = max(block_m, triton.next_power_of_2(group), 16)
+    if block_n < 16:
+        raise ValueError("block_n must be at least 16 (tl.dot)")
+    tokens = block_m // group
+    # Triton's float32 dot defaults to tf32 (~3e-4 relative error); float32 callers want float32.
+    precision = "ieee" if q.dtype == torch.float32 else "tf32"
+    block_tables = block_tables.contiguous()
+    cu_seqlens_q = cu_seqlens_q.contiguous()
+    context_lens = context_lens.contiguous()
+
+    _prefill_kernel[(triton.cdiv(max_query_len, tokens), num_kv_heads, batch)](
+        q, k_cache, v_cache, out, block_tables, cu_seqlens_q, context_lens,
+        scale * _LOG2E,
+        q.stride(0), q.stride(1),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
+        out.stride(0), out.stride(1),
+        block_tables.stride(0),
+        HEAD_DIM=head_dim, D_PAD=max(triton.next_power_of_2(head_dim), 16),
+        GROUP=group, TOKENS=tokens,
+        PAGE=block_size, BLOCK_M=block_m, BLOCK_N=block_n,
+        DOT_PRECISION=precision,
+        num_warps=num_warps, num_stages=num_stages,
+    )
+    return out
