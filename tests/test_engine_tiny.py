@@ -195,3 +195,20 @@ def test_contiguous_waste_is_measured(tiny):
     assert s["kv_bytes_allocated"] == 256 * eng.kv.bytes_per_token
     assert s["kv_bytes_used"] == 5 * eng.kv.bytes_per_token
     assert s["internal_fragmentation"] == pytest.approx(1 - 5 / 256)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("strategy", ["paged", "contiguous"])
+def test_triton_backend_matches_torch_on_cuda(tiny, strategy):
+    """The Triton kernels (KV write, prefill, decode) give the torch backend's greedy tokens; a small
+    token budget mixes prefill chunks and decode rows in one step."""
+    path, prompts, refs = tiny
+    outs = {}
+    for backend in ("torch", "triton"):
+        llm = _LLM(path, device="cuda", strategy=strategy, attention_backend=backend, kv_memory_bytes=8 << 20,
+                   max_model_len=256, max_num_batched_tokens=16)
+        assert llm.engine.kv.setup.attention_backend == backend
+        outs[backend] = llm.generate(prompts, greedy(), use_tqdm=False)
+    assert [o.token_ids for o in outs["triton"]] == [o.token_ids for o in outs["torch"]]
+    assert_matches(outs["triton"], refs)

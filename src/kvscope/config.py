@@ -1,6 +1,7 @@
 """Validated engine configuration."""
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -10,6 +11,7 @@ from kvscope.errors import ConfigError
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 PREEMPTION_MODES = ("recompute", "swap")
+ATTENTION_BACKENDS = ("auto", "torch", "triton")
 #: KV pool on a CPU device when no size is given (device memory has no "free" figure to take from).
 DEFAULT_CPU_KV_BYTES = 1 << 30
 
@@ -24,6 +26,39 @@ def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
     return _DTYPES[dtype]
 
 
+def _triton_importable() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def resolve_attention_backend(backend: str, device: torch.device) -> str:
+    """``"auto"`` / ``"torch"`` / ``"triton"`` on ``device`` -> the backend that runs: torch or triton.
+
+    ``auto`` is triton on CUDA when it imports, torch otherwise. Triton kernels run on a CPU only
+    under Triton's interpreter (``TRITON_INTERPRET=1``, set before triton is first imported), which
+    is for tests: far too slow to serve.
+    """
+    if backend not in ATTENTION_BACKENDS:
+        raise ConfigError(f"unknown attention_backend {backend!r}; use one of {ATTENTION_BACKENDS}")
+    if backend == "torch":
+        return "torch"
+    if device.type == "cuda" and _triton_importable():
+        return "triton"
+    if backend == "auto":
+        return "torch"
+    if device.type != "cuda":
+        if os.environ.get("TRITON_INTERPRET") == "1" and _triton_importable():
+            return "triton"
+        raise ConfigError(
+            f"attention_backend='triton' needs a CUDA device (device is {str(device)!r}); on a CPU the "
+            "kernels run only under Triton's interpreter (TRITON_INTERPRET=1), for tests"
+        )
+    raise ConfigError("attention_backend='triton' needs the triton package (pip install triton)")
+
+
 @dataclass
 class EngineConfig:
     """Engine knobs (vLLM's names where vLLM has one).
@@ -31,6 +66,10 @@ class EngineConfig:
     ``kv_memory_bytes`` sizes the KV pool exactly; if None, the pool takes ``kv_memory_fraction``
     of the device memory left free after loading weights (CUDA) or ``DEFAULT_CPU_KV_BYTES`` (CPU).
     ``max_model_len`` defaults to the model's context length.
+    ``attention_backend``: ``"torch"`` (reference path), ``"triton"`` (paged kernels; CUDA) or
+    ``"auto"`` (triton on CUDA when it imports, else torch); see :func:`resolve_attention_backend`.
+    It applies to the strategies whose slots are whole blocks (``paged``, ``contiguous``); the
+    evicting strategies keep their own torch attention, which also yields their policies' statistics.
     """
 
     model: str = "smollm2-135m"
@@ -46,6 +85,7 @@ class EngineConfig:
     preemption_mode: str = "recompute"
     swap_space_bytes: int = 4 << 30
     seed: int = 0
+    attention_backend: str = "auto"
 
     def __post_init__(self) -> None:
         self.torch_dtype = parse_dtype(self.dtype)
@@ -70,3 +110,4 @@ class EngineConfig:
             )
         if self.swap_space_bytes < 0:
             raise ConfigError(f"swap_space_bytes must be >= 0, got {self.swap_space_bytes}")
+        self.resolved_attention_backend = resolve_attention_backend(self.attention_backend, self.torch_device)

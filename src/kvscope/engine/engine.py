@@ -54,6 +54,7 @@ class LLMEngine:
                 max_model_len=self.max_model_len,
                 max_num_seqs=config.max_num_seqs,
                 swap_space_bytes=config.swap_space_bytes,
+                attention_backend=config.resolved_attention_backend,
             )
         )
         kv.attach_model(loaded)

@@ -9,13 +9,12 @@ from __future__ import annotations
 
 from typing import Any
 
-import torch
-
 from kvscope.engine.request import Request
 from kvscope.errors import ConfigError
 from kvscope.kv.base import KVSetup, KVStrategy, StepBatch
 from kvscope.kv.registry import register
-from kvscope.kv.slot_cache import SlotAttention, SlotKVCache
+from kvscope.kv.slot_cache import SlotKVCache, block_table_attention
+from kvscope.models.base import AttentionBackend
 
 
 @register
@@ -83,15 +82,17 @@ class ContiguousStrategy(KVStrategy):
             "internal_fragmentation": (1 - used / allocated) if allocated else 0.0,
         }
 
-    def begin_step(self, batch: StepBatch) -> SlotAttention:
-        device = self.cache.kv.device
-        tables, new_slots = [], []
-        for req, n in zip(batch.requests, batch.num_new_tokens):
-            base = self.slab_of[req.request_id] * self.slot_tokens
-            slots = base + torch.arange(req.num_computed_tokens + n, dtype=torch.long, device=device)
-            tables.append(slots)
-            new_slots.append(slots[req.num_computed_tokens :])
-        return SlotAttention(self.cache, torch.cat(new_slots), tables, batch.query_start, self.scale)
+    def begin_step(self, batch: StepBatch) -> AttentionBackend:
+        # A slab is one block of slot_tokens tokens, so the block-table kernels read it as is.
+        return block_table_attention(
+            self.cache,
+            [[self.slab_of[req.request_id]] for req in batch.requests],
+            self.slot_tokens,
+            [req.num_computed_tokens for req in batch.requests],
+            batch.query_start,
+            self.scale,
+            self.setup.attention_backend,
+        )
 
     def end_step(self, batch: StepBatch) -> None:
         for req in batch.requests:

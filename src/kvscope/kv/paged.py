@@ -18,7 +18,8 @@ from kvscope.errors import ConfigError
 from kvscope.kv.base import KVSetup, KVStrategy, StepBatch
 from kvscope.kv.block_pool import BlockHash, BlockPool, hash_block, pool_stats
 from kvscope.kv.registry import register
-from kvscope.kv.slot_cache import SlotAttention, SlotKVCache, table_slots
+from kvscope.kv.slot_cache import SlotKVCache, block_table_attention, table_slots
+from kvscope.models.base import AttentionBackend
 
 
 @register
@@ -209,13 +210,16 @@ class PagedStrategy(KVStrategy):
         }
 
     # ---- model side ------------------------------------------------------------------------------
-    def begin_step(self, batch: StepBatch) -> SlotAttention:
-        tables, new_slots = [], []
-        for req, n in zip(batch.requests, batch.num_new_tokens):
-            slots = self._slots(self.tables[req.request_id], req.num_computed_tokens + n)
-            tables.append(slots)
-            new_slots.append(slots[req.num_computed_tokens :])
-        return SlotAttention(self.cache, torch.cat(new_slots), tables, batch.query_start, self.scale)
+    def begin_step(self, batch: StepBatch) -> AttentionBackend:
+        return block_table_attention(
+            self.cache,
+            [self.tables[req.request_id] for req in batch.requests],
+            self.block_size,
+            [req.num_computed_tokens for req in batch.requests],
+            batch.query_start,
+            self.scale,
+            self.setup.attention_backend,
+        )
 
     def end_step(self, batch: StepBatch) -> None:
         bs = self.block_size

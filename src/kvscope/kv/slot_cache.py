@@ -1,9 +1,12 @@
-"""Device KV storage addressed by slot ids, and the attention backend that reads it.
+"""Device KV storage addressed by slot ids, and the attention backends that read it.
 
 Both ``paged`` and ``contiguous`` keep KV in one preallocated tensor of token slots per layer
 (``slot = block_id * block_size + offset``, as in vLLM/nano-vllm); they differ only in how slots
-are handed to requests. The backend writes each step's new K/V by slot mapping, then attends per
-request over the slots listed in its table, gathering them through the reference torch path.
+are handed to requests. A backend writes each step's new K/V by slot mapping, then attends per
+request over that request's slots. :class:`SlotAttention` takes any slot table and gathers it
+through the reference torch path; :class:`TritonSlotAttention` reads whole blocks through block
+tables with the Triton kernels. :func:`block_table_attention` builds either for a strategy whose
+slots are whole blocks.
 """
 from __future__ import annotations
 
@@ -109,4 +112,130 @@ class SlotAttention:
             s, e = self.query_start[i], self.query_start[i + 1]
             table = self.tables[i]
             out[s:e] = attend_causal(q[s:e], k_cache[table], v_cache[table], self.scale)
+        return out
+
+
+def block_table_attention(
+    cache: SlotKVCache,
+    block_tables: list[list[int]],
+    block_size: int,
+    num_computed: list[int],
+    query_start: list[int],
+    scale: float,
+    backend: str,
+) -> SlotAttention | TritonSlotAttention:
+    """The step's attention for requests whose tokens fill whole blocks in order.
+
+    Args:
+        block_tables: per request, its block ids (at least enough for its tokens after the step).
+        block_size: tokens per block (``contiguous`` passes its slab as one block).
+        num_computed: per request, tokens cached before this step.
+        query_start: ``[B + 1]`` row offsets of each request's new tokens in the flattened batch.
+        backend: ``"torch"`` (:class:`SlotAttention`) or ``"triton"`` (:class:`TritonSlotAttention`).
+    """
+    if backend == "triton":
+        return TritonSlotAttention(cache, block_tables, block_size, num_computed, query_start, scale)
+    device = cache.kv.device
+    tables, new_slots = [], []
+    for i, (table, done) in enumerate(zip(block_tables, num_computed)):
+        slots = table_slots(table, done + query_start[i + 1] - query_start[i], block_size, device)
+        tables.append(slots)
+        new_slots.append(slots[done:])
+    return SlotAttention(cache, torch.cat(new_slots), tables, query_start, scale)
+
+
+def _rows_index(rows: list[int], device: torch.device) -> slice | torch.Tensor:
+    """Index of the query rows ``rows``: a slice (a view, no copy) when they are one ascending run."""
+    if rows == list(range(rows[0], rows[0] + len(rows))):
+        return slice(rows[0], rows[0] + len(rows))
+    return torch.tensor(rows, dtype=torch.long, device=device)
+
+
+class TritonSlotAttention:
+    """AttentionBackend over a :class:`SlotKVCache` through block tables, with Triton kernels.
+
+    One launch writes the step's new K and V (:mod:`kvscope.attention.triton_kv_write`); requests
+    with one new token (decode) are attended together by the split-K decode kernel
+    (:mod:`kvscope.attention.triton_decode`), the others (prefill chunks) together by the varlen
+    causal kernel (:mod:`kvscope.attention.triton_prefill`). Arguments as in
+    :func:`block_table_attention`.
+    """
+
+    def __init__(
+        self,
+        cache: SlotKVCache,
+        block_tables: list[list[int]],
+        block_size: int,
+        num_computed: list[int],
+        query_start: list[int],
+        scale: float,
+    ) -> None:
+        # Imported here: the torch path must work where triton is not installed.
+        from kvscope.attention.triton_decode import paged_decode_attention
+        from kvscope.attention.triton_kv_write import write_kv
+        from kvscope.attention.triton_prefill import paged_prefill_attention
+
+        self._decode, self._prefill, self._write = paged_decode_attention, paged_prefill_attention, write_kv
+        self.cache = cache
+        self.block_size = block_size
+        self.scale = scale
+        device = cache.kv.device
+        batch = len(block_tables)
+        q_lens = [query_start[i + 1] - query_start[i] for i in range(batch)]
+        ctx = [done + n for done, n in zip(num_computed, q_lens)]
+        # Built on the host and copied once each: per-token Python loops would cost more than the step.
+        width = max(-(-t // block_size) for t in ctx)
+        # Columns past a request's last block are padding that the kernels never read.
+        tables = torch.tensor([(t[:width] + [0] * width)[:width] for t in block_tables], dtype=torch.int32)
+        rows = torch.repeat_interleave(torch.arange(batch), torch.tensor(q_lens))
+        pos = torch.tensor(num_computed)[rows] + torch.arange(len(rows)) - torch.tensor(query_start[:-1])[rows]
+        slots = tables[rows, pos // block_size].long() * block_size + pos % block_size
+        self.slot_mapping = slots.to(device)
+        tables, lens = tables.to(device), torch.tensor(ctx, dtype=torch.int32, device=device)
+
+        decode = [i for i in range(batch) if q_lens[i] == 1]
+        prefill = [i for i in range(batch) if q_lens[i] > 1]
+        self.decode_q = _rows_index([query_start[i] for i in decode], device) if decode else None
+        if decode:
+            whole = len(decode) == batch
+            self.decode_tables = tables if whole else tables[decode]
+            self.decode_lens = lens if whole else lens[decode]
+        self.prefill_q = None
+        if prefill:
+            q_rows = [r for i in prefill for r in range(query_start[i], query_start[i + 1])]
+            self.prefill_q = _rows_index(q_rows, device)
+            whole = len(prefill) == batch
+            self.prefill_tables = tables if whole else tables[prefill]
+            self.prefill_lens = lens if whole else lens[prefill]
+            cu = [0]
+            for i in prefill:
+                cu.append(cu[-1] + q_lens[i])
+            self.prefill_cu = torch.tensor(cu, dtype=torch.int32, device=device)
+            self.prefill_max_len = max(q_lens[i] for i in prefill)
+
+    def attend(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        self.write(layer_idx, k, v)
+        return self.attend_cached(layer_idx, q)
+
+    def write(self, layer_idx: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Store the step's new keys/values ``[N, Hkv, D]`` at their slots (one launch)."""
+        self._write(k, v, self.cache.kv[layer_idx, 0], self.cache.kv[layer_idx, 1], self.slot_mapping)
+
+    def attend_cached(self, layer_idx: int, q: torch.Tensor) -> torch.Tensor:
+        """Attention of ``q`` ``[N, Hq, D]`` over the cached (already written) slots."""
+        k_cache, v_cache = self.cache.kv[layer_idx, 0], self.cache.kv[layer_idx, 1]
+        bs = self.block_size
+        if self.prefill_q is None:  # every row is a decode row, in order
+            return self._decode(q, k_cache, v_cache, self.decode_tables, self.decode_lens, self.scale, bs)
+        out = torch.empty_like(q)
+        if self.decode_q is not None:
+            out[self.decode_q] = self._decode(
+                q[self.decode_q], k_cache, v_cache, self.decode_tables, self.decode_lens, self.scale, bs
+            )
+        args = (k_cache, v_cache, self.prefill_tables, self.prefill_cu, self.prefill_lens, self.scale, bs,
+                self.prefill_max_len)
+        if isinstance(self.prefill_q, slice):  # written in place through a view of out
+            self._prefill(q[self.prefill_q], *args, out=out[self.prefill_q])
+        else:
+            out[self.prefill_q] = self._prefill(q[self.prefill_q], *args)
         return out
