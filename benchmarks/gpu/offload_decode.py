@@ -168,13 +168,13 @@ def main() -> None:
     env = gpu_environment()
     print(env_line(env), flush=True)
     h2d = host_bandwidth("h2d")
-    print(f"pinned h2d: {h2d['gb_s']:.1f} GB/s", flush=True)
+    print(f"pinned h2d: {h2d['gb_per_s']:.1f} GB/s", flush=True)
     errs = check_gather()
     print("gather/scatter max abs error:", errs, flush=True)
     assert all(e == 0.0 for e in errs.values()), errs
     gather = gather_bandwidth()
     for g in gather:
-        g["fraction_of_h2d"] = g["gb_s"] / h2d["gb_s"]
+        g["fraction_of_h2d"] = g["gb_s"] / h2d["gb_per_s"]
         print(f"gather {g['pattern']}: {g['gb_s']:.1f} GB/s ({g['fraction_of_h2d']:.0%} of pinned h2d); "
               f"CPU gather + copy {g['cpu_gather_then_copy_gb_s']:.1f} GB/s", flush=True)
 
@@ -192,7 +192,7 @@ def main() -> None:
         for b, t in GRID:
             row = time_decode(engine, b, t)
             if "prefetch_gb_s" in row:
-                row["prefetch_fraction_of_h2d"] = row["prefetch_gb_s"] / h2d["gb_s"]
+                row["prefetch_fraction_of_h2d"] = row["prefetch_gb_s"] / h2d["gb_per_s"]
             decode.append(row)
             print(json.dumps(row), flush=True)
         del engine
@@ -215,7 +215,7 @@ def markdown(r: dict) -> str:
     lines = [
         "# Offloaded KV: device-side gather and decode step (Llama-3-8B shapes, bf16)", "",
         f"{env_line(env)}; commit {env.get('commit')}; {env['date']}.", "",
-        f"Pinned host-to-device bulk copy, measured in the same run: **{r['h2d']['gb_s']:.1f} GB/s**.", "",
+        f"Pinned host-to-device bulk copy, measured in the same run: **{r['h2d']['gb_per_s']:.1f} GB/s**.", "",
         "## Gather of scattered rows from pinned memory (4 GiB pool, random rows)", "",
         "| pattern | rows | MB | GPU gather GB/s | of pinned h2d | CPU gather + copy GB/s |",
         "|---|---:|---:|---:|---:|---:|",
