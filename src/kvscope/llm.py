@@ -13,7 +13,7 @@ from kvscope.engine.sampling_params import SamplingParams
 from kvscope.errors import RequestError
 from kvscope.kv import registry
 from kvscope.kv.base import KVStrategy
-from kvscope.models.loader import load_model
+from kvscope.models.loader import LoadedModel, load_model
 
 Prompt = str | list[int]
 
@@ -27,6 +27,10 @@ class LLM:
         strategy: a registered name (``kvscope strategies``), a ``name:key=value,...`` spec, or
             a :class:`KVStrategy` instance; ``strategy_args`` adds keyword arguments.
         kv_memory_bytes: size of the KV pool; None takes a fraction of free device memory.
+        loaded_model: weights and tokenizer already returned by :func:`load_model` for the same
+            ``model``, ``device``, ``dtype`` (and ``seed``, for dummy models), to share them between
+            engines instead of loading them again (a study's points do this). The engine never
+            modifies the model, so each engine still gets its own KV strategy and state.
         **engine_args: any other :class:`EngineConfig` field (``max_model_len``, ``max_num_seqs``,
             ``max_num_batched_tokens``, ``preemption_mode``, ``swap_space_bytes``, ``seed``...).
     """
@@ -39,6 +43,7 @@ class LLM:
         kv_memory_bytes: int | None = None,
         device: str = "cpu",
         dtype: str = "float32",
+        loaded_model: LoadedModel | None = None,
         **engine_args: Any,
     ) -> None:
         self.config = EngineConfig(
@@ -51,7 +56,9 @@ class LLM:
             **engine_args,
         )
         kv = registry.create(strategy, strategy_args)
-        loaded = load_model(model, self.config.torch_device, self.config.torch_dtype, self.config.seed)
+        loaded = loaded_model
+        if loaded is None:
+            loaded = load_model(model, self.config.torch_device, self.config.torch_dtype, self.config.seed)
         self.tokenizer = loaded.tokenizer
         self.engine = LLMEngine(loaded, kv, self.config)
 

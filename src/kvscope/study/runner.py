@@ -4,9 +4,14 @@ The results file is append-only. Each row is written, flushed and fsynced as soo
 ends, so a killed run loses at most the point in progress; a rerun reads the ids already present
 (``ok`` or ``error``) and skips them. A point that raises is recorded with ``status: "error"`` and
 the study goes on.
+
+Points share what does not depend on them (:class:`PointCache`): the loaded weights of their
+model, and quality metrics, which do not depend on the arrival process (nor, for most strategies,
+on the KV pool). Every point still builds a fresh engine and KV strategy.
 """
 from __future__ import annotations
 
+import gc
 import json
 import math
 import os
@@ -15,7 +20,7 @@ import subprocess
 import time
 import traceback
 from collections.abc import Callable
-from dataclasses import asdict
+from dataclasses import asdict, dataclass, field
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -26,9 +31,13 @@ from tqdm.auto import tqdm
 from kvscope.bench import quality
 from kvscope.bench.metrics import serving_metrics
 from kvscope.bench.serve import run_workload
+from kvscope.config import EngineConfig
 from kvscope.engine.sampling_params import SamplingParams
 from kvscope.errors import ConfigError
+from kvscope.kv import registry
+from kvscope.kv.eviction import EvictionStrategy
 from kvscope.llm import LLM
+from kvscope.models.loader import DUMMY_PREFIX, LoadedModel, load_model
 from kvscope.study.spec import Point, StudySpec, WorkloadSpec, expand
 from kvscope.workload.arrivals import gamma_arrivals
 from kvscope.workload.requests import (
@@ -111,59 +120,141 @@ def _ruler(llm: LLM, w: WorkloadSpec, seed: int) -> list[dict[str, Any]]:
     return ruler_samples(w.task, w.length, llm.tokenizer, num_samples=w.num_samples, seed=42 + seed)
 
 
-def _build_llm(cfg: dict[str, Any]) -> LLM:
-    kv = cfg["kv_memory"]
-    memory = {"kv_memory_fraction": kv} if isinstance(kv, float) else {"kv_memory_bytes": kv}
-    llm = LLM(model=cfg["model"], strategy=cfg["strategy"], device=cfg["device"], dtype=cfg["dtype"],
-              max_model_len=cfg["max_model_len"], seed=cfg["seed"], **memory, **cfg["engine"])
-    # The first steps of a fresh model pay one-time set-up; keep it out of the measured latencies.
-    llm.generate([[1, 2, 3, 4]], SamplingParams(max_tokens=2), use_tqdm=False)
-    return llm
+@dataclass
+class PointCache:
+    """What the points of one run share: loaded weights and quality metrics, never an engine.
+
+    Weights: the most recently loaded model is reused while the points name the same model,
+    device and dtype (and seed, for dummy models, whose random weights depend on it). The grid
+    varies the model slowest, so one slot serves every point of a model, and a study of large
+    models never holds two of them at once. ``quality``: metrics by what they depend on, each with
+    the id of the point that computed it (see :func:`_quality`).
+    """
+
+    quality: dict[str, dict[str, Any]] = field(default_factory=dict)
+    _model_key: tuple[Any, ...] | None = field(default=None, init=False, repr=False)
+    _model: LoadedModel | None = field(default=None, init=False, repr=False)
+
+    def llm(self, cfg: dict[str, Any]) -> LLM:
+        """A fresh engine and KV strategy for a point config, on the cached weights when they match.
+
+        The caller must have dropped its previous engine: on a GPU, the cached blocks of its pool
+        are released here, since a pool sized as a fraction of free memory would count them as used.
+        """
+        seed = cfg["seed"] if cfg["model"].startswith(DUMMY_PREFIX) else None
+        key = (cfg["model"], cfg["device"], cfg["dtype"], seed)
+        fresh = self._model is None or key != self._model_key
+        if fresh:
+            self._model = self._model_key = None  # two large models may not fit together
+        if fresh or cfg["device"].startswith("cuda"):
+            gc.collect()
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+        if fresh:
+            # Validated as the engine would (e.g. a CUDA device on a machine without one) before loading.
+            engine_cfg = EngineConfig(model=cfg["model"], device=cfg["device"], dtype=cfg["dtype"])
+            self._model = load_model(cfg["model"], engine_cfg.torch_device, engine_cfg.torch_dtype, cfg["seed"])
+            self._model_key = key
+        kv = cfg["kv_memory"]
+        memory = {"kv_memory_fraction": kv} if isinstance(kv, float) else {"kv_memory_bytes": kv}
+        llm = LLM(model=cfg["model"], strategy=cfg["strategy"], device=cfg["device"], dtype=cfg["dtype"],
+                  max_model_len=cfg["max_model_len"], seed=cfg["seed"], loaded_model=self._model, **memory,
+                  **cfg["engine"])
+        if fresh:
+            # A freshly loaded model's first steps pay one-time set-up (allocator, kernel selection);
+            # keep it out of the measured latencies. The set-up belongs to the weights, not to the
+            # engine: on CPU, a new engine's first step on warm weights takes as long as its second.
+            llm.generate([[1, 2, 3, 4]], SamplingParams(max_tokens=2), use_tqdm=False)
+        return llm
 
 
-def _quality(llm: LLM, point: Point, cache: dict[str, Any]) -> dict[str, Any]:
-    """Quality metrics of the point's strategy. They do not depend on the arrival process, so they
-    are computed once per (model, strategy, memory, seed, ...) within a run and reused."""
+def _cached(cache: dict[str, dict[str, Any]], key: dict[str, Any], point: Point,
+            compute: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+    """``compute()`` once per ``key``; later points get the same values plus ``reused_from``, the id
+    of the point that computed them."""
+    k = json.dumps(key, sort_keys=True, default=str)
+    if k not in cache:
+        cache[k] = {**compute(), "computed_by": point.id}
+    values = dict(cache[k])
+    computed_by = values.pop("computed_by")
+    return values if computed_by == point.id else {**values, "reused_from": computed_by}
+
+
+def _pool_independent(strategy: str) -> bool:
+    """Whether what a lone sequence sees under ``strategy`` cannot depend on the KV pool's size:
+    true of lossless strategies and of the budget-driven eviction policies, which keep what their
+    budget says whatever the pool holds. A strategy that drops tokens under memory pressure (a full
+    pool) is not, and its quality is measured per pool."""
+    cls = registry.available()[registry.parse_spec(strategy)[0]]
+    return cls.lossless or issubclass(cls, EvictionStrategy)
+
+
+def _quality(point: Point, cache: PointCache) -> dict[str, Any]:
+    """Quality metrics of the point's strategy, computed once per run for what they depend on.
+
+    Each metric runs on a fresh engine (no prefix cache or random state left by the serving run),
+    one sequence at a time, so it depends neither on the arrival process (rate, burstiness) nor,
+    for perplexity, on the workload; nor on the KV pool when :func:`_pool_independent` (a lone
+    sequence is never preempted, so the pool only decides whether it fits). Points that share the
+    rest of the key get the values with ``reused_from`` naming the point that computed them.
+    """
     cfg, q = point.config, point.config["quality"]
-    base = {k: cfg[k] for k in ("model", "strategy", "kv_memory", "seed", "device", "dtype", "max_model_len",
-                                "engine")}
+    keys = ["model", "strategy", "seed", "device", "dtype", "max_model_len", "engine"]
+    if not _pool_independent(cfg["strategy"]):
+        keys.append("kv_memory")
+    base = {k: cfg[k] for k in keys}
     out: dict[str, Any] = {}
     if q["perplexity"]:
-        key = json.dumps({**base, "q": "ppl", "args": q}, sort_keys=True)
-        if key not in cache:
+        def ppl() -> dict[str, Any]:
+            llm = cache.llm(cfg)
             seqs = token_sequences(llm.tokenizer, q["perplexity_sequences"], q["perplexity_len"])
             res = quality.perplexity(llm, seqs, prefix=q["perplexity_prefix"])
-            cache[key] = {k: res[k] for k in ("perplexity", "mean_nll", "tokens_scored", "num_sequences", "prefix")}
-        out["perplexity"] = cache[key]
+            return {k: res[k] for k in ("perplexity", "mean_nll", "tokens_scored", "num_sequences", "prefix")}
+
+        out["perplexity"] = _cached(cache.quality, {**base, "q": "ppl", "args": q}, point, ppl)
     w = point.workload
     if q["ruler"] and w.kind == "ruler":
-        key = json.dumps({**base, "q": "ruler", "w": w.to_dict()}, sort_keys=True)
-        if key not in cache:
+        def ruler() -> dict[str, Any]:
+            llm = cache.llm(cfg)
             res = quality.ruler_accuracy(llm, _ruler(llm, w, cfg["seed"]), max_tokens=w.output_len)
-            cache[key] = {k: res[k] for k in ("accuracy", "score", "num_samples", "per_task")}
-        out["ruler"] = cache[key]
+            return {k: res[k] for k in ("accuracy", "score", "num_samples", "per_task")}
+
+        out["ruler"] = _cached(cache.quality, {**base, "q": "ruler", "w": w.to_dict()}, point, ruler)
     return out
 
 
-def run_point(point: Point, quality_cache: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Run one point and return its row (without ``id``/``status``/``environment``)."""
+def run_point(point: Point, cache: PointCache | None = None) -> dict[str, Any]:
+    """Run one point and return its row (without ``id``/``status``/``environment``).
+
+    ``phase_s`` splits the point's time into set-up (engine, requests, and a model load when the
+    cache had to load one), serving and quality.
+    """
     cfg = point.config
-    llm = _build_llm(cfg)
+    cache = cache if cache is not None else PointCache()
+    t0 = time.perf_counter()
+    llm = cache.llm(cfg)
     requests = _requests(llm, point.workload, cfg["seed"])
     offsets = gamma_arrivals(len(requests), point.rate, cfg["burstiness"], seed=cfg["seed"])
+    t1 = time.perf_counter()
     run = run_workload(llm, with_arrivals(requests, offsets), mode="timed")
+    t2 = time.perf_counter()
     metrics = serving_metrics(run.records, goodput=cfg["slos"] or None)
     metrics["wall_time_s"] = run.wall_time_s
     metrics["peak_device_memory_bytes"] = run.peak_device_memory_bytes
     metrics["peak_host_rss_bytes"] = run.peak_host_rss_bytes
     errors = sorted({r.error for r in run.records if r.error})
-    return {
+    row = {
+        # Shared tensors (tied embeddings) count once; the report plots throughput against this.
+        "model_params": sum(p.numel() for p in llm.engine.model.parameters()),
         "metrics": metrics,
         "timeline_peaks": run.peaks(),
         "engine_stats": llm.engine.stats(),
         "request_errors": errors[:5],
-        "quality": _quality(llm, point, quality_cache if quality_cache is not None else {}),
     }
+    del llm  # quality runs on an engine of its own, which needs the pool memory back
+    row["quality"] = _quality(point, cache)
+    row["phase_s"] = {"setup": t1 - t0, "serve": t2 - t1, "quality": time.perf_counter() - t2}
+    return row
 
 
 def _append(path: Path, row: dict[str, Any]) -> None:
@@ -193,7 +284,7 @@ def run_study(
     spec: StudySpec,
     results_path: str | Path,
     progress: bool = True,
-    run_point_fn: Callable[[Point, dict[str, Any]], dict[str, Any]] = run_point,
+    run_point_fn: Callable[[Point, PointCache], dict[str, Any]] = run_point,
 ) -> list[dict[str, Any]]:
     """Run every point of ``spec`` that ``results_path`` does not hold yet; return the new rows.
 
@@ -212,7 +303,7 @@ def run_study(
     points = expand(spec)
     todo = [p for p in points if p.id not in done]
     env = environment(spec.device)
-    cache: dict[str, Any] = {}
+    cache = PointCache()
     new_rows = []
     bar = tqdm(total=len(points), initial=len(points) - len(todo), desc=f"study {spec.name}", unit="point",
                disable=not progress)
