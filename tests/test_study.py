@@ -16,6 +16,7 @@ from kvscope.errors import ConfigError, DatasetError
 from kvscope.study import expand, load_spec, parse_spec, read_results, run_study
 from kvscope.study import runner as runner_mod
 from kvscope.study.presets import PRESETS, preset
+from kvscope.study.report import build_plots, empty_panels, pareto_front, points_drawn, write_report
 
 
 def _base(**over):
@@ -162,3 +163,144 @@ def test_killed_run_loses_nothing(tiny_model, tmp_path):
     assert [r["id"] for r in after] == first + [r["id"] for r in new]
     assert sorted(r["id"] for r in after) == sorted(p.id for p in expand(load_spec(spec_path)))
     assert all(r["status"] == "ok" for r in after)
+
+
+def test_model_is_loaded_once_and_reuse_changes_no_result(tiny_model, tmp_path, monkeypatch, capsys):
+    """Points of one model share one load; their results equal those of points that load their own
+    weights. Quality is computed once per strategy and reused, saying where from. ``study run``
+    ends by writing the report and printing its path."""
+    raw = {**_tiny_spec(tiny_model, ["paged", "h2o:heavy_ratio=0.25,recent_ratio=0.25"]), "rates": [64, "inf"],
+           "quality": {"perplexity": True, "perplexity_sequences": 1, "perplexity_len": 24, "perplexity_prefix": 16}}
+    spec_path = tmp_path / "s.yaml"
+    spec_path.write_text(json.dumps(raw))
+    real_load = runner_mod.load_model
+    loads = []
+
+    def counting_load(*args, **kwargs):
+        loads.append(args[0])
+        return real_load(*args, **kwargs)
+
+    monkeypatch.setattr(runner_mod, "load_model", counting_load)
+    results = tmp_path / "res"
+    assert cli.main(["study", "run", str(spec_path), "--results", str(results), "--no-progress"]) == 0
+    assert loads == [tiny_model]
+    assert f"report: {results / 'report.html'}" in capsys.readouterr().out
+    assert (results / "report.md").is_file()
+
+    rows = read_results(results / "results.jsonl")
+    assert [r["status"] for r in rows] == ["ok"] * 4
+    first, again = rows[0]["quality"]["perplexity"], rows[1]["quality"]["perplexity"]
+    assert "reused_from" not in first and again == {**first, "reused_from": rows[0]["id"]}
+    # Rerun, each on weights of its own, the points that ran on reused weights: paged's second point
+    # (quality reused) and h2o's first (quality computed on the reused weights).
+    points = expand(load_spec(spec_path))
+    for i in (1, 2):
+        alone = runner_mod.run_point(points[i], runner_mod.PointCache())
+        assert alone["model_params"] == rows[i]["model_params"] > 0
+        assert alone["metrics"]["total_output_tokens"] == rows[i]["metrics"]["total_output_tokens"]
+        assert alone["quality"]["perplexity"]["perplexity"] == rows[i]["quality"]["perplexity"]["perplexity"]
+    assert len(loads) == 3
+
+
+def test_pareto_front_on_hand_made_points():
+    pts = [(10.0, 5.0), (20.0, 9.0), (15.0, 4.0), (30.0, 9.0), (25.0, 12.0)]
+    # Lower x better (perplexity): (15, 4) loses to (10, 5); (30, 9) to (20, 9), equal y but worse x.
+    assert pareto_front(pts, lower_x_better=True) == [0, 1, 4]
+    # Higher x better (accuracy): (25, 12) and (30, 9) dominate the rest; returned in ascending x.
+    assert pareto_front(pts) == [4, 3]
+    assert pareto_front([(1.0, 1.0), (1.0, 1.0), (0.5, 1.0)]) == [0, 1]  # equal points are both on it
+    assert pareto_front([]) == []
+
+
+def _synthetic_rows(quality: bool = True, params: bool = True, pools: tuple = ("256MiB", "24MiB")) -> list[dict]:
+    """Result rows as the runner writes them, for two model sizes and three strategies."""
+    raw = {
+        "models": ["small", "large"],
+        "strategies": ["paged", "h2o:heavy_ratio=0.1,recent_ratio=0.1", "streaming:budget_ratio=0.2"],
+        "workloads": [{"type": "sharegpt", "num_requests": 4},
+                      {"type": "ruler", "task": "niah_single_1", "length": 512, "num_samples": 1}],
+        "rates": [4, "inf"],
+        "kv_memory": list(pools),
+    }
+    rows = []
+    for i, point in enumerate(expand(parse_spec(raw, check_packages=False))):
+        cfg = point.config
+        lossless = cfg["strategy"] == "paged"
+        large = cfg["model"] == "large"
+        row = {
+            "id": point.id, "status": "ok", "config": cfg, "environment": {"device": "cpu"},
+            "metrics": {"median_ttft_ms": 100.0 + i, "p99_ttft_ms": 200.0 + i, "median_tpot_ms": 20.0 + i,
+                        "p99_tpot_ms": 40.0 + i, "output_throughput": (10.0 if large else 30.0) * (1 if lossless else 1.5),
+                        "request_goodput": 1.0},
+            "engine_stats": {"peak_kv_bytes_used": (8 if lossless else 2) << 20},
+        }
+        if params:
+            row["model_params"] = 10**9 if large else 10**8
+        if quality:
+            row["quality"] = {"perplexity": {"perplexity": 10.0 if lossless else 14.0}}
+            if cfg["workload"]["kind"] == "ruler":
+                row["quality"]["ruler"] = {"accuracy": 1.0 if lossless else 0.0}
+        rows.append(row)
+    return rows
+
+
+def _write_rows(folder, rows) -> None:
+    folder.mkdir()
+    (folder / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def test_report_draws_every_plot_from_synthetic_results(tmp_path):
+    import matplotlib.pyplot as plt
+
+    rows = _synthetic_rows()
+    plots = build_plots(rows)
+    by_title = {p.title: p for p in plots}
+    try:
+        for p in plots:
+            assert p.figure is not None and empty_panels(p.figure) == [], p.title
+        size = by_title["Output throughput vs model size"].figure
+        # One line per strategy through both model sizes, in each workload x KV pool panel.
+        assert len(size.axes) == 4 and all(len(ax.get_lines()) == 3 for ax in size.axes)
+        assert all(points_drawn(ax) == 6 for ax in size.axes)
+        pareto = by_title["Throughput-quality Pareto: small | KV pool 24MiB"].figure
+        ruler_panel = next(ax for ax in pareto.axes if ax.get_xlabel().startswith("RULER"))
+        frontier = next(line for line in ruler_panel.get_lines() if line.get_label() == "Pareto frontier")
+        # paged (accuracy 1, 30 tok/s) and the two evicting strategies (accuracy 0, 45 tok/s) are all optimal.
+        assert sorted(map(tuple, frontier.get_xydata().tolist())) == [(0.0, 45.0), (0.0, 45.0), (1.0, 30.0)]
+        assert any(t.startswith("Peak KV memory vs sparsity") for t in by_title)
+        assert any(t.startswith("Quality vs KV budget") for t in by_title)
+        assert sum(t.startswith("Latency vs rate") for t in by_title) == 2 * 2 * 2
+        assert sum(t.startswith("Throughput-quality Pareto") for t in by_title) == 2 * 2  # per model and KV pool
+    finally:
+        plt.close("all")
+
+    folder = tmp_path / "res"
+    _write_rows(folder, rows)
+    write_report(folder)
+    md = (folder / "report.md").read_text()
+    assert "## Plots without data" not in md and "## Guidance" in md
+    assert md.count("![") == len(plots) == len(list((folder / "plots").glob("plot*.png")))
+
+
+def test_report_names_plots_without_data(tmp_path):
+    import matplotlib.pyplot as plt
+
+    folder = tmp_path / "res"
+    _write_rows(folder, _synthetic_rows(quality=False, params=False, pools=("256MiB",)))
+    write_report(folder)
+    md = (folder / "report.md").read_text()
+    missing = md.split("## Plots without data", 1)[1]
+    assert "| Output throughput vs model size | no row holds both a parameter count" in missing
+    assert "| Quality vs KV budget: small | no quality metric in the rows" in missing
+    assert "| Throughput-quality Pareto: large \\| KV pool 256MiB | no quality metric" in missing  # | escaped
+    assert "![Output throughput" not in md and "![Quality" not in md and "![Throughput-quality" not in md
+    assert "![Latency vs rate" in md and "![Peak KV memory vs sparsity" in md
+
+    fig, axes = plt.subplots(1, 2)
+    axes[0].plot([1, 2], [3, 4])
+    axes[1].set_title("nothing here")
+    axes[1].plot([], [])
+    try:
+        assert empty_panels(fig) == ["nothing here"]
+    finally:
+        plt.close(fig)

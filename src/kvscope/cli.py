@@ -130,7 +130,7 @@ def _strategies(_: argparse.Namespace) -> int:
 def _add_study(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("study", help="run a grid of configurations resumably, and report on it")
     study = p.add_subparsers(dest="study_command", required=True)
-    run = study.add_parser("run", help="run every point of a study not yet in its results")
+    run = study.add_parser("run", help="run every point of a study not yet in its results, then write its report")
     src = run.add_mutually_exclusive_group(required=True)
     src.add_argument("spec", nargs="?", help="YAML study spec")
     src.add_argument("--preset", help="a named study: quick (CPU, minutes) or paper (GPU)")
@@ -144,10 +144,9 @@ def _study(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from kvscope.study import load_spec, preset, read_results, run_study
+    from kvscope.study.report import write_report
 
     if args.study_command == "report":
-        from kvscope.study.report import write_report
-
         html, md = write_report(args.results_dir)
         print(f"wrote {html} and {md}")
         return 0
@@ -157,6 +156,9 @@ def _study(args: argparse.Namespace) -> int:
     rows = read_results(results / "results.jsonl")
     errors = sum(r.get("status") == "error" for r in new)
     print(f"{len(new)} points run ({errors} errors); {len(rows)} rows in {results / 'results.jsonl'}")
+    # The report covers every row, so a resumed run's report includes the earlier points too.
+    html, md = write_report(results)
+    print(f"report: {html} (and {md.name} beside it)")
     return 0
 
 
