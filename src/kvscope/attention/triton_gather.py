@@ -30,15 +30,18 @@ if triton is not None:
 
     @triton.jit
     def _rows_kernel(
-        src_ptr, dst_ptr, src_rows_ptr, dst_rows_ptr,
+        src_ptr, dst_ptr, src_rows_ptr, dst_rows_ptr, valid_ptr,
         num_rows, width,
         src_plane, dst_plane,
-        GATHER: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_W: tl.constexpr,
+        GATHER: tl.constexpr, HAS_VALID: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_W: tl.constexpr,
     ):
         # One program moves BLOCK_R rows of both planes; the row loop over W keeps any width legal.
         pid = tl.program_id(0)
         rows = pid * BLOCK_R + tl.arange(0, BLOCK_R)
         row_ok = rows < num_rows
+        if HAS_VALID:
+            # Rows the caller marked invalid are never read: no PCIe traffic for them.
+            row_ok = row_ok & (tl.load(valid_ptr + rows, mask=row_ok, other=0) != 0)
         if GATHER:
             s_rows = tl.load(src_rows_ptr + rows, mask=row_ok, other=0)
             d_rows = rows.to(tl.int64)
@@ -55,7 +58,8 @@ if triton is not None:
                 tl.store(dst_ptr + plane * dst_plane + d_off, x, mask=m)
 
 
-def _launch(src: torch.Tensor, dst: torch.Tensor, rows: torch.Tensor, gather: bool, num_rows: int) -> None:
+def _launch(src: torch.Tensor, dst: torch.Tensor, rows: torch.Tensor, gather: bool, num_rows: int,
+            valid: torch.Tensor | None = None) -> None:
     width = src.shape[2]
     block_w = min(triton.next_power_of_2(width), 256)
     # 8 KiB of payload per program and plane at D=128 bf16: enough loads in flight per SM to hide
@@ -64,8 +68,8 @@ def _launch(src: torch.Tensor, dst: torch.Tensor, rows: torch.Tensor, gather: bo
     grid = (triton.cdiv(num_rows, block_r),)
     _rows_kernel[grid](
         src, dst, rows, rows,  # GATHER picks which side the row numbers index
-        num_rows, width, src.stride(0), dst.stride(0),
-        GATHER=gather, BLOCK_R=block_r, BLOCK_W=block_w,
+        valid if valid is not None else rows, num_rows, width, src.stride(0), dst.stride(0),
+        GATHER=gather, HAS_VALID=valid is not None, BLOCK_R=block_r, BLOCK_W=block_w,
     )
 
 
@@ -77,15 +81,18 @@ def _check(src: torch.Tensor, idx: torch.Tensor) -> None:
 
 
 def gather_rows(
-    src: torch.Tensor, idx: torch.Tensor, out: torch.Tensor | None = None, use_triton: bool | None = None
+    src: torch.Tensor, idx: torch.Tensor, out: torch.Tensor | None = None, use_triton: bool | None = None,
+    valid: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """``out[p, m] = src[p, idx[m]]``.
+    """``out[p, m] = src[p, idx[m]]`` (only where ``valid[m]``, when given).
 
     Args:
         src: ``[2, R, W]`` rows (pinned host memory or device memory).
         idx: ``[M]`` int64 row numbers, on the device that runs the copy.
         out: optional ``[2, >= M, W]`` destination on ``idx``'s device (its first M rows are written).
         use_triton: force (True) or forbid (False) the kernel; default: kernel when ``idx`` is on CUDA.
+        valid: optional ``[M]`` bool; the kernel skips invalid rows (their output is left as is), so
+            a caller can size a gather without knowing on the host how many rows it needs.
     Returns:
         ``[2, M, W]`` (a view of ``out`` when given).
     """
@@ -100,7 +107,7 @@ def gather_rows(
         out.copy_(src.index_select(1, idx.to(src.device)))
         return out
     if m:
-        _launch(src, out, idx, gather=True, num_rows=m)
+        _launch(src, out, idx, gather=True, num_rows=m, valid=valid)
     return out
 
 

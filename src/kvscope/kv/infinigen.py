@@ -66,8 +66,13 @@ class InfiniGenAttention(OffloadAttention):
             padded[j, : lens[j]] = prev[i]
         self.spec_slots = padded  # [B, Tmax]
         self.spec_valid = torch.arange(width, device=device)[None, :] < torch.tensor(lens, device=device)[:, None]
-        self.spec_mean_len = sum(lens) / len(lens)
         self.num_candidates = sum(lens)
+        cap = width
+        if strategy.max_num_kv is not None:
+            cap = min(cap, strategy.max_num_kv)
+        if strategy.budget_ratio is not None:
+            cap = min(cap, max(1, int(strategy.budget_ratio * sum(lens) / len(lens))))
+        self.k_cap = cap
         self.spec_q = torch.tensor([qs[i] for i in self.spec], device=device)
         self.spec_positions = batch.positions[self.spec_q]
         # Staged layout of speculative layers: the full rows' fetched tokens, then all new tokens;
@@ -94,13 +99,15 @@ class InfiniGenAttention(OffloadAttention):
         if not self.speculative(nxt):
             self.start_fetch(nxt)
             return
-        rows = self.speculate(nxt, x[self.spec_q])
+        rows, valid = self.speculate(nxt, x[self.spec_q])
         host = self.g.pool.layer_rows(nxt, per_head=True)
-        self.fetches[nxt] = self.g.transfer.fetch(host, torch.cat((self.full_rows, rows)), slot=nxt)
+        valid = torch.cat((valid.new_ones(self.full_rows.numel()), valid))
+        self.fetches[nxt] = self.g.transfer.fetch(host, torch.cat((self.full_rows, rows)), slot=nxt, valid=valid)
 
     def speculate(self, layer: int, x: torch.Tensor) -> torch.Tensor:
         """Select layer ``layer``'s tokens for the decode rows from their attention input ``x``
-        ``[B, hidden]`` (of the previous layer); returns per-head host rows ``[B * Hkv * k]``."""
+        ``[B, hidden]`` (of the previous layer); returns per-head host rows ``[B * Hkv * k_max]`` and
+        which of them are selected (``[B * Hkv * k_max]`` bool)."""
         g = self.g
         b, hkv = x.shape[0], g.setup.model.num_kv_heads
         q = g.model.attention_query(layer, x, self.spec_positions)  # [B, Hq, D]
@@ -111,21 +118,20 @@ class InfiniGenAttention(OffloadAttention):
         logits = logits.masked_fill(~self.spec_valid[:, None, None, :], float("-inf"))
         rel = (logits - logits.amax(-1, keepdim=True)).amax(2)  # [B, Hkv, T], 0 at each head's max
         counts = (rel > -g.alpha).sum(-1)
-        k = int(counts.float().mean().item())  # one k for the batch, as InfiniGen (a host sync)
-        if g.max_num_kv is not None:
-            k = min(k, g.max_num_kv)
-        if g.budget_ratio is not None:
-            k = min(k, max(1, int(g.budget_ratio * self.spec_mean_len)))
-        k = max(1, min(k, self.spec_slots.shape[1]))
-        score, pos = rel.topk(k, dim=-1)  # [B, Hkv, k]
-        valid = score > float("-inf")
+        # k = the mean count over the batch's heads (InfiniGen), computed on the device: reading it
+        # on the host would stall the CPU once per layer. The host sizes the gather by the cap,
+        # and rows past k are masked out: the gather kernel skips them, attention ignores them.
+        k_max = self.k_cap
+        k = counts.float().mean().floor().clamp(1, k_max)
+        score, pos = rel.topk(k_max, dim=-1)  # [B, Hkv, k_max]
+        valid = (score > float("-inf")) & (torch.arange(k_max, device=x.device) < k)
         slots = torch.gather(self.spec_slots[:, None, :].expand(-1, hkv, -1), 2, pos)
-        g.pool.counters.index_add_(0, slots[valid], torch.ones_like(slots[valid], dtype=torch.int32))
+        g.pool.counters.index_add_(0, slots.flatten(), valid.flatten().to(torch.int32))
         g.selected_tokens[layer] += valid.sum((0, 2))
         g.candidate_tokens[layer] += self.num_candidates
         self.selected[layer] = valid
         heads = torch.arange(hkv, device=x.device)[None, :, None]
-        return (slots * hkv + heads).flatten()
+        return (slots * hkv + heads).flatten(), valid.flatten()
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         g = self.g
@@ -239,6 +245,7 @@ class InfiniGenStrategy(HostOffloadStrategy):
         elem = self.partial_keys.element_size()
         per_layer = self.selected_tokens.sum(1).cpu() / m.num_kv_heads
         frac = torch.where(self.candidate_tokens > 0, per_layer / self.candidate_tokens.clamp(min=1), 0.0)
+        frac[: self.dense_layers] = 1.0  # dense layers fetch every token
         return {
             **super().stats(),
             "kv_bytes_reserved": self.transfer.nbytes + self.partial_keys.numel() * elem,

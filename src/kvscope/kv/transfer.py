@@ -30,7 +30,6 @@ class Fetch:
 
     rows: torch.Tensor
     done: torch.cuda.Event | None
-    nbytes: int
 
 
 class TransferEngine:
@@ -49,6 +48,7 @@ class TransferEngine:
         self.bytes_h2d = 0
         self.bytes_d2h = 0
         self.wait_ms = 0.0
+        self._valid_rows_bytes = torch.zeros((), dtype=torch.int64, device=device)
         self._timings: list[tuple[torch.cuda.Event, torch.cuda.Event]] = []
 
     @property
@@ -60,9 +60,11 @@ class TransferEngine:
         """Rows of ``width`` elements one prefetch buffer holds."""
         return self.buffer_elems // width
 
-    def fetch(self, src: torch.Tensor, idx: torch.Tensor, slot: int) -> Fetch:
+    def fetch(self, src: torch.Tensor, idx: torch.Tensor, slot: int, valid: torch.Tensor | None = None) -> Fetch:
         """Start copying rows ``idx`` ``[M]`` of the host planes ``src`` ``[2, R, W]`` into buffer ``slot % 2``.
 
+        ``valid`` (``[M]`` bool, optional) marks the rows actually needed; the others are not moved
+        (nor counted), which lets the caller decide on the device how many rows it wants.
         The copy is ordered after everything already queued on the compute stream (so the buffer's
         previous reader is done and earlier host writes have landed).
         """
@@ -70,20 +72,25 @@ class TransferEngine:
         if m * width > self.buffer_elems:
             raise RuntimeError(f"fetch of {m} rows x {width} exceeds the prefetch buffer ({self.buffer_elems} elements)")
         out = self.buffers[slot % 2][: 2 * m * width].view(2, m, width)
-        nbytes = 2 * m * width * self.elem_size
-        self.bytes_h2d += nbytes
+        row_bytes = 2 * width * self.elem_size
+        if valid is None:
+            self.bytes_h2d += m * row_bytes
+        else:  # counted on the device: reading the count here would stall the host every layer
+            self._valid_rows_bytes += valid.sum() * row_bytes
         if not self.overlap:
             t0 = self._start_timer()
-            gather_rows(src, idx, out=out)
+            gather_rows(src, idx, out=out, valid=valid)
             self._stop_timer(t0)
-            return Fetch(out, None, nbytes)
+            return Fetch(out, None)
         self.stream.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(self.stream):
-            gather_rows(src, idx, out=out)
+            gather_rows(src, idx, out=out, valid=valid)
             done = torch.cuda.Event(enable_timing=True)
             done.record(self.stream)
         idx.record_stream(self.stream)
-        return Fetch(out, done, nbytes)
+        if valid is not None:
+            valid.record_stream(self.stream)
+        return Fetch(out, done)
 
     def wait(self, fetch: Fetch) -> torch.Tensor:
         """Make the compute stream wait for ``fetch``; returns its rows ``[2, M, W]``."""
@@ -134,7 +141,7 @@ class TransferEngine:
 
     def stats(self) -> dict[str, float]:
         return {
-            "transfer_bytes_h2d": self.bytes_h2d,
+            "transfer_bytes_h2d": self.bytes_h2d + int(self._valid_rows_bytes),
             "transfer_bytes_d2h": self.bytes_d2h,
             "transfer_wait_ms": self.wait_ms,
         }
