@@ -220,16 +220,18 @@ def paged_prefill_attention(
         return out
     group = num_heads // num_kv_heads
 
-    # 16-bit: 128-row tiles of 64 keys, 8 warps, 3 stages (benchmarks/gpu/NOTES.md). Float32 takes
-    # half the rows so that its q tile and the K/V stages still fit in shared memory.
+    # Tuned on an H200 at Llama-3-8B shapes (benchmarks/gpu/NOTES.md): 16-bit takes 128 x 128 tiles,
+    # 8 warps and 3 stages. Float32 (twice the bytes per element) and head dims above 128 take
+    # smaller tiles so that q and the pipelined K/V tiles fit in shared memory (228 KB on Hopper).
+    wide = q.element_size() == 4 or head_dim > 128
     if block_m is None:
-        block_m = 128 if q.element_size() == 2 else 64
+        block_m = 64 if wide else 128
     if block_n is None:
-        block_n = 64 if q.element_size() == 2 else 32
+        block_n = 32 if wide else 128
     if num_warps is None:
-        num_warps = 8 if q.element_size() == 2 else 4
+        num_warps = 4 if wide else 8
     if num_stages is None:
-        num_stages = 3 if q.element_size() == 2 else 2
+        num_stages = 2 if wide else 3
     # Every row of a tile shares one KV head, so a tile holds at least one token's whole group;
     # tl.dot needs at least 16 along every dimension.
     block_m = max(block_m, triton.next_power_of_2(group), 16)
