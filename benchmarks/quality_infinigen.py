@@ -9,7 +9,8 @@ layer attends to, and quality next to H2O at equal budgets.
    alpha 1, 2, 4, 8. The newest token is always attended and excluded from both.
 2. **Quality** with ``quality_eviction.py``'s inputs and protocol: perplexity under the strategy
    (teacher-forced decoding) and RULER needle accuracy at about 4k tokens, for ``paged``,
-   ``infinigen`` (alpha 4) and ``h2o`` at budgets 10%, 20%, 50%. InfiniGen's budget caps the tokens
+   ``infinigen`` (alpha 4; per-head selection as InfiniGen, and whole-token selection) and ``h2o``
+   at budgets 10%, 20%, 50%. InfiniGen's budget caps the tokens
    fetched per step for layers >= 2 (layers 0-1 and the prompt are dense, as in InfiniGen); the
    measured fetched fraction averaged over all layers is reported beside it.
 
@@ -128,14 +129,15 @@ def main() -> None:
     common = dict(device=args.device, dtype=args.dtype, kv_memory_bytes=8 << 30, max_model_len=8192,
                   max_num_batched_tokens=8192)
     seq_len = len(seqs[0])
-    configs = [("paged", None)] + [(s, r) for r in RATIOS for s in ("infinigen", "h2o")]
+    configs = [("paged", None)] + [(s, r) for r in RATIOS for s in ("infinigen", "infinigen-token", "h2o")]
     rows = []
     env = environment()
     out = Path(args.out)
     for name, ratio in configs:
         t0 = time.perf_counter()
-        if name == "infinigen":
-            ppl_spec = ruler_spec = f"infinigen:budget_ratio={ratio}"
+        if name.startswith("infinigen"):
+            select = "token" if name.endswith("token") else "head"
+            ppl_spec = ruler_spec = f"infinigen:budget_ratio={ratio},select={select}"
         elif name == "paged":
             ppl_spec = ruler_spec = "paged"
         else:

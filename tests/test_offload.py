@@ -65,9 +65,11 @@ def test_offload_equals_hf_batched_chunked_and_preempted(tiny):
     assert llm.engine.stats()["num_preemptions"] > 0
 
 
-def test_infinigen_selecting_everything_equals_hf(tiny):
+@pytest.mark.parametrize("select", ["head", "token"])
+def test_infinigen_selecting_everything_equals_hf(tiny, select):
     path, prompts, refs = tiny
-    llm = LLM(path, device=DEVICE, strategy=LOSSLESS_INFINIGEN, kv_memory_bytes=8 << 20, max_model_len=256)
+    llm = LLM(path, device=DEVICE, strategy=f"{LOSSLESS_INFINIGEN},select={select}", kv_memory_bytes=8 << 20,
+              max_model_len=256)
     for p, ref in zip(prompts, refs):  # one at a time: k is the batch mean, equal to each count
         assert_matches(llm.generate([p], greedy(), use_tqdm=False), [ref])
     frac = llm.engine.stats()["selected_fraction_per_layer"]
@@ -102,10 +104,13 @@ def test_offload_transfer_bytes_are_exact():
     assert st["host_kv_bytes"] == 0 and st["host_blocks_used"] == 0
 
 
-def test_infinigen_selection_counts_follow_the_budget():
-    """alpha = inf selects every token, so k is the budget cap: int(ratio * context) per head."""
+@pytest.mark.parametrize("select", ["head", "token"])
+def test_infinigen_selection_counts_follow_the_budget(select):
+    """alpha = inf selects every token, so k is the budget cap: int(ratio * context) per head (or
+    per token, fetched for every head: the same rows and bytes)."""
     ratio, p, g = 0.5, 30, 5
-    llm = LLM("dummy:tiny-llama", strategy=f"infinigen:alpha=1e9,budget_ratio={ratio},calibration=random,dense_layers=1",
+    spec = f"infinigen:alpha=1e9,budget_ratio={ratio},calibration=random,dense_layers=1,select={select}"
+    llm = LLM("dummy:tiny-llama", strategy=spec,
               kv_memory_bytes=8 << 20, max_model_len=128)
     llm.generate([[7] * p], SamplingParams(max_tokens=g, ignore_eos=True), use_tqdm=False)
     cfg = llm.engine.model_config
@@ -163,6 +168,7 @@ def test_skewing_preserves_scores():
         ("infinigen:budget_ratio=2", "budget_ratio must be in (0, 1]"),
         ("infinigen:max_num_kv=0", "max_num_kv must be an integer >= 1"),
         ("infinigen:dense_layers=0", "dense_layers must be an integer >= 1"),
+        ("infinigen:select=layer", "select must be 'head' or 'token'"),
         ("offload:host_kv_bytes=-5", "host_kv_bytes must be a positive integer"),
     ],
 )

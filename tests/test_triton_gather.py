@@ -21,6 +21,11 @@ for width, rows, m in ((128, 50, 37), (96, 20, 5), (8, 300, 257)):  # 96: not a 
     idx = torch.randint(0, rows, (m,), generator=gen)
     got = gather_rows(src, idx, use_triton=True)
     assert torch.equal(got, src.index_select(1, idx)), width
+    assert torch.equal(gather_rows(src, idx, use_triton=True, sort=True), got), width
+    valid = torch.rand(m, generator=gen) < 0.5
+    out = torch.full((2, m, width), -7.0)
+    gather_rows(src, idx, out=out, use_triton=True, valid=valid, sort=True)
+    assert torch.equal(out[:, valid], got[:, valid]) and bool((out[:, ~valid] == -7).all()), width
     dst = torch.zeros(2, rows, width)
     uniq = torch.randperm(rows, generator=gen)[: min(m, rows)]
     new = torch.randn(2, uniq.numel(), width, generator=gen)

@@ -62,31 +62,44 @@ def check_gather() -> dict:
 
 
 def gather_bandwidth(pool_bytes: int = 4 << 30) -> list[dict]:
-    """GB/s of gathering random rows from a pinned pool into device memory."""
+    """GB/s of gathering rows from a pinned pool into device memory, for the access patterns the
+    strategies produce, with and without sorting the rows by address first."""
     elems = pool_bytes // 2 // 2
     host = torch.empty(2, elems, dtype=torch.bfloat16).pin_memory()
     host.view(-1)[: 1 << 24].normal_()  # content does not matter for bandwidth; avoid all-zero pages
+    region = 262144  # tokens of one layer at batch 16 x 16k: 512 MiB per plane
+    gen = torch.Generator().manual_seed(0)
+    patterns = [
+        # (label, row width, rows)
+        ("per_head_uniform_4GiB", 128, torch.randint(0, elems // 128, (400_000,), generator=gen)),
+        # InfiniGen at 20%: each (token, head) row of one layer picked with probability 0.2.
+        ("per_head_20pct_of_layer", 128, torch.nonzero(torch.rand(region * 8, generator=gen) < 0.2)[:, 0]),
+        ("per_token_20pct_of_layer", 1024, torch.nonzero(torch.rand(region, generator=gen) < 0.2)[:, 0]),
+        ("per_token_uniform_4GiB", 1024, torch.randint(0, elems // 1024, (100_000,), generator=gen)),
+    ]
     out = []
-    for label, width, rows in (("per_head_256B", 128, 400_000), ("per_token_2KiB", 1024, 100_000)):
+    for label, width, idx in patterns:
+        idx = idx[torch.randperm(idx.numel(), generator=gen)]  # selection order, not address order
         src = host.view(2, -1, width)
-        idx = torch.randint(0, src.shape[1], (rows,), device="cuda")
+        rows = idx.numel()
+        idx_dev = idx.cuda()
         dst = torch.empty(2, rows, width, dtype=torch.bfloat16, device="cuda")
         nbytes = dst.numel() * 2
-        ms = statistics.median(time_ms(lambda: gather_rows(src, idx, out=dst)))
-        row = {"pattern": label, "rows": rows, "bytes": nbytes, "ms": ms, "gb_s": nbytes / ms / 1e6}
-        idx_cpu = idx.cpu()
+        row = {"pattern": label, "row_bytes": width * 2, "rows": rows, "bytes": nbytes}
+        for sort in (False, True):
+            ms = statistics.median(time_ms(lambda: gather_rows(src, idx_dev, out=dst, sort=sort)))
+            row["sorted_gb_s" if sort else "gb_s"] = nbytes / ms / 1e6
         staging = torch.empty(2, rows, width, dtype=torch.bfloat16).pin_memory()
 
         def cpu_then_copy() -> None:
-            torch.index_select(src, 1, idx_cpu, out=staging)
+            torch.index_select(src, 1, idx, out=staging)
             dst.copy_(staging, non_blocking=True)
 
         t0 = time.perf_counter()
         for _ in range(3):
             cpu_then_copy()
         torch.cuda.synchronize()
-        cpu_ms = (time.perf_counter() - t0) / 3 * 1e3
-        row["cpu_gather_then_copy_gb_s"] = nbytes / cpu_ms / 1e6
+        row["cpu_gather_then_copy_gb_s"] = nbytes / ((time.perf_counter() - t0) / 3 * 1e3) / 1e6
         out.append(row)
     del host
     return out
@@ -114,7 +127,7 @@ def fill_random(engine: LLMEngine) -> None:
         kv.partial_keys.normal_()
 
 
-def time_decode(engine: LLMEngine, batch: int, context: int) -> dict:
+def time_decode(engine: LLMEngine, label: str, batch: int, context: int) -> dict:
     kv = engine.kv
     reqs = []
     for i in range(batch):
@@ -147,7 +160,7 @@ def time_decode(engine: LLMEngine, batch: int, context: int) -> dict:
         times.append((time.perf_counter() - t0) * 1e3)
     after = kv.stats()
     ms = statistics.median(times)
-    row = {"strategy": kv.name, "batch": batch, "context": context, "step_ms": ms,
+    row = {"strategy": label, "batch": batch, "context": context, "step_ms": ms,
            "step_ms_min": min(times), "step_ms_max": max(times)}
     if before:
         per_step = (after["transfer_bytes_h2d"] - h2d0) / 10
@@ -163,7 +176,8 @@ def time_decode(engine: LLMEngine, batch: int, context: int) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", type=Path, default=RESULTS)
-    ap.add_argument("--strategies", default="paged,offload,infinigen:calibration=random")
+    ap.add_argument("--strategies", default="paged;offload;infinigen:calibration=random;"
+                    "infinigen:calibration=random,select=token", help="';'-separated strategy specs")
     args = ap.parse_args()
     env = gpu_environment()
     print(env_line(env), flush=True)
@@ -175,14 +189,17 @@ def main() -> None:
     gather = gather_bandwidth()
     for g in gather:
         g["fraction_of_h2d"] = g["gb_s"] / h2d["gb_per_s"]
-        print(f"gather {g['pattern']}: {g['gb_s']:.1f} GB/s ({g['fraction_of_h2d']:.0%} of pinned h2d); "
-              f"CPU gather + copy {g['cpu_gather_then_copy_gb_s']:.1f} GB/s", flush=True)
+        g["sorted_fraction_of_h2d"] = g["sorted_gb_s"] / h2d["gb_per_s"]
+        print(f"gather {g['pattern']}: {g['gb_s']:.1f} GB/s, sorted {g['sorted_gb_s']:.1f} GB/s "
+              f"({g['sorted_fraction_of_h2d']:.0%} of pinned h2d); CPU gather + copy "
+              f"{g['cpu_gather_then_copy_gb_s']:.1f} GB/s", flush=True)
 
     loaded = load_model(MODEL, device="cuda", dtype=torch.bfloat16)
     max_tokens = max(b * t for b, t in GRID) + 16 * 64
     decode = []
-    for spec in args.strategies.split(","):
+    for spec in args.strategies.split(";"):
         name = spec.split(":")[0]
+        label = name + ("-token" if "select=token" in spec else "")
         if name != "paged":
             spec += f"{',' if ':' in spec else ':'}host_kv_bytes={(max_tokens + 4096) * 131072}"
         t0 = time.perf_counter()
@@ -190,7 +207,7 @@ def main() -> None:
         fill_random(engine)
         print(f"{spec}: set up in {time.perf_counter() - t0:.1f} s", flush=True)
         for b, t in GRID:
-            row = time_decode(engine, b, t)
+            row = time_decode(engine, label, b, t)
             if "prefetch_gb_s" in row:
                 row["prefetch_fraction_of_h2d"] = row["prefetch_gb_s"] / h2d["gb_per_s"]
             decode.append(row)
@@ -199,9 +216,10 @@ def main() -> None:
         torch.cuda.empty_cache()
     by = {(r["strategy"], r["batch"], r["context"]): r for r in decode}
     for b, t in GRID:
-        off, ig = by.get(("offload", b, t)), by.get(("infinigen", b, t))
-        if off and ig:
-            ig["speedup_vs_offload"] = off["step_ms"] / ig["step_ms"]
+        for label in ("infinigen", "infinigen-token"):
+            off, ig = by.get(("offload", b, t)), by.get((label, b, t))
+            if off and ig:
+                ig["speedup_vs_offload"] = off["step_ms"] / ig["step_ms"]
     result = {"env": env, "model": MODEL, "dtype": "bfloat16", "h2d": h2d, "gather_errors": errs,
               "gather": gather, "decode": decode, "strategies": args.strategies}
     args.out.mkdir(parents=True, exist_ok=True)
@@ -216,30 +234,38 @@ def markdown(r: dict) -> str:
         "# Offloaded KV: device-side gather and decode step (Llama-3-8B shapes, bf16)", "",
         f"{env_line(env)}; commit {env.get('commit')}; {env['date']}.", "",
         f"Pinned host-to-device bulk copy, measured in the same run: **{r['h2d']['gb_per_s']:.1f} GB/s**.", "",
-        "## Gather of scattered rows from pinned memory (4 GiB pool, random rows)", "",
-        "| pattern | rows | MB | GPU gather GB/s | of pinned h2d | CPU gather + copy GB/s |",
-        "|---|---:|---:|---:|---:|---:|",
+        "## Gather of scattered rows from pinned memory (4 GiB pinned pool)", "",
+        "Rows in selection order, or sorted by address first (what the engine does); CPU gather + copy "
+        "is the naive design (index_select into a pinned buffer, then one bulk copy).", "",
+        "| pattern | row bytes | rows | MB | GPU gather GB/s | sorted GB/s | sorted, of pinned h2d | "
+        "CPU gather + copy GB/s |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for g in r["gather"]:
-        lines.append(f"| {g['pattern']} | {g['rows']} | {g['bytes'] / 1e6:.0f} | {g['gb_s']:.1f} | "
-                     f"{g['fraction_of_h2d']:.0%} | {g['cpu_gather_then_copy_gb_s']:.1f} |")
+        lines.append(f"| {g['pattern']} | {g['row_bytes']} | {g['rows']} | {g['bytes'] / 1e6:.0f} | {g['gb_s']:.1f} | "
+                     f"{g['sorted_gb_s']:.1f} | {g['sorted_fraction_of_h2d']:.0%} | "
+                     f"{g['cpu_gather_then_copy_gb_s']:.1f} |")
     lines += ["", "## Decode step (median of 10, ms)", "",
-              "`infinigen`: alpha 4, partial ratio 0.2, budget 20% of the context, 2 dense layers; "
-              "prefetch GB/s = host-to-device bytes per step / step time.", "",
-              "| batch | context | paged | offload | infinigen | infinigen vs offload | offload GB/s | "
-              "infinigen GB/s | infinigen GB/s of h2d |",
+              "`infinigen`: alpha 4, partial ratio 0.2, budget 20% of the context, 2 dense layers, each KV "
+              "head its own top-k (`select=head`, InfiniGen) or whole tokens (`select=token`). Prefetch GB/s = "
+              "host-to-device bytes per step / step time (a floor on the copy's own speed: compute is included).",
+              "",
+              "| batch | context | paged | offload | infinigen | infinigen-token | vs offload (head / token) | "
+              "prefetch GB/s offload / head / token | token, of pinned h2d |",
               "|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     by = {(d["strategy"], d["batch"], d["context"]): d for d in r["decode"]}
     pairs = sorted({(d["batch"], d["context"]) for d in r["decode"]})
+
+    def f(d, key, fmt="{:.2f}"):
+        return fmt.format(d[key]) if d and key in d else "-"
+
     for b, t in pairs:
-        p, o, i = by.get(("paged", b, t)), by.get(("offload", b, t)), by.get(("infinigen", b, t))
-
-        def f(d, key, fmt="{:.2f}"):
-            return fmt.format(d[key]) if d and key in d else "-"
-
-        lines.append(f"| {b} | {t} | {f(p, 'step_ms')} | {f(o, 'step_ms')} | {f(i, 'step_ms')} | "
-                     f"{f(i, 'speedup_vs_offload', '{:.2f}x')} | {f(o, 'prefetch_gb_s', '{:.1f}')} | "
-                     f"{f(i, 'prefetch_gb_s', '{:.1f}')} | {f(i, 'prefetch_fraction_of_h2d', '{:.0%}')} |")
+        p, o = by.get(("paged", b, t)), by.get(("offload", b, t))
+        i, k = by.get(("infinigen", b, t)), by.get(("infinigen-token", b, t))
+        lines.append(f"| {b} | {t} | {f(p, 'step_ms')} | {f(o, 'step_ms')} | {f(i, 'step_ms')} | {f(k, 'step_ms')} | "
+                     f"{f(i, 'speedup_vs_offload', '{:.2f}x')} / {f(k, 'speedup_vs_offload', '{:.2f}x')} | "
+                     f"{f(o, 'prefetch_gb_s', '{:.1f}')} / {f(i, 'prefetch_gb_s', '{:.1f}')} / "
+                     f"{f(k, 'prefetch_gb_s', '{:.1f}')} | {f(k, 'prefetch_fraction_of_h2d', '{:.0%}')} |")
     return "\n".join(lines) + "\n"
 
 

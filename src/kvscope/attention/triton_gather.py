@@ -33,43 +33,50 @@ if triton is not None:
         src_ptr, dst_ptr, src_rows_ptr, dst_rows_ptr, valid_ptr,
         num_rows, width,
         src_plane, dst_plane,
-        GATHER: tl.constexpr, HAS_VALID: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_W: tl.constexpr,
+        SRC_IDX: tl.constexpr, DST_IDX: tl.constexpr, HAS_VALID: tl.constexpr,
+        BLOCK_R: tl.constexpr, BLOCK_W: tl.constexpr,
     ):
-        # One program moves BLOCK_R rows of both planes; the row loop over W keeps any width legal.
+        # Row m goes from src row src_rows[m] (or m) to dst row dst_rows[m] (or m). One program moves
+        # BLOCK_R rows of both planes; the loop over W keeps any width legal.
         pid = tl.program_id(0)
         rows = pid * BLOCK_R + tl.arange(0, BLOCK_R)
         row_ok = rows < num_rows
         if HAS_VALID:
             # Rows the caller marked invalid are never read: no PCIe traffic for them.
             row_ok = row_ok & (tl.load(valid_ptr + rows, mask=row_ok, other=0) != 0)
-        if GATHER:
+        s_rows = rows.to(tl.int64)
+        d_rows = rows.to(tl.int64)
+        if SRC_IDX:
             s_rows = tl.load(src_rows_ptr + rows, mask=row_ok, other=0)
-            d_rows = rows.to(tl.int64)
-        else:
-            s_rows = rows.to(tl.int64)
+        if DST_IDX:
             d_rows = tl.load(dst_rows_ptr + rows, mask=row_ok, other=0)
         for w0 in range(0, width, BLOCK_W):
             cols = w0 + tl.arange(0, BLOCK_W)
             m = row_ok[:, None] & (cols < width)[None, :]
             s_off = s_rows[:, None] * width + cols[None, :]
             d_off = d_rows[:, None] * width + cols[None, :]
-            for plane in range(2):
-                x = tl.load(src_ptr + plane * src_plane + s_off, mask=m)
-                tl.store(dst_ptr + plane * dst_plane + d_off, x, mask=m)
+            # Both planes' loads are issued before either store: twice the reads in flight.
+            k = tl.load(src_ptr + s_off, mask=m)
+            v = tl.load(src_ptr + src_plane + s_off, mask=m)
+            tl.store(dst_ptr + d_off, k, mask=m)
+            tl.store(dst_ptr + dst_plane + d_off, v, mask=m)
 
 
-def _launch(src: torch.Tensor, dst: torch.Tensor, rows: torch.Tensor, gather: bool, num_rows: int,
-            valid: torch.Tensor | None = None) -> None:
+def _launch(src: torch.Tensor, dst: torch.Tensor, num_rows: int, src_idx: torch.Tensor | None,
+            dst_idx: torch.Tensor | None, valid: torch.Tensor | None) -> None:
     width = src.shape[2]
     block_w = min(triton.next_power_of_2(width), 256)
     # 8 KiB of payload per program and plane at D=128 bf16: enough loads in flight per SM to hide
     # PCIe latency, few enough programs to launch cheaply.
     block_r = max(1, min(32, 4096 // block_w))
-    grid = (triton.cdiv(num_rows, block_r),)
-    _rows_kernel[grid](
-        src, dst, rows, rows,  # GATHER picks which side the row numbers index
-        valid if valid is not None else rows, num_rows, width, src.stride(0), dst.stride(0),
-        GATHER=gather, HAS_VALID=valid is not None, BLOCK_R=block_r, BLOCK_W=block_w,
+    any_idx = src_idx if src_idx is not None else dst_idx
+    _rows_kernel[(triton.cdiv(num_rows, block_r),)](
+        src, dst,
+        src_idx if src_idx is not None else any_idx, dst_idx if dst_idx is not None else any_idx,
+        valid if valid is not None else any_idx,
+        num_rows, width, src.stride(0), dst.stride(0),
+        SRC_IDX=src_idx is not None, DST_IDX=dst_idx is not None, HAS_VALID=valid is not None,
+        BLOCK_R=block_r, BLOCK_W=block_w,
     )
 
 
@@ -82,7 +89,7 @@ def _check(src: torch.Tensor, idx: torch.Tensor) -> None:
 
 def gather_rows(
     src: torch.Tensor, idx: torch.Tensor, out: torch.Tensor | None = None, use_triton: bool | None = None,
-    valid: torch.Tensor | None = None,
+    valid: torch.Tensor | None = None, sort: bool = False,
 ) -> torch.Tensor:
     """``out[p, m] = src[p, idx[m]]`` (only where ``valid[m]``, when given).
 
@@ -93,6 +100,8 @@ def gather_rows(
         use_triton: force (True) or forbid (False) the kernel; default: kernel when ``idx`` is on CUDA.
         valid: optional ``[M]`` bool; the kernel skips invalid rows (their output is left as is), so
             a caller can size a gather without knowing on the host how many rows it needs.
+        sort: read the rows in address order (each still lands at its own output row). Scattered
+            small rows from host memory go faster when neighbouring reads hit the same pages.
     Returns:
         ``[2, M, W]`` (a view of ``out`` when given).
     """
@@ -106,8 +115,13 @@ def gather_rows(
     if not use_triton:
         out.copy_(src.index_select(1, idx.to(src.device)))
         return out
-    if m:
-        _launch(src, out, idx, gather=True, num_rows=m, valid=valid)
+    if not m:
+        return out
+    if sort:
+        idx, order = idx.sort()
+        _launch(src, out, m, idx, order, valid[order] if valid is not None else None)
+    else:
+        _launch(src, out, m, idx, None, valid)
     return out
 
 
@@ -120,4 +134,4 @@ def scatter_rows(dst: torch.Tensor, idx: torch.Tensor, rows: torch.Tensor, use_t
         dst.index_copy_(1, idx.to(dst.device), rows.to(dst.device))
         return
     if idx.numel():
-        _launch(rows.contiguous(), dst, idx, gather=False, num_rows=idx.numel())
+        _launch(rows.contiguous(), dst, idx.numel(), None, idx, None)

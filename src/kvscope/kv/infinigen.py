@@ -58,7 +58,9 @@ class InfiniGenAttention(OffloadAttention):
         heads = torch.arange(hkv, device=device)
         full_prev = torch.cat([prev[i] for i in self.full]) if self.full else new_slots[:0]
         self.num_full = full_prev.numel()
-        self.full_rows = (full_prev[:, None] * hkv + heads).flatten()  # per-head rows, token-major
+        self.per_head = strategy.select == "head"
+        # Rows of the speculative layers' fetch: one token of one KV head, or a whole token.
+        self.full_rows = (full_prev[:, None] * hkv + heads).flatten() if self.per_head else full_prev
         lens = [prev[i].numel() for i in self.spec]
         width = max(lens)
         padded = torch.zeros(len(lens), width, dtype=torch.long, device=device)
@@ -100,7 +102,7 @@ class InfiniGenAttention(OffloadAttention):
             self.start_fetch(nxt)
             return
         rows, valid = self.speculate(nxt, x[self.spec_q])
-        host = self.g.pool.layer_rows(nxt, per_head=True)
+        host = self.g.pool.layer_rows(nxt, per_head=self.per_head)
         valid = torch.cat((valid.new_ones(self.full_rows.numel()), valid))
         self.fetches[nxt] = self.g.transfer.fetch(host, torch.cat((self.full_rows, rows)), slot=nxt, valid=valid)
 
@@ -117,6 +119,8 @@ class InfiniGenAttention(OffloadAttention):
         logits = torch.einsum("bhgc,bthc->bhgt", qp, pk) * self.s.scale
         logits = logits.masked_fill(~self.spec_valid[:, None, None, :], float("-inf"))
         rel = (logits - logits.amax(-1, keepdim=True)).amax(2)  # [B, Hkv, T], 0 at each head's max
+        if not self.per_head:
+            rel = rel.amax(1, keepdim=True)  # [B, 1, T]: a token's best score over all heads
         counts = (rel > -g.alpha).sum(-1)
         # k = the mean count over the batch's heads (InfiniGen), computed on the device: reading it
         # on the host would stall the CPU once per layer. The host sizes the gather by the cap,
@@ -125,11 +129,13 @@ class InfiniGenAttention(OffloadAttention):
         k = counts.float().mean().floor().clamp(1, k_max)
         score, pos = rel.topk(k_max, dim=-1)  # [B, Hkv, k_max]
         valid = (score > float("-inf")) & (torch.arange(k_max, device=x.device) < k)
-        slots = torch.gather(self.spec_slots[:, None, :].expand(-1, hkv, -1), 2, pos)
+        slots = torch.gather(self.spec_slots[:, None, :].expand(-1, rel.shape[1], -1), 2, pos)
         g.pool.counters.index_add_(0, slots.flatten(), valid.flatten().to(torch.int32))
         g.selected_tokens[layer] += valid.sum((0, 2))
         g.candidate_tokens[layer] += self.num_candidates
         self.selected[layer] = valid
+        if not self.per_head:
+            return slots.flatten(), valid.flatten()
         heads = torch.arange(hkv, device=x.device)[None, :, None]
         return (slots * hkv + heads).flatten(), valid.flatten()
 
@@ -141,19 +147,22 @@ class InfiniGenAttention(OffloadAttention):
             )
         if not self.speculative(layer):
             return super().attend(layer, q, k, v)
-        fetched = g.transfer.wait(self.fetches.pop(layer))  # [2, Mf * Hkv + B * Hkv * k, D]
+        # Full rows' tokens then the selected ones, each token's heads together or apart.
+        fetched = g.transfer.wait(self.fetches.pop(layer)).reshape(2, -1)
         self.store(layer, k, v)
         hkv, d = k.shape[1], k.shape[2]
         m = self.num_full
         staged = torch.empty(1, 2, m + k.shape[0], hkv, d, dtype=k.dtype, device=k.device)
-        staged[0, :, :m] = fetched[:, : m * hkv].view(2, m, hkv, d)
+        staged[0, :, :m] = fetched[:, : m * hkv * d].view(2, m, hkv, d)
         staged[0, 0, m:] = k
         staged[0, 1, m:] = v
         self.partial_dense.cache = _Staged(staged)
         out = self.partial_dense.attend_cached(0, q)
-        valid = self.selected.pop(layer)  # [B, Hkv, k]
+        valid = self.selected.pop(layer)  # [B, Hkv or 1, k]
         b, kk = valid.shape[0], valid.shape[2]
-        sel = fetched[:, m * hkv :].view(2, b, hkv, kk, d)
+        sel = fetched[:, m * hkv * d : (m + b * kk) * hkv * d]
+        sel = sel.view(2, b, hkv, kk, d) if self.per_head else sel.view(2, b, kk, hkv, d).transpose(2, 3)
+        valid = valid.expand(-1, hkv, -1)
         keys = torch.cat((sel[0], k[self.spec_q][:, :, None]), dim=2)  # [B, Hkv, k + 1, D]
         vals = torch.cat((sel[1], v[self.spec_q][:, :, None]), dim=2)
         mask = torch.cat((valid, valid.new_ones(b, hkv, 1)), dim=2)
@@ -170,8 +179,10 @@ class InfiniGenAttention(OffloadAttention):
 class InfiniGenStrategy(HostOffloadStrategy):
     """InfiniGen. Args: ``alpha`` (4), ``partial_weight_ratio`` (0.2), ``budget_ratio`` (0.2; None:
     uncapped), ``max_num_kv`` (None), ``dense_layers`` (2), ``calibration`` (prose source or
-    ``"random"``), ``pool_eviction`` (True), plus ``offload``'s ``host_kv_bytes``, ``block_size``,
-    ``overlap``."""
+    ``"random"``), ``pool_eviction`` (True), ``select`` (``"head"``: each KV head its own top-k,
+    as InfiniGen; ``"token"``: top-k tokens by their best head, fetched whole, so rows are
+    ``Hkv`` times larger and the gather runs nearer PCIe speed), plus ``offload``'s
+    ``host_kv_bytes``, ``block_size``, ``overlap``."""
 
     name = "infinigen"
     lossless = False
@@ -185,9 +196,12 @@ class InfiniGenStrategy(HostOffloadStrategy):
         dense_layers: int = 2,
         calibration: str = "britannica",
         pool_eviction: bool = True,
+        select: str = "head",
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
+        if select not in ("head", "token"):
+            raise ConfigError(f"infinigen: select must be 'head' or 'token', got {select!r}")
         if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not alpha > 0:
             raise ConfigError(f"infinigen: alpha must be > 0, got {alpha!r}")
         for key, val in (("partial_weight_ratio", partial_weight_ratio), ("budget_ratio", budget_ratio)):
@@ -207,6 +221,7 @@ class InfiniGenStrategy(HostOffloadStrategy):
         self.dense_layers = dense_layers
         self.calibration = calibration
         self.evicts_on_full = bool(pool_eviction)
+        self.select = select
 
     def _partial_dim(self, head_dim: int) -> int:
         return max(1, int(self.partial_weight_ratio * head_dim))

@@ -79,12 +79,12 @@ class TransferEngine:
             self._valid_rows_bytes += valid.sum() * row_bytes
         if not self.overlap:
             t0 = self._start_timer()
-            gather_rows(src, idx, out=out, valid=valid)
+            gather_rows(src, idx, out=out, valid=valid, sort=self.cuda)
             self._stop_timer(t0)
             return Fetch(out, None)
         self.stream.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(self.stream):
-            gather_rows(src, idx, out=out, valid=valid)
+            gather_rows(src, idx, out=out, valid=valid, sort=self.cuda)
             done = torch.cuda.Event(enable_timing=True)
             done.record(self.stream)
         idx.record_stream(self.stream)
