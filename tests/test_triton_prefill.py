@@ -305,7 +305,9 @@ def test_rejects_bad_inputs():
     from kvscope.attention.triton_kv_write import write_kv
     from kvscope.attention.triton_prefill import paged_prefill_attention as attend
 
-    q, k, v, tables, cu, lens = make_prefill_case(4, 2, 16, 4, [3, 2], [5, 2], dtype=torch.float32, device="cpu", seed=1)
+    q, k, v, tables, cu, lens = make_prefill_case(
+        4, 2, 16, 4, [3, 2], [5, 2], dtype=torch.float32, device="cpu", seed=1
+    )
     with pytest.raises(ValueError, match="int32"):
         attend(q, k, v, tables, cu.long(), lens, 0.25, 4)
     with pytest.raises(ValueError, match="dtype"):
@@ -335,7 +337,9 @@ def test_gpu_prefill(dtype, group):
 
     bs, d, hkv = 16, 128, 8
     chunks, ctxs = [300, 1, 1024, 57, 512], [300, 700, 3000, 57, 2048]
-    q, k, v, tables, cu, lens = make_prefill_case(hkv * group, hkv, d, bs, chunks, ctxs, dtype=dtype, device="cuda", seed=3)
+    q, k, v, tables, cu, lens = make_prefill_case(
+        hkv * group, hkv, d, bs, chunks, ctxs, dtype=dtype, device="cuda", seed=3
+    )
     ref = prefill_reference(q, k, v, tables, cu, lens, d**-0.5)
     out = paged_prefill_attention(q, k, v, tables, cu, lens, d**-0.5, bs)
     torch.cuda.synchronize()

@@ -65,7 +65,9 @@ def write_kv(
             f"k_cache {tuple(k_cache.shape)}, v_cache {tuple(v_cache.shape)}"
         )
     if slot_mapping.shape != (n,) or slot_mapping.dtype not in (torch.int32, torch.int64):
-        raise ValueError(f"slot_mapping must be [{n}] int32/int64, got {tuple(slot_mapping.shape)} {slot_mapping.dtype}")
+        raise ValueError(
+            f"slot_mapping must be [{n}] int32/int64, got {tuple(slot_mapping.shape)} {slot_mapping.dtype}"
+        )
     if k_cache.stride(-1) != 1 or v_cache.stride(-1) != 1:
         raise ValueError("KV cache: the head dimension must be contiguous")
     if n == 0:

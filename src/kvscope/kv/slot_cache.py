@@ -144,11 +144,12 @@ def block_table_attention(
     return SlotAttention(cache, torch.cat(new_slots), tables, query_start, scale)
 
 
-def _rows_index(rows: list[int], device: torch.device) -> slice | torch.Tensor:
-    """Index of the query rows ``rows``: a slice (a view, no copy) when they are one ascending run."""
-    if rows == list(range(rows[0], rows[0] + len(rows))):
-        return slice(rows[0], rows[0] + len(rows))
-    return torch.tensor(rows, dtype=torch.long, device=device)
+def _rows_index(ranges: list[tuple[int, int]], device: torch.device) -> slice | torch.Tensor:
+    """Index of the query rows of ``ranges`` (``[start, end)`` each, ascending): a slice (a view, no
+    copy) when they form one run, else the row ids ``[rows]``."""
+    if all(a[1] == b[0] for a, b in zip(ranges, ranges[1:])):
+        return slice(ranges[0][0], ranges[-1][1])
+    return torch.cat([torch.arange(s, e) for s, e in ranges]).to(device)
 
 
 class TritonSlotAttention:
@@ -195,15 +196,14 @@ class TritonSlotAttention:
 
         decode = [i for i in range(batch) if q_lens[i] == 1]
         prefill = [i for i in range(batch) if q_lens[i] > 1]
-        self.decode_q = _rows_index([query_start[i] for i in decode], device) if decode else None
+        self.decode_q = _rows_index([(query_start[i], query_start[i] + 1) for i in decode], device) if decode else None
         if decode:
             whole = len(decode) == batch
             self.decode_tables = tables if whole else tables[decode]
             self.decode_lens = lens if whole else lens[decode]
         self.prefill_q = None
         if prefill:
-            q_rows = [r for i in prefill for r in range(query_start[i], query_start[i + 1])]
-            self.prefill_q = _rows_index(q_rows, device)
+            self.prefill_q = _rows_index([(query_start[i], query_start[i + 1]) for i in prefill], device)
             whole = len(prefill) == batch
             self.prefill_tables = tables if whole else tables[prefill]
             self.prefill_lens = lens if whole else lens[prefill]
