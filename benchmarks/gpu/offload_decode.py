@@ -232,7 +232,7 @@ def markdown(r: dict) -> str:
     env = r["env"]
     lines = [
         "# Offloaded KV: device-side gather and decode step (Llama-3-8B shapes, bf16)", "",
-        f"{env_line(env)}; commit {env.get('commit')}; {env['date']}.", "",
+        env_line(env), "",
         f"Pinned host-to-device bulk copy, measured in the same run: **{r['h2d']['gb_per_s']:.1f} GB/s**.", "",
         "## Gather of scattered rows from pinned memory (4 GiB pinned pool)", "",
         "Rows in selection order, or sorted by address first (what the engine does); CPU gather + copy "
@@ -266,6 +266,20 @@ def markdown(r: dict) -> str:
                      f"{f(i, 'speedup_vs_offload', '{:.2f}x')} / {f(k, 'speedup_vs_offload', '{:.2f}x')} | "
                      f"{f(o, 'prefetch_gb_s', '{:.1f}')} / {f(i, 'prefetch_gb_s', '{:.1f}')} / "
                      f"{f(k, 'prefetch_gb_s', '{:.1f}')} | {f(k, 'prefetch_fraction_of_h2d', '{:.0%}')} |")
+    lines += ["", "## Against the targets", ""]
+    g = {x["pattern"]: x for x in r["gather"]}
+    if "per_head_20pct_of_layer" in g:
+        frac = g["per_head_20pct_of_layer"]["sorted_fraction_of_h2d"]
+        lines.append(f"- Prefetch >= 70% of the pinned host-to-device bandwidth: the gather of InfiniGen's rows "
+                     f"(256 B, 20% of a layer, sorted) runs at {frac:.0%}: {'met' if frac >= 0.7 else 'missed'}. "
+                     "Inside a decode step the effective rate is lower (table above): the step also waits on "
+                     "compute, speculation and per-layer launch overhead, most visibly at small batch.")
+    for b, t in pairs:
+        i = by.get(("infinigen", b, t))
+        if t == 16384 and i and "speedup_vs_offload" in i:
+            x = i["speedup_vs_offload"]
+            lines.append(f"- `infinigen` >= 3x faster than `offload` at 16k, batch {b}: {x:.2f}x "
+                         f"({'met' if x >= 3 else 'missed'}).")
     return "\n".join(lines) + "\n"
 
 
