@@ -180,8 +180,8 @@ class InfiniGenStrategy(HostOffloadStrategy):
     """InfiniGen. Args: ``alpha`` (4), ``partial_weight_ratio`` (0.2), ``budget_ratio`` (0.2; None:
     uncapped), ``max_num_kv`` (None), ``dense_layers`` (2), ``calibration`` (prose source or
     ``"random"``), ``pool_eviction`` (True), ``select`` (``"head"``: each KV head its own top-k,
-    as InfiniGen; ``"token"``: top-k tokens by their best head, fetched whole, so rows are
-    ``Hkv`` times larger and the gather runs nearer PCIe speed), plus ``offload``'s
+    as InfiniGen; ``"token"``: top-k tokens by their best head, fetched whole: ``Hkv`` times larger
+    rows, measured no faster once the gather sorts its rows, and worse on RULER), plus ``offload``'s
     ``host_kv_bytes``, ``block_size``, ``overlap``."""
 
     name = "infinigen"

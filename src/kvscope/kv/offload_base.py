@@ -1,8 +1,8 @@
 """What ``offload`` and ``infinigen`` share: KV in a host pool, fetched per layer through the
 transfer engine.
 
-Memory: every token's K/V lives in the :class:`HostKVPool` (capacity ``host_kv_bytes``, default the
-engine's ``swap_space_bytes``). The device holds no KV between steps, only the two prefetch
+Memory: every token's K/V lives in the :class:`HostKVPool` (capacity ``host_kv_bytes``; by default
+as many tokens as the device budget can serve, capped by the engine's ``swap_space_bytes``). The device holds no KV between steps, only the two prefetch
 buffers of the :class:`TransferEngine` (sized from the engine's ``kv_memory_bytes``, the device KV
 budget) plus whatever a subclass keeps resident (InfiniGen's partial keys). A layer's dense fetch
 brings every held token of the scheduled requests, so admission also checks that the tokens held
