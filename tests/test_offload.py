@@ -169,6 +169,7 @@ def test_skewing_preserves_scores():
         ("infinigen:max_num_kv=0", "max_num_kv must be an integer >= 1"),
         ("infinigen:dense_layers=0", "dense_layers must be an integer >= 1"),
         ("infinigen:select=layer", "select must be 'head' or 'token'"),
+        ("infinigen:calibration_len=4", "calibration_len must be an integer >= 16"),
         ("offload:host_kv_bytes=-5", "host_kv_bytes must be a positive integer"),
     ],
 )

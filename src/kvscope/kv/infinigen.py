@@ -179,7 +179,7 @@ class InfiniGenAttention(OffloadAttention):
 class InfiniGenStrategy(HostOffloadStrategy):
     """InfiniGen. Args: ``alpha`` (4), ``partial_weight_ratio`` (0.2), ``budget_ratio`` (0.2; None:
     uncapped), ``max_num_kv`` (None), ``dense_layers`` (2), ``calibration`` (prose source or
-    ``"random"``), ``pool_eviction`` (True), ``select`` (``"head"``: each KV head its own top-k,
+    ``"random"``), ``calibration_len`` (2048 tokens, as InfiniGen), ``pool_eviction`` (True), ``select`` (``"head"``: each KV head its own top-k,
     as InfiniGen; ``"token"``: top-k tokens by their best head, fetched whole: ``Hkv`` times larger
     rows, measured no faster once the gather sorts its rows, and worse on RULER), plus ``offload``'s
     ``host_kv_bytes``, ``block_size``, ``overlap``."""
@@ -195,6 +195,7 @@ class InfiniGenStrategy(HostOffloadStrategy):
         max_num_kv: int | None = None,
         dense_layers: int = 2,
         calibration: str = "britannica",
+        calibration_len: int = CALIBRATION_TOKENS,
         pool_eviction: bool = True,
         select: str = "head",
         **kwargs: Any,
@@ -211,6 +212,8 @@ class InfiniGenStrategy(HostOffloadStrategy):
             raise ConfigError("infinigen: partial_weight_ratio must be in (0, 1], got None")
         if max_num_kv is not None and (not isinstance(max_num_kv, int) or max_num_kv < 1):
             raise ConfigError(f"infinigen: max_num_kv must be an integer >= 1, got {max_num_kv!r}")
+        if not isinstance(calibration_len, int) or calibration_len < 16:
+            raise ConfigError(f"infinigen: calibration_len must be an integer >= 16, got {calibration_len!r}")
         if not isinstance(dense_layers, int) or dense_layers < 1:
             # Layer 0 has no previous layer to speculate from.
             raise ConfigError(f"infinigen: dense_layers must be an integer >= 1, got {dense_layers!r}")
@@ -220,6 +223,7 @@ class InfiniGenStrategy(HostOffloadStrategy):
         self.max_num_kv = max_num_kv
         self.dense_layers = dense_layers
         self.calibration = calibration
+        self.calibration_len = calibration_len
         self.evicts_on_full = bool(pool_eviction)
         self.select = select
 
@@ -244,7 +248,7 @@ class InfiniGenStrategy(HostOffloadStrategy):
 
     def attach_model(self, loaded) -> None:
         self.model = loaded.model
-        length = min(CALIBRATION_TOKENS, loaded.config.max_position_embeddings)
+        length = min(self.calibration_len, loaded.config.max_position_embeddings)
         tokens = calibration_tokens(loaded.tokenizer, loaded.config.vocab_size, self.calibration, length)
         skew, self.skew_path = load_or_compute_skew(loaded.model, tokens, self.setup.device)
         self.skew_cols, sub = skew.partial(self.partial_weight_ratio)
