@@ -19,6 +19,8 @@ _STRATEGIES = [
     "random:budget_ratio=0.2",
 ]
 
+# Sized to finish in about 4 minutes on 2 CPU cores, report included (benchmarks/study_quick.py
+# times it): 12 points per strategy at about 2 s each, so every strategy added costs about 25 s.
 QUICK: dict[str, Any] = {
     "name": "quick",
     "models": ["smollm2-135m"],
