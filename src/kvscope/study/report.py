@@ -199,6 +199,7 @@ def _top_rate(rows: list[dict[str, Any]]) -> float | str:
 
 
 def _by(rows: list[dict[str, Any]], key: Callable[[dict[str, Any]], Any]) -> dict[Any, list[dict[str, Any]]]:
+    """Rows grouped by ``key``, the groups in a stable order (so plots come out the same every run)."""
     out: dict[Any, list[dict[str, Any]]] = defaultdict(list)
     for r in rows:
         out[key(r)].append(r)
@@ -211,6 +212,7 @@ def _mean_of(rows: list[dict[str, Any]], get: Callable[[dict[str, Any]], float |
 
 
 def _grid(plt: Any, n: int, cols: int = 3, width: float = 5.0, height: float = 3.6) -> tuple[Any, list[Any]]:
+    """A figure with ``n`` panels, at most ``cols`` per row; returns it and its ``n`` axes."""
     cols = min(n, cols)
     rows = math.ceil(n / cols)
     fig, axes = plt.subplots(rows, cols, figsize=(width * cols + 3, height * rows), squeeze=False,
