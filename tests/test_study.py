@@ -304,3 +304,10 @@ def test_report_names_plots_without_data(tmp_path):
         assert empty_panels(fig) == ["nothing here"]
     finally:
         plt.close(fig)
+
+
+def test_quick_preset_covers_every_registered_strategy():
+    from kvscope.kv.registry import available
+    from kvscope.study.presets import QUICK
+
+    assert {s.split(":")[0] for s in QUICK["strategies"]} == set(available())

@@ -244,7 +244,7 @@ def _alloc(*shape: int, dtype: torch.dtype, device: torch.device) -> torch.Tenso
     return torch.empty(*shape, dtype=dtype, device=device)
 
 
-def _as_blocks(cache: torch.Tensor, block_size: int) -> torch.Tensor:
+def as_blocks(cache: torch.Tensor, block_size: int) -> torch.Tensor:
     """``[num_slots, Hkv, D]`` (the engine's flat slot layout) or ``[num_blocks, block_size, Hkv, D]``
     -> ``[num_blocks, block_size, Hkv, D]``."""
     if cache.dim() == 3:
@@ -295,8 +295,8 @@ def paged_decode_attention(
         ``[B, Hkv, max_blocks * block_size]`` float32, the sum over each KV head's query heads of the
         softmax probability of every token, 0 past ``context_lens[b]``.
     """
-    k_cache = _as_blocks(k_cache, block_size)
-    v_cache = _as_blocks(v_cache, block_size)
+    k_cache = as_blocks(k_cache, block_size)
+    v_cache = as_blocks(v_cache, block_size)
     batch, num_heads, head_dim = q.shape
     num_kv_heads = k_cache.shape[2]
     if num_heads % num_kv_heads or k_cache.shape[3] != head_dim or v_cache.shape != k_cache.shape:

@@ -29,6 +29,8 @@ import torch
 import triton
 import triton.language as tl
 
+from kvscope.attention.triton_decode import as_blocks
+
 _LOG2E = 1.4426950408889634
 
 
@@ -142,17 +144,6 @@ def _prefill_kernel(
     )
 
 
-def _as_blocks(cache: torch.Tensor, block_size: int) -> torch.Tensor:
-    """``[num_slots, Hkv, D]`` or ``[num_blocks, block_size, Hkv, D]`` -> the latter."""
-    if cache.dim() == 3:
-        cache = cache.view(-1, block_size, *cache.shape[1:])
-    if cache.dim() != 4 or cache.shape[1] != block_size:
-        raise ValueError(f"KV cache of shape {tuple(cache.shape)} is not [num_blocks, {block_size}, Hkv, D]")
-    if cache.stride(-1) != 1:
-        raise ValueError("KV cache: the head dimension must be contiguous")
-    return cache
-
-
 def paged_prefill_attention(
     q: torch.Tensor,
     k_cache: torch.Tensor,
@@ -192,8 +183,8 @@ def paged_prefill_attention(
     Returns:
         ``out`` ``[Nq, Hq, D]`` in q's dtype.
     """
-    k_cache = _as_blocks(k_cache, block_size)
-    v_cache = _as_blocks(v_cache, block_size)
+    k_cache = as_blocks(k_cache, block_size)
+    v_cache = as_blocks(v_cache, block_size)
     _, num_heads, head_dim = q.shape
     num_kv_heads = k_cache.shape[2]
     if num_heads % num_kv_heads or k_cache.shape[3] != head_dim or v_cache.shape != k_cache.shape:
