@@ -65,7 +65,8 @@ class OffloadAttention:
     def start_fetch(self, layer: int) -> None:
         """Queue layer ``layer``'s fetch (dense: all earlier tokens of every request)."""
         rows = self.s.pool.layer_rows(layer, per_head=False)
-        self.fetches[layer] = self.s.transfer.fetch(rows, self.fetch_idx, slot=layer)
+        self.fetches[layer] = self.s.transfer.fetch(rows, self.fetch_idx, slot=layer,
+                                                    spare_rows=self.new_slots.numel())
 
     def layer_input(self, layer: int, x: torch.Tensor) -> None:
         if layer + 1 < self.s.num_layers:
@@ -83,13 +84,13 @@ class OffloadAttention:
         return self.attend_dense(q, fetched, k, v)
 
     def attend_dense(self, q: torch.Tensor, fetched: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        """Attention over fetched rows ``[2, M, Hkv * D]`` and the new ``k``/``v`` ``[N, Hkv, D]``."""
+        """Attention over the fetched rows and the new ``k``/``v`` ``[N, Hkv, D]``, written in place
+        after them (``fetched`` is ``[2, M + N, Hkv * D]``)."""
         m, hkv, d = self.num_fetched, k.shape[1], k.shape[2]
-        staged = torch.empty(1, 2, m + k.shape[0], hkv, d, dtype=k.dtype, device=k.device)
-        staged[0, :, :m] = fetched.view(2, m, hkv, d)
-        staged[0, 0, m:] = k
-        staged[0, 1, m:] = v
-        self.dense.cache = _Staged(staged)
+        staged = fetched.view(2, m + k.shape[0], hkv, d)
+        staged[0, m:] = k
+        staged[1, m:] = v
+        self.dense.cache = _Staged(staged[None])
         return self.dense.attend_cached(0, q)
 
 

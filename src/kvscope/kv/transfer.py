@@ -26,7 +26,7 @@ from kvscope.attention.triton_gather import gather_rows, scatter_rows
 
 @dataclass
 class Fetch:
-    """A fetch in flight: ``rows`` ``[2, M, W]`` (a view of a prefetch buffer) and its event."""
+    """A fetch in flight: ``rows`` ``[2, M + spare, W]`` (a view of a prefetch buffer) and its event."""
 
     rows: torch.Tensor
     done: torch.cuda.Event | None
@@ -60,8 +60,12 @@ class TransferEngine:
         """Rows of ``width`` elements one prefetch buffer holds."""
         return self.buffer_elems // width
 
-    def fetch(self, src: torch.Tensor, idx: torch.Tensor, slot: int, valid: torch.Tensor | None = None) -> Fetch:
+    def fetch(self, src: torch.Tensor, idx: torch.Tensor, slot: int, valid: torch.Tensor | None = None,
+              spare_rows: int = 0) -> Fetch:
         """Start copying rows ``idx`` ``[M]`` of the host planes ``src`` ``[2, R, W]`` into buffer ``slot % 2``.
+
+        The returned rows are ``[2, M + spare_rows, W]``: the caller may write its own rows (the
+        step's new K/V) after the fetched ones and attend over the buffer in place, with no copy.
 
         ``valid`` (``[M]`` bool, optional) marks the rows actually needed; the others are not moved
         (nor counted), which lets the caller decide on the device how many rows it wants.
@@ -69,9 +73,10 @@ class TransferEngine:
         previous reader is done and earlier host writes have landed).
         """
         m, width = idx.numel(), src.shape[2]
-        if m * width > self.buffer_elems:
-            raise RuntimeError(f"fetch of {m} rows x {width} exceeds the prefetch buffer ({self.buffer_elems} elements)")
-        out = self.buffers[slot % 2][: 2 * m * width].view(2, m, width)
+        rows = m + spare_rows
+        if rows * width > self.buffer_elems:
+            raise RuntimeError(f"fetch of {rows} rows x {width} exceeds the prefetch buffer ({self.buffer_elems} elements)")
+        out = self.buffers[slot % 2][: 2 * rows * width].view(2, rows, width)
         row_bytes = 2 * width * self.elem_size
         if valid is None:
             self.bytes_h2d += m * row_bytes
@@ -79,12 +84,12 @@ class TransferEngine:
             self._valid_rows_bytes += valid.sum() * row_bytes
         if not self.overlap:
             t0 = self._start_timer()
-            gather_rows(src, idx, out=out, valid=valid, sort=self.cuda)
+            gather_rows(src, idx, out=out[:, :m], valid=valid, sort=self.cuda)
             self._stop_timer(t0)
             return Fetch(out, None)
         self.stream.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(self.stream):
-            gather_rows(src, idx, out=out, valid=valid, sort=self.cuda)
+            gather_rows(src, idx, out=out[:, :m], valid=valid, sort=self.cuda)
             done = torch.cuda.Event(enable_timing=True)
             done.record(self.stream)
         idx.record_stream(self.stream)
