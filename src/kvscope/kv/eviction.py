@@ -27,6 +27,7 @@ from kvscope.kv.base import KVSetup, KVStrategy, StepBatch
 from kvscope.kv.block_pool import BlockPool, pool_stats
 from kvscope.kv.eviction_attention import EvictionAttention
 from kvscope.kv.slot_cache import SlotKVCache, table_slots
+from kvscope.models.config import ModelConfig
 
 
 def _ratio(name: str, value: float | None) -> None:
@@ -135,22 +136,33 @@ class EvictionStrategy(KVStrategy):
 
     # ---- lifecycle ----------------------------------------------------------------------------------
     def bind(self, setup: KVSetup) -> None:
-        self.setup = setup
         m = setup.model
-        self.bytes_per_token = m.kv_bytes_per_token(setup.dtype)
-        # Per token and KV head: K and V, plus a float32 score and an int64 position per layer.
-        slot_bytes = self.bytes_per_token + m.num_layers * m.num_kv_heads * (4 + 8)
+        slot_bytes = m.kv_bytes_per_token(setup.dtype) + self.extra_slot_bytes(m)
         num_blocks = setup.kv_memory_bytes // (slot_bytes * self.block_size)
         if num_blocks < 1:
             raise ConfigError(
                 f"{self.name}: kv_memory_bytes={setup.kv_memory_bytes} is smaller than one block "
                 f"({slot_bytes * self.block_size} bytes)"
             )
-        self.pool = BlockPool(num_blocks, enable_caching=False)
-        num_slots = num_blocks * self.block_size
-        self.cache = SlotKVCache(m, num_slots, setup.device, setup.dtype)
-        self.scores = torch.zeros(m.num_layers, num_slots, m.num_kv_heads, dtype=torch.float32, device=setup.device)
-        self.positions = torch.zeros(m.num_layers, num_slots, m.num_kv_heads, dtype=torch.long, device=setup.device)
+        cache = SlotKVCache(m, num_blocks * self.block_size, setup.device, setup.dtype)
+        self.bind_shared(setup, BlockPool(num_blocks, enable_caching=False), cache)
+
+    #: Device bytes per slot besides K/V: a float32 score and an int64 position per layer and KV head.
+    @staticmethod
+    def extra_slot_bytes(m: ModelConfig) -> int:
+        return m.num_layers * m.num_kv_heads * (4 + 8)
+
+    def bind_shared(self, setup: KVSetup, pool: BlockPool, cache: SlotKVCache) -> None:
+        """Use a block pool and KV tensor that another strategy may draw from too (``adaptive``);
+        the per-slot scores and positions are allocated here, for every slot of ``cache``."""
+        self.setup = setup
+        m = setup.model
+        self.bytes_per_token = m.kv_bytes_per_token(setup.dtype)
+        self.pool = pool
+        self.cache = cache
+        shape = (m.num_layers, cache.num_slots, m.num_kv_heads)
+        self.scores = torch.zeros(shape, dtype=torch.float32, device=setup.device)
+        self.positions = torch.zeros(shape, dtype=torch.long, device=setup.device)
         self.scale = m.head_dim**-0.5
 
     # ---- scheduler side --------------------------------------------------------------------------------
@@ -182,6 +194,28 @@ class EvictionStrategy(KVStrategy):
             self.pool.free(list(reversed(table)))
         self.resident.pop(request.request_id, None)
         self.budgets.pop(request.request_id, None)
+
+    def adopt(self, request: Request, blocks: list[int], held: int) -> None:
+        """Take over a request whose first ``held`` tokens fill ``blocks`` in order (a ``paged``
+        request, for ``adaptive``) and evict it down to its budget at once, freeing blocks.
+
+        Its attention history is unknown, so scores start at zero: this first eviction keeps the
+        oldest tokens beside the recent window (StreamingLLM's choice); the policy's own statistics
+        decide from the next step on.
+        """
+        rid = request.request_id
+        self.tables[rid] = blocks
+        self.resident[rid] = held
+        self.budgets[rid] = self.resolve_budget(request.num_prompt_tokens)
+        slots = self._slots(blocks, held)
+        self.scores[:, slots] = 0.0
+        self.positions[:, slots] = torch.arange(held, device=slots.device)[None, :, None]
+        self._evict(request)
+
+    def lift_budget(self, request: Request) -> None:
+        """Stop evicting ``request``: from now on it keeps every new token."""
+        rid = request.request_id
+        self.budgets[rid] = Budget(total=1 << 62, recent=self.budgets[rid].recent)
 
     def _slots(self, table: list[int], n: int) -> torch.Tensor:
         return table_slots(table, n, self.block_size, self.cache.kv.device)

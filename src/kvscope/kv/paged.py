@@ -59,8 +59,15 @@ class PagedStrategy(KVStrategy):
                 f"paged: kv_memory_bytes={setup.kv_memory_bytes} is smaller than one block "
                 f"({block_bytes} bytes = {self.block_size} tokens x {self.bytes_per_token} B/token)"
             )
-        self.pool = BlockPool(num_blocks, enable_caching=self.enable_prefix_caching)
-        self.cache = SlotKVCache(setup.model, num_blocks * self.block_size, setup.device, setup.dtype)
+        pool = BlockPool(num_blocks, enable_caching=self.enable_prefix_caching)
+        self.bind_shared(setup, pool, SlotKVCache(setup.model, num_blocks * self.block_size, setup.device, setup.dtype))
+
+    def bind_shared(self, setup: KVSetup, pool: BlockPool, cache: SlotKVCache) -> None:
+        """Use a block pool and KV tensor that another strategy may draw from too (``adaptive``)."""
+        self.setup = setup
+        self.bytes_per_token = setup.model.kv_bytes_per_token(setup.dtype)
+        self.pool = pool
+        self.cache = cache
         self.scale = setup.model.head_dim**-0.5
 
     # ---- scheduler side ------------------------------------------------------------------------
@@ -143,6 +150,15 @@ class PagedStrategy(KVStrategy):
         data = self._host.pop(rid, None)
         if data is not None:
             self.host_bytes -= data.numel() * data.element_size()
+
+    def release(self, request: Request) -> list[int]:
+        """Hand ``request``'s blocks, in order, to another strategy drawing from the same pool
+        (``adaptive``), without freeing them. Needs prefix caching off: no block may be shared."""
+        rid = request.request_id
+        self._hashes.pop(rid, None)
+        self._held_tokens.pop(rid, None)
+        self._registered.pop(rid, None)
+        return self.tables.pop(rid)
 
     def fork(self, parent: Request, child: Request) -> None:
         table = self.tables[parent.request_id]

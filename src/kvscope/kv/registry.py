@@ -20,7 +20,7 @@ def register(cls: type[KVStrategy]) -> type[KVStrategy]:
 def _load_builtin() -> None:
     # Importing the modules runs their @register decorators.
     from kvscope.kv import (  # noqa: F401
-        contiguous, h2o, infinigen, knorm, offload, paged, random_policy, snapkv, streaming, tova,
+        adaptive, contiguous, h2o, infinigen, knorm, offload, paged, random_policy, snapkv, streaming, tova,
     )
 
 

@@ -20,6 +20,8 @@ _STRATEGIES = [
     # 512 calibration tokens instead of InfiniGen's 2048: the skew is computed once per model and
     # cached, but on 2 CPU cores the full calibration alone would take a minute of the budget.
     "infinigen:budget_ratio=0.2,calibration_len=512",
+    # Full KV for the ShareGPT requests, H2O for the 512-token RULER prompts.
+    "adaptive:long_threshold=256",
 ]
 
 # Sized to finish in about 4 minutes on 2 CPU cores, report included (benchmarks/study_quick.py
@@ -63,6 +65,7 @@ PAPER: dict[str, Any] = {
         "random:budget_ratio=0.2",
         "offload",
         *[f"infinigen:budget_ratio={r}" for r in (0.1, 0.2, 0.3, 0.4, 0.5)],
+        "adaptive:long_threshold=2048",
     ],
     "workloads": [
         {"type": "sharegpt", "num_requests": 500},

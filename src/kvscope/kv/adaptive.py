@@ -1,0 +1,252 @@
+"""``adaptive``: each request's KV treatment chosen at admission, inside one engine.
+
+The study's guidance is "no universal optimal strategy: full cache for short requests, compression
+or offload for long ones". ``adaptive`` does that per request with two children:
+
+* ``full``: ``paged`` (prefix caching off: blocks may change owner, see below);
+* ``long``: an eviction policy (``h2o`` by default, at ``long_budget_ratio``) drawing from the
+  *same* block pool and KV tensor as ``full``, or ``offload`` / ``infinigen``, which get
+  ``long_share`` of the device budget and keep their KV in host memory.
+
+Decisions, each counted in ``stats()``:
+
+1. **Admission.** A request whose prompt plus requested output reaches ``long_threshold`` tokens
+   (or whose prompt cannot fit the full child at all) goes to ``long``; so does any request admitted
+   while the pool's use is at or above ``pressure``. Everything else gets full paged KV.
+2. **Pressure.** When a running full request cannot grow because the pool is exhausted, it is
+   compressed instead of preempted (eviction children only): its blocks move to the eviction child,
+   which evicts it down to its budget at once and frees the rest.
+3. **Relief.** When the pool's use falls below ``relief``, requests compressed under pressure stop
+   evicting and keep every new token again (the tokens already evicted stay gone).
+
+Every request is in exactly one child from admission to ``free``; the scheduler sees one strategy.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import torch
+
+from kvscope.engine.request import Request
+from kvscope.errors import ConfigError
+from kvscope.kv.base import KVSetup, KVStrategy, StepBatch
+from kvscope.kv.block_pool import BlockPool, pool_stats
+from kvscope.kv.eviction import EvictionStrategy
+from kvscope.kv.paged import PagedStrategy
+from kvscope.kv.registry import available, register
+from kvscope.kv.slot_cache import SlotKVCache
+from kvscope.models.base import AttentionBackend
+
+_HOST = ("offload", "infinigen")
+
+
+class CompositeAttention:
+    """Routes each child's query rows to that child's backend (``rows``: ``[n_i]`` indices)."""
+
+    def __init__(self, parts: list[tuple[AttentionBackend, torch.Tensor]]) -> None:
+        self.parts = parts
+
+    def layer_input(self, layer: int, x: torch.Tensor) -> None:
+        for backend, rows in self.parts:
+            hook = getattr(backend, "layer_input", None)
+            if hook is not None:
+                hook(layer, x[rows])
+
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        out = torch.empty_like(q)
+        for backend, rows in self.parts:
+            out[rows] = backend.attend(layer, q[rows], k[rows], v[rows])
+        return out
+
+
+def _sub_batch(batch: StepBatch, members: list[int]) -> tuple[StepBatch, torch.Tensor]:
+    """The part of ``batch`` made of requests ``members``, and its rows ``[n]`` in the full batch."""
+    qs = batch.query_start
+    rows = [r for i in members for r in range(qs[i], qs[i + 1])]
+    index = torch.tensor(rows, dtype=torch.long, device=batch.input_ids.device)
+    starts = [0]
+    for i in members:
+        starts.append(starts[-1] + batch.num_new_tokens[i])
+    sub = StepBatch(
+        requests=[batch.requests[i] for i in members],
+        num_new_tokens=[batch.num_new_tokens[i] for i in members],
+        input_ids=batch.input_ids[index],
+        positions=batch.positions[index],
+        query_start=starts,
+    )
+    return sub, index
+
+
+@register
+class AdaptiveStrategy(KVStrategy):
+    """Per-request choice between full paged KV and a long-context strategy. Args: ``long``
+    (an eviction policy, ``offload`` or ``infinigen``; default ``h2o``), ``long_budget_ratio``
+    (0.2), ``long_threshold`` (tokens, prompt + max_tokens; 2048), ``pressure`` (0.9), ``relief``
+    (0.6), ``compress_under_pressure`` (True), ``long_share`` (device budget share of a host
+    strategy, 0.25), ``block_size`` (16)."""
+
+    name = "adaptive"
+    lossless = False
+
+    def __init__(
+        self,
+        long: str = "h2o",
+        long_budget_ratio: float = 0.2,
+        long_threshold: int = 2048,
+        pressure: float = 0.9,
+        relief: float = 0.6,
+        compress_under_pressure: bool = True,
+        long_share: float = 0.25,
+        block_size: int = 16,
+    ) -> None:
+        super().__init__()
+        choices = [n for n, c in available().items() if issubclass(c, EvictionStrategy)] + list(_HOST)
+        if long not in choices:
+            raise ConfigError(f"adaptive: long must be one of {choices}, got {long!r}")
+        for key, val in (("long_budget_ratio", long_budget_ratio), ("pressure", pressure), ("relief", relief),
+                         ("long_share", long_share)):
+            if not isinstance(val, (int, float)) or not 0.0 < val <= 1.0:
+                raise ConfigError(f"adaptive: {key} must be in (0, 1], got {val!r}")
+        if relief >= pressure:
+            raise ConfigError(f"adaptive: relief ({relief}) must be below pressure ({pressure})")
+        if not isinstance(long_threshold, int) or long_threshold < 1:
+            raise ConfigError(f"adaptive: long_threshold must be an integer >= 1, got {long_threshold!r}")
+        self.long_name = long
+        self.long_threshold = long_threshold
+        self.pressure = float(pressure)
+        self.relief = float(relief)
+        self.compress_under_pressure = bool(compress_under_pressure)
+        self.long_share = float(long_share)
+        self.block_size = block_size
+        self.full = PagedStrategy(block_size=block_size, enable_prefix_caching=False)
+        cls = available()[long]
+        if long == "h2o":
+            args = {"heavy_ratio": long_budget_ratio / 2, "recent_ratio": long_budget_ratio / 2}
+        elif long == "offload":
+            args = {}
+        else:
+            args = {"budget_ratio": long_budget_ratio}
+        self.long = cls(block_size=block_size, **args)
+        self.shared = isinstance(self.long, EvictionStrategy)
+        self.route: dict[str, KVStrategy] = {}
+        self.compressed: dict[str, Request] = {}
+        self.counts = {"admitted_full": 0, "admitted_long_length": 0, "admitted_long_pressure": 0,
+                       "compressed_under_pressure": 0, "relieved": 0}
+        self._split: list[tuple[KVStrategy, StepBatch]] = []
+
+    # ---- lifecycle -------------------------------------------------------------------------------
+    def bind(self, setup: KVSetup) -> None:
+        self.setup = setup
+        m = setup.model
+        self.bytes_per_token = m.kv_bytes_per_token(setup.dtype)
+        if self.shared:
+            # One pool for both children; every slot carries the eviction child's score/position.
+            slot_bytes = self.bytes_per_token + self.long.extra_slot_bytes(m)
+            num_blocks = setup.kv_memory_bytes // (slot_bytes * self.block_size)
+            if num_blocks < 1:
+                raise ConfigError(f"adaptive: kv_memory_bytes={setup.kv_memory_bytes} is smaller than one block "
+                                  f"({slot_bytes * self.block_size} bytes)")
+            pool = BlockPool(num_blocks, enable_caching=False)
+            cache = SlotKVCache(m, num_blocks * self.block_size, setup.device, setup.dtype)
+            self.full.bind_shared(setup, pool, cache)
+            self.long.bind_shared(setup, pool, cache)
+        else:
+            long_bytes = int(setup.kv_memory_bytes * self.long_share)
+            self.long.bind(dataclasses.replace(setup, kv_memory_bytes=long_bytes))
+            self.full.bind(dataclasses.replace(setup, kv_memory_bytes=setup.kv_memory_bytes - long_bytes))
+
+    def attach_model(self, loaded) -> None:
+        self.long.attach_model(loaded)
+
+    # ---- decisions -------------------------------------------------------------------------------
+    def pool_use(self) -> float:
+        """Share of the full child's block pool in use (shared with an eviction child)."""
+        pool = self.full.pool
+        return pool.num_used / pool.num_blocks
+
+    def _choose(self, request: Request) -> tuple[KVStrategy, str]:
+        total = request.num_prompt_tokens + request.params.max_tokens
+        if total >= self.long_threshold or request.num_prompt_tokens > self.full.max_request_tokens():
+            return self.long, "admitted_long_length"
+        if self.pool_use() >= self.pressure:
+            return self.long, "admitted_long_pressure"
+        return self.full, "admitted_full"
+
+    # ---- scheduler side --------------------------------------------------------------------------
+    def max_request_tokens(self) -> int:
+        return max(self.full.max_request_tokens(), self.long.max_request_tokens())
+
+    def max_sequence_tokens(self) -> int:
+        return max(self.full.max_sequence_tokens(), self.long.max_sequence_tokens())
+
+    def allocate(self, request: Request, num_tokens: int) -> bool:
+        rid = request.request_id
+        child = self.route.get(rid)
+        if child is None:
+            child, reason = self._choose(request)
+            if not child.allocate(request, num_tokens):
+                return False
+            self.route[rid] = child
+            self.counts[reason] += 1
+            return True
+        if child.allocate(request, num_tokens):
+            return True
+        if child is self.full and self.shared and self.compress_under_pressure and request.num_computed_tokens:
+            self.long.adopt(request, self.full.release(request), request.num_computed_tokens)
+            self.route[rid] = self.long
+            self.compressed[rid] = request
+            self.counts["compressed_under_pressure"] += 1
+            return self.long.allocate(request, num_tokens)
+        return False
+
+    def free(self, request: Request) -> None:
+        child = self.route.pop(request.request_id, None)
+        if child is not None:
+            child.free(request)
+        self.compressed.pop(request.request_id, None)
+
+    def stats(self) -> dict[str, Any]:
+        long = self.long.stats()
+        out: dict[str, Any] = {f"adaptive_{k}": v for k, v in self.counts.items()}
+        out["adaptive_requests_full"] = sum(1 for c in self.route.values() if c is self.full)
+        out["adaptive_requests_long"] = sum(1 for c in self.route.values() if c is self.long)
+        if self.shared:
+            used = sum(self.full._held_tokens.values()) + sum(self.long.resident.values())
+            out.update(pool_stats(self.full.pool, self.block_size, self.bytes_per_token, used))
+            out.update({k: long[k] for k in ("num_evictions", "evicted_tokens", "freed_blocks")})
+        else:
+            full = self.full.stats()
+            out.update({k: full[k] for k in ("block_size", "num_blocks", "blocks_used", "blocks_free")})
+            for key in ("kv_bytes_reserved", "kv_bytes_allocated", "kv_bytes_used"):
+                out[key] = full[key] + long[key]
+            out["internal_fragmentation"] = full["internal_fragmentation"]
+            out.update({k: v for k, v in long.items() if k.startswith(("host_", "transfer_", "selected_"))})
+        return out
+
+    # ---- model side ------------------------------------------------------------------------------
+    def begin_step(self, batch: StepBatch) -> AttentionBackend:
+        groups: dict[int, list[int]] = {}
+        children = {id(self.full): self.full, id(self.long): self.long}
+        for i, req in enumerate(batch.requests):
+            groups.setdefault(id(self.route[req.request_id]), []).append(i)
+        if len(groups) == 1:
+            child = children[next(iter(groups))]
+            self._split = [(child, batch)]
+            return child.begin_step(batch)
+        self._split, parts = [], []
+        for key, members in groups.items():
+            sub, rows = _sub_batch(batch, members)
+            self._split.append((children[key], sub))
+            parts.append((children[key].begin_step(sub), rows))
+        return CompositeAttention(parts)
+
+    def end_step(self, batch: StepBatch) -> None:
+        for child, sub in self._split:
+            child.end_step(sub)
+        self._split = []
+        if self.compressed and self.pool_use() < self.relief:
+            for req in self.compressed.values():
+                self.long.lift_budget(req)
+                self.counts["relieved"] += 1
+            self.compressed.clear()
