@@ -1,4 +1,4 @@
-"""Command line: ``kvscope generate | models | strategies | study run | study report``."""
+"""Command line: ``kvscope generate | models | strategies | study run | study report | advise``."""
 from __future__ import annotations
 
 import argparse
@@ -162,6 +162,96 @@ def _study(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_advise(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("advise", help="recommend a KV strategy for a workload, model, hardware, SLOs and quality floor")
+    p.add_argument("--model", default="smollm2-135m", help="preset (llama-3-8b, dummy:opt-6.7b, ...) or HF folder")
+    p.add_argument("--hardware", default="this", help="h100 | h200 | cpu | this (detected)")
+    p.add_argument("--gpu-memory", type=_size, default=None, help="override: device memory, e.g. 80GiB")
+    p.add_argument("--hbm-gbps", type=float, default=None, help="override: device memory bandwidth, GB/s")
+    p.add_argument("--pcie-gbps", type=float, default=None, help="override: host<->device bandwidth, GB/s")
+    p.add_argument("--tflops", type=float, default=None, help="override: matmul rate, TFLOP/s")
+    p.add_argument("--host-memory", type=_size, default=None, help="override: host memory for offloaded KV")
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--trace", default=None, help="JSONL trace (arrival_time, prompt, output_len[, prompt_len])")
+    src.add_argument("--dataset", choices=["sharegpt"], default=None, help="a data set's mean lengths")
+    p.add_argument("--prompt-len", type=int, default=512, help="prompt tokens per request (no trace/dataset)")
+    p.add_argument("--output-len", type=int, default=128, help="output tokens per request (no trace/dataset)")
+    p.add_argument("--rate", type=float, default=None,
+                   help="requests/s (inf = all at once; default inf, or the trace's)")
+    p.add_argument("--num-requests", type=int, default=200)
+    p.add_argument("--kv-memory", type=_size, default=None,
+                   help="device KV pool (default: 90%% of memory after weights)")
+    p.add_argument("--ttft-ms", type=float, default=None, help="SLO on p90 time to first token")
+    p.add_argument("--tpot-ms", type=float, default=None, help="SLO on p90 time per output token")
+    p.add_argument("--quality-floor", type=float, default=0.8,
+                   help="minimum full-cache perplexity / strategy perplexity (1 = lossless; 0 = no floor)")
+    p.add_argument("--results", default=None,
+                   help="a study's results.jsonl: measured rows used where they cover the case")
+    p.add_argument("--max-num-seqs", type=int, default=64)
+    p.add_argument("--max-num-batched-tokens", type=int, default=2048)
+    p.add_argument("--json", action="store_true", help="print the advice as one JSON object")
+
+
+def _advise(args: argparse.Namespace) -> int:
+    import math
+
+    from kvscope.advise import (
+        SLOs,
+        advise,
+        fixed_workload,
+        hardware_preset,
+        resolve_model,
+        sharegpt_workload,
+        trace_workload,
+    )
+    from kvscope.advise.simulate import EngineLimits
+    from kvscope.study.runner import read_results
+
+    hw = hardware_preset(args.hardware).with_overrides(
+        memory_bytes=args.gpu_memory, hbm_bytes_per_s=args.hbm_gbps and args.hbm_gbps * 1e9,
+        host_device_bytes_per_s=args.pcie_gbps and args.pcie_gbps * 1e9,
+        matmul_flops_per_s=args.tflops and args.tflops * 1e12, host_memory_bytes=args.host_memory)
+    if args.trace:
+        workload = trace_workload(args.trace, args.rate)
+    else:
+        rate = math.inf if args.rate is None else args.rate
+        workload = (sharegpt_workload(rate, args.num_requests) if args.dataset == "sharegpt"
+                    else fixed_workload(args.prompt_len, args.output_len, rate, args.num_requests))
+    rows = None
+    if args.results:
+        from pathlib import Path
+
+        if not Path(args.results).is_file():
+            raise KVScopeError(f"--results: no such file: {args.results}")
+        rows = read_results(args.results)
+    advice = advise(workload, resolve_model(args.model), hw, SLOs(args.ttft_ms, args.tpot_ms), args.quality_floor,
+                    results=rows, kv_memory=args.kv_memory,
+                    limits=EngineLimits(args.max_num_seqs, args.max_num_batched_tokens))
+    if args.json:
+        print(json.dumps(advice.to_dict(), default=str))
+        return 0 if advice.feasible else 1
+    print(f"model {args.model} | hardware {hw.name} | workload {workload.name} | source {advice.source}")
+    if not advice.feasible:
+        print(f"no recommendation: {advice.message}")
+        return 1
+
+    def line(label: str, spec: str | None, m: dict[str, Any]) -> str:
+        if not spec:
+            return f"{label:<12} -"
+        q = m.get("quality_score")
+        return (f"{label:<12} {spec:<46} {m['output_throughput']:>9.1f} {m['p90_ttft_ms']:>10.1f} "
+                f"{m['p90_tpot_ms']:>9.2f} {'-' if q is None else f'{q:.2f}':>7}")
+
+    print(f"{'':<12} {'strategy':<46} {'tok/s':>9} {'p90 TTFT':>10} {'p90 TPOT':>9} {'quality':>7}")
+    print(line("recommended", advice.recommended, advice.expected))
+    print(line("runner-up", advice.runner_up, advice.runner_up_expected))
+    print(f"engine: {', '.join(f'{k}={v}' for k, v in advice.engine_args.items())}")
+    print("why:")
+    for r in advice.reasons:
+        print(f"  - {r}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="kvscope", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -169,10 +259,12 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("models", help="list the models kvscope can load")
     sub.add_parser("strategies", help="list the KV-cache strategies and their arguments")
     _add_study(sub)
+    _add_advise(sub)
     return parser
 
 
-COMMANDS: dict[str, Any] = {"generate": _generate, "models": _models, "strategies": _strategies, "study": _study}
+COMMANDS: dict[str, Any] = {"generate": _generate, "models": _models, "strategies": _strategies, "study": _study,
+                             "advise": _advise}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,0 +1,269 @@
+"""Analytical cost model: per-strategy memory, step time, latency and throughput predictions.
+
+Units: bytes, seconds, tokens, FLOPs unless a name says otherwise (``_ms`` = milliseconds,
+``throughput`` = output tokens/s).
+
+- KV bytes per token: :meth:`ModelConfig.kv_bytes_per_token` in the serving dtype.
+- Weights: :meth:`ModelConfig.num_params` x dtype size, all read once per step.
+- One engine step (:meth:`CostModel.step_seconds`) lasts
+  ``layers x overhead + max(HBM bytes / HBM rate, FLOPs / matmul rate) + PCIe bytes / host rate``:
+  a roofline over the device's memory and matmul units, plus the eager engine's fixed per-layer
+  cost (the hardware's calibration knob), plus the host fetches in full: although the engine
+  fetches one layer ahead, ``benchmarks/results/offload_decode.json`` shows ``offload``'s step
+  taking paged's step plus its whole fetch time, not the larger of the two. ``infinigen`` adds
+  ``hardware.speculation_s_per_layer`` per sparse layer.
+  HBM bytes = weights + the KV the step's attention reads + the new K/V written; FLOPs =
+  2 x matmul parameters x new tokens + 2 x vocab x hidden per logits row + 4 x layers x heads x
+  head_dim per (query token, attended token) pair.
+- What each strategy reads and holds per request of prompt ``p`` and context ``c``:
+  ``paged`` reads ``c`` tokens, holds ``p + output`` rounded up to a block; ``contiguous`` the
+  same reads, holds a ``max_model_len`` slab; ``h2o`` at budget ``b`` holds the prompt until its
+  first decode step, then ``b x p`` tokens (+1), and reads those; ``offload`` keeps the KV in the
+  host pool and fetches all ``c`` tokens over PCIe every step; ``infinigen`` fetches ``b x c``
+  tokens in the sparse layers and ``c`` in its dense layers, and reads its on-device partial keys
+  (``d' = 0.2 x head_dim`` key columns) for every token.
+- Capacity: the pool (device KV memory, or the host pool for the offloading strategies) divided by
+  what a request holds; latencies come from replaying the scheduler with these step times
+  (:mod:`kvscope.advise.simulate`).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+from kvscope.advise.hardware import Hardware
+from kvscope.advise.options import StrategyOption
+from kvscope.advise.quality import QualityEstimate, quality
+from kvscope.advise.simulate import EngineLimits, SimRequest, StepWork, percentile, simulate
+from kvscope.advise.workload import Workload
+from kvscope.config import parse_dtype
+from kvscope.errors import ConfigError
+from kvscope.models.config import ModelConfig
+
+BLOCK_SIZE = 16  # paged block size: pool space is handed out in blocks of this many tokens
+# The engine's defaults: KV pool = this fraction of the memory left after the weights; host KV
+# allowance of the offloading strategies (EngineConfig.swap_space_bytes).
+KV_MEMORY_FRACTION = 0.9
+DEFAULT_HOST_KV_BYTES = 4 << 30
+# InfiniGen's defaults (kv/infinigen.py): dense layers fetched whole, partial key columns kept.
+INFINIGEN_DENSE_LAYERS = 2
+INFINIGEN_PARTIAL_RATIO = 0.2
+
+
+def _blocks(tokens: int) -> int:
+    """``tokens`` rounded up to whole blocks (tokens)."""
+    return -(-tokens // BLOCK_SIZE) * BLOCK_SIZE
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """The cost model's prediction for one strategy on one workload.
+
+    ``feasible`` is False when the strategy cannot serve the workload at all (``problem`` says
+    why); latencies are milliseconds, throughputs per second, memory in bytes.
+    """
+
+    strategy: str
+    family: str
+    budget_ratio: float | None
+    feasible: bool
+    problem: str | None
+    output_throughput: float
+    request_throughput: float
+    mean_ttft_ms: float
+    p90_ttft_ms: float
+    mean_tpot_ms: float
+    p90_tpot_ms: float
+    mean_e2el_ms: float
+    kv_pool_bytes: int
+    host_kv_bytes: int
+    peak_kv_bytes: int
+    max_concurrent: int
+    quality: QualityEstimate
+
+    def metrics(self) -> dict[str, float | int | None]:
+        """The numeric fields, quality flattened (``quality_score``, ``ruler_accuracy``)."""
+        out = {k: v for k, v in asdict(self).items() if k not in ("strategy", "family", "budget_ratio",
+                                                                   "feasible", "problem", "quality")}
+        out["quality_score"] = self.quality.score
+        out["ruler_accuracy"] = self.quality.ruler_accuracy
+        return out
+
+
+class CostModel:
+    """Predictions for ``model`` served on ``hardware``.
+
+    Args:
+        model: the model's shapes.
+        hardware: rates and memory.
+        dtype: serving dtype (default: the hardware's).
+        kv_memory: device KV pool: bytes (int), a fraction of the memory left after the weights
+            (float in (0, 1]), or None for the engine's default (0.9 of it).
+        limits: scheduler limits the engine runs with.
+        max_model_len: ``contiguous``'s slab (tokens); None = the longest request of the workload.
+    """
+
+    def __init__(self, model: ModelConfig, hardware: Hardware, dtype: str | None = None,
+                 kv_memory: int | float | None = None, limits: EngineLimits = EngineLimits(),
+                 max_model_len: int | None = None) -> None:
+        self.model = model
+        self.hw = hardware
+        self.dtype = parse_dtype(dtype or hardware.dtype)
+        self.elem = self.dtype.itemsize
+        self.limits = limits
+        self.max_model_len = max_model_len
+        self.kv_bytes_per_token = model.kv_bytes_per_token(self.dtype)
+        self.params = model.num_params()
+        self.weight_bytes = self.params * self.elem
+        # The input embedding is a lookup, not a matmul; the LM head runs only on logits rows.
+        self.lm_head_params = model.vocab_size * (model.word_embed_proj_dim or model.hidden_size)
+        self.matmul_params = self.params - self.lm_head_params * (1 if model.tie_word_embeddings else 2)
+        self.attn_flops_per_pair = 4 * model.num_layers * model.num_heads * model.head_dim
+        self.sparse_layers = max(model.num_layers - INFINIGEN_DENSE_LAYERS, 0)
+        self.partial_key_fraction = max(1, int(INFINIGEN_PARTIAL_RATIO * model.head_dim)) / (2 * model.head_dim)
+        if isinstance(kv_memory, bool) or (kv_memory is not None and not isinstance(kv_memory, (int, float))):
+            raise ConfigError(f"kv_memory: must be bytes or a fraction in (0, 1], got {kv_memory!r}")
+        if isinstance(kv_memory, float) and not 0 < kv_memory <= 1:
+            raise ConfigError(f"kv_memory: a fraction must be in (0, 1], got {kv_memory!r}")
+        if isinstance(kv_memory, int) and kv_memory < 1:
+            raise ConfigError(f"kv_memory: must be >= 1 byte, got {kv_memory!r}")
+        free = hardware.memory_bytes - self.weight_bytes
+        if isinstance(kv_memory, int):
+            self.kv_pool_bytes = kv_memory
+        else:
+            self.kv_pool_bytes = max(0, int((kv_memory or KV_MEMORY_FRACTION) * free))
+
+    # ------------------------------------------------------------------ memory
+
+    def weights_fit(self) -> bool:
+        """Whether the weights plus the KV pool fit the device memory."""
+        return self.weight_bytes + self.kv_pool_bytes <= self.hw.memory_bytes
+
+    def h2o_budget_tokens(self, option: StrategyOption, prompt_len: int) -> int:
+        """Tokens ``h2o`` keeps of a ``prompt_len`` prompt: heavy and recent parts each rounded
+        down, as the H2O code does, plus the newest token."""
+        half = (option.budget_ratio or 1.0) / 2
+        return math.floor(half * prompt_len) * 2 + 1
+
+    def pool_tokens(self, option: StrategyOption) -> int:
+        """Capacity of the pool a request's KV occupies (tokens): the device pool, or for
+        ``offload``/``infinigen`` the host pool, also limited by the device prefetch buffers."""
+        if option.family not in ("offload", "infinigen"):
+            return self.kv_pool_bytes // self.kv_bytes_per_token
+        m = self.model
+        row = m.num_kv_heads * m.head_dim * self.elem  # one layer's K (or V) of one token
+        resident = self.kv_bytes_per_token * self.partial_key_fraction if option.family == "infinigen" else 0
+        serve = int(self.kv_pool_bytes // (resident + 4 * row))
+        host = option.host_kv_bytes or min(DEFAULT_HOST_KV_BYTES, self.hw.host_memory_bytes)
+        return min(host // self.kv_bytes_per_token, serve)
+
+    def admit_tokens(self, option: StrategyOption, r: SimRequest, slab: int | None = None) -> int:
+        """Pool tokens a request must find free to be admitted; ``slab``: ``contiguous``'s slot
+        (tokens; default ``max_model_len``, else the request's own length)."""
+        if option.family == "contiguous":
+            return _blocks(slab or self.max_model_len or r.prompt_len + r.output_len)
+        if option.family == "h2o":
+            return _blocks(r.prompt_len)  # the prompt is kept whole until the first decode step
+        return _blocks(r.prompt_len + r.output_len)
+
+    def running_tokens(self, option: StrategyOption, r: SimRequest) -> int:
+        """Pool tokens a running request holds after a step."""
+        if option.family == "h2o" and r.generated >= 2:  # evicted down to its budget
+            return min(_blocks(r.prompt_len), _blocks(self.h2o_budget_tokens(option, r.prompt_len)))
+        return r.held
+
+    # ------------------------------------------------------------------ time
+
+    def decode_traffic(self, option: StrategyOption, context: int, prompt_len: int) -> tuple[float, float]:
+        """(tokens read from device KV, tokens fetched over PCIe) for one decode step of a request
+        whose cache holds ``context`` tokens including the new one."""
+        if option.family == "h2o":
+            return min(context, self.h2o_budget_tokens(option, prompt_len)), 0.0
+        if option.family == "offload":
+            return context, context
+        if option.family == "infinigen":
+            dense = min(INFINIGEN_DENSE_LAYERS, self.model.num_layers) / self.model.num_layers
+            fetched = dense * context + (1 - dense) * math.ceil((option.budget_ratio or 1.0) * context)
+            return fetched + self.partial_key_fraction * context, fetched
+        return context, 0.0
+
+    def step_seconds(self, option: StrategyOption, work: StepWork) -> float:
+        """Duration of one engine step (seconds) under ``option``."""
+        new_tokens = len(work.decodes) + sum(n for _, n in work.prefills)
+        logits_rows = len(work.decodes) + sum(r.computed + n >= r.prompt_len for r, n in work.prefills)
+        device_read = pcie = pairs = 0.0
+        for r in work.decodes:
+            read, fetched = self.decode_traffic(option, r.context + 1, r.prompt_len)
+            device_read += read
+            pcie += fetched
+            pairs += read - (self.partial_key_fraction * (r.context + 1) if option.family == "infinigen" else 0)
+        for r, n in work.prefills:
+            device_read += r.computed  # earlier chunks of the prompt, read by this chunk's attention
+            if option.family in ("offload", "infinigen"):
+                pcie += r.computed  # prefill chunks fetch everything
+            pairs += n * (r.computed + (n + 1) / 2)
+        hbm = self.weight_bytes + self.kv_bytes_per_token * (device_read + new_tokens)
+        flops = (2 * self.matmul_params * new_tokens + 2 * self.lm_head_params * logits_rows
+                 + self.attn_flops_per_pair * pairs)
+        device = max(hbm / self.hw.hbm_bytes_per_s, flops / self.hw.matmul_flops_per_s)
+        fetch = pcie * self.kv_bytes_per_token / self.hw.host_device_bytes_per_s
+        fixed = self.model.num_layers * self.hw.step_overhead_s_per_layer
+        if option.family == "infinigen" and work.decodes:
+            fixed += self.sparse_layers * self.hw.speculation_s_per_layer
+        return fixed + device + fetch
+
+    def decode_step_seconds(self, option: StrategyOption, batch: int, context: int) -> float:
+        """One decode step of ``batch`` requests whose caches hold ``context`` tokens each
+        (prompt = context for ``h2o``'s budget)."""
+        # A request that has just sampled its first token after a prompt of context - 1 tokens.
+        reqs = [SimRequest(0.0, context - 1, 2, computed=context - 1, generated=1) for _ in range(batch)]
+        return self.step_seconds(option, StepWork(reqs, []))
+
+    # ------------------------------------------------------------------ prediction
+
+    def predict(self, option: StrategyOption, workload: Workload) -> Prediction:
+        """Replay ``workload`` under ``option`` and summarise latencies, throughput and memory."""
+        pool = self.pool_tokens(option)
+        q = quality(option.family, option.budget_ratio)
+        problem = None
+        if not self.weights_fit():
+            problem = (f"weights ({self.weight_bytes / 2**30:.1f} GiB) + KV pool ({self.kv_pool_bytes / 2**30:.1f}"
+                       f" GiB) exceed the device memory ({self.hw.memory_bytes / 2**30:.1f} GiB)")
+        elif pool <= 0:
+            problem = "no memory left for KV after the weights"
+        mean_req = SimRequest(0.0, round(sum(workload.prompt_lens) / workload.num_requests),
+                              round(sum(workload.output_lens) / workload.num_requests))
+        host = pool * self.kv_bytes_per_token if option.family in ("offload", "infinigen") else 0
+        longest = max(p + o for p, o in zip(workload.prompt_lens, workload.output_lens))
+        slab = self.max_model_len or longest
+        if problem is None:
+            sim = simulate(workload, pool, self.limits, lambda r: self.admit_tokens(option, r, slab),
+                           lambda r: self.running_tokens(option, r), lambda w: self.step_seconds(option, w))
+            if sim.failed:
+                problem = (f"{sim.failed} of {workload.num_requests} requests do not fit the KV pool "
+                           f"({pool} tokens; the longest request needs {longest})")
+        if problem is not None:
+            nan = math.nan
+            return Prediction(option.spec, option.family, option.budget_ratio, False, problem, 0.0, 0.0, nan, nan,
+                              nan, nan, nan, self.kv_pool_bytes, host, 0, 0, q)
+        per_req = self.admit_tokens(option, mean_req, slab)
+        if option.family == "h2o":
+            per_req = self.running_tokens(option, SimRequest(0.0, mean_req.prompt_len, 2, generated=2))
+        capacity = min(self.limits.max_num_seqs, pool // max(per_req, 1))
+        device_peak = 0 if option.family in ("offload", "infinigen") else sim.peak_held_tokens * self.kv_bytes_per_token
+        ms = 1e3
+        return Prediction(
+            option.spec, option.family, option.budget_ratio, True, None,
+            output_throughput=sim.output_tokens / sim.duration,
+            request_throughput=len(sim.ttft) / sim.duration,
+            mean_ttft_ms=ms * sum(sim.ttft) / len(sim.ttft),
+            p90_ttft_ms=ms * percentile(sim.ttft, 90),
+            mean_tpot_ms=ms * sum(sim.tpot) / len(sim.tpot) if sim.tpot else math.nan,
+            p90_tpot_ms=ms * percentile(sim.tpot, 90),
+            mean_e2el_ms=ms * sum(sim.e2el) / len(sim.e2el),
+            kv_pool_bytes=self.kv_pool_bytes,
+            host_kv_bytes=host,
+            peak_kv_bytes=device_peak,
+            max_concurrent=capacity,
+            quality=q,
+        )

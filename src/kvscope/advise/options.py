@@ -1,0 +1,80 @@
+"""The strategies the advisor weighs, and how a model name becomes shapes without loading weights."""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from kvscope.errors import ConfigError, KVScopeError
+from kvscope.kv.registry import parse_spec
+from kvscope.models.config import ModelConfig
+from kvscope.models.dummy import PRESETS, preset_config
+from kvscope.models.hf_config import model_config_from_hf
+
+# The KV budgets (fraction of the prompt kept) at which quality was measured (advise/quality.py).
+BUDGETS = (0.1, 0.2, 0.5)
+FAMILIES = ("paged", "contiguous", "h2o", "offload", "infinigen")
+
+
+@dataclass(frozen=True)
+class StrategyOption:
+    """One candidate: an engine strategy spec and what the cost model needs to know about it.
+
+    Attributes:
+        spec: the engine's strategy string (``"h2o:heavy_ratio=0.05,recent_ratio=0.05"``).
+        family: ``paged``, ``contiguous``, ``h2o``, ``offload`` or ``infinigen``.
+        budget_ratio: fraction of the prompt's tokens kept (h2o) or fetched per step (infinigen);
+            None for strategies that keep and read every token.
+        host_kv_bytes: host pool for ``offload``/``infinigen`` (bytes), None = the engine default.
+    """
+
+    spec: str
+    family: str
+    budget_ratio: float | None = None
+    host_kv_bytes: int | None = None
+
+
+def candidates(host_kv_bytes: int | None = None) -> list[StrategyOption]:
+    """Every option the advisor weighs: paged, contiguous, h2o and infinigen at each measured
+    budget, offload. ``host_kv_bytes`` (bytes) is written into the offloading specs when given."""
+    host = f"host_kv_bytes={host_kv_bytes}" if host_kv_bytes else ""
+    out = [StrategyOption("paged", "paged"), StrategyOption("contiguous", "contiguous")]
+    out += [StrategyOption(f"h2o:heavy_ratio={b / 2:g},recent_ratio={b / 2:g}", "h2o", b) for b in BUDGETS]
+    out.append(StrategyOption("offload" + (f":{host}" if host else ""), "offload", None, host_kv_bytes))
+    out += [StrategyOption(f"infinigen:budget_ratio={b:g}" + (f",{host}" if host else ""), "infinigen", b,
+                           host_kv_bytes) for b in BUDGETS]
+    return out
+
+
+def option_from_spec(spec: str) -> StrategyOption | None:
+    """The option a measured row's strategy string corresponds to, or None for strategies the cost
+    model does not cover (other eviction policies, InfiniGen without a budget ratio)."""
+    name, args = parse_spec(spec)
+    host = args.get("host_kv_bytes")
+    if name in ("paged", "contiguous", "offload"):
+        return StrategyOption(spec, name, None, host)
+    if name == "h2o" and "heavy_ratio" in args and "recent_ratio" in args:
+        return StrategyOption(spec, name, round(float(args["heavy_ratio"]) + float(args["recent_ratio"]), 6))
+    if name == "infinigen" and args.get("budget_ratio", 0.2) is not None:
+        return StrategyOption(spec, name, float(args.get("budget_ratio", 0.2)), host)
+    return None
+
+
+def resolve_model(spec: str) -> ModelConfig:
+    """Shapes of ``spec`` without loading weights: ``dummy:<preset>``, a preset name
+    (``llama-3-8b``; the packaged ``smollm2-135m`` and ``qwen2.5-0.5b`` have presets of the same
+    shapes), or a folder / ``config.json`` of a Hugging Face model."""
+    if not isinstance(spec, str) or not spec:
+        raise ConfigError(f"model: must be a model name or path, got {spec!r}")
+    name = spec.removeprefix("dummy:")
+    if name in PRESETS:
+        return preset_config(name)
+    path = Path(spec).expanduser()
+    config = path / "config.json" if path.is_dir() else path
+    if config.is_file() and config.suffix == ".json":
+        try:
+            return model_config_from_hf(json.loads(config.read_text()), name=path.name)
+        except (OSError, ValueError, KVScopeError) as e:
+            raise ConfigError(f"model: cannot read {config}: {e}") from None
+    raise ConfigError(f"model: unknown model {spec!r}; use a preset ({', '.join(PRESETS)}), dummy:<preset>, "
+                      "or a folder with config.json")

@@ -1,0 +1,149 @@
+"""kvscope advise: cost-model arithmetic, capacity, the advisor's choices, impossible and bad input, CLI."""
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from kvscope.advise import (
+    SLOs,
+    CostModel,
+    Hardware,
+    StrategyOption,
+    advise,
+    fixed_workload,
+    resolve_model,
+)
+from kvscope.advise.hardware import H100
+from kvscope.cli import main
+from kvscope.errors import ConfigError
+
+GIB = 1 << 30
+# Round numbers so that hand computations are exact: 1 TB/s HBM, 100 GB/s PCIe, 1 PFLOP/s, no overhead.
+HW = Hardware(name="test", memory_bytes=80 * GIB, hbm_bytes_per_s=1e12, host_device_bytes_per_s=1e11,
+              matmul_flops_per_s=1e15, host_memory_bytes=512 * GIB, step_overhead_s_per_layer=0.0,
+              speculation_s_per_layer=0.0,
+              dtype="bfloat16", is_gpu=True)
+LLAMA3 = resolve_model("llama-3-8b")
+PAGED = StrategyOption("paged", "paged")
+
+
+def test_kv_bytes_per_token_and_weights_llama3_8b() -> None:
+    cost = CostModel(LLAMA3, HW)
+    assert cost.kv_bytes_per_token == 2 * 32 * 8 * 128 * 2 == 131072
+    assert cost.weight_bytes == 8_030_261_248 * 2  # Llama-3-8B's published parameter count, bf16
+
+
+def test_decode_step_time_by_hand() -> None:
+    cost = CostModel(LLAMA3, HW)
+    batch, context = 8, 4096
+    # Memory-bound: weights + every request's KV read once + the 8 new tokens' K/V written.
+    hbm = 8_030_261_248 * 2 + 131072 * (batch * context + batch)
+    assert cost.decode_step_seconds(PAGED, batch, context) == pytest.approx(hbm / 1e12)
+    # h2o at 20% of a 4095-token prompt keeps 409 * 2 + 1 = 819 tokens and reads only those.
+    h2o = StrategyOption("h2o:heavy_ratio=0.1,recent_ratio=0.1", "h2o", 0.2)
+    hbm_h2o = 8_030_261_248 * 2 + 131072 * (batch * 819 + batch)
+    assert cost.decode_step_seconds(h2o, batch, context) == pytest.approx(hbm_h2o / 1e12)
+    # offload also fetches the whole KV over PCIe each step, after (not overlapped with) the device work.
+    offload = StrategyOption("offload", "offload")
+    fetch = 131072 * batch * context / 1e11
+    assert cost.decode_step_seconds(offload, batch, context) == pytest.approx(hbm / 1e12 + fetch)
+
+
+def test_step_overhead_is_per_layer() -> None:
+    slow = Hardware(**{**HW.__dict__, "step_overhead_s_per_layer": 1e-3})
+    t0 = CostModel(LLAMA3, HW).decode_step_seconds(PAGED, 1, 128)
+    assert CostModel(LLAMA3, slow).decode_step_seconds(PAGED, 1, 128) == pytest.approx(t0 + 32e-3)
+
+
+def test_capacity_from_the_kv_pool() -> None:
+    cost = CostModel(LLAMA3, HW, kv_memory=GIB)
+    assert cost.pool_tokens(PAGED) == GIB // 131072 == 8192
+    w = fixed_workload(1000, 24, math.inf, num_requests=32)  # 1024 tokens = 64 blocks each
+    pred = cost.predict(PAGED, w)
+    assert pred.feasible and pred.max_concurrent == 8
+    assert pred.peak_kv_bytes == 8 * 1024 * 131072
+
+
+def test_too_long_request_is_reported_not_raised() -> None:
+    pred = CostModel(LLAMA3, HW, kv_memory=64 << 20).predict(PAGED, fixed_workload(1000, 24, math.inf, 4))
+    assert not pred.feasible and "do not fit the KV pool" in pred.problem
+
+
+def test_advisor_picks_paged_with_plentiful_memory_and_short_requests() -> None:
+    a = advise(fixed_workload(128, 32, 4.0, 40), LLAMA3, H100, SLOs(ttft_ms=1000, tpot_ms=100), quality_floor=0.8)
+    assert a.feasible and a.source == "cost_model"
+    assert a.recommended == "paged"
+    assert a.runner_up is not None and a.expected["output_throughput"] > 0
+
+
+def test_advisor_evicts_or_offloads_when_kv_does_not_fit() -> None:
+    # 4k-token prompts and a 1 GiB pool: a lossless on-device cache holds about 2 requests at a time.
+    w = fixed_workload(4000, 64, math.inf, 32)
+    a = advise(w, LLAMA3, H100, quality_floor=0.8, kv_memory=GIB)
+    assert a.feasible
+    assert a.recommended.split(":")[0] in ("h2o", "offload", "infinigen")
+
+
+def test_infeasible_model_too_big() -> None:
+    small = Hardware(**{**HW.__dict__, "memory_bytes": 8 * GIB})
+    a = advise(fixed_workload(128, 32, 1.0, 8), LLAMA3, small)
+    assert not a.feasible and a.recommended is None
+    assert "does not fit" in a.message and "GiB" in a.message
+
+
+def test_infeasible_slo() -> None:
+    a = advise(fixed_workload(128, 32, 1.0, 8), LLAMA3, H100, SLOs(tpot_ms=0.001))
+    assert not a.feasible
+    assert "no strategy meets" in a.message and "TPOT" in a.message
+
+
+@pytest.mark.parametrize("call, field", [
+    (lambda: SLOs(tpot_ms=-1), "slos.tpot_ms"),
+    (lambda: fixed_workload(0, 32, 1.0), "workload.prompt_len"),
+    (lambda: fixed_workload(128, 32, -2.0), "workload.rate"),
+    (lambda: advise(fixed_workload(128, 32, 1.0, 4), LLAMA3, H100, quality_floor=1.5), "quality_floor"),
+    (lambda: CostModel(LLAMA3, HW, kv_memory=1.5), "kv_memory"),
+    (lambda: HW.with_overrides(memory_bytes=-1), "hardware.memory_bytes"),
+    (lambda: resolve_model("no-such-model"), "model"),
+])
+def test_bad_input_names_the_field(call, field: str) -> None:
+    with pytest.raises(ConfigError, match=field):
+        call()
+
+
+def test_measured_rows_used_when_they_cover_the_case() -> None:
+    def row(strategy: str, thr: float) -> dict:
+        metrics = {"completed": 32, "failed": 0, "total_input_tokens": 32 * 512, "total_output_tokens": 32 * 64,
+                   "output_throughput": thr, "request_throughput": thr / 64, "mean_ttft_ms": 100.0,
+                   "p90_ttft_ms": 150.0, "mean_tpot_ms": 20.0, "p90_tpot_ms": 25.0, "mean_e2el_ms": 1400.0}
+        return {"status": "ok", "config": {"model": "dummy:llama-3-8b", "strategy": strategy, "kv_memory": 0.9,
+                                           "rate": "inf", "device": "cuda"},
+                "metrics": metrics, "environment": {"device_name": "NVIDIA H100 80GB HBM3"}}
+
+    rows = [row("paged", 500.0), row("h2o:heavy_ratio=0.1,recent_ratio=0.1", 900.0)]
+    a = advise(fixed_workload(512, 64, math.inf, 32), LLAMA3, H100, quality_floor=0.8, results=rows)
+    assert a.source == "measured" and a.recommended.startswith("h2o")
+    assert a.runner_up == "paged"
+    other_gpu = advise(fixed_workload(512, 64, math.inf, 32), LLAMA3, HW, quality_floor=0.8, results=rows)
+    assert other_gpu.source == "cost_model"
+
+
+def test_cli_json(capsys: pytest.CaptureFixture[str]) -> None:
+    rc = main(["advise", "--model", "llama-3-8b", "--hardware", "h100", "--prompt-len", "256", "--output-len", "32",
+               "--rate", "2", "--num-requests", "20", "--ttft-ms", "2000", "--tpot-ms", "200", "--json"])
+    out = json.loads(capsys.readouterr().out)
+    assert rc == 0 and out["feasible"] and out["recommended"] and out["source"] == "cost_model"
+    assert {"output_throughput", "p90_ttft_ms", "p90_tpot_ms"} <= set(out["expected"])
+
+
+def test_cli_infeasible_is_a_message(capsys: pytest.CaptureFixture[str]) -> None:
+    rc = main(["advise", "--model", "dummy:opt-30b", "--hardware", "h100", "--gpu-memory", "40GiB",
+               "--num-requests", "4"])
+    assert rc == 1 and "does not fit" in capsys.readouterr().out
+
+
+def test_cli_bad_hardware(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["advise", "--hardware", "tpu"]) == 2
+    assert "hardware" in capsys.readouterr().err
