@@ -126,6 +126,7 @@ def test_measured_rows_used_when_they_cover_the_case() -> None:
     a = advise(fixed_workload(512, 64, math.inf, 32), LLAMA3, H100, quality_floor=0.8, results=rows)
     assert a.source == "measured" and a.recommended.startswith("h2o")
     assert a.runner_up == "paged"
+    assert a.engine_args["kv_memory"] == 0.9  # the settings the measured rows ran with
     other_gpu = advise(fixed_workload(512, 64, math.inf, 32), LLAMA3, HW, quality_floor=0.8, results=rows)
     assert other_gpu.source == "cost_model"
 

@@ -140,7 +140,7 @@ def advise(
         return Advice(False, msg, None, engine_args, {}, None, {}, [msg], "cost_model")
     measured = measured_rows.predictions(results or [], model, hardware, workload, cost, opts)
     source = "measured" if measured else "cost_model"
-    preds = measured if measured else [cost.predict(o, workload) for o in opts]
+    preds = [p for p, _ in measured.values()] if measured else [cost.predict(o, workload) for o in opts]
     ruled = {p.strategy: _verdict(p, slos, quality_floor) for p in preds}
     ok = sorted((p for p in preds if ruled[p.strategy] is None), key=_rank_key)
     table = [{"strategy": p.strategy, "ruled_out": ruled[p.strategy], **p.metrics()} for p in preds]
@@ -153,6 +153,8 @@ def advise(
                       source, table)
     best = ok[0]
     second = ok[1] if len(ok) > 1 else None
+    if measured:  # the expected metrics hold for the settings the rows ran with
+        engine_args = measured[best.strategy][1]
     reasons = [f"{best.strategy}: highest output throughput ({best.output_throughput:.1f} tok/s) among the "
                f"options that meet the SLOs and the quality floor, according to {basis}"]
     if second is not None:

@@ -125,13 +125,22 @@ def row_prediction(rows: list[dict[str, Any]], option: StrategyOption) -> Predic
     )
 
 
+def engine_settings(row: dict[str, Any]) -> dict[str, Any]:
+    """The engine settings a row ran with (KV pool, max_model_len, dtype, scheduler limits)."""
+    cfg = row["config"]
+    return {"kv_memory": cfg["kv_memory"], "max_model_len": cfg.get("max_model_len"), "dtype": cfg.get("dtype"),
+            **cfg.get("engine", {})}
+
+
 def predictions(rows: list[dict[str, Any]], model: ModelConfig, hardware: Hardware, workload: Workload,
-                cost: CostModel, options: list[StrategyOption]) -> list[Prediction]:
-    """Measured predictions for the options that covering rows exist for; [] when fewer than two."""
+                cost: CostModel, options: list[StrategyOption]) -> dict[str, tuple[Prediction, dict[str, Any]]]:
+    """Strategy spec -> (measured prediction, engine settings of its rows) for the options that
+    covering rows exist for; empty when fewer than two are covered."""
     covered = covering_rows(rows, model, hardware, workload, cost)
-    out = []
+    out = {}
     for opt in options:
         mine = [r for r in covered if (o := option_from_spec(r["config"]["strategy"])) is not None and _matches(o, opt)]
         if mine:
-            out.append(row_prediction(mine, opt))
-    return out if len(out) >= 2 else []
+            pred = row_prediction(mine, opt)
+            out[pred.strategy] = (pred, engine_settings(mine[0]))
+    return out if len(out) >= 2 else {}
