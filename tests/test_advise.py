@@ -15,7 +15,8 @@ from kvscope.advise import (
     fixed_workload,
     resolve_model,
 )
-from kvscope.advise.hardware import H100
+from kvscope.advise.hardware import H100, hardware_preset
+from kvscope.advise.workload import sharegpt_workload, trace_workload
 from kvscope.cli import main
 from kvscope.errors import ConfigError
 
@@ -148,3 +149,24 @@ def test_cli_infeasible_is_a_message(capsys: pytest.CaptureFixture[str]) -> None
 def test_cli_bad_hardware(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["advise", "--hardware", "tpu"]) == 2
     assert "hardware" in capsys.readouterr().err
+
+
+def test_trace_and_dataset_workloads(tmp_path) -> None:
+    trace = tmp_path / "trace.jsonl"
+    trace.write_text('{"arrival_time": 0.0, "prompt": [1, 2, 3], "output_len": 4}\n'
+                     '{"arrival_time": 0.5, "prompt": "x' + 'y' * 399 + '", "output_len": 8}\n'
+                     '{"arrival_time": 1.0, "prompt": "hi", "prompt_len": 50, "output_len": 2}\n')
+    w = trace_workload(trace)
+    assert w.prompt_lens == (3, 100, 50) and w.output_lens == (4, 8, 2)
+    assert w.rate == pytest.approx(2.0) and w.arrivals() == [0.0, 0.5, 1.0]
+    s = sharegpt_workload(4.0, num_requests=10).summary()
+    assert s["mean_prompt_len"] == 161 and s["mean_output_len"] == 338
+
+
+def test_hardware_presets() -> None:
+    cpu = hardware_preset("cpu")
+    assert not cpu.is_gpu and cpu.dtype == "float32" and cpu.memory_bytes > 0
+    assert hardware_preset("h200").memory_bytes > H100.memory_bytes
+    assert hardware_preset("this").memory_bytes > 0
+    fast = H100.with_overrides(hbm_bytes_per_s=4e12)
+    assert fast.hbm_bytes_per_s == 4e12 and fast.sources["hbm_bytes_per_s"] == "user override"

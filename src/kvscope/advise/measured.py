@@ -24,6 +24,7 @@ from kvscope.models.config import ModelConfig
 RATE_TOLERANCE = 0.25
 LENGTH_TOLERANCE = 0.25
 POOL_FACTOR = 1.5
+_GPU_MODELS = ("h100", "h200", "a100", "l40", "b200")
 _METRICS = ("output_throughput", "request_throughput", "mean_ttft_ms", "p90_ttft_ms", "mean_tpot_ms",
             "p90_tpot_ms", "mean_e2el_ms")
 
@@ -61,7 +62,9 @@ def same_hardware(row: dict[str, Any], hardware: Hardware) -> bool:
     if not hardware.is_gpu:
         return device == "cpu"
     name = str(row.get("environment", {}).get("device_name", "")).lower()
-    key = hardware.name.lower().split()[-1] if hardware.name.lower().startswith("nvidia") else hardware.name.lower()
+    mine = hardware.name.lower()
+    # A preset ("h100") or a detected name ("NVIDIA H100 80GB HBM3") matches rows of the same GPU model.
+    key = next((k for k in _GPU_MODELS if k in mine), mine)
     return device.startswith("cuda") and key in name
 
 
