@@ -85,16 +85,22 @@ def _verdict(p: Prediction, slos: SLOs, quality_floor: float) -> str | None:
     return None
 
 
-def _bucket(x: float) -> float:
-    # A log scale of width TIE: values within about 2% share a bucket.
-    return math.floor(math.log(max(x, 1e-9)) / math.log1p(TIE)) if math.isfinite(x) else math.inf
-
-
-def _rank_key(p: Prediction) -> tuple[float, ...]:
-    # Near-equal throughputs (e.g. every option keeping up with the arrival rate) fall to quality,
-    # then latency, then memory: host memory first (it is slower and shared), then device KV.
-    return (-_bucket(p.output_throughput), -(p.quality.score or 0.0), _bucket(p.p90_tpot_ms), p.host_kv_bytes,
-            p.peak_kv_bytes)
+def _ranked(preds: list[Prediction]) -> list[Prediction]:
+    """Options best first: throughput within ``TIE`` of the best counts as a tie (e.g. every option
+    keeping up with the arrival rate), broken by quality, then p90 TPOT (also within ``TIE``), then
+    host memory (slower and shared), then device KV. Ties are judged against the best option, not
+    on a fixed grid, so two near-equal values never land on opposite sides of a boundary."""
+    out: list[Prediction] = []
+    rest = list(preds)
+    while rest:
+        top = max(p.output_throughput for p in rest)
+        tied = [p for p in rest if p.output_throughput >= top * (1 - TIE)]
+        fastest = min(p.p90_tpot_ms for p in tied)
+        tied.sort(key=lambda p: (-(p.quality.score or 0.0), p.p90_tpot_ms > fastest * (1 + TIE),
+                                 p.host_kv_bytes, p.peak_kv_bytes))
+        out.append(tied[0])
+        rest.remove(tied[0])
+    return out
 
 
 def advise(
@@ -142,7 +148,7 @@ def advise(
     source = "measured" if measured else "cost_model"
     preds = [p for p, _ in measured.values()] if measured else [cost.predict(o, workload) for o in opts]
     ruled = {p.strategy: _verdict(p, slos, quality_floor) for p in preds}
-    ok = sorted((p for p in preds if ruled[p.strategy] is None), key=_rank_key)
+    ok = _ranked([p for p in preds if ruled[p.strategy] is None])
     table = [{"strategy": p.strategy, "ruled_out": ruled[p.strategy], **p.metrics()} for p in preds]
     basis = ("measured study rows" if source == "measured"
              else f"the cost model ({hardware.name}, {engine_args['dtype']})")
@@ -159,7 +165,7 @@ def advise(
                f"options that meet the SLOs and the quality floor, according to {basis}"]
     if second is not None:
         gap = 1 - second.output_throughput / best.output_throughput
-        reasons.append(f"runner-up {second.strategy}: {gap:.0%} less throughput"
+        reasons.append(f"runner-up {second.strategy}: {gap:.1%} less throughput"
                        + (f", quality {second.quality.score:.2f} vs {best.quality.score:.2f}"
                           if second.quality.score != best.quality.score and second.quality.score is not None
                           and best.quality.score is not None else ""))
