@@ -256,6 +256,25 @@ def as_blocks(cache: torch.Tensor, block_size: int) -> torch.Tensor:
     return cache
 
 
+def check_paged_inputs(
+    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_size: int, *int32: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Validate the arguments both paged kernels share; returns the K/V caches as block views
+    ``[num_blocks, block_size, Hkv, D]``. ``int32``: index tensors (tables, lengths) that must be int32."""
+    k_cache = as_blocks(k_cache, block_size)
+    v_cache = as_blocks(v_cache, block_size)
+    num_heads, head_dim = q.shape[1], q.shape[2]
+    if num_heads % k_cache.shape[2] or k_cache.shape[3] != head_dim or v_cache.shape != k_cache.shape:
+        raise ValueError(
+            f"shapes do not match: q {tuple(q.shape)}, k {tuple(k_cache.shape)}, v {tuple(v_cache.shape)}"
+        )
+    if not (q.dtype == k_cache.dtype == v_cache.dtype) or q.stride(-1) != 1:
+        raise ValueError("q, k_cache and v_cache must share one dtype, with contiguous last dims")
+    if any(t.dtype != torch.int32 for t in int32):
+        raise ValueError("block tables, sequence offsets and lengths must be int32")
+    return k_cache, v_cache
+
+
 def paged_decode_attention(
     q: torch.Tensor,
     k_cache: torch.Tensor,
@@ -295,18 +314,9 @@ def paged_decode_attention(
         ``[B, Hkv, max_blocks * block_size]`` float32, the sum over each KV head's query heads of the
         softmax probability of every token, 0 past ``context_lens[b]``.
     """
-    k_cache = as_blocks(k_cache, block_size)
-    v_cache = as_blocks(v_cache, block_size)
+    k_cache, v_cache = check_paged_inputs(q, k_cache, v_cache, block_size, block_tables, context_lens)
     batch, num_heads, head_dim = q.shape
     num_kv_heads = k_cache.shape[2]
-    if num_heads % num_kv_heads or k_cache.shape[3] != head_dim or v_cache.shape != k_cache.shape:
-        raise ValueError(
-            f"shapes do not match: q {tuple(q.shape)}, k {tuple(k_cache.shape)}, v {tuple(v_cache.shape)}"
-        )
-    if not (q.dtype == k_cache.dtype == v_cache.dtype) or q.stride(-1) != 1:
-        raise ValueError("q, k_cache and v_cache must share one dtype, with contiguous last dims")
-    if block_tables.dtype != torch.int32 or context_lens.dtype != torch.int32:
-        raise ValueError("block_tables and context_lens must be int32")
     block_tables = block_tables.contiguous()
     context_lens = context_lens.contiguous()
     device = q.device

@@ -29,7 +29,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kvscope.attention.triton_decode import as_blocks
+from kvscope.attention.triton_decode import check_paged_inputs
 
 _LOG2E = 1.4426950408889634
 
@@ -183,18 +183,9 @@ def paged_prefill_attention(
     Returns:
         ``out`` ``[Nq, Hq, D]`` in q's dtype.
     """
-    k_cache = as_blocks(k_cache, block_size)
-    v_cache = as_blocks(v_cache, block_size)
+    k_cache, v_cache = check_paged_inputs(q, k_cache, v_cache, block_size, block_tables, cu_seqlens_q, context_lens)
     _, num_heads, head_dim = q.shape
     num_kv_heads = k_cache.shape[2]
-    if num_heads % num_kv_heads or k_cache.shape[3] != head_dim or v_cache.shape != k_cache.shape:
-        raise ValueError(
-            f"shapes do not match: q {tuple(q.shape)}, k {tuple(k_cache.shape)}, v {tuple(v_cache.shape)}"
-        )
-    if not (q.dtype == k_cache.dtype == v_cache.dtype) or q.stride(-1) != 1:
-        raise ValueError("q, k_cache and v_cache must share one dtype, with contiguous last dims")
-    if block_tables.dtype != torch.int32 or cu_seqlens_q.dtype != torch.int32 or context_lens.dtype != torch.int32:
-        raise ValueError("block_tables, cu_seqlens_q and context_lens must be int32")
     batch = context_lens.shape[0]
     if cu_seqlens_q.shape != (batch + 1,) or block_tables.shape[0] != batch:
         raise ValueError(

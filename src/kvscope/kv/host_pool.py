@@ -46,6 +46,7 @@ class HostKVPool:
         self.blocks: dict[str, list[int]] = {}
         self._slots: dict[str, torch.Tensor] = {}  # per request, a growing device buffer of slot ids
         self._held: dict[str, int] = {}
+        self.used_tokens = 0  # sum of _held, kept as it changes: admission reads it per request
         self.evicted_tokens = 0
 
     @property
@@ -57,10 +58,6 @@ class HostKVPool:
         (one row per token and KV head) when ``per_head``."""
         kv = self.kv[layer]
         return kv.view(2, -1, kv.shape[-1]) if per_head else kv.view(2, kv.shape[1], -1)
-
-    @property
-    def used_tokens(self) -> int:
-        return sum(self._held.values())
 
     def held(self, rid: str) -> int:
         """Tokens ``rid`` holds in the pool."""
@@ -96,6 +93,7 @@ class HostKVPool:
             self._slots[rid] = buf = grown
         buf[held : held + n] = new
         self._held[rid] = held + n
+        self.used_tokens += n
         self._reset(new, first_position)
         return new
 
@@ -121,7 +119,7 @@ class HostKVPool:
         if blocks:
             self.pool.free(list(reversed(blocks)))
         self._slots.pop(rid, None)
-        self._held.pop(rid, None)
+        self.used_tokens -= self._held.pop(rid, 0)
 
     def stats(self) -> dict[str, int | float]:
         used = self.used_tokens

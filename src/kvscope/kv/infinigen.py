@@ -49,7 +49,8 @@ class InfiniGenAttention(OffloadAttention):
         qs = batch.query_start
         n = batch.num_new_tokens
         self.spec = [i for i in range(len(prev)) if n[i] == 1 and prev[i].numel() > 0]
-        self.full = [i for i in range(len(prev)) if i not in set(self.spec)]
+        spec = set(self.spec)
+        self.full = [i for i in range(len(prev)) if i not in spec]
         super().__init__(strategy, batch, prev, new_slots)
         if not self.spec:
             return
@@ -82,7 +83,7 @@ class InfiniGenAttention(OffloadAttention):
         m, tables, off = self.num_full, [], 0
         for i in range(len(prev)):
             new = torch.arange(m + qs[i], m + qs[i + 1], device=device)
-            if i in self.spec:
+            if i in spec:
                 tables.append(new)
             else:
                 c = prev[i].numel()
@@ -250,8 +251,8 @@ class InfiniGenStrategy(HostOffloadStrategy):
         self.model = loaded.model
         length = min(self.calibration_len, loaded.config.max_position_embeddings)
         tokens = calibration_tokens(loaded.tokenizer, loaded.config.vocab_size, self.calibration, length)
-        skew, self.skew_path = load_or_compute_skew(loaded.model, tokens, self.setup.device)
-        self.skew_cols, sub = skew.partial(self.partial_weight_ratio)
+        skew, _ = load_or_compute_skew(loaded.model, tokens, self.setup.device)
+        _, sub = skew.partial(self.partial_weight_ratio)
         self.skew_sub = sub.to(self.setup.device)  # [L, Hkv, D, d'] float32
 
     def begin_step(self, batch: StepBatch) -> InfiniGenAttention:

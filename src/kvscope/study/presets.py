@@ -6,16 +6,15 @@ from typing import Any
 from kvscope.errors import ConfigError
 from kvscope.study.spec import StudySpec, parse_spec
 
+# H2O's relatives, each at a 20% budget (H2O's own budgets differ per preset).
+_EVICTION_AT_20 = [f"{name}:budget_ratio=0.2" for name in ("streaming", "tova", "snapkv", "knorm", "random")]
+
 # Every registered strategy once, at about a 20% budget where it has one.
 _STRATEGIES = [
     "paged",
     "contiguous",
     "h2o:heavy_ratio=0.1,recent_ratio=0.1",
-    "streaming:budget_ratio=0.2",
-    "tova:budget_ratio=0.2",
-    "snapkv:budget_ratio=0.2",
-    "knorm:budget_ratio=0.2",
-    "random:budget_ratio=0.2",
+    *_EVICTION_AT_20,
     "offload",
     # 512 calibration tokens instead of InfiniGen's 2048: the skew is computed once per model and
     # cached, but on 2 CPU cores the full calibration alone would take a minute of the budget.
@@ -58,11 +57,7 @@ PAPER: dict[str, Any] = {
         "paged",
         "contiguous",
         *[f"h2o:heavy_ratio={r / 2},recent_ratio={r / 2}" for r in (0.1, 0.2, 0.3, 0.4, 0.5)],
-        "streaming:budget_ratio=0.2",
-        "tova:budget_ratio=0.2",
-        "snapkv:budget_ratio=0.2",
-        "knorm:budget_ratio=0.2",
-        "random:budget_ratio=0.2",
+        *_EVICTION_AT_20,
         "offload",
         *[f"infinigen:budget_ratio={r}" for r in (0.1, 0.2, 0.3, 0.4, 0.5)],
         "adaptive:long_threshold=2048",
