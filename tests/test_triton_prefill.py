@@ -105,15 +105,16 @@ def _run_prefill_case(module, hq, hkv, d, bs, chunks, ctxs, knobs) -> dict:
     }
 
 
-# (N, Hkv, D, num_slots, cache dtype, input dtype)
+# (N, Hkv, D, num_slots, cache dtype, input dtype, skipped rows: slot -1, as CUDA-graph padding)
 WRITE_CASES = [
-    (7, 2, 16, 40, torch.float32, torch.float32),
-    (5, 3, 24, 19, torch.float16, torch.float32),  # cast on the store; odd heads and head dim
-    (1, 1, 16, 4, torch.bfloat16, torch.bfloat16),
+    (7, 2, 16, 40, torch.float32, torch.float32, 0),
+    (5, 3, 24, 19, torch.float16, torch.float32, 0),  # cast on the store; odd heads and head dim
+    (1, 1, 16, 4, torch.bfloat16, torch.bfloat16, 0),
+    (6, 2, 16, 12, torch.float32, torch.float32, 2),  # the last two rows write nothing
 ]
 
 
-def _run_write_case(module, n, hkv, d, num_slots, cache_dtype, in_dtype) -> dict:
+def _run_write_case(module, n, hkv, d, num_slots, cache_dtype, in_dtype, skipped) -> dict:
     gen = torch.Generator().manual_seed(n * 100 + d)
     # k is a non-contiguous view (every other head of a wider tensor), as the model's may be.
     k = torch.randn(n, 2 * hkv, d, generator=gen).to(in_dtype)[:, ::2]
@@ -121,8 +122,10 @@ def _run_write_case(module, n, hkv, d, num_slots, cache_dtype, in_dtype) -> dict
     slots = torch.randperm(num_slots, generator=gen)[:n]
     k_cache = torch.randn(num_slots, hkv, d, generator=gen).to(cache_dtype)
     v_cache = torch.randn(num_slots, hkv, d, generator=gen).to(cache_dtype)
-    k_ref = k_cache.clone().index_copy_(0, slots, k.to(cache_dtype))
-    v_ref = v_cache.clone().index_copy_(0, slots, v.to(cache_dtype))
+    kept = n - skipped
+    k_ref = k_cache.clone().index_copy_(0, slots[:kept], k[:kept].to(cache_dtype))
+    v_ref = v_cache.clone().index_copy_(0, slots[:kept], v[:kept].to(cache_dtype))
+    slots[kept:] = -1
     module.write_kv(k, v, k_cache, v_cache, slots.int() if n % 2 else slots)
     return {"k_equal": torch.equal(k_cache, k_ref), "v_equal": torch.equal(v_cache, v_ref)}
 

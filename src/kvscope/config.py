@@ -70,6 +70,9 @@ class EngineConfig:
     ``"auto"`` (triton on CUDA when it imports, else torch); see :func:`resolve_attention_backend`.
     It applies to the strategies whose slots are whole blocks (``paged``, ``contiguous``); the
     evicting strategies keep their own torch attention, which also yields their policies' statistics.
+    ``enforce_eager`` (vLLM's name): when False, on CUDA with the Triton backend, those strategies'
+    decode steps replay CUDA graphs captured per batch-size bucket (``cuda_graph_sizes``; default
+    1, 2, 4, 8, 16, 24, ... up to ``max_num_seqs``); see ``engine/cuda_graph.py``.
     """
 
     model: str = "smollm2-135m"
@@ -86,6 +89,8 @@ class EngineConfig:
     swap_space_bytes: int = 4 << 30
     seed: int = 0
     attention_backend: str = "auto"
+    enforce_eager: bool = False
+    cuda_graph_sizes: list[int] | None = None
 
     def __post_init__(self) -> None:
         self.torch_dtype = parse_dtype(self.dtype)
@@ -111,3 +116,12 @@ class EngineConfig:
         if self.swap_space_bytes < 0:
             raise ConfigError(f"swap_space_bytes must be >= 0, got {self.swap_space_bytes}")
         self.resolved_attention_backend = resolve_attention_backend(self.attention_backend, self.torch_device)
+        if self.cuda_graph_sizes is not None:
+            sizes = self.cuda_graph_sizes
+            if not sizes or any(isinstance(s, bool) or not isinstance(s, int) or s < 1 for s in sizes):
+                raise ConfigError(f"cuda_graph_sizes must be a non-empty list of integers >= 1, got {sizes!r}")
+            if max(sizes) > self.max_num_seqs:
+                raise ConfigError(
+                    f"cuda_graph_sizes {sizes} has a bucket above max_num_seqs={self.max_num_seqs}: "
+                    "no step has more rows"
+                )

@@ -22,25 +22,27 @@ def _write_kernel(
     NUM_KV_HEADS: tl.constexpr, H_PAD: tl.constexpr,
     HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr,
 ):
-    """One new token ``i``: ``k_cache[slots[i]] = k[i]`` and ``v_cache[slots[i]] = v[i]`` (all heads)."""
+    """One new token ``i``: ``k_cache[slots[i]] = k[i]`` and ``v_cache[slots[i]] = v[i]`` (all heads);
+    nothing for a negative slot."""
     i = tl.program_id(0)
     # int64: slot * stride exceeds 2**31 in a pool of a few GiB.
     slot = tl.load(slots_ptr + i).to(tl.int64)
     h = tl.arange(0, H_PAD)
     d = tl.arange(0, D_PAD)
     mask = (h < NUM_KV_HEADS)[:, None] & (d < HEAD_DIM)[None, :]
-    k = tl.load(k_ptr + i * stride_kn + h[:, None] * stride_kh + d[None, :], mask=mask)
-    v = tl.load(v_ptr + i * stride_vn + h[:, None] * stride_vh + d[None, :], mask=mask)
-    tl.store(
-        k_cache_ptr + slot * stride_kcs + h[:, None] * stride_kch + d[None, :],
-        k.to(k_cache_ptr.dtype.element_ty),
-        mask=mask,
-    )
-    tl.store(
-        v_cache_ptr + slot * stride_vcs + h[:, None] * stride_vch + d[None, :],
-        v.to(v_cache_ptr.dtype.element_ty),
-        mask=mask,
-    )
+    if slot >= 0:
+        k = tl.load(k_ptr + i * stride_kn + h[:, None] * stride_kh + d[None, :], mask=mask)
+        v = tl.load(v_ptr + i * stride_vn + h[:, None] * stride_vh + d[None, :], mask=mask)
+        tl.store(
+            k_cache_ptr + slot * stride_kcs + h[:, None] * stride_kch + d[None, :],
+            k.to(k_cache_ptr.dtype.element_ty),
+            mask=mask,
+        )
+        tl.store(
+            v_cache_ptr + slot * stride_vcs + h[:, None] * stride_vch + d[None, :],
+            v.to(v_cache_ptr.dtype.element_ty),
+            mask=mask,
+        )
 
 
 def write_kv(
@@ -57,6 +59,7 @@ def write_kv(
         k_cache, v_cache: ``[num_slots, Hkv, D]``, last dim contiguous.
         slot_mapping: ``[N]`` int32 or int64 destination slot of each token; slots must be distinct
             (as in a step, where each new token gets its own slot), else the winner is unspecified.
+            A negative slot skips its token: the padding rows of a captured CUDA graph's batch.
     """
     n, num_kv_heads, head_dim = k.shape
     if v.shape != k.shape or k_cache.shape[1:] != k.shape[1:] or v_cache.shape != k_cache.shape:

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from kvscope.config import DEFAULT_CPU_KV_BYTES, EngineConfig
+from kvscope.engine.cuda_graph import DecodeGraphs, default_graph_sizes
 from kvscope.engine.model_runner import ModelRunner
 from kvscope.engine.outputs import CompletionOutput, RequestMetrics, RequestOutput
 from kvscope.engine.request import Request, RequestStatus
@@ -61,7 +62,7 @@ class LLMEngine:
         self.scheduler = Scheduler(
             kv, config.max_num_seqs, config.max_num_batched_tokens, config.preemption_mode
         )
-        self.runner = ModelRunner(self.model, kv, config.torch_device)
+        self.runner = ModelRunner(self.model, kv, config.torch_device, self._capture_graphs())
         self.requests: dict[str, Request] = {}
         self._groups: dict[str, list[Request]] = {}  # parent id -> its n samples, parent first
         self._ids = itertools.count()
@@ -69,6 +70,13 @@ class LLMEngine:
         self.num_steps = 0
         self.num_computed_tokens_total = 0
         self._peaks: dict[str, float] = {}
+
+    def _capture_graphs(self) -> DecodeGraphs | None:
+        cfg = self.config
+        if cfg.enforce_eager or cfg.torch_device.type != "cuda" or self.kv.block_table_layout() is None:
+            return None
+        sizes = cfg.cuda_graph_sizes or default_graph_sizes(cfg.max_num_seqs)
+        return DecodeGraphs(self.model, self.kv, sizes, self.max_model_len, cfg.torch_device)
 
     def _kv_bytes(self) -> int:
         cfg = self.config
@@ -321,6 +329,8 @@ class LLMEngine:
             "num_preemptions": self.scheduler.num_preemptions,
             "num_swap_preemptions": self.scheduler.num_swap_preemptions,
             "num_computed_tokens": self.num_computed_tokens_total,
+            "cuda_graph_sizes": self.runner.graphs.sizes if self.runner.graphs else [],
+            "cuda_graph_replays": self.runner.graphs.replays if self.runner.graphs else 0,
             **self.kv.stats(),
             **self._peaks,
         }

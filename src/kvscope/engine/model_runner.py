@@ -3,16 +3,21 @@ from __future__ import annotations
 
 import torch
 
+from kvscope.engine.cuda_graph import DecodeGraphs
 from kvscope.engine.request import Request
 from kvscope.kv.base import KVStrategy, StepBatch
 from kvscope.models.base import CausalLM
 
 
 class ModelRunner:
-    def __init__(self, model: CausalLM, kv: KVStrategy, device: torch.device) -> None:
+    """``graphs``: captured decode graphs, replayed for the decode-only steps they fit."""
+
+    def __init__(self, model: CausalLM, kv: KVStrategy, device: torch.device,
+                 graphs: DecodeGraphs | None = None) -> None:
         self.model = model
         self.kv = kv
         self.device = device
+        self.graphs = graphs
 
     def build_batch(self, requests: list[Request], num_new_tokens: list[int]) -> StepBatch:
         ids: list[int] = []
@@ -35,6 +40,9 @@ class ModelRunner:
     @torch.inference_mode()
     def run(self, batch: StepBatch, sample_rows: list[int]) -> torch.Tensor:
         """Compute the step; return float32 logits ``[len(sample_rows), vocab]`` of those rows."""
+        size = self.graphs.bucket(batch, sample_rows) if self.graphs is not None else None
+        if size is not None:
+            return self.graphs.run(batch, size)
         attn = self.kv.begin_step(batch)
         hidden = self.model(batch.input_ids, batch.positions, attn)
         rows = torch.tensor(sample_rows, dtype=torch.long, device=hidden.device)

@@ -22,6 +22,7 @@ from kvscope.models.base import AttentionBackend
 from kvscope.models.config import ModelConfig
 
 if TYPE_CHECKING:
+    from kvscope.kv.slot_cache import SlotKVCache
     from kvscope.models.loader import LoadedModel
 
 
@@ -58,6 +59,15 @@ class StepBatch:
     def context_lens(self) -> list[int]:
         """Tokens each request will hold after this step: computed + new."""
         return [r.num_computed_tokens + n for r, n in zip(self.requests, self.num_new_tokens)]
+
+
+@dataclass(frozen=True)
+class BlockTableLayout:
+    """Where a strategy's decode attention reads KV when every request's tokens fill whole blocks
+    of ``cache`` in order: what a captured CUDA graph needs (``engine/cuda_graph.py``)."""
+
+    cache: "SlotKVCache"
+    block_size: int
 
 
 class KVStrategy(ABC):
@@ -131,3 +141,13 @@ class KVStrategy(ABC):
 
     def end_step(self, batch: StepBatch) -> None:
         """Called after the step's tokens are computed and the counters moved forward."""
+
+    # ---- CUDA-graph decode -----------------------------------------------------------------------
+    def block_table_layout(self) -> BlockTableLayout | None:
+        """The layout when decode steps may replay a captured graph, which runs the paged Triton
+        kernels over static block tables; None (the default) keeps the strategy's own backend."""
+        return None
+
+    def block_tables(self, batch: StepBatch) -> list[list[int]]:
+        """Per request of ``batch``, its block ids in token order (with :meth:`block_table_layout`)."""
+        raise NotImplementedError(f"strategy {self.name!r} has no block tables")

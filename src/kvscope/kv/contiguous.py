@@ -11,7 +11,7 @@ from typing import Any
 
 from kvscope.engine.request import Request
 from kvscope.errors import ConfigError
-from kvscope.kv.base import KVSetup, KVStrategy, StepBatch
+from kvscope.kv.base import BlockTableLayout, KVSetup, KVStrategy, StepBatch
 from kvscope.kv.registry import register
 from kvscope.kv.slot_cache import SlotKVCache, block_table_attention
 from kvscope.models.base import AttentionBackend
@@ -93,6 +93,13 @@ class ContiguousStrategy(KVStrategy):
             self.scale,
             self.setup.attention_backend,
         )
+
+    def block_table_layout(self) -> BlockTableLayout | None:
+        # A slab is one block of slot_tokens tokens.
+        return BlockTableLayout(self.cache, self.slot_tokens) if self.setup.attention_backend == "triton" else None
+
+    def block_tables(self, batch: StepBatch) -> list[list[int]]:
+        return [[self.slab_of[req.request_id]] for req in batch.requests]
 
     def end_step(self, batch: StepBatch) -> None:
         for req in batch.requests:

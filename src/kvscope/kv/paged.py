@@ -15,7 +15,7 @@ import torch
 
 from kvscope.engine.request import Request
 from kvscope.errors import ConfigError
-from kvscope.kv.base import KVSetup, KVStrategy, StepBatch
+from kvscope.kv.base import BlockTableLayout, KVSetup, KVStrategy, StepBatch
 from kvscope.kv.block_pool import BlockHash, BlockPool, hash_block, pool_stats
 from kvscope.kv.registry import register
 from kvscope.kv.slot_cache import SlotKVCache, block_table_attention, table_slots
@@ -208,12 +208,19 @@ class PagedStrategy(KVStrategy):
 
     def stats(self) -> dict[str, Any]:
         bs, bpt = self.block_size, self.bytes_per_token
-        # A block shared by several requests holds as many tokens as its fullest user wrote.
+        # A block shared by several requests holds as many tokens as its fullest user wrote. The
+        # engine reads this every step: full blocks go in through dict.fromkeys (C speed), and only
+        # each request's partial last block through Python.
         filled: dict[int, int] = {}
+        partial: list[tuple[int, int]] = []
         for rid, table in self.tables.items():
             held = self._held_tokens.get(rid, 0)
-            for i, b in enumerate(table):
-                filled[b] = max(filled.get(b, 0), min(bs, max(0, held - i * bs)))
+            full = min(held // bs, len(table))
+            filled.update(dict.fromkeys(table[:full], bs))
+            if full < len(table) and held > full * bs:
+                partial.append((table[full], held - full * bs))
+        for b, n in partial:
+            filled[b] = max(filled.get(b, 0), n)
         return {
             **pool_stats(self.pool, bs, bpt, sum(filled.values())),
             "blocks_cached": self.pool.num_cached,
@@ -236,6 +243,12 @@ class PagedStrategy(KVStrategy):
             self.scale,
             self.setup.attention_backend,
         )
+
+    def block_table_layout(self) -> BlockTableLayout | None:
+        return BlockTableLayout(self.cache, self.block_size) if self.setup.attention_backend == "triton" else None
+
+    def block_tables(self, batch: StepBatch) -> list[list[int]]:
+        return [self.tables[req.request_id] for req in batch.requests]
 
     def end_step(self, batch: StepBatch) -> None:
         bs = self.block_size

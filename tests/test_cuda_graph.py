@@ -1,0 +1,80 @@
+"""CUDA-graph decode: bucket choice and configuration on CPU; on a GPU, graphs against eager
+steps and HF transformers (float32 greedy tokens and logits)."""
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from hf_ref import hf_greedy, make_tiny_checkpoint
+from kvscope import LLM, SamplingParams
+from kvscope.config import EngineConfig
+from kvscope.engine.cuda_graph import default_graph_sizes, graph_bucket
+from kvscope.errors import ConfigError
+
+
+def test_default_sizes_follow_vllm():
+    assert default_graph_sizes(1) == [1]
+    assert default_graph_sizes(6) == [1, 2, 4, 6]
+    assert default_graph_sizes(8) == [1, 2, 4, 8]
+    assert default_graph_sizes(30) == [1, 2, 4, 8, 16, 24, 30]
+    assert default_graph_sizes(64) == [1, 2, 4, 8, 16, 24, 32, 40, 48, 56, 64]
+
+
+@pytest.mark.parametrize(
+    "new, rows, expected",
+    [
+        ([1], [0], 1),
+        ([1, 1, 1], [0, 1, 2], 4),  # padded to the next bucket
+        ([1] * 8, list(range(8)), 8),
+        ([1] * 9, list(range(9)), None),  # above the largest bucket
+        ([1, 3], [0, 1], None),  # a prefill chunk in the step
+        ([1, 1], [0], None),  # a row that is not sampled
+    ],
+)
+def test_graph_bucket(new, rows, expected):
+    assert graph_bucket([1, 2, 4, 8], new, rows) == expected
+
+
+@pytest.mark.parametrize("sizes", [[], [0, 4], [2.5], [True], [128]])
+def test_bad_graph_sizes_are_named(sizes):
+    with pytest.raises(ConfigError, match="cuda_graph_sizes"):
+        EngineConfig(cuda_graph_sizes=sizes, max_num_seqs=64)
+
+
+def test_cpu_engine_runs_eagerly(tmp_path):
+    path = tmp_path / "llama"
+    make_tiny_checkpoint("llama", path)
+    llm = LLM(str(path), kv_memory_bytes=4 << 20, max_model_len=128)
+    llm.generate([[5, 6, 7]], SamplingParams(max_tokens=3, ignore_eos=True), use_tqdm=False)
+    stats = llm.engine.stats()
+    assert stats["cuda_graph_replays"] == 0 and stats["cuda_graph_sizes"] == []
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("kind", ["llama", "opt"])
+@pytest.mark.parametrize("strategy", ["paged", "contiguous"])
+def test_graphs_equal_eager_and_hf_on_cuda(tmp_path, kind, strategy):
+    """Float32: decode steps replayed from graphs (batches padded to a bucket, and single requests)
+    give HF's greedy tokens and logits, as the eager steps do."""
+    path = tmp_path / kind
+    hf = make_tiny_checkpoint(kind, path)
+    rng = random.Random(3)
+    prompts = [[rng.randrange(4, 256) for _ in range(n)] for n in (5, 17, 33, 1, 64, 9)]
+    refs = [hf_greedy(hf, p, 20) for p in prompts]
+    params = SamplingParams(max_tokens=20, temperature=0.0, ignore_eos=True, return_logits=True)
+    outs = {}
+    for eager in (True, False):
+        llm = LLM(str(path), device="cuda", strategy=strategy, enforce_eager=eager, kv_memory_bytes=8 << 20,
+                  max_model_len=256, max_num_seqs=8)
+        got = llm.generate(prompts, params, use_tqdm=False) + llm.generate(prompts[:1], params, use_tqdm=False)
+        replays = llm.engine.stats()["cuda_graph_replays"]
+        assert (replays == 0) if eager else (replays >= 2 * 19), replays
+        outs[eager] = got
+        for out, (tokens, logits) in zip(got, refs + refs[:1]):
+            assert out.token_ids == tokens
+            ours = torch.stack(out.outputs[0].logits)
+            assert torch.allclose(ours, logits, atol=1e-3, rtol=0), (ours - logits).abs().max()
+    assert [o.token_ids for o in outs[True]] == [o.token_ids for o in outs[False]]
