@@ -2,6 +2,8 @@
 preemption, and the invariant that every request holds KV in exactly one child."""
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from hypothesis import given, settings
@@ -11,8 +13,10 @@ from kvscope import LLM, SamplingParams
 from kvscope.engine.request import Request
 from kvscope.errors import ConfigError
 from kvscope.kv.adaptive import AdaptiveStrategy
+from kvscope.kv.adaptive_thresholds import derive_thresholds
 from kvscope.kv.base import KVSetup
 from kvscope.models.dummy import preset_config
+from kvscope.study.spec import parse_spec
 
 CFG = preset_config("tiny-llama")
 BS = 4
@@ -123,3 +127,128 @@ def test_every_request_is_in_exactly_one_child(ops):
     for r in list(live.values()):
         s.free(r)
     assert s.full.pool.num_free == 24 and not s.route and not s.compressed
+
+
+# ---- thresholds derived from a study's results file -------------------------------------------------
+def _row(strategy, workload, goodput, n, tokens, ruler=None, ppl=None, status="ok", kv=25165824, rate="inf", seed=0):
+    """A results.jsonl row as the study runner writes it (only the fields the derivation reads)."""
+    quality = {}
+    if ruler is not None:
+        quality["ruler"] = {"accuracy": ruler}
+    if ppl is not None:
+        quality["perplexity"] = {"perplexity": ppl}
+    return {"id": f"{strategy}-{workload['kind']}-{seed}", "status": status,
+            "config": {"model": "m", "strategy": strategy, "kv_memory": kv, "workload": workload, "rate": rate,
+                       "seed": seed},
+            "metrics": {"completed": n, "failed": 0, "total_input_tokens": tokens[0], "total_output_tokens": tokens[1],
+                        "request_goodput": goodput, "output_throughput": 10 * goodput},
+            "quality": quality}
+
+
+SHORT = {"kind": "sharegpt", "num_requests": 5}
+MID = {"kind": "ruler", "task": "niah_single_1", "length": 512, "num_samples": 2}
+LONG = {"kind": "ruler", "task": "niah_single_1", "length": 2048, "num_samples": 2}
+H2O, SNAP, INFG = "h2o:heavy_ratio=0.1,recent_ratio=0.1", "snapkv:budget_ratio=0.2", "infinigen:budget_ratio=0.2,calibration_len=512"
+
+
+def _results(tmp_path, snap_mid_accuracy=0.85, extra=()):
+    """Three scenarios, lengths 100 (short), 400 (mid) and 1600 (long) tokens per request:
+
+    - short: h2o's goodput is within 5% of paged's -> "full";
+    - mid: h2o is fastest but fails the floor (RULER 0 vs 1); snapkv (2.0 vs paged 1.0, RULER 0.85)
+      and infinigen (1.5, RULER 0.9) qualify at floor 0.8 -> "long", best snapkv;
+    - long: snapkv fails the floor (0.5); infinigen (0.9 vs 0.5) qualifies -> "long", best infinigen.
+    """
+    rows = [
+        _row("paged", SHORT, 2.0, 5, (400, 100), ppl=10.0), _row(H2O, SHORT, 2.05, 5, (400, 100), ppl=11.0),
+        _row("paged", MID, 1.0, 2, (760, 40), ruler=1.0), _row(H2O, MID, 3.0, 2, (760, 40), ruler=0.0),
+        _row(SNAP, MID, 2.0, 2, (760, 40), ruler=snap_mid_accuracy), _row(INFG, MID, 1.5, 2, (760, 40), ruler=0.9),
+        _row("paged", LONG, 0.5, 2, (3168, 32), ruler=1.0), _row(SNAP, LONG, 1.0, 2, (3168, 32), ruler=0.5),
+        _row(INFG, LONG, 0.9, 2, (3168, 32), ruler=1.0),
+        # ignored: other strategies, failed points
+        _row("contiguous", LONG, 9.0, 2, (3168, 32), ruler=1.0), _row("adaptive", LONG, 9.0, 2, (3168, 32), ruler=1.0),
+        _row("streaming", MID, 9.0, 2, (760, 40), ruler=1.0, status="error"),
+        *extra,
+    ]
+    path = tmp_path / "results.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows) + '{"id": "torn', encoding="utf-8")
+    return path
+
+
+def test_thresholds_derived_by_hand(tmp_path):
+    path = _results(tmp_path)
+    t = derive_thresholds(path)
+    assert t.metric == "request_goodput"
+    assert [(s.length, s.verdict, s.best) for s in t.scenarios] == [
+        (1600.0, "long", INFG), (400.0, "long", SNAP), (100.0, "full", H2O)]  # sorted by workload label
+    # Stump: cut between 100 ("full") and 400 ("long"), no error; ceil(sqrt(100 * 400)) = 200.
+    assert (t.long_threshold, t.misclassified) == (200, 0)
+    # One win each; snapkv's ratio over paged (2.0) beats infinigen's (1.8).
+    assert (t.long, t.long_args, t.long_budget_ratio) == ("snapkv", {"budget_ratio": 0.2}, 0.2)
+    # A higher floor disqualifies snapkv at mid (0.85 < 0.9): infinigen wins both scenarios.
+    t = derive_thresholds(path, quality_floor=0.9)
+    assert (t.long_threshold, t.long, t.long_args) == (200, "infinigen", {"budget_ratio": 0.2, "calibration_len": 512})
+    # Restricted to one child name.
+    assert derive_thresholds(path, long="infinigen").long == "infinigen"
+    # Without goodput everywhere, output throughput is the metric (here, the same verdicts).
+    rows = [json.loads(line) for line in path.read_text().splitlines()[:-1]]
+    rows[0]["metrics"]["request_goodput"] = None
+    assert derive_thresholds("x", rows=rows).metric == "output_throughput"
+
+
+def test_thresholds_never_by_length_when_paged_is_not_beaten(tmp_path):
+    # With a floor of 1, only infinigen at 1600 tokens qualifies, and it loses to paged there too
+    # when its goodput is within the margin.
+    rows = [_row("paged", SHORT, 2.0, 5, (400, 100), ppl=10.0), _row(H2O, SHORT, 4.0, 5, (400, 100), ppl=20.0),
+            _row("paged", LONG, 1.0, 2, (3168, 32), ruler=1.0), _row(INFG, LONG, 1.04, 2, (3168, 32), ruler=1.0)]
+    t = derive_thresholds("hand", rows=rows)
+    assert [s.verdict for s in t.scenarios] == ["full", "full"]
+    assert (t.long_threshold, t.long) == (None, None)
+    # Non-monotone data: the stump misclassifies the fewest, ties going to the larger threshold.
+    rows += [_row("paged", MID, 1.0, 2, (760, 40), ruler=1.0), _row(INFG, MID, 2.0, 2, (760, 40), ruler=1.0)]
+    t = derive_thresholds("hand", rows=rows)
+    assert (t.long_threshold, t.misclassified) == (None, 1)  # T=400 errs at 1600, "never" at 400: a tie
+
+
+def test_adaptive_uses_derived_thresholds_and_explicit_arguments_win(tmp_path):
+    path = str(_results(tmp_path))
+    # Through the engine's spec string: the derived values, their source, and routing at the threshold.
+    llm = LLM("dummy:tiny-llama", strategy=f"adaptive:thresholds_from={path},block_size=4")
+    a, st_ = llm.engine.kv, llm.engine.stats()
+    assert st_["adaptive_long_threshold"] == 200 and st_["adaptive_long"] == "snapkv"
+    assert st_["adaptive_long_budget_ratio"] == 0.2 and a.long.budget_ratio == 0.2
+    assert st_["adaptive_thresholds_derived"] == ["long_threshold", "long", "long_args"]
+    assert st_["adaptive_thresholds_source"].startswith(f"{path}: 3 scenarios (2 where")
+    assert a._choose(req("below", 150, 49))[1] == "admitted_full"
+    assert a._choose(req("at", 150, 50))[1] == "admitted_long_length"
+    s = AdaptiveStrategy(block_size=BS, thresholds_from=path, long_threshold=300, long="h2o", long_budget_ratio=0.4)
+    assert (s.long_threshold, s.long_name, s.long.heavy_ratio) == (300, "h2o", 0.2) and s.derived_keys == []
+    # An explicit child restricts the derivation to it, and its measured arguments come along. infinigen
+    # was not measured on the short workload, so only mid and long count: both "long", so the threshold
+    # is the shorter one's length.
+    s = AdaptiveStrategy(block_size=BS, thresholds_from=path, long="infinigen")
+    assert (s.long_threshold, s.long_name, s.derived_keys) == (400, "infinigen", ["long_threshold", "long_args"])
+    assert s.long.calibration_len == 512
+    assert bound(8, long_threshold=100).stats()["adaptive_thresholds_source"] == "arguments"
+
+
+@pytest.mark.parametrize("content, message", [
+    (None, "no such results file"),
+    ([_row("paged", LONG, 1.0, 2, (3168, 32), ruler=1.0)], "no scenario .* holds both an ok 'paged' row"),
+    ([_row("paged", LONG, 1.0, 2, (3168, 32), ruler=1.0), _row(INFG, LONG, 2.0, 2, (3168, 32), status="error")],
+     "no scenario .*; strategies with ok rows: paged$"),
+    ([_row("paged", LONG, 1.0, 2, (3168, 32)), _row(INFG, LONG, 2.0, 2, (3168, 32))],
+     "no candidate row has a quality figure"),
+    ([_row("paged", LONG, 1.0, 0, (0, 0), ruler=1.0), _row(INFG, LONG, 2.0, 0, (0, 0), ruler=1.0)],
+     "no usable scenario has a request_goodput figure and a completed request"),
+])
+def test_thresholds_bad_input_names_the_problem(tmp_path, content, message):
+    path = tmp_path / "results.jsonl"
+    if content is not None:
+        path.write_text("".join(json.dumps(r) + "\n" for r in content))
+    with pytest.raises(ConfigError, match=f"thresholds_from='{path}': {message}"):
+        AdaptiveStrategy(thresholds_from=str(path))
+    with pytest.raises(ConfigError, match="^strategies\\[0\\]: adaptive: thresholds_from="):
+        parse_spec({"models": ["m"], "strategies": [f"adaptive:thresholds_from={path}"],
+                    "workloads": [{"type": "fixed", "num_requests": 1, "input_len": 4, "output_len": 2}]},
+                   check_packages=False)

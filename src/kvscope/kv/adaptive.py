@@ -20,6 +20,14 @@ Decisions, each counted in ``stats()``:
    evicting and keep every new token again (the tokens already evicted stay gone).
 
 Every request is in exactly one child from admission to ``free``; the scheduler sees one strategy.
+
+**Thresholds from a study.** ``thresholds_from`` names a study's ``results.jsonl``;
+:mod:`kvscope.kv.adaptive_thresholds` derives ``long_threshold`` (the request length at which a
+long-context child beats full paged KV on the measured goodput while keeping quality at or above
+``quality_floor`` of paged's) and the long child with its measured arguments. Arguments given
+explicitly win over derived ones. What was used, and where it came from, is in ``stats()``
+(``adaptive_long_threshold``, ``adaptive_long``, ``adaptive_long_budget_ratio``,
+``adaptive_thresholds_source``, ``adaptive_thresholds_derived``).
 """
 from __future__ import annotations
 
@@ -30,6 +38,7 @@ import torch
 
 from kvscope.engine.request import Request
 from kvscope.errors import ConfigError
+from kvscope.kv.adaptive_thresholds import DEFAULT_QUALITY_FLOOR, derive_thresholds, kept_fraction
 from kvscope.kv.base import KVSetup, KVStrategy, StepBatch
 from kvscope.kv.block_pool import BlockPool, pool_stats
 from kvscope.kv.eviction import EvictionStrategy
@@ -82,52 +91,86 @@ def _sub_batch(batch: StepBatch, members: list[int]) -> tuple[StepBatch, torch.T
 class AdaptiveStrategy(KVStrategy):
     """Per-request choice between full paged KV and a long-context strategy. Args: ``long``
     (an eviction policy, ``offload`` or ``infinigen``; default ``h2o``), ``long_budget_ratio``
-    (0.2), ``long_threshold`` (tokens, prompt + max_tokens; 2048), ``pressure`` (0.9), ``relief``
-    (0.6), ``compress_under_pressure`` (True), ``long_share`` (device budget share of a host
-    strategy, 0.25), ``block_size`` (16)."""
+    (0.2), ``long_args`` (other arguments of the long child, a dict), ``long_threshold`` (tokens,
+    prompt + max_tokens; 2048), ``pressure`` (0.9), ``relief`` (0.6), ``compress_under_pressure``
+    (True), ``long_share`` (device budget share of a host strategy, 0.25), ``block_size`` (16),
+    ``thresholds_from`` (a study's results.jsonl: derive ``long_threshold`` and the long child from
+    it, see :mod:`kvscope.kv.adaptive_thresholds`) and ``quality_floor`` (0.8, for that derivation).
+    Arguments left at None take the derived value when ``thresholds_from`` is given, else the
+    default above."""
 
     name = "adaptive"
     lossless = False
 
     def __init__(
         self,
-        long: str = "h2o",
-        long_budget_ratio: float = 0.2,
-        long_threshold: int = 2048,
+        long: str | None = None,
+        long_budget_ratio: float | None = None,
+        long_threshold: int | None = None,
         pressure: float = 0.9,
         relief: float = 0.6,
         compress_under_pressure: bool = True,
         long_share: float = 0.25,
         block_size: int = 16,
+        long_args: dict[str, Any] | None = None,
+        thresholds_from: str | None = None,
+        quality_floor: float = DEFAULT_QUALITY_FLOOR,
     ) -> None:
         super().__init__()
         choices = [n for n, c in available().items() if issubclass(c, EvictionStrategy)] + list(_HOST)
-        if long not in choices:
+        if long is not None and long not in choices:
             raise ConfigError(f"adaptive: long must be one of {choices}, got {long!r}")
         for key, val in (("long_budget_ratio", long_budget_ratio), ("pressure", pressure), ("relief", relief),
                          ("long_share", long_share)):
+            if val is None and key == "long_budget_ratio":
+                continue
             if not isinstance(val, (int, float)) or not 0.0 < val <= 1.0:
                 raise ConfigError(f"adaptive: {key} must be in (0, 1], got {val!r}")
         if relief >= pressure:
             raise ConfigError(f"adaptive: relief ({relief}) must be below pressure ({pressure})")
-        if not isinstance(long_threshold, int) or long_threshold < 1:
+        if long_threshold is not None and (not isinstance(long_threshold, int) or isinstance(long_threshold, bool)
+                                           or long_threshold < 1):
             raise ConfigError(f"adaptive: long_threshold must be an integer >= 1, got {long_threshold!r}")
+        if long_args is not None and not isinstance(long_args, dict):
+            raise ConfigError(f"adaptive: long_args must be a dict of the long child's arguments, got {long_args!r}")
+        if thresholds_from is not None and not isinstance(thresholds_from, str):
+            raise ConfigError(f"adaptive: thresholds_from must be a path, got {thresholds_from!r}")
+
+        derived = derive_thresholds(thresholds_from, quality_floor, long=long) if thresholds_from else None
+        self.thresholds = derived
+        self.derived_keys: list[str] = []
+        if long_threshold is None and derived is not None:
+            self.long_threshold: int | None = derived.long_threshold
+            self.derived_keys.append("long_threshold")
+        else:
+            self.long_threshold = 2048 if long_threshold is None else long_threshold
+        use_derived_child = derived is not None and derived.long is not None
+        long_given = long is not None
+        long = long or (derived.long if use_derived_child else None) or "h2o"
+        if use_derived_child and long_budget_ratio is None:
+            args = dict(derived.long_args)
+            self.derived_keys += ([] if long_given else ["long"]) + ["long_args"]
+        else:
+            ratio = 0.2 if long_budget_ratio is None else long_budget_ratio
+            if long == "h2o":
+                args = {"heavy_ratio": ratio / 2, "recent_ratio": ratio / 2}
+            elif long == "offload":
+                args = {}
+            else:
+                args = {"budget_ratio": ratio}
+        args.update(long_args or {})
         self.long_name = long
-        self.long_threshold = long_threshold
+        self.long_budget_ratio = kept_fraction(long, args)
         self.pressure = float(pressure)
         self.relief = float(relief)
         self.compress_under_pressure = bool(compress_under_pressure)
         self.long_share = float(long_share)
         self.block_size = block_size
         self.full = PagedStrategy(block_size=block_size, enable_prefix_caching=False)
-        cls = available()[long]
-        if long == "h2o":
-            args = {"heavy_ratio": long_budget_ratio / 2, "recent_ratio": long_budget_ratio / 2}
-        elif long == "offload":
-            args = {}
-        else:
-            args = {"budget_ratio": long_budget_ratio}
-        self.long = cls(block_size=block_size, **args)
+        try:
+            self.long = available()[long](block_size=block_size, **args)
+        except TypeError as e:
+            raise ConfigError(f"adaptive: bad arguments {args} for the long child {long!r}: {e}") from None
         self.shared = isinstance(self.long, EvictionStrategy)
         self.route: dict[str, KVStrategy] = {}
         self.compressed: dict[str, Request] = {}
@@ -167,7 +210,8 @@ class AdaptiveStrategy(KVStrategy):
 
     def _choose(self, request: Request) -> tuple[KVStrategy, str]:
         total = request.num_prompt_tokens + request.params.max_tokens
-        if total >= self.long_threshold or request.num_prompt_tokens > self.full.max_request_tokens():
+        by_length = self.long_threshold is not None and total >= self.long_threshold
+        if by_length or request.num_prompt_tokens > self.full.max_request_tokens():
             return self.long, "admitted_long_length"
         if self.pool_use() >= self.pressure:
             return self.long, "admitted_long_pressure"
@@ -211,6 +255,12 @@ class AdaptiveStrategy(KVStrategy):
         out: dict[str, Any] = {f"adaptive_{k}": v for k, v in self.counts.items()}
         out["adaptive_requests_full"] = sum(1 for c in self.route.values() if c is self.full)
         out["adaptive_requests_long"] = sum(1 for c in self.route.values() if c is self.long)
+        out["adaptive_long_threshold"] = self.long_threshold
+        out["adaptive_long"] = self.long_name
+        out["adaptive_long_budget_ratio"] = self.long_budget_ratio
+        out["adaptive_pressure"] = self.pressure
+        out["adaptive_thresholds_source"] = self.thresholds.describe() if self.thresholds else "arguments"
+        out["adaptive_thresholds_derived"] = list(self.derived_keys)
         if self.shared:
             used = sum(self.full._held_tokens.values()) + sum(self.long.resident.values())
             out.update(pool_stats(self.full.pool, self.block_size, self.bytes_per_token, used))
