@@ -89,6 +89,29 @@ def test_overlapped_equals_synchronous(tiny, strategy):
         assert torch.equal(torch.stack(a), torch.stack(b))
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+@pytest.mark.parametrize("select", ["head", "token"])
+def test_infinigen_graphs_equal_eager(tiny, select):
+    """Decode steps replayed from graphs (padded batch and context buckets) give the eager steps'
+    tokens, logits, transfer bytes and selection counts."""
+    path, prompts, _ = tiny
+    runs = {}
+    for eager in (True, False):
+        llm = LLM(path, device="cuda", strategy=f"infinigen:calibration=random,alpha=2,dense_layers=1,select={select}",
+                  enforce_eager=eager, kv_memory_bytes=8 << 20, max_model_len=256)
+        outs = llm.generate(prompts, greedy(), use_tqdm=False)
+        st = llm.engine.stats()
+        assert (st["cuda_graph_replays"] == 0) == eager, st["cuda_graph_replays"]
+        runs[eager] = (outs, st)
+    (eager_outs, eager_st), (graph_outs, graph_st) = runs[True], runs[False]
+    assert [o.token_ids for o in graph_outs] == [o.token_ids for o in eager_outs]
+    for a, b in zip(graph_outs, eager_outs):
+        x, y = torch.stack(a.outputs[0].logits), torch.stack(b.outputs[0].logits)
+        assert torch.allclose(x, y, atol=1e-4, rtol=0), (x - y).abs().max()
+    for key in ("transfer_bytes_h2d", "transfer_bytes_d2h", "selected_tokens_per_layer_head"):
+        assert graph_st[key] == eager_st[key], key
+
+
 def test_offload_transfer_bytes_are_exact():
     """One request, prompt P, G tokens: decode step j fetches the P + j - 1 earlier tokens of every
     layer; every computed token is written back once."""
@@ -190,3 +213,63 @@ def test_host_pool_smaller_than_one_request():
     out = llm.generate([[3] * (cap - 4)], SamplingParams(max_tokens=40, ignore_eos=True), use_tqdm=False)
     assert len(out[0].outputs[0].token_ids) == 40
     assert llm.engine.stats()["host_evicted_tokens"] > 0
+
+
+@pytest.mark.parametrize("select", ["head", "token"])
+def test_static_decode_step_equals_ragged_step(select):
+    """The static-shape decode step (``kv/infinigen_decode.py``: contexts padded, ``k`` masked on the
+    device, padding rows as a captured graph has them) gives the ragged step's logits and bumps the
+    same selection counters, for a batch of unequal contexts."""
+    from kvscope.kv.infinigen import InfiniGenAttention
+    from kvscope.kv.infinigen_decode import InfiniGenDecode, context_bucket
+
+    llm = LLM("dummy:tiny-llama", strategy=f"infinigen:calibration=random,dense_layers=1,alpha=2,select={select}",
+              kv_memory_bytes=8 << 20, max_model_len=512)
+    eng, kv = llm.engine, llm.engine.kv
+    rng = random.Random(5)
+    for n in (37, 300, 90):
+        eng.add_request([rng.randrange(4, 200) for _ in range(n)], SamplingParams(max_tokens=8, ignore_eos=True))
+    while not all(r.output_token_ids for r in eng.requests.values()):
+        eng.step()
+    sched = eng.scheduler.schedule()
+    assert sched.num_new_tokens == [1, 1, 1]
+    batch = eng.runner.build_batch(sched.requests, sched.num_new_tokens)
+    prev, new = kv.step_slots(batch)
+    model = eng.model
+
+    def run(make):
+        counters, selected = kv.pool.counters.clone(), kv.selected_tokens.clone()
+        with torch.inference_mode():
+            attn = make()
+            rows = getattr(attn, "b", 3)  # a padded bucket runs all its rows, as its graph does
+            ids = torch.nn.functional.pad(batch.input_ids, (0, rows - 3))
+            positions = attn.positions if rows > 3 else batch.positions
+            logits = model.compute_logits(model(ids, positions, attn))[:3]
+        delta = (kv.pool.counters - counters, kv.selected_tokens - selected)
+        kv.pool.counters.copy_(counters)
+        kv.selected_tokens.copy_(selected)
+        return logits, delta
+
+    def static(b, c):
+        def make():
+            dec = InfiniGenDecode(kv, b, c)
+            dec.load(prev, new, batch.positions)
+            dec.begin()
+            return dec
+        return make
+
+    ref, (ref_counters, ref_selected) = run(lambda: InfiniGenAttention(kv, batch, prev, new))
+    longest = max(p.numel() for p in prev)
+    assert ref_selected[1:].sum() > 0
+    for b, c in ((3, longest), (8, context_bucket(longest))):  # exact, and a padded bucket
+        logits, (counters, selected) = run(static(b, c))
+        assert torch.allclose(logits, ref, atol=1e-5, rtol=0), (logits - ref).abs().max()
+        assert torch.equal(counters, ref_counters)
+        assert torch.equal(selected, ref_selected)
+
+
+def test_context_buckets():
+    from kvscope.kv.infinigen_decode import context_bucket
+
+    assert [context_bucket(n) for n in (1, 256, 257, 384, 385, 600, 4096, 4097, 20000)] == [
+        256, 256, 384, 384, 512, 768, 4096, 6144, 24576]

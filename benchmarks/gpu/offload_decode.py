@@ -13,7 +13,9 @@ One run, in order:
    directly (random KV written into the cache, no prefill) and one decode step is timed (median
    of 10 after 3 warm-up steps, ``torch.cuda.synchronize`` around each). For the offloading
    strategies the bytes fetched per step divided by the step time give the effective prefetch
-   bandwidth.
+   bandwidth. Engines run as configured by default: ``paged`` and ``infinigen`` decode steps
+   replay CUDA graphs (the first warm-up step of a new shape captures it), ``offload`` runs
+   eagerly; each row records how many of its steps were replays.
 
 Writes ``benchmarks/results/offload_decode.{json,md}``.
 """
@@ -151,6 +153,7 @@ def time_decode(engine: LLMEngine, label: str, batch: int, context: int) -> dict
         step()
     torch.cuda.synchronize()
     h2d0 = kv.stats().get("transfer_bytes_h2d", 0)
+    replays0 = engine.runner.graph_replays
     times = []
     for _ in range(10):
         torch.cuda.synchronize()
@@ -161,7 +164,8 @@ def time_decode(engine: LLMEngine, label: str, batch: int, context: int) -> dict
     after = kv.stats()
     ms = statistics.median(times)
     row = {"strategy": label, "batch": batch, "context": context, "step_ms": ms,
-           "step_ms_min": min(times), "step_ms_max": max(times)}
+           "step_ms_min": min(times), "step_ms_max": max(times),
+           "graph_replays": engine.runner.graph_replays - replays0}
     if before:
         per_step = (after["transfer_bytes_h2d"] - h2d0) / 10
         row["h2d_bytes_per_step"] = per_step
@@ -248,7 +252,9 @@ def markdown(r: dict) -> str:
     lines += ["", "## Decode step (median of 10, ms)", "",
               "`infinigen`: alpha 4, partial ratio 0.2, budget 20% of the context, 2 dense layers, each KV "
               "head its own top-k (`select=head`, InfiniGen) or whole tokens (`select=token`). Prefetch GB/s = "
-              "host-to-device bytes per step / step time (a floor on the copy's own speed: compute is included).",
+              "host-to-device bytes per step / step time (a floor on the copy's own speed: compute is included). "
+              "`paged` and `infinigen` steps replay CUDA graphs, `offload` runs eagerly (graph replays per "
+              "10 timed steps are in the JSON).",
               "",
               "| batch | context | paged | offload | infinigen | infinigen-token | vs offload (head / token) | "
               "prefetch GB/s offload / head / token | token, of pinned h2d |",

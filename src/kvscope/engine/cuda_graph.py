@@ -106,8 +106,7 @@ class DecodeGraphs:
         self.ids, self.positions, self.slots, self.lens, self.tables = views(self._dev)
         self.h_ids, self.h_pos, self.h_slots, self.h_lens, self.h_tables = views(self._host_np)
         self._graphs: dict[int, torch.cuda.CUDAGraph] = {}
-        self._logits: dict[int, torch.Tensor] = {}
-        self.replays = 0
+        self._out = torch.empty(b, cfg.vocab_size, dtype=torch.float32, device=device)
         scale = cfg.head_dim**-0.5
         pool = torch.cuda.graph_pool_handle()
         self._reset_padding(b)
@@ -118,9 +117,11 @@ class DecodeGraphs:
                                          scale, splits)
             self._capture(size, attn, pool)
 
-    def _forward(self, size: int, attn: StaticDecodeAttention) -> torch.Tensor:
+    def _forward(self, size: int, attn: StaticDecodeAttention) -> None:
         hidden = self.model(self.ids[:size], self.positions[:size], attn)
-        return self.model.compute_logits(hidden)
+        # Into one buffer shared by all buckets: per-bucket outputs would stay allocated (2 GB of
+        # float32 logits over the buckets of 256 sequences at a 128k vocabulary).
+        self._out[:size].copy_(self.model.compute_logits(hidden))
 
     @torch.inference_mode()
     def _capture(self, size: int, attn: StaticDecodeAttention, pool) -> None:
@@ -132,7 +133,7 @@ class DecodeGraphs:
         torch.cuda.current_stream().wait_stream(side)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=pool):
-            self._logits[size] = self._forward(size, attn)
+            self._forward(size, attn)
         self._graphs[size] = graph
 
     def _reset_padding(self, start: int) -> None:
@@ -156,7 +157,7 @@ class DecodeGraphs:
         self._copied.synchronize()
         for i, (req, table) in enumerate(zip(batch.requests, self.kv.block_tables(batch))):
             pos = req.num_computed_tokens
-            self.h_ids[i] = req.all_token_ids[pos]
+            self.h_ids[i] = req.token_at(pos)
             self.h_pos[i] = pos
             self.h_lens[i] = pos + 1
             self.h_slots[i] = table[pos // bs] * bs + pos % bs
@@ -167,5 +168,4 @@ class DecodeGraphs:
         )
         self._copied.record()
         self._graphs[size].replay()
-        self.replays += 1
-        return self._logits[size][:n].clone()
+        return self._out[:n].clone()

@@ -46,6 +46,10 @@ class LLMEngine:
             config.max_model_len or loaded.config.max_position_embeddings,
             loaded.config.max_position_embeddings,
         )
+        self.graph_sizes = (
+            None if config.enforce_eager or config.torch_device.type != "cuda"
+            else config.cuda_graph_sizes or default_graph_sizes(config.max_num_seqs)
+        )
         kv.bind(
             KVSetup(
                 model=loaded.config,
@@ -56,6 +60,7 @@ class LLMEngine:
                 max_num_seqs=config.max_num_seqs,
                 swap_space_bytes=config.swap_space_bytes,
                 attention_backend=config.resolved_attention_backend,
+                cuda_graph_sizes=self.graph_sizes,
             )
         )
         kv.attach_model(loaded)
@@ -72,11 +77,9 @@ class LLMEngine:
         self._peaks: dict[str, float] = {}
 
     def _capture_graphs(self) -> DecodeGraphs | None:
-        cfg = self.config
-        if cfg.enforce_eager or cfg.torch_device.type != "cuda" or self.kv.block_table_layout() is None:
+        if self.graph_sizes is None or self.kv.block_table_layout() is None:
             return None
-        sizes = cfg.cuda_graph_sizes or default_graph_sizes(cfg.max_num_seqs)
-        return DecodeGraphs(self.model, self.kv, sizes, self.max_model_len, cfg.torch_device)
+        return DecodeGraphs(self.model, self.kv, self.graph_sizes, self.max_model_len, self.config.torch_device)
 
     def _kv_bytes(self) -> int:
         cfg = self.config
@@ -329,8 +332,8 @@ class LLMEngine:
             "num_preemptions": self.scheduler.num_preemptions,
             "num_swap_preemptions": self.scheduler.num_swap_preemptions,
             "num_computed_tokens": self.num_computed_tokens_total,
-            "cuda_graph_sizes": self.runner.graphs.sizes if self.runner.graphs else [],
-            "cuda_graph_replays": self.runner.graphs.replays if self.runner.graphs else 0,
+            "cuda_graph_sizes": self.graph_sizes or [],
+            "cuda_graph_replays": self.runner.graph_replays,
             **self.kv.stats(),
             **self._peaks,
         }

@@ -10,7 +10,8 @@ from kvscope.models.base import CausalLM
 
 
 class ModelRunner:
-    """``graphs``: captured decode graphs, replayed for the decode-only steps they fit."""
+    """``graphs``: captured decode graphs of a block-table strategy, replayed for the decode-only
+    steps they fit; other strategies may replay graphs of their own (``KVStrategy.replay_decode``)."""
 
     def __init__(self, model: CausalLM, kv: KVStrategy, device: torch.device,
                  graphs: DecodeGraphs | None = None) -> None:
@@ -18,6 +19,7 @@ class ModelRunner:
         self.kv = kv
         self.device = device
         self.graphs = graphs
+        self.graph_replays = 0
 
     def build_batch(self, requests: list[Request], num_new_tokens: list[int]) -> StepBatch:
         ids: list[int] = []
@@ -25,8 +27,10 @@ class ModelRunner:
         starts = [0]
         for req, n in zip(requests, num_new_tokens):
             s = req.num_computed_tokens
-            tokens = req.all_token_ids
-            ids.extend(tokens[s : s + n])
+            if n == 1:  # decode: all_token_ids would copy the whole sequence for one token
+                ids.append(req.token_at(s))
+            else:
+                ids.extend(req.all_token_ids[s : s + n])
             pos.extend(range(s, s + n))
             starts.append(starts[-1] + n)
         return StepBatch(
@@ -42,7 +46,12 @@ class ModelRunner:
         """Compute the step; return float32 logits ``[len(sample_rows), vocab]`` of those rows."""
         size = self.graphs.bucket(batch, sample_rows) if self.graphs is not None else None
         if size is not None:
+            self.graph_replays += 1
             return self.graphs.run(batch, size)
+        logits = self.kv.replay_decode(batch, sample_rows)
+        if logits is not None:
+            self.graph_replays += 1
+            return logits
         attn = self.kv.begin_step(batch)
         hidden = self.model(batch.input_ids, batch.positions, attn)
         rows = torch.tensor(sample_rows, dtype=torch.long, device=hidden.device)

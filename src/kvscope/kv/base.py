@@ -39,6 +39,8 @@ class KVSetup:
     swap_space_bytes: int
     #: ``"torch"`` or ``"triton"`` (resolved from ``EngineConfig.attention_backend``).
     attention_backend: str = "torch"
+    #: Batch-size buckets of captured decode graphs (CUDA, ``enforce_eager=False``), else None.
+    cuda_graph_sizes: list[int] | None = None
 
 
 @dataclass
@@ -146,6 +148,11 @@ class KVStrategy(ABC):
     def block_table_layout(self) -> BlockTableLayout | None:
         """The layout when decode steps may replay a captured graph, which runs the paged Triton
         kernels over static block tables; None (the default) keeps the strategy's own backend."""
+        return None
+
+    def replay_decode(self, batch: StepBatch, sample_rows: list[int]) -> torch.Tensor | None:
+        """Run ``batch`` from a graph the strategy captured itself and return the logits of
+        ``sample_rows`` (``[len(sample_rows), vocab]`` float32), or None to run it eagerly."""
         return None
 
     def block_tables(self, batch: StepBatch) -> list[list[int]]:

@@ -38,11 +38,14 @@ class HostKVPool:
             )
         self.pool = BlockPool(num_blocks, enable_caching=False)
         self.num_slots = num_blocks * block_size
-        shape = (model.num_layers, 2, self.num_slots, model.num_kv_heads, model.head_dim)
+        # One slot past the real ones, never handed out: padding rows of a captured decode step
+        # (kv/infinigen_decode.py) read and write it instead of a request's token.
+        self.scratch_slot = self.num_slots
+        shape = (model.num_layers, 2, self.num_slots + 1, model.num_kv_heads, model.head_dim)
         # empty, not zeros: pages are touched only as slots fill, and pinning stays cheap.
         self.kv = torch.empty(shape, dtype=dtype, pin_memory=pin)
-        self.counters = torch.zeros(self.num_slots, dtype=torch.int32, device=counter_device)
-        self.positions = torch.zeros(self.num_slots, dtype=torch.int64, device=counter_device)
+        self.counters = torch.zeros(self.num_slots + 1, dtype=torch.int32, device=counter_device)
+        self.positions = torch.zeros(self.num_slots + 1, dtype=torch.int64, device=counter_device)
         self.blocks: dict[str, list[int]] = {}
         self._slots: dict[str, torch.Tensor] = {}  # per request, a growing device buffer of slot ids
         self._held: dict[str, int] = {}

@@ -35,6 +35,7 @@ from kvscope.errors import ConfigError
 from kvscope.kv.base import KVSetup, StepBatch
 from kvscope.kv.offload_base import HostOffloadStrategy, OffloadAttention, _Staged
 from kvscope.kv.registry import register
+from kvscope.kv.infinigen_decode import InfiniGenDecode, InfiniGenGraphs
 from kvscope.kv.skew import CALIBRATION_TOKENS, calibration_tokens, load_or_compute_skew
 from kvscope.kv.slot_cache import SlotAttention
 
@@ -241,11 +242,12 @@ class InfiniGenStrategy(HostOffloadStrategy):
         super().bind(setup)
         m = setup.model
         self.partial_keys = torch.zeros(
-            m.num_layers, self.pool.num_slots, m.num_kv_heads, self._partial_dim(m.head_dim),
+            m.num_layers, self.pool.num_slots + 1, m.num_kv_heads, self._partial_dim(m.head_dim),
             dtype=setup.dtype, device=setup.device,
         )
         self.selected_tokens = torch.zeros(m.num_layers, m.num_kv_heads, dtype=torch.float64, device=setup.device)
         self.candidate_tokens = torch.zeros(m.num_layers, dtype=torch.float64)
+        self.graphs = InfiniGenGraphs(self, setup.cuda_graph_sizes) if setup.cuda_graph_sizes else None
 
     def attach_model(self, loaded) -> None:
         self.model = loaded.model
@@ -255,9 +257,46 @@ class InfiniGenStrategy(HostOffloadStrategy):
         _, sub = skew.partial(self.partial_weight_ratio)
         self.skew_sub = sub.to(self.setup.device)  # [L, Hkv, D, d'] float32
 
-    def begin_step(self, batch: StepBatch) -> InfiniGenAttention:
+    def k_cap(self, mean_context: float) -> float:
+        """The most tokens a KV head keeps at a mean context of ``mean_context``: ``budget_ratio`` of
+        it (at least 1) and at most ``max_num_kv``."""
+        cap = float(mean_context)
+        if self.max_num_kv is not None:
+            cap = min(cap, self.max_num_kv)
+        if self.budget_ratio is not None:
+            cap = min(cap, max(1, int(self.budget_ratio * mean_context)))
+        return cap
+
+    def _pure_decode(self, batch: StepBatch, prev: list[torch.Tensor]) -> bool:
+        return all(n == 1 for n in batch.num_new_tokens) and all(p.numel() > 0 for p in prev)
+
+    def begin_step(self, batch: StepBatch) -> InfiniGenAttention | InfiniGenDecode:
         prev, new = self.step_slots(batch)
+        if self._pure_decode(batch, prev):
+            longest = max(p.numel() for p in prev)
+            m = self.setup.model
+            if len(prev) * -(-(longest + 1) // 16) * 16 * m.num_kv_heads * m.head_dim <= self.transfer.buffer_elems:
+                dec = InfiniGenDecode(self, len(prev), longest)
+                dec.load(prev, new, batch.positions)
+                dec.begin()
+                return dec
         return InfiniGenAttention(self, batch, prev, new)
+
+    def replay_decode(self, batch: StepBatch, sample_rows: list[int]) -> torch.Tensor | None:
+        if self.graphs is None or sample_rows != list(range(len(batch.requests))):
+            return None
+        if any(n != 1 for n in batch.num_new_tokens):
+            return None
+        # Decided before step_slots, which consumes the step's eviction victims: a decode row's
+        # earlier tokens are all it holds but the new one (or but the victim, which takes it).
+        earlier = [self.pool.held(r.request_id) - 1 for r in batch.requests]
+        if min(earlier) < 1:
+            return None
+        key = self.graphs.bucket(len(earlier), max(earlier))
+        if key is None:
+            return None
+        prev, new = self.step_slots(batch)
+        return self.graphs.run(key, batch.input_ids, prev, new, batch.positions)
 
     def stats(self) -> dict[str, Any]:
         m = self.setup.model

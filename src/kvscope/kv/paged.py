@@ -80,7 +80,9 @@ class PagedStrategy(KVStrategy):
     def _block_hashes(self, request: Request, num_blocks: int) -> list[BlockHash]:
         """Chained hashes of the request's first ``num_blocks`` full blocks (memoised)."""
         hashes = self._hashes.setdefault(request.request_id, [])
-        tokens = request.all_token_ids
+        if len(hashes) >= num_blocks:
+            return hashes[:num_blocks]
+        tokens = request.all_token_ids  # a copy of the whole sequence: only when a block is new
         bs = self.block_size
         while len(hashes) < num_blocks:
             i = len(hashes)
@@ -259,9 +261,11 @@ class PagedStrategy(KVStrategy):
             self._held_tokens[rid] = req.num_computed_tokens
             if not self.enable_prefix_caching:
                 continue
+            full = req.num_computed_tokens // bs
+            if full <= self._registered.get(rid, 0):
+                continue  # no block filled up this step (most decode steps)
             table = self.tables[rid]
             tokens = req.all_token_ids
-            full = req.num_computed_tokens // bs
             hashes = self._block_hashes(req, full)
             for i in range(self._registered.get(rid, 0), full):
                 self.pool.cache(table[i], hashes[i], tokens[i * bs : (i + 1) * bs])

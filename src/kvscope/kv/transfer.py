@@ -50,6 +50,7 @@ class TransferEngine:
         self.wait_ms = 0.0
         self._valid_rows_bytes = torch.zeros((), dtype=torch.int64, device=device)
         self._timings: list[tuple[torch.cuda.Event, torch.cuda.Event]] = []
+        self._held_for_graph: list[torch.Tensor] = []
 
     @property
     def nbytes(self) -> int:
@@ -82,24 +83,49 @@ class TransferEngine:
             self.bytes_h2d += m * row_bytes
         else:  # counted on the device: reading the count here would stall the host every layer
             self._valid_rows_bytes += valid.sum() * row_bytes
+        capturing = self._capturing()
         if not self.overlap:
-            t0 = self._start_timer()
+            t0 = None if capturing else self._start_timer()
             gather_rows(src, idx, out=out[:, :m], valid=valid, sort=self.cuda)
-            self._stop_timer(t0)
+            if t0 is not None:
+                self._stop_timer(t0)
             return Fetch(out, None)
         self.stream.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(self.stream):
             gather_rows(src, idx, out=out[:, :m], valid=valid, sort=self.cuda)
-            done = torch.cuda.Event(enable_timing=True)
+            # Timing events cannot be recorded into a CUDA graph: a captured fetch is only ordered.
+            done = torch.cuda.Event(enable_timing=not capturing)
             done.record(self.stream)
-        idx.record_stream(self.stream)
-        if valid is not None:
-            valid.record_stream(self.stream)
+        self._used_by_copies(idx, valid)
         return Fetch(out, done)
+
+    def _used_by_copies(self, *tensors: torch.Tensor | None) -> None:
+        """Keep compute-stream tensors that queued copies read from being reused under them."""
+        if self._capturing():
+            # Inside a capture, freed memory is handed to the next allocation of the compute stream
+            # with no event to wait for: keep the tensors alive until the copies are joined.
+            self._held_for_graph.extend(t for t in tensors if t is not None)
+        else:
+            for t in tensors:
+                if t is not None:
+                    t.record_stream(self.stream)
+
+    def _capturing(self) -> bool:
+        return self.cuda and torch.cuda.is_current_stream_capturing()
+
+    def join(self) -> None:
+        """Make the compute stream wait for every copy queued so far (a captured step must end
+        with its side-stream work joined)."""
+        if self.overlap:
+            torch.cuda.current_stream(self.device).wait_stream(self.stream)
+        self._held_for_graph.clear()
 
     def wait(self, fetch: Fetch) -> torch.Tensor:
         """Make the compute stream wait for ``fetch``; returns its rows ``[2, M, W]``."""
         if fetch.done is not None:
+            if self._capturing():
+                torch.cuda.current_stream(self.device).wait_event(fetch.done)
+                return fetch.rows
             ready = torch.cuda.Event(enable_timing=True)
             ready.record()
             torch.cuda.current_stream(self.device).wait_event(fetch.done)
@@ -107,8 +133,11 @@ class TransferEngine:
         return fetch.rows
 
     def write(self, dst: torch.Tensor, idx: torch.Tensor, rows: torch.Tensor) -> None:
-        """Store ``rows`` ``[2, M, W]`` (device) at rows ``idx`` ``[M]`` of the host planes ``dst``."""
-        self.bytes_d2h += rows.numel() * self.elem_size
+        """Store ``rows`` ``[2, M, W]`` (device) at rows ``idx`` ``[M]`` of the host planes ``dst``.
+        Counted here, except while a graph is captured: a replay's caller counts its own writes."""
+        capturing = self._capturing()
+        if not capturing:
+            self.bytes_d2h += rows.numel() * self.elem_size
         if not self.overlap:
             scatter_rows(dst, idx, rows)
             return
@@ -116,8 +145,7 @@ class TransferEngine:
         with torch.cuda.stream(self.stream):
             scatter_rows(dst, idx, rows)
         # The compute stream may free these before the copy stream reads them.
-        rows.record_stream(self.stream)
-        idx.record_stream(self.stream)
+        self._used_by_copies(rows, idx)
 
     def finish_step(self) -> None:
         """Wait for all copies of the step and add up how long compute waited on them."""

@@ -1,0 +1,273 @@
+"""The pure-decode step of ``infinigen`` with static shapes, run eagerly or replayed as a CUDA graph.
+
+A decode step of ``infinigen`` issues about a hundred small kernels per layer (speculation,
+selection, the gather, attention over the fetched rows); run eagerly it is bound by the host, not
+by PCIe or HBM (on an H100 host at batch 1: 140 ms of launches for 21 ms of GPU work). This module
+lays the step out so that no shape depends on data: with ``B`` rows and contexts padded to ``C``
+tokens, every tensor has a shape fixed by ``(B, C)``, and the number of tokens each KV head keeps
+(InfiniGen's ``k``, decided on the device) only masks rows. The same code runs eagerly (exact
+``B`` and ``C``) or is captured once per ``(B, C)`` bucket and replayed (``InfiniGenGraphs``).
+
+Layouts, all padded so that a row's new token can be written in place after its fetched rows:
+
+* dense layers (below ``dense_layers``): ``[B, Cp]`` whole tokens, ``Cp = ceil16(C + 1)``;
+* speculative layers: ``[B * Hkv, Kp]`` rows of one KV head (``select=head``) or ``[B, Kp]`` whole
+  tokens (``select=token``), ``Kp = ceil16(k_max + 1)``, selected rows first (``topk`` sorts them,
+  so the kept ones are a prefix), the new token right after them.
+
+Attention over a layout is single-query decode over ``S`` sequences of ``P`` rows with per-sequence
+lengths: the Triton paged decode kernel with 16-row blocks in order (CUDA, Triton backend) or
+:func:`~kvscope.attention.torch_ref.attend_decode` (the torch path).
+
+Rows of a graph bucket beyond the batch are padding: their slots point at the scratch slot the host
+pool keeps past its last real one, and ``real`` masks them out of every count.
+"""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn.functional as F
+
+from kvscope.attention.torch_ref import attend_decode
+
+if TYPE_CHECKING:
+    from kvscope.kv.infinigen import InfiniGenStrategy
+
+_ROWS = 16  # rows per block of the padded layouts, as the paged decode kernel reads them
+
+
+def _ceil(n: int, m: int = _ROWS) -> int:
+    return -(-n // m) * m
+
+
+class _Layout:
+    """``S`` sequences of ``P`` padded rows with ``H`` KV heads each (see the module docstring)."""
+
+    def __init__(self, s: int, p: int, h: int, triton: bool, device: torch.device) -> None:
+        self.s, self.p, self.h = s, p, h
+        self.triton = triton
+        if triton:
+            from kvscope.attention.triton_decode import default_num_splits, paged_decode_attention
+
+            self._decode = paged_decode_attention
+            self.tables = torch.arange(s * p // _ROWS, dtype=torch.int32, device=device).view(s, p // _ROWS)
+            self.splits = default_num_splits(s, h, p, device)
+
+    def attend(self, q: torch.Tensor, kv: torch.Tensor, lens: torch.Tensor, scale: float) -> torch.Tensor:
+        """``q`` ``[S, Hq_s, D]`` over ``kv`` ``[2, S * P, H, D]`` with ``lens`` ``[S]`` -> ``[S, Hq_s, D]``."""
+        if self.triton:
+            return self._decode(q, kv[0], kv[1], self.tables, lens.to(torch.int32), scale, _ROWS, self.splits)
+        d = kv.shape[-1]
+        k = kv[0].view(self.s, self.p, self.h, d)
+        v = kv[1].view(self.s, self.p, self.h, d)
+        return attend_decode(q, k, v, lens, scale)
+
+
+class InfiniGenDecode:
+    """Static buffers and the attention backend of ``infinigen`` decode steps of ``b`` rows whose
+    earlier tokens number at most ``c``. :meth:`load` fills the buffers for a batch; :meth:`begin`
+    derives the step's device tensors and starts layer 0's fetch; the model then calls
+    ``layer_input`` and ``attend`` per layer; :meth:`finish` joins the copy stream."""
+
+    def __init__(self, strategy: "InfiniGenStrategy", b: int, c: int) -> None:
+        g = self.g = strategy
+        m = g.setup.model
+        dev = g.setup.device
+        self.b, self.c = b, c
+        self.hkv, self.d = m.num_kv_heads, m.head_dim
+        self.per_head = g.select == "head"
+        self.k_max = min(c, g.k_cap(c))
+        self.kp = _ceil(self.k_max + 1)
+        self.cp = _ceil(c + 1)
+        triton = g.setup.attention_backend == "triton"
+        self.dense_layout = _Layout(b, self.cp, self.hkv, triton, dev)
+        self.spec_layout = (_Layout(b * self.hkv, self.kp, 1, triton, dev) if self.per_head
+                            else _Layout(b, self.kp, self.hkv, triton, dev))
+        # Static inputs: earlier tokens' host slots, their count, the new token's slot and position,
+        # which rows are real, and the cap on k for this step (InfiniGen's budget of the mean context).
+        self.slots = torch.zeros(b, c, dtype=torch.long, device=dev)
+        self.lens = torch.zeros(b, dtype=torch.long, device=dev)
+        self.new_slots = torch.zeros(b, dtype=torch.long, device=dev)
+        self.positions = torch.zeros(b, dtype=torch.long, device=dev)
+        self.real = torch.zeros(b, dtype=torch.bool, device=dev)
+        self.cap = torch.zeros((), dtype=torch.float32, device=dev)
+        self._cols = torch.arange(c, device=dev)
+        self._k_cols = torch.arange(self.k_max, device=dev)
+        self._heads = torch.arange(self.hkv, device=dev)[None, :, None]
+        self._seq = torch.arange(self.spec_layout.s, device=dev)
+        self.fetches: dict[int, object] = {}
+        self.selected: dict[int, torch.Tensor] = {}
+
+    # ---- per step, on the host --------------------------------------------------------------------
+    def load(self, prev: list[torch.Tensor], new_slots: torch.Tensor, positions: torch.Tensor) -> None:
+        """Fill the static inputs for ``len(prev) <= b`` real rows: ``prev[i]`` ``[c_i]`` host slots of
+        row ``i``'s earlier tokens, ``new_slots`` / ``positions`` ``[n]``. The other rows are padding."""
+        g, n = self.g, len(prev)
+        lens = [p.numel() for p in prev]
+        scratch = g.pool.scratch_slot
+        self.slots.fill_(scratch)
+        if n:
+            self.slots[:n, : max(lens)] = torch.nn.utils.rnn.pad_sequence(prev, batch_first=True, padding_value=scratch)
+        self.lens.copy_(torch.tensor(lens + [1] * (self.b - n)))
+        self.new_slots.fill_(scratch)
+        self.new_slots[:n] = new_slots
+        self.positions.zero_()
+        self.positions[:n] = positions
+        self.real.copy_(torch.arange(self.b) < n)
+        self.cap.fill_(float(g.k_cap(sum(lens) / n)) if n else 1.0)
+        for layer in range(g.dense_layers, g.num_layers):
+            g.candidate_tokens[layer] += sum(lens)
+
+    # ---- per step, on the device (captured) ------------------------------------------------------
+    def begin(self) -> None:
+        b, c, cp = self.b, self.c, self.cp
+        valid = self._cols[None, :] < self.lens[:, None]  # [B, C]
+        self.valid = valid
+        self.dense_idx = F.pad(self.slots, (0, cp - c)).flatten()
+        self.dense_valid = (F.pad(valid, (0, cp - c)) & self.real[:, None]).flatten()
+        self.dense_new = torch.arange(b, device=valid.device) * cp + self.lens
+        self.fetches[0] = self._fetch_dense(0)
+
+    def finish(self) -> None:
+        self.g.transfer.join()
+
+    def _fetch_dense(self, layer: int):
+        host = self.g.pool.layer_rows(layer, per_head=False)
+        return self.g.transfer.fetch(host, self.dense_idx, slot=layer, valid=self.dense_valid)
+
+    def layer_input(self, layer: int, x: torch.Tensor) -> None:
+        nxt = layer + 1
+        if nxt >= self.g.num_layers:
+            return
+        if nxt < self.g.dense_layers:
+            self.fetches[nxt] = self._fetch_dense(nxt)
+            return
+        rows, valid = self.speculate(nxt, x)
+        host = self.g.pool.layer_rows(nxt, per_head=self.per_head)
+        self.fetches[nxt] = self.g.transfer.fetch(host, rows, slot=nxt, valid=valid)
+
+    def speculate(self, layer: int, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Select layer ``layer``'s rows from the previous layer's attention input ``x`` ``[B, hidden]``;
+        returns host row ids and their validity, both ``[S * Kp]`` in the speculative layout."""
+        g, b, hkv = self.g, self.b, self.hkv
+        q = g.model.attention_query(layer, x, self.positions)  # [B, Hq, D]
+        q = q.view(b, hkv, -1, q.shape[-1]).float()
+        qp = torch.einsum("bhgd,hdc->bhgc", q, g.skew_sub[layer])
+        pk = g.partial_keys[layer][self.slots].float()  # [B, C, Hkv, d']
+        logits = torch.einsum("bhgc,bthc->bhgt", qp, pk) * g.scale
+        logits = logits.masked_fill(~self.valid[:, None, None, :], float("-inf"))
+        rel = (logits - logits.amax(-1, keepdim=True)).amax(2)  # [B, Hkv, C], 0 at each head's max
+        if not self.per_head:
+            rel = rel.amax(1, keepdim=True)  # [B, 1, C]: a token's best score over all heads
+        counts = (rel > -g.alpha).sum(-1) * self.real[:, None]
+        heads = rel.shape[1]
+        k = (counts.sum() / (self.real.sum() * heads)).floor().clamp(min=1)
+        k = torch.minimum(k, self.cap)
+        score, pos = rel.topk(self.k_max, dim=-1)  # [B, heads, k_max], best first
+        valid = (score > float("-inf")) & (self._k_cols < k) & self.real[:, None, None]
+        slots = torch.gather(self.slots[:, None, :].expand(-1, heads, -1), 2, pos)
+        g.pool.counters.index_add_(0, slots.flatten(), valid.flatten().to(torch.int32))
+        g.selected_tokens[layer] += valid.sum((0, 2))
+        self.selected[layer] = valid.sum(-1).flatten()  # [S] rows kept per sequence
+        if self.per_head:
+            slots = slots * hkv + self._heads
+        pad = self.kp - self.k_max
+        return F.pad(slots, (0, pad)).flatten(), F.pad(valid, (0, pad)).flatten()
+
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """``q`` ``[B, Hq, D]``, ``k``/``v`` ``[B, Hkv, D]`` -> ``[B, Hq, D]``."""
+        g = self.g
+        if layer >= g.dense_layers:
+            g.partial_keys[layer].index_copy_(
+                0, self.new_slots, torch.einsum("nhd,hdc->nhc", k.float(), g.skew_sub[layer]).to(k.dtype)
+            )
+        g.transfer.write(g.pool.layer_rows(layer, per_head=False), self.new_slots,
+                         torch.stack((k, v)).view(2, self.b, -1))
+        fetched = g.transfer.wait(self.fetches.pop(layer))
+        if layer < g.dense_layers:
+            kv = fetched.view(2, self.b * self.cp, self.hkv, self.d)
+            kv[0].index_copy_(0, self.dense_new, k)
+            kv[1].index_copy_(0, self.dense_new, v)
+            return self.dense_layout.attend(q, kv, self.lens + 1, g.scale)
+        lay = self.spec_layout
+        kept = self.selected.pop(layer)
+        new_rows = self._seq * self.kp + kept
+        kv = fetched.view(2, lay.s * self.kp, lay.h, self.d)
+        kv[0].index_copy_(0, new_rows, k.reshape(lay.s, lay.h, self.d))
+        kv[1].index_copy_(0, new_rows, v.reshape(lay.s, lay.h, self.d))
+        out = lay.attend(q.reshape(lay.s, -1, self.d), kv, kept + 1, g.scale)
+        return out.view(q.shape)
+
+
+def context_bucket(tokens: int) -> int:
+    """Padded context of a captured step: the next of 256, 384, 512, 768, 1024, 1536, ... (powers of
+    two and 1.5 times them), so padding wastes at most a third and few buckets cover long contexts."""
+    c = 256
+    while c < tokens:
+        c = c * 3 // 2 if c & (c - 1) == 0 else c * 4 // 3
+    return c
+
+
+class InfiniGenGraphs:
+    """Decode steps of ``infinigen`` captured per ``(batch bucket, context bucket)`` at first use and
+    replayed. Capture runs with every row padding, so nothing real is written or counted; a replay
+    counts its host writes itself (the captured copies are not seen by the transfer engine's
+    host-side counter)."""
+
+    def __init__(self, strategy: "InfiniGenStrategy", sizes: list[int]) -> None:
+        self.g = strategy
+        self.sizes = sorted(sizes)
+        self._entries: dict[tuple[int, int], tuple] = {}
+        self._pool = torch.cuda.graph_pool_handle()
+
+    def fits(self, b: int, c: int) -> bool:
+        """Whether a dense layer of ``b`` rows padded to ``c`` tokens fits one prefetch buffer."""
+        m = self.g.setup.model
+        return b * _ceil(c + 1) * m.num_kv_heads * m.head_dim <= self.g.transfer.buffer_elems
+
+    def bucket(self, num_rows: int, longest: int) -> tuple[int, int] | None:
+        if num_rows > self.sizes[-1]:
+            return None
+        b = next(s for s in self.sizes if s >= num_rows)
+        c = context_bucket(longest)
+        return (b, c) if self.fits(b, c) else None
+
+    @torch.inference_mode()
+    def _capture(self, b: int, c: int) -> tuple:
+        dec = InfiniGenDecode(self.g, b, c)
+        dec.load([], dec.new_slots[:0], dec.positions[:0])
+        ids = torch.zeros(b, dtype=torch.long, device=dec.slots.device)
+        model = self.g.model
+
+        def forward() -> torch.Tensor:
+            dec.begin()
+            logits = model.compute_logits(model(ids, dec.positions, dec))
+            dec.finish()
+            return logits
+
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            forward()
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self._pool):
+            logits = forward()
+        entry = (dec, ids, graph, logits)
+        self._entries[(b, c)] = entry
+        return entry
+
+    @torch.inference_mode()
+    def run(self, key: tuple[int, int], input_ids: torch.Tensor, prev: list[torch.Tensor], new_slots: torch.Tensor,
+            positions: torch.Tensor) -> torch.Tensor:
+        """Replay bucket ``key`` for ``n`` decode rows (``input_ids``, ``new_slots``, ``positions``
+        ``[n]``; ``prev[i]`` the host slots of row ``i``'s earlier tokens); logits ``[n, vocab]``."""
+        dec, ids, graph, logits = self._entries.get(key) or self._capture(*key)
+        n = len(prev)
+        dec.load(prev, new_slots, positions)
+        ids.zero_()
+        ids[:n] = input_ids
+        graph.replay()
+        self.g.transfer.bytes_d2h += n * self.g.bytes_per_token
+        return logits[:n].clone()
