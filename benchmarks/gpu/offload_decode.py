@@ -22,6 +22,7 @@ Writes ``benchmarks/results/offload_decode.{json,md}``.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import statistics
 import sys
@@ -217,6 +218,7 @@ def main() -> None:
             decode.append(row)
             print(json.dumps(row), flush=True)
         del engine
+        gc.collect()  # captured graphs hold the strategy (and its pinned pool) in reference cycles
         torch.cuda.empty_cache()
     by = {(r["strategy"], r["batch"], r["context"]): r for r in decode}
     for b, t in GRID:

@@ -248,8 +248,10 @@ class InfiniGenGraphs:
 
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
+        written = self.g.transfer.bytes_d2h
         with torch.cuda.stream(side):
             forward()
+        self.g.transfer.bytes_d2h = written  # the warm-up wrote only padding rows
         torch.cuda.current_stream().wait_stream(side)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self._pool):
