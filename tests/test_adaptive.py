@@ -197,13 +197,15 @@ def test_thresholds_derived_by_hand(tmp_path):
 
 
 def test_thresholds_never_by_length_when_paged_is_not_beaten(tmp_path):
-    # With a floor of 1, only infinigen at 1600 tokens qualifies, and it loses to paged there too
-    # when its goodput is within the margin.
+    # h2o fails the floor on the short workload; infinigen qualifies on the long one but is within the
+    # margin of paged's goodput there.
     rows = [_row("paged", SHORT, 2.0, 5, (400, 100), ppl=10.0), _row(H2O, SHORT, 4.0, 5, (400, 100), ppl=20.0),
             _row("paged", LONG, 1.0, 2, (3168, 32), ruler=1.0), _row(INFG, LONG, 1.04, 2, (3168, 32), ruler=1.0)]
     t = derive_thresholds("hand", rows=rows)
     assert [s.verdict for s in t.scenarios] == ["full", "full"]
-    assert (t.long_threshold, t.long) == (None, None)
+    # No length goes long; the child for pool pressure is the one that qualifies (h2o does not: 10/20).
+    assert (t.long_threshold, t.long) == (None, "infinigen")
+    assert derive_thresholds("hand", rows=rows[:2] + [rows[2], _row(SNAP, LONG, 9.0, 2, (3168, 32), ruler=0.1)]).long is None
     # Non-monotone data: the stump misclassifies the fewest, ties going to the larger threshold.
     rows += [_row("paged", MID, 1.0, 2, (760, 40), ruler=1.0), _row(INFG, MID, 2.0, 2, (760, 40), ruler=1.0)]
     t = derive_thresholds("hand", rows=rows)

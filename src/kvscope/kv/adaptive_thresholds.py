@@ -31,10 +31,13 @@ The rule, step by step:
    the cut, rounded up (lengths span orders of magnitude, so the cut is made on a log scale), or at
    the shortest measured length when every scenario says ``long``. "Never" is ``None``: no request
    goes long by length (a prompt the full child cannot hold, and pool pressure, still do).
-8. **``long`` child.** The candidate that is best in the most scenarios the threshold sends long
-   (ties: the higher mean metric ratio over ``paged``), with its arguments as measured (less
-   ``block_size``, which ``adaptive`` sets for both children) and its KV budget (the share of a
-   prompt it keeps). None when no scenario goes long.
+8. **``long`` child.** The candidate that is best (qualifying, highest metric) in the most
+   scenarios the threshold sends long (ties: the higher mean metric ratio over ``paged``), with its
+   arguments as measured (less ``block_size``, which ``adaptive`` sets for both children) and its
+   KV budget (the share of a prompt it keeps). When the threshold sends no scenario long, the same
+   count runs over every scenario: the child then only serves requests admitted under pool
+   pressure, and it still meets the floor where it was measured. None when no candidate qualifies
+   anywhere.
 
 ``pressure`` and ``relief`` are not derived: the rows hold peaks of pool use, not the pool use at
 which admitting one more full request starts to cost the others, so they stay configured.
@@ -304,17 +307,17 @@ def derive_thresholds(
     threshold, misclassified = _stump([(s.length, s.verdict == "long") for s in scenarios])
 
     child, child_args, budget = None, {}, None
-    if threshold is not None:
-        count: dict[str, int] = defaultdict(int)
-        ratios: dict[str, list[float]] = defaultdict(list)
-        for s in scenarios:
-            if s.verdict == "long" and s.length >= threshold and s.best is not None:
-                count[s.best] += 1
-                ratios[s.best].append(s.best_metric / s.full_metric if s.full_metric else math.inf)
-        if count:
-            spec = max(sorted(count), key=lambda c: (count[c], statistics.fmean(ratios[c])))
-            child, child_args = parse_spec(spec)
-            child_args.pop("block_size", None)
-            budget = kept_fraction(child, child_args)
+    sent_long = [s for s in scenarios if threshold is not None and s.verdict == "long" and s.length >= threshold]
+    count: dict[str, int] = defaultdict(int)
+    ratios: dict[str, list[float]] = defaultdict(list)
+    for s in sent_long or scenarios:
+        if s.best is not None and s.best_metric is not None:
+            count[s.best] += 1
+            ratios[s.best].append(s.best_metric / s.full_metric if s.full_metric else math.inf)
+    if count:
+        spec = max(sorted(count), key=lambda c: (count[c], statistics.fmean(ratios[c])))
+        child, child_args = parse_spec(spec)
+        child_args.pop("block_size", None)
+        budget = kept_fraction(child, child_args)
     return DerivedThresholds(source, metric, float(quality_floor), margin, threshold, child, child_args, budget,
                              tuple(scenarios), misclassified)
