@@ -111,7 +111,7 @@ def workloads(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
             8 if t else 256, 20 if t else 100, 0.6, 4 if t else 8, 100 if t else 1024, seed=0)]},
     }
     try:
-        if "W2" not in args.workloads.split(","):
+        if "W2" not in args.workloads.split(",") and not args.sharegpt_lengths:
             raise ValueError("not asked for")
         pairs = json.loads(Path(args.sharegpt_lengths).read_text()) if args.sharegpt_lengths else sharegpt_lengths()
         pairs = [(int(p), int(o)) for p, o in pairs]
@@ -329,8 +329,10 @@ def main() -> None:
     loaded = load_model(f"dummy:{preset}", device=device, dtype=torch.bfloat16)
     vocab = loaded.config.vocab_size
     live = {k: v["lengths"] for k, v in wl.items() if v["lengths"] and k in wanted}
-    for name, L in live.items():
-        wl[name]["roofline"] = roofline(L, max_seqs, loaded, copy["gb_per_s"] * 1e9, mm["tflop_per_s"] * 1e12)
+    # Every workload's, not only this run's: a --merge run rewrites the table for all of them.
+    for name, v in wl.items():
+        if v["lengths"]:
+            v["roofline"] = roofline(v["lengths"], max_seqs, loaded, copy["gb_per_s"] * 1e9, mm["tflop_per_s"] * 1e12)
     hf = hf_sharing_weights(loaded, preset, device)
     max_len = max(p + o for v in wl.values() for p, o in v["lengths"])
     kw = checked_fields(args.tiny, max_num_seqs=max_seqs, max_num_batched_tokens=512 if args.tiny else 8192,
