@@ -180,6 +180,10 @@ def _run_backend_case(block_size, reqs, slabs) -> dict:
 ENGINE_CASES = [
     ("paged", {"max_num_batched_tokens": 16, "max_num_seqs": 4}),  # chunked prefill, mixed steps
     ("paged:block_size=4", {}),  # then a prefix-cache hit: a chunk after cached blocks
+    # Eviction: decode rows through the paged decode kernel, its column sums as the statistic.
+    ("h2o:budget=12,recent=4,block_size=4", {"max_num_seqs": 4}),
+    ("tova:budget=10,block_size=4", {}),
+    ("snapkv:budget=12,window=4,block_size=4", {}),
 ]
 ENGINE_NEW = 6
 
@@ -190,13 +194,14 @@ def _run_engine_case(path: str, strategy: str, engine_args: dict) -> dict:
     rng = random.Random(3)
     prompts = [[rng.randrange(4, 256) for _ in range(n)] for n in (5, 21, 1, 40)]
     sp = SamplingParams(max_tokens=ENGINE_NEW, temperature=0.0, ignore_eos=True, return_logits=True)
-    runs = {}
+    runs, runs_stats = {}, {}
     for backend in ("torch", "triton"):
         llm = LLM(path, strategy=strategy, kv_memory_bytes=4 << 20, attention_backend=backend, **engine_args)
         outs = llm.generate(prompts, sp, use_tqdm=False)
         # A prompt that extends the first one: under paged its first full blocks come from the cache.
         outs += llm.generate([prompts[3] + [9, 10, 11]], sp, use_tqdm=False)
         runs[backend] = (llm.engine.kv.setup.attention_backend, outs)
+        runs_stats[backend] = llm.engine.stats()
     (_, ref), (used, got) = runs["torch"], runs["triton"]
     diff = max(
         (torch.stack(a.outputs[0].logits) - torch.stack(b.outputs[0].logits)).abs().max().item()
@@ -207,6 +212,7 @@ def _run_engine_case(path: str, strategy: str, engine_args: dict) -> dict:
         "tokens_equal": [a.token_ids for a in ref] == [b.token_ids for b in got],
         "max_logit_diff": diff,
         "prefix_hit": got[-1].metrics.num_prefix_cached_tokens,
+        "evicted_equal": runs_stats["torch"].get("evicted_tokens") == runs_stats["triton"].get("evicted_tokens"),
     }
 
 
@@ -286,7 +292,9 @@ def test_engine_triton_backend_matches_torch(interpreted_results, index):
     assert r["backend"] == "triton"
     assert r["tokens_equal"]
     assert r["max_logit_diff"] < 1e-4
-    assert r["prefix_hit"] > 0
+    assert r["evicted_equal"]
+    if ENGINE_CASES[index][0].startswith("paged"):
+        assert r["prefix_hit"] > 0
 
 
 def test_backend_config():

@@ -243,7 +243,8 @@ class EvictionStrategy(KVStrategy):
             new_slots.append(slots[r:])
         window_start = [req.num_prompt_tokens - self.window for req in batch.requests]
         return EvictionAttention(
-            self, torch.cat(new_slots), tables, batch.query_start, batch.positions, window_start
+            self, torch.cat(new_slots), tables, batch.query_start, batch.positions, window_start,
+            [self.tables[req.request_id] for req in batch.requests],
         )
 
     def end_step(self, batch: StepBatch) -> None:
@@ -273,8 +274,13 @@ class EvictionStrategy(KVStrategy):
         pos = self.positions[:, slots]  # [L, r, Hkv]
         rank = self.selection_scores(self.scores[:, slots], pos, req).clone()
         rank[pos >= req.num_computed_tokens - budget.recent] = float("inf")
-        keep = rank.topk(budget.total, dim=1).indices.sort(dim=1).values  # [L, B, Hkv]
-        self._compact(slots, keep)
+        if r == budget.total + 1 and req.num_computed_tokens > req.num_prompt_tokens:
+            # A decode step is one token over: each layer and head drops its lowest-ranked token
+            # and the newest one takes its slot (a copy of one token, not of the whole cache).
+            self._replace(slots, rank.argmin(dim=1))
+        else:
+            keep = rank.topk(budget.total, dim=1).indices.sort(dim=1).values  # [L, B, Hkv]
+            self._compact(slots, keep)
         self.resident[rid] = budget.total
         nb = math.ceil(budget.total / self.block_size)
         if nb < len(table):
@@ -284,6 +290,19 @@ class EvictionStrategy(KVStrategy):
         m = self.setup.model
         self.evicted_tokens += (r - budget.total) * m.num_layers * m.num_kv_heads
         self.num_evictions += 1
+
+    def _replace(self, slots: torch.Tensor, victim: torch.Tensor) -> None:
+        """Move the token in the last of ``slots`` into slot ``slots[victim[l, h]]`` of every layer
+        ``l`` and KV head ``h`` (``victim``: ``[L, Hkv]`` indices into ``slots``)."""
+        L, H = victim.shape
+        device = slots.device
+        layer = torch.arange(L, device=device)[:, None].expand(L, H)
+        head = torch.arange(H, device=device)[None, :].expand(L, H)
+        dst, last = slots[victim], slots[-1:].expand(L, H)
+        kv = self.cache.kv
+        kv[layer, :, dst, head] = kv[layer, :, last, head]
+        self.scores[layer, dst, head] = self.scores[layer, last, head]
+        self.positions[layer, dst, head] = self.positions[layer, last, head]
 
     def _compact(self, slots: torch.Tensor, keep: torch.Tensor) -> None:
         """Move the kept tokens ``keep`` (``[L, B, Hkv]`` indices into ``slots``) to ``slots[:B]``."""

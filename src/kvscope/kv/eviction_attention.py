@@ -32,6 +32,9 @@ class EvictionAttention(SlotAttention):
 
     Besides K/V it writes each new token's position and initial score; when the policy needs
     attention statistics it computes the probabilities explicitly and folds them into the scores.
+    On the Triton backend, decode rows go through the paged decode kernel instead, which also
+    emits the statistic (per token and KV head, the group's summed probabilities) in the same pass
+    over K/V (``block_tables``: per request its blocks, whose first slots hold its tokens in order).
     """
 
     def __init__(
@@ -42,15 +45,28 @@ class EvictionAttention(SlotAttention):
         query_start: list[int],
         positions: torch.Tensor,
         window_start: list[int],
+        block_tables: list[list[int]],
     ) -> None:
         super().__init__(strategy.cache, slot_mapping, tables, query_start, strategy.scale)
         self.s = strategy
         self.positions = positions
         self.window_start = window_start
+        self.fused = False
         if self.decode_rows:
             width = self.decode_slots.shape[1]
-            self.decode_valid = torch.arange(width, device=slot_mapping.device)[None, :] < self.decode_lens[:, None]
+            device = slot_mapping.device
+            self.decode_valid = torch.arange(width, device=device)[None, :] < self.decode_lens[:, None]
             self.decode_valid_slots = self.decode_slots[self.decode_valid]
+            if strategy.setup.attention_backend == "triton":
+                from kvscope.attention.triton_decode import paged_decode_attention
+
+                self._decode = paged_decode_attention
+                self.fused = True
+                rows = [block_tables[i] for i in self.decode_rows]
+                blocks = max(len(t) for t in rows)
+                self.block_tables = torch.tensor([t + [0] * (blocks - len(t)) for t in rows], dtype=torch.int32,
+                                                 device=device)
+                self.block_lens = self.decode_lens.to(torch.int32)
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         s = self.s
@@ -63,7 +79,19 @@ class EvictionAttention(SlotAttention):
         kc, vc = s.cache.kv[layer, 0], s.cache.kv[layer, 1]
         out = torch.empty_like(q)
         g = q.shape[1] // hkv
-        if self.decode_rows:
+        if self.fused:
+            stats = s.attention_rows in ("all", "last")  # decode rows are never in SnapKV's window
+            res = self._decode(q[self.decode_q_index], kc, vc, self.block_tables, self.block_lens, s.scale,
+                               s.block_size, emit_colsum=stats)
+            o, colsum = res if stats else (res, None)
+            out[self.decode_q_index] = o
+            if stats:
+                width = self.decode_valid.shape[1]
+                colsum = colsum[:, :, :width]  # [B, Hkv, T]: the group's summed probabilities
+                if s.attention_rows == "last":  # TOVA: averaged over every query head of the layer
+                    colsum = (colsum.sum(1, keepdim=True) / (hkv * g)).expand(-1, hkv, -1)
+                self._fold(layer, self.decode_valid_slots, colsum, self.decode_valid)
+        elif self.decode_rows:
             b = len(self.decode_rows)
             qd = q[self.decode_q_index].view(b, hkv, g, 1, -1)
             mask = self.decode_valid[:, None, None, None, :]
@@ -93,6 +121,12 @@ class EvictionAttention(SlotAttention):
             stat = probs[:, :, :, -1].mean((1, 2))[:, None, :].expand(-1, hkv, -1)
         else:
             stat = probs.sum((2, 3))  # [B, Hkv, T]: over the group's query heads and the rows
+        self._fold(layer, slots, stat, valid)
+
+    def _fold(self, layer: int, slots: torch.Tensor, stat: torch.Tensor, valid: torch.Tensor | None) -> None:
+        """Fold the statistic ``stat`` ``[B, Hkv, T]`` into the scores of ``slots``: added, or for
+        TOVA replacing."""
+        s = self.s
         stat = stat.transpose(1, 2)  # [B, T, Hkv]
         stat = stat[valid] if valid is not None else stat[0]
         if s.attention_rows == "last":
