@@ -11,7 +11,8 @@ or offload for long ones". ``adaptive`` does that per request with two children:
 Decisions, each counted in ``stats()``:
 
 1. **Admission.** A request whose prompt plus requested output reaches ``long_threshold`` tokens
-   (or whose prompt cannot fit the full child at all) goes to ``long``; so does any request admitted
+   (never when it is None, as a derivation may find), or whose prompt cannot fit the full child at
+   all, goes to ``long``; so does any request admitted
    while the pool's use is at or above ``pressure``. Everything else gets full paged KV.
 2. **Pressure.** When a running full request cannot grow because the pool is exhausted, it is
    compressed instead of preempted (eviction children only): its blocks move to the eviction child,

@@ -10,6 +10,9 @@ Plots, each drawn from the rows that hold its data:
 - a throughput-quality Pareto view per KV pool: output tok/s at the highest rate against the
   workload's quality metric, with the Pareto frontier marked.
 
+For mixed workloads, a table (:func:`mixed_table`): goodput, p99 TTFT/TPOT and quality as served
+per strategy, whether quality meets :data:`QUALITY_FLOOR`, and ``adaptive``'s goodput against each.
+
 A plot with nothing to draw is left out and the report says which and why; :func:`empty_panels`
 checks every figure before it is written. The guidance table is computed from the rows: for each
 scenario (model, workload, KV pool, rate) and metric, the winning strategy, its margin over the

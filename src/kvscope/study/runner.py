@@ -8,6 +8,9 @@ the study goes on.
 Points share what does not depend on them (:class:`PointCache`): the loaded weights of their
 model, and quality metrics, which do not depend on the arrival process (nor, for most strategies,
 on the KV pool). Every point still builds a fresh engine and KV strategy.
+
+A ``mixed`` workload's quality is the exception: it is scored on the serving run's own outputs
+(:func:`_mixed_quality`), since what a strategy keeps there depends on the run's memory pressure.
 """
 from __future__ import annotations
 
