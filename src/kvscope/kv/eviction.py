@@ -248,6 +248,7 @@ class EvictionStrategy(KVStrategy):
         )
 
     def end_step(self, batch: StepBatch) -> None:
+        one_over = []
         for req, n in zip(batch.requests, batch.num_new_tokens):
             rid = req.request_id
             if rid not in self.tables:
@@ -259,8 +260,67 @@ class EvictionStrategy(KVStrategy):
                 evict = self.compress_prompt  # every prefill chunk, so memory stays bounded
             else:
                 evict = req.num_computed_tokens == req.num_prompt_tokens  # once, when the prompt is in
-            if evict:
+            if not evict:
+                continue
+            if self._ranks_by_score and n == 1 and self.resident[rid] == self.budgets[rid].total + 1:
+                one_over.append(req)
+            else:
                 self._evict(req)
+        if one_over:
+            self._replace_one(one_over)
+
+    @property
+    def keyed_initial_scores(self) -> bool:
+        """Whether a new token's initial score depends on its key (K-norm, random), not just zero."""
+        return type(self).initial_scores is not EvictionStrategy.initial_scores
+
+    @property
+    def _ranks_by_score(self) -> bool:
+        """Whether tokens rank by their raw score (no policy-specific ``selection_scores``)."""
+        return type(self).selection_scores is EvictionStrategy.selection_scores
+
+    def _replace_one(self, reqs: list[Request]) -> None:
+        """Decode steps one token over budget, all requests at once: in every layer and KV head the
+        lowest-scoring token outside the recent window gives its slot to the newest token (a copy
+        of one token per layer and head; no compaction of the cache)."""
+        bs = self.block_size
+        lens = [self.resident[r.request_id] for r in reqs]
+        width = max(lens)
+        rows = []
+        for r, n in zip(reqs, lens):
+            table = self.tables[r.request_id]
+            slots = [b * bs + o for b in table[: -(-n // bs)] for o in range(bs)][:n]
+            rows.append(slots + [slots[-1]] * (width - n))
+        device = self.cache.kv.device
+        slots = torch.tensor(rows, device=device)  # [n, width]
+        held = torch.tensor(lens, device=device)
+        recent = torch.tensor([r.num_computed_tokens - self.budgets[r.request_id].recent for r in reqs], device=device)
+        rank = self.scores[:, slots].clone()  # [L, n, width, Hkv]
+        out = (torch.arange(width, device=device)[None, :] >= held[:, None])[None, :, :, None]
+        rank[(self.positions[:, slots] >= recent[None, :, None, None]) | out] = float("inf")
+        victim = rank.argmin(dim=2)  # [L, n, Hkv]
+        L, n, H = victim.shape
+        dst = torch.gather(slots[None, :, :, None].expand(L, n, width, H), 2, victim[:, :, None, :])[:, :, 0]
+        last = slots[torch.arange(n, device=device), held - 1][None, :, None].expand(L, n, H)
+        layer = torch.arange(L, device=device)[:, None, None].expand(L, n, H)
+        head = torch.arange(H, device=device)[None, None, :].expand(L, n, H)
+        kv = self.cache.kv
+        kv[layer, :, dst, head] = kv[layer, :, last, head]
+        self.scores[layer, dst, head] = self.scores[layer, last, head]
+        self.positions[layer, dst, head] = self.positions[layer, last, head]
+        m = self.setup.model
+        for r in reqs:
+            rid = r.request_id
+            total = self.budgets[rid].total
+            self.resident[rid] = total
+            table = self.tables[rid]
+            nb = math.ceil(total / bs)
+            if nb < len(table):
+                self.pool.free(list(reversed(table[nb:])))
+                self.freed_blocks += len(table) - nb
+                del table[nb:]
+            self.evicted_tokens += m.num_layers * m.num_kv_heads
+            self.num_evictions += 1
 
     def _evict(self, req: Request) -> None:
         """Keep the recent window and the top-scoring older tokens in every layer and KV head."""
@@ -274,13 +334,8 @@ class EvictionStrategy(KVStrategy):
         pos = self.positions[:, slots]  # [L, r, Hkv]
         rank = self.selection_scores(self.scores[:, slots], pos, req).clone()
         rank[pos >= req.num_computed_tokens - budget.recent] = float("inf")
-        if r == budget.total + 1 and req.num_computed_tokens > req.num_prompt_tokens:
-            # A decode step is one token over: each layer and head drops its lowest-ranked token
-            # and the newest one takes its slot (a copy of one token, not of the whole cache).
-            self._replace(slots, rank.argmin(dim=1))
-        else:
-            keep = rank.topk(budget.total, dim=1).indices.sort(dim=1).values  # [L, B, Hkv]
-            self._compact(slots, keep)
+        keep = rank.topk(budget.total, dim=1).indices.sort(dim=1).values  # [L, B, Hkv]
+        self._compact(slots, keep)
         self.resident[rid] = budget.total
         nb = math.ceil(budget.total / self.block_size)
         if nb < len(table):
@@ -290,19 +345,6 @@ class EvictionStrategy(KVStrategy):
         m = self.setup.model
         self.evicted_tokens += (r - budget.total) * m.num_layers * m.num_kv_heads
         self.num_evictions += 1
-
-    def _replace(self, slots: torch.Tensor, victim: torch.Tensor) -> None:
-        """Move the token in the last of ``slots`` into slot ``slots[victim[l, h]]`` of every layer
-        ``l`` and KV head ``h`` (``victim``: ``[L, Hkv]`` indices into ``slots``)."""
-        L, H = victim.shape
-        device = slots.device
-        layer = torch.arange(L, device=device)[:, None].expand(L, H)
-        head = torch.arange(H, device=device)[None, :].expand(L, H)
-        dst, last = slots[victim], slots[-1:].expand(L, H)
-        kv = self.cache.kv
-        kv[layer, :, dst, head] = kv[layer, :, last, head]
-        self.scores[layer, dst, head] = self.scores[layer, last, head]
-        self.positions[layer, dst, head] = self.positions[layer, last, head]
 
     def _compact(self, slots: torch.Tensor, keep: torch.Tensor) -> None:
         """Move the kept tokens ``keep`` (``[L, B, Hkv]`` indices into ``slots``) to ``slots[:B]``."""

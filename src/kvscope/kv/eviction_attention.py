@@ -17,6 +17,7 @@ if TYPE_CHECKING:
     from kvscope.kv.eviction import EvictionStrategy
 
 
+
 def _probs_and_out(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float):
     """``q`` ``[B, Hkv, G, n, D]``, ``k``/``v`` ``[B, T, Hkv, D]``, ``mask`` broadcastable to
     ``[B, Hkv, G, n, T]`` (True = visible). Returns float32 probabilities ``[B, Hkv, G, n, T]`` and
@@ -52,6 +53,12 @@ class EvictionAttention(SlotAttention):
         self.positions = positions
         self.window_start = window_start
         self.fused = False
+        # Every layer's entry of the new tokens at once (one launch per step, not per layer), unless
+        # the policy's initial score depends on the layer's keys.
+        strategy.positions[:, slot_mapping] = positions[None, :, None]
+        self.keyed_scores = strategy.keyed_initial_scores
+        if not self.keyed_scores:
+            strategy.scores[:, slot_mapping] = 0.0
         if self.decode_rows:
             width = self.decode_slots.shape[1]
             device = slot_mapping.device
@@ -72,8 +79,8 @@ class EvictionAttention(SlotAttention):
         s = self.s
         self.write(layer, k, v)
         hkv = k.shape[1]
-        s.positions[layer].index_copy_(0, self.slot_mapping, self.positions[:, None].expand(-1, hkv))
-        s.scores[layer].index_copy_(0, self.slot_mapping, s.initial_scores(k, self.positions))
+        if self.keyed_scores:
+            s.scores[layer].index_copy_(0, self.slot_mapping, s.initial_scores(k, self.positions))
         if s.attention_rows == "none":
             return self.attend_cached(layer, q)
         kc, vc = s.cache.kv[layer, 0], s.cache.kv[layer, 1]
