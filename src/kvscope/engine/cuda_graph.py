@@ -14,7 +14,10 @@ split count is fixed per bucket from the longest possible context (``max_model_l
 shorter sequence does not reach exit at once (``attention/triton_decode.py``).
 
 Only steps where every request decodes one token run as graphs, and only for strategies that expose
-a :class:`~kvscope.kv.base.BlockTableLayout` (``paged``, ``contiguous`` on the Triton backend);
+a :class:`~kvscope.kv.base.BlockTableLayout` (``paged``, ``contiguous``, ``h2o`` on the Triton
+backend). A strategy that scores tokens by attention (``h2o``) also gives
+:class:`~kvscope.kv.base.GraphStatistics`: the graph's decode kernel then emits its column sums and
+folds them into the scores, and the eviction runs after the replay, in the strategy's ``end_step``;
 prefill chunks, mixed steps, batches above the largest bucket and every other strategy run eagerly.
 Buckets are captured when the engine starts, largest first, sharing one memory pool (as vLLM does),
 so that no step pays a capture.
@@ -23,7 +26,7 @@ from __future__ import annotations
 
 import torch
 
-from kvscope.kv.base import BlockTableLayout, KVStrategy, StepBatch
+from kvscope.kv.base import BlockTableLayout, GraphStatistics, KVStrategy, StepBatch
 from kvscope.models.base import CausalLM
 
 
@@ -54,7 +57,7 @@ class StaticDecodeAttention:
     """
 
     def __init__(self, layout: BlockTableLayout, slots: torch.Tensor, tables: torch.Tensor,
-                 lens: torch.Tensor, scale: float, num_splits: int) -> None:
+                 lens: torch.Tensor, scale: float, num_splits: int, stats: GraphStatistics | None = None) -> None:
         from kvscope.attention.triton_decode import paged_decode_attention
         from kvscope.attention.triton_kv_write import write_kv
 
@@ -64,12 +67,18 @@ class StaticDecodeAttention:
         self.slots, self.tables, self.lens = slots, tables, lens
         self.scale = scale
         self.num_splits = num_splits
+        self.stats = stats
 
     def attend(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         k_cache, v_cache = self.kv[layer_idx, 0], self.kv[layer_idx, 1]
         self._write(k, v, k_cache, v_cache, self.slots)
-        return self._decode(q, k_cache, v_cache, self.tables, self.lens, self.scale, self.block_size,
-                            self.num_splits)
+        out = self._decode(q, k_cache, v_cache, self.tables, self.lens, self.scale, self.block_size,
+                           self.num_splits, emit_colsum=self.stats is not None)
+        if self.stats is None:
+            return out
+        out, colsum = out
+        self.stats.fold(layer_idx, colsum)
+        return out
 
 
 class DecodeGraphs:
@@ -105,6 +114,7 @@ class DecodeGraphs:
                              buf[4 * b :].reshape(b, self.width))
         self.ids, self.positions, self.slots, self.lens, self.tables = views(self._dev)
         self.h_ids, self.h_pos, self.h_slots, self.h_lens, self.h_tables = views(self._host_np)
+        self.stats = kv.graph_statistics(self.tables, self.lens, self.slots)
         self._graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self._out = torch.empty(b, cfg.vocab_size, dtype=torch.float32, device=device)
         scale = cfg.head_dim**-0.5
@@ -114,7 +124,7 @@ class DecodeGraphs:
         for size in reversed(self.sizes):
             splits = default_num_splits(size, cfg.num_kv_heads, self.width * layout.block_size, device)
             attn = StaticDecodeAttention(layout, self.slots[:size], self.tables[:size], self.lens[:size],
-                                         scale, splits)
+                                         scale, splits, self.stats)
             self._capture(size, attn, pool)
 
     def _forward(self, size: int, attn: StaticDecodeAttention) -> None:
@@ -155,17 +165,20 @@ class DecodeGraphs:
         bs = self.layout.block_size
         # The previous step's copy must have read the pinned buffer before it is rewritten.
         self._copied.synchronize()
-        for i, (req, table) in enumerate(zip(batch.requests, self.kv.block_tables(batch))):
+        held = self.kv.held_tokens(batch)
+        for i, (req, table, h) in enumerate(zip(batch.requests, self.kv.block_tables(batch), held)):
             pos = req.num_computed_tokens
             self.h_ids[i] = req.token_at(pos)
             self.h_pos[i] = pos
-            self.h_lens[i] = pos + 1
-            self.h_slots[i] = table[pos // bs] * bs + pos % bs
+            self.h_lens[i] = h + 1
+            self.h_slots[i] = table[h // bs] * bs + h % bs
             self.h_tables[i, : len(table)] = table
         self._reset_padding(n)
         self._dev[: 4 * self.max_batch + size * self.width].copy_(
             self._host[: 4 * self.max_batch + size * self.width], non_blocking=True
         )
         self._copied.record()
+        if self.stats is not None:
+            self.stats.begin(self.slots[:n], self.positions[:n])
         self._graphs[size].replay()
         return self._out[:n].clone()

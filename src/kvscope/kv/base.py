@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
 import torch
 
@@ -70,6 +70,17 @@ class BlockTableLayout:
 
     cache: "SlotKVCache"
     block_size: int
+
+
+class GraphStatistics(Protocol):
+    """Attention statistics of a captured decode step (H2O's accumulated column sums)."""
+
+    def begin(self, new_slots: torch.Tensor, positions: torch.Tensor) -> None:
+        """Before a replay, eagerly: register the step's new tokens (``[n]`` slots and positions)."""
+
+    def fold(self, layer: int, colsum: torch.Tensor) -> None:
+        """Inside the graph: fold layer ``layer``'s column sums ``[b, Hkv, W * block_size]`` (from the
+        decode kernel) into the scores of the tokens they belong to."""
 
 
 class KVStrategy(ABC):
@@ -148,6 +159,17 @@ class KVStrategy(ABC):
     def block_table_layout(self) -> BlockTableLayout | None:
         """The layout when decode steps may replay a captured graph, which runs the paged Triton
         kernels over static block tables; None (the default) keeps the strategy's own backend."""
+        return None
+
+    def held_tokens(self, batch: StepBatch) -> list[int]:
+        """Per request, the tokens it holds before the step's new one (with
+        :meth:`block_table_layout`): the new token goes to that index of its block table."""
+        return [req.num_computed_tokens for req in batch.requests]
+
+    def graph_statistics(self, tables: torch.Tensor, lens: torch.Tensor, slots: torch.Tensor) -> GraphStatistics | None:
+        """For a policy that scores tokens by attention: the hooks a captured decode step calls
+        (see :class:`GraphStatistics`), given the graph's static block tables ``[B, W]``, lengths
+        ``[B]`` and new-token slots ``[B]`` (-1 for padding rows). None: no statistics."""
         return None
 
     def replay_decode(self, batch: StepBatch, sample_rows: list[int]) -> torch.Tensor | None:

@@ -23,11 +23,15 @@ import torch
 
 from kvscope.engine.request import Request
 from kvscope.errors import ConfigError
-from kvscope.kv.base import KVSetup, KVStrategy, StepBatch
+from kvscope.kv.base import BlockTableLayout, KVSetup, KVStrategy, StepBatch
 from kvscope.kv.block_pool import BlockPool, pool_stats
-from kvscope.kv.eviction_attention import EvictionAttention
+from kvscope.kv.eviction_attention import CapturedColumnSums, EvictionAttention
 from kvscope.kv.slot_cache import SlotKVCache, table_slots
 from kvscope.models.config import ModelConfig
+
+
+#: Largest logits buffer a captured decode step may hold for the column sums (bytes).
+_GRAPH_LOGITS_BYTES = 2 << 30
 
 
 def _ratio(name: str, value: float | None) -> None:
@@ -246,6 +250,26 @@ class EvictionStrategy(KVStrategy):
             self, torch.cat(new_slots), tables, batch.query_start, batch.positions, window_start,
             [self.tables[req.request_id] for req in batch.requests],
         )
+
+    # ---- CUDA-graph decode ---------------------------------------------------------------------
+    def block_table_layout(self) -> BlockTableLayout | None:
+        """Captured decode for accumulated-attention policies (``h2o``) on the Triton backend, while
+        the kernel's per-row logits buffer (``Hq x max_model_len`` float32) stays small."""
+        s, m = self.setup, self.setup.model
+        logits = max(s.cuda_graph_sizes or [0]) * m.num_heads * s.max_model_len * 4
+        if s.attention_backend != "triton" or self.attention_rows != "all" or self.keyed_initial_scores \
+                or not self._ranks_by_score or logits > _GRAPH_LOGITS_BYTES:
+            return None
+        return BlockTableLayout(self.cache, self.block_size)
+
+    def block_tables(self, batch: StepBatch) -> list[list[int]]:
+        return [self.tables[req.request_id] for req in batch.requests]
+
+    def held_tokens(self, batch: StepBatch) -> list[int]:
+        return [self.resident[req.request_id] for req in batch.requests]
+
+    def graph_statistics(self, tables: torch.Tensor, lens: torch.Tensor, slots: torch.Tensor) -> CapturedColumnSums:
+        return CapturedColumnSums(self, tables, lens, slots)
 
     def end_step(self, batch: StepBatch) -> None:
         one_over = []

@@ -140,3 +140,36 @@ class EvictionAttention(SlotAttention):
             s.scores[layer].index_copy_(0, slots, stat)
         else:
             s.scores[layer].index_add_(0, slots, stat)
+
+
+class CapturedColumnSums:
+    """H2O's statistic inside a captured decode step (``engine/cuda_graph.py``): the decode kernel's
+    column sums, folded into the per-slot scores of every token each row holds.
+
+    Args:
+        strategy: the eviction strategy (its ``scores`` / ``positions`` ``[L, slots, Hkv]``).
+        tables, lens, slots: the graph's static block tables ``[B, W]``, lengths ``[B]`` and new-token
+            slots ``[B]`` (int32; slot -1 marks a padding row, whose sums are dropped).
+    """
+
+    def __init__(self, strategy: "EvictionStrategy", tables: torch.Tensor, lens: torch.Tensor,
+                 slots: torch.Tensor) -> None:
+        self.s = strategy
+        self.tables, self.lens, self.slots = tables, lens, slots
+        bs = strategy.block_size
+        t = torch.arange(tables.shape[1] * bs, device=tables.device)
+        self.t, self.block, self.offset = t, t // bs, t % bs
+
+    def begin(self, new_slots: torch.Tensor, positions: torch.Tensor) -> None:
+        s = self.s
+        s.positions[:, new_slots] = positions.long()[None, :, None]
+        s.scores[:, new_slots] = 0.0
+
+    def fold(self, layer: int, colsum: torch.Tensor) -> None:
+        b, hkv = colsum.shape[0], colsum.shape[1]
+        bs = self.s.block_size
+        slot = self.tables[:b].long()[:, self.block] * bs + self.offset  # [b, T] slot of every column
+        held = (self.t[None, :] < self.lens[:b, None]) & (self.slots[:b, None] >= 0)
+        # Columns past a row's length (and padding rows) add exactly 0 to whatever slot they name.
+        stat = (colsum * held[:, None, :]).transpose(1, 2).reshape(-1, hkv)
+        self.s.scores[layer].index_add_(0, slot.reshape(-1), stat)
