@@ -80,29 +80,6 @@ def test_graphs_equal_eager_and_hf_on_cuda(tmp_path, kind, strategy):
     assert [o.token_ids for o in outs[True]] == [o.token_ids for o in outs[False]]
 
 
-def test_captured_column_sums_fold_into_the_held_slots():
-    """The statistic a captured h2o step folds: column t of row b goes to the slot of row b's t-th
-    token (block table order); columns past the row's length and padding rows (slot -1) add nothing."""
-    from kvscope.kv.eviction_attention import CapturedColumnSums
-
-    llm = LLM("dummy:tiny-llama", strategy="h2o:budget=8,block_size=4", kv_memory_bytes=4 << 20, max_model_len=64)
-    kv = llm.engine.kv
-    tables = torch.tensor([[5, 2, 0], [7, 0, 0], [0, 0, 0]], dtype=torch.int32)
-    lens = torch.tensor([6, 3, 1], dtype=torch.int32)
-    slots = torch.tensor([9, 30, -1], dtype=torch.int32)
-    hkv = kv.scores.shape[2]
-    colsum = torch.rand(3, hkv, 12)
-    kv.scores.zero_()
-    CapturedColumnSums(kv, tables, lens, slots).fold(1, colsum)
-    expect = torch.zeros_like(kv.scores[1])
-    for t, slot in enumerate([20, 21, 22, 23, 8, 9]):  # row 0: blocks 5 then 2, six tokens
-        expect[slot] += colsum[0, :, t]
-    for t, slot in enumerate([28, 29, 30]):  # row 1: block 7, three tokens
-        expect[slot] += colsum[1, :, t]
-    assert torch.allclose(kv.scores[1], expect)
-    assert kv.scores[0].abs().sum() == 0  # other layers untouched
-
-
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_h2o_graphs_equal_eager_on_cuda(tmp_path):

@@ -106,7 +106,17 @@ def _run_case(module, batch, hq, hkv, d, bs, lens, splits, use_dot, block_n) -> 
     out, colsum = module.paged_decode_attention(q, k, v, tables, ctx, scale, bs, splits, emit_colsum=True, **knobs)
     # Without the statistic (no logits written), through the engine's flat [num_slots, Hkv, D] view.
     plain = module.paged_decode_attention(q, k.flatten(0, 1), v.flatten(0, 1), tables, ctx, scale, bs, splits, **knobs)
+    # Folded into per-slot scores: each held token's sum lands on its slot, nothing else moves.
+    scores = torch.rand(k.shape[0] * bs, hkv)
+    expect = scores.double().clone()
+    for b in range(batch):
+        t = torch.arange(int(ctx[b]))
+        slot = tables[b].long()[t // bs] * bs + t % bs
+        expect[slot] += ref_colsum[b, :, : len(t)].T
+    folded = module.paged_decode_attention(q, k, v, tables, ctx, scale, bs, splits, fold_scores=scores, **knobs)
     return {
+        "fold_out_err": rel_err(folded, ref_out),
+        "fold_err": float((scores.double() - expect).abs().max()),
         "shapes_ok": out.shape == (batch, hq, d) and colsum.shape == (batch, hkv, tables.shape[1] * bs),
         "nan": bool(out.isnan().any() or colsum.isnan().any() or plain.isnan().any()),
         "out_err": rel_err(out, ref_out),
@@ -150,6 +160,8 @@ def test_interpreted_matches_reference_float32(interpreted_results, index):
     assert r["out_err"] < 1e-4
     assert r["plain_err"] < 1e-4
     assert r["colsum_err"] < 1e-4
+    assert r["fold_out_err"] < 1e-4
+    assert r["fold_err"] < 1e-5
 
 
 def test_rejects_bad_inputs():
@@ -165,6 +177,8 @@ def test_rejects_bad_inputs():
         attend(q, k, v, tables, ctx, 0.25, 8)
     with pytest.raises(ValueError, match="shapes"):
         attend(q[:, :3], k, v, tables, ctx, 0.25, 4)
+    with pytest.raises(ValueError, match="fold_scores"):
+        attend(q, k, v, tables, ctx, 0.25, 4, fold_scores=torch.zeros(k.shape[0] * 4, 3))
 
 
 @pytest.mark.gpu

@@ -196,16 +196,21 @@ def _merge_kernel(
 
 @triton.jit
 def _colsum_kernel(
-    logits_ptr, lse_ptr, lens_ptr, colsum_ptr,
+    logits_ptr, lse_ptr, lens_ptr, colsum_ptr, tables_ptr,
     num_tokens,
     stride_gb, stride_gh,
     stride_lb, stride_lh,
     stride_cb, stride_ch,
+    stride_tb, stride_fs,
     GROUP: tl.constexpr, G_PAD: tl.constexpr, BLOCK_T: tl.constexpr,
+    FOLD: tl.constexpr, PAGE: tl.constexpr,
 ):
     """One (sequence, KV head, token tile): ``colsum[b, kv, t] = sum_g 2^(logit[b, h_g, t] - lse[b, h_g])``.
 
     Tokens at or past the sequence's length (up to ``num_tokens``, the table's capacity) get 0.
+    With ``FOLD``, ``colsum_ptr`` is a ``[slots, Hkv]`` score table instead, and each of the
+    sequence's tokens adds its sum to the score of its slot (``tables[b, t // PAGE] * PAGE +
+    t % PAGE``). A slot belongs to one sequence and a (slot, head) to one program: no atomics.
     """
     b = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -221,7 +226,13 @@ def _colsum_kernel(
         other=float("-inf"),
     )
     colsum = tl.sum(tl.exp2(logits - lse[:, None]), axis=0)
-    tl.store(colsum_ptr + b * stride_cb + kv_head * stride_ch + t, colsum, mask=t < num_tokens)
+    if FOLD:
+        held = t < ctx
+        block = tl.load(tables_ptr + b * stride_tb + t // PAGE, mask=held, other=0).to(tl.int64)
+        score = colsum_ptr + (block * PAGE + t % PAGE) * stride_fs + kv_head
+        tl.store(score, tl.load(score, mask=held, other=0.0) + colsum, mask=held)
+    else:
+        tl.store(colsum_ptr + b * stride_cb + kv_head * stride_ch + t, colsum, mask=t < num_tokens)
 
 
 def default_num_splits(batch: int, num_kv_heads: int, max_tokens: int, device: torch.device) -> int:
@@ -286,6 +297,7 @@ def paged_decode_attention(
     num_splits: int | None = None,
     *,
     emit_colsum: bool = False,
+    fold_scores: torch.Tensor | None = None,
     block_n: int | None = None,
     num_warps: int | None = None,
     num_stages: int | None = None,
@@ -305,6 +317,9 @@ def paged_decode_attention(
         num_splits: sequence splits per (sequence, KV head); None picks
             :func:`default_num_splits`. Any value is correct, including more splits than tiles.
         emit_colsum: also return the H2O statistic (see the module docstring for its cost).
+        fold_scores: ``[num_slots, Hkv]`` float32 (a layer's per-slot scores, contiguous heads): add
+            the H2O statistic of every held token to its slot's score in place, instead of
+            returning it (no ``[B, Hkv, capacity]`` tensor, and only held tokens are touched).
         block_n, num_warps, num_stages: tuning knobs (tokens per tile, warps per program,
             software-pipelining depth); None picks the defaults tuned on an H100.
         use_dot: scores and ``P @ V`` through ``tl.dot`` (tensor cores) rather than broadcast
@@ -315,6 +330,12 @@ def paged_decode_attention(
         softmax probability of every token, 0 past ``context_lens[b]``.
     """
     k_cache, v_cache = check_paged_inputs(q, k_cache, v_cache, block_size, block_tables, context_lens)
+    if fold_scores is not None:
+        if fold_scores.dtype != torch.float32 or fold_scores.dim() != 2 or fold_scores.stride(1) != 1 \
+                or fold_scores.shape[1] != k_cache.shape[2]:
+            raise ValueError(f"fold_scores must be [num_slots, {k_cache.shape[2]}] float32 with contiguous heads, "
+                             f"got {tuple(fold_scores.shape)} {fold_scores.dtype}")
+        emit_colsum = True
     batch, num_heads, head_dim = q.shape
     num_kv_heads = k_cache.shape[2]
     block_tables = block_tables.contiguous()
@@ -384,15 +405,18 @@ def paged_decode_attention(
     if not emit_colsum:
         return out
 
-    colsum = _alloc(batch, num_kv_heads, capacity, device=device, dtype=torch.float32)
+    fold = fold_scores is not None
+    colsum = fold_scores if fold else _alloc(batch, num_kv_heads, capacity, device=device, dtype=torch.float32)
     block_t = 256
     _colsum_kernel[(batch, num_kv_heads, triton.cdiv(capacity, block_t))](
-        logits, lse, context_lens, colsum,
+        logits, lse, context_lens, colsum, block_tables,
         capacity,
         logits.stride(0), logits.stride(1),
         lse.stride(0), lse.stride(1),
-        colsum.stride(0), colsum.stride(1),
+        0 if fold else colsum.stride(0), 0 if fold else colsum.stride(1),
+        block_tables.stride(0), colsum.stride(0) if fold else 0,
         GROUP=group, G_PAD=triton.next_power_of_2(group), BLOCK_T=block_t,
+        FOLD=fold, PAGE=block_size,
         num_warps=4,
     )
-    return out, colsum
+    return out if fold else (out, colsum)

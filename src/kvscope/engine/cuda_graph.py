@@ -72,13 +72,9 @@ class StaticDecodeAttention:
     def attend(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         k_cache, v_cache = self.kv[layer_idx, 0], self.kv[layer_idx, 1]
         self._write(k, v, k_cache, v_cache, self.slots)
-        out = self._decode(q, k_cache, v_cache, self.tables, self.lens, self.scale, self.block_size,
-                           self.num_splits, emit_colsum=self.stats is not None)
-        if self.stats is None:
-            return out
-        out, colsum = out
-        self.stats.fold(layer_idx, colsum)
-        return out
+        scores = self.stats.layer_scores(layer_idx) if self.stats is not None else None
+        return self._decode(q, k_cache, v_cache, self.tables, self.lens, self.scale, self.block_size,
+                            self.num_splits, fold_scores=scores)
 
 
 class DecodeGraphs:
@@ -114,7 +110,7 @@ class DecodeGraphs:
                              buf[4 * b :].reshape(b, self.width))
         self.ids, self.positions, self.slots, self.lens, self.tables = views(self._dev)
         self.h_ids, self.h_pos, self.h_slots, self.h_lens, self.h_tables = views(self._host_np)
-        self.stats = kv.graph_statistics(self.tables, self.lens, self.slots)
+        self.stats = kv.graph_statistics()
         self._graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self._out = torch.empty(b, cfg.vocab_size, dtype=torch.float32, device=device)
         scale = cfg.head_dim**-0.5
@@ -147,11 +143,12 @@ class DecodeGraphs:
         self._graphs[size] = graph
 
     def _reset_padding(self, start: int) -> None:
-        """Rows ``start..`` of the host buffers become padding: slot -1, one token at block 0."""
+        """Rows ``start..`` of the host buffers become padding: slot -1, one token at block 0 (none
+        with statistics, so that padding adds nothing to any score; its output is dropped)."""
         self.h_ids[start:] = 0
         self.h_pos[start:] = 0
         self.h_slots[start:] = -1
-        self.h_lens[start:] = 1
+        self.h_lens[start:] = 0 if self.stats is not None else 1
         self.h_tables[start:, 0] = 0
 
     def bucket(self, batch: StepBatch, sample_rows: list[int]) -> int | None:

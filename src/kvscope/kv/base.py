@@ -78,9 +78,9 @@ class GraphStatistics(Protocol):
     def begin(self, new_slots: torch.Tensor, positions: torch.Tensor) -> None:
         """Before a replay, eagerly: register the step's new tokens (``[n]`` slots and positions)."""
 
-    def fold(self, layer: int, colsum: torch.Tensor) -> None:
-        """Inside the graph: fold layer ``layer``'s column sums ``[b, Hkv, W * block_size]`` (from the
-        decode kernel) into the scores of the tokens they belong to."""
+    def layer_scores(self, layer: int) -> torch.Tensor:
+        """Layer ``layer``'s per-slot scores ``[num_slots, Hkv]`` float32, into which the captured
+        decode kernel adds each held token's column sum (``fold_scores``)."""
 
 
 class KVStrategy(ABC):
@@ -166,10 +166,9 @@ class KVStrategy(ABC):
         :meth:`block_table_layout`): the new token goes to that index of its block table."""
         return [req.num_computed_tokens for req in batch.requests]
 
-    def graph_statistics(self, tables: torch.Tensor, lens: torch.Tensor, slots: torch.Tensor) -> GraphStatistics | None:
+    def graph_statistics(self) -> GraphStatistics | None:
         """For a policy that scores tokens by attention: the hooks a captured decode step calls
-        (see :class:`GraphStatistics`), given the graph's static block tables ``[B, W]``, lengths
-        ``[B]`` and new-token slots ``[B]`` (-1 for padding rows). None: no statistics."""
+        (see :class:`GraphStatistics`). None: no statistics."""
         return None
 
     def replay_decode(self, batch: StepBatch, sample_rows: list[int]) -> torch.Tensor | None:

@@ -268,8 +268,8 @@ class EvictionStrategy(KVStrategy):
     def held_tokens(self, batch: StepBatch) -> list[int]:
         return [self.resident[req.request_id] for req in batch.requests]
 
-    def graph_statistics(self, tables: torch.Tensor, lens: torch.Tensor, slots: torch.Tensor) -> CapturedColumnSums:
-        return CapturedColumnSums(self, tables, lens, slots)
+    def graph_statistics(self) -> CapturedColumnSums:
+        return CapturedColumnSums(self)
 
     def end_step(self, batch: StepBatch) -> None:
         one_over = []
@@ -310,13 +310,14 @@ class EvictionStrategy(KVStrategy):
         bs = self.block_size
         lens = [self.resident[r.request_id] for r in reqs]
         width = max(lens)
-        rows = []
-        for r, n in zip(reqs, lens):
-            table = self.tables[r.request_id]
-            slots = [b * bs + o for b in table[: -(-n // bs)] for o in range(bs)][:n]
-            rows.append(slots + [slots[-1]] * (width - n))
+        blocks = [self.tables[r.request_id][: -(-n // bs)] for r, n in zip(reqs, lens)]
+        most = max(len(b) for b in blocks)
         device = self.cache.kv.device
-        slots = torch.tensor(rows, device=device)  # [n, width]
+        # Whole blocks on the host, their slots on the device: a per-token list would cost more
+        # host time than the step (64 requests x 1k tokens).
+        table = torch.tensor([b + b[-1:] * (most - len(b)) for b in blocks], device=device)
+        offsets = torch.arange(bs, device=device)
+        slots = (table[:, :, None] * bs + offsets).flatten(1)[:, :width]  # [n, width]; past a row's length: masked
         held = torch.tensor(lens, device=device)
         recent = torch.tensor([r.num_computed_tokens - self.budgets[r.request_id].recent for r in reqs], device=device)
         rank = self.scores[:, slots].clone()  # [L, n, width, Hkv]

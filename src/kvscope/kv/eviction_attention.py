@@ -87,17 +87,17 @@ class EvictionAttention(SlotAttention):
         out = torch.empty_like(q)
         g = q.shape[1] // hkv
         if self.fused:
-            stats = s.attention_rows in ("all", "last")  # decode rows are never in SnapKV's window
-            res = self._decode(q[self.decode_q_index], kc, vc, self.block_tables, self.block_lens, s.scale,
-                               s.block_size, emit_colsum=stats)
-            o, colsum = res if stats else (res, None)
-            out[self.decode_q_index] = o
-            if stats:
+            args = (q[self.decode_q_index], kc, vc, self.block_tables, self.block_lens, s.scale, s.block_size)
+            if s.attention_rows == "all":  # H2O: the kernel adds the statistic to the scores itself
+                out[self.decode_q_index] = self._decode(*args, fold_scores=s.scores[layer])
+            elif s.attention_rows == "last":  # TOVA: replaces, averaged over every query head
+                o, colsum = self._decode(*args, emit_colsum=True)
+                out[self.decode_q_index] = o
                 width = self.decode_valid.shape[1]
-                colsum = colsum[:, :, :width]  # [B, Hkv, T]: the group's summed probabilities
-                if s.attention_rows == "last":  # TOVA: averaged over every query head of the layer
-                    colsum = (colsum.sum(1, keepdim=True) / (hkv * g)).expand(-1, hkv, -1)
+                colsum = (colsum[:, :, :width].sum(1, keepdim=True) / (hkv * g)).expand(-1, hkv, -1)
                 self._fold(layer, self.decode_valid_slots, colsum, self.decode_valid)
+            else:  # decode rows are never in SnapKV's window
+                out[self.decode_q_index] = self._decode(*args)
         elif self.decode_rows:
             b = len(self.decode_rows)
             qd = q[self.decode_q_index].view(b, hkv, g, 1, -1)
@@ -143,33 +143,17 @@ class EvictionAttention(SlotAttention):
 
 
 class CapturedColumnSums:
-    """H2O's statistic inside a captured decode step (``engine/cuda_graph.py``): the decode kernel's
-    column sums, folded into the per-slot scores of every token each row holds.
+    """H2O's statistic inside a captured decode step (``engine/cuda_graph.py``): the decode kernel
+    adds each held token's column sum to its slot's score (``fold_scores``). Padding rows of the
+    graph's batch hold no token (length 0), so they add nothing."""
 
-    Args:
-        strategy: the eviction strategy (its ``scores`` / ``positions`` ``[L, slots, Hkv]``).
-        tables, lens, slots: the graph's static block tables ``[B, W]``, lengths ``[B]`` and new-token
-            slots ``[B]`` (int32; slot -1 marks a padding row, whose sums are dropped).
-    """
-
-    def __init__(self, strategy: "EvictionStrategy", tables: torch.Tensor, lens: torch.Tensor,
-                 slots: torch.Tensor) -> None:
+    def __init__(self, strategy: "EvictionStrategy") -> None:
         self.s = strategy
-        self.tables, self.lens, self.slots = tables, lens, slots
-        bs = strategy.block_size
-        t = torch.arange(tables.shape[1] * bs, device=tables.device)
-        self.t, self.block, self.offset = t, t // bs, t % bs
 
     def begin(self, new_slots: torch.Tensor, positions: torch.Tensor) -> None:
         s = self.s
         s.positions[:, new_slots] = positions.long()[None, :, None]
         s.scores[:, new_slots] = 0.0
 
-    def fold(self, layer: int, colsum: torch.Tensor) -> None:
-        b, hkv = colsum.shape[0], colsum.shape[1]
-        bs = self.s.block_size
-        slot = self.tables[:b].long()[:, self.block] * bs + self.offset  # [b, T] slot of every column
-        held = (self.t[None, :] < self.lens[:b, None]) & (self.slots[:b, None] >= 0)
-        # Columns past a row's length (and padding rows) add exactly 0 to whatever slot they name.
-        stat = (colsum * held[:, None, :]).transpose(1, 2).reshape(-1, hkv)
-        self.s.scores[layer].index_add_(0, slot.reshape(-1), stat)
+    def layer_scores(self, layer: int) -> torch.Tensor:
+        return self.s.scores[layer]
