@@ -76,6 +76,28 @@ def test_engine_compresses_instead_of_preempting_then_relieves():
     assert st_["blocks_used"] == 0 and st_["adaptive_requests_full"] == st_["adaptive_requests_long"] == 0
 
 
+@pytest.mark.parametrize("long_args", [None, {"alpha": 1e9, "budget_ratio": None, "calibration": "random",
+                                              "dense_layers": 1}], ids=["offload", "infinigen-lossless"])
+def test_engine_offloads_instead_of_preempting(long_args, tmp_path, monkeypatch):
+    """With a host child, a full request that cannot grow moves its computed KV to the host pool
+    instead of being preempted; both children are lossless here, so the greedy tokens are paged's."""
+    monkeypatch.setenv("KVSCOPE_CACHE_DIR", str(tmp_path))
+    prompts = [[(7 * i + j) % 200 + 4 for j in range(40)] for i in range(6)]
+    params = [SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True) for n in (70, 10) * 3]
+    ref = LLM("dummy:tiny-llama", strategy="paged", kv_memory_bytes=8 << 20, max_model_len=128)
+    ref_tokens = [o.token_ids for o in ref.generate(prompts, params, use_tqdm=False)]
+    long = "offload" if long_args is None else "infinigen"
+    # The full child gets 200 tokens of KV, the host child the rest (it buffers every held token).
+    strategy = AdaptiveStrategy(long=long, long_args=long_args, long_threshold=10_000, pressure=0.95,
+                                long_share=0.8, block_size=4)
+    llm = LLM("dummy:tiny-llama", strategy=strategy, kv_memory_bytes=1000 * 512, max_model_len=128)
+    outs = llm.generate(prompts, params, use_tqdm=False)
+    st_ = llm.engine.stats()
+    assert st_["adaptive_offloaded_under_pressure"] > 0 and st_["num_preemptions"] == 0
+    assert [o.token_ids for o in outs] == ref_tokens
+    assert st_["host_blocks_used"] == 0 and st_["blocks_used"] == 0  # everything freed at the end
+
+
 def test_full_requests_equal_paged():
     prompts = [[(3 * i + j) % 200 + 4 for j in range(n)] for i, n in enumerate((5, 17, 30))]
     params = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)

@@ -15,8 +15,10 @@ Decisions, each counted in ``stats()``:
    all, goes to ``long``; so does any request admitted
    while the pool's use is at or above ``pressure``. Everything else gets full paged KV.
 2. **Pressure.** When a running full request cannot grow because the pool is exhausted, it is
-   compressed instead of preempted (eviction children only): its blocks move to the eviction child,
-   which evicts it down to its budget at once and frees the rest.
+   compressed or offloaded instead of preempted. With an eviction child its blocks move to that
+   child, which evicts it down to its budget at once and frees the rest; with ``offload`` /
+   ``infinigen`` its computed K/V is copied into the host child's pool (InfiniGen also computes
+   their partial keys) and its blocks are freed. Offloaded requests stay on the host until they end.
 3. **Relief.** When the pool's use falls below ``relief``, requests compressed under pressure stop
    evicting and keep every new token again (the tokens already evicted stay gone).
 
@@ -176,7 +178,7 @@ class AdaptiveStrategy(KVStrategy):
         self.route: dict[str, KVStrategy] = {}
         self.compressed: dict[str, Request] = {}
         self.counts = {"admitted_full": 0, "admitted_long_length": 0, "admitted_long_pressure": 0,
-                       "compressed_under_pressure": 0, "relieved": 0}
+                       "compressed_under_pressure": 0, "offloaded_under_pressure": 0, "relieved": 0}
         self._split: list[tuple[KVStrategy, StepBatch]] = []
 
     # ---- lifecycle -------------------------------------------------------------------------------
@@ -237,13 +239,22 @@ class AdaptiveStrategy(KVStrategy):
             return True
         if child.allocate(request, num_tokens):
             return True
-        if child is self.full and self.shared and self.compress_under_pressure and request.num_computed_tokens:
-            self.long.adopt(request, self.full.release(request), request.num_computed_tokens)
-            self.route[rid] = self.long
+        if child is not self.full or not self.compress_under_pressure or not request.num_computed_tokens:
+            return False
+        n = request.num_computed_tokens
+        if self.shared:
+            self.long.adopt(request, self.full.release(request), n)
             self.compressed[rid] = request
             self.counts["compressed_under_pressure"] += 1
-            return self.long.allocate(request, num_tokens)
-        return False
+        else:
+            # Offload instead: the computed KV moves to the host child's pool and the blocks are freed.
+            kv = self.full.cache.read(self.full._slots(self.full.tables[rid], n))
+            if not self.long.adopt(request, kv):
+                return False
+            self.full.free(request)
+            self.counts["offloaded_under_pressure"] += 1
+        self.route[rid] = self.long
+        return self.long.allocate(request, num_tokens)
 
     def free(self, request: Request) -> None:
         child = self.route.pop(request.request_id, None)

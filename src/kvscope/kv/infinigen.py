@@ -270,6 +270,12 @@ class InfiniGenStrategy(HostOffloadStrategy):
     def _pure_decode(self, batch: StepBatch, prev: list[torch.Tensor]) -> bool:
         return all(n == 1 for n in batch.num_new_tokens) and all(p.numel() > 0 for p in prev)
 
+    def adopted(self, slots: torch.Tensor, kv: torch.Tensor) -> None:
+        """The partial keys of adopted tokens: their keys ``kv[:, 0]`` ``[L, n, Hkv, D]``, skewed."""
+        keys = kv[:, 0].to(self.partial_keys.device).float()
+        skewed = torch.einsum("lnhd,lhdc->lnhc", keys, self.skew_sub).to(self.partial_keys.dtype)
+        self.partial_keys[:, slots] = skewed
+
     def begin_step(self, batch: StepBatch) -> InfiniGenAttention | InfiniGenDecode:
         prev, new = self.step_slots(batch)
         if self._pure_decode(batch, prev):

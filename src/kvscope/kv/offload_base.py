@@ -174,6 +174,23 @@ class HostOffloadStrategy(KVStrategy):
         self._length[rid] = num_tokens
         return True
 
+    def adopt(self, request: Request, kv: torch.Tensor) -> bool:
+        """Take over a running request whose first ``n`` tokens' K/V are ``kv`` ``[L, 2, n, Hkv, D]``
+        (another strategy's device cache, for ``adaptive``): copy them into host slots. False,
+        changing nothing, when the pool cannot hold them."""
+        rid, n = request.request_id, kv.shape[2]
+        if not (self.pool.can_append(rid, n) and self.pool.used_tokens + n <= self.buffer_tokens):
+            return False
+        slots = self.pool.append(rid, n, 0)
+        self.pool.kv[:, :, slots.to(self.pool.kv.device)] = kv.to(self.pool.kv.device)
+        self.transfer.bytes_d2h += kv.numel() * kv.element_size()
+        self._length[rid] = n
+        self.adopted(slots, kv)
+        return True
+
+    def adopted(self, slots: torch.Tensor, kv: torch.Tensor) -> None:
+        """Device-side state a subclass keeps for adopted tokens (InfiniGen's partial keys)."""
+
     def free(self, request: Request) -> None:
         self.pool.free(request.request_id)
         self._length.pop(request.request_id, None)
