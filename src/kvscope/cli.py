@@ -41,6 +41,7 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-num-seqs", type=int, default=64)
     p.add_argument("--max-num-batched-tokens", type=int, default=2048)
     p.add_argument("--preemption-mode", default="recompute", choices=["recompute", "swap"])
+    p.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs for decode steps (debugging)")
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--temperature", type=float, default=0.0)
     p.add_argument("--top-k", type=int, default=0)
@@ -65,6 +66,7 @@ def _generate(args: argparse.Namespace) -> int:
         max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=args.max_num_batched_tokens,
         preemption_mode=args.preemption_mode,
+        enforce_eager=args.enforce_eager,
     )
     params = SamplingParams(
         max_tokens=args.max_tokens,
