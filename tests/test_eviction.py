@@ -6,6 +6,8 @@ import random
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from h2o_ref import DenseMaskedH2O
 from hf_ref import make_tiny_checkpoint
@@ -198,3 +200,58 @@ def test_eviction_under_preemption_and_mixed_batches(tiny, name):
     assert all(len(o.token_ids) == NEW for o in done.values())
     s = eng.stats()
     assert s["num_preemptions"] > 0 and s["blocks_used"] == 0
+
+
+@settings(max_examples=25, deadline=None)
+@given(st.lists(st.integers(1, 40), min_size=1, max_size=4), st.integers(1, 8), st.integers(0, 2**31))
+def test_one_over_budget_replacement_keeps_what_a_dense_ranking_keeps(budgets, recent, seed):
+    """A batch of decode steps each one token over budget (the batched in-place path): per layer and
+    KV head, exactly the lowest-scoring token outside the recent window is gone, the newest token
+    sits in its slot with its K/V, score and position, and every other token stays where it was."""
+    from kvscope.kv.registry import create
+    from kvscope.config import EngineConfig
+    from kvscope.engine.engine import LLMEngine
+    from kvscope.engine.request import Request
+
+    gen = torch.Generator().manual_seed(seed)
+    loaded = load_model("dummy:tiny-llama")
+    eng = LLMEngine(loaded, create(f"h2o:budget=64,recent={recent},block_size=4"),
+                    EngineConfig(model="dummy:tiny-llama", kv_memory_bytes=4 << 20, max_model_len=256))
+    kv = eng.kv
+    kv.cache.kv.copy_(torch.randn(kv.cache.kv.shape, generator=gen))
+    reqs, before = [], []
+    for i, total in enumerate(budgets):
+        total = max(total, recent)
+        r = Request(f"r{i}", [1] * total, SamplingParams(max_tokens=4, ignore_eos=True))
+        r.output_token_ids += [1, 1]
+        assert kv.allocate(r, total + 1)
+        kv.budgets[r.request_id] = kv.budgets[r.request_id].__class__(total, recent)
+        kv.resident[r.request_id] = total + 1  # the step's token is in; one over budget
+        r.num_computed_tokens = total + 1
+        slots = kv._slots(kv.tables[r.request_id], total + 1)
+        kv.positions[:, slots] = torch.arange(total + 1)[None, :, None]
+        kv.scores[:, slots] = torch.rand(kv.scores[:, slots].shape, generator=gen)
+        before.append((slots, kv.cache.kv[:, :, slots].clone(), kv.scores[:, slots].clone()))
+        reqs.append(r)
+    kv._replace_one(reqs)
+    for r, (slots, kv_before, sc_before) in zip(reqs, before):
+        total = kv.budgets[r.request_id].total
+        assert kv.resident[r.request_id] == total
+        L, _, H = sc_before.shape
+        for layer in range(L):
+            for h in range(H):
+                scores = sc_before[layer, :, h].tolist()
+                old = [t for t in range(total + 1) if t < r.num_computed_tokens - recent]
+                victim = min(old, key=lambda t: (scores[t], t))
+                kept = sorted(set(range(total + 1)) - {victim})
+                now = kv.positions[layer, slots[:total], h].tolist()
+                assert sorted(now) == kept
+                newest = now.index(total) if total in now else None
+                if victim < total:  # the newest token took the victim's slot
+                    assert newest == victim
+                    assert torch.equal(kv.cache.kv[layer, :, slots[victim], h], kv_before[layer, :, total, h])
+                    assert kv.scores[layer, slots[victim], h] == sc_before[layer, total, h]
+                for t in kept:  # the others did not move
+                    if t != total:
+                        assert now[t] == t
+                        assert torch.equal(kv.cache.kv[layer, :, slots[t], h], kv_before[layer, :, t, h])
