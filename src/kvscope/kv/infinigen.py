@@ -35,7 +35,7 @@ from kvscope.errors import ConfigError
 from kvscope.kv.base import KVSetup, StepBatch
 from kvscope.kv.offload_base import HostOffloadStrategy, OffloadAttention, _Staged
 from kvscope.kv.registry import register
-from kvscope.kv.infinigen_decode import InfiniGenDecode, InfiniGenGraphs
+from kvscope.kv.infinigen_decode import InfiniGenDecode, InfiniGenGraphs, dense_layer_fits
 from kvscope.kv.skew import CALIBRATION_TOKENS, calibration_tokens, load_or_compute_skew
 from kvscope.kv.slot_cache import SlotAttention
 
@@ -280,8 +280,7 @@ class InfiniGenStrategy(HostOffloadStrategy):
         prev, new = self.step_slots(batch)
         if self._pure_decode(batch, prev):
             longest = max(p.numel() for p in prev)
-            m = self.setup.model
-            if len(prev) * -(-(longest + 1) // 16) * 16 * m.num_kv_heads * m.head_dim <= self.transfer.buffer_elems:
+            if dense_layer_fits(self, len(prev), longest):
                 dec = InfiniGenDecode(self, len(prev), longest)
                 dec.load(prev, new, batch.positions)
                 dec.begin()

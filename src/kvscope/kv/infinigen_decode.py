@@ -200,6 +200,12 @@ class InfiniGenDecode:
         return out.view(q.shape)
 
 
+def dense_layer_fits(strategy: "InfiniGenStrategy", b: int, c: int) -> bool:
+    """Whether a dense layer of ``b`` rows padded to ``c`` earlier tokens fits one prefetch buffer."""
+    m = strategy.setup.model
+    return b * _ceil(c + 1) * m.num_kv_heads * m.head_dim <= strategy.transfer.buffer_elems
+
+
 def context_bucket(tokens: int) -> int:
     """Padded context of a captured step: the next of 256, 384, 512, 768, 1024, 1536, ... (powers of
     two and 1.5 times them), so padding wastes at most a third and few buckets cover long contexts."""
@@ -221,17 +227,12 @@ class InfiniGenGraphs:
         self._entries: dict[tuple[int, int], tuple] = {}
         self._pool = torch.cuda.graph_pool_handle()
 
-    def fits(self, b: int, c: int) -> bool:
-        """Whether a dense layer of ``b`` rows padded to ``c`` tokens fits one prefetch buffer."""
-        m = self.g.setup.model
-        return b * _ceil(c + 1) * m.num_kv_heads * m.head_dim <= self.g.transfer.buffer_elems
-
     def bucket(self, num_rows: int, longest: int) -> tuple[int, int] | None:
         if num_rows > self.sizes[-1]:
             return None
         b = next(s for s in self.sizes if s >= num_rows)
         c = context_bucket(longest)
-        return (b, c) if self.fits(b, c) else None
+        return (b, c) if dense_layer_fits(self.g, b, c) else None
 
     @torch.inference_mode()
     def _capture(self, b: int, c: int) -> tuple:
