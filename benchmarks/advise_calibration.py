@@ -186,7 +186,8 @@ def main() -> None:
     if args.cpu_results:
         cpu_rows = read_results(args.cpu_results)
         env = next((r.get("environment", {}) for r in cpu_rows), {})
-        cpu_source = {"file": args.cpu_results.name,
+        path = args.cpu_results.resolve()
+        cpu_source = {"file": str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else args.cpu_results.name,
                       "sha256": hashlib.sha256(args.cpu_results.read_bytes()).hexdigest(),
                       "rows": len(cpu_rows), "commit": env.get("commit"), "versions": env.get("versions"),
                       "torch_threads": env.get("torch_threads"),
@@ -247,7 +248,7 @@ def markdown(res: dict[str, Any]) -> str:
         "",
         f"Run {env['date']}, commit {env['commit']} (the cost model is pure arithmetic; the measured figures come "
         f"from the files below). Command: `python benchmarks/advise_calibration.py"
-        + (" --cpu-results <quick results.jsonl>`" if cfg["cpu_results"] else "`"),
+        + (f" --cpu-results {cfg['cpu_results']['file']}`" if cfg["cpu_results"] else "`"),
         "",
         f"- H100: `{cfg['h100_rows']}` (reduced paper study, OPT-6.7B shapes, bf16).",
         f"- CPU: `{cfg['cpu_generate']}`"
@@ -258,10 +259,9 @@ def markdown(res: dict[str, Any]) -> str:
         f"`step_overhead_s_per_layer` = {fit['h100.step_overhead_s_per_layer'] * 1e3:.3f} ms (fit on "
         f"`{fit['h100.fit_point']}`, mean TPOT); CPU {fit['cpu.step_overhead_s_per_layer'] * 1e3:.3f} ms "
         f"(fit on `{fit['cpu.fit_point']}`, throughput).",
-        "- The CPU study rows are a results file of an earlier run, not kept in the repository (its "
-        "sha256 is above); a fresh `kvscope study run --preset quick` gives an equivalent file (the current "
-        "preset adds `offload` and `infinigen`). Sharegpt rows carry no per-request lengths: every request "
-        "gets the run's mean prompt and output lengths.",
+        "- The CPU study rows are the `quick` preset's results (`kvscope study run --preset quick`), kept "
+        "in the repository at the path in the command. Sharegpt rows carry no per-request lengths: every "
+        "request gets the run's mean prompt and output lengths.",
         "",
         f"## Median absolute error (target <= {cfg['target_median_abs_error']:.0%} on throughput and TPOT)",
         "",
