@@ -6,13 +6,13 @@ safetensors state dict loads with ``load_state_dict(strict=True)`` as is.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from kvscope.errors import ModelLoadError
 from kvscope.models.base import AttentionBackend, CausalLM, notify_layer_input
 from kvscope.models.config import ModelConfig
-from kvscope.models.rope import RotaryEmbedding, rotate
+from kvscope.models.rope import RotaryEmbedding
+from kvscope.models.triton_ops import add_rms_norm, rotary, silu_mul
 
 
 class RMSNorm(nn.Module):
@@ -25,8 +25,11 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``x`` ``[N, size]`` -> ``[N, size]``."""
-        normed = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps)
-        return self.weight * normed.to(x.dtype)
+        return add_rms_norm(x, None, self.weight, self.eps)[0]
+
+    def add_norm(self, x: torch.Tensor, residual: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """``residual += x`` (``x`` alone when ``residual`` is None), then the norm of it: both ``[N, size]``."""
+        return add_rms_norm(x, residual, self.weight, self.eps)
 
 
 class LlamaAttention(nn.Module):
@@ -47,7 +50,7 @@ class LlamaAttention(nn.Module):
         q = self.q_proj(x).view(n, self.num_heads, self.head_dim)
         k = self.k_proj(x).view(n, self.num_kv_heads, self.head_dim)
         v = self.v_proj(x).view(n, self.num_kv_heads, self.head_dim)
-        q, k = rotate(q, *rope), rotate(k, *rope)
+        q, k = rotary(q, *rope), rotary(k, *rope)
         out = attn.attend(self.layer_idx, q, k, v)
         return self.o_proj(out.reshape(n, self.num_heads * self.head_dim))
 
@@ -64,7 +67,7 @@ class LlamaMLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``x`` ``[N, hidden]`` -> ``[N, hidden]``."""
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(silu_mul(self.gate_proj(x), self.up_proj(x)))
 
 
 class LlamaDecoderLayer(nn.Module):
@@ -75,10 +78,14 @@ class LlamaDecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(config.hidden_size, config.norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.norm_eps)
 
-    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], attn: AttentionBackend) -> torch.Tensor:
-        """Pre-norm residual block, ``x`` ``[N, hidden]`` -> ``[N, hidden]``."""
-        x = x + self.self_attn(self.input_layernorm(x), rope, attn)
-        return x + self.mlp(self.post_attention_layernorm(x))
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None, rope: tuple[torch.Tensor, torch.Tensor],
+                attn: AttentionBackend) -> tuple[torch.Tensor, torch.Tensor]:
+        """Pre-norm residual block. ``x`` ``[N, hidden]`` is the previous block's output (the embeddings
+        for the first, with ``residual`` None); returns this block's output and the residual stream,
+        whose sum is the block's result. The residual adds ride in the norms' kernels."""
+        h, residual = self.input_layernorm.add_norm(x, residual)
+        h, residual = self.post_attention_layernorm.add_norm(self.self_attn(h, rope, attn), residual)
+        return self.mlp(h), residual
 
 
 class LlamaModel(nn.Module):
@@ -115,14 +122,15 @@ class LlamaForCausalLM(CausalLM):
         """``input_ids``/``positions`` ``[N]`` int64 -> final hidden states ``[N, hidden]``."""
         x = self.model.embed_tokens(input_ids)
         rope = self.rope.cos_sin(positions, x.dtype)
+        residual = None
         for layer in self.model.layers:
-            x = layer(x, rope, attn)
-        return self.model.norm(x)
+            x, residual = layer(x, residual, rope, attn)
+        return self.model.norm.add_norm(x, residual)[0]
 
     def attention_query(self, layer_idx: int, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         attn = self.model.layers[layer_idx].self_attn
         q = attn.q_proj(x).view(x.shape[0], attn.num_heads, attn.head_dim)
-        return rotate(q, *self.rope.cos_sin(positions, x.dtype))
+        return rotary(q, *self.rope.cos_sin(positions, x.dtype))
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """``hidden`` ``[M, hidden]`` -> float32 logits ``[M, vocab_size]``."""
