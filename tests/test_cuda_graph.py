@@ -104,3 +104,26 @@ def test_h2o_graphs_equal_eager_on_cuda(tmp_path):
         x, y = torch.stack(a.outputs[0].logits), torch.stack(b.outputs[0].logits)
         assert torch.allclose(x, y, atol=1e-4, rtol=0), (x - y).abs().max()
     assert g_st["evicted_tokens"] == e_st["evicted_tokens"] > 0
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_adaptive_graphs_equal_eager_on_cuda():
+    """adaptive with its h2o child, under pressure (requests compressed mid-run): decode steps
+    replayed from one graph for both children's rows give the eager steps' tokens and logits."""
+    prompts = [[(7 * i + j) % 200 + 4 for j in range(40)] for i in range(6)]
+    params = [SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True, return_logits=True)
+              for n in (70, 10) * 3]
+    runs = {}
+    for eager in (True, False):
+        llm = LLM("dummy:tiny-llama", device="cuda", strategy="adaptive:block_size=4,long_threshold=10000,pressure=0.95",
+                  enforce_eager=eager, kv_memory_bytes=200 * (512 + 2 * 2 * 12), max_model_len=128, max_num_seqs=8)
+        outs = llm.generate(prompts, params, use_tqdm=False)
+        st = llm.engine.stats()
+        assert (st["cuda_graph_replays"] == 0) == eager
+        assert st["adaptive_compressed_under_pressure"] > 0
+        runs[eager] = outs
+    assert [o.token_ids for o in runs[False]] == [o.token_ids for o in runs[True]]
+    for a, b in zip(runs[False], runs[True]):
+        x, y = torch.stack(a.outputs[0].logits), torch.stack(b.outputs[0].logits)
+        assert torch.allclose(x, y, atol=1e-4, rtol=0), (x - y).abs().max()

@@ -42,7 +42,7 @@ import torch
 from kvscope.engine.request import Request
 from kvscope.errors import ConfigError
 from kvscope.kv.adaptive_thresholds import DEFAULT_QUALITY_FLOOR, derive_thresholds, kept_fraction
-from kvscope.kv.base import KVSetup, KVStrategy, StepBatch
+from kvscope.kv.base import BlockTableLayout, GraphStatistics, KVSetup, KVStrategy, StepBatch
 from kvscope.kv.block_pool import BlockPool, pool_stats
 from kvscope.kv.eviction import EvictionStrategy
 from kvscope.kv.paged import PagedStrategy
@@ -179,7 +179,6 @@ class AdaptiveStrategy(KVStrategy):
         self.compressed: dict[str, Request] = {}
         self.counts = {"admitted_full": 0, "admitted_long_length": 0, "admitted_long_pressure": 0,
                        "compressed_under_pressure": 0, "offloaded_under_pressure": 0, "relieved": 0}
-        self._split: list[tuple[KVStrategy, StepBatch]] = []
 
     # ---- lifecycle -------------------------------------------------------------------------------
     def bind(self, setup: KVSetup) -> None:
@@ -287,26 +286,47 @@ class AdaptiveStrategy(KVStrategy):
         return out
 
     # ---- model side ------------------------------------------------------------------------------
-    def begin_step(self, batch: StepBatch) -> AttentionBackend:
-        groups: dict[int, list[int]] = {}
-        children = {id(self.full): self.full, id(self.long): self.long}
+    def _groups(self, batch: StepBatch) -> list[tuple[KVStrategy, list[int]]]:
+        """Each child with requests in ``batch``, and their indices in it."""
+        members: dict[int, list[int]] = {}
         for i, req in enumerate(batch.requests):
-            groups.setdefault(id(self.route[req.request_id]), []).append(i)
+            members.setdefault(id(self.route[req.request_id]), []).append(i)
+        return [(child, members[id(child)]) for child in (self.full, self.long) if id(child) in members]
+
+    def begin_step(self, batch: StepBatch) -> AttentionBackend:
+        groups = self._groups(batch)
         if len(groups) == 1:
-            child = children[next(iter(groups))]
-            self._split = [(child, batch)]
-            return child.begin_step(batch)
-        self._split, parts = [], []
-        for key, members in groups.items():
+            return groups[0][0].begin_step(batch)
+        parts = []
+        for child, members in groups:
             sub, rows = _sub_batch(batch, members)
-            self._split.append((children[key], sub))
-            parts.append((children[key].begin_step(sub), rows))
+            parts.append((child.begin_step(sub), rows))
         return CompositeAttention(parts)
 
+    # ---- CUDA-graph decode (eviction child: one pool, one cache, one kernel for every row) --------
+    def block_table_layout(self) -> BlockTableLayout | None:
+        return self.long.block_table_layout() if self.shared else None
+
+    def block_tables(self, batch: StepBatch) -> list[list[int]]:
+        return [self._owner(req).tables[req.request_id] for req in batch.requests]
+
+    def held_tokens(self, batch: StepBatch) -> list[int]:
+        # A full request holds every computed token; an eviction one its resident tokens.
+        return [self.long.resident[r.request_id] if self._owner(r) is self.long else r.num_computed_tokens
+                for r in batch.requests]
+
+    def graph_statistics(self) -> GraphStatistics | None:
+        # Folded for every row: a full request's slots carry scores nobody reads until it is
+        # compressed, and adopting it resets them.
+        return self.long.graph_statistics() if self.shared else None
+
+    def _owner(self, request: Request) -> KVStrategy:
+        return self.route[request.request_id]
+
     def end_step(self, batch: StepBatch) -> None:
-        for child, sub in self._split:
-            child.end_step(sub)
-        self._split = []
+        # Split again rather than kept from begin_step: a step replayed from a graph has none.
+        for child, members in self._groups(batch):
+            child.end_step(batch if len(members) == len(batch.requests) else _sub_batch(batch, members)[0])
         if self.compressed and self.pool_use() < self.relief:
             for req in self.compressed.values():
                 self.long.lift_budget(req)
