@@ -22,6 +22,8 @@ for width, rows, m in ((128, 50, 37), (96, 20, 5), (8, 300, 257)):  # 96: not a 
     got = gather_rows(src, idx, use_triton=True)
     assert torch.equal(got, src.index_select(1, idx)), width
     assert torch.equal(gather_rows(src, idx, use_triton=True, sort=True), got), width
+    # Fewer programs than row blocks: each program loops over several.
+    assert torch.equal(gather_rows(src, idx, use_triton=True, sort=True, max_programs=2), got), width
     valid = torch.rand(m, generator=gen) < 0.5
     out = torch.full((2, m, width), -7.0)
     gather_rows(src, idx, out=out, use_triton=True, valid=valid, sort=True)
@@ -29,7 +31,7 @@ for width, rows, m in ((128, 50, 37), (96, 20, 5), (8, 300, 257)):  # 96: not a 
     dst = torch.zeros(2, rows, width)
     uniq = torch.randperm(rows, generator=gen)[: min(m, rows)]
     new = torch.randn(2, uniq.numel(), width, generator=gen)
-    scatter_rows(dst, uniq, new, use_triton=True)
+    scatter_rows(dst, uniq, new, use_triton=True, max_programs=1)
     assert torch.equal(dst, torch.zeros(2, rows, width).index_copy_(1, uniq, new)), width
 print("ok")
 """
@@ -50,9 +52,11 @@ def test_gather_from_pinned_host_memory(dtype):
     idx = torch.randint(0, 1000, (333,))
     got = gather_rows(src, idx.cuda())
     assert got.is_cuda and torch.equal(got.cpu(), src.index_select(1, idx))
+    looped = gather_rows(src, idx.cuda(), sort=True, max_programs=3)
+    assert torch.equal(looped.cpu(), src.index_select(1, idx))
     dst = torch.zeros(2, 1000, 128, dtype=dtype).pin_memory()
     uniq = torch.randperm(1000)[:100]
     new = torch.randn(2, 100, 128, device="cuda").to(dtype)
-    scatter_rows(dst, uniq.cuda(), new)
+    scatter_rows(dst, uniq.cuda(), new, max_programs=2)
     torch.cuda.synchronize()
     assert torch.equal(dst[:, uniq], new.cpu())

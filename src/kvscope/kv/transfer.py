@@ -8,6 +8,10 @@ It moves KV rows between the host pool and the device, per layer, and keeps the 
 * **preallocated prefetch buffers** on the device: two of them, used alternately by consecutive
   layers, so a fetch never overwrites rows that the previous layer is still reading;
 * **byte counters** both ways, and the time the compute stream spent waiting on transfers;
+* **few SMs for overlapped copies**: the gather and scatter kernels of the copy stream run on at most
+  ``copy_programs`` programs. Their programs mostly wait on PCIe; with one program per row block
+  they would take every SM and the compute kernels beside them would queue behind them, which
+  serialises what the copy stream is for;
 * a **synchronous mode** (``overlap=False``) that runs every copy on the compute stream, in order,
   for tests and debugging: it must give bit-identical outputs.
 
@@ -24,6 +28,11 @@ import torch
 from kvscope.attention.triton_gather import gather_rows, scatter_rows
 
 
+# Programs of an overlapped copy kernel (see the module docstring); chosen on an H100 (132 SMs),
+# where this many reach the pinned copy's bandwidth (benchmarks/results/infinigen_breakdown.md).
+COPY_PROGRAMS = 32
+
+
 @dataclass
 class Fetch:
     """A fetch in flight: ``rows`` ``[2, M + spare, W]`` (a view of a prefetch buffer) and its event."""
@@ -35,11 +44,13 @@ class Fetch:
 class TransferEngine:
     """Host <-> device row transfers with two prefetch buffers of ``buffer_elems`` elements each."""
 
-    def __init__(self, device: torch.device, dtype: torch.dtype, buffer_elems: int, overlap: bool = True) -> None:
+    def __init__(self, device: torch.device, dtype: torch.dtype, buffer_elems: int, overlap: bool = True,
+                 copy_programs: int = COPY_PROGRAMS) -> None:
         self.device = device
         self.dtype = dtype
         self.cuda = device.type == "cuda"
         self.overlap = overlap and self.cuda
+        self.copy_programs = copy_programs
         self.stream = torch.cuda.Stream(device) if self.overlap else None
         # Two planes (K and V) per buffer; allocated once, viewed per fetch.
         self.buffers = [torch.empty(2 * buffer_elems, dtype=dtype, device=device) for _ in range(2)]
@@ -62,7 +73,7 @@ class TransferEngine:
         return self.buffer_elems // width
 
     def fetch(self, src: torch.Tensor, idx: torch.Tensor, slot: int, valid: torch.Tensor | None = None,
-              spare_rows: int = 0) -> Fetch:
+              spare_rows: int = 0, sort: bool = True) -> Fetch:
         """Start copying rows ``idx`` ``[M]`` of the host planes ``src`` ``[2, R, W]`` into buffer ``slot % 2``.
 
         The returned rows are ``[2, M + spare_rows, W]``: the caller may write its own rows (the
@@ -70,6 +81,7 @@ class TransferEngine:
 
         ``valid`` (``[M]`` bool, optional) marks the rows actually needed; the others are not moved
         (nor counted), which lets the caller decide on the device how many rows it wants.
+        ``sort`` reads the rows in address order (see ``gather_rows``; on CUDA only).
         The copy is ordered after everything already queued on the compute stream (so the buffer's
         previous reader is done and earlier host writes have landed).
         """
@@ -86,13 +98,14 @@ class TransferEngine:
         capturing = self._capturing()
         if not self.overlap:
             t0 = None if capturing else self._start_timer()
-            gather_rows(src, idx, out=out[:, :m], valid=valid, sort=self.cuda)
+            gather_rows(src, idx, out=out[:, :m], valid=valid, sort=sort and self.cuda)
             if t0 is not None:
                 self._stop_timer(t0)
             return Fetch(out, None)
         self.stream.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(self.stream):
-            gather_rows(src, idx, out=out[:, :m], valid=valid, sort=self.cuda)
+            gather_rows(src, idx, out=out[:, :m], valid=valid, sort=sort and self.cuda,
+                        max_programs=self.copy_programs)
             # Timing events cannot be recorded into a CUDA graph: a captured fetch is only ordered.
             done = torch.cuda.Event(enable_timing=not capturing)
             done.record(self.stream)
@@ -143,7 +156,7 @@ class TransferEngine:
             return
         self.stream.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(self.stream):
-            scatter_rows(dst, idx, rows)
+            scatter_rows(dst, idx, rows, max_programs=self.copy_programs)
         # The compute stream may free these before the copy stream reads them.
         self._used_by_copies(rows, idx)
 
