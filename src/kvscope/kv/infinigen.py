@@ -31,6 +31,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from kvscope.attention.triton_speculate import speculate_rows
 from kvscope.errors import ConfigError
 from kvscope.kv.base import KVSetup, StepBatch
 from kvscope.kv.offload_base import HostOffloadStrategy, OffloadAttention, _Staged
@@ -69,7 +70,8 @@ class InfiniGenAttention(OffloadAttention):
         for j, i in enumerate(self.spec):
             padded[j, : lens[j]] = prev[i]
         self.spec_slots = padded  # [B, Tmax]
-        self.spec_valid = torch.arange(width, device=device)[None, :] < torch.tensor(lens, device=device)[:, None]
+        self.spec_lens = torch.tensor(lens, device=device)
+        self.spec_real = torch.ones(len(lens), dtype=torch.bool, device=device)
         self.num_candidates = sum(lens)
         cap = width
         if strategy.max_num_kv is not None:
@@ -77,6 +79,7 @@ class InfiniGenAttention(OffloadAttention):
         if strategy.budget_ratio is not None:
             cap = min(cap, max(1, int(strategy.budget_ratio * sum(lens) / len(lens))))
         self.k_cap = cap
+        self.cap = torch.tensor(float(cap), device=device)
         self.spec_q = torch.tensor([qs[i] for i in self.spec], device=device)
         self.spec_positions = batch.positions[self.spec_q]
         # Staged layout of speculative layers: the full rows' fetched tokens, then all new tokens;
@@ -108,38 +111,27 @@ class InfiniGenAttention(OffloadAttention):
         valid = torch.cat((valid.new_ones(self.full_rows.numel()), valid))
         self.fetches[nxt] = self.g.transfer.fetch(host, torch.cat((self.full_rows, rows)), slot=nxt, valid=valid)
 
-    def speculate(self, layer: int, x: torch.Tensor) -> torch.Tensor:
+    def speculate(self, layer: int, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Select layer ``layer``'s tokens for the decode rows from their attention input ``x``
-        ``[B, hidden]`` (of the previous layer); returns per-head host rows ``[B * Hkv * k_max]`` and
-        which of them are selected (``[B * Hkv * k_max]`` bool)."""
+        ``[B, hidden]`` (of the previous layer); returns host rows ``[B * H * k_cap]`` and which of
+        them are selected (``[B * H * k_cap]`` bool), ``H`` = ``Hkv`` (per head) or 1."""
         g = self.g
         b, hkv = x.shape[0], g.setup.model.num_kv_heads
         q = g.model.attention_query(layer, x, self.spec_positions)  # [B, Hq, D]
         q = q.view(b, hkv, -1, q.shape[-1]).float()
         qp = torch.einsum("bhgd,hdc->bhgc", q, g.skew_sub[layer])
-        pk = g.partial_keys[layer][self.spec_slots].float()  # [B, T, Hkv, d']
-        logits = torch.einsum("bhgc,bthc->bhgt", qp, pk) * self.s.scale
-        logits = logits.masked_fill(~self.spec_valid[:, None, None, :], float("-inf"))
-        rel = (logits - logits.amax(-1, keepdim=True)).amax(2)  # [B, Hkv, T], 0 at each head's max
-        if not self.per_head:
-            rel = rel.amax(1, keepdim=True)  # [B, 1, T]: a token's best score over all heads
-        counts = (rel > -g.alpha).sum(-1)
-        # k = the mean count over the batch's heads (InfiniGen), computed on the device: reading it
-        # on the host would stall the CPU once per layer. The host sizes the gather by the cap,
-        # and rows past k are masked out: the gather kernel skips them, attention ignores them.
-        k_max = self.k_cap
-        k = counts.float().mean().floor().clamp(1, k_max)
-        score, pos = rel.topk(k_max, dim=-1)  # [B, Hkv, k_max]
-        valid = (score > float("-inf")) & (torch.arange(k_max, device=x.device) < k)
-        slots = torch.gather(self.spec_slots[:, None, :].expand(-1, rel.shape[1], -1), 2, pos)
-        g.pool.counters.index_add_(0, slots.flatten(), valid.flatten().to(torch.int32))
-        g.selected_tokens[layer] += valid.sum((0, 2))
+        # k (the mean count over the batch's heads, InfiniGen) is computed on the device: reading it
+        # on the host would stall the CPU once per layer. The host sizes the gather by the cap, and
+        # rows past k are masked out: the gather kernel skips them, attention ignores them.
+        rows, valid, kept = speculate_rows(
+            qp, g.partial_keys[layer], self.spec_slots, self.spec_lens, self.spec_real, self.s.scale, g.alpha,
+            self.cap, self.per_head, self.k_cap, g.pool.counters,
+            use_triton=g.setup.attention_backend == "triton" and x.is_cuda,
+        )
+        g.selected_tokens[layer] += kept.sum(0)
         g.candidate_tokens[layer] += self.num_candidates
         self.selected[layer] = valid
-        if not self.per_head:
-            return slots.flatten(), valid.flatten()
-        heads = torch.arange(hkv, device=x.device)[None, :, None]
-        return (slots * hkv + heads).flatten(), valid.flatten()
+        return rows.flatten(), valid.flatten()
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         g = self.g
@@ -248,6 +240,8 @@ class InfiniGenStrategy(HostOffloadStrategy):
         self.selected_tokens = torch.zeros(m.num_layers, m.num_kv_heads, dtype=torch.float64, device=setup.device)
         self.candidate_tokens = torch.zeros(m.num_layers, dtype=torch.float64)
         self.graphs = InfiniGenGraphs(self, setup.cuda_graph_sizes) if setup.cuda_graph_sizes else None
+        # Static decode steps speculate on a stream of their own (see InfiniGenDecode.layer_input).
+        self.spec_stream = torch.cuda.Stream(setup.device) if self.transfer.overlap else None
 
     def attach_model(self, loaded) -> None:
         self.model = loaded.model

@@ -1,7 +1,7 @@
 """The pure-decode step of ``infinigen`` with static shapes, run eagerly or replayed as a CUDA graph.
 
-A decode step of ``infinigen`` issues about a hundred small kernels per layer (speculation,
-selection, the gather, attention over the fetched rows); run eagerly it is bound by the host, not
+A decode step of ``infinigen`` issues tens of small kernels per layer (speculation, the gather,
+attention over the fetched rows); run eagerly it is bound by the host, not
 by PCIe or HBM (on an H100 host at batch 1: 140 ms of launches for 21 ms of GPU work). This module
 lays the step out so that no shape depends on data: with ``B`` rows and contexts padded to ``C``
 tokens, every tensor has a shape fixed by ``(B, C)``, and the number of tokens each KV head keeps
@@ -12,8 +12,9 @@ Layouts, all padded so that a row's new token can be written in place after its 
 
 * dense layers (below ``dense_layers``): ``[B, Cp]`` whole tokens, ``Cp = ceil16(C + 1)``;
 * speculative layers: ``[B * Hkv, Kp]`` rows of one KV head (``select=head``) or ``[B, Kp]`` whole
-  tokens (``select=token``), ``Kp = ceil16(k_max + 1)``, selected rows first (``topk`` sorts them,
-  so the kept ones are a prefix), the new token right after them.
+  tokens (``select=token``), ``Kp = ceil16(k_max + 1)``, the kept rows first (in position order,
+  as :func:`~kvscope.attention.triton_speculate.speculate_rows` writes them), the new token right
+  after them.
 
 Attention over a layout is single-query decode over ``S`` sequences of ``P`` rows with per-sequence
 lengths: the Triton paged decode kernel with 16-row blocks in order (CUDA, Triton backend) or
@@ -30,6 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from kvscope.attention.torch_ref import attend_decode
+from kvscope.attention.triton_speculate import speculate_rows
 
 if TYPE_CHECKING:
     from kvscope.kv.infinigen import InfiniGenStrategy
@@ -93,11 +95,10 @@ class InfiniGenDecode:
         self.real = torch.zeros(b, dtype=torch.bool, device=dev)
         self.cap = torch.zeros((), dtype=torch.float32, device=dev)
         self._cols = torch.arange(c, device=dev)
-        self._k_cols = torch.arange(self.k_max, device=dev)
-        self._heads = torch.arange(self.hkv, device=dev)[None, :, None]
         self._seq = torch.arange(self.spec_layout.s, device=dev)
         self.fetches: dict[int, object] = {}
         self.selected: dict[int, torch.Tensor] = {}
+        self._held: list[torch.Tensor] = []
 
     # ---- per step, on the host --------------------------------------------------------------------
     def load(self, prev: list[torch.Tensor], new_slots: torch.Tensor, positions: torch.Tensor) -> None:
@@ -130,22 +131,46 @@ class InfiniGenDecode:
         self.fetches[0] = self._fetch_dense(0)
 
     def finish(self) -> None:
+        stream = self.g.spec_stream
+        if stream is not None:
+            torch.cuda.current_stream(stream.device).wait_stream(stream)
         self.g.transfer.join()
+        self._held.clear()
 
     def _fetch_dense(self, layer: int):
         host = self.g.pool.layer_rows(layer, per_head=False)
-        return self.g.transfer.fetch(host, self.dense_idx, slot=layer, valid=self.dense_valid)
+        # Rows are in position order already; sorting them was measured slower (infinigen_breakdown).
+        return self.g.transfer.fetch(host, self.dense_idx, slot=layer, valid=self.dense_valid, sort=False)
 
     def layer_input(self, layer: int, x: torch.Tensor) -> None:
+        """Start layer ``layer + 1``'s fetch from layer ``layer``'s attention input ``x`` ``[B, hidden]``.
+
+        On CUDA the speculation runs on the strategy's ``spec_stream``, beside layer ``layer``'s own
+        attention and MLP, and the fetch is queued behind it: the copy then waits for the
+        speculation only, not for the compute stream, and the speculation's small kernels (a few
+        programs each) fill SMs the compute leaves idle."""
         nxt = layer + 1
         if nxt >= self.g.num_layers:
             return
         if nxt < self.g.dense_layers:
             self.fetches[nxt] = self._fetch_dense(nxt)
             return
-        rows, valid = self.speculate(nxt, x)
         host = self.g.pool.layer_rows(nxt, per_head=self.per_head)
-        self.fetches[nxt] = self.g.transfer.fetch(host, rows, slot=nxt, valid=valid)
+        stream = self.g.spec_stream
+        if stream is None:
+            rows, valid = self.speculate(nxt, x)
+            self.fetches[nxt] = self.g.transfer.fetch(host, rows, slot=nxt, valid=valid, sort=False)
+            return
+        # The speculation stream starts after everything queued so far: x is ready, and the buffer
+        # the fetch fills was last read by layer nxt - 2's attention, already queued.
+        stream.wait_stream(torch.cuda.current_stream(stream.device))
+        with torch.cuda.stream(stream):
+            rows, valid = self.speculate(nxt, x)
+            # Each head's rows are in position order (speculate_rows): no sort needed.
+            self.fetches[nxt] = self.g.transfer.fetch(host, rows, slot=nxt, valid=valid, sort=False)
+        # x (from the compute stream) and the kept counts (read by it) cross streams: kept alive
+        # until the step is joined, as freed memory is reused without events inside a capture.
+        self._held += [x, self.selected[nxt]]
 
     def speculate(self, layer: int, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Select layer ``layer``'s rows from the previous layer's attention input ``x`` ``[B, hidden]``;
@@ -154,26 +179,13 @@ class InfiniGenDecode:
         q = g.model.attention_query(layer, x, self.positions)  # [B, Hq, D]
         q = q.view(b, hkv, -1, q.shape[-1]).float()
         qp = torch.einsum("bhgd,hdc->bhgc", q, g.skew_sub[layer])
-        pk = g.partial_keys[layer][self.slots].float()  # [B, C, Hkv, d']
-        logits = torch.einsum("bhgc,bthc->bhgt", qp, pk) * g.scale
-        logits = logits.masked_fill(~self.valid[:, None, None, :], float("-inf"))
-        rel = (logits - logits.amax(-1, keepdim=True)).amax(2)  # [B, Hkv, C], 0 at each head's max
-        if not self.per_head:
-            rel = rel.amax(1, keepdim=True)  # [B, 1, C]: a token's best score over all heads
-        counts = (rel > -g.alpha).sum(-1) * self.real[:, None]
-        heads = rel.shape[1]
-        k = (counts.sum() / (self.real.sum() * heads)).floor().clamp(min=1)
-        k = torch.minimum(k, self.cap)
-        score, pos = rel.topk(self.k_max, dim=-1)  # [B, heads, k_max], best first
-        valid = (score > float("-inf")) & (self._k_cols < k) & self.real[:, None, None]
-        slots = torch.gather(self.slots[:, None, :].expand(-1, heads, -1), 2, pos)
-        g.pool.counters.index_add_(0, slots.flatten(), valid.flatten().to(torch.int32))
-        g.selected_tokens[layer] += valid.sum((0, 2))
-        self.selected[layer] = valid.sum(-1).flatten()  # [S] rows kept per sequence
-        if self.per_head:
-            slots = slots * hkv + self._heads
-        pad = self.kp - self.k_max
-        return F.pad(slots, (0, pad)).flatten(), F.pad(valid, (0, pad)).flatten()
+        rows, valid, kept = speculate_rows(
+            qp, g.partial_keys[layer], self.slots, self.lens, self.real, g.scale, g.alpha, self.cap,
+            self.per_head, self.kp, g.pool.counters, use_triton=self.dense_layout.triton,
+        )
+        g.selected_tokens[layer] += kept.sum(0)
+        self.selected[layer] = kept.flatten()  # [S] rows kept per sequence
+        return rows.flatten(), valid.flatten()
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """``q`` ``[B, Hq, D]``, ``k``/``v`` ``[B, Hkv, D]`` -> ``[B, Hq, D]``."""
@@ -192,7 +204,7 @@ class InfiniGenDecode:
             return self.dense_layout.attend(q, kv, self.lens + 1, g.scale)
         lay = self.spec_layout
         kept = self.selected.pop(layer)
-        new_rows = self._seq * self.kp + kept
+        new_rows = self._seq * self.kp + kept.long()
         kv = fetched.view(2, lay.s * self.kp, lay.h, self.d)
         kv[0].index_copy_(0, new_rows, k.reshape(lay.s, lay.h, self.d))
         kv[1].index_copy_(0, new_rows, v.reshape(lay.s, lay.h, self.d))
