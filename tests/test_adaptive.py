@@ -246,7 +246,9 @@ def test_adaptive_uses_derived_thresholds_and_explicit_arguments_win(tmp_path):
     assert a._choose(req("below", 150, 49))[1] == "admitted_full"
     assert a._choose(req("at", 150, 50))[1] == "admitted_long_length"
     s = AdaptiveStrategy(block_size=BS, thresholds_from=path, long_threshold=300, long="h2o", long_budget_ratio=0.4)
-    assert (s.long_threshold, s.long_name, s.long.heavy_ratio) == (300, "h2o", 0.2) and s.derived_keys == []
+    assert (s.long_threshold, s.long_name, s.long.heavy_ratio) == (300, "h2o", 0.2)
+    # h2o fails the floor everywhere it was measured, so only pressure is still derived (full pool).
+    assert s.derived_keys == ["pressure"] and s.pressure == 1.0
     # An explicit child restricts the derivation to it, and its measured arguments come along. infinigen
     # was not measured on the short workload, so only mid and long count: both "long", so the threshold
     # is the shorter one's length.
@@ -254,6 +256,45 @@ def test_adaptive_uses_derived_thresholds_and_explicit_arguments_win(tmp_path):
     assert (s.long_threshold, s.long_name, s.derived_keys) == (400, "infinigen", ["long_threshold", "long_args"])
     assert s.long.calibration_len == 512
     assert bound(8, long_threshold=100).stats()["adaptive_thresholds_source"] == "arguments"
+
+
+def test_pressure_derived_as_full_pool_when_no_scenario_gains(tmp_path):
+    # infinigen qualifies but stays within the margin of paged: no scenario is "long".
+    rows = [_row("paged", LONG, 1.0, 2, (3168, 32), ruler=1.0), _row(INFG, LONG, 1.04, 2, (3168, 32), ruler=1.0)]
+    path = tmp_path / "results.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    s = AdaptiveStrategy(block_size=BS, thresholds_from=str(path))
+    assert (s.long_threshold, s.long_name, s.pressure) == (None, "infinigen", 1.0)
+    assert s.derived_keys == ["long_threshold", "long", "long_args", "pressure"]
+    # Given explicitly, pressure wins; and where a scenario gains, pressure keeps its default.
+    assert AdaptiveStrategy(block_size=BS, thresholds_from=str(path), pressure=0.7).pressure == 0.7
+    assert AdaptiveStrategy(block_size=BS, thresholds_from=str(_results(tmp_path))).pressure == 0.9
+    # At pressure 1.0 a request goes long only once the pool is full.
+    s = bound(10, long_threshold=10_000, pressure=1.0)
+    assert s.allocate(req("a", 36, 4), 36) and s.route["a"] is s.full  # 9 of 10 blocks
+    assert s.allocate(req("b", 4, 4), 4) and s.route["b"] is s.full  # the 10th
+    assert s._choose(req("c", 4, 4))[1] == "admitted_long_pressure"
+
+
+@pytest.mark.parametrize("long", ["snapkv", "offload"])
+def test_graphs_replay_only_steps_without_long_rows_when_the_child_has_none(long):
+    from kvscope.kv.base import StepBatch
+
+    if long == "offload":  # a host child: its own pool beside the full child's
+        s = AdaptiveStrategy(block_size=BS, long_threshold=100, long=long, long_args={"host_kv_bytes": 1 << 22})
+        s.bind(KVSetup(CFG, torch.device("cpu"), torch.float32, 1 << 22, 512, 64, 0))
+    else:
+        s = bound(64, long_threshold=100, long=long)
+    short, longer = req("short", 20, 10), req("long", 90, 20)
+    assert s.allocate(short, 20) and s.allocate(longer, 90)
+    assert not s._long_in_graphs() and s.graph_statistics() is None
+
+    def batch(*reqs):
+        return StepBatch(requests=list(reqs), num_new_tokens=[1] * len(reqs), input_ids=torch.zeros(len(reqs)),
+                         positions=torch.zeros(len(reqs)), query_start=list(range(len(reqs) + 1)))
+
+    assert s.graph_ready(batch(short)) and not s.graph_ready(batch(short, longer))
+    assert not s.graph_ready(batch(longer))
 
 
 @pytest.mark.parametrize("content, message", [

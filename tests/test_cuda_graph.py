@@ -127,3 +127,27 @@ def test_adaptive_graphs_equal_eager_on_cuda():
     for a, b in zip(runs[False], runs[True]):
         x, y = torch.stack(a.outputs[0].logits), torch.stack(b.outputs[0].logits)
         assert torch.allclose(x, y, atol=1e-4, rtol=0), (x - y).abs().max()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_adaptive_with_uncaptured_child_replays_full_only_steps_on_cuda():
+    """adaptive with snapkv (no captured decode of its own): steps with a long row run eagerly, steps
+    of full rows alone replay the full child's graphs; tokens and logits equal the eager engine's."""
+    prompts = [[(5 * i + j) % 200 + 4 for j in range(60 if i % 2 else 20)] for i in range(6)]
+    # Long by length: 60 + 5 >= 64. Full: 20 + 40 < 64, and they outlive the long ones.
+    params = [SamplingParams(max_tokens=5 if i % 2 else 40, temperature=0.0, ignore_eos=True, return_logits=True)
+              for i in range(6)]
+    runs = {}
+    for eager in (True, False):
+        llm = LLM("dummy:tiny-llama", device="cuda", strategy="adaptive:block_size=4,long=snapkv,long_threshold=64",
+                  enforce_eager=eager, max_model_len=128, max_num_seqs=8)
+        outs = llm.generate(prompts, params, use_tqdm=False)
+        st = llm.engine.stats()
+        assert (st["cuda_graph_replays"] > 0) != eager
+        assert st["adaptive_admitted_long_length"] == 3 and st["adaptive_admitted_full"] == 3
+        runs[eager] = outs
+    assert [o.token_ids for o in runs[False]] == [o.token_ids for o in runs[True]]
+    for a, b in zip(runs[False], runs[True]):
+        x, y = torch.stack(a.outputs[0].logits), torch.stack(b.outputs[0].logits)
+        assert torch.allclose(x, y, atol=1e-4, rtol=0), (x - y).abs().max()

@@ -153,7 +153,8 @@ class DecodeGraphs:
 
     def bucket(self, batch: StepBatch, sample_rows: list[int]) -> int | None:
         """The bucket that runs ``batch``, or None when it must run eagerly."""
-        return graph_bucket(self.sizes, batch.num_new_tokens, sample_rows)
+        size = graph_bucket(self.sizes, batch.num_new_tokens, sample_rows)
+        return size if size is not None and self.kv.graph_ready(batch) else None
 
     @torch.inference_mode()
     def run(self, batch: StepBatch, size: int) -> torch.Tensor:

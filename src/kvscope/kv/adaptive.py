@@ -30,7 +30,13 @@ long-context child beats full paged KV on the measured goodput while keeping qua
 ``quality_floor`` of paged's) and the long child with its measured arguments. Arguments given
 explicitly win over derived ones. What was used, and where it came from, is in ``stats()``
 (``adaptive_long_threshold``, ``adaptive_long``, ``adaptive_long_budget_ratio``,
-``adaptive_thresholds_source``, ``adaptive_thresholds_derived``).
+``adaptive_thresholds_source``, ``adaptive_thresholds_derived``). When no measured scenario gains
+from a long child, ``pressure`` is derived too, as 1.0: the long child then takes only requests
+that full KV cannot hold (a full pool, or a prompt too long for it), as the measurements advise.
+
+**CUDA graphs.** With an eviction child that supports captured decode (``h2o``), every decode step
+replays one graph over the shared pool. With any other long child, decode steps whose rows are all
+full replay the full child's graphs, and steps with a long row run eagerly.
 """
 from __future__ import annotations
 
@@ -110,7 +116,7 @@ class AdaptiveStrategy(KVStrategy):
         long: str | None = None,
         long_budget_ratio: float | None = None,
         long_threshold: int | None = None,
-        pressure: float = 0.9,
+        pressure: float | None = None,
         relief: float = 0.6,
         compress_under_pressure: bool = True,
         long_share: float = 0.25,
@@ -125,12 +131,10 @@ class AdaptiveStrategy(KVStrategy):
             raise ConfigError(f"adaptive: long must be one of {choices}, got {long!r}")
         for key, val in (("long_budget_ratio", long_budget_ratio), ("pressure", pressure), ("relief", relief),
                          ("long_share", long_share)):
-            if val is None and key == "long_budget_ratio":
+            if val is None and key in ("long_budget_ratio", "pressure"):
                 continue
             if not isinstance(val, (int, float)) or not 0.0 < val <= 1.0:
                 raise ConfigError(f"adaptive: {key} must be in (0, 1], got {val!r}")
-        if relief >= pressure:
-            raise ConfigError(f"adaptive: relief ({relief}) must be below pressure ({pressure})")
         if long_threshold is not None and (not isinstance(long_threshold, int) or isinstance(long_threshold, bool)
                                            or long_threshold < 1):
             raise ConfigError(f"adaptive: long_threshold must be an integer >= 1, got {long_threshold!r}")
@@ -164,7 +168,14 @@ class AdaptiveStrategy(KVStrategy):
         args.update(long_args or {})
         self.long_name = long
         self.long_budget_ratio = kept_fraction(long, args)
-        self.pressure = float(pressure)
+        if pressure is None and derived is not None and not any(sc.verdict == "long" for sc in derived.scenarios):
+            # No measured scenario gains from the long child: it takes only what full KV cannot hold.
+            self.pressure = 1.0
+            self.derived_keys.append("pressure")
+        else:
+            self.pressure = 0.9 if pressure is None else float(pressure)
+            if relief >= self.pressure:
+                raise ConfigError(f"adaptive: relief ({relief}) must be below pressure ({self.pressure})")
         self.relief = float(relief)
         self.compress_under_pressure = bool(compress_under_pressure)
         self.long_share = float(long_share)
@@ -303,9 +314,17 @@ class AdaptiveStrategy(KVStrategy):
             parts.append((child.begin_step(sub), rows))
         return CompositeAttention(parts)
 
-    # ---- CUDA-graph decode (eviction child: one pool, one cache, one kernel for every row) --------
+    # ---- CUDA-graph decode ----------------------------------------------------------------------
+    # With an eviction child whose decode steps can be captured: one pool, one cache, one kernel for
+    # every row. Otherwise the full child's graphs, replayed only for steps without long rows.
+    def _long_in_graphs(self) -> bool:
+        return self.shared and self.long.block_table_layout() is not None
+
     def block_table_layout(self) -> BlockTableLayout | None:
-        return self.long.block_table_layout() if self.shared else None
+        return self.long.block_table_layout() if self._long_in_graphs() else self.full.block_table_layout()
+
+    def graph_ready(self, batch: StepBatch) -> bool:
+        return self._long_in_graphs() or all(self._owner(r) is self.full for r in batch.requests)
 
     def block_tables(self, batch: StepBatch) -> list[list[int]]:
         return [self._owner(req).tables[req.request_id] for req in batch.requests]
@@ -318,7 +337,7 @@ class AdaptiveStrategy(KVStrategy):
     def graph_statistics(self) -> GraphStatistics | None:
         # Folded for every row: a full request's slots carry scores nobody reads until it is
         # compressed, and adopting it resets them.
-        return self.long.graph_statistics() if self.shared else None
+        return self.long.graph_statistics() if self._long_in_graphs() else None
 
     def _owner(self, request: Request) -> KVStrategy:
         return self.route[request.request_id]

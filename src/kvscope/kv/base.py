@@ -161,6 +161,11 @@ class KVStrategy(ABC):
         kernels over static block tables; None (the default) keeps the strategy's own backend."""
         return None
 
+    def graph_ready(self, batch: StepBatch) -> bool:
+        """Whether this decode ``batch`` may replay the captured graphs (a strategy with rows its
+        layout does not cover says no, and the step runs eagerly)."""
+        return True
+
     def held_tokens(self, batch: StepBatch) -> list[int]:
         """Per request, the tokens it holds before the step's new one (with
         :meth:`block_table_layout`): the new token goes to that index of its block table."""
