@@ -73,15 +73,19 @@ class Hardware:
         return dataclasses.replace(self, **given, sources=sources)
 
 
-# infinigen's per-step cost beyond its transfers, from benchmarks/results/offload_decode.json
-# (H200, Llama-3-8B shapes, 2026-11-27): at batch 1 x 4096 its step took 99.1 ms against paged's
-# 21.0 ms, of which 2.4 ms is its fetch; the other 75.7 ms over its 30 sparse layers is 2.5 ms each.
+# infinigen's per-step cost beyond its transfers in serving. First measured on an H200 as an eager
+# decode step (batch 1 x 4096, Llama-3-8B shapes: 99.1 ms against paged's 21.0 ms and a 2.4 ms
+# fetch, i.e. 2.5 ms per sparse layer). Pure decode steps replayed from CUDA graphs now cost nothing
+# beyond paged's step and the fetch (within 0.2 ms a layer over batch 1-16 x 4k-32k on an H100,
+# benchmarks/results/offload_decode.json), but served steps that mix prefill chunks with decodes run
+# the eager ragged path; 2.5 ms still fits the H100 study rows (median TPOT error 26% for infinigen
+# in benchmarks/results/advise_calibration.md, against 72% with 0).
 GPU_SPECULATION_S_PER_LAYER = 2.5e-3
 
 # Calibration knob, fitted by benchmarks/advise_calibration.py on one point per hardware (paged,
 # memory-rich pool, all requests at once on the H100; kvscope paged at batch 1 in
 # benchmarks/results/cpu_generate.json on the CPU) and reported there with the errors elsewhere.
-H100_STEP_OVERHEAD_S_PER_LAYER = 0.249e-3
+H100_STEP_OVERHEAD_S_PER_LAYER = 0.152e-3
 CPU_STEP_OVERHEAD_S_PER_LAYER = 1.219e-3
 
 # benchmarks/results/gpu_ceilings.json, measured 2026-11-27 on an NVIDIA H100 80GB HBM3 (torch 2.11):
@@ -105,7 +109,7 @@ H100 = Hardware(
         "matmul_flops_per_s": "measured bf16 8192^3 (gpu_ceilings.json, 2026-11-27)",
         "host_memory_bytes": "assumed (128 GiB host)",
         "step_overhead_s_per_layer": "fitted (advise_calibration)",
-        "speculation_s_per_layer": "measured infinigen step minus paged step (offload_decode.json, H200)",
+        "speculation_s_per_layer": "eager infinigen step minus paged step and fetch (H200), checked on the H100 study",
     },
 )
 
