@@ -79,13 +79,13 @@ class Hardware:
 # beyond paged's step and the fetch (within 0.2 ms a layer over batch 1-16 x 4k-32k on an H100,
 # benchmarks/results/offload_decode.json), but served steps that mix prefill chunks with decodes run
 # the eager ragged path; 2.5 ms still fits the H100 study rows (median TPOT error 26% for infinigen
-# in benchmarks/results/advise_calibration.md, against 72% with 0).
+# in benchmarks/results/advise_calibration.md, against 75% with 0).
 GPU_SPECULATION_S_PER_LAYER = 2.5e-3
 
 # Calibration knob, fitted by benchmarks/advise_calibration.py on one point per hardware (paged,
 # memory-rich pool, all requests at once on the H100; kvscope paged at batch 1 in
 # benchmarks/results/cpu_generate.json on the CPU) and reported there with the errors elsewhere.
-H100_STEP_OVERHEAD_S_PER_LAYER = 0.152e-3
+H100_STEP_OVERHEAD_S_PER_LAYER = 0.135e-3
 CPU_STEP_OVERHEAD_S_PER_LAYER = 1.219e-3
 
 # benchmarks/results/gpu_ceilings.json, measured 2026-11-27 on an NVIDIA H100 80GB HBM3 (torch 2.11):
