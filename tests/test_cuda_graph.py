@@ -82,9 +82,11 @@ def test_graphs_equal_eager_and_hf_on_cuda(tmp_path, kind, strategy):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-def test_h2o_graphs_equal_eager_on_cuda(tmp_path):
-    """h2o decode steps replayed from graphs (fused column sums folded in the graph, eviction after
-    it) give the eager steps' tokens, logits and evictions (float32)."""
+@pytest.mark.parametrize("spec", ["h2o:budget=24,recent=8,block_size=4", "snapkv:budget=24,window=8,block_size=4"])
+def test_eviction_graphs_equal_eager_on_cuda(tmp_path, spec):
+    """Eviction decode steps replayed from graphs give the eager steps' tokens, logits and evictions
+    (float32): h2o with its column sums folded in the graph and eviction after it; snapkv (prompt
+    compressed once, eagerly) as plain paged decode over its resident tokens."""
     path = tmp_path / "llama"
     make_tiny_checkpoint("llama", path)
     rng = random.Random(4)
@@ -92,7 +94,7 @@ def test_h2o_graphs_equal_eager_on_cuda(tmp_path):
     params = SamplingParams(max_tokens=30, temperature=0.0, ignore_eos=True, return_logits=True)
     runs = {}
     for eager in (True, False):
-        llm = LLM(str(path), device="cuda", strategy="h2o:budget=24,recent=8,block_size=4", enforce_eager=eager,
+        llm = LLM(str(path), device="cuda", strategy=spec, enforce_eager=eager,
                   kv_memory_bytes=8 << 20, max_model_len=256, max_num_seqs=8)
         outs = llm.generate(prompts, params, use_tqdm=False)
         st = llm.engine.stats()
@@ -132,15 +134,16 @@ def test_adaptive_graphs_equal_eager_on_cuda():
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_adaptive_with_uncaptured_child_replays_full_only_steps_on_cuda():
-    """adaptive with snapkv (no captured decode of its own): steps with a long row run eagerly, steps
-    of full rows alone replay the full child's graphs; tokens and logits equal the eager engine's."""
+    """adaptive with offload (no captured decode of its own): steps with a long row run eagerly,
+    steps of full rows alone replay the full child's graphs; tokens and logits equal the eager
+    engine's."""
     prompts = [[(5 * i + j) % 200 + 4 for j in range(60 if i % 2 else 20)] for i in range(6)]
     # Long by length: 60 + 5 >= 64. Full: 20 + 40 < 64, and they outlive the long ones.
     params = [SamplingParams(max_tokens=5 if i % 2 else 40, temperature=0.0, ignore_eos=True, return_logits=True)
               for i in range(6)]
     runs = {}
     for eager in (True, False):
-        llm = LLM("dummy:tiny-llama", device="cuda", strategy="adaptive:block_size=4,long=snapkv,long_threshold=64",
+        llm = LLM("dummy:tiny-llama", device="cuda", strategy="adaptive:block_size=4,long=offload,long_threshold=64",
                   enforce_eager=eager, max_model_len=128, max_num_seqs=8)
         outs = llm.generate(prompts, params, use_tqdm=False)
         st = llm.engine.stats()

@@ -255,3 +255,14 @@ def test_one_over_budget_replacement_keeps_what_a_dense_ranking_keeps(budgets, r
                     if t != total:
                         assert now[t] == t
                         assert torch.equal(kv.cache.kv[layer, :, slots[t], h], kv_before[layer, :, t, h])
+
+
+def test_which_policies_decode_from_captured_graphs():
+    from kvscope.kv.registry import create
+
+    kinds = {name: create(name).captured_decode for name in EVICTING}
+    # h2o folds its statistic in the graph; snapkv decodes plainly (it compresses the prompt once and
+    # evicts nothing in decode); the others need eager steps (scores keyed on the new key, or
+    # eviction in decode with a policy-specific ranking or a last-row statistic).
+    assert kinds == {"h2o": "statistic", "snapkv": "plain", "streaming": None, "tova": None, "knorm": None,
+                     "random": None}

@@ -252,13 +252,27 @@ class EvictionStrategy(KVStrategy):
         )
 
     # ---- CUDA-graph decode ---------------------------------------------------------------------
+    @property
+    def captured_decode(self) -> str | None:
+        """How a decode step of this policy can be captured: ``"statistic"`` (accumulated attention
+        ranked by raw score, ``h2o``: the kernel folds the statistic inside the graph), ``"plain"``
+        (decode needs nothing from attention and evicts nothing, ``snapkv``: plain paged decode over
+        the resident tokens), or None (eager)."""
+        if self.keyed_initial_scores:
+            return None
+        if self.attention_rows == "all" and self._ranks_by_score:
+            return "statistic"
+        if self.attention_rows in ("window", "none") and not self.evict_in_decode:
+            return "plain"
+        return None
+
     def block_table_layout(self) -> BlockTableLayout | None:
-        """Captured decode for accumulated-attention policies (``h2o``) on the Triton backend, while
-        the kernel's per-row logits buffer (``Hq x max_model_len`` float32) stays small."""
+        """Captured decode on the Triton backend (see :attr:`captured_decode`); with the statistic,
+        only while the kernel's per-row logits buffer (``Hq x max_model_len`` float32) stays small."""
         s, m = self.setup, self.setup.model
+        kind = self.captured_decode
         logits = max(s.cuda_graph_sizes or [0]) * m.num_heads * s.max_model_len * 4
-        if s.attention_backend != "triton" or self.attention_rows != "all" or self.keyed_initial_scores \
-                or not self._ranks_by_score or logits > _GRAPH_LOGITS_BYTES:
+        if s.attention_backend != "triton" or kind is None or (kind == "statistic" and logits > _GRAPH_LOGITS_BYTES):
             return None
         return BlockTableLayout(self.cache, self.block_size)
 
@@ -268,8 +282,8 @@ class EvictionStrategy(KVStrategy):
     def held_tokens(self, batch: StepBatch) -> list[int]:
         return [self.resident[req.request_id] for req in batch.requests]
 
-    def graph_statistics(self) -> CapturedColumnSums:
-        return CapturedColumnSums(self)
+    def graph_statistics(self) -> CapturedColumnSums | None:
+        return CapturedColumnSums(self) if self.captured_decode == "statistic" else None
 
     def end_step(self, batch: StepBatch) -> None:
         one_over = []
