@@ -24,7 +24,8 @@ def make_case(seed, b, c, hkv, g, d, lens, real, cap, per_head, kp, device="cpu"
     pk = torch.randint(-2, 3, (n, hkv, d), generator=gen).to(torch.bfloat16)
     slots = torch.stack([torch.randperm(n - 1, generator=gen)[:c] for _ in range(b)])
     args = dict(qp=qp, partial_keys=pk, slots=slots, lens=torch.tensor(lens), real=torch.tensor(real),
-                scale=0.5, alpha=2.0, cap=torch.tensor(float(cap)), per_head=per_head, kp=kp,
+                scale=0.5, alpha=2.0, per_head=per_head, kp=kp,
+                cap=torch.tensor([float(x) for x in cap] if isinstance(cap, list) else [float(cap)] * b),
                 counters=torch.zeros(n, dtype=torch.int32))
     return {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in args.items()}
 
@@ -34,6 +35,7 @@ CASES = [
     (1, 3, 64, 2, 3, 5, [37, 5, 64], [True, True, True], 1e9, False, 70),
     (2, 2, 40, 3, 1, 4, [40, 17], [True, True], 3.0, True, 16),
     (3, 4, 33, 1, 4, 7, [1, 2, 33, 20], [True, True, True, False], 8.0, False, 16),
+    (4, 3, 50, 2, 2, 6, [50, 12, 30], [True, True, True], [9.0, 2.0, 6.0], True, 16),  # caps per row
 ]
 """
 
@@ -68,11 +70,11 @@ def reference(qp, partial_keys, slots, lens, real, scale, alpha, cap, per_head, 
             best = [max(row) for row in logits]
             per_kv.append([max(logits[q][t] - best[q] for q in range(g)) for t in range(n)])
         rel[i] = per_kv if per_head else [[max(per_kv[h][t] for h in range(hkv)) for t in range(n)]]
-    reals = [i for i in range(b) if bool(real[i])]
-    total = sum(sum(s > -alpha for s in rel[i][h]) for i in reals for h in range(heads))
-    k = min(max(1, total // (len(reals) * heads)), float(cap))
     out = {}
     for i in range(b):
+        # k: the mean count over the row's heads, floored, in [1, the row's cap].
+        count = sum(sum(s > -alpha for s in rel[i][h]) for h in range(heads))
+        k = min(max(1, count // heads), float(cap[i]))
         for h in range(heads):
             keep = min(int(k), int(lens[i]), kp) if bool(real[i]) else 0
             ranked = sorted(range(int(lens[i])), key=lambda t: (-rel[i][h][t], t))[:keep]

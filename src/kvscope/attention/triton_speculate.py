@@ -12,8 +12,8 @@ fetch and the next. The kernels here do the same work in three launches:
 2. ``_relative_kernel``: each token's score relative to its head's best, ``max_g(logit_g - max_t
    logit_g)`` (over all heads too when whole tokens are selected), and per head how many tokens
    score above ``-alpha`` (InfiniGen's count).
-3. ``_select_kernel``: ``k`` = the mean count over the batch's real rows and heads, floored, at
-   least 1 and at most ``cap``; each head then keeps its ``min(k, length)`` best tokens. The
+3. ``_select_kernel``: per row, ``k`` = the mean count over the row's heads, floored, at least 1 and
+   at most the row's ``cap``; each head then keeps its ``min(k, length)`` best tokens. The
    ``k``-th best score is found by bisection over the scores' bit patterns (31 passes over the row,
    held in registers up to 16k tokens; a five-way search with four counts packed in one int64 per
    pass was measured slower on an H100), then the kept tokens are compacted in position order,
@@ -116,23 +116,18 @@ if triton is not None:
     def _select_kernel(
         rel_ptr, counts_ptr, lens_ptr, real_ptr, cap_ptr, slots_ptr, counters_ptr,
         rows_ptr, valid_ptr, kept_ptr,
-        B, C, KP,
-        H: tl.constexpr, HKV: tl.constexpr, PER_HEAD: tl.constexpr, BP: tl.constexpr,
+        C, KP,
+        H: tl.constexpr, HP: tl.constexpr, HKV: tl.constexpr, PER_HEAD: tl.constexpr,
         CHUNK: tl.constexpr, NCH: tl.constexpr, KB: tl.constexpr,
     ):
         row = tl.program_id(0)
         b = row // H
         h = row % H
-        # k: the mean count over the real rows' heads (InfiniGen), floored, in [1, cap].
-        bs = tl.arange(0, BP)
-        bmask = bs < B
-        real_b = tl.load(real_ptr + bs, mask=bmask, other=0).to(tl.int32)
-        total = tl.zeros((BP,), dtype=tl.int32)
-        for hh in range(H):
-            total += tl.load(counts_ptr + bs * H + hh, mask=bmask, other=0) * real_b
-        n_real = tl.sum(real_b, axis=0)
-        k = tl.floor(tl.sum(total, axis=0).to(tl.float32) / tl.maximum(n_real * H, 1).to(tl.float32))
-        k = tl.minimum(tl.maximum(k, 1.0), tl.load(cap_ptr))
+        # k: the mean count over the row's heads (InfiniGen), floored, in [1, cap of the row].
+        heads = tl.arange(0, HP)
+        total = tl.sum(tl.load(counts_ptr + b * H + heads, mask=heads < H, other=0), axis=0)
+        k = tl.floor(total.to(tl.float32) / H)
+        k = tl.minimum(tl.maximum(k, 1.0), tl.load(cap_ptr + b))
         n = tl.load(lens_ptr + b).to(tl.int32)
         k_eff = tl.minimum(tl.minimum(k.to(tl.int32), n), KP) * tl.load(real_ptr + b).to(tl.int32)
         # Bisection for the smallest key T with at least k_eff keys <= T (the k-th best score).
@@ -202,7 +197,7 @@ def speculate_rows(
         slots: ``[B, C]`` int64 host slots of each row's earlier tokens (entries past ``lens`` unused).
         lens: ``[B]`` int64 tokens per row (>= 1); real: ``[B]`` bool, False for padding rows.
         scale: attention scale; alpha: InfiniGen's threshold below each head's best logit.
-        cap: float32 scalar tensor, the most tokens a head keeps (``k``'s upper bound).
+        cap: ``[B]`` float32, the most tokens a head of each row keeps (``k``'s upper bound).
         per_head: each KV head its own tokens (True) or whole tokens by their best head.
         kp: entries per head in the result (>= the most tokens kept).
         counters: ``[num_slots + 1]`` int32 selection counters, bumped per kept (token, head).
@@ -229,9 +224,8 @@ def _speculate_torch(qp, partial_keys, slots, lens, real, scale, alpha, cap, per
     if not per_head:
         rel = rel.amax(1, keepdim=True)  # [B, 1, C]: a token's best score over all heads
     h = rel.shape[1]
-    counts = (rel > -alpha).sum(-1) * real[:, None]
-    k = (counts.sum() / (real.sum() * h).clamp(min=1)).floor().clamp(min=1)
-    k = torch.minimum(k, cap)
+    counts = (rel > -alpha).sum(-1)  # [B, H]
+    k = torch.minimum((counts.sum(-1) / h).floor().clamp(min=1), cap)
     k_eff = torch.minimum(k.long(), lens).clamp(max=kp) * real  # [B]
     order = torch.sort(rel, dim=-1, descending=True, stable=True).indices
     rank = torch.empty_like(order).scatter_(-1, order, torch.arange(c, device=rel.device).expand_as(order))
@@ -272,8 +266,8 @@ def _speculate_triton(qp, partial_keys, slots, lens, real, scale, alpha, cap, pe
     chunk = min(triton.next_power_of_2(c), _SELECT_CHUNK)
     _select_kernel[(b * h,)](
         rel, counts, lens, real, cap, slots, counters, rows, valid.view(torch.int8), kept,
-        b, c, kp,
-        H=h, HKV=hkv, PER_HEAD=per_head, BP=triton.next_power_of_2(b), CHUNK=chunk,
+        c, kp,
+        H=h, HP=triton.next_power_of_2(h), HKV=hkv, PER_HEAD=per_head, CHUNK=chunk,
         NCH=triton.cdiv(c, chunk), KB=1024, num_warps=16 if chunk >= 8192 else 4,
     )
     return rows, valid, kept

@@ -8,9 +8,11 @@ Per layer ``l >= dense_layers`` and decode step, while layer ``l - 1`` computes:
    skewed (``q A``, see ``kv/skew.py``) and cut to the partial columns. Its dot products with the
    *partial key cache* (the same columns of every cached key, skewed, resident on the device) give
    approximate attention logits ``[B, Hq, T]``.
-2. **Select.** Per query head, tokens whose logit exceeds the head's max minus ``alpha``. ``k`` is
-   the mean count over the batch's heads, capped by ``max_num_kv`` and by ``budget_ratio`` of the
-   mean context; every KV head then takes its top ``k`` tokens. Grouped-query attention: a KV
+2. **Select.** Per query head, tokens whose logit exceeds the head's max minus ``alpha``. Per
+   request, ``k`` is the mean count over its heads, capped by ``max_num_kv`` and by ``budget_ratio``
+   of its own context; each of its KV heads then takes its top ``k`` tokens. (InfiniGen averages
+   over a batch of equal-length prompts, where the two agree; in a continuous batch a batch-wide
+   ``k`` would size a long prompt's selection by its short neighbours.) Grouped-query attention: a KV
    head's score of a token is the best over its group's query heads (InfiniGen, written for MHA,
    selects per head; a KV head is fetched for all its query heads at once).
 3. **Prefetch** those rows (one token of one KV head each) from pinned host memory on the copy
@@ -73,13 +75,9 @@ class InfiniGenAttention(OffloadAttention):
         self.spec_lens = torch.tensor(lens, device=device)
         self.spec_real = torch.ones(len(lens), dtype=torch.bool, device=device)
         self.num_candidates = sum(lens)
-        cap = width
-        if strategy.max_num_kv is not None:
-            cap = min(cap, strategy.max_num_kv)
-        if strategy.budget_ratio is not None:
-            cap = min(cap, max(1, int(strategy.budget_ratio * sum(lens) / len(lens))))
-        self.k_cap = cap
-        self.cap = torch.tensor(float(cap), device=device)
+        caps = [strategy.k_cap(n) for n in lens]
+        self.k_cap = int(max(caps))  # the gather is sized by the largest row's cap
+        self.cap = torch.tensor(caps, dtype=torch.float32, device=device)
         self.spec_q = torch.tensor([qs[i] for i in self.spec], device=device)
         self.spec_positions = batch.positions[self.spec_q]
         # Staged layout of speculative layers: the full rows' fetched tokens, then all new tokens;
@@ -251,14 +249,14 @@ class InfiniGenStrategy(HostOffloadStrategy):
         _, sub = skew.partial(self.partial_weight_ratio)
         self.skew_sub = sub.to(self.setup.device)  # [L, Hkv, D, d'] float32
 
-    def k_cap(self, mean_context: float) -> float:
-        """The most tokens a KV head keeps at a mean context of ``mean_context``: ``budget_ratio`` of
-        it (at least 1) and at most ``max_num_kv``."""
-        cap = float(mean_context)
+    def k_cap(self, context: int) -> float:
+        """The most tokens a KV head of a request with ``context`` earlier tokens keeps:
+        ``budget_ratio`` of them (at least 1) and at most ``max_num_kv``."""
+        cap = float(context)
         if self.max_num_kv is not None:
             cap = min(cap, self.max_num_kv)
         if self.budget_ratio is not None:
-            cap = min(cap, max(1, int(self.budget_ratio * mean_context)))
+            cap = min(cap, max(1, int(self.budget_ratio * context)))
         return cap
 
     def _pure_decode(self, batch: StepBatch, prev: list[torch.Tensor]) -> bool:

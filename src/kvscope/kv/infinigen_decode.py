@@ -87,13 +87,13 @@ class InfiniGenDecode:
         self.spec_layout = (_Layout(b * self.hkv, self.kp, 1, triton, dev) if self.per_head
                             else _Layout(b, self.kp, self.hkv, triton, dev))
         # Static inputs: earlier tokens' host slots, their count, the new token's slot and position,
-        # which rows are real, and the cap on k for this step (InfiniGen's budget of the mean context).
+        # which rows are real, and each row's cap on k (its budget of its own context).
         self.slots = torch.zeros(b, c, dtype=torch.long, device=dev)
         self.lens = torch.zeros(b, dtype=torch.long, device=dev)
         self.new_slots = torch.zeros(b, dtype=torch.long, device=dev)
         self.positions = torch.zeros(b, dtype=torch.long, device=dev)
         self.real = torch.zeros(b, dtype=torch.bool, device=dev)
-        self.cap = torch.zeros((), dtype=torch.float32, device=dev)
+        self.cap = torch.ones(b, dtype=torch.float32, device=dev)
         self._cols = torch.arange(c, device=dev)
         self._seq = torch.arange(self.spec_layout.s, device=dev)
         self.fetches: dict[int, object] = {}
@@ -116,7 +116,7 @@ class InfiniGenDecode:
         self.positions.zero_()
         self.positions[:n] = positions
         self.real.copy_(torch.arange(self.b) < n)
-        self.cap.fill_(float(g.k_cap(sum(lens) / n)) if n else 1.0)
+        self.cap.copy_(torch.tensor([float(g.k_cap(n_i)) for n_i in lens] + [1.0] * (self.b - n)))
         for layer in range(g.dense_layers, g.num_layers):
             g.candidate_tokens[layer] += sum(lens)
 
