@@ -114,29 +114,15 @@ class InfiniGenAttention(OffloadAttention):
         ``[B, hidden]`` (of the previous layer); returns host rows ``[B * H * k_cap]`` and which of
         them are selected (``[B * H * k_cap]`` bool), ``H`` = ``Hkv`` (per head) or 1."""
         g = self.g
-        b, hkv = x.shape[0], g.setup.model.num_kv_heads
-        q = g.model.attention_query(layer, x, self.spec_positions)  # [B, Hq, D]
-        q = q.view(b, hkv, -1, q.shape[-1]).float()
-        qp = torch.einsum("bhgd,hdc->bhgc", q, g.skew_sub[layer])
-        # k (the mean count over the batch's heads, InfiniGen) is computed on the device: reading it
-        # on the host would stall the CPU once per layer. The host sizes the gather by the cap, and
-        # rows past k are masked out: the gather kernel skips them, attention ignores them.
-        rows, valid, kept = speculate_rows(
-            qp, g.partial_keys[layer], self.spec_slots, self.spec_lens, self.spec_real, self.s.scale, g.alpha,
-            self.cap, self.per_head, self.k_cap, g.pool.counters,
-            use_triton=g.setup.attention_backend == "triton" and x.is_cuda,
-        )
-        g.selected_tokens[layer] += kept.sum(0)
+        rows, valid, _ = g.select_rows(layer, x, self.spec_positions, self.spec_slots, self.spec_lens,
+                                       self.spec_real, self.cap, self.k_cap)
         g.candidate_tokens[layer] += self.num_candidates
         self.selected[layer] = valid
         return rows.flatten(), valid.flatten()
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         g = self.g
-        if layer >= g.dense_layers:
-            g.partial_keys[layer].index_copy_(
-                0, self.new_slots, torch.einsum("nhd,hdc->nhc", k.float(), g.skew_sub[layer]).to(k.dtype)
-            )
+        g.write_partial_keys(layer, self.new_slots, k)
         if not self.speculative(layer):
             return super().attend(layer, q, k, v)
         # Full rows' tokens then the selected ones, each token's heads together or apart.
@@ -258,6 +244,34 @@ class InfiniGenStrategy(HostOffloadStrategy):
         if self.budget_ratio is not None:
             cap = min(cap, max(1, int(self.budget_ratio * context)))
         return cap
+
+    def select_rows(self, layer: int, x: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor,
+                    lens: torch.Tensor, real: torch.Tensor, cap: torch.Tensor, kp: int
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Speculate layer ``layer``'s rows for ``B`` decode rows from their previous layer's
+        attention input ``x`` ``[B, hidden]`` at ``positions`` ``[B]``; ``slots`` ``[B, C]``,
+        ``lens``, ``real``, ``cap`` and ``kp`` as :func:`~kvscope.attention.triton_speculate.speculate_rows`
+        takes them, whose rows ``[B, H, kp]``, validity and kept counts ``[B, H]`` this returns.
+        ``k`` is decided on the device: reading it on the host would stall the CPU once per layer;
+        rows past it are masked out (the gather skips them, attention ignores them)."""
+        hkv = self.setup.model.num_kv_heads
+        q = self.model.attention_query(layer, x, positions)  # [B, Hq, D]
+        q = q.view(x.shape[0], hkv, -1, q.shape[-1]).float()
+        qp = torch.einsum("bhgd,hdc->bhgc", q, self.skew_sub[layer])
+        rows, valid, kept = speculate_rows(
+            qp, self.partial_keys[layer], slots, lens, real, self.scale, self.alpha, cap, self.select == "head", kp,
+            self.pool.counters, use_triton=self.setup.attention_backend == "triton" and x.is_cuda,
+        )
+        self.selected_tokens[layer] += kept.sum(0)
+        return rows, valid, kept
+
+    def write_partial_keys(self, layer: int, slots: torch.Tensor, k: torch.Tensor) -> None:
+        """Store the skewed partial columns of new keys ``k`` ``[N, Hkv, D]`` at host ``slots`` ``[N]``
+        (speculative layers only)."""
+        if layer >= self.dense_layers:
+            self.partial_keys[layer].index_copy_(
+                0, slots, torch.einsum("nhd,hdc->nhc", k.float(), self.skew_sub[layer]).to(k.dtype)
+            )
 
     def _pure_decode(self, batch: StepBatch, prev: list[torch.Tensor]) -> bool:
         return all(n == 1 for n in batch.num_new_tokens) and all(p.numel() > 0 for p in prev)

@@ -31,7 +31,6 @@ import torch
 import torch.nn.functional as F
 
 from kvscope.attention.torch_ref import attend_decode
-from kvscope.attention.triton_speculate import speculate_rows
 
 if TYPE_CHECKING:
     from kvscope.kv.infinigen import InfiniGenStrategy
@@ -175,25 +174,15 @@ class InfiniGenDecode:
     def speculate(self, layer: int, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Select layer ``layer``'s rows from the previous layer's attention input ``x`` ``[B, hidden]``;
         returns host row ids and their validity, both ``[S * Kp]`` in the speculative layout."""
-        g, b, hkv = self.g, self.b, self.hkv
-        q = g.model.attention_query(layer, x, self.positions)  # [B, Hq, D]
-        q = q.view(b, hkv, -1, q.shape[-1]).float()
-        qp = torch.einsum("bhgd,hdc->bhgc", q, g.skew_sub[layer])
-        rows, valid, kept = speculate_rows(
-            qp, g.partial_keys[layer], self.slots, self.lens, self.real, g.scale, g.alpha, self.cap,
-            self.per_head, self.kp, g.pool.counters, use_triton=self.dense_layout.triton,
-        )
-        g.selected_tokens[layer] += kept.sum(0)
+        rows, valid, kept = self.g.select_rows(layer, x, self.positions, self.slots, self.lens, self.real, self.cap,
+                                               self.kp)
         self.selected[layer] = kept.flatten()  # [S] rows kept per sequence
         return rows.flatten(), valid.flatten()
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """``q`` ``[B, Hq, D]``, ``k``/``v`` ``[B, Hkv, D]`` -> ``[B, Hq, D]``."""
         g = self.g
-        if layer >= g.dense_layers:
-            g.partial_keys[layer].index_copy_(
-                0, self.new_slots, torch.einsum("nhd,hdc->nhc", k.float(), g.skew_sub[layer]).to(k.dtype)
-            )
+        g.write_partial_keys(layer, self.new_slots, k)
         g.transfer.write(g.pool.layer_rows(layer, per_head=False), self.new_slots,
                          torch.stack((k, v)).view(2, self.b, -1))
         fetched = g.transfer.wait(self.fetches.pop(layer))
