@@ -152,9 +152,10 @@ def test_every_request_is_in_exactly_one_child(ops):
 
 
 # ---- thresholds derived from a study's results file -------------------------------------------------
-def _row(strategy, workload, goodput, n, tokens, ruler=None, ppl=None, status="ok", kv=25165824, rate="inf", seed=0):
+def _row(strategy, workload, goodput, n, tokens, ruler=None, ppl=None, status="ok", kv=25165824, rate="inf", seed=0,
+         agree=None):
     """A results.jsonl row as the study runner writes it (only the fields the derivation reads)."""
-    quality = {}
+    quality = {} if agree is None else {"agreement": {"match_fraction": agree}}
     if ruler is not None:
         quality["ruler"] = {"accuracy": ruler}
     if ppl is not None:
@@ -274,6 +275,18 @@ def test_pressure_derived_as_full_pool_when_no_scenario_gains(tmp_path):
     assert s.allocate(req("a", 36, 4), 36) and s.route["a"] is s.full  # 9 of 10 blocks
     assert s.allocate(req("b", 4, 4), 4) and s.route["b"] is s.full  # the 10th
     assert s._choose(req("c", 4, 4))[1] == "admitted_long_pressure"
+
+
+def test_every_comparable_quality_measure_must_meet_the_floor():
+    # snapkv is 10% faster on short requests and keeps 0.95 of paged's perplexity, but its served
+    # answers agree with full KV on 6% of tokens (paged: 94%): it does not qualify.
+    rows = [_row("paged", SHORT, 12.4, 5, (400, 100), ppl=25.3, agree=0.94),
+            _row(SNAP, SHORT, 13.6, 5, (400, 100), ppl=26.7, agree=0.06)]
+    t = derive_thresholds("hand", rows=rows)
+    assert [s.verdict for s in t.scenarios] == ["full"] and t.long is None
+    rows[1]["quality"]["agreement"]["match_fraction"] = 0.9  # within the floor on both: it qualifies
+    t = derive_thresholds("hand", rows=rows)
+    assert [s.verdict for s in t.scenarios] == ["long"] and t.long == "snapkv"
 
 
 @pytest.mark.parametrize("long", ["snapkv", "offload"])

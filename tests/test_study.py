@@ -410,3 +410,17 @@ def test_gpu_warm_up_runs_the_workloads_own_shapes_and_skips_a_refused_prompt():
     runner_mod._warm_up(big, [WorkloadRequest(prompt=[5] * 400, output_len=4),
                               WorkloadRequest(prompt=[5] * 6, output_len=4)], max_model_len=512)
     assert big.engine.stats()["num_computed_tokens"] == 6 + 3
+
+
+def test_agreement_of_a_plain_workload_as_served(tiny_model, tmp_path):
+    raw = {**_tiny_spec(tiny_model, ["paged", "h2o:budget=8,recent=4"]), "quality": {"agreement": True}}
+    rows = run_study(parse_spec(raw), tmp_path / "res", progress=False)
+    assert [r["status"] for r in rows] == ["ok", "ok"], [r.get("error") for r in rows]
+    paged, h2o = rows
+    assert paged["quality"]["agreement"]["match_fraction"] == 1.0  # full KV against full KV
+    assert paged["quality"]["agreement"]["num_requests"] == 2
+    assert h2o["quality"]["agreement"]["reference_from"] == paged["id"]  # one reference run
+    # Left at its default, the field stays out of the point config: ids of rows written before it stay valid.
+    default = expand(parse_spec(_tiny_spec(tiny_model, ["paged"])))[0]
+    assert "agreement" not in default.config["quality"]
+    assert expand(parse_spec(raw))[0].config["quality"]["agreement"] is True

@@ -15,8 +15,10 @@ The rule, step by step:
 3. **Metric.** ``request_goodput`` (vLLM's goodput: requests meeting every SLO, per second) when
    every usable row has one, i.e. the study set SLOs; else ``output_throughput``.
 4. **Quality floor.** A candidate qualifies in a scenario when its quality is at least
-   ``quality_floor`` of ``paged``'s there: RULER accuracy >= floor x paged's when both rows carry
-   one, else paged's perplexity / the candidate's >= floor. A candidate without a figure to compare
+   ``quality_floor`` of ``paged``'s there on every measure both carry: RULER accuracy and agreement
+   with full KV (``quality.agreement``: the served requests' greedy tokens) >= floor x paged's, and
+   paged's perplexity / the candidate's >= floor. Perplexity on prose does not see what compressing
+   a short chat prompt does to its answer; agreement does. A candidate without a figure to compare
    does not qualify. When no candidate of any scenario has one, the floor cannot be checked and
    the derivation fails.
 5. **Verdict.** A scenario says ``long`` when its best qualifying candidate's metric exceeds
@@ -167,10 +169,12 @@ def _finite(v: Any) -> bool:
 
 
 def _quality(rows: list[dict[str, Any]]) -> dict[str, float]:
-    """Mean RULER accuracy and perplexity over ``rows`` (the keys present in all of them)."""
+    """Mean RULER accuracy, agreement with full KV and perplexity over ``rows`` (the keys present
+    in all of them)."""
     out = {}
-    for name, keys in (("ruler", ("quality", "ruler", "accuracy")), ("perplexity", ("quality", "perplexity",
-                                                                                     "perplexity"))):
+    for name, keys in (("ruler", ("quality", "ruler", "accuracy")),
+                       ("agreement", ("quality", "agreement", "match_fraction")),
+                       ("perplexity", ("quality", "perplexity", "perplexity"))):
         vals = [_get(r, *keys) for r in rows]
         if vals and all(_finite(v) for v in vals):
             out[name] = statistics.fmean(vals)
@@ -178,12 +182,12 @@ def _quality(rows: list[dict[str, Any]]) -> dict[str, float]:
 
 
 def _qualifies(cand: dict[str, float], full: dict[str, float], floor: float) -> bool | None:
-    """Whether ``cand``'s quality is at least ``floor`` of ``full``'s; None if not comparable."""
-    if "ruler" in cand and "ruler" in full:
-        return cand["ruler"] >= floor * full["ruler"]
+    """Whether ``cand``'s quality is at least ``floor`` of ``full``'s on every measure both have
+    (RULER accuracy and agreement as ratios, perplexity inverted); None if none is comparable."""
+    verdicts = [cand[m] >= floor * full[m] for m in ("ruler", "agreement") if m in cand and m in full]
     if "perplexity" in cand and "perplexity" in full and cand["perplexity"] > 0:
-        return full["perplexity"] / cand["perplexity"] >= floor
-    return None
+        verdicts.append(full["perplexity"] / cand["perplexity"] >= floor)
+    return all(verdicts) if verdicts else None
 
 
 def _length(rows: list[dict[str, Any]]) -> float | None:

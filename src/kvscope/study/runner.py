@@ -183,24 +183,31 @@ def _mixed_quality(point: Point, cache: PointCache, mixed: MixedWorkload, sample
 
     out: dict[str, Any] = {"ruler": {**summary(scores), "per_task": {t: summary(v) for t, v in by_task.items()},
                                      "failed": failed, "measured_in": "serving run"}}
-    cfg = point.config
     shorts = mixed.short_positions
+    out["agreement"] = _agreement(point, cache, [mixed.requests[i] for i in shorts],
+                                  [outputs.get(str(i), ([], ""))[0] for i in shorts])
+    return out
+
+
+def _agreement(point: Point, cache: "PointCache", requests: list, served: list[list[int]]) -> dict[str, Any]:
+    """``served`` greedy tokens of ``requests`` against those of full paged KV: the same requests,
+    all submitted together to a fresh ``paged`` engine with the point's pool (computed once per
+    run and reused, see ``reused_from``). Pooled match fraction, exact matches, first divergence."""
+    cfg = point.config
 
     def reference() -> dict[str, Any]:
         llm = cache.llm({**cfg, "strategy": "paged"})
-        reqs = [mixed.requests[i] for i in shorts]
-        params = [SamplingParams(max_tokens=r.output_len, temperature=0.0, ignore_eos=True) for r in reqs]
-        outs = llm.generate([r.prompt for r in reqs], params, use_tqdm=False)
+        params = [SamplingParams(max_tokens=r.output_len, temperature=0.0, ignore_eos=True) for r in requests]
+        outs = llm.generate([r.prompt for r in requests], params, use_tqdm=False)
         return {"token_ids": [list(o.token_ids) for o in outs]}
 
     keys = ["model", "seed", "device", "dtype", "max_model_len", "engine", "kv_memory", "workload"]
-    ref = _cached(cache.quality, {**{k: cfg[k] for k in keys}, "q": "mixed_reference"}, point, reference)
-    agree = quality.agreement(ref["token_ids"], [outputs.get(str(i), ([], ""))[0] for i in shorts])
-    out["agreement"] = {k: agree[k] for k in ("match_fraction", "exact_match", "mean_first_divergence",
-                                             "num_requests")}
-    out["agreement"]["reference"] = "paged (full KV)"
+    ref = _cached(cache.quality, {**{k: cfg[k] for k in keys}, "q": "served_reference"}, point, reference)
+    agree = quality.agreement(ref["token_ids"], served)
+    out = {k: agree[k] for k in ("match_fraction", "exact_match", "mean_first_divergence", "num_requests")}
+    out["reference"] = "paged (full KV)"
     if "reused_from" in ref:
-        out["agreement"]["reference_from"] = ref["reused_from"]
+        out["reference_from"] = ref["reused_from"]
     return out
 
 
@@ -326,8 +333,9 @@ def run_point(point: Point, cache: PointCache | None = None) -> dict[str, Any]:
         del llm  # a fresh engine for the timed run: its counters start at zero
         llm = cache.llm(cfg)
     t1 = time.perf_counter()
-    # A mixed workload's quality is scored on what the serving run produced: keep its outputs.
-    served = SimpleNamespace(engine=_RecordingEngine(llm.engine), tokenizer=llm.tokenizer) if mixed else llm
+    # Quality scored on what the serving run produced (a mixed workload's, or agreement): keep its outputs.
+    recorded = bool(mixed) or cfg["quality"].get("agreement", False)
+    served = SimpleNamespace(engine=_RecordingEngine(llm.engine), tokenizer=llm.tokenizer) if recorded else llm
     run = run_workload(served, with_arrivals(requests, offsets), mode="timed")  # type: ignore[arg-type]
     t2 = time.perf_counter()
     metrics = serving_metrics(run.records, goodput=cfg["slos"] or None)
@@ -343,11 +351,14 @@ def run_point(point: Point, cache: PointCache | None = None) -> dict[str, Any]:
         "engine_stats": llm.engine.stats(),
         "request_errors": errors[:5],
     }
-    outputs = served.engine.outputs if mixed else {}
+    outputs = served.engine.outputs if recorded else {}
     del llm, served  # quality runs on an engine of its own, which needs the pool memory back
     row["quality"] = _quality(point, cache)
     if mixed and cfg["quality"]["ruler"]:
         row["quality"].update(_mixed_quality(point, cache, *mixed, outputs))
+    elif cfg["quality"].get("agreement", False) and not mixed:
+        row["quality"]["agreement"] = _agreement(point, cache, requests,
+                                                 [outputs.get(str(i), ([], ""))[0] for i in range(len(requests))])
     row["phase_s"] = {"setup": t1 - t0, "serve": t2 - t1, "quality": time.perf_counter() - t2}
     return row
 

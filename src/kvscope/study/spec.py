@@ -240,7 +240,9 @@ class QualitySpec:
     ``perplexity``: perplexity under the point's strategy on ``perplexity_sequences`` prose
     sequences of ``perplexity_len`` tokens (the first ``perplexity_prefix`` are the prompt, so
     eviction acts on them before the scored tokens are decoded). ``ruler``: RULER accuracy of the
-    strategy on the samples of each ``ruler`` workload point.
+    strategy on the samples of each ``ruler`` workload point. ``agreement``: the served requests'
+    greedy tokens against those of full paged KV on the same requests (a mixed workload measures it
+    for its short requests whenever ``ruler`` is on).
     """
 
     perplexity: bool = False
@@ -248,6 +250,7 @@ class QualitySpec:
     perplexity_len: int = 256
     perplexity_prefix: int = 128
     ruler: bool = False
+    agreement: bool = False
 
 
 def _quality(raw: Any) -> QualitySpec:
@@ -257,7 +260,7 @@ def _quality(raw: Any) -> QualitySpec:
     _check_keys(raw, names, "quality")
     args: dict[str, Any] = {}
     for key, value in raw.items():
-        if key in ("perplexity", "ruler"):
+        if key in ("perplexity", "ruler", "agreement"):
             if not isinstance(value, bool):
                 raise _fail(f"quality.{key}", f"must be true or false, got {value!r}")
             args[key] = value
@@ -453,7 +456,9 @@ def expand(spec: StudySpec) -> list[Point]:
         "max_model_len": spec.max_model_len,
         "engine": spec.engine,
         "slos": spec.slos,
-        "quality": asdict(spec.quality),
+        # Fields added after a study's rows were written are left out at their default, so those
+        # rows' point ids (hashes of the config) stay valid.
+        "quality": {k: v for k, v in asdict(spec.quality).items() if k != "agreement" or v},
     }
     points = []
     for model, strategy, kv, workload, rate, burst, seed in itertools.product(
