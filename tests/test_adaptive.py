@@ -266,7 +266,22 @@ def test_pressure_derived_as_full_pool_when_no_scenario_gains(tmp_path):
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     s = AdaptiveStrategy(block_size=BS, thresholds_from=str(path))
     assert (s.long_threshold, s.long_name, s.pressure) == (None, "infinigen", 1.0)
-    assert s.derived_keys == ["long_threshold", "long", "long_args", "pressure"]
+    assert s.derived_keys == ["long_threshold", "long", "long_args", "pressure", "long_share"]
+    # The host child gets only what one request of max_model_len needs: its rows in both prefetch
+    # buffers (2 buffers x K,V x kv heads x head dim x 4 B) and its partial keys (layers x kv heads x d' x 4 B).
+    d = s.long._partial_dim(CFG.head_dim)
+    per_token = 2 * 2 * CFG.num_kv_heads * CFG.head_dim * 4 + CFG.num_layers * CFG.num_kv_heads * d * 4
+    budget = 1 << 20
+    s.bind(KVSetup(CFG, torch.device("cpu"), torch.float32, budget, 128, 64, 1 << 30))
+    assert s.long.buffer_tokens == 128 and s.long.max_request_tokens() == 128
+    assert s.long_share == 128 * per_token / budget
+    assert s.full.pool.num_blocks == (budget - 128 * per_token) // (CFG.kv_bytes_per_token(torch.float32) * BS)
+    assert s.stats()["adaptive_long_share"] == s.long_share
+    # A budget the host child alone fills is refused by name; a share given explicitly is kept.
+    with pytest.raises(ConfigError, match="needs .* device bytes to serve one request of max_model_len=128"):
+        AdaptiveStrategy(block_size=BS, thresholds_from=str(path)).bind(
+            KVSetup(CFG, torch.device("cpu"), torch.float32, 128 * per_token, 128, 64, 1 << 30))
+    assert AdaptiveStrategy(block_size=BS, thresholds_from=str(path), long_share=0.5).long_share == 0.5
     # Given explicitly, pressure wins; and where a scenario gains, pressure keeps its default.
     assert AdaptiveStrategy(block_size=BS, thresholds_from=str(path), pressure=0.7).pressure == 0.7
     assert AdaptiveStrategy(block_size=BS, thresholds_from=str(_results(tmp_path))).pressure == 0.9

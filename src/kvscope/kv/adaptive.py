@@ -33,6 +33,8 @@ explicitly win over derived ones. What was used, and where it came from, is in `
 ``adaptive_thresholds_source``, ``adaptive_thresholds_derived``). When no measured scenario gains
 from a long child, ``pressure`` is derived too, as 1.0: the long child then takes only requests
 that full KV cannot hold (a full pool, or a prompt too long for it), as the measurements advise.
+A host child then gets only the device bytes it needs to serve one request of ``max_model_len``
+(``long_share`` derived too): the device pool stays with full KV, which the measurements favour.
 
 **CUDA graphs.** With an eviction child that supports captured decode (``h2o``), every decode step
 replays one graph over the shared pool. With any other long child, decode steps whose rows are all
@@ -102,7 +104,8 @@ class AdaptiveStrategy(KVStrategy):
     (an eviction policy, ``offload`` or ``infinigen``; default ``h2o``), ``long_budget_ratio``
     (0.2), ``long_args`` (other arguments of the long child, a dict), ``long_threshold`` (tokens,
     prompt + max_tokens; 2048), ``pressure`` (0.9), ``relief`` (0.6), ``compress_under_pressure``
-    (True), ``long_share`` (device budget share of a host strategy, 0.25), ``block_size`` (16),
+    (True), ``long_share`` (device budget share of a host strategy, 0.25; derived as the least it
+    needs when a derivation finds no gain), ``block_size`` (16),
     ``thresholds_from`` (a study's results.jsonl: derive ``long_threshold`` and the long child from
     it, see :mod:`kvscope.kv.adaptive_thresholds`) and ``quality_floor`` (0.8, for that derivation).
     Arguments left at None take the derived value when ``thresholds_from`` is given, else the
@@ -119,7 +122,7 @@ class AdaptiveStrategy(KVStrategy):
         pressure: float | None = None,
         relief: float = 0.6,
         compress_under_pressure: bool = True,
-        long_share: float = 0.25,
+        long_share: float | None = None,
         block_size: int = 16,
         long_args: dict[str, Any] | None = None,
         thresholds_from: str | None = None,
@@ -131,7 +134,7 @@ class AdaptiveStrategy(KVStrategy):
             raise ConfigError(f"adaptive: long must be one of {choices}, got {long!r}")
         for key, val in (("long_budget_ratio", long_budget_ratio), ("pressure", pressure), ("relief", relief),
                          ("long_share", long_share)):
-            if val is None and key in ("long_budget_ratio", "pressure"):
+            if val is None and key in ("long_budget_ratio", "pressure", "long_share"):
                 continue
             if not isinstance(val, (int, float)) or not 0.0 < val <= 1.0:
                 raise ConfigError(f"adaptive: {key} must be in (0, 1], got {val!r}")
@@ -168,17 +171,22 @@ class AdaptiveStrategy(KVStrategy):
         args.update(long_args or {})
         self.long_name = long
         self.long_budget_ratio = kept_fraction(long, args)
-        if pressure is None and derived is not None and not any(sc.verdict == "long" for sc in derived.scenarios):
+        no_gain = derived is not None and not any(sc.verdict == "long" for sc in derived.scenarios)
+        # None: the host child gets the least device memory that serves it (set at bind).
+        self.long_share: float | None = 0.25 if long_share is None else float(long_share)
+        if pressure is None and no_gain:
             # No measured scenario gains from the long child: it takes only what full KV cannot hold.
             self.pressure = 1.0
             self.derived_keys.append("pressure")
+            if long_share is None and long in _HOST:
+                self.long_share = None
+                self.derived_keys.append("long_share")
         else:
             self.pressure = 0.9 if pressure is None else float(pressure)
             if relief >= self.pressure:
                 raise ConfigError(f"adaptive: relief ({relief}) must be below pressure ({self.pressure})")
         self.relief = float(relief)
         self.compress_under_pressure = bool(compress_under_pressure)
-        self.long_share = float(long_share)
         self.block_size = block_size
         self.full = PagedStrategy(block_size=block_size, enable_prefix_caching=False)
         try:
@@ -208,7 +216,16 @@ class AdaptiveStrategy(KVStrategy):
             self.full.bind_shared(setup, pool, cache)
             self.long.bind_shared(setup, pool, cache)
         else:
-            long_bytes = int(setup.kv_memory_bytes * self.long_share)
+            if self.long_share is None:
+                long_bytes = self.long.min_device_bytes(setup)
+                if long_bytes >= setup.kv_memory_bytes:
+                    raise ConfigError(
+                        f"adaptive: the long child {self.long_name!r} needs {long_bytes} device bytes to serve one "
+                        f"request of max_model_len={setup.max_model_len}, the whole kv_memory_bytes="
+                        f"{setup.kv_memory_bytes} or more; give long_share explicitly or raise kv_memory_bytes")
+                self.long_share = long_bytes / setup.kv_memory_bytes
+            else:
+                long_bytes = int(setup.kv_memory_bytes * self.long_share)
             self.long.bind(dataclasses.replace(setup, kv_memory_bytes=long_bytes))
             self.full.bind(dataclasses.replace(setup, kv_memory_bytes=setup.kv_memory_bytes - long_bytes))
 
@@ -281,6 +298,8 @@ class AdaptiveStrategy(KVStrategy):
         out["adaptive_long"] = self.long_name
         out["adaptive_long_budget_ratio"] = self.long_budget_ratio
         out["adaptive_pressure"] = self.pressure
+        if not self.shared:
+            out["adaptive_long_share"] = self.long_share
         out["adaptive_thresholds_source"] = self.thresholds.describe() if self.thresholds else "arguments"
         out["adaptive_thresholds_derived"] = list(self.derived_keys)
         if self.shared:

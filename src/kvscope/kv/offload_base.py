@@ -117,6 +117,13 @@ class HostOffloadStrategy(KVStrategy):
         """Device bytes kept per host token besides the prefetch buffers (none for ``offload``)."""
         return 0
 
+    def min_device_bytes(self, setup: KVSetup) -> int:
+        """The smallest device budget that serves one request of ``max_model_len`` tokens: its rows
+        in both prefetch buffers (K and V of one layer) and its resident bytes."""
+        m = setup.model
+        elem = torch.empty(0, dtype=setup.dtype).element_size()
+        return setup.max_model_len * (self.resident_bytes_per_token(setup) + 4 * m.num_kv_heads * m.head_dim * elem)
+
     def bind(self, setup: KVSetup) -> None:
         self.setup = setup
         m = setup.model
