@@ -266,3 +266,53 @@ def test_which_policies_decode_from_captured_graphs():
     # eviction in decode with a policy-specific ranking or a last-row statistic).
     assert kinds == {"h2o": "statistic", "snapkv": "plain", "streaming": None, "tova": None, "knorm": None,
                      "random": None}
+
+
+@pytest.mark.parametrize("name", ["snapkv", "tova", "h2o"])
+@pytest.mark.parametrize("chunks", [[23], [9, 14], [19, 4]], ids=["one", "window-split", "window-in-second"])
+def test_prefill_scores_and_output_equal_dense_attention(name, chunks):
+    """A prompt prefilled in ``chunks``: every row's output equals dense causal attention, and each
+    policy's scores equal the statistic computed from the dense probabilities: SnapKV's window rows
+    summed over the group's query heads, TOVA's newest row averaged over all heads (replacing each
+    chunk), H2O's every row summed."""
+    from kvscope.engine.request import Request
+    from kvscope.kv.base import KVSetup, StepBatch
+    from kvscope.kv.registry import create
+    from kvscope.models.dummy import preset_config
+
+    cfg = preset_config("tiny-llama")
+    s = create(f"{name}:budget=1000,block_size=4" + (",window=6" if name == "snapkv" else ""))
+    s.bind(KVSetup(cfg, torch.device("cpu"), torch.float32, 4 << 20, 64, 4, 0))
+    n, hq, hkv, d = sum(chunks), cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+    g = torch.Generator().manual_seed(sum(chunks) * len(chunks))
+    q, k, v = (torch.randn(cfg.num_layers, n, h, d, generator=g) for h in (hq, hkv, hkv))
+    req = Request("r", [1] * n, SamplingParams(max_tokens=2, ignore_eos=True))
+    expected = torch.zeros(cfg.num_layers, n, hkv, dtype=torch.float64)
+    start = 0
+    for c in chunks:
+        assert s.allocate(req, start + c)
+        pos = torch.arange(start, start + c)
+        att = s.begin_step(StepBatch([req], [c], torch.ones(c, dtype=torch.long), pos, [0, c]))
+        for layer in range(cfg.num_layers):
+            out = att.attend(layer, q[layer, pos], k[layer, pos], v[layer, pos])
+            kk, vv = k[layer, :start + c].double(), v[layer, :start + c].double()
+            logits = torch.einsum("nhd,thd->hnt", q[layer, pos].double(),
+                                  kk.repeat_interleave(hq // hkv, 1)) * d**-0.5
+            logits = logits.masked_fill(torch.arange(start + c)[None, None, :] > pos[None, :, None], float("-inf"))
+            probs = logits.softmax(-1)  # [Hq, c, T]
+            ref = torch.einsum("hnt,thd->nhd", probs, vv.repeat_interleave(hq // hkv, 1))
+            torch.testing.assert_close(out.double(), ref, rtol=1e-4, atol=1e-5)
+            grouped = probs.view(hkv, hq // hkv, c, -1)
+            if name == "snapkv":
+                rows = pos >= n - 6
+                expected[layer, :start + c] += grouped[:, :, rows].sum((1, 2)).T
+            elif name == "tova":
+                expected[layer] = 0
+                expected[layer, :start + c] = probs[:, -1].mean(0)[:, None].expand(-1, hkv)
+            else:
+                expected[layer, :start + c] += grouped.sum((1, 2)).T
+        req.num_computed_tokens = start + c
+        s.end_step(StepBatch([req], [c], torch.ones(c, dtype=torch.long), pos, [0, c]))
+        start += c
+    slots = s._slots(s.tables["r"], n)
+    torch.testing.assert_close(s.scores[:, slots].double(), expected, rtol=1e-4, atol=1e-6)

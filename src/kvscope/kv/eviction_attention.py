@@ -3,7 +3,9 @@
 Scores are float32 and live per slot (``strategy.scores[layer, slot, kv_head]``). Grouped-query
 attention: a KV head's statistic is the *sum* over the query heads of its group (H2O's per-head
 accumulated attention generalised to GQA). Decode computes one row of probabilities per query head,
-so its column sums cost O(T); prefill chunks materialise ``[heads, n, T]`` once per chunk.
+so its column sums cost O(T); H2O's prefill chunks materialise ``[heads, n, T]`` once per chunk,
+while SnapKV (its observation window) and TOVA (the newest row) compute probabilities only for the
+rows they read and take the output from the fused attention.
 """
 from __future__ import annotations
 
@@ -11,6 +13,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from kvscope.attention.torch_ref import attend_causal
 from kvscope.kv.slot_cache import SlotAttention
 
 if TYPE_CHECKING:
@@ -110,12 +113,25 @@ class EvictionAttention(SlotAttention):
             st, en = self.query_start[i], self.query_start[i + 1]
             table = self.tables[i]
             n, t = en - st, table.numel()
-            qi = q[st:en].view(n, hkv, g, -1).permute(1, 2, 0, 3)[None]  # [1, Hkv, G, n, D]
-            causal = torch.arange(t, device=q.device)[None, :] <= torch.arange(t - n, t, device=q.device)[:, None]
-            probs, o = _probs_and_out(qi, kc[table][None], vc[table][None], causal, s.scale)
-            out[st:en] = o[0].permute(2, 0, 1, 3).reshape(n, hkv * g, -1)
-            if s.attention_rows == "window":
-                probs = probs[:, :, :, self.positions[st:en] >= self.window_start[i]]
+            ki, vi = kc[table], vc[table]
+            if s.attention_rows == "all":  # H2O: every row's probabilities count
+                rows = torch.arange(n, device=q.device)
+            else:
+                # SnapKV reads only its observation window's rows, TOVA only the newest: the output
+                # goes through the fused kernel and the [heads, n, T] matrix is never materialised.
+                out[st:en] = attend_causal(q[st:en], ki, vi, s.scale)
+                if s.attention_rows == "window":
+                    rows = torch.nonzero(self.positions[st:en] >= self.window_start[i]).flatten()
+                else:
+                    rows = torch.tensor([n - 1], device=q.device)
+                if rows.numel() == 0:
+                    continue
+            m = rows.numel()
+            qi = q[st:en][rows].view(m, hkv, g, -1).permute(1, 2, 0, 3)[None]  # [1, Hkv, G, m, D]
+            causal = torch.arange(t, device=q.device)[None, :] <= (rows + t - n)[:, None]
+            probs, o = _probs_and_out(qi, ki[None], vi[None], causal, s.scale)
+            if s.attention_rows == "all":
+                out[st:en] = o[0].permute(2, 0, 1, 3).reshape(n, hkv * g, -1)
             self._update(layer, table, probs, None)
         return out
 
