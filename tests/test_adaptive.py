@@ -121,9 +121,10 @@ def test_bad_parameters(spec, message):
 
 
 @settings(max_examples=60, deadline=None)
-@given(st.lists(st.tuples(st.integers(0, 7), st.integers(1, 40), st.integers(1, 30)), min_size=1, max_size=40))
-def test_every_request_is_in_exactly_one_child(ops):
-    s = bound(24, long_threshold=40, pressure=0.7, relief=0.3)
+@given(st.lists(st.tuples(st.integers(0, 7), st.integers(1, 40), st.integers(1, 30)), min_size=1, max_size=40),
+       st.sampled_from([None, 45, 60]))
+def test_every_request_is_in_exactly_one_child(ops, min_length):
+    s = bound(24, long_threshold=40, pressure=0.7, relief=0.3, pressure_min_length=min_length)
     live: dict[str, Request] = {}
     for slot, prompt, grow in ops:
         rid = f"r{slot}"
@@ -242,14 +243,19 @@ def test_adaptive_uses_derived_thresholds_and_explicit_arguments_win(tmp_path):
     a, st_ = llm.engine.kv, llm.engine.stats()
     assert st_["adaptive_long_threshold"] == 200 and st_["adaptive_long"] == "snapkv"
     assert st_["adaptive_long_budget_ratio"] == 0.2 and a.long.budget_ratio == 0.2
-    assert st_["adaptive_thresholds_derived"] == ["long_threshold", "long", "long_args"]
+    # snapkv fails the floor at 1600 tokens (the longest it was measured at): pressure sends it
+    # nothing shorter than 1601.
+    assert st_["adaptive_thresholds_derived"] == ["long_threshold", "long", "long_args", "pressure_min_length"]
+    assert st_["adaptive_pressure_min_length"] == 1601
     assert st_["adaptive_thresholds_source"].startswith(f"{path}: 3 scenarios (2 where")
     assert a._choose(req("below", 150, 49))[1] == "admitted_full"
     assert a._choose(req("at", 150, 50))[1] == "admitted_long_length"
     s = AdaptiveStrategy(block_size=BS, thresholds_from=path, long_threshold=300, long="h2o", long_budget_ratio=0.4)
     assert (s.long_threshold, s.long_name, s.long.heavy_ratio) == (300, "h2o", 0.2)
-    # h2o fails the floor everywhere it was measured, so only pressure is still derived (full pool).
-    assert s.derived_keys == ["pressure"] and s.pressure == 1.0
+    # h2o gains nowhere, so pressure is derived as 1.0 (full pool); it meets the floor on the short
+    # workload only (perplexity 10 / 11) and fails it at 400 tokens, so pressure sends it nothing shorter than 401.
+    assert s.derived_keys == ["pressure", "pressure_min_length"] and s.pressure == 1.0
+    assert s.pressure_min_length == 401
     # An explicit child restricts the derivation to it, and its measured arguments come along. infinigen
     # was not measured on the short workload, so only mid and long count: both "long", so the threshold
     # is the shorter one's length.
@@ -302,6 +308,34 @@ def test_every_comparable_quality_measure_must_meet_the_floor():
     rows[1]["quality"]["agreement"]["match_fraction"] = 0.9  # within the floor on both: it qualifies
     t = derive_thresholds("hand", rows=rows)
     assert [s.verdict for s in t.scenarios] == ["long"] and t.long == "snapkv"
+
+
+def test_pressure_sends_long_only_lengths_where_the_child_meets_the_floor(tmp_path):
+    # The H100 mixed calibration's shape: snapkv ruins short chat answers (agreement 0.06) but keeps
+    # the long prompts' needles (0.875) and beats paged there; so lengths >= ceil(sqrt(250 x 3900))
+    # go long, and pressure may send snapkv nothing shorter either.
+    rows = [_row("paged", SHORT, 12.4, 5, (1000, 250), agree=0.94), _row(SNAP, SHORT, 13.6, 5, (1000, 250), agree=0.06),
+            _row("paged", LONG, 4.0, 2, (7768, 32), ruler=1.0), _row(SNAP, LONG, 8.0, 2, (7768, 32), ruler=0.875)]
+    t = derive_thresholds("hand", rows=rows)
+    assert (t.long_threshold, t.long, t.pressure_min_length) == (988, "snapkv", 988)
+    path = tmp_path / "results.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    s = bound(300, thresholds_from=str(path), pressure=0.5, relief=0.4, long_threshold=10_000)
+    assert s.derived_keys == ["long", "long_args", "pressure_min_length"]
+    assert s.allocate(req("a", 600, 4), 600) and s.route["a"] is s.full  # 150 of 300 blocks: pressure
+    assert s._choose(req("short", 900, 87))[1] == "admitted_full"  # 987 tokens
+    assert s._choose(req("edge", 900, 88))[1] == "admitted_long_pressure"  # 988
+    # A running short request that cannot grow is not compressed: it waits, or is preempted, as under paged.
+    r = req("b", 600, 4)
+    assert s.allocate(r, 600) and s.route["b"] is s.full  # 300 of 300 blocks
+    blocks = list(s.full.tables["b"])
+    r.num_computed_tokens = 600
+    assert not s.allocate(r, 601) and s.route["b"] is s.full and s.full.tables["b"] == blocks
+    assert s.counts["compressed_under_pressure"] == 0
+    # Without the limit (explicitly 1), the same request is compressed instead.
+    s = bound(300, thresholds_from=str(path), pressure=1.0, relief=0.4, long_threshold=10_000, pressure_min_length=1)
+    assert s.allocate(req("a", 600, 4), 600) and s.allocate(r, 600)
+    assert s.allocate(r, 601) and s.route["b"] is s.long and s.counts["compressed_under_pressure"] == 1
 
 
 @pytest.mark.parametrize("long", ["snapkv", "offload"])

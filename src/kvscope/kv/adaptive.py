@@ -12,10 +12,11 @@ Decisions, each counted in ``stats()``:
 
 1. **Admission.** A request whose prompt plus requested output reaches ``long_threshold`` tokens
    (never when it is None, as a derivation may find), or whose prompt cannot fit the full child at
-   all, goes to ``long``; so does any request admitted
-   while the pool's use is at or above ``pressure``. Everything else gets full paged KV.
-2. **Pressure.** When a running full request cannot grow because the pool is exhausted, it is
-   compressed or offloaded instead of preempted. With an eviction child its blocks move to that
+   all, goes to ``long``; so does any request admitted while the pool's use is at or above
+   ``pressure``, if it is at least ``pressure_min_length`` tokens long. Everything else gets full
+   paged KV (a shorter request waits for it, as under ``paged``).
+2. **Pressure.** When a running full request of at least ``pressure_min_length`` tokens cannot grow
+   because the pool is exhausted, it is compressed or offloaded instead of preempted. With an eviction child its blocks move to that
    child, which evicts it down to its budget at once and frees the rest; with ``offload`` /
    ``infinigen`` its computed K/V is copied into the host child's pool (InfiniGen also computes
    their partial keys) and its blocks are freed. Offloaded requests stay on the host until they end.
@@ -104,8 +105,9 @@ class AdaptiveStrategy(KVStrategy):
     (an eviction policy, ``offload`` or ``infinigen``; default ``h2o``), ``long_budget_ratio``
     (0.2), ``long_args`` (other arguments of the long child, a dict), ``long_threshold`` (tokens,
     prompt + max_tokens; 2048), ``pressure`` (0.9), ``relief`` (0.6), ``compress_under_pressure``
-    (True), ``long_share`` (device budget share of a host strategy, 0.25; derived as the least it
-    needs when a derivation finds no gain), ``block_size`` (16),
+    (True), ``pressure_min_length`` (prompt + max_tokens below which pressure never sends a request
+    long; None: any), ``long_share`` (device budget share of a host strategy, 0.25; derived as the
+    least it needs when a derivation finds no gain), ``block_size`` (16),
     ``thresholds_from`` (a study's results.jsonl: derive ``long_threshold`` and the long child from
     it, see :mod:`kvscope.kv.adaptive_thresholds`) and ``quality_floor`` (0.8, for that derivation).
     Arguments left at None take the derived value when ``thresholds_from`` is given, else the
@@ -120,6 +122,7 @@ class AdaptiveStrategy(KVStrategy):
         long_budget_ratio: float | None = None,
         long_threshold: int | None = None,
         pressure: float | None = None,
+        pressure_min_length: int | None = None,
         relief: float = 0.6,
         compress_under_pressure: bool = True,
         long_share: float | None = None,
@@ -141,6 +144,9 @@ class AdaptiveStrategy(KVStrategy):
         if long_threshold is not None and (not isinstance(long_threshold, int) or isinstance(long_threshold, bool)
                                            or long_threshold < 1):
             raise ConfigError(f"adaptive: long_threshold must be an integer >= 1, got {long_threshold!r}")
+        if pressure_min_length is not None and (not isinstance(pressure_min_length, int)
+                                                or isinstance(pressure_min_length, bool) or pressure_min_length < 1):
+            raise ConfigError(f"adaptive: pressure_min_length must be an integer >= 1, got {pressure_min_length!r}")
         if long_args is not None and not isinstance(long_args, dict):
             raise ConfigError(f"adaptive: long_args must be a dict of the long child's arguments, got {long_args!r}")
         if thresholds_from is not None and not isinstance(thresholds_from, str):
@@ -186,6 +192,11 @@ class AdaptiveStrategy(KVStrategy):
             if relief >= self.pressure:
                 raise ConfigError(f"adaptive: relief ({relief}) must be below pressure ({self.pressure})")
         self.relief = float(relief)
+        if pressure_min_length is None and use_derived_child and derived.pressure_min_length is not None:
+            self.pressure_min_length: int | None = derived.pressure_min_length
+            self.derived_keys.append("pressure_min_length")
+        else:
+            self.pressure_min_length = pressure_min_length
         self.compress_under_pressure = bool(compress_under_pressure)
         self.block_size = block_size
         self.full = PagedStrategy(block_size=block_size, enable_prefix_caching=False)
@@ -243,9 +254,13 @@ class AdaptiveStrategy(KVStrategy):
         by_length = self.long_threshold is not None and total >= self.long_threshold
         if by_length or request.num_prompt_tokens > self.full.max_request_tokens():
             return self.long, "admitted_long_length"
-        if self.pool_use() >= self.pressure:
+        if self.pool_use() >= self.pressure and self._may_go_long_under_pressure(request):
             return self.long, "admitted_long_pressure"
         return self.full, "admitted_full"
+
+    def _may_go_long_under_pressure(self, request: Request) -> bool:
+        total = request.num_prompt_tokens + request.params.max_tokens
+        return self.pressure_min_length is None or total >= self.pressure_min_length
 
     # ---- scheduler side --------------------------------------------------------------------------
     def max_request_tokens(self) -> int:
@@ -266,7 +281,8 @@ class AdaptiveStrategy(KVStrategy):
             return True
         if child.allocate(request, num_tokens):
             return True
-        if child is not self.full or not self.compress_under_pressure or not request.num_computed_tokens:
+        if (child is not self.full or not self.compress_under_pressure or not request.num_computed_tokens
+                or not self._may_go_long_under_pressure(request)):
             return False
         n = request.num_computed_tokens
         if self.shared:
@@ -298,6 +314,7 @@ class AdaptiveStrategy(KVStrategy):
         out["adaptive_long"] = self.long_name
         out["adaptive_long_budget_ratio"] = self.long_budget_ratio
         out["adaptive_pressure"] = self.pressure
+        out["adaptive_pressure_min_length"] = self.pressure_min_length
         if not self.shared:
             out["adaptive_long_share"] = self.long_share
         out["adaptive_thresholds_source"] = self.thresholds.describe() if self.thresholds else "arguments"

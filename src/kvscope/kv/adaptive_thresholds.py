@@ -40,6 +40,12 @@ The rule, step by step:
    count runs over every scenario: the child then only serves requests admitted under pool
    pressure, and it still meets the floor where it was measured. None when no candidate qualifies
    anywhere.
+9. **``pressure_min_length``.** Pool pressure may send a request to the long child only at lengths
+   where the child met the floor: the cut above the longest measured scenario where it fails the
+   floor (geometric mean with the next longer scenario where it qualifies, rounded up; one token
+   above it when none is longer). None when it qualifies wherever it was measured. On the H100
+   mixed workload, requests admitted to ``snapkv`` under pressure were short chat requests, the
+   one length where it had failed the floor.
 
 ``pressure`` and ``relief`` are not derived: the rows hold peaks of pool use, not the pool use at
 which admitting one more full request starts to cost the others, so they stay configured.
@@ -80,6 +86,7 @@ class Scenario:
     best: str | None  # best qualifying candidate (strategy spec), None if none qualifies
     best_metric: float | None
     verdict: str  # "long" or "full"
+    qualified: dict[str, bool] = field(default_factory=dict)  # candidate spec -> meets the floor
 
     def to_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -99,6 +106,7 @@ class DerivedThresholds:
     long_budget_ratio: float | None = None  # share of a prompt's KV the child keeps (1 = lossless)
     scenarios: tuple[Scenario, ...] = ()
     misclassified: int = 0
+    pressure_min_length: int | None = None  # shortest request pool pressure may send long; None: any
 
     def describe(self) -> str:
         n_long = sum(s.verdict == "long" for s in self.scenarios)
@@ -291,17 +299,19 @@ def derive_thresholds(
         if full_metric is None or length is None:
             continue
         best, best_metric = None, None
+        qualified = {}
         for spec, rs in sorted(g.items()):
             if parse_spec(spec)[0] == "paged":
                 continue
             ok = _qualifies(_quality(rs), full_quality, quality_floor)
             comparable |= ok is not None
+            qualified[spec] = bool(ok)
             v = value(rs)
             if ok and v is not None and (best_metric is None or v > best_metric):
                 best, best_metric = spec, v
         wins = best_metric is not None and best_metric > full_metric * (1.0 + margin)
         scenarios.append(Scenario(key[0], key[1], json.loads(key[2]), json.loads(key[3]), length, full_metric,
-                                  best, best_metric, "long" if wins else "full"))
+                                  best, best_metric, "long" if wins else "full", qualified))
     if not scenarios:
         raise _fail(source, f"no usable scenario has a {metric} figure and a completed request for 'paged'")
     if not comparable:
@@ -310,7 +320,7 @@ def derive_thresholds(
                             "with quality: {ruler: true} or {perplexity: true}")
     threshold, misclassified = _stump([(s.length, s.verdict == "long") for s in scenarios])
 
-    child, child_args, budget = None, {}, None
+    child, child_args, budget, min_length = None, {}, None, None
     sent_long = [s for s in scenarios if threshold is not None and s.verdict == "long" and s.length >= threshold]
     count: dict[str, int] = defaultdict(int)
     ratios: dict[str, list[float]] = defaultdict(list)
@@ -323,5 +333,17 @@ def derive_thresholds(
         child, child_args = parse_spec(spec)
         child_args.pop("block_size", None)
         budget = kept_fraction(child, child_args)
+        min_length = _pressure_min_length([(s.length, s.qualified[spec]) for s in scenarios if spec in s.qualified])
     return DerivedThresholds(source, metric, float(quality_floor), margin, threshold, child, child_args, budget,
-                             tuple(scenarios), misclassified)
+                             tuple(scenarios), misclassified, min_length)
+
+
+def _pressure_min_length(points: list[tuple[float, bool]]) -> int | None:
+    """The shortest length pool pressure may send to the child, from (length, child meets the
+    floor) of the scenarios where it was measured; see the module docstring, step 9."""
+    failing = [x for x, ok in points if not ok]
+    if not failing:
+        return None
+    worst = max(failing)
+    above = [x for x, ok in points if ok and x > worst]
+    return math.ceil(math.sqrt(worst * min(above))) if above else math.floor(worst) + 1
