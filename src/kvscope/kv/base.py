@@ -73,14 +73,15 @@ class BlockTableLayout:
 
 
 class GraphStatistics(Protocol):
-    """Attention statistics of a captured decode step (H2O's accumulated column sums)."""
+    """Per-token state of a captured decode step: positions of the new tokens, and H2O's
+    accumulated column sums."""
 
     def begin(self, new_slots: torch.Tensor, positions: torch.Tensor) -> None:
         """Before a replay, eagerly: register the step's new tokens (``[n]`` slots and positions)."""
 
-    def layer_scores(self, layer: int) -> torch.Tensor:
+    def layer_scores(self, layer: int) -> torch.Tensor | None:
         """Layer ``layer``'s per-slot scores ``[num_slots, Hkv]`` float32, into which the captured
-        decode kernel adds each held token's column sum (``fold_scores``)."""
+        decode kernel adds each held token's column sum (``fold_scores``); None to fold nothing."""
 
 
 class KVStrategy(ABC):

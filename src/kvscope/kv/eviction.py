@@ -283,7 +283,8 @@ class EvictionStrategy(KVStrategy):
         return [self.resident[req.request_id] for req in batch.requests]
 
     def graph_statistics(self) -> CapturedColumnSums | None:
-        return CapturedColumnSums(self) if self.captured_decode == "statistic" else None
+        kind = self.captured_decode
+        return None if kind is None else CapturedColumnSums(self, fold=kind == "statistic")
 
     def end_step(self, batch: StepBatch) -> None:
         one_over = []

@@ -159,17 +159,22 @@ class EvictionAttention(SlotAttention):
 
 
 class CapturedColumnSums:
-    """H2O's statistic inside a captured decode step (``engine/cuda_graph.py``): the decode kernel
-    adds each held token's column sum to its slot's score (``fold_scores``). Padding rows of the
-    graph's batch hold no token (length 0), so they add nothing."""
+    """An eviction policy's per-token state inside a captured decode step (``engine/cuda_graph.py``).
 
-    def __init__(self, strategy: "EvictionStrategy") -> None:
+    Before each replay the step's new tokens get their positions and a zero score, eagerly (a
+    policy that evicts later reads both). With ``fold`` (H2O's statistic) the decode kernel then adds
+    each held token's column sum to its slot's score (``fold_scores``); padding rows of the graph's
+    batch hold no token (length 0), so they add nothing. Without it (SnapKV's plain decode) the
+    kernel folds nothing."""
+
+    def __init__(self, strategy: "EvictionStrategy", fold: bool = True) -> None:
         self.s = strategy
+        self.fold = fold
 
     def begin(self, new_slots: torch.Tensor, positions: torch.Tensor) -> None:
         s = self.s
         s.positions[:, new_slots] = positions.long()[None, :, None]
         s.scores[:, new_slots] = 0.0
 
-    def layer_scores(self, layer: int) -> torch.Tensor:
-        return self.s.scores[layer]
+    def layer_scores(self, layer: int) -> torch.Tensor | None:
+        return self.s.scores[layer] if self.fold else None
