@@ -76,8 +76,19 @@ class InfiniGenAttention(OffloadAttention):
         self.spec_real = torch.ones(len(lens), dtype=torch.bool, device=device)
         self.num_candidates = sum(lens)
         caps = [strategy.k_cap(n) for n in lens]
-        self.k_cap = int(max(caps))  # the gather is sized by the largest row's cap
+        self.k_cap = int(max(caps))  # the selection is laid out [B, H, k_cap] for the largest row's cap
         self.cap = torch.tensor(caps, dtype=torch.float32, device=device)
+        # Only each row's own cap of that layout can hold kept tokens, and only those are fetched:
+        # padded to the largest cap, a batch of many short rows beside a long one would ask for more
+        # rows than the prefetch buffer holds (it holds every held token once). ``ragged`` picks
+        # them out of the layout; ``unragged`` puts them back (an index past the end: a zero row).
+        h = hkv if self.per_head else 1
+        slot_ok = torch.arange(self.k_cap)[None, None, :] < torch.tensor(caps)[:, None, None]
+        flat = slot_ok.expand(-1, h, -1).flatten()
+        ragged = flat.nonzero().flatten()
+        unragged = torch.full((flat.numel(),), ragged.numel(), dtype=torch.long)
+        unragged[ragged] = torch.arange(ragged.numel())
+        self.ragged, self.unragged = ragged.to(device), unragged.to(device)
         self.spec_q = torch.tensor([qs[i] for i in self.spec], device=device)
         self.spec_positions = batch.positions[self.spec_q]
         # Staged layout of speculative layers: the full rows' fetched tokens, then all new tokens;
@@ -111,14 +122,15 @@ class InfiniGenAttention(OffloadAttention):
 
     def speculate(self, layer: int, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Select layer ``layer``'s tokens for the decode rows from their attention input ``x``
-        ``[B, hidden]`` (of the previous layer); returns host rows ``[B * H * k_cap]`` and which of
-        them are selected (``[B * H * k_cap]`` bool), ``H`` = ``Hkv`` (per head) or 1."""
+        ``[B, hidden]`` (of the previous layer); returns host rows ``[R]`` and which of them are
+        selected (``[R]`` bool): each row's first ``cap_i`` places per head of the ``[B, H, k_cap]``
+        selection, ``R = H x sum(cap_i)``, ``H`` = ``Hkv`` (per head) or 1."""
         g = self.g
         rows, valid, _ = g.select_rows(layer, x, self.spec_positions, self.spec_slots, self.spec_lens,
                                        self.spec_real, self.cap, self.k_cap)
         g.candidate_tokens[layer] += self.num_candidates
         self.selected[layer] = valid
-        return rows.flatten(), valid.flatten()
+        return rows.flatten()[self.ragged], valid.flatten()[self.ragged]
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         g = self.g
@@ -138,9 +150,14 @@ class InfiniGenAttention(OffloadAttention):
         out = self.partial_dense.attend_cached(0, q)
         valid = self.selected.pop(layer)  # [B, Hkv or 1, k]
         b, kk = valid.shape[0], valid.shape[2]
-        sel = fetched[:, m * hkv * d : (m + b * kk) * hkv * d]
+        width = d if self.per_head else hkv * d
+        sel = fetched[:, m * hkv * d : m * hkv * d + self.ragged.numel() * width].view(2, -1, width)
+        sel = torch.cat((sel, sel.new_zeros(2, 1, width)), dim=1)[:, self.unragged]  # the [B, H, k] layout
         sel = sel.view(2, b, hkv, kk, d) if self.per_head else sel.view(2, b, kk, hkv, d).transpose(2, 3)
         valid = valid.expand(-1, hkv, -1)
+        # Rows not selected were never copied: whatever the buffer held there (NaN included) must
+        # not reach the attention, where a masked NaN value still poisons the weighted sum.
+        sel = sel.masked_fill(~valid[None, :, :, :, None], 0)
         keys = torch.cat((sel[0], k[self.spec_q][:, :, None]), dim=2)  # [B, Hkv, k + 1, D]
         vals = torch.cat((sel[1], v[self.spec_q][:, :, None]), dim=2)
         mask = torch.cat((valid, valid.new_ones(b, hkv, 1)), dim=2)
