@@ -21,12 +21,16 @@ if TYPE_CHECKING:
 
 
 
-def _probs_and_out(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float):
-    """``q`` ``[B, Hkv, G, n, D]``, ``k``/``v`` ``[B, T, Hkv, D]``, ``mask`` broadcastable to
-    ``[B, Hkv, G, n, T]`` (True = visible). Returns float32 probabilities ``[B, Hkv, G, n, T]`` and
-    the output ``[B, Hkv, G, n, D]`` in ``q``'s dtype."""
+def _probs(q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor, scale: float) -> torch.Tensor:
+    """``q`` ``[B, Hkv, G, n, D]``, ``k`` ``[B, T, Hkv, D]``, ``mask`` broadcastable to
+    ``[B, Hkv, G, n, T]`` (True = visible). Returns float32 probabilities ``[B, Hkv, G, n, T]``."""
     logits = torch.einsum("bhgnd,bthd->bhgnt", q.float(), k.float()) * scale
-    probs = logits.masked_fill(~mask, float("-inf")).softmax(-1)
+    return logits.masked_fill(~mask, float("-inf")).softmax(-1)
+
+
+def _probs_and_out(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float):
+    """:func:`_probs` and the output ``[B, Hkv, G, n, D]`` in ``q``'s dtype (``v`` ``[B, T, Hkv, D]``)."""
+    probs = _probs(q, k, mask, scale)
     out = torch.einsum("bhgnt,bthd->bhgnd", probs, v.float())
     return probs, out.to(q.dtype)
 
@@ -129,9 +133,11 @@ class EvictionAttention(SlotAttention):
             m = rows.numel()
             qi = q[st:en][rows].view(m, hkv, g, -1).permute(1, 2, 0, 3)[None]  # [1, Hkv, G, m, D]
             causal = torch.arange(t, device=q.device)[None, :] <= (rows + t - n)[:, None]
-            probs, o = _probs_and_out(qi, ki[None], vi[None], causal, s.scale)
             if s.attention_rows == "all":
+                probs, o = _probs_and_out(qi, ki[None], vi[None], causal, s.scale)
                 out[st:en] = o[0].permute(2, 0, 1, 3).reshape(n, hkv * g, -1)
+            else:
+                probs = _probs(qi, ki[None], causal, s.scale)
             self._update(layer, table, probs, None)
         return out
 
