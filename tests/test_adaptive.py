@@ -298,16 +298,26 @@ def test_pressure_derived_as_full_pool_when_no_scenario_gains(tmp_path):
     assert s._choose(req("c", 4, 4))[1] == "admitted_long_pressure"
 
 
-def test_every_comparable_quality_measure_must_meet_the_floor():
+def test_the_measure_closest_to_the_served_requests_decides():
     # snapkv is 10% faster on short requests and keeps 0.95 of paged's perplexity, but its served
-    # answers agree with full KV on 6% of tokens (paged: 94%): it does not qualify.
+    # answers agree with full KV on 6% of tokens (paged: 94%): agreement decides, and it fails.
     rows = [_row("paged", SHORT, 12.4, 5, (400, 100), ppl=25.3, agree=0.94),
             _row(SNAP, SHORT, 13.6, 5, (400, 100), ppl=26.7, agree=0.06)]
     t = derive_thresholds("hand", rows=rows)
     assert [s.verdict for s in t.scenarios] == ["full"] and t.long is None
-    rows[1]["quality"]["agreement"]["match_fraction"] = 0.9  # within the floor on both: it qualifies
+    rows[1]["quality"]["agreement"]["match_fraction"] = 0.9  # 0.96 of paged's: it qualifies
     t = derive_thresholds("hand", rows=rows)
     assert [s.verdict for s in t.scenarios] == ["long"] and t.long == "snapkv"
+    rows[1]["quality"]["perplexity"]["perplexity"] = 100.0  # agreement still decides over perplexity
+    assert derive_thresholds("hand", rows=rows).long == "snapkv"
+    # On RULER prompts the task score decides: offload answers every needle though its 128-token
+    # continuations agree with paged's on 79% of tokens (0.79 < 0.8 x 1.0); h2o agrees on 90% but
+    # answers 12% of the needles.
+    rows = [_row("paged", LONG, 3.0, 16, (61000, 2048), ruler=1.0, agree=1.0),
+            _row("offload", LONG, 4.0, 16, (61000, 2048), ruler=1.0, agree=0.79),
+            _row(H2O, LONG, 5.0, 16, (61000, 2048), ruler=0.12, agree=0.9)]
+    t = derive_thresholds("hand", rows=rows)
+    assert (t.scenarios[0].best, t.scenarios[0].qualified) == ("offload", {H2O: False, "offload": True})
 
 
 def test_pressure_sends_long_only_lengths_where_the_child_meets_the_floor(tmp_path):
