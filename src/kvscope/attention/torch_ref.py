@@ -7,7 +7,13 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.attention.bias import causal_lower_right
+
+# cuDNN's attention, which PyTorch prefers on Hopper, builds an execution plan for every new shape
+# (hundreds of milliseconds): in serving, every new prompt length stalls the step that meets it.
+# Flash and memory-efficient attention take any length; math is the CPU path.
+_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
 def _fused_ready(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, bool]:
@@ -47,7 +53,9 @@ def attend_causal(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: floa
         rows = torch.arange(t - tq, t, device=q.device)[:, None]
         mask = torch.arange(t, device=q.device)[None, :] <= rows
         causal = False
-    out = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask, is_causal=causal, scale=scale, enable_gqa=gqa)
+    with sdpa_kernel(_BACKENDS):
+        out = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask, is_causal=causal, scale=scale,
+                                             enable_gqa=gqa)
     return out[0].transpose(0, 1)
 
 
@@ -66,5 +74,6 @@ def attend_decode(
     tmax = k.shape[1]
     mask = (torch.arange(tmax, device=q.device)[None, :] < lens[:, None])[:, None, None, :]
     k, v, gqa = _fused_ready(q, k.transpose(1, 2), v.transpose(1, 2))  # heads on dim 1: [B, H, T, D]
-    out = F.scaled_dot_product_attention(q[:, :, None, :], k, v, attn_mask=mask, scale=scale, enable_gqa=gqa)
+    with sdpa_kernel(_BACKENDS):
+        out = F.scaled_dot_product_attention(q[:, :, None, :], k, v, attn_mask=mask, scale=scale, enable_gqa=gqa)
     return out[:, :, 0, :]
