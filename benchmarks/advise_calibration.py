@@ -10,8 +10,9 @@ engine limits, max_model_len and the same arrival times the study drew (gamma ar
 Per metric (output throughput, mean TPOT, mean TTFT) the median absolute percentage error is reported
 per hardware and per strategy family.
 
-Calibration: one knob per hardware, `step_overhead_s_per_layer` (the eager engine's fixed cost per
-layer per step), fitted on one point and then frozen: on the H100 the `paged` row with the
+Calibration: one knob per hardware, `step_overhead_s_per_layer` (the engine's fixed cost per layer
+of a decode step replayed from CUDA graphs; an eager step costs the measured difference more, see
+`eager_step_overhead_s_per_layer` in hardware.py), fitted on one point and then frozen: on the H100 the `paged` row with the
 memory-rich pool and all requests at once (its mean TPOT); on the CPU kvscope `paged` at batch 1 in
 cpu_generate.json (its wall time). Those points are marked `fit` and left out of the medians. The
 fitted values are the ones written in src/kvscope/advise/hardware.py.
@@ -130,7 +131,7 @@ def fit_overhead(p: Point, hw: Hardware, metric: str) -> float:
     higher_is_slower = metric != "output_throughput"
     for _ in range(60):
         mid = (lo + hi) / 2
-        got = predict(p, dataclasses.replace(hw, step_overhead_s_per_layer=mid))[metric]
+        got = predict(p, hw.with_step_overhead(mid))[metric]
         too_slow = got > p.measured[metric] if higher_is_slower else got < p.measured[metric]
         lo, hi = (lo, mid) if too_slow else (mid, hi)
     return (lo + hi) / 2
@@ -178,7 +179,7 @@ def main() -> None:
     fit_h100 = next(p for p in h100_points if p.option.family == "paged" and isinstance(p.kv_memory, float)
                     and p.workload.rate == math.inf)
     fit_h100.fit = True
-    h100 = dataclasses.replace(H100, step_overhead_s_per_layer=fit_overhead(fit_h100, H100, "mean_tpot_ms"))
+    h100 = H100.with_step_overhead(fit_overhead(fit_h100, H100, "mean_tpot_ms"))
 
     cpu_pts = cpu_generate_points()
     cpu_rows: list[dict[str, Any]] = []
@@ -195,7 +196,7 @@ def main() -> None:
         cpu_pts += study_points(cpu_rows, "cpu")
     cpu_base = cpu_hardware(cores=2)  # the 2-core machine all CPU figures were measured on
     fit_cpu = next(p for p in cpu_pts if p.fit)
-    cpu = dataclasses.replace(cpu_base, step_overhead_s_per_layer=fit_overhead(fit_cpu, cpu_base, "output_throughput"))
+    cpu = cpu_base.with_step_overhead(fit_overhead(fit_cpu, cpu_base, "output_throughput"))
     hws = {"h100": h100, "cpu": cpu}
 
     records = []

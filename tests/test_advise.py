@@ -58,6 +58,26 @@ def test_step_overhead_is_per_layer() -> None:
     assert CostModel(LLAMA3, slow).decode_step_seconds(PAGED, 1, 128) == pytest.approx(t0 + 32e-3)
 
 
+def test_eager_steps_pay_the_eager_overhead() -> None:
+    """Decode-only steps replay CUDA graphs (the replayed overhead); a step with a prefill chunk,
+    and every offload step, run eagerly (the eager one). Unset, the eager overhead is the replayed one."""
+    from kvscope.advise.simulate import SimRequest, StepWork
+
+    hw = Hardware(**{**HW.__dict__, "step_overhead_s_per_layer": 1e-4, "eager_step_overhead_s_per_layer": 1e-3})
+    base, cost = CostModel(LLAMA3, HW), CostModel(LLAMA3, hw)
+    offload = StrategyOption("offload", "offload")
+    decode = StepWork([SimRequest(0.0, 127, 2, computed=127, generated=1)], [])
+    mixed = StepWork([SimRequest(0.0, 127, 2, computed=127, generated=1)], [(SimRequest(0.0, 64, 2), 64)])
+    assert cost.step_seconds(PAGED, decode) == pytest.approx(base.step_seconds(PAGED, decode) + 32 * 1e-4)
+    assert cost.step_seconds(PAGED, mixed) == pytest.approx(base.step_seconds(PAGED, mixed) + 32 * 1e-3)
+    assert cost.step_seconds(offload, decode) == pytest.approx(base.step_seconds(offload, decode) + 32 * 1e-3)
+    unset = {k: v for k, v in HW.__dict__.items() if k != "eager_step_overhead_s_per_layer"}
+    assert Hardware(**{**unset, "step_overhead_s_per_layer": 2e-4}).eager_step_overhead_s_per_layer == 2e-4
+    # The calibration knob moves both, keeping their measured difference.
+    moved = hw.with_step_overhead(3e-4)
+    assert (moved.step_overhead_s_per_layer, moved.eager_step_overhead_s_per_layer) == pytest.approx((3e-4, 1.2e-3))
+
+
 def test_capacity_from_the_kv_pool() -> None:
     cost = CostModel(LLAMA3, HW, kv_memory=GIB)
     assert cost.pool_tokens(PAGED) == GIB // 131072 == 8192

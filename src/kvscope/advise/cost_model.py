@@ -7,8 +7,9 @@ Units: bytes, seconds, tokens, FLOPs unless a name says otherwise (``_ms`` = mil
 - Weights: :meth:`ModelConfig.num_params` x dtype size, all read once per step.
 - One engine step (:meth:`CostModel.step_seconds`) lasts
   ``layers x overhead + max(HBM bytes / HBM rate, FLOPs / matmul rate) + PCIe bytes / host rate``:
-  a roofline over the device's memory and matmul units, plus the eager engine's fixed per-layer
-  cost (the hardware's calibration knob), plus the host fetches in full: although the engine
+  a roofline over the device's memory and matmul units, plus the engine's fixed per-layer cost
+  (the hardware's calibration knob for decode steps replayed from CUDA graphs; the measured eager
+  cost for steps with a prefill chunk and every ``offload`` step), plus the host fetches in full: although the engine
   fetches one layer ahead, ``benchmarks/results/offload_decode.json`` shows ``offload``'s step
   taking paged's step plus its whole fetch time, not the larger of the two. ``infinigen`` adds
   ``hardware.speculation_s_per_layer`` per sparse layer.
@@ -207,7 +208,11 @@ class CostModel:
                  + self.attn_flops_per_pair * pairs)
         device = max(hbm / self.hw.hbm_bytes_per_s, flops / self.hw.matmul_flops_per_s)
         fetch = pcie * self.kv_bytes_per_token / self.hw.host_device_bytes_per_s
-        fixed = self.model.num_layers * self.hw.step_overhead_s_per_layer
+        # The engine replays decode-only steps from CUDA graphs; a step with a prefill chunk, and
+        # every step of offload (which captures none), runs eagerly.
+        eager = bool(work.prefills) or option.family == "offload"
+        per_layer = self.hw.eager_step_overhead_s_per_layer if eager else self.hw.step_overhead_s_per_layer
+        fixed = self.model.num_layers * per_layer
         if option.family == "infinigen" and work.decodes:
             fixed += self.sparse_layers * self.hw.speculation_s_per_layer
         return fixed + device + fetch

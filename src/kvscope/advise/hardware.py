@@ -30,8 +30,12 @@ class Hardware:
         matmul_flops_per_s: dense matmul rate (FLOP/s) in the serving dtype.
         host_memory_bytes: host memory (bytes) that offloaded KV may occupy.
         step_overhead_s_per_layer: fixed time per decoder layer per engine step (seconds): launch and
-            Python overhead of the eager engine, independent of batch and context. The cost model's
-            one calibration knob per hardware (see ``benchmarks/advise_calibration.py``).
+            Python overhead, independent of batch and context, of a step replayed from a CUDA graph
+            on a GPU (of every step on a CPU). The cost model's one fitted knob per hardware (see
+            ``benchmarks/advise_calibration.py``).
+        eager_step_overhead_s_per_layer: the same for a step the engine runs eagerly (a step with a
+            prefill chunk, every step of a strategy without graphs); measured apart from the study
+            rows. None (the default) takes ``step_overhead_s_per_layer``, as where nothing is replayed (CPU).
         speculation_s_per_layer: ``infinigen``'s fixed cost per sparse layer per step (seconds):
             speculation, top-k and gather launches, measured apart from the study rows.
         dtype: the dtype kvscope serves in on this hardware (``bfloat16`` on GPUs, ``float32`` on CPU).
@@ -50,6 +54,7 @@ class Hardware:
     dtype: str
     is_gpu: bool
     sources: dict[str, str] = dataclasses.field(default_factory=dict)
+    eager_step_overhead_s_per_layer: float | None = None  # None: step_overhead_s_per_layer
 
     def __post_init__(self) -> None:
         for f in ("memory_bytes", "hbm_bytes_per_s", "host_device_bytes_per_s", "matmul_flops_per_s",
@@ -57,9 +62,18 @@ class Hardware:
             value = getattr(self, f)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
                 raise ConfigError(f"hardware.{f}: must be a positive number, got {value!r}")
-        for f in ("step_overhead_s_per_layer", "speculation_s_per_layer"):
+        if self.eager_step_overhead_s_per_layer is None:
+            object.__setattr__(self, "eager_step_overhead_s_per_layer", self.step_overhead_s_per_layer)
+        for f in ("step_overhead_s_per_layer", "speculation_s_per_layer", "eager_step_overhead_s_per_layer"):
             if not getattr(self, f) >= 0:
                 raise ConfigError(f"hardware.{f}: must be >= 0, got {getattr(self, f)!r}")
+
+    def with_step_overhead(self, seconds_per_layer: float) -> "Hardware":
+        """A copy with the replayed-step overhead set to ``seconds_per_layer`` and the eager one
+        moved with it (the measured difference between them kept)."""
+        extra = self.eager_step_overhead_s_per_layer - self.step_overhead_s_per_layer
+        return dataclasses.replace(self, step_overhead_s_per_layer=seconds_per_layer,
+                                   eager_step_overhead_s_per_layer=seconds_per_layer + extra)
 
     def with_overrides(self, **overrides: float | int | None) -> "Hardware":
         """A copy with the given fields replaced (None values are ignored); sources say ``user``."""
@@ -85,8 +99,12 @@ GPU_SPECULATION_S_PER_LAYER = 2.5e-3
 # Calibration knob, fitted by benchmarks/advise_calibration.py on one point per hardware (paged,
 # memory-rich pool, all requests at once on the H100; kvscope paged at batch 1 in
 # benchmarks/results/cpu_generate.json on the CPU) and reported there with the errors elsewhere.
-H100_STEP_OVERHEAD_S_PER_LAYER = 0.135e-3
+H100_STEP_OVERHEAD_S_PER_LAYER = 0.123e-3
 CPU_STEP_OVERHEAD_S_PER_LAYER = 1.219e-3
+# What an eager step costs per layer beyond a replayed one, on an H100: benchmarks/results/
+# decode_step.md (engine step, eager minus CUDA graphs, Llama-3.1-8B's 32 layers; median over its six
+# shapes of 7.7-20.5 ms) = 16.9 ms / 32 layers.
+H100_EAGER_EXTRA_S_PER_LAYER = 0.53e-3
 
 # benchmarks/results/gpu_ceilings.json, measured 2026-11-27 on an NVIDIA H100 80GB HBM3 (torch 2.11):
 # device-to-device copy 2920 GB/s, pinned host->device 55.0 GB/s, bf16 matmul 8192^3 779 TFLOP/s,
@@ -100,6 +118,7 @@ H100 = Hardware(
     host_memory_bytes=128 * GiB,
     step_overhead_s_per_layer=H100_STEP_OVERHEAD_S_PER_LAYER,
     speculation_s_per_layer=GPU_SPECULATION_S_PER_LAYER,
+    eager_step_overhead_s_per_layer=H100_STEP_OVERHEAD_S_PER_LAYER + H100_EAGER_EXTRA_S_PER_LAYER,
     dtype="bfloat16",
     is_gpu=True,
     sources={
@@ -110,6 +129,7 @@ H100 = Hardware(
         "host_memory_bytes": "assumed (128 GiB host)",
         "step_overhead_s_per_layer": "fitted (advise_calibration)",
         "speculation_s_per_layer": "eager infinigen step minus paged step and fetch (H200), checked on the H100 study",
+        "eager_step_overhead_s_per_layer": "fitted knob + measured eager minus graph step (decode_step.md)",
     },
 )
 
@@ -130,6 +150,7 @@ H200 = dataclasses.replace(
         "host_device_bytes_per_s": "measured pinned h2d (offload_decode.json, 2026-11-27)",
         "matmul_flops_per_s": "H100 measured rate (same compute as the H100)",
         "step_overhead_s_per_layer": "H100's fitted value",
+        "eager_step_overhead_s_per_layer": "H100's value",
     },
 )
 
@@ -180,6 +201,7 @@ def cpu_hardware(cores: int | None = None, memory_bytes: int | None = None) -> H
             "host_memory_bytes": "detected (sysconf)",
             "step_overhead_s_per_layer": "fitted (advise_calibration, cpu_generate.json)",
             "speculation_s_per_layer": "not measured on CPU (0)",
+            "eager_step_overhead_s_per_layer": "step_overhead_s_per_layer (no CUDA graphs on a CPU)",
         },
     )
 
