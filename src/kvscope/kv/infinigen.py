@@ -81,12 +81,13 @@ class InfiniGenAttention(OffloadAttention):
         # Only each row's own cap of that layout can hold kept tokens, and only those are fetched:
         # padded to the largest cap, a batch of many short rows beside a long one would ask for more
         # rows than the prefetch buffer holds (it holds every held token once). ``ragged`` picks
-        # them out of the layout; ``unragged`` puts them back (an index past the end: a zero row).
+        # them out of the layout; ``unragged`` puts them back (places past a row's cap read row 0,
+        # masked out in ``attend``).
         h = hkv if self.per_head else 1
         slot_ok = torch.arange(self.k_cap)[None, None, :] < torch.tensor(caps)[:, None, None]
         flat = slot_ok.expand(-1, h, -1).flatten()
         ragged = flat.nonzero().flatten()
-        unragged = torch.full((flat.numel(),), ragged.numel(), dtype=torch.long)
+        unragged = torch.zeros(flat.numel(), dtype=torch.long)
         unragged[ragged] = torch.arange(ragged.numel())
         self.ragged, self.unragged = ragged.to(device), unragged.to(device)
         self.spec_q = torch.tensor([qs[i] for i in self.spec], device=device)
@@ -152,11 +153,11 @@ class InfiniGenAttention(OffloadAttention):
         b, kk = valid.shape[0], valid.shape[2]
         width = d if self.per_head else hkv * d
         sel = fetched[:, m * hkv * d : m * hkv * d + self.ragged.numel() * width].view(2, -1, width)
-        sel = torch.cat((sel, sel.new_zeros(2, 1, width)), dim=1)[:, self.unragged]  # the [B, H, k] layout
+        sel = sel[:, self.unragged]  # the [B, H, k] layout
         sel = sel.view(2, b, hkv, kk, d) if self.per_head else sel.view(2, b, kk, hkv, d).transpose(2, 3)
         valid = valid.expand(-1, hkv, -1)
-        # Rows not selected were never copied: whatever the buffer held there (NaN included) must
-        # not reach the attention, where a masked NaN value still poisons the weighted sum.
+        # Rows not selected were never copied (nor are places past a row's cap): whatever they hold,
+        # NaN included, must not reach the attention, where a masked NaN value still poisons the sum.
         sel = sel.masked_fill(~valid[None, :, :, :, None], 0)
         keys = torch.cat((sel[0], k[self.spec_q][:, :, None]), dim=2)  # [B, Hkv, k + 1, D]
         vals = torch.cat((sel[1], v[self.spec_q][:, :, None]), dim=2)
