@@ -245,9 +245,11 @@ class EvictionStrategy(KVStrategy):
             slots = self._slots(self.tables[req.request_id], r + n)
             tables.append(slots)
             new_slots.append(slots[r:])
-        window_start = [req.num_prompt_tokens - self.window for req in batch.requests]
+        # The first row of each request's chunk inside SnapKV's observation window (the chunk starts
+        # at position num_computed_tokens), on the host: no device sync per layer to find it.
+        window_first = [max(0, req.num_prompt_tokens - self.window - req.num_computed_tokens) for req in batch.requests]
         return EvictionAttention(
-            self, torch.cat(new_slots), tables, batch.query_start, batch.positions, window_start,
+            self, torch.cat(new_slots), tables, batch.query_start, batch.positions, window_first,
             [self.tables[req.request_id] for req in batch.requests],
         )
 

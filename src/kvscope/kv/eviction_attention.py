@@ -52,13 +52,13 @@ class EvictionAttention(SlotAttention):
         tables: list[torch.Tensor],
         query_start: list[int],
         positions: torch.Tensor,
-        window_start: list[int],
+        window_first: list[int],
         block_tables: list[list[int]],
     ) -> None:
         super().__init__(strategy.cache, slot_mapping, tables, query_start, strategy.scale)
         self.s = strategy
         self.positions = positions
-        self.window_start = window_start
+        self.window_first = window_first
         self.fused = False
         # Every layer's entry of the new tokens at once (one launch per step, not per layer), unless
         # the policy's initial score depends on the layer's keys.
@@ -119,19 +119,17 @@ class EvictionAttention(SlotAttention):
             n, t = en - st, table.numel()
             ki, vi = kc[table], vc[table]
             if s.attention_rows == "all":  # H2O: every row's probabilities count
-                rows = torch.arange(n, device=q.device)
+                first = 0
             else:
                 # SnapKV reads only its observation window's rows, TOVA only the newest: the output
-                # goes through the fused kernel and the [heads, n, T] matrix is never materialised.
+                # goes through the fused attention and the [heads, n, T] matrix is never materialised.
                 out[st:en] = attend_causal(q[st:en], ki, vi, s.scale)
-                if s.attention_rows == "window":
-                    rows = torch.nonzero(self.positions[st:en] >= self.window_start[i]).flatten()
-                else:
-                    rows = torch.tensor([n - 1], device=q.device)
-                if rows.numel() == 0:
+                first = self.window_first[i] if s.attention_rows == "window" else n - 1
+                if first >= n:
                     continue
+            rows = torch.arange(first, n, device=q.device)
             m = rows.numel()
-            qi = q[st:en][rows].view(m, hkv, g, -1).permute(1, 2, 0, 3)[None]  # [1, Hkv, G, m, D]
+            qi = q[st + first : en].view(m, hkv, g, -1).permute(1, 2, 0, 3)[None]  # [1, Hkv, G, m, D]
             causal = torch.arange(t, device=q.device)[None, :] <= (rows + t - n)[:, None]
             if s.attention_rows == "all":
                 probs, o = _probs_and_out(qi, ki[None], vi[None], causal, s.scale)
