@@ -92,7 +92,10 @@ def hf_sharing_weights(loaded: LoadedModel, preset: str, device: torch.device):
     cfg._attn_implementation = "sdpa"
     with torch.device("meta"):
         hf = LlamaForCausalLM(cfg)
-    hf.load_state_dict(dict(loaded.model.named_parameters()), strict=True, assign=True)
+    state = dict(loaded.model.named_parameters())
+    if cfg.tie_word_embeddings:  # kvscope keeps one tensor; HF names it twice
+        state.setdefault("lm_head.weight", state["model.embed_tokens.weight"])
+    hf.load_state_dict(state, strict=True, assign=True)
     with torch.device(device):  # the rotary buffers were made on the meta device
         hf.model.rotary_emb = type(hf.model.rotary_emb)(config=cfg)
     left = [n for n, t in [*hf.named_parameters(), *hf.named_buffers()] if t.is_meta]
