@@ -15,6 +15,7 @@ from openai_stub import MODEL_ID, openai_stub
 
 from kvscope import cli
 from kvscope.bench.endpoints import api_url, check_base_url, is_loopback
+from kvscope.bench.http_bench import KVSCOPE_FIELDS
 from kvscope.bench.http_driver import run_http_workload
 from kvscope.bench.metrics import serving_metrics
 from kvscope.errors import ConfigError
@@ -177,6 +178,7 @@ def test_cli_writes_vllms_result_fields(tmp_path, capsys):
                    "std_ttft_ms", "p99_ttft_ms", "mean_tpot_ms", "median_tpot_ms", "p99_tpot_ms", "mean_itl_ms",
                    "median_itl_ms", "p99_itl_ms", "mean_e2el_ms", "median_e2el_ms", "p99_e2el_ms"]
     assert [k for k in vllm_fields if k not in res] == []
+    assert [k for k in KVSCOPE_FIELDS if k not in res] == ["ruler"]  # RULER datasets only
     assert res["model_id"] == MODEL_ID and res["backend"] == "openai" and res["request_rate"] == 50.0
     assert res["completed"] == res["num_prompts"] == 4 and res["errors"] == [""] * 4
     assert res["input_lens"] == [16] * 4 and res["output_lens"] == [4] * 4
