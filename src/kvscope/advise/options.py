@@ -48,8 +48,12 @@ def candidates(host_kv_bytes: int | None = None) -> list[StrategyOption]:
 
 def option_from_spec(spec: str) -> StrategyOption | None:
     """The option a measured row's strategy string corresponds to, or None for strategies the cost
-    model does not cover (other eviction policies, InfiniGen without a budget ratio)."""
-    name, args = parse_spec(spec)
+    model does not cover (other eviction policies, InfiniGen without a budget ratio, an external
+    system's ``system:<name>``)."""
+    try:
+        name, args = parse_spec(spec)
+    except ConfigError:  # not a strategy spec: a study's external system
+        return None
     host = args.get("host_kv_bytes")
     if name in ("paged", "contiguous", "offload"):
         return StrategyOption(spec, name, None, host)

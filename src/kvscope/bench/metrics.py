@@ -5,7 +5,10 @@ Definitions and key names follow ``calculate_metrics`` and the result dict of vL
 
 - TTFT: arrival -> first output token. E2EL: arrival -> last output token.
 - TPOT: ``(E2EL - TTFT) / (output_tokens - 1)``, only over requests with more than one output
-  token. ITL: every gap between consecutive output tokens, pooled over all requests.
+  token. ITL: every gap between consecutive output tokens, pooled over all requests. For a record
+  of an HTTP client, whose times are those of streamed chunks, ``output_tokens`` is the server's
+  count when it gave one (:attr:`RequestRecord.output_len`) and ITL the gaps between chunks, as in
+  vLLM.
 - For each of ``ttft``, ``tpot``, ``itl``, ``e2el``: ``mean_<m>_ms``, ``median_<m>_ms``,
   ``std_<m>_ms`` (population, ``np.std``) and ``p<q>_<m>_ms`` for each percentile ``q``
   (``np.percentile``, linear interpolation; ``p99_ttft_ms``, ``p99.9_ttft_ms``), in milliseconds.
@@ -91,16 +94,16 @@ def serving_metrics(
     for r in recs:
         if not r.success:
             continue
-        times = r.token_times
+        times, n_out = r.token_times, r.output_len
         ttft, e2el = times[0] - r.arrival_time, times[-1] - r.arrival_time
-        tpot = (e2el - ttft) / (len(times) - 1) if len(times) > 1 else None
+        tpot = (e2el - ttft) / (n_out - 1) if n_out > 1 else None
         ttfts.append(ttft)
         e2els.append(e2el)
         if tpot is not None:
             tpots.append(tpot)
         itls.extend(np.diff(times).tolist())
         total_input += r.prompt_len
-        total_output += len(times)
+        total_output += n_out
         observed = {"ttft": ttft, "tpot": tpot or 0.0, "e2el": e2el}
         good += all(observed[m] <= limit for m, limit in slos.items())
     completed = len(ttfts)

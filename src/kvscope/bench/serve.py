@@ -54,7 +54,10 @@ class RequestRecord:
     """What happened to one request; times in seconds since the start of the run.
 
     ``token_times`` has one entry per output token (``[output_len]``); a request that was rejected
-    or ended in an engine error has ``error`` set and counts as failed.
+    or ended in an engine error has ``error`` set and counts as failed. A client of an HTTP server
+    (:mod:`kvscope.bench.http_driver`) sees streamed chunks, not tokens: its ``token_times`` hold
+    one entry per chunk and ``output_tokens`` the server's own count (``usage.completion_tokens``),
+    which the metrics take for output tokens and TPOT, as vLLM's ``bench serve`` does.
     """
 
     request_id: str
@@ -68,6 +71,7 @@ class RequestRecord:
     error: str | None = None
     num_preemptions: int = 0
     num_prefix_cached_tokens: int = 0
+    output_tokens: int | None = None  # None: one token_times entry per output token
 
     @property
     def success(self) -> bool:
@@ -76,7 +80,7 @@ class RequestRecord:
     @property
     def output_len(self) -> int:
         """Output tokens actually produced."""
-        return len(self.token_times)
+        return self.output_tokens if self.output_tokens is not None else len(self.token_times)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

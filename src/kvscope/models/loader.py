@@ -19,7 +19,7 @@ from kvscope.models.registry import PACKAGED, list_models
 from kvscope.models.safetensors_io import load_safetensors_folder
 from kvscope.models.tokenizer import Tokenizer
 
-__all__ = ["LoadedModel", "list_models", "load_model"]
+__all__ = ["LoadedModel", "list_models", "load_model", "load_tokenizer"]
 
 DUMMY_PREFIX = "dummy:"
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
@@ -70,16 +70,38 @@ def load_model(
 def _load_folder(folder: Path, name: str, device: torch.device, dtype: torch.dtype, source: str) -> LoadedModel:
     config = model_config_from_hf(_read_json(folder / "config.json", required=True), name)
     model = load_safetensors_folder(folder, config, device, dtype)
+    return LoadedModel(config, model, _folder_tokenizer(folder, config), source)
+
+
+def _folder_tokenizer(folder: Path, config: ModelConfig) -> Tokenizer:
     # Instruct checkpoints often list extra stop ids (e.g. Llama 3's <|eot_id|>) in generation_config.json.
     gen_eos = _read_json(folder / "generation_config.json", required=False).get("eos_token_id")
     gen_eos = [gen_eos] if isinstance(gen_eos, int) else (gen_eos or [])
     eos = (*config.eos_token_ids, *gen_eos)
     if any((folder / f).is_file() for f in _TOKENIZER_FILES):
-        tokenizer = Tokenizer.from_pretrained(folder, eos, config.vocab_size)
+        return Tokenizer.from_pretrained(folder, eos, config.vocab_size)
+    print(f"kvscope: {folder} has no tokenizer files; using a byte-level tokenizer", file=sys.stderr)
+    return Tokenizer.byte_level(config.vocab_size)
+
+
+def load_tokenizer(spec: str | os.PathLike[str]) -> Tokenizer:
+    """The tokenizer :func:`load_model` would give ``spec``, without loading its weights (a load
+    generator needs the tokenizer of the model a server runs, not the model)."""
+    spec = os.fspath(spec)
+    if spec.startswith(DUMMY_PREFIX):
+        return Tokenizer.byte_level(preset_config(spec[len(DUMMY_PREFIX) :]).vocab_size)
+    path = Path(spec).expanduser()
+    if spec in PACKAGED:
+        folder = converted_gguf(PACKAGED[spec].locate(), spec)
+    elif path.is_file() and path.suffix == ".gguf":
+        folder = converted_gguf([path], path.stem)
+    elif path.is_dir():
+        folder = path
     else:
-        print(f"kvscope: {folder} has no tokenizer files; using a byte-level tokenizer", file=sys.stderr)
-        tokenizer = Tokenizer.byte_level(config.vocab_size)
-    return LoadedModel(config, model, tokenizer, source)
+        raise ModelLoadError(f"unknown model {spec!r} for a tokenizer: use one of {', '.join(PACKAGED)}, "
+                             "'dummy:<preset>', a model folder or a .gguf file")
+    config = model_config_from_hf(_read_json(folder / "config.json", required=True), folder.name)
+    return _folder_tokenizer(folder, config)
 
 
 def _read_json(path: Path, required: bool) -> dict:

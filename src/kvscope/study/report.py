@@ -35,6 +35,7 @@ from typing import Any
 import numpy as np
 
 from kvscope.kv.registry import available, parse_spec
+from kvscope.study.external import PREFIX as SYSTEM_PREFIX
 from kvscope.study.runner import RESULTS_FILE, read_results
 
 #: Relative difference under which two strategies are reported as tied. With several seeds the
@@ -64,9 +65,12 @@ def _mib(x: float | None) -> float | None:
     return None if x is None else x / 2**20
 
 
-def kept_fraction(strategy: str) -> float:
+def kept_fraction(strategy: str) -> float | None:
     """Fraction of a prompt's KV the strategy keeps: 1 for lossless ones, else its ratio budget
-    (the eviction policies' default, 20%, when the spec gives none)."""
+    (the eviction policies' default, 20%, when the spec gives none). None for an external system's
+    row (``system:<name>``): what its server keeps is not known, so budget plots leave it out."""
+    if strategy.startswith(SYSTEM_PREFIX):
+        return None
     name, args = parse_spec(strategy)
     if "heavy_ratio" in args or "recent_ratio" in args:
         return float(args.get("heavy_ratio", 0.1)) + float(args.get("recent_ratio", 0.1))
@@ -74,6 +78,11 @@ def kept_fraction(strategy: str) -> float:
     if cls is not None and cls.lossless:
         return 1.0
     return float(args.get("budget_ratio", 0.2))
+
+
+def _name(strategy: str) -> str:
+    """The name part of a strategy spec (``parse_spec``'s), also of an external system's ``system:<name>``."""
+    return strategy.partition(":")[0].strip()
 
 
 def _workload_label(w: dict[str, Any]) -> str:
@@ -315,8 +324,8 @@ def _memory_vs_sparsity(plt: Any, rows: list[dict[str, Any]], style: dict[str, d
             rate = _top_rate(prows)
             at_rate = [r for r in prows if r["config"]["rate"] == rate]
             for strategy, st_rows in _by(at_rate, lambda r: r["config"]["strategy"]).items():
-                ax.scatter([1.0 - kept_fraction(strategy)], [_mean_of(st_rows, _KV_USED)], label=strategy,
-                           **style[strategy])
+                if (kept := kept_fraction(strategy)) is not None:
+                    ax.scatter([1.0 - kept], [_mean_of(st_rows, _KV_USED)], label=strategy, **style[strategy])
             ax.set_xlabel("sparsity: share of the prompt's KV dropped (0 = lossless)")
             ax.set_ylabel("peak KV used (MiB)")
             _title(ax, f"{workload} | {kv} | rate {rate}")
@@ -355,7 +364,8 @@ def _quality_vs_budget(plt: Any, rows: list[dict[str, Any]], style: dict[str, di
         fig, axes = _grid(plt, len(panels))
         for ax, (name, (get, lower, prows)) in zip(axes, panels.items()):
             for strategy, st_rows in _by(prows, lambda r: r["config"]["strategy"]).items():
-                ax.scatter([kept_fraction(strategy)], [_mean_of(st_rows, get)], label=strategy, **style[strategy])
+                if (kept := kept_fraction(strategy)) is not None:
+                    ax.scatter([kept], [_mean_of(st_rows, get)], label=strategy, **style[strategy])
             ax.set_xlabel("KV budget: share of the prompt's KV kept (1 = lossless)")
             ax.set_ylabel(name.split(":")[0] + (" (lower is better)" if lower else " (higher is better)"))
             _title(ax, name)
@@ -489,7 +499,7 @@ def mixed_table(rows: list[dict[str, Any]], floor: float = QUALITY_FLOOR) -> lis
         def mean(rs: list[dict[str, Any]], *keys: str) -> float | None:
             return _mean_of(rs, lambda r: _get(r, *keys))
 
-        paged_acc = mean([r for s, rs in by_strategy.items() if parse_spec(s)[0] == "paged" for r in rs],
+        paged_acc = mean([r for s, rs in by_strategy.items() if _name(s) == "paged" for r in rs],
                          "quality", "ruler", "accuracy")
         entries = []
         for strategy, rs in by_strategy.items():
@@ -505,14 +515,14 @@ def mixed_table(rows: list[dict[str, Any]], floor: float = QUALITY_FLOOR) -> lis
                 "quality": q, "meets_floor": q is not None and q >= floor,
                 "completed": mean(rs, "metrics", "completed"), "failed": mean(rs, "metrics", "failed"),
             })
-        adaptive = [e for e in entries if parse_spec(e["strategy"])[0] == "adaptive" and e["goodput"] is not None]
+        adaptive = [e for e in entries if _name(e["strategy"]) == "adaptive" and e["goodput"] is not None]
         best = max(adaptive, key=lambda e: e["goodput"], default=None)
         for e in entries:
             e["adaptive_goodput_ratio"] = (best["goodput"] / e["goodput"] if best and e["goodput"]
                                            else None)
             if e in adaptive:
                 rivals = [o["goodput"] or 0.0 for o in entries
-                          if parse_spec(o["strategy"])[0] != "adaptive" and o["meets_floor"]]
+                          if _name(o["strategy"]) != "adaptive" and o["meets_floor"]]
                 e["adaptive_wins"] = e["meets_floor"] and all(e["goodput"] > g for g in rivals)
         out.extend(entries)
     return out

