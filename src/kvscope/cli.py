@@ -29,6 +29,17 @@ def _size(text: str) -> int:
         raise argparse.ArgumentTypeError(f"not a size: {text!r} (e.g. 512MiB, 2GiB, 1000000)") from None
 
 
+def _positive_int(text: str) -> int:
+    """An integer >= 1 (scheduler limits: 0 would admit or compute nothing)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text!r}")
+    return value
+
+
 def _add_generate(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("generate", help="generate text with one model and one KV strategy")
     p.add_argument("prompts", nargs="*", help="prompts (default: a few demo questions)")
@@ -38,8 +49,8 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--dtype", default="float32")
     p.add_argument("--kv-memory", type=_size, default=None, help="KV pool size, e.g. 256MiB")
     p.add_argument("--max-model-len", type=int, default=None)
-    p.add_argument("--max-num-seqs", type=int, default=64)
-    p.add_argument("--max-num-batched-tokens", type=int, default=2048)
+    p.add_argument("--max-num-seqs", type=_positive_int, default=64)
+    p.add_argument("--max-num-batched-tokens", type=_positive_int, default=2048)
     p.add_argument("--preemption-mode", default="recompute", choices=["recompute", "swap"])
     p.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs for decode steps (debugging)")
     p.add_argument("--max-tokens", type=int, default=64)
@@ -189,8 +200,8 @@ def _add_advise(sub: argparse._SubParsersAction) -> None:
                    help="minimum full-cache perplexity / strategy perplexity (1 = lossless; 0 = no floor)")
     p.add_argument("--results", default=None,
                    help="a study's results.jsonl: measured rows used where they cover the case")
-    p.add_argument("--max-num-seqs", type=int, default=64)
-    p.add_argument("--max-num-batched-tokens", type=int, default=2048)
+    p.add_argument("--max-num-seqs", type=_positive_int, default=64)
+    p.add_argument("--max-num-batched-tokens", type=_positive_int, default=2048)
     p.add_argument("--json", action="store_true", help="print the advice as one JSON object")
 
 
