@@ -45,7 +45,16 @@ def _base(**over):
      r"^workloads\[0\]\.x: unknown key"),
     ({"workloads": [{"type": "ruler", "task": "niah_nope", "length": 512}]}, r"^workloads\[0\]\.task: unknown RULER"),
     ({"quality": {"perplexity": "yes"}}, r"^quality\.perplexity: must be true or false"),
-    ({"engine": {"max_num_seqs": 0}}, r"^engine: "),
+    ({"engine": {"max_num_seqs": 0}}, r"^engine\.max_num_seqs: must be an integer >= 1, got 0"),
+    ({"engine": {"max_num_seqs": "four"}}, r"^engine\.max_num_seqs: must be an integer >= 1, got 'four'"),
+    ({"engine": {"max_num_batched_tokens": 2.5}}, r"^engine\.max_num_batched_tokens: must be an integer >= 1, got 2\.5"),
+    ({"engine": {"enforce_eager": "yes"}}, r"^engine\.enforce_eager: must be true or false"),
+    ({"engine": {"cuda_graph_sizes": [1, "2"]}}, r"^engine\.cuda_graph_sizes\[1\]: must be an integer"),
+    ({"engine": {"swap_space_bytes": -1}}, r"^engine\.swap_space_bytes: must be at least 1 byte"),
+    ({"engine": {"preemption_mode": "sometimes"}}, r"^engine: unknown preemption_mode 'sometimes'"),
+    ({"kv_memory": ["infGiB"]}, r"^kv_memory\[0\]: not a size"),
+    ({"kv_memory": [True]}, r"^kv_memory\[0\]: must be a size in bytes"),
+    ({"kv_memory": [2**64]}, r"^kv_memory\[0\]: too large"),
     ({"engine": {"device": "cpu"}}, r"^engine\.device: unknown key"),
 ])
 def test_bad_specs_name_the_field(over, message):

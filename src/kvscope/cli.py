@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import time
 from typing import Any
@@ -18,15 +19,29 @@ DEMO_PROMPTS = [
 
 
 def _size(text: str) -> int:
-    """``"512MiB"``, ``"2G"``, ``"1000000"`` -> bytes."""
-    units = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
-    t = text.strip().lower().removesuffix("b").removesuffix("i")
+    """``"512MiB"``, ``"2G"``, ``"1000000"`` -> bytes (:func:`kvscope.units.parse_size`)."""
+    from kvscope.units import parse_size
+
     try:
-        if t and t[-1] in units:
-            return int(float(t[:-1]) * units[t[-1]])
-        return int(t)
+        return parse_size(text, "size")
+    except KVScopeError as e:  # argparse names the option; the field prefix would say it twice
+        raise argparse.ArgumentTypeError(str(e).removeprefix("size: ")) from None
+
+
+def _finite(text: str) -> float:
+    """A finite number: nan and inf mean nothing as a temperature, a probability or a bandwidth."""
+    try:
+        value = float(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"not a size: {text!r} (e.g. 512MiB, 2GiB, 1000000)") from None
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {text!r}")
+    return value
+
+
+def _rate(text: str) -> float:
+    """Requests/s: a finite number, or ``inf`` for all at once (its range is the workload's to check)."""
+    return math.inf if text.strip().lower() in ("inf", "infinity") else _finite(text)
 
 
 def _positive_int(text: str) -> int:
@@ -54,9 +69,9 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--preemption-mode", default="recompute", choices=["recompute", "swap"])
     p.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs for decode steps (debugging)")
     p.add_argument("--max-tokens", type=int, default=64)
-    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--temperature", type=_finite, default=0.0)
     p.add_argument("--top-k", type=int, default=0)
-    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-p", type=_finite, default=1.0)
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     p.add_argument("--ignore-eos", action="store_true")
@@ -180,23 +195,23 @@ def _add_advise(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--model", default="smollm2-135m", help="preset (llama-3-8b, dummy:opt-6.7b, ...) or HF folder")
     p.add_argument("--hardware", default="this", help="h100 | h200 | cpu | this (detected)")
     p.add_argument("--gpu-memory", type=_size, default=None, help="override: device memory, e.g. 80GiB")
-    p.add_argument("--hbm-gbps", type=float, default=None, help="override: device memory bandwidth, GB/s")
-    p.add_argument("--pcie-gbps", type=float, default=None, help="override: host<->device bandwidth, GB/s")
-    p.add_argument("--tflops", type=float, default=None, help="override: matmul rate, TFLOP/s")
+    p.add_argument("--hbm-gbps", type=_finite, default=None, help="override: device memory bandwidth, GB/s")
+    p.add_argument("--pcie-gbps", type=_finite, default=None, help="override: host<->device bandwidth, GB/s")
+    p.add_argument("--tflops", type=_finite, default=None, help="override: matmul rate, TFLOP/s")
     p.add_argument("--host-memory", type=_size, default=None, help="override: host memory for offloaded KV")
     src = p.add_mutually_exclusive_group()
     src.add_argument("--trace", default=None, help="JSONL trace (arrival_time, prompt, output_len[, prompt_len])")
     src.add_argument("--dataset", choices=["sharegpt"], default=None, help="a data set's mean lengths")
     p.add_argument("--prompt-len", type=int, default=512, help="prompt tokens per request (no trace/dataset)")
     p.add_argument("--output-len", type=int, default=128, help="output tokens per request (no trace/dataset)")
-    p.add_argument("--rate", type=float, default=None,
+    p.add_argument("--rate", type=_rate, default=None,
                    help="requests/s (inf = all at once; default inf, or the trace's)")
     p.add_argument("--num-requests", type=int, default=200)
     p.add_argument("--kv-memory", type=_size, default=None,
                    help="device KV pool (default: 90%% of memory after weights)")
-    p.add_argument("--ttft-ms", type=float, default=None, help="SLO on p90 time to first token")
-    p.add_argument("--tpot-ms", type=float, default=None, help="SLO on p90 time per output token")
-    p.add_argument("--quality-floor", type=float, default=0.8,
+    p.add_argument("--ttft-ms", type=_finite, default=None, help="SLO on p90 time to first token")
+    p.add_argument("--tpot-ms", type=_finite, default=None, help="SLO on p90 time per output token")
+    p.add_argument("--quality-floor", type=_finite, default=0.8,
                    help="minimum full-cache perplexity / strategy perplexity (1 = lossless; 0 = no floor)")
     p.add_argument("--results", default=None,
                    help="a study's results.jsonl: measured rows used where they cover the case")
