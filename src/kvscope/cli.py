@@ -214,7 +214,7 @@ def _add_advise(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--quality-floor", type=_finite, default=0.8,
                    help="minimum full-cache perplexity / strategy perplexity (1 = lossless; 0 = no floor)")
     p.add_argument("--results", default=None,
-                   help="a study's results.jsonl: measured rows used where they cover the case")
+                   help="a study's results.jsonl (or its folder): measured rows used where they cover the case")
     p.add_argument("--max-num-seqs", type=_positive_int, default=64)
     p.add_argument("--max-num-batched-tokens", type=_positive_int, default=2048)
     p.add_argument("--json", action="store_true", help="print the advice as one JSON object")
@@ -233,7 +233,7 @@ def _advise(args: argparse.Namespace) -> int:
         trace_workload,
     )
     from kvscope.advise.simulate import EngineLimits
-    from kvscope.study.runner import read_results
+    from kvscope.study.results_io import RESULTS_FILE, read_results
 
     hw = hardware_preset(args.hardware).with_overrides(
         memory_bytes=args.gpu_memory, hbm_bytes_per_s=args.hbm_gbps and args.hbm_gbps * 1e9,
@@ -249,9 +249,10 @@ def _advise(args: argparse.Namespace) -> int:
     if args.results:
         from pathlib import Path
 
-        if not Path(args.results).is_file():
-            raise KVScopeError(f"--results: no such file: {args.results}")
-        rows = read_results(args.results)
+        path = Path(args.results) / RESULTS_FILE if Path(args.results).is_dir() else Path(args.results)
+        if not path.is_file():
+            raise KVScopeError(f"--results: no such file: {path}")
+        rows = read_results(path)
     advice = advise(workload, resolve_model(args.model), hw, SLOs(args.ttft_ms, args.tpot_ms), args.quality_floor,
                     results=rows, kv_memory=args.kv_memory,
                     limits=EngineLimits(args.max_num_seqs, args.max_num_batched_tokens))

@@ -1,9 +1,9 @@
 """Run a study: every grid point not yet in the results file, one JSONL row per finished point.
 
-The results file is append-only. Each row is written, flushed and fsynced as soon as its point
-ends, so a killed run loses at most the point in progress; a rerun reads the ids already present
-(``ok`` or ``error``) and skips them. A point that raises is recorded with ``status: "error"`` and
-the study goes on.
+The results file is append-only (:mod:`kvscope.study.results_io` reads and writes it). Each row is
+written, flushed and fsynced as soon as its point ends, so a killed run loses at most the point in
+progress; a rerun reads the ids already present (``ok`` or ``error``) and skips them. A point that
+raises is recorded with ``status: "error"`` and the study goes on.
 
 Points share what does not depend on them (:class:`PointCache`): the loaded weights of their
 model, and quality metrics, which do not depend on the arrival process (nor, for most strategies,
@@ -43,6 +43,7 @@ from kvscope.kv import registry
 from kvscope.kv.eviction import EvictionStrategy
 from kvscope.llm import LLM
 from kvscope.models.loader import DUMMY_PREFIX, LoadedModel, load_model
+from kvscope.study.results_io import RESULTS_FILE, append_row, read_results_file
 from kvscope.study.spec import Point, StudySpec, WorkloadSpec, expand
 from kvscope.workload.arrivals import gamma_arrivals
 from kvscope.workload.requests import (
@@ -56,25 +57,6 @@ from kvscope.workload.mixed import MixedWorkload, mix, num_long_requests
 from kvscope.workload.ruler import ruler_samples, score_prediction
 from kvscope.workload.sharegpt import sharegpt_requests
 from kvscope.workload.text import token_sequences
-
-RESULTS_FILE = "results.jsonl"
-
-
-def read_results(path: str | Path) -> list[dict[str, Any]]:
-    """Rows of a results file; a torn last line (a run killed mid-write) is ignored."""
-    path = Path(path)
-    if not path.is_file():
-        return []
-    rows = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        if not line.strip():
-            continue
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue
-    return rows
-
 
 def environment(device: str) -> dict[str, Any]:
     """Device, library versions and commit recorded with every row."""
@@ -390,29 +372,6 @@ def _warm_up(llm: LLM, requests: list, max_model_len: int, count: int = 4) -> No
                 continue
 
 
-def _append(path: Path, row: dict[str, Any]) -> None:
-    # One write of the whole line, then fsync: a crash leaves at most one torn last line.
-    _append_text(path, json.dumps(row, default=str) + "\n")
-
-
-def _end_torn_line(path: Path) -> None:
-    # A run killed mid-write leaves a partial last line; end it so the next row starts on its own
-    # line (the partial one is skipped by read_results and its point is run again).
-    if path.is_file() and path.stat().st_size:
-        with path.open("rb") as f:
-            f.seek(-1, os.SEEK_END)
-            torn = f.read(1) != b"\n"
-        if torn:
-            _append_text(path, "\n")
-
-
-def _append_text(path: Path, text: str) -> None:
-    with path.open("a", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-
-
 def run_study(
     spec: StudySpec,
     results_path: str | Path,
@@ -431,8 +390,7 @@ def run_study(
         (path / "spec.json").write_text(json.dumps(_spec_json(spec), indent=1, default=str), encoding="utf-8")
         path = path / RESULTS_FILE
     path.parent.mkdir(parents=True, exist_ok=True)
-    done = {row.get("id") for row in read_results(path)}
-    _end_torn_line(path)
+    done = read_results_file(path).done_ids(retry_errors=False)
     points = expand(spec)
     todo = [p for p in points if p.id not in done]
     env = environment(spec.device)
@@ -452,7 +410,7 @@ def run_study(
             row["traceback"] = traceback.format_exc(limit=8)
         row["elapsed_s"] = time.perf_counter() - start
         row["environment"] = env
-        _append(path, row)
+        append_row(path, row)
         new_rows.append(row)
         bar.set_postfix_str(f"{row['status']} {point.config['strategy']}")
         bar.update(1)
