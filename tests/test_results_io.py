@@ -1,19 +1,30 @@
-"""The one results reader (bad lines skipped and named, never a crash, no good row lost), and its use
-by every consumer."""
+"""The one results reader (bad lines skipped and named, never a crash, no good row lost), its use by
+every consumer, and the results-folder lock."""
 from __future__ import annotations
 
 import json
 import logging
+import os
+import subprocess
+import sys
 import tempfile
+import textwrap
 from pathlib import Path
 
+import pytest
 from results_rows import ADVISE_ARGS, SPEC, lines, rows, write_folder
 
 from kvscope import cli
 from kvscope.kv.adaptive_thresholds import derive_thresholds, read_rows
 from kvscope.study import parse_spec, run_study
 from kvscope.study.report import write_report
-from kvscope.study.results_io import read_results, read_results_file
+from kvscope.study.results_io import (
+    ResultsFolderError,
+    lock_path,
+    read_results,
+    read_results_file,
+    results_lock,
+)
 
 # The damage the issue lists, each on a line of its own, and what the reader must say about it.
 ROWS = rows()
@@ -99,3 +110,57 @@ def test_a_rerun_row_supersedes_only_an_error():
     assert read(ok, error).rows == [ok]  # an error never hides a finished run of the same point
     assert read(error).done_ids() == set() and read(error).done_ids(retry_errors=False) == {ok["id"]}
     assert read(ok, twin).rows == [ok, twin]
+
+
+_HOLDER = textwrap.dedent("""
+    import fcntl, sys
+    f = open(sys.argv[1], "a+")
+    fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    print("locked", flush=True)
+    sys.stdin.readline()
+""")
+
+
+def _hold(lock) -> subprocess.Popen:
+    """Another process holding ``lock`` (plain flock, the protocol the lock file promises) until its stdin closes."""
+    proc = subprocess.Popen([sys.executable, "-c", _HOLDER, str(lock)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            text=True)
+    assert proc.stdout.readline().strip() == "locked"
+    return proc
+
+
+def test_a_second_run_on_a_locked_folder_fails_at_once(tmp_path, capsys):
+    spec = tmp_path / "s.yaml"
+    spec.write_text(json.dumps({"name": "lock", "models": ["dummy:tiny-llama"], "strategies": ["paged"],
+                                "workloads": [{"type": "fixed", "num_requests": 1, "input_len": 8, "output_len": 2}],
+                                "kv_memory": ["1MiB"]}))
+    folder = tmp_path / "res"
+    folder.mkdir()
+    holder = _hold(lock_path(folder / "results.jsonl"))
+    try:
+        assert cli.main(["study", "run", str(spec), "--results", str(folder), "--no-progress"]) == 2
+        err = capsys.readouterr().err
+        assert f"kvscope: error: {folder}: another kvscope study run is writing to this results folder" in err
+        assert f"(pid {holder.pid})" not in err  # the plain-flock holder wrote no pid; none is made up
+        assert not (folder / "results.jsonl").exists()
+        with pytest.raises(ResultsFolderError, match="another kvscope study run"):
+            with results_lock(folder / "results.jsonl"):
+                pass
+    finally:
+        holder.communicate("")
+    assert cli.main(["study", "run", str(spec), "--results", str(folder), "--no-progress"]) == 0
+    assert len(read_results(folder / "results.jsonl")) == 1
+    _hold(lock_path(folder / "results.jsonl")).communicate("")  # released when the run ended
+
+
+def test_lock_is_reentrant_in_one_process_and_names_the_holder(tmp_path):
+    target = tmp_path / "res" / "results.jsonl"
+    with results_lock(target):
+        with results_lock(target):  # the CLI holds it around run_study, which takes it too
+            pass
+        # Still held after the inner block: another process cannot take it.
+        probe = subprocess.run([sys.executable, "-c", _HOLDER, str(lock_path(target))], input="", capture_output=True,
+                               text=True, timeout=60)
+        assert probe.returncode != 0 and "BlockingIOError" in probe.stderr
+        assert lock_path(target).read_text() == str(os.getpid())
+    _hold(lock_path(target)).communicate("")

@@ -171,8 +171,15 @@ def _add_study(sub: argparse._SubParsersAction) -> None:
 def _study(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from kvscope.study import load_spec, preset, read_results, run_study
+    from kvscope.study import load_spec, preset, run_study
     from kvscope.study.report import write_report
+    from kvscope.study.results_io import (
+        RESULTS_FILE,
+        ResultsFolderError,
+        check_results_target,
+        read_results_file,
+        results_lock,
+    )
 
     if args.study_command == "report":
         html, md = write_report(args.results_dir)
@@ -180,12 +187,17 @@ def _study(args: argparse.Namespace) -> int:
         return 0
     spec = preset(args.preset) if args.preset else load_spec(args.spec)
     results = Path(args.results or Path("results") / spec.name)
-    new = run_study(spec, results, progress=not args.no_progress)
-    rows = read_results(results / "results.jsonl")
-    errors = sum(r.get("status") == "error" for r in new)
-    print(f"{len(new)} points run ({errors} errors); {len(rows)} rows in {results / 'results.jsonl'}")
-    # The report covers every row, so a resumed run's report includes the earlier points too.
-    html, md = write_report(results)
+    if results.suffix == ".jsonl":  # run_study would take it for the results file, and the report has no folder
+        raise ResultsFolderError(f"--results {results}: names a folder (it holds {RESULTS_FILE}, spec.json and the "
+                                 f"report), not a .jsonl file; e.g. --results {results.with_suffix('')}")
+    target = check_results_target(results)  # before any point, as run_study checks again under the lock
+    with results_lock(target):  # held across the run and the report
+        new = run_study(spec, results, progress=not args.no_progress)
+        rows = read_results_file(target, warn=False).rows
+        errors = sum(r["status"] == "error" for r in new)
+        print(f"{len(new)} points run ({errors} errors); {len(rows)} rows in {target}")
+        # The report covers every row, so a resumed run's report includes the earlier points too.
+        html, md = write_report(results, warn=False)
     print(f"report: {html} (and {md.name} beside it)")
     return 0
 

@@ -1,4 +1,5 @@
-"""The one reader of a study's ``results.jsonl``, and the row schema its consumers rely on.
+"""The one reader of a study's ``results.jsonl``, the row schema its consumers rely on, and the
+folder lock that keeps two runs from writing one results file.
 
 A results file is append-only JSONL, written by :func:`kvscope.study.runner.run_study` and read by
 the runner (which points are done), the report, ``kvscope advise --results`` and
@@ -7,17 +8,21 @@ garbage. :func:`read_results_file` never raises on content: it keeps every line 
 :data:`ROW_SCHEMA`, skips the others, and says which (line number and why) in
 :attr:`ResultsRead.skipped`, in a logged warning and, through the report, in ``report.md``.
 
+Writers hold :func:`results_lock` on the folder, so a second run on it fails at once.
+
 A point run again (an errored point retried, or two old runs that wrote the same points) has
 several rows with one ``id``; the reader keeps one per point (id and config): the newest ``ok``
 row, else the newest row, so a retry supersedes its error and an error never hides a finished run.
 """
 from __future__ import annotations
 
+import fcntl
 import json
 import logging
 import math
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,7 +37,7 @@ log = logging.getLogger("kvscope.study")
 
 
 class ResultsFolderError(KVScopeError):
-    """A results path that cannot be used: not a folder, a missing folder, an unreadable file."""
+    """A results path that cannot be used: not a folder, a missing folder, or one held by another run."""
 
 
 def _is_str(v: Any) -> bool:
@@ -276,6 +281,71 @@ def existing_results_file(folder: str | Path) -> Path:
     if not target.is_file():
         raise ResultsFolderError(f"{folder}: holds no {RESULTS_FILE} (not a study's results folder?)")
     return target
+
+
+def check_results_target(path: str | Path) -> Path:
+    """Check, before any work, that a study can write its results at ``path`` (a folder, or a
+    ``.jsonl`` file in one) and return the results file. Raises :class:`ResultsFolderError`
+    naming the path: a folder that is a file, a path under a file, a ``.jsonl`` that is a folder."""
+    target = results_file(path)
+    folder = target.parent
+    existing = next(p for p in (folder, *folder.parents) if p.exists())  # "/" always exists
+    if not existing.is_dir():
+        where = "" if existing == folder else f" (it is under {existing}, a file)"
+        raise ResultsFolderError(f"{folder}: not a folder{where}; the results path names a folder that "
+                                 "holds results.jsonl, spec.json and the report")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ResultsFolderError(f"{folder}: cannot write there (no write permission on {existing})")
+    if target.exists() and not target.is_file():
+        raise ResultsFolderError(f"{target}: not a file")
+    return target
+
+
+_HELD: dict[Path, list[Any]] = {}  # lock file -> [open file, depth]: re-entrant within a process
+
+
+def lock_path(results: str | Path) -> Path:
+    """The lock file of a results file: hidden, beside it (inside the results folder)."""
+    results = Path(results)
+    return results.parent / f".{results.name}.lock"
+
+
+@contextmanager
+def results_lock(results: str | Path) -> Iterator[Path]:
+    """Hold an exclusive lock on a results file (``flock`` on :func:`lock_path`, inside its
+    folder) for the ``with`` block; fail at once with :class:`ResultsFolderError` naming the folder
+    when another process holds it. Re-entrant within one process (the CLI holds it across the run
+    and the report; the runner takes it too). The kernel drops the lock when the process dies, so
+    a killed run never leaves the folder locked."""
+    results = Path(results)
+    results.parent.mkdir(parents=True, exist_ok=True)
+    lock = lock_path(results).resolve()
+    if lock in _HELD:
+        _HELD[lock][1] += 1
+    else:
+        f = open(lock, "a+", encoding="utf-8")  # noqa: SIM115 - held past this block, closed below
+        try:
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            holder = f.read().strip()
+            f.close()
+            raise ResultsFolderError(
+                f"{results.parent}: another kvscope study run is writing to this results folder"
+                f"{f' (pid {holder})' if holder else ''}; wait for it to finish, or use another --results"
+            ) from None
+        f.truncate(0)
+        f.write(str(os.getpid()))  # for the message of a run that finds the folder locked
+        f.flush()
+        _HELD[lock] = [f, 1]
+    try:
+        yield results
+    finally:
+        _HELD[lock][1] -= 1
+        if _HELD[lock][1] == 0:
+            f = _HELD.pop(lock)[0]
+            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+            f.close()
 
 
 def append_row(path: Path, row: dict[str, Any]) -> None:

@@ -3,7 +3,8 @@
 The results file is append-only (:mod:`kvscope.study.results_io` reads and writes it). Each row is
 written, flushed and fsynced as soon as its point ends, so a killed run loses at most the point in
 progress; a rerun reads the ids already present (``ok`` or ``error``) and skips them. A point that
-raises is recorded with ``status: "error"`` and the study goes on.
+raises is recorded with ``status: "error"`` and the study goes on. The run holds a lock on the
+results folder.
 
 Points share what does not depend on them (:class:`PointCache`): the loaded weights of their
 model, and quality metrics, which do not depend on the arrival process (nor, for most strategies,
@@ -43,7 +44,7 @@ from kvscope.kv import registry
 from kvscope.kv.eviction import EvictionStrategy
 from kvscope.llm import LLM
 from kvscope.models.loader import DUMMY_PREFIX, LoadedModel, load_model
-from kvscope.study.results_io import RESULTS_FILE, append_row, read_results_file
+from kvscope.study.results_io import append_row, check_results_target, read_results_file, results_lock
 from kvscope.study.spec import Point, StudySpec, WorkloadSpec, expand
 from kvscope.workload.arrivals import gamma_arrivals
 from kvscope.workload.requests import (
@@ -381,40 +382,40 @@ def run_study(
     """Run every point of ``spec`` that ``results_path`` does not hold yet; return the new rows.
 
     ``results_path`` is a JSONL file, or a directory (the file is ``results.jsonl`` inside it,
-    and the spec is saved beside it as ``spec.json``). ``run_point_fn`` is the per-point runner
-    (a seam for tests).
+    and the spec is saved beside it as ``spec.json``). Before the first point the path is checked
+    and the folder locked (:class:`~kvscope.study.results_io.ResultsFolderError` for each).
+    ``run_point_fn`` is the per-point runner (a seam for tests).
     """
-    path = Path(results_path)
-    if path.suffix != ".jsonl":
-        path.mkdir(parents=True, exist_ok=True)
-        (path / "spec.json").write_text(json.dumps(_spec_json(spec), indent=1, default=str), encoding="utf-8")
-        path = path / RESULTS_FILE
-    path.parent.mkdir(parents=True, exist_ok=True)
-    done = read_results_file(path).done_ids(retry_errors=False)
-    points = expand(spec)
-    todo = [p for p in points if p.id not in done]
-    env = environment(spec.device)
-    cache = PointCache()
-    new_rows = []
-    bar = tqdm(total=len(points), initial=len(points) - len(todo), desc=f"study {spec.name}", unit="point",
-               disable=not progress)
-    for point in todo:
-        start = time.perf_counter()
-        row: dict[str, Any] = {"id": point.id, "study": spec.name, "config": point.config}
-        try:
-            row.update(run_point_fn(point, cache))
-            row["status"] = "ok"
-        except Exception as e:  # noqa: BLE001 - a failing point is recorded and the study goes on
-            row["status"] = "error"
-            row["error"] = f"{type(e).__name__}: {e}"
-            row["traceback"] = traceback.format_exc(limit=8)
-        row["elapsed_s"] = time.perf_counter() - start
-        row["environment"] = env
-        append_row(path, row)
-        new_rows.append(row)
-        bar.set_postfix_str(f"{row['status']} {point.config['strategy']}")
-        bar.update(1)
-    bar.close()
+    path = check_results_target(results_path)
+    with results_lock(path):
+        if path != Path(results_path):  # a folder: results.jsonl and spec.json inside it
+            (path.parent / "spec.json").write_text(json.dumps(_spec_json(spec), indent=1, default=str),
+                                                   encoding="utf-8")
+        done = read_results_file(path).done_ids(retry_errors=False)
+        points = expand(spec)
+        todo = [p for p in points if p.id not in done]
+        env = environment(spec.device)
+        cache = PointCache()
+        new_rows = []
+        bar = tqdm(total=len(points), initial=len(points) - len(todo), desc=f"study {spec.name}", unit="point",
+                   disable=not progress)
+        for point in todo:
+            start = time.perf_counter()
+            row: dict[str, Any] = {"id": point.id, "study": spec.name, "config": point.config}
+            try:
+                row.update(run_point_fn(point, cache))
+                row["status"] = "ok"
+            except Exception as e:  # noqa: BLE001 - a failing point is recorded and the study goes on
+                row["status"] = "error"
+                row["error"] = f"{type(e).__name__}: {e}"
+                row["traceback"] = traceback.format_exc(limit=8)
+            row["elapsed_s"] = time.perf_counter() - start
+            row["environment"] = env
+            append_row(path, row)
+            new_rows.append(row)
+            bar.set_postfix_str(f"{row['status']} {point.config['strategy']}")
+            bar.update(1)
+        bar.close()
     return new_rows
 
 
