@@ -17,6 +17,7 @@ from kvscope.errors import ConfigError, DatasetError
 from kvscope.study import expand, load_spec, parse_spec, read_results, run_study
 from kvscope.study import runner as runner_mod
 from kvscope.study.presets import PRESETS, preset
+from kvscope.study.results_io import read_results_file
 from kvscope.study.report import build_plots, empty_panels, pareto_front, points_drawn, write_report
 
 
@@ -139,12 +140,20 @@ def test_runner_records_errors_and_resumes(tiny_model, tmp_path, monkeypatch):
     assert ok["environment"]["device"] == "cpu" and "torch" in ok["environment"]["versions"]
     assert ok["engine_stats"]["peak_kv_bytes_used"] > 0
     assert [r["id"] for r in read_results(results / "results.jsonl")] == [p.id for p in points]
-    assert run_study(spec, results, progress=False) == []  # nothing redone, errors included
+    assert run_study(spec, results, progress=False, retry_errors=False) == []  # nothing redone, errors included
 
     assert cli.main(["study", "report", str(results)]) == 0
     md = (results / "report.md").read_text()
     assert "## Guidance" in md and "## Failed points" in md and "boom" in md
     assert "data:image/png;base64," in (results / "report.html").read_text()
+
+    # By default a rerun retries the errored point; its row supersedes the error, which stays in the file.
+    (retried,) = run_study(spec, results, progress=False)
+    assert retried["id"] == points[1].id and retried["status"] == "ok"
+    read = read_results_file(results / "results.jsonl")
+    assert [(r["id"], r["status"]) for r in read.rows] == [(p.id, "ok") for p in (points[0], points[2], points[1])]
+    assert read.superseded == 1 and (results / "results.jsonl").read_text().count("\n") == 4
+    assert run_study(spec, results, progress=False) == []
 
 
 def test_killed_run_loses_nothing(tiny_model, tmp_path):

@@ -164,11 +164,15 @@ def _add_study(sub: argparse._SubParsersAction) -> None:
     src.add_argument("--preset", help="a named study: quick (CPU, minutes) or paper (GPU)")
     run.add_argument("--results", default=None, help="results directory (default: results/<study name>)")
     run.add_argument("--no-progress", action="store_true")
+    run.add_argument("--no-retry-errors", action="store_true",
+                     help="skip points whose last row is an error (by default a rerun runs them again)")
     report = study.add_parser("report", help="write report.html and report.md from a results directory")
     report.add_argument("results_dir")
 
 
 def _study(args: argparse.Namespace) -> int:
+    """``study report``: 0. ``study run``: 0 when every point of the study is ``ok``, 1 when any
+    failed (the report lists them; a rerun retries them), 2 for a problem found before any point."""
     from pathlib import Path
 
     from kvscope.study import load_spec, preset, run_study
@@ -192,14 +196,15 @@ def _study(args: argparse.Namespace) -> int:
                                  f"report), not a .jsonl file; e.g. --results {results.with_suffix('')}")
     target = check_results_target(results)  # before any point, as run_study checks again under the lock
     with results_lock(target):  # held across the run and the report
-        new = run_study(spec, results, progress=not args.no_progress)
+        new = run_study(spec, results, progress=not args.no_progress, retry_errors=not args.no_retry_errors)
         rows = read_results_file(target, warn=False).rows
-        errors = sum(r["status"] == "error" for r in new)
-        print(f"{len(new)} points run ({errors} errors); {len(rows)} rows in {target}")
+        failed = sum(r["status"] != "ok" for r in rows)
+        print(f"{len(new)} points run ({sum(r['status'] != 'ok' for r in new)} failed); {len(rows)} points in "
+              f"{target}, {failed} of them failed")
         # The report covers every row, so a resumed run's report includes the earlier points too.
         html, md = write_report(results, warn=False)
     print(f"report: {html} (and {md.name} beside it)")
-    return 0
+    return 1 if failed else 0
 
 
 def _add_advise(sub: argparse._SubParsersAction) -> None:

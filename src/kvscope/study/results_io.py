@@ -283,6 +283,17 @@ def existing_results_file(folder: str | Path) -> Path:
     return target
 
 
+def all_requests_failed(row: dict[str, Any]) -> str | None:
+    """Why a point that ran to the end still failed: none of its requests completed (each was
+    refused or errored), with the requests' errors; None when at least one completed."""
+    m = row.get("metrics") or {}
+    failed = m.get("failed") or 0
+    if m.get("completed") != 0 or failed <= 0:
+        return None
+    why = "; ".join(row.get("request_errors") or []) or "no request error recorded"
+    return f"every request failed (all {failed}): {why}"
+
+
 def check_results_target(path: str | Path) -> Path:
     """Check, before any work, that a study can write its results at ``path`` (a folder, or a
     ``.jsonl`` file in one) and return the results file. Raises :class:`ResultsFolderError`

@@ -2,9 +2,10 @@
 
 The results file is append-only (:mod:`kvscope.study.results_io` reads and writes it). Each row is
 written, flushed and fsynced as soon as its point ends, so a killed run loses at most the point in
-progress; a rerun reads the ids already present (``ok`` or ``error``) and skips them. A point that
-raises is recorded with ``status: "error"`` and the study goes on. The run holds a lock on the
-results folder.
+progress; a rerun skips the points with an ``ok`` row and runs the others again, errored ones
+included (their new row supersedes the error). A point that raises, or whose every request failed,
+is recorded with ``status: "error"`` and the study goes on. The run holds a lock on the results
+folder, and checks its models and the folder's spec before the first point.
 
 Points share what does not depend on them (:class:`PointCache`): the loaded weights of their
 model, and quality metrics, which do not depend on the arrival process (nor, for most strategies,
@@ -44,7 +45,14 @@ from kvscope.kv import registry
 from kvscope.kv.eviction import EvictionStrategy
 from kvscope.llm import LLM
 from kvscope.models.loader import DUMMY_PREFIX, LoadedModel, load_model
-from kvscope.study.results_io import append_row, check_results_target, read_results_file, results_lock
+from kvscope.study.preflight import check_models, claim_folder
+from kvscope.study.results_io import (
+    all_requests_failed,
+    append_row,
+    check_results_target,
+    read_results_file,
+    results_lock,
+)
 from kvscope.study.spec import Point, StudySpec, WorkloadSpec, expand
 from kvscope.workload.arrivals import gamma_arrivals
 from kvscope.workload.requests import (
@@ -378,20 +386,24 @@ def run_study(
     results_path: str | Path,
     progress: bool = True,
     run_point_fn: Callable[[Point, PointCache], dict[str, Any]] = run_point,
+    retry_errors: bool = True,
 ) -> list[dict[str, Any]]:
-    """Run every point of ``spec`` that ``results_path`` does not hold yet; return the new rows.
+    """Run every point of ``spec`` without an ``ok`` row in ``results_path`` (with
+    ``retry_errors=False``, without any row); return the new rows.
 
     ``results_path`` is a JSONL file, or a directory (the file is ``results.jsonl`` inside it,
-    and the spec is saved beside it as ``spec.json``). Before the first point the path is checked
-    and the folder locked (:class:`~kvscope.study.results_io.ResultsFolderError` for each).
-    ``run_point_fn`` is the per-point runner (a seam for tests).
+    and the spec is kept beside it as ``spec.json``). Before the first point: the path is checked,
+    the folder locked, a folder's ``spec.json`` compared with ``spec``
+    (:class:`~kvscope.study.results_io.ResultsFolderError` for each) and every model resolved
+    (:class:`~kvscope.errors.ModelLoadError`). ``run_point_fn`` is the per-point runner (a seam
+    for tests).
     """
     path = check_results_target(results_path)
+    check_models(spec.models)
     with results_lock(path):
         if path != Path(results_path):  # a folder: results.jsonl and spec.json inside it
-            (path.parent / "spec.json").write_text(json.dumps(_spec_json(spec), indent=1, default=str),
-                                                   encoding="utf-8")
-        done = read_results_file(path).done_ids(retry_errors=False)
+            claim_folder(path.parent, _spec_json(spec))
+        done = read_results_file(path).done_ids(retry_errors)
         points = expand(spec)
         todo = [p for p in points if p.id not in done]
         env = environment(spec.device)
@@ -409,6 +421,8 @@ def run_study(
                 row["status"] = "error"
                 row["error"] = f"{type(e).__name__}: {e}"
                 row["traceback"] = traceback.format_exc(limit=8)
+            if row["status"] == "ok" and (refused := all_requests_failed(row)):
+                row["status"], row["error"] = "error", refused  # metrics of nothing served are no result
             row["elapsed_s"] = time.perf_counter() - start
             row["environment"] = env
             append_row(path, row)
