@@ -123,7 +123,7 @@ def _workload(raw: Any, path: str, base_dir: Path) -> WorkloadSpec:
     if not isinstance(raw, dict) or "type" not in raw:
         raise fail(path, "must be a mapping with a 'type' (" + ", ".join(_WORKLOAD_KEYS) + ")")
     kind = raw["type"]
-    if kind not in _WORKLOAD_KEYS:
+    if not isinstance(kind, str) or kind not in _WORKLOAD_KEYS:
         raise fail(f"{path}.type", f"unknown workload {kind!r}; choose one of {', '.join(_WORKLOAD_KEYS)}")
     required, optional = _WORKLOAD_KEYS[kind]
     check_keys(raw, required | optional | {"type"}, path)
@@ -254,10 +254,14 @@ def parse_spec(raw: Any, base_dir: str | Path = ".", check_packages: bool = True
     dtype = raw.get("dtype", "float32")
     # Checked for form only: a GPU spec can be written (and validated) on a machine without one.
     try:
+        if not isinstance(device, str):  # torch.device(0) is a GPU; the spec names devices
+            raise TypeError
         torch.device(device)
     except (RuntimeError, TypeError):
         raise fail("device", f"not a torch device: {device!r}") from None
     try:
+        if not isinstance(dtype, str):
+            raise ConfigError(f"must be a dtype name like 'float32', got {dtype!r}")
         parse_dtype(dtype)
     except ConfigError as e:
         raise fail("dtype", str(e)) from None

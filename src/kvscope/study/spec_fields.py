@@ -57,7 +57,8 @@ def check_keys(raw: Any, allowed: set[str], path: str) -> dict[str, Any]:
         raise fail(path or "spec", f"must be a mapping, got {type(raw).__name__}")
     unknown = sorted(set(map(str, raw)) - allowed)
     if unknown:
-        where = f"{path}.{unknown[0]}" if path else unknown[0]
+        key = unknown[0] if unknown[0].isidentifier() else repr(unknown[0])  # '' or ' x' would vanish
+        where = f"{path}.{key}" if path else key
         raise fail(where, f"unknown key; allowed: {', '.join(sorted(allowed))}")
     return raw
 
