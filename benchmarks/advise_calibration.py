@@ -43,7 +43,7 @@ from kvscope.advise import CostModel, EngineLimits, Hardware, StrategyOption, Wo
 from kvscope.advise.hardware import H100, cpu_hardware
 from kvscope.advise.measured import row_lengths
 from kvscope.advise.options import option_from_spec
-from kvscope.study.runner import read_results
+from kvscope.study.results_io import read_results
 from kvscope.workload.arrivals import gamma_arrivals
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -190,3 +190,72 @@ def test_hardware_presets() -> None:
     assert hardware_preset("this").memory_bytes > 0
     fast = H100.with_overrides(hbm_bytes_per_s=4e12)
     assert fast.hbm_bytes_per_s == 4e12 and fast.sources["hbm_bytes_per_s"] == "user override"
+
+
+@pytest.mark.parametrize("limits, field", [
+    (dict(max_num_seqs=0), "max_num_seqs"), (dict(max_num_batched_tokens=0), "max_num_batched_tokens"),
+    (dict(max_num_seqs=2.5), "max_num_seqs"), (dict(max_num_batched_tokens=True), "max_num_batched_tokens"),
+])
+def test_engine_limits_reject_what_would_never_end(limits: dict, field: str) -> None:
+    from kvscope.advise.simulate import EngineLimits
+
+    with pytest.raises(ConfigError, match=f"^{field}: must be an integer >= 1"):
+        EngineLimits(**limits)
+
+
+def test_workload_rejects_arrivals_that_are_not_times() -> None:
+    from kvscope.advise.workload import Workload
+
+    with pytest.raises(ConfigError, match="^workload.arrival_times: must be finite seconds >= 0, got nan"):
+        Workload((4, 4), (2, 2), 1.0, arrival_times=(0.0, math.nan))
+
+
+def _simulate_in_thread(workload, limits, timeout: float = 30.0):
+    """simulate() in a daemon thread: a replay that never ends fails the test instead of hanging it."""
+    import threading
+
+    from kvscope.advise.simulate import simulate
+
+    out: dict = {}
+
+    def target() -> None:
+        try:
+            out["result"] = simulate(workload, 1000, limits, lambda r: r.prompt_len + r.output_len, lambda r: r.held,
+                                     lambda w: 1e-3)
+        except Exception as e:  # noqa: BLE001 - handed to the test
+            out["error"] = e
+
+    thread = threading.Thread(target=target, daemon=True)
+    thread.start()
+    thread.join(timeout)
+    assert not thread.is_alive(), "simulate() did not return"
+    return out
+
+
+def test_simulation_is_bounded() -> None:
+    """Inputs that get past validation (here forced past it) and would stall the replay make it
+    raise a kvscope error at its iteration cap instead of spinning."""
+    from kvscope.advise.simulate import EngineLimits, SimulationError, max_iterations
+    from kvscope.advise.workload import Workload
+
+    w = Workload((8, 8), (4, 4), 1.0)
+    ok = _simulate_in_thread(w, EngineLimits())["result"]
+    assert len(ok.ttft) == 2 and ok.steps <= max_iterations(w) == 8 + 8 + 4 + 4 + 2 * 2 + 1
+    stalled = EngineLimits()
+    object.__setattr__(stalled, "max_num_seqs", 0)  # admits nothing
+    err = _simulate_in_thread(w, stalled)["error"]
+    assert isinstance(err, SimulationError) and "made no progress in 29 iterations" in str(err)
+    object.__setattr__(w, "arrival_times", (math.nan, 0.0))  # a request that never arrives
+    assert isinstance(_simulate_in_thread(w, EngineLimits())["error"], SimulationError)
+
+
+def test_cli_zero_limits_exit_at_once() -> None:
+    """``kvscope advise --max-num-seqs 0`` used to never return; it is a usage error now."""
+    import subprocess
+    import sys
+
+    for flag in ("--max-num-seqs", "--max-num-batched-tokens"):
+        out = subprocess.run([sys.executable, "-m", "kvscope.cli", "advise", "--model", "dummy:tiny-llama",
+                              "--hardware", "cpu", "--num-requests", "2", flag, "0"],
+                             capture_output=True, text=True, timeout=120)
+        assert out.returncode == 2 and f"argument {flag}: must be an integer >= 1, got '0'" in out.stderr

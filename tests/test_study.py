@@ -17,6 +17,7 @@ from kvscope.errors import ConfigError, DatasetError
 from kvscope.study import expand, load_spec, parse_spec, read_results, run_study
 from kvscope.study import runner as runner_mod
 from kvscope.study.presets import PRESETS, preset
+from kvscope.study.results_io import read_results_file
 from kvscope.study.report import build_plots, empty_panels, pareto_front, points_drawn, write_report
 
 
@@ -45,7 +46,16 @@ def _base(**over):
      r"^workloads\[0\]\.x: unknown key"),
     ({"workloads": [{"type": "ruler", "task": "niah_nope", "length": 512}]}, r"^workloads\[0\]\.task: unknown RULER"),
     ({"quality": {"perplexity": "yes"}}, r"^quality\.perplexity: must be true or false"),
-    ({"engine": {"max_num_seqs": 0}}, r"^engine: "),
+    ({"engine": {"max_num_seqs": 0}}, r"^engine\.max_num_seqs: must be an integer >= 1, got 0"),
+    ({"engine": {"max_num_seqs": "four"}}, r"^engine\.max_num_seqs: must be an integer >= 1, got 'four'"),
+    ({"engine": {"max_num_batched_tokens": 2.5}}, r"^engine\.max_num_batched_tokens: must be an integer >= 1, got 2\.5"),
+    ({"engine": {"enforce_eager": "yes"}}, r"^engine\.enforce_eager: must be true or false"),
+    ({"engine": {"cuda_graph_sizes": [1, "2"]}}, r"^engine\.cuda_graph_sizes\[1\]: must be an integer"),
+    ({"engine": {"swap_space_bytes": -1}}, r"^engine\.swap_space_bytes: must be at least 1 byte"),
+    ({"engine": {"preemption_mode": "sometimes"}}, r"^engine: unknown preemption_mode 'sometimes'"),
+    ({"kv_memory": ["infGiB"]}, r"^kv_memory\[0\]: not a size"),
+    ({"kv_memory": [True]}, r"^kv_memory\[0\]: must be a size in bytes"),
+    ({"kv_memory": [2**64]}, r"^kv_memory\[0\]: too large"),
     ({"engine": {"device": "cpu"}}, r"^engine\.device: unknown key"),
 ])
 def test_bad_specs_name_the_field(over, message):
@@ -130,12 +140,20 @@ def test_runner_records_errors_and_resumes(tiny_model, tmp_path, monkeypatch):
     assert ok["environment"]["device"] == "cpu" and "torch" in ok["environment"]["versions"]
     assert ok["engine_stats"]["peak_kv_bytes_used"] > 0
     assert [r["id"] for r in read_results(results / "results.jsonl")] == [p.id for p in points]
-    assert run_study(spec, results, progress=False) == []  # nothing redone, errors included
+    assert run_study(spec, results, progress=False, retry_errors=False) == []  # nothing redone, errors included
 
     assert cli.main(["study", "report", str(results)]) == 0
     md = (results / "report.md").read_text()
     assert "## Guidance" in md and "## Failed points" in md and "boom" in md
     assert "data:image/png;base64," in (results / "report.html").read_text()
+
+    # By default a rerun retries the errored point; its row supersedes the error, which stays in the file.
+    (retried,) = run_study(spec, results, progress=False)
+    assert retried["id"] == points[1].id and retried["status"] == "ok"
+    read = read_results_file(results / "results.jsonl")
+    assert [(r["id"], r["status"]) for r in read.rows] == [(p.id, "ok") for p in (points[0], points[2], points[1])]
+    assert read.superseded == 1 and (results / "results.jsonl").read_text().count("\n") == 4
+    assert run_study(spec, results, progress=False) == []
 
 
 def test_killed_run_loses_nothing(tiny_model, tmp_path):

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import time
 from typing import Any
@@ -18,15 +19,40 @@ DEMO_PROMPTS = [
 
 
 def _size(text: str) -> int:
-    """``"512MiB"``, ``"2G"``, ``"1000000"`` -> bytes."""
-    units = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
-    t = text.strip().lower().removesuffix("b").removesuffix("i")
+    """``"512MiB"``, ``"2G"``, ``"1000000"`` -> bytes (:func:`kvscope.units.parse_size`)."""
+    from kvscope.units import parse_size
+
     try:
-        if t and t[-1] in units:
-            return int(float(t[:-1]) * units[t[-1]])
-        return int(t)
+        return parse_size(text, "size")
+    except KVScopeError as e:  # argparse names the option; the field prefix would say it twice
+        raise argparse.ArgumentTypeError(str(e).removeprefix("size: ")) from None
+
+
+def _finite(text: str) -> float:
+    """A finite number: nan and inf mean nothing as a temperature, a probability or a bandwidth."""
+    try:
+        value = float(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"not a size: {text!r} (e.g. 512MiB, 2GiB, 1000000)") from None
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {text!r}")
+    return value
+
+
+def _rate(text: str) -> float:
+    """Requests/s: a finite number, or ``inf`` for all at once (its range is the workload's to check)."""
+    return math.inf if text.strip().lower() in ("inf", "infinity") else _finite(text)
+
+
+def _positive_int(text: str) -> int:
+    """An integer >= 1 (scheduler limits: 0 would admit or compute nothing)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text!r}")
+    return value
 
 
 def _add_generate(sub: argparse._SubParsersAction) -> None:
@@ -38,14 +64,14 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--dtype", default="float32")
     p.add_argument("--kv-memory", type=_size, default=None, help="KV pool size, e.g. 256MiB")
     p.add_argument("--max-model-len", type=int, default=None)
-    p.add_argument("--max-num-seqs", type=int, default=64)
-    p.add_argument("--max-num-batched-tokens", type=int, default=2048)
+    p.add_argument("--max-num-seqs", type=_positive_int, default=64)
+    p.add_argument("--max-num-batched-tokens", type=_positive_int, default=2048)
     p.add_argument("--preemption-mode", default="recompute", choices=["recompute", "swap"])
     p.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs for decode steps (debugging)")
     p.add_argument("--max-tokens", type=int, default=64)
-    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--temperature", type=_finite, default=0.0)
     p.add_argument("--top-k", type=int, default=0)
-    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-p", type=_finite, default=1.0)
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     p.add_argument("--ignore-eos", action="store_true")
@@ -138,15 +164,26 @@ def _add_study(sub: argparse._SubParsersAction) -> None:
     src.add_argument("--preset", help="a named study: quick (CPU, minutes) or paper (GPU)")
     run.add_argument("--results", default=None, help="results directory (default: results/<study name>)")
     run.add_argument("--no-progress", action="store_true")
+    run.add_argument("--no-retry-errors", action="store_true",
+                     help="skip points whose last row is an error (by default a rerun runs them again)")
     report = study.add_parser("report", help="write report.html and report.md from a results directory")
     report.add_argument("results_dir")
 
 
 def _study(args: argparse.Namespace) -> int:
+    """``study report``: 0. ``study run``: 0 when every point of the study is ``ok``, 1 when any
+    failed (the report lists them; a rerun retries them), 2 for a problem found before any point."""
     from pathlib import Path
 
-    from kvscope.study import load_spec, preset, read_results, run_study
+    from kvscope.study import load_spec, preset, run_study
     from kvscope.study.report import write_report
+    from kvscope.study.results_io import (
+        RESULTS_FILE,
+        ResultsFolderError,
+        check_results_target,
+        read_results_file,
+        results_lock,
+    )
 
     if args.study_command == "report":
         html, md = write_report(args.results_dir)
@@ -154,14 +191,20 @@ def _study(args: argparse.Namespace) -> int:
         return 0
     spec = preset(args.preset) if args.preset else load_spec(args.spec)
     results = Path(args.results or Path("results") / spec.name)
-    new = run_study(spec, results, progress=not args.no_progress)
-    rows = read_results(results / "results.jsonl")
-    errors = sum(r.get("status") == "error" for r in new)
-    print(f"{len(new)} points run ({errors} errors); {len(rows)} rows in {results / 'results.jsonl'}")
-    # The report covers every row, so a resumed run's report includes the earlier points too.
-    html, md = write_report(results)
+    if results.suffix == ".jsonl":  # run_study would take it for the results file, and the report has no folder
+        raise ResultsFolderError(f"--results {results}: names a folder (it holds {RESULTS_FILE}, spec.json and the "
+                                 f"report), not a .jsonl file; e.g. --results {results.with_suffix('')}")
+    target = check_results_target(results)  # before any point, as run_study checks again under the lock
+    with results_lock(target):  # held across the run and the report
+        new = run_study(spec, results, progress=not args.no_progress, retry_errors=not args.no_retry_errors)
+        rows = read_results_file(target, warn=False).rows
+        failed = sum(r["status"] != "ok" for r in rows)
+        print(f"{len(new)} points run ({sum(r['status'] != 'ok' for r in new)} failed); {len(rows)} points in "
+              f"{target}, {failed} of them failed")
+        # The report covers every row, so a resumed run's report includes the earlier points too.
+        html, md = write_report(results, warn=False)
     print(f"report: {html} (and {md.name} beside it)")
-    return 0
+    return 1 if failed else 0
 
 
 def _add_advise(sub: argparse._SubParsersAction) -> None:
@@ -169,28 +212,28 @@ def _add_advise(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--model", default="smollm2-135m", help="preset (llama-3-8b, dummy:opt-6.7b, ...) or HF folder")
     p.add_argument("--hardware", default="this", help="h100 | h200 | cpu | this (detected)")
     p.add_argument("--gpu-memory", type=_size, default=None, help="override: device memory, e.g. 80GiB")
-    p.add_argument("--hbm-gbps", type=float, default=None, help="override: device memory bandwidth, GB/s")
-    p.add_argument("--pcie-gbps", type=float, default=None, help="override: host<->device bandwidth, GB/s")
-    p.add_argument("--tflops", type=float, default=None, help="override: matmul rate, TFLOP/s")
+    p.add_argument("--hbm-gbps", type=_finite, default=None, help="override: device memory bandwidth, GB/s")
+    p.add_argument("--pcie-gbps", type=_finite, default=None, help="override: host<->device bandwidth, GB/s")
+    p.add_argument("--tflops", type=_finite, default=None, help="override: matmul rate, TFLOP/s")
     p.add_argument("--host-memory", type=_size, default=None, help="override: host memory for offloaded KV")
     src = p.add_mutually_exclusive_group()
     src.add_argument("--trace", default=None, help="JSONL trace (arrival_time, prompt, output_len[, prompt_len])")
     src.add_argument("--dataset", choices=["sharegpt"], default=None, help="a data set's mean lengths")
     p.add_argument("--prompt-len", type=int, default=512, help="prompt tokens per request (no trace/dataset)")
     p.add_argument("--output-len", type=int, default=128, help="output tokens per request (no trace/dataset)")
-    p.add_argument("--rate", type=float, default=None,
+    p.add_argument("--rate", type=_rate, default=None,
                    help="requests/s (inf = all at once; default inf, or the trace's)")
     p.add_argument("--num-requests", type=int, default=200)
     p.add_argument("--kv-memory", type=_size, default=None,
                    help="device KV pool (default: 90%% of memory after weights)")
-    p.add_argument("--ttft-ms", type=float, default=None, help="SLO on p90 time to first token")
-    p.add_argument("--tpot-ms", type=float, default=None, help="SLO on p90 time per output token")
-    p.add_argument("--quality-floor", type=float, default=0.8,
+    p.add_argument("--ttft-ms", type=_finite, default=None, help="SLO on p90 time to first token")
+    p.add_argument("--tpot-ms", type=_finite, default=None, help="SLO on p90 time per output token")
+    p.add_argument("--quality-floor", type=_finite, default=0.8,
                    help="minimum full-cache perplexity / strategy perplexity (1 = lossless; 0 = no floor)")
     p.add_argument("--results", default=None,
-                   help="a study's results.jsonl: measured rows used where they cover the case")
-    p.add_argument("--max-num-seqs", type=int, default=64)
-    p.add_argument("--max-num-batched-tokens", type=int, default=2048)
+                   help="a study's results.jsonl (or its folder): measured rows used where they cover the case")
+    p.add_argument("--max-num-seqs", type=_positive_int, default=64)
+    p.add_argument("--max-num-batched-tokens", type=_positive_int, default=2048)
     p.add_argument("--json", action="store_true", help="print the advice as one JSON object")
 
 
@@ -207,7 +250,7 @@ def _advise(args: argparse.Namespace) -> int:
         trace_workload,
     )
     from kvscope.advise.simulate import EngineLimits
-    from kvscope.study.runner import read_results
+    from kvscope.study.results_io import RESULTS_FILE, read_results
 
     hw = hardware_preset(args.hardware).with_overrides(
         memory_bytes=args.gpu_memory, hbm_bytes_per_s=args.hbm_gbps and args.hbm_gbps * 1e9,
@@ -223,9 +266,10 @@ def _advise(args: argparse.Namespace) -> int:
     if args.results:
         from pathlib import Path
 
-        if not Path(args.results).is_file():
-            raise KVScopeError(f"--results: no such file: {args.results}")
-        rows = read_results(args.results)
+        path = Path(args.results) / RESULTS_FILE if Path(args.results).is_dir() else Path(args.results)
+        if not path.is_file():
+            raise KVScopeError(f"--results: no such file: {path}")
+        rows = read_results(path)
     advice = advise(workload, resolve_model(args.model), hw, SLOs(args.ttft_ms, args.tpot_ms), args.quality_floor,
                     results=rows, kv_memory=args.kv_memory,
                     limits=EngineLimits(args.max_num_seqs, args.max_num_batched_tokens))

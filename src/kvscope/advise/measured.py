@@ -6,6 +6,9 @@ A row covers the case when it ran ``ok`` with the same model shapes, on the same
 :data:`LENGTH_TOLERANCE`, and a KV pool within a factor :data:`POOL_FACTOR` of the one asked about
 (the same pool class: memory-rich or constrained). The measured path is taken only when at least
 two of the weighed strategies are covered, so that there is a comparison to make.
+
+Rows come from :func:`kvscope.study.results_io.read_results_file`, which guarantees the types of
+the fields read here when they are present; a row lacking a metric used here covers nothing.
 """
 from __future__ import annotations
 
@@ -27,6 +30,9 @@ POOL_FACTOR = 1.5
 _GPU_MODELS = ("h100", "h200", "a100", "l40", "b200")
 _METRICS = ("output_throughput", "request_throughput", "mean_ttft_ms", "p90_ttft_ms", "mean_tpot_ms",
             "p90_tpot_ms", "mean_e2el_ms")
+
+
+_NEEDED = (*_METRICS, "total_input_tokens", "total_output_tokens")
 
 
 def _close(a: float, b: float, tol: float) -> bool:
@@ -86,7 +92,9 @@ def covering_rows(rows: list[dict[str, Any]], model: ModelConfig, hardware: Hard
     summary = workload.summary()
     out = []
     for row in rows:
-        if row.get("status") != "ok" or "metrics" not in row:
+        if row.get("status") != "ok" or not isinstance(row.get("metrics"), dict):
+            continue
+        if not all(isinstance(row["metrics"].get(k), (int, float)) for k in _NEEDED):
             continue
         if not (same_hardware(row, hardware) and _same_model(row, model)):
             continue
@@ -113,7 +121,7 @@ def _matches(a: StrategyOption, b: StrategyOption) -> bool:
 def row_prediction(rows: list[dict[str, Any]], option: StrategyOption) -> Prediction:
     """The mean over ``rows`` (same strategy, e.g. several seeds) as a :class:`Prediction`."""
     metrics = {k: statistics.fmean(r["metrics"][k] for r in rows) for k in _METRICS}
-    failed = sum(r["metrics"].get("failed", 0) for r in rows)
+    failed = sum(r["metrics"].get("failed") or 0 for r in rows)
     peaks = rows[0].get("timeline_peaks", {})
     stats = rows[0].get("engine_stats", {})
     return Prediction(

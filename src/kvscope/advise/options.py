@@ -55,12 +55,15 @@ def option_from_spec(spec: str) -> StrategyOption | None:
     except ConfigError:  # not a strategy spec: a study's external system
         return None
     host = args.get("host_kv_bytes")
-    if name in ("paged", "contiguous", "offload"):
-        return StrategyOption(spec, name, None, host)
-    if name == "h2o" and "heavy_ratio" in args and "recent_ratio" in args:
-        return StrategyOption(spec, name, round(float(args["heavy_ratio"]) + float(args["recent_ratio"]), 6))
-    if name == "infinigen" and args.get("budget_ratio", 0.2) is not None:
-        return StrategyOption(spec, name, float(args.get("budget_ratio", 0.2)), host)
+    try:  # a results file may hold any string; one whose ratios are not numbers covers nothing
+        if name in ("paged", "contiguous", "offload"):
+            return StrategyOption(spec, name, None, host)
+        if name == "h2o" and "heavy_ratio" in args and "recent_ratio" in args:
+            return StrategyOption(spec, name, round(float(args["heavy_ratio"]) + float(args["recent_ratio"]), 6))
+        if name == "infinigen" and args.get("budget_ratio", 0.2) is not None:
+            return StrategyOption(spec, name, float(args.get("budget_ratio", 0.2)), host)
+    except (TypeError, ValueError):
+        return None
     return None
 
 

@@ -6,6 +6,11 @@ chunks with the rest), as ``engine/scheduler.py`` does. Each step lasts what the
 (:class:`StepCost`). Simplifications: a request reserves its pool space at admission (the cost
 model's ``held_tokens``), so there is no preemption; sampling, stop strings and prefix caching are
 not modelled.
+
+Every iteration of the replay either advances time to the next arrival, retires a request that
+can never fit, or runs a step that computes at least one token (limits are >= 1), so it ends
+within :func:`max_iterations`; the loop still stops there with :class:`SimulationError` rather
+than spin on a case this argument missed.
 """
 from __future__ import annotations
 
@@ -17,6 +22,11 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from kvscope.advise.workload import Workload
+from kvscope.errors import ConfigError, KVScopeError
+
+
+class SimulationError(KVScopeError):
+    """The scheduler replay made no progress (a bug in the replay or in a cost function it was given)."""
 
 
 @dataclass(frozen=True)
@@ -25,6 +35,13 @@ class EngineLimits:
 
     max_num_seqs: int = 64
     max_num_batched_tokens: int = 2048
+
+    def __post_init__(self) -> None:
+        # With 0 the replay admits nothing or computes nothing, and would never end.
+        for name in ("max_num_seqs", "max_num_batched_tokens"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ConfigError(f"{name}: must be an integer >= 1, got {v!r}")
 
 
 @dataclass
@@ -81,6 +98,12 @@ class SimResult:
 HoldFn = Callable[[SimRequest], int]
 
 
+def max_iterations(workload: Workload) -> int:
+    """Bound on the replay's iterations: one per token to compute (each step computes one or more),
+    plus, per request, one to reach its arrival and one to admit or retire it."""
+    return sum(workload.prompt_lens) + sum(workload.output_lens) + 2 * workload.num_requests + 1
+
+
 def simulate(
     workload: Workload,
     pool_tokens: int,
@@ -102,7 +125,10 @@ def simulate(
     running: list[SimRequest] = []
     res = SimResult()
     now, held = 0.0, 0
-    while pending or waiting or running:
+    cap = max_iterations(workload)
+    for _ in range(cap + 1):
+        if not (pending or waiting or running):
+            break
         while pending and pending[0].arrival <= now:
             waiting.append(pending.popleft())
         if not running and not waiting:
@@ -160,6 +186,10 @@ def simulate(
                 res.tpot.append((r.finish - r.first_token) / (r.output_len - 1))
             res.output_tokens += r.output_len
         running = [r for r in running if r.finish is None]
+    else:
+        raise SimulationError(f"scheduler replay of {workload.name!r} made no progress in {cap} iterations "
+                              f"({len(pending)} requests not arrived, {len(waiting)} waiting, {len(running)} running; "
+                              f"limits {limits})")
     res.duration = now
     return res
 

@@ -56,8 +56,13 @@ class Workload:
         if isinstance(self.rate, bool) or not isinstance(self.rate, (int, float)) or not self.rate > 0 \
                 or math.isnan(self.rate):
             raise ConfigError(f"workload.rate: must be > 0 requests/s or inf, got {self.rate!r}")
-        if self.arrival_times is not None and len(self.arrival_times) != len(self.prompt_lens):
-            raise ConfigError("workload.arrival_times: one per request")
+        if self.arrival_times is not None:
+            if len(self.arrival_times) != len(self.prompt_lens):
+                raise ConfigError("workload.arrival_times: one per request")
+            bad = [t for t in self.arrival_times if isinstance(t, bool) or not isinstance(t, (int, float))
+                   or not math.isfinite(t) or t < 0]
+            if bad:
+                raise ConfigError(f"workload.arrival_times: must be finite seconds >= 0, got {bad[0]!r}")
 
     @property
     def num_requests(self) -> int:

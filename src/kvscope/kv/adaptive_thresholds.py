@@ -123,27 +123,21 @@ def _fail(source: str, problem: str) -> ConfigError:
 
 
 def read_rows(path: str | Path) -> list[dict[str, Any]]:
-    """The rows of a results file (a ``.jsonl`` file or a study folder holding ``results.jsonl``);
-    a torn last line is skipped, as the study runner does."""
+    """The rows of a results file (a ``.jsonl`` file or a study folder holding ``results.jsonl``),
+    read as every reader of results reads them (:mod:`kvscope.study.results_io`: lines that are not
+    rows are skipped and logged)."""
+    # Imported here: kvscope.study imports the strategy registry, which imports this module.
+    from kvscope.study.results_io import ResultsFolderError, read_results_file
+
     p = Path(path)
     if p.is_dir():
         p = p / RESULTS_FILE
     if not p.is_file():
         raise _fail(str(path), "no such results file (a study's results.jsonl, or the folder holding it)")
     try:
-        text = p.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as e:
-        raise _fail(str(path), f"unreadable ({type(e).__name__}: {e})") from None
-    rows = []
-    for line in text.splitlines():
-        if line.strip():
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            if isinstance(row, dict):
-                rows.append(row)
-    return rows
+        return read_results_file(p).rows
+    except ResultsFolderError as e:
+        raise _fail(str(path), f"unreadable ({e})") from None
 
 
 def long_candidates() -> set[str]:

@@ -36,7 +36,7 @@ import numpy as np
 
 from kvscope.kv.registry import available, parse_spec
 from kvscope.study.external import PREFIX as SYSTEM_PREFIX
-from kvscope.study.runner import RESULTS_FILE, read_results
+from kvscope.study.results_io import existing_results_file, read_results_file
 
 #: Relative difference under which two strategies are reported as tied. With several seeds the
 #: threshold grows to twice the winner's relative standard deviation over seeds when that is larger.
@@ -51,7 +51,7 @@ METRICS: list[Metric] = [
     ("TPOT p99", lambda r: r["metrics"].get("p99_tpot_ms"), True, "ms"),
     ("output tok/s", lambda r: r["metrics"].get("output_throughput"), False, "tok/s"),
     ("goodput req/s", lambda r: r["metrics"].get("request_goodput"), False, "req/s"),
-    ("peak KV used", lambda r: _mib(r["engine_stats"].get("peak_kv_bytes_used")), True, "MiB"),
+    ("peak KV used", lambda r: _mib(r.get("engine_stats", {}).get("peak_kv_bytes_used")), True, "MiB"),
     ("perplexity", lambda r: r.get("quality", {}).get("perplexity", {}).get("perplexity"), True, ""),
     ("RULER accuracy", lambda r: r.get("quality", {}).get("ruler", {}).get("accuracy"), False, ""),
     ("agreement with full KV", lambda r: r.get("quality", {}).get("agreement", {}).get("match_fraction"), False, ""),
@@ -102,8 +102,7 @@ def _rate_key(rate: float | str) -> float:
     return math.inf if rate == "inf" else float(rate)
 
 
-def _mean(values: list[float]) -> float:
-    return statistics.fmean(values)
+_mean = statistics.fmean
 
 
 def guidance(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -556,30 +555,31 @@ def _mixed_rows(rows: list[dict[str, Any]]) -> tuple[list[str], list[list[str]]]
     return head, body
 
 
-def write_report(results_dir: str | Path) -> tuple[Path, Path]:
-    """Write ``report.html`` and ``report.md`` (plus ``plots/*.png`` for the Markdown) into
-    ``results_dir``; return the two report paths."""
+def write_report(results_dir: str | Path, warn: bool = True) -> tuple[Path, Path]:
+    """Write ``report.html`` and ``report.md`` (plus ``plots/*.png`` for the Markdown) into ``results_dir``;
+    return their paths. Lines of the results file that are not rows are named there (and logged, with ``warn``)."""
     folder = Path(results_dir)
-    all_rows = read_results(folder / RESULTS_FILE)
-    rows = [r for r in all_rows if r.get("status") == "ok"]
+    read = read_results_file(existing_results_file(folder), warn=warn)
+    all_rows, rows = read.rows, [r for r in read.rows if r["status"] == "ok"]
     plots, missing = _render(build_plots(rows)) if rows else ([], [("all plots", "no point finished")])
     head, body = _guidance_rows(rows)
     errors = _errors(all_rows)
-    env = rows[0]["environment"] if rows else {}
+    env = rows[0].get("environment", {}) if rows else {}
     summary = (f"{len(all_rows)} points: {len(rows)} ok, {len(errors)} errors. Device: "
                f"{env.get('device')} ({env.get('device_name')}), commit {env.get('commit')}, "
                f"versions {env.get('versions')}. Ties: within {NOISE:.0%} of the winner (or twice its "
                f"relative std over seeds, when larger).{_quality_reuse(rows)}")
+    paragraphs = [p for p in (summary, read.notes()) if p]  # the notes name lines of the file not read
 
     plot_dir = folder / "plots"
     plot_dir.mkdir(exist_ok=True)
     for old in plot_dir.glob("plot*.png"):  # a rerun may draw fewer plots than the last one
         old.unlink()
-    md = ["# Study report", "", summary, ""]
+    md = ["# Study report", "", *(line for p in paragraphs for line in (p, ""))]
     parts = ["<!doctype html><meta charset='utf-8'><title>kvscope study report</title>",
              "<style>body{font-family:sans-serif;max-width:1400px;margin:auto}table{border-collapse:collapse;"
              "font-size:12px}td,th{border:1px solid #ccc;padding:2px 6px}</style>",
-             "<h1>Study report</h1>", f"<p>{html.escape(summary)}</p>"]
+             "<h1>Study report</h1>", *(f"<p>{html.escape(p)}</p>" for p in paragraphs)]
     for i, (title, png) in enumerate(plots):
         name = f"plot{i:02d}.png"
         (plot_dir / name).write_bytes(png)

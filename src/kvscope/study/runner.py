@@ -1,9 +1,11 @@
 """Run a study: every grid point not yet in the results file, one JSONL row per finished point.
 
-The results file is append-only. Each row is written, flushed and fsynced as soon as its point
-ends, so a killed run loses at most the point in progress; a rerun reads the ids already present
-(``ok`` or ``error``) and skips them. A point that raises is recorded with ``status: "error"`` and
-the study goes on.
+The results file is append-only (:mod:`kvscope.study.results_io` reads and writes it). Each row is
+written, flushed and fsynced as soon as its point ends, so a killed run loses at most the point in
+progress; a rerun skips the points with an ``ok`` row and runs the others again, errored ones
+included (their new row supersedes the error). A point that raises, or whose every request failed,
+is recorded with ``status: "error"`` and the study goes on. The run holds a lock on the results
+folder, and checks its models and the folder's spec before the first point.
 
 Points share what does not depend on them (:class:`PointCache`): the loaded weights of their
 model, and quality metrics, which do not depend on the arrival process (nor, for most strategies,
@@ -43,6 +45,14 @@ from kvscope.kv import registry
 from kvscope.kv.eviction import EvictionStrategy
 from kvscope.llm import LLM
 from kvscope.models.loader import DUMMY_PREFIX, LoadedModel, load_model
+from kvscope.study.preflight import check_models, claim_folder
+from kvscope.study.results_io import (
+    all_requests_failed,
+    append_row,
+    check_results_target,
+    read_results_file,
+    results_lock,
+)
 from kvscope.study.spec import Point, StudySpec, WorkloadSpec, expand
 from kvscope.workload.arrivals import gamma_arrivals
 from kvscope.workload.requests import (
@@ -56,25 +66,6 @@ from kvscope.workload.mixed import MixedWorkload, mix, num_long_requests
 from kvscope.workload.ruler import ruler_samples, score_prediction
 from kvscope.workload.sharegpt import sharegpt_requests
 from kvscope.workload.text import token_sequences
-
-RESULTS_FILE = "results.jsonl"
-
-
-def read_results(path: str | Path) -> list[dict[str, Any]]:
-    """Rows of a results file; a torn last line (a run killed mid-write) is ignored."""
-    path = Path(path)
-    if not path.is_file():
-        return []
-    rows = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        if not line.strip():
-            continue
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue
-    return rows
-
 
 def environment(device: str) -> dict[str, Any]:
     """Device, library versions and commit recorded with every row."""
@@ -396,73 +387,55 @@ def _warm_up(llm: LLM, requests: list, max_model_len: int, count: int = 4) -> No
                 continue
 
 
-def _append(path: Path, row: dict[str, Any]) -> None:
-    # One write of the whole line, then fsync: a crash leaves at most one torn last line.
-    _append_text(path, json.dumps(row, default=str) + "\n")
-
-
-def _end_torn_line(path: Path) -> None:
-    # A run killed mid-write leaves a partial last line; end it so the next row starts on its own
-    # line (the partial one is skipped by read_results and its point is run again).
-    if path.is_file() and path.stat().st_size:
-        with path.open("rb") as f:
-            f.seek(-1, os.SEEK_END)
-            torn = f.read(1) != b"\n"
-        if torn:
-            _append_text(path, "\n")
-
-
-def _append_text(path: Path, text: str) -> None:
-    with path.open("a", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-
-
 def run_study(
     spec: StudySpec,
     results_path: str | Path,
     progress: bool = True,
     run_point_fn: Callable[[Point, PointCache], dict[str, Any]] = run_point,
+    retry_errors: bool = True,
 ) -> list[dict[str, Any]]:
-    """Run every point of ``spec`` that ``results_path`` does not hold yet; return the new rows.
+    """Run every point of ``spec`` without an ``ok`` row in ``results_path`` (with
+    ``retry_errors=False``, without any row); return the new rows.
 
     ``results_path`` is a JSONL file, or a directory (the file is ``results.jsonl`` inside it,
-    and the spec is saved beside it as ``spec.json``). ``run_point_fn`` is the per-point runner
-    (a seam for tests).
+    and the spec is kept beside it as ``spec.json``). Before the first point: the path is checked,
+    the folder locked, a folder's ``spec.json`` compared with ``spec``
+    (:class:`~kvscope.study.results_io.ResultsFolderError` for each) and every model resolved
+    (:class:`~kvscope.errors.ModelLoadError`). ``run_point_fn`` is the per-point runner (a seam
+    for tests).
     """
-    path = Path(results_path)
-    if path.suffix != ".jsonl":
-        path.mkdir(parents=True, exist_ok=True)
-        (path / "spec.json").write_text(json.dumps(_spec_json(spec), indent=1, default=str), encoding="utf-8")
-        path = path / RESULTS_FILE
-    path.parent.mkdir(parents=True, exist_ok=True)
-    done = {row.get("id") for row in read_results(path)}
-    _end_torn_line(path)
-    points = expand(spec)
-    todo = [p for p in points if p.id not in done]
-    env = environment(spec.device)
-    cache = PointCache()
-    new_rows = []
-    bar = tqdm(total=len(points), initial=len(points) - len(todo), desc=f"study {spec.name}", unit="point",
-               disable=not progress)
-    for point in todo:
-        start = time.perf_counter()
-        row: dict[str, Any] = {"id": point.id, "study": spec.name, "config": point.config}
-        try:
-            row.update(run_point_fn(point, cache))
-            row["status"] = "ok"
-        except Exception as e:  # noqa: BLE001 - a failing point is recorded and the study goes on
-            row["status"] = "error"
-            row["error"] = f"{type(e).__name__}: {e}"
-            row["traceback"] = traceback.format_exc(limit=8)
-        row["elapsed_s"] = time.perf_counter() - start
-        row["environment"] = env
-        _append(path, row)
-        new_rows.append(row)
-        bar.set_postfix_str(f"{row['status']} {point.config['strategy']}")
-        bar.update(1)
-    bar.close()
+    path = check_results_target(results_path)
+    check_models(spec.models)
+    with results_lock(path):
+        if path != Path(results_path):  # a folder: results.jsonl and spec.json inside it
+            claim_folder(path.parent, _spec_json(spec))
+        done = read_results_file(path).done_ids(retry_errors)
+        points = expand(spec)
+        todo = [p for p in points if p.id not in done]
+        env = environment(spec.device)
+        cache = PointCache()
+        new_rows = []
+        bar = tqdm(total=len(points), initial=len(points) - len(todo), desc=f"study {spec.name}", unit="point",
+                   disable=not progress)
+        for point in todo:
+            start = time.perf_counter()
+            row: dict[str, Any] = {"id": point.id, "study": spec.name, "config": point.config}
+            try:
+                row.update(run_point_fn(point, cache))
+                row["status"] = "ok"
+            except Exception as e:  # noqa: BLE001 - a failing point is recorded and the study goes on
+                row["status"] = "error"
+                row["error"] = f"{type(e).__name__}: {e}"
+                row["traceback"] = traceback.format_exc(limit=8)
+            if row["status"] == "ok" and (refused := all_requests_failed(row)):
+                row["status"], row["error"] = "error", refused  # metrics of nothing served are no result
+            row["elapsed_s"] = time.perf_counter() - start
+            row["environment"] = env
+            append_row(path, row)
+            new_rows.append(row)
+            bar.set_postfix_str(f"{row['status']} {point.config['strategy']}")
+            bar.update(1)
+        bar.close()
     return new_rows
 
 

