@@ -52,14 +52,16 @@ from kvscope.bench.endpoints import COMPLETIONS, check_base_url, check_endpoint
 from kvscope.bench.http_bench import ruler_scores, with_prompt_lens
 from kvscope.bench.metrics import serving_metrics
 from kvscope.models.tokenizer import Tokenizer
-from kvscope.study.spec import Point, StudySpec, _check_keys, _fail, _int, _number
+from kvscope.study.spec import Point, StudySpec
+from kvscope.study.results_io import SYSTEM_PREFIX
+from kvscope.study.spec_fields import check_keys, fail, integer, number
 from kvscope.workload.arrivals import gamma_arrivals
 from kvscope.workload.requests import with_arrivals
 
 _NAME = re.compile(r"^[A-Za-z0-9._-]+$")
 _KEYS = {"name", "base_url", "model", "tokenizer", "endpoint", "max_concurrency", "request_timeout_s",
          "max_duration_s", "allow_remote"}
-PREFIX = "system:"
+PREFIX = SYSTEM_PREFIX
 
 
 @dataclass(frozen=True)
@@ -78,28 +80,28 @@ class SystemSpec:
 
 
 def _positive(value: Any, path: str) -> float:
-    if _number(value, path) <= 0:
-        raise _fail(path, f"must be > 0 seconds, got {value!r}")
+    if number(value, path) <= 0:
+        raise fail(path, f"must be > 0 seconds, got {value!r}")
     return float(value)
 
 
 def _system(raw: Any, path: str, models: list[str]) -> SystemSpec:
-    _check_keys(raw, _KEYS, path)
+    check_keys(raw, _KEYS, path)
     for key in ("name", "base_url"):
         if key not in raw:
-            raise _fail(f"{path}.{key}", "is required")
+            raise fail(f"{path}.{key}", "is required")
     name = raw["name"]
     if not isinstance(name, str) or not _NAME.match(name):
-        raise _fail(f"{path}.name", f"must be letters, digits, '.', '_' or '-', got {name!r}")
+        raise fail(f"{path}.name", f"must be letters, digits, '.', '_' or '-', got {name!r}")
     allow_remote = raw.get("allow_remote", False)
     if not isinstance(allow_remote, bool):
-        raise _fail(f"{path}.allow_remote", f"must be true or false, got {allow_remote!r}")
+        raise fail(f"{path}.allow_remote", f"must be true or false, got {allow_remote!r}")
     model = raw.get("model")
     if model is not None and (not isinstance(model, str) or not model):
-        raise _fail(f"{path}.model", f"must be the model name the server knows, got {model!r}")
+        raise fail(f"{path}.model", f"must be the model name the server knows, got {model!r}")
     tokenizer = raw.get("tokenizer", models[0])
     if tokenizer not in models:
-        raise _fail(f"{path}.tokenizer", f"must be one of the study's models ({', '.join(models)}), got {tokenizer!r}")
+        raise fail(f"{path}.tokenizer", f"must be one of the study's models ({', '.join(models)}), got {tokenizer!r}")
     concurrency = raw.get("max_concurrency")
     return SystemSpec(
         name=name,
@@ -107,7 +109,7 @@ def _system(raw: Any, path: str, models: list[str]) -> SystemSpec:
         tokenizer=tokenizer,
         model=model,
         endpoint=check_endpoint(raw.get("endpoint", COMPLETIONS), f"{path}.endpoint"),
-        max_concurrency=None if concurrency is None else _int(concurrency, f"{path}.max_concurrency"),
+        max_concurrency=None if concurrency is None else integer(concurrency, f"{path}.max_concurrency"),
         request_timeout_s=_positive(raw.get("request_timeout_s", 300.0), f"{path}.request_timeout_s"),
         max_duration_s=_positive(raw.get("max_duration_s", 600.0), f"{path}.max_duration_s"),
         allow_remote=allow_remote,
@@ -119,12 +121,12 @@ def parse_systems(raw: Any, models: list[str]) -> list[SystemSpec]:
     if raw is None:
         return []
     if not isinstance(raw, list):
-        raise _fail("systems", f"must be a list of mappings with name and base_url, got {type(raw).__name__}")
+        raise fail("systems", f"must be a list of mappings with name and base_url, got {type(raw).__name__}")
     systems = [_system(s, f"systems[{i}]", models) for i, s in enumerate(raw)]
     names = [s.name for s in systems]
     for i, name in enumerate(names):
         if name in names[:i]:
-            raise _fail(f"systems[{i}].name", f"{name!r} is listed twice")
+            raise fail(f"systems[{i}].name", f"{name!r} is listed twice")
     return systems
 
 

@@ -73,6 +73,8 @@ def _is_strategy(v: Any) -> bool:
 
     if not isinstance(v, str) or not v.strip():
         return False
+    if v.startswith(SYSTEM_PREFIX):  # an external server's row (kvscope.study.external)
+        return len(v) > len(SYSTEM_PREFIX)
     try:
         _, args = parse_spec(v)
     except ConfigError:
@@ -82,6 +84,8 @@ def _is_strategy(v: Any) -> bool:
 
 
 _RATIO_ARGS = ("heavy_ratio", "recent_ratio", "budget_ratio")
+#: ``config.strategy`` of a row measured on an external OpenAI-compatible server: ``system:<name>``.
+SYSTEM_PREFIX = "system:"
 
 
 @dataclass(frozen=True)
@@ -115,7 +119,8 @@ ROW_SCHEMA: tuple[FieldRule, ...] = (
     FieldRule(("config", "rate"), _is_rate, "a number > 0 or 'inf'", True),
     FieldRule(("config", "engine"), _is_dict, "an object"),
     FieldRule(("error",), _is_str, "a string"),
-    FieldRule(("model_params",), _is_count, "a count"),
+    # null on an external system's row: what its server runs is not known
+    FieldRule(("model_params",), lambda v: v is None or _is_count(v), "a count or null"),
     FieldRule(("environment",), _is_dict, "an object"),
     FieldRule(("environment", "device_name"), _is_str, "a string"),
     FieldRule(("metrics",), _is_dict, "an object"),
