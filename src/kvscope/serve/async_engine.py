@@ -5,7 +5,7 @@ One daemon thread owns the :class:`LLMEngine`: it is the only thread that calls 
 commands (add a group of prompts, abort ids, stop); the thread drains that FIFO before every step,
 and blocks on it when the engine is idle, so an idle server costs nothing. Outputs go back to each
 request's ``asyncio.Queue`` through ``loop.call_soon_threadsafe``, batched to one callback per
-step. Because adds and aborts are applied between steps on the engine thread, the engine needs no
+turn of the loop, after the turn's stats snapshot. Because adds and aborts are applied between steps on the engine thread, the engine needs no
 locks and an abort frees the request's KV before the next step runs.
 
 Failures stay contained: ``add_request`` raising :class:`RequestError` / :class:`ConfigError`
@@ -38,8 +38,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("kvscope.serve")
 
-#: While the engine is busy, ``stats()`` (which walks every block table) is sampled at most this
-#: often; an idle engine's stats are taken after every change, so they are exact when it rests.
+#: Between steps with no request added or aborted, ``stats()`` (which walks every block table) is
+#: sampled at most this often; it is taken after every add, abort and when the engine falls idle.
 STATS_INTERVAL_S = 0.05
 
 
@@ -181,6 +181,7 @@ class AsyncEngine:
         self._observer = observer
         self._commands: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._live: dict[str, _Group] = {}  # engine thread only
+        self._outbox: list[tuple[_Group, tuple[str, Any]]] = []  # engine thread only
         self._thread: threading.Thread | None = None
         self._stopping = False
         self._num_requests = 0  # event-loop thread only
@@ -199,6 +200,12 @@ class AsyncEngine:
         if self._thread is not None:
             self._commands.put(_STOP)
             self._thread.join(timeout)
+        if self._thread is None or not self._thread.is_alive():  # adds that raced with the stop
+            late = []
+            while not self._commands.empty():
+                late.append(self._commands.get_nowait())
+            self._reject_adds(late)
+            self._flush()
 
     @property
     def is_running(self) -> bool:
@@ -256,18 +263,22 @@ class AsyncEngine:
                 commands = [self._commands.get()] if idle else []
                 while not self._commands.empty():
                     commands.append(self._commands.get_nowait())
+                if _STOP in commands:
+                    self._fail_live(EngineStopped("the server is shutting down"))
+                    self._reject_adds(commands)
+                    self._flush()
+                    return
                 for cmd in commands:
-                    if cmd is _STOP:
-                        self._fail_live(EngineStopped("the server is shutting down"))
-                        return
                     self._apply(cmd)
-                busy = self._engine.has_unfinished_requests()
-                if busy:
+                if self._engine.has_unfinished_requests():
                     self._step()
-                self._refresh_stats(force=not self._engine.has_unfinished_requests())
+                # Stats before outputs: a client that sees its request end, or its add accepted,
+                # then reads stats that include it.
+                self._refresh_stats(force=bool(commands) or not self._engine.has_unfinished_requests())
             except Exception as e:  # a bug outside step(): keep serving, fail what was in flight
                 log.exception("kvscope engine loop error")
                 self._fail_live(EngineFailure(f"engine loop error: {type(e).__name__}: {e}"))
+            self._flush()
 
     def _apply(self, cmd: _Add | _Abort) -> None:
         if isinstance(cmd, _Abort):
@@ -294,6 +305,10 @@ class AsyncEngine:
         for rid in added:
             self._live[rid] = group
         self._deliver([(group, ("accepted", None))])
+
+    def _reject_adds(self, commands: list[Any]) -> None:
+        self._deliver([(c.group, ("error", EngineStopped("the server is shutting down")))
+                       for c in commands if isinstance(c, _Add)])
 
     def _step(self) -> None:
         try:
@@ -328,9 +343,14 @@ class AsyncEngine:
         self._deliver([(g, ("error", error)) for g in groups.values()])
 
     def _deliver(self, items: list[tuple[_Group, tuple[str, Any]]]) -> None:
+        """Queue items for their groups; :meth:`_flush` sends them at the end of the loop's turn."""
+        self._outbox.extend(items)
+
+    def _flush(self) -> None:
         by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue, tuple[str, Any]]]] = {}
-        for group, item in items:
+        for group, item in self._outbox:
             by_loop.setdefault(group.loop, []).append((group.queue, item))
+        self._outbox = []
         for loop, pairs in by_loop.items():
             try:
                 loop.call_soon_threadsafe(_put_all, pairs)
