@@ -215,7 +215,8 @@ def test_a_failing_engine_step_fails_only_the_requests_in_flight(server: ServerT
     *_, error_event, done = [line for line in lines if line]  # the streamed one ends with an error event
     assert done == "data: [DONE]" and "injected step failure" in json.loads(error_event[6:])["error"]["message"]
     assert server.wait_idle()["kv_bytes_used"] == 0
-    assert server.metrics()["kvscope:engine_step_errors_total"] == 1
+    m = server.metrics()
+    assert m["kvscope:engine_step_errors_total"] == 1 and m["vllm:request_success_total{finished_reason=error}"] == 2
     # The engine loop survived.
     assert httpx.get(f"{server.base_url}/health").status_code == 200
     r = httpx.post(f"{server.base_url}/v1/completions", json={**GOOD, "stream": False}, timeout=30)

@@ -5,8 +5,9 @@ One daemon thread owns the :class:`LLMEngine`: it is the only thread that calls 
 commands (add a group of prompts, abort ids, stop); the thread drains that FIFO before every step,
 and blocks on it when the engine is idle, so an idle server costs nothing. Outputs go back to each
 request's ``asyncio.Queue`` through ``loop.call_soon_threadsafe``, batched to one callback per
-turn of the loop, after the turn's stats snapshot. Because adds and aborts are applied between steps on the engine thread, the engine needs no
-locks and an abort frees the request's KV before the next step runs.
+turn of the loop, after the turn's stats snapshot. Because adds and aborts are applied between
+steps on the engine thread, the engine needs no locks and an abort frees the request's KV before
+the next step runs.
 
 Failures stay contained: ``add_request`` raising :class:`RequestError` / :class:`ConfigError`
 rejects that request alone (:class:`RequestRejected`, a 400); ``step`` raising fails the requests
@@ -76,7 +77,8 @@ class StepObserver(Protocol):
 
     def on_outputs(self, outputs: list[RequestOutput]) -> None: ...
 
-    def on_aborted(self, request_ids: list[str]) -> None: ...
+    def on_removed(self, request_ids: list[str], reason: str) -> None:
+        """Requests ended without a final output: ``"abort"`` (client gone, shutdown) or ``"error"``."""
 
     def on_step_error(self) -> None: ...
 
@@ -158,13 +160,15 @@ class OutputStream:
             latest.update(updates)
         return [latest[i] for i in range(len(self._group.ids))]
 
-    def close(self) -> None:
+    def close(self, abort: bool = True) -> None:
+        """Release the admission slot and abort what has not finished (unless nothing of it is in
+        the engine: ``abort=False``)."""
         if self._closed:
             return
         self._closed = True
         self._engine._release(len(self._group.ids))
         unfinished = [rid for i, rid in enumerate(self._group.ids) if i not in self._finished]
-        if unfinished:
+        if unfinished and abort:
             self._engine.abort(unfinished)
 
 
@@ -243,8 +247,7 @@ class AsyncEngine:
             stream.close()
             raise
         if kind == "error":
-            stream._finished.update(range(len(ids)))  # nothing of it is in the engine
-            stream.close()
+            stream.close(abort=False)  # nothing of it is in the engine
             raise payload
         return stream
 
@@ -264,7 +267,7 @@ class AsyncEngine:
                 while not self._commands.empty():
                     commands.append(self._commands.get_nowait())
                 if _STOP in commands:
-                    self._fail_live(EngineStopped("the server is shutting down"))
+                    self._fail_live(EngineStopped("the server is shutting down"), "abort")
                     self._reject_adds(commands)
                     self._flush()
                     return
@@ -277,7 +280,7 @@ class AsyncEngine:
                 self._refresh_stats(force=bool(commands) or not self._engine.has_unfinished_requests())
             except Exception as e:  # a bug outside step(): keep serving, fail what was in flight
                 log.exception("kvscope engine loop error")
-                self._fail_live(EngineFailure(f"engine loop error: {type(e).__name__}: {e}"))
+                self._fail_live(EngineFailure(f"engine loop error: {type(e).__name__}: {e}"), "error")
             self._flush()
 
     def _apply(self, cmd: _Add | _Abort) -> None:
@@ -286,7 +289,7 @@ class AsyncEngine:
             for rid in aborted:
                 self._engine.abort(rid)
             if aborted:
-                self._notify("on_aborted", aborted)
+                self._notify("on_removed", aborted, "abort")
             return
         group, added = cmd.group, []
         try:
@@ -316,7 +319,7 @@ class AsyncEngine:
         except Exception as e:
             log.exception("kvscope engine step failed; failing the requests in flight")
             self._notify("on_step_error")
-            self._fail_live(EngineFailure(f"engine step failed: {type(e).__name__}: {e}"))
+            self._fail_live(EngineFailure(f"engine step failed: {type(e).__name__}: {e}"), "error")
             return
         self._notify("on_outputs", outputs)
         per_group: dict[int, tuple[_Group, list[tuple[int, RequestOutput]]]] = {}
@@ -329,7 +332,8 @@ class AsyncEngine:
             per_group.setdefault(id(group), (group, []))[1].append((group.index[out.request_id], out))
         self._deliver([(group, ("outputs", outs)) for group, outs in per_group.values()])
 
-    def _fail_live(self, error: ServeError) -> None:
+    def _fail_live(self, error: ServeError, reason: str) -> None:
+        """End every request in flight with ``error`` (to its reader) and free its KV."""
         groups = {id(g): g for g in self._live.values()}
         ids = list(self._live)
         for rid in ids:
@@ -339,7 +343,7 @@ class AsyncEngine:
                 log.exception("kvscope: abort of %s failed", rid)
         self._live.clear()
         if ids:
-            self._notify("on_aborted", ids)
+            self._notify("on_removed", ids, reason)
         self._deliver([(g, ("error", error)) for g in groups.values()])
 
     def _deliver(self, items: list[tuple[_Group, tuple[str, Any]]]) -> None:

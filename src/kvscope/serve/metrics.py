@@ -179,10 +179,10 @@ class ServerMetrics:
             else:
                 self._tokens_seen[out.request_id] = n
 
-    def on_aborted(self, request_ids: list[str]) -> None:
+    def on_removed(self, request_ids: list[str], reason: str) -> None:
         for rid in request_ids:
             self._tokens_seen.pop(rid, None)
-            self._finished.labels(self._model, "abort").inc()
+            self._finished.labels(self._model, reason).inc()
 
     def on_step_error(self) -> None:
         self.step_errors.inc()
