@@ -141,6 +141,7 @@ def test_full_queue_is_503_with_retry_after(server: ServerThread, good_text: str
     error = assert_error(bad, 503, None, "--max-queue 2")
     assert error["code"] == "queue_full" and bad.headers["retry-after"] == "1"
     assert texts == [good_text] * MAX_QUEUE
+    assert server.metrics()["vllm:admission_rejections_total{reason=max_num_queued_reqs}"] == 1
 
 
 def test_unknown_model_is_404(server: ServerThread, good_text: str) -> None:

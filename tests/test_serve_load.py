@@ -90,7 +90,7 @@ def test_64_streaming_clients_with_disconnects(strategy: str, active_counter: st
         metrics = server.metrics()
         assert metrics["vllm:kv_cache_usage_perc"] == 0.0
         assert metrics["vllm:num_requests_running"] == 0 and metrics["vllm:num_requests_waiting"] == 0
-        assert metrics["kvscope:server_requests"] == 0
+        assert metrics["kvscope:num_requests_in_flight"] == 0
         disconnected = NUM_CLIENTS - len(survivors)
         assert metrics["vllm:request_success_total{finished_reason=abort}"] == disconnected
         assert metrics["vllm:request_success_total{finished_reason=length}"] == len(survivors)

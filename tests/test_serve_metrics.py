@@ -25,10 +25,12 @@ VLLM_NAMES = [
     "vllm:inter_token_latency_seconds_count", "vllm:e2e_request_latency_seconds_count",
     "vllm:request_queue_time_seconds_count", "vllm:request_prompt_tokens_count",
     "vllm:request_generation_tokens_count", "vllm:prefix_cache_queries_total", "vllm:prefix_cache_hits_total",
+    "vllm:request_time_per_output_token_seconds_count", "vllm:request_inference_time_seconds_count",
+    "vllm:request_prefill_time_seconds_count", "vllm:request_decode_time_seconds_count",
 ]
 KVSCOPE_NAMES = [
     "kvscope:kv_bytes_reserved", "kvscope:kv_bytes_allocated", "kvscope:kv_bytes_used", "kvscope:kv_blocks_used",
-    "kvscope:engine_steps_total", "kvscope:computed_tokens_total", "kvscope:server_requests",
+    "kvscope:engine_steps_total", "kvscope:computed_tokens_total", "kvscope:num_requests_in_flight",
     "kvscope:engine_step_errors_total",
 ]
 
@@ -69,9 +71,12 @@ def test_metrics_match_requests_and_engine_stats(server: ServerThread) -> None:
     assert m["vllm:request_generation_tokens_sum"] == completion
     assert m["vllm:request_prompt_tokens_sum"] == prompt
     assert m["vllm:request_success_total{finished_reason=length}"] == NUM_REQUESTS
-    for hist in ("time_to_first_token_seconds", "e2e_request_latency_seconds", "time_per_output_token_seconds"):
-        assert m[f"vllm:{hist}_count"] == NUM_REQUESTS
-    assert m["vllm:inter_token_latency_seconds_count"] == NUM_REQUESTS * (MAX_TOKENS - 1)
+    for hist in ("time_to_first_token", "e2e_request_latency", "request_time_per_output_token",
+                 "request_queue_time", "request_inference_time", "request_prefill_time", "request_decode_time"):
+        assert m[f"vllm:{hist}_seconds_count"] == NUM_REQUESTS
+    for hist in ("time_per_output_token", "inter_token_latency"):  # one observation per token after the first
+        assert m[f"vllm:{hist}_seconds_count"] == NUM_REQUESTS * (MAX_TOKENS - 1)
+    assert m["vllm:e2e_request_latency_seconds_sum"] >= m["vllm:request_decode_time_seconds_sum"] > 0
 
     assert stats["num_preemptions"] > 0
     assert m["vllm:num_preemptions_total"] == stats["num_preemptions"]
@@ -81,7 +86,7 @@ def test_metrics_match_requests_and_engine_stats(server: ServerThread) -> None:
     assert m["vllm:prefix_cache_queries_total"] == stats["prefix_cache_queried_tokens"]
     # Idle: nothing held.
     assert m["vllm:kv_cache_usage_perc"] == 0 and m["kvscope:kv_bytes_used"] == 0 == stats["kv_bytes_used"]
-    assert m["vllm:num_requests_running"] == m["vllm:num_requests_waiting"] == m["kvscope:server_requests"] == 0
+    assert m["vllm:num_requests_running"] == m["vllm:num_requests_waiting"] == m["kvscope:num_requests_in_flight"] == 0
 
 
 def test_gauges_move_while_a_request_runs(server: ServerThread) -> None:
@@ -90,7 +95,7 @@ def test_gauges_move_while_a_request_runs(server: ServerThread) -> None:
         lines = r.iter_lines()
         next(lines)
         m = server.metrics()
-        assert m["vllm:num_requests_running"] == 1 and m["kvscope:server_requests"] == 1
+        assert m["vllm:num_requests_running"] == 1 and m["kvscope:num_requests_in_flight"] == 1
         assert 0 < m["vllm:kv_cache_usage_perc"] <= 1 and m["kvscope:kv_bytes_used"] > 0
         list(lines)
 

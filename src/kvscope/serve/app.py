@@ -101,7 +101,7 @@ def _add_routes(app: FastAPI, ctx: ServingContext) -> None:
 def _add_error_handlers(app: FastAPI, metrics: ServerMetrics) -> None:
     def respond(error: APIError) -> JSONResponse:
         if error.status < 500 or error.status == 503:
-            metrics.rejected(error.status)
+            metrics.rejected(error.status, error.code == "queue_full")
         return JSONResponse(error.body().model_dump(), status_code=error.status, headers=error.headers)
 
     @app.exception_handler(APIError)

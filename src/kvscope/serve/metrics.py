@@ -22,7 +22,7 @@ from prometheus_client.registry import Collector
 
 from kvscope.engine.outputs import RequestOutput
 
-# vLLM's buckets (vllm/v1/metrics/loggers.py).
+# vLLM's buckets (vllm/v1/metrics/buckets.py).
 TTFT_BUCKETS = [0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0,
                 20.0, 40.0, 80.0, 160.0, 640.0, 2560.0]
 TPOT_BUCKETS = [0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0,
@@ -103,7 +103,7 @@ class EngineStatsCollector(Collector):
         # whole blocks would read as always full; kvscope:kv_bytes_allocated gives vLLM's block view.
         yield self._gauge("vllm:kv_cache_usage_perc", "Fraction of the device KV pool holding tokens",
                           stats.get("kv_bytes_used", 0) / reserved if reserved else 0.0)
-        yield self._gauge("kvscope:server_requests", "Requests admitted by the server and not yet finished",
+        yield self._gauge("kvscope:num_requests_in_flight", "Requests admitted by the server and not yet finished",
                           self._in_flight())
         for key, (name, doc) in STAT_GAUGES.items():
             if key in stats:
@@ -137,12 +137,21 @@ class ServerMetrics:
             return Counter(name, doc, labels, registry=self.registry).labels(model_name)
 
         self.ttft = histogram("vllm:time_to_first_token_seconds", "Arrival -> first output token", TTFT_BUCKETS)
-        self.tpot = histogram("vllm:time_per_output_token_seconds",
-                              "Mean time per output token after the first, per request", TPOT_BUCKETS)
+        # vLLM's older name for the inter-token latency (one observation per output token after the
+        # first), kept because dashboards use it; the per-request mean is request_time_per_output_token.
+        self.tpot = histogram("vllm:time_per_output_token_seconds", "Time between consecutive output tokens",
+                              TPOT_BUCKETS)
         self.itl = histogram("vllm:inter_token_latency_seconds", "Time between consecutive output tokens",
                              TPOT_BUCKETS)
+        self.request_tpot = histogram("vllm:request_time_per_output_token_seconds",
+                                      "Mean time per output token after the first, per request", TPOT_BUCKETS)
         self.e2e = histogram("vllm:e2e_request_latency_seconds", "Arrival -> last output token", LATENCY_BUCKETS)
         self.queue = histogram("vllm:request_queue_time_seconds", "Arrival -> first scheduled", LATENCY_BUCKETS)
+        self.inference = histogram("vllm:request_inference_time_seconds", "First scheduled -> last output token",
+                                   LATENCY_BUCKETS)
+        self.prefill = histogram("vllm:request_prefill_time_seconds", "First scheduled -> first output token",
+                                 LATENCY_BUCKETS)
+        self.decode = histogram("vllm:request_decode_time_seconds", "First -> last output token", LATENCY_BUCKETS)
         token_buckets = _token_buckets(max_model_len)
         self.prompt_len = histogram("vllm:request_prompt_tokens", "Prompt tokens per request", token_buckets)
         self.output_len = histogram("vllm:request_generation_tokens", "Output tokens per request (all n samples)",
@@ -154,6 +163,9 @@ class ServerMetrics:
                                  ["model_name", "finished_reason"], registry=self.registry)
         self._rejected = Counter("kvscope:requests_rejected", "Requests refused, by HTTP status",
                                  ["model_name", "status"], registry=self.registry)
+        self._queue_full = Counter("vllm:admission_rejections", "Requests refused by a queue limit, by reason",
+                                   ["model_name", "reason"], registry=self.registry).labels(
+                                       model_name, "max_num_queued_reqs")
         self._model = model_name
         self.registry.register(EngineStatsCollector(model_name, stats, in_flight))
         self._tokens_seen: dict[str, int] = {}  # engine thread only
@@ -161,8 +173,11 @@ class ServerMetrics:
     def render(self) -> bytes:
         return generate_latest(self.registry)
 
-    def rejected(self, status: int) -> None:
+    def rejected(self, status: int, queue_full: bool) -> None:
+        """A request refused with ``status``; ``queue_full``: by ``--max-queue``."""
         self._rejected.labels(self._model, str(status)).inc()
+        if queue_full:
+            self._queue_full.inc()
 
     # ---- StepObserver (engine thread) ---------------------------------------------------------
     def on_outputs(self, outputs: list[RequestOutput]) -> None:
@@ -192,14 +207,17 @@ class ServerMetrics:
         m = out.metrics
         self.prompt_len.observe(m.num_prompt_tokens)
         self.output_len.observe(num_output_tokens)
-        if m.first_scheduled_time is not None:
-            self.queue.observe(m.first_scheduled_time - m.arrival_time)
-        if not m.token_times:
-            return
-        self.ttft.observe(m.ttft)
-        self.e2e.observe(m.e2e_latency)
         times = m.token_times
+        if m.first_scheduled_time is None or not times:
+            return
+        self.queue.observe(m.first_scheduled_time - m.arrival_time)
+        self.ttft.observe(times[0] - m.arrival_time)
+        self.e2e.observe(times[-1] - m.arrival_time)
+        self.inference.observe(times[-1] - m.first_scheduled_time)
+        self.prefill.observe(times[0] - m.first_scheduled_time)
+        self.decode.observe(times[-1] - times[0])
         if len(times) > 1:
-            self.tpot.observe((times[-1] - times[0]) / (len(times) - 1))
+            self.request_tpot.observe((times[-1] - times[0]) / (len(times) - 1))
         for a, b in zip(times, times[1:]):
+            self.tpot.observe(b - a)
             self.itl.observe(b - a)

@@ -15,7 +15,7 @@ from kvscope.engine.sampling_params import SamplingParams
 from kvscope.errors import ConfigError
 from kvscope.models.tokenizer import Tokenizer
 from kvscope.serve.errors import APIError, bad_request
-from kvscope.serve.protocol import ChatCompletionRequest, CompletionRequest, _SamplingRequest
+from kvscope.serve.protocol import ChatCompletionRequest, CompletionRequest, SamplingRequest
 
 #: Top-N logprobs keep every step's float32 logits row until the request ends (vocab x 4 bytes a
 #: token); a request whose rows could exceed this is refused rather than allowed to exhaust memory.
@@ -55,7 +55,7 @@ def check_model(requested: str | None, served: str) -> None:
                        param="model", code="model_not_found")
 
 
-def _reject_unsupported(req: _SamplingRequest, extra: dict[str, Any]) -> None:
+def _reject_unsupported(req: SamplingRequest, extra: dict[str, Any]) -> None:
     """OpenAI fields kvscope knows but cannot honour: fine at their defaults, a 400 otherwise."""
     unsupported = {
         "presence_penalty": req.presence_penalty != 0.0,
@@ -122,14 +122,14 @@ def chat_plan(req: ChatCompletionRequest, tokenizer: Tokenizer, limits: ServingL
     return Plan([prompt], params, top, req.stream, _include_usage(req), "messages")
 
 
-def _include_usage(req: _SamplingRequest) -> bool:
+def _include_usage(req: SamplingRequest) -> bool:
     if req.stream_options is not None and not req.stream:
         raise bad_request("'stream_options' is only allowed with 'stream': true", "stream_options")
     return bool(req.stream_options and req.stream_options.include_usage)
 
 
 def _sampling_params(
-    req: _SamplingRequest,
+    req: SamplingRequest,
     prompts: list[list[int]],
     limits: ServingLimits,
     max_tokens: int | None,

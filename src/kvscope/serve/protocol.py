@@ -24,7 +24,7 @@ class StreamOptions(_Request):
     include_usage: bool = False
 
 
-class _SamplingRequest(_Request):
+class SamplingRequest(_Request):
     """The fields both generation endpoints share."""
 
     model: str | None = None
@@ -47,7 +47,7 @@ class _SamplingRequest(_Request):
     logit_bias: dict[str, float] | None = None
 
 
-class CompletionRequest(_SamplingRequest):
+class CompletionRequest(SamplingRequest):
     """``prompt``: a string, a list of token ids, or a batch of either (one choice set per prompt)."""
 
     prompt: str | list[int] | list[str] | list[list[int]]
@@ -68,7 +68,7 @@ class ChatMessage(_Request):
     name: str | None = None
 
 
-class ChatCompletionRequest(_SamplingRequest):
+class ChatCompletionRequest(SamplingRequest):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(default=None, ge=1)
     logprobs: bool = False
