@@ -136,6 +136,13 @@ def test_batch_of_prompts_with_n(client, reference: LLM) -> None:
     assert [c.text for c in r.choices] == [expected[0].text] * 2 + [expected[1].text] * 2
     assert r.usage.prompt_tokens == sum(len(o.prompt_token_ids) for o in expected)
     assert r.usage.completion_tokens == 4 * 8
+    texts, reasons = ["" for _ in range(4)], [None] * 4
+    for chunk in client.completions.create(model=MODEL, prompt=prompts, n=2, max_tokens=8, temperature=0,
+                                           stream=True, extra_body={"ignore_eos": True}):
+        (choice,) = chunk.choices
+        texts[choice.index] += choice.text
+        reasons[choice.index] = choice.finish_reason or reasons[choice.index]
+    assert texts == [c.text for c in r.choices] and reasons == ["length"] * 4
 
 
 # ---- chat, on SmolLM2 ---------------------------------------------------------------------------------

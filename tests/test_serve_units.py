@@ -15,25 +15,51 @@ import pytest
 pytest.importorskip("fastapi")
 
 from kvscope.cli import build_parser, main  # noqa: E402
+from kvscope.engine.outputs import CompletionOutput  # noqa: E402
 from kvscope.engine.sampling_params import SamplingParams  # noqa: E402
+from kvscope.models.tokenizer import Tokenizer  # noqa: E402
 from kvscope.serve.app import _param  # noqa: E402
 from kvscope.serve.detokenize import TextDeltas  # noqa: E402
 
 
+TOKENIZER = Tokenizer.byte_level(512)  # token id = byte value
+
+
+def _completion(text: bytes, finished: bool = False, text_end: int | None = None) -> CompletionOutput:
+    return CompletionOutput(index=0, token_ids=list(text), finish_reason="stop" if finished else None,
+                            _decode=TOKENIZER.decode, text_end=text_end)
+
+
 def test_text_deltas_hold_back_an_incomplete_utf8_sequence() -> None:
-    d = TextDeltas(SamplingParams())
-    assert d.next("ab\ufffd", finished=False) == "ab"
-    assert d.next("ab\u20ac", finished=False) == "\u20ac"  # the euro sign's last byte arrived
-    assert d.next("ab\u20ac\ufffd", finished=True) == "\ufffd"  # at the end, whatever is there goes out
+    d = TextDeltas(TOKENIZER, SamplingParams())
+    euro = "\u20ac".encode()  # three bytes, three tokens
+    assert d.next(_completion(b"ab" + euro[:1])) == "ab"
+    assert d.next(_completion(b"ab" + euro[:2])) == ""
+    assert d.next(_completion(b"ab" + euro)) == "\u20ac"
+    assert d.next(_completion(b"ab" + euro + euro[:1], finished=True)) == "\ufffd"  # at the end, all goes out
 
 
 def test_text_deltas_hold_back_what_a_stop_string_could_still_cut() -> None:
-    d = TextDeltas(SamplingParams(stop=["STOP", "x"]))
-    assert d.next("hello S", finished=False) == "hell"  # "o S" could begin "STOP"
-    assert d.next("hello ST", finished=False) == "o"
-    assert d.next("hello ", finished=True) == " "  # the engine cut the text at the stop string
-    keep = TextDeltas(SamplingParams(stop=["STOP"], include_stop_str_in_output=True))
-    assert keep.next("hello S", finished=False) == "hello S"
+    d = TextDeltas(TOKENIZER, SamplingParams(stop=["STOP", "x"]))
+    assert d.next(_completion(b"hello S")) == "hell"  # "o S" could begin "STOP"
+    assert d.next(_completion(b"hello ST")) == "o"
+    assert d.next(_completion(b"hello STOP", finished=True, text_end=6)) == " "  # the engine cut at "STOP"
+    keep = TextDeltas(TOKENIZER, SamplingParams(stop=["STOP"], include_stop_str_in_output=True))
+    assert keep.next(_completion(b"hello S")) == "hello S"
+
+
+@pytest.mark.slow
+def test_text_deltas_concatenate_to_the_full_decode(smollm2) -> None:
+    """Incremental decoding with a real BPE tokenizer (spaces, multi-byte characters) adds up to
+    the decode of all tokens, whatever the chunking."""
+    tok = smollm2.tokenizer
+    ids = tok.encode("Déjà vu: the naïve café's crème brûlée, 3.14 × 2 ≈ 6.28 — \u2603 \U0001F600 ok.")
+    for step in (1, 2, 3, 7):
+        d = TextDeltas(tok, SamplingParams())
+        pieces = [d.next(CompletionOutput(0, ids[:n], None, tok.decode)) for n in range(step, len(ids), step)]
+        pieces.append(d.next(CompletionOutput(0, ids, "length", tok.decode)))
+        assert "".join(pieces) == tok.decode(ids)
+        assert all("\ufffd" not in p for p in pieces)
 
 
 def test_error_param_names() -> None:

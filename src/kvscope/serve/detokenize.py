@@ -1,10 +1,11 @@
 """Text deltas and token logprobs from the engine's cumulative outputs.
 
-Each engine output carries all of a completion's tokens so far; its text is the decode of all of
-them (cut at a stop string once one is found). Streaming sends the difference since the last
-chunk, holding back what could still change (see :class:`TextDeltas`), so that the deltas a client
-concatenates equal the final text. Decoding the whole completion each time costs O(length) per
-chunk, which is small next to a model step at the lengths served here.
+Each engine output carries all of a completion's tokens so far. Streaming decodes only the new
+tokens, with a few tokens of context before them (the incremental detokenization of HF TGI and
+vLLM: decoding ``ids[prefix:]`` minus ``ids[prefix:read]`` gets word-boundary spaces right), so a
+chunk costs O(new tokens), not O(length). When the completion finishes, its final text (one full
+decode, cut at a stop string by the engine) supplies whatever was still held back, so the deltas a
+client concatenates equal the final text.
 """
 from __future__ import annotations
 
@@ -22,23 +23,44 @@ _REPLACEMENT = "\ufffd"
 class TextDeltas:
     """The text of one growing completion, handed out in pieces that never need taking back.
 
-    Held back while the completion runs: trailing U+FFFD (an incomplete UTF-8 sequence decodes as
-    the replacement character until its last byte arrives), and, when stop strings are cut from the
-    output, the last ``len(longest stop) - 1`` characters: the engine checks after every token, so
-    a stop string it finds later must end in a later token and start at most that far back.
+    Held back while the completion runs: an incomplete UTF-8 sequence (it decodes as U+FFFD until
+    its last byte arrives), and, when stop strings are cut from the output, the last
+    ``len(longest stop) - 1`` characters: the engine checks after every token, so a stop string it
+    finds later must end in a later token and start at most that far back.
     """
 
-    def __init__(self, params: SamplingParams) -> None:
+    def __init__(self, tokenizer: Tokenizer, params: SamplingParams) -> None:
+        self._tokenizer = tokenizer
+        self._skip_special = params.skip_special_tokens
         cut = params.stop and not params.include_stop_str_in_output
         self._hold = max(len(s) for s in params.stop) - 1 if cut else 0
+        self._text = ""  # decoded so far
+        self._prefix = self._read = 0  # token offsets: context start, end of the settled tokens
+        self._taken = 0  # characters of the unsettled tokens (after _read) already in _text
         self._sent = 0
 
-    def next(self, text: str, finished: bool) -> str:
-        end = len(text) if finished else min(len(text.rstrip(_REPLACEMENT)), len(text) - self._hold)
+    def next(self, completion: CompletionOutput) -> str:
+        if completion.finished:
+            text, end = completion.text, len(completion.text)
+        else:
+            text = self._advance(completion.token_ids)
+            end = len(text) - self._hold
         if end <= self._sent:
             return ""
         piece, self._sent = text[self._sent : end], end
         return piece
+
+    def _advance(self, ids: list[int]) -> str:
+        decode = self._tokenizer.decode
+        before = decode(ids[self._prefix : self._read], skip_special_tokens=self._skip_special)
+        after = decode(ids[self._prefix :], skip_special_tokens=self._skip_special)
+        complete = not after.endswith(_REPLACEMENT)
+        new = (after if complete else after.rstrip(_REPLACEMENT))[len(before) + self._taken :]
+        self._text += new
+        self._taken += len(new)
+        if complete and len(after) > len(before):  # settle: the next window starts here
+            self._prefix, self._read, self._taken = self._read, len(ids), 0
+        return self._text
 
 
 @dataclass
@@ -81,15 +103,15 @@ class Logprobs:
 class ChoiceStream:
     """What one streamed choice has sent: its text so far and how many tokens' logprobs."""
 
-    def __init__(self, params: SamplingParams, logprobs: Logprobs | None) -> None:
-        self._text = TextDeltas(params)
+    def __init__(self, tokenizer: Tokenizer, params: SamplingParams, logprobs: Logprobs | None) -> None:
+        self._text = TextDeltas(tokenizer, params)
         self._logprobs = logprobs
         self._num_tokens = 0
         self.done = False
 
     def update(self, completion: CompletionOutput) -> tuple[str, list[TokenLogprob] | None]:
         """The new text and (when asked for) the new tokens' logprobs since the last update."""
-        text = self._text.next(completion.text, completion.finished)
+        text = self._text.next(completion)
         entries = None
         if self._logprobs is not None:
             entries = self._logprobs.entries(completion, self._num_tokens)

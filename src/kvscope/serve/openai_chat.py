@@ -12,6 +12,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from kvscope.engine.outputs import RequestOutput
+from kvscope.models.tokenizer import Tokenizer
 from kvscope.serve.detokenize import ChoiceStream, Logprobs, TokenLogprob
 from kvscope.serve.generation import (
     EventStreamResponse,
@@ -46,7 +47,7 @@ async def create_chat_completion(ctx: ServingContext, req: ChatCompletionRequest
     stream = await submit(ctx, plan, rid)
     logprobs = Logprobs(ctx.tokenizer, plan.top_logprobs) if plan.top_logprobs is not None else None
     if plan.stream:
-        chunks = _Chunks(ctx.model_name, rid, plan, logprobs)
+        chunks = _Chunks(ctx.model_name, rid, plan, ctx.tokenizer, logprobs)
         return EventStreamResponse(event_stream(stream, chunks.update, chunks.head(), chunks.tail), stream.close)
     try:
         outputs = await final_outputs(raw, stream)
@@ -74,10 +75,10 @@ def _logprobs(entries: list[TokenLogprob]) -> ChoiceLogprobs:
 class _Chunks:
     """The streamed chunks of one chat request: per-choice text and logprob progress."""
 
-    def __init__(self, model: str, rid: str, plan: Plan, logprobs: Logprobs | None) -> None:
-        self._model, self._rid, self._plan, self._logprobs = model, rid, plan, logprobs
+    def __init__(self, model: str, rid: str, plan: Plan, tokenizer: Tokenizer, logprobs: Logprobs | None) -> None:
+        self._model, self._rid, self._plan = model, rid, plan
         self._created = int(time.time())
-        self._choices = [ChoiceStream(plan.params, logprobs) for _ in range(plan.params.n)]
+        self._choices = [ChoiceStream(tokenizer, plan.params, logprobs) for _ in range(plan.params.n)]
         self._latest: RequestOutput | None = None
 
     def _event(self, choices: list[ChatStreamChoice], **usage_field: object) -> str:

@@ -13,6 +13,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from kvscope.engine.outputs import RequestOutput
+from kvscope.models.tokenizer import Tokenizer
 from kvscope.serve.detokenize import ChoiceStream, Logprobs, TokenLogprob
 from kvscope.serve.generation import (
     EventStreamResponse,
@@ -36,7 +37,7 @@ async def create_completion(ctx: ServingContext, req: CompletionRequest, raw: Re
     stream = await submit(ctx, plan, rid)
     logprobs = Logprobs(ctx.tokenizer, plan.top_logprobs) if plan.top_logprobs is not None else None
     if plan.stream:
-        chunks = _Chunks(ctx.model_name, rid, plan, logprobs)
+        chunks = _Chunks(ctx.model_name, rid, plan, ctx.tokenizer, logprobs)
         return EventStreamResponse(event_stream(stream, chunks.update, [], chunks.tail), stream.close)
     try:
         outputs = await final_outputs(raw, stream)
@@ -71,11 +72,12 @@ def _logprobs(entries: list[TokenLogprob], offset: int, k: int | None) -> tuple[
 class _Chunks:
     """The streamed chunks of one request: per-choice text and logprob progress."""
 
-    def __init__(self, model: str, rid: str, plan: Plan, logprobs: Logprobs | None) -> None:
-        self._model, self._rid, self._plan, self._logprobs = model, rid, plan, logprobs
+    def __init__(self, model: str, rid: str, plan: Plan, tokenizer: Tokenizer, logprobs: Logprobs | None) -> None:
+        self._model, self._rid, self._plan = model, rid, plan
         self._created = int(time.time())
-        self._choices: dict[int, ChoiceStream] = {}
-        self._offsets: dict[int, int] = {}
+        num_choices = len(plan.prompts) * plan.params.n
+        self._choices = [ChoiceStream(tokenizer, plan.params, logprobs) for _ in range(num_choices)]
+        self._offsets = [0] * num_choices  # characters of text before each choice's next token
         self._latest: dict[int, RequestOutput] = {}
 
     def _chunk(self, choices: list[CompletionChoice], **usage_field: object) -> CompletionResponse:
@@ -88,14 +90,14 @@ class _Chunks:
         for i, out in sorted(updates.items()):
             for c in out.outputs:
                 index = i * self._plan.params.n + c.index
-                state = self._choices.setdefault(index, ChoiceStream(self._plan.params, self._logprobs))
+                state = self._choices[index]
                 if state.done:
                     continue
                 text, entries = state.update(c)
                 reason = finish_reason(c) if c.finished else None
                 lp = None
                 if entries is not None:
-                    lp, self._offsets[index] = _logprobs(entries, self._offsets.get(index, 0), self._plan.top_logprobs)
+                    lp, self._offsets[index] = _logprobs(entries, self._offsets[index], self._plan.top_logprobs)
                 if text or entries or reason:
                     choice = CompletionChoice(index=index, text=text, logprobs=lp, finish_reason=reason)
                     events.append(sse(self._chunk([choice]), self._plan.include_usage))
