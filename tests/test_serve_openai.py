@@ -145,6 +145,11 @@ def test_batch_of_prompts_with_n(client, reference: LLM) -> None:
     assert texts == [c.text for c in r.choices] and reasons == ["length"] * 4
 
 
+def test_more_samples_than_a_batch_holds_is_refused(server: ServerThread) -> None:
+    r = httpx.post(f"{server.base_url}/v1/completions", json={"model": MODEL, "prompt": "x", "n": 65})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "n" and "--max-num-seqs (64)" in r.text
+
+
 # ---- chat, on SmolLM2 ---------------------------------------------------------------------------------
 MESSAGES = [{"role": "user", "content": "What is the capital of France?"}]
 

@@ -50,6 +50,7 @@ def create_app(llm: LLM, served_model_name: str | None = None, max_queue: int | 
         vocab_size=engine.model_config.vocab_size,
         supports_fork=engine.kv.supports_fork,
         strategy=engine.kv.name,
+        max_num_seqs=llm.config.max_num_seqs,
     )
     metrics = ServerMetrics(name, limits.max_model_len, lambda: async_engine.stats, lambda: async_engine.num_requests)
     async_engine = AsyncEngine(engine, observer=metrics)

@@ -4,7 +4,7 @@ The engine stays the judge of what it can hold (prompt longer than the context o
 ``add_request`` rejects it and the server blames the prompt field). Checked here, because only
 the server knows which field a limit concerns: the model name, fields kvscope cannot honour,
 ``prompt + max_tokens`` against the context (vLLM's rule), ``n > 1`` on a strategy that cannot
-fork KV, and the memory that top-N logprobs would take.
+fork KV or more samples than a batch holds, and the memory that top-N logprobs would take.
 """
 from __future__ import annotations
 
@@ -31,6 +31,7 @@ class ServingLimits:
     vocab_size: int
     supports_fork: bool
     strategy: str
+    max_num_seqs: int
 
 
 @dataclass
@@ -152,6 +153,8 @@ def _sampling_params(
         raise bad_request(
             f"n={req.n} needs a KV strategy that can fork a request's KV; strategy {limits.strategy!r} cannot "
             "(see `kvscope strategies`)", "n")
+    if req.n > limits.max_num_seqs:  # a request's samples all run in one batch
+        raise bad_request(f"n={req.n} is more than the server's --max-num-seqs ({limits.max_num_seqs})", "n")
     if top_logprobs and max_tokens * limits.vocab_size * 4 > TOP_LOGPROBS_MAX_BYTES:
         raise bad_request(
             f"top-{top_logprobs} logprobs keep {limits.vocab_size * 4} bytes of logits per token; with "
