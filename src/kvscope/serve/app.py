@@ -19,6 +19,7 @@ from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
+from kvscope.errors import ConfigError
 from kvscope.serve.async_engine import AsyncEngine, ServeError
 from kvscope.serve.errors import APIError, from_serve_error
 from kvscope.serve.generation import ServingContext
@@ -42,7 +43,10 @@ def create_app(llm: LLM, served_model_name: str | None = None, max_queue: int | 
 
     ``max_queue``: requests admitted at once (waiting + running, a batch of prompts counts each);
     above it a request gets 503 with ``Retry-After: 1``. Default: 4 x ``max_num_seqs``.
+    While the app runs, its engine thread owns ``llm.engine``: nothing else may call the engine.
     """
+    if max_queue is not None and max_queue < 1:
+        raise ConfigError(f"max_queue must be >= 1, got {max_queue}")
     engine = llm.engine
     name = served_model_name or llm.config.model
     limits = ServingLimits(

@@ -82,10 +82,8 @@ def completion_plan(req: CompletionRequest, tokenizer: Tokenizer, limits: Servin
         prompts = [tokenizer.encode(p) for p in prompt]  # type: ignore[arg-type]
     elif prompt and isinstance(prompt[0], list):
         prompts = [list(p) for p in prompt]  # type: ignore[arg-type]
-    else:
+    else:  # token ids ([] too: the engine refuses an empty prompt, naming it)
         prompts = [list(prompt)]  # type: ignore[arg-type]
-    if not prompts:
-        raise bad_request("'prompt' is an empty batch", "prompt")
     top = req.logprobs
     params = _sampling_params(req, prompts, limits, req.max_tokens, COMPLETIONS_DEFAULT_MAX_TOKENS, top, "logprobs")
     return Plan(prompts, params, top, req.stream, _include_usage(req), "prompt")
