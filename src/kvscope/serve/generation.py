@@ -133,8 +133,8 @@ def usage(outputs: Iterable[RequestOutput]) -> UsageInfo:
 
 
 def finish_reason(completion: CompletionOutput) -> str | None:
-    """OpenAI's ``stop``/``length`` as the engine reports them; an engine error fails the request
-    (500). ``abort`` only reaches a reader that is still there when the server aborted for it."""
+    """The engine's ``stop``/``length`` (OpenAI's names too); an engine ``error`` fails the request
+    (500). A request the server aborts has no reader left to see ``abort``."""
     if completion.finish_reason == "error":
         raise EngineFailure(completion.error or "the engine failed this request")
     return completion.finish_reason
