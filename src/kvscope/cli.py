@@ -1,4 +1,4 @@
-"""Command line: ``kvscope generate | models | strategies | study run | study report | advise``."""
+"""Command line: ``kvscope generate | models | strategies | study run | study report | advise | serve | bench serve``."""
 from __future__ import annotations
 
 import argparse
@@ -370,6 +370,56 @@ def _bench(args: argparse.Namespace) -> int:
     return 0 if result["completed"] else 1
 
 
+def _add_serve(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("serve", help="serve one model and KV strategy over an OpenAI-compatible HTTP API")
+    p.add_argument("model", nargs="?", default="smollm2-135m", help="model spec (see `kvscope models`)")
+    p.add_argument("--strategy", default="paged", help="name[:key=value,...], e.g. h2o:heavy_ratio=0.1")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default="float32")
+    p.add_argument("--kv-memory", type=_size, default=None, help="KV pool size, e.g. 256MiB")
+    p.add_argument("--max-model-len", type=int, default=None)
+    p.add_argument("--max-num-seqs", type=int, default=64)
+    p.add_argument("--max-num-batched-tokens", type=int, default=2048)
+    p.add_argument("--preemption-mode", default="recompute", choices=["recompute", "swap"])
+    p.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs for decode steps (debugging)")
+    p.add_argument("--served-model-name", default=None, help="the name clients send as `model` (default: MODEL)")
+    p.add_argument("--max-queue", type=int, default=None,
+                   help="requests admitted at once (waiting + running); above it: 503 + Retry-After "
+                        "(default: 4 x --max-num-seqs)")
+    p.add_argument("--host", default="127.0.0.1", help="bind address (default: loopback only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+
+
+def _serve(args: argparse.Namespace) -> int:
+    try:
+        import fastapi  # noqa: F401
+        import prometheus_client  # noqa: F401
+        import uvicorn  # noqa: F401
+    except ImportError:
+        print("kvscope serve needs the serve extra: pip install 'kvscope[serve]'", file=sys.stderr)
+        return 2
+    from kvscope import LLM
+    from kvscope.serve.server import run_server
+
+    if args.max_queue is not None and args.max_queue < 1:
+        raise KVScopeError(f"--max-queue must be >= 1, got {args.max_queue}")
+    llm = LLM(
+        model=args.model,
+        strategy=args.strategy,
+        kv_memory_bytes=args.kv_memory,
+        device=args.device,
+        dtype=args.dtype,
+        max_model_len=args.max_model_len,
+        max_num_seqs=args.max_num_seqs,
+        max_num_batched_tokens=args.max_num_batched_tokens,
+        preemption_mode=args.preemption_mode,
+        enforce_eager=args.enforce_eager,
+    )
+    run_server(llm, args.host, args.port, args.served_model_name, args.max_queue, args.log_level)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="kvscope", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -379,11 +429,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_study(sub)
     _add_advise(sub)
     _add_bench(sub)
+    _add_serve(sub)
     return parser
 
 
 COMMANDS: dict[str, Any] = {"generate": _generate, "models": _models, "strategies": _strategies, "study": _study,
-                             "advise": _advise, "bench": _bench}
+                             "advise": _advise, "bench": _bench, "serve": _serve}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,0 +1,16 @@
+"""``kvscope serve``: an OpenAI-compatible HTTP server over one :class:`~kvscope.engine.engine.LLMEngine`.
+
+Needs the ``serve`` extra (FastAPI, uvicorn, prometheus_client; pydantic comes with FastAPI), except
+``async_engine`` and ``detokenize``, which use only the engine. Nothing here is imported by
+``import kvscope``. Modules:
+
+- ``async_engine``: the engine on its own thread; requests handed in, outputs streamed out to asyncio.
+- ``protocol``: OpenAI request/response shapes (pydantic).
+- ``params``: a validated request -> prompt token ids and :class:`SamplingParams`, or a 400.
+- ``detokenize``: streamed text deltas and logprobs from cumulative outputs.
+- ``generation``: admission, submission, abort on disconnect, server-sent events.
+- ``openai_completions`` / ``openai_chat``: the two generation endpoints.
+- ``metrics``: Prometheus collectors on a private registry.
+- ``errors``: OpenAI-shaped error bodies.
+- ``app``: the FastAPI application (:func:`~kvscope.serve.app.create_app`); ``server``: uvicorn around it.
+"""

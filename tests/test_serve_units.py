@@ -1,0 +1,113 @@
+"""``kvscope serve`` pieces on their own: streamed text deltas, error field names, and the command line
+(parsing, the missing-extra message, and a real ``kvscope serve`` process answering on loopback)."""
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import httpx
+import pytest
+
+pytest.importorskip("fastapi")
+
+from kvscope.cli import build_parser, main  # noqa: E402
+from kvscope.engine.outputs import CompletionOutput  # noqa: E402
+from kvscope.engine.sampling_params import SamplingParams  # noqa: E402
+from kvscope.models.tokenizer import Tokenizer  # noqa: E402
+from kvscope.serve.app import _param  # noqa: E402
+from kvscope.serve.detokenize import TextDeltas  # noqa: E402
+
+
+TOKENIZER = Tokenizer.byte_level(512)  # token id = byte value
+
+
+def _completion(text: bytes, finished: bool = False, text_end: int | None = None) -> CompletionOutput:
+    return CompletionOutput(index=0, token_ids=list(text), finish_reason="stop" if finished else None,
+                            _decode=TOKENIZER.decode, text_end=text_end)
+
+
+def test_text_deltas_hold_back_an_incomplete_utf8_sequence() -> None:
+    d = TextDeltas(TOKENIZER, SamplingParams())
+    euro = "\u20ac".encode()  # three bytes, three tokens
+    assert d.next(_completion(b"ab" + euro[:1])) == "ab"
+    assert d.next(_completion(b"ab" + euro[:2])) == ""
+    assert d.next(_completion(b"ab" + euro)) == "\u20ac"
+    assert d.next(_completion(b"ab" + euro + euro[:1], finished=True)) == "\ufffd"  # at the end, all goes out
+
+
+def test_text_deltas_hold_back_what_a_stop_string_could_still_cut() -> None:
+    d = TextDeltas(TOKENIZER, SamplingParams(stop=["STOP", "x"]))
+    assert d.next(_completion(b"hello S")) == "hell"  # "o S" could begin "STOP"
+    assert d.next(_completion(b"hello ST")) == "o"
+    assert d.next(_completion(b"hello STOP", finished=True, text_end=6)) == " "  # the engine cut at "STOP"
+    keep = TextDeltas(TOKENIZER, SamplingParams(stop=["STOP"], include_stop_str_in_output=True))
+    assert keep.next(_completion(b"hello S")) == "hello S"
+
+
+@pytest.mark.slow
+def test_text_deltas_concatenate_to_the_full_decode(smollm2) -> None:
+    """Incremental decoding with a real BPE tokenizer (spaces, multi-byte characters) adds up to
+    the decode of all tokens, whatever the chunking."""
+    tok = smollm2.tokenizer
+    ids = tok.encode("Déjà vu: the naïve café's crème brûlée, 3.14 × 2 ≈ 6.28 — \u2603 \U0001F600 ok.")
+    for step in (1, 2, 3, 7):
+        d = TextDeltas(tok, SamplingParams())
+        pieces = [d.next(CompletionOutput(0, ids[:n], None, tok.decode)) for n in range(step, len(ids), step)]
+        pieces.append(d.next(CompletionOutput(0, ids, "length", tok.decode)))
+        assert "".join(pieces) == tok.decode(ids)
+        assert all("\ufffd" not in p for p in pieces)
+
+
+def test_error_param_names() -> None:
+    assert _param(["messages", 0, "content", "str"]) == "messages[0].content"
+    assert _param(["prompt", "list[list[int]]", 0, 1]) == "prompt[0][1]"
+    assert _param(["stream_options", "include_usage"]) == "stream_options.include_usage"
+    assert _param([]) is None
+
+
+def test_serve_command_line() -> None:
+    args = build_parser().parse_args(["serve", "dummy:tiny-llama", "--strategy", "h2o:heavy_ratio=0.2",
+                                      "--kv-memory", "16MiB", "--port", "9000", "--max-queue", "8",
+                                      "--served-model-name", "tiny"])
+    assert (args.model, args.strategy, args.kv_memory, args.port, args.max_queue, args.served_model_name) == (
+        "dummy:tiny-llama", "h2o:heavy_ratio=0.2", 16 << 20, 9000, 8, "tiny")
+    assert args.host == "127.0.0.1"
+
+
+def test_serve_without_the_extra_says_what_to_install(monkeypatch, capsys) -> None:
+    monkeypatch.setitem(sys.modules, "uvicorn", None)  # makes `import uvicorn` raise ImportError
+    assert main(["serve", "dummy:tiny-llama"]) == 2
+    assert "pip install 'kvscope[serve]'" in capsys.readouterr().err
+
+
+def test_kvscope_serve_process_answers_and_stops_on_sigint() -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [sys.executable, "-m", "kvscope.cli", "serve", "dummy:tiny-llama", "--kv-memory", "4MiB",
+           "--served-model-name", "tiny", "--port", str(port), "--log-level", "warning"]
+    proc = subprocess.Popen(cmd, env=os.environ.copy(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        base, deadline = f"http://127.0.0.1:{port}", time.monotonic() + 60
+        while True:
+            assert proc.poll() is None, proc.stdout.read()
+            try:
+                if httpx.get(f"{base}/health", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert time.monotonic() < deadline, "kvscope serve did not come up"
+            time.sleep(0.2)
+        r = httpx.post(f"{base}/v1/completions", json={"model": "tiny", "prompt": "hi", "max_tokens": 3}, timeout=30)
+        assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] >= 1
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=30) == 0
+        assert "Traceback" not in proc.stdout.read()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
