@@ -1,0 +1,186 @@
+"""What ``kvscope serve`` costs over the in-process engine: output tokens/s of the same 256 requests,
+sent at once, through the OpenAI-compatible HTTP server and straight into the engine.
+
+Workload: W1 of ``end_to_end.py`` (256 requests, prompts lognormal median 100 tokens, 128 output
+tokens each, EOS ignored, greedy), as random token ids (the completions API takes token-id prompts).
+Model: ``dummy:llama-3.1-8b`` (random weights, seed 0), bf16, ``paged``, max_num_seqs 256,
+max_num_batched_tokens 8192, CUDA graphs on.
+
+Systems, in one run, one after the other, each with the GPU to itself:
+
+- **in-process**: :func:`kvscope.bench.serve.run_workload` in ``offline`` mode (every request due at
+  once), and ``LLM.generate`` on the same prompts (what an offline user gets);
+- **HTTP**: ``kvscope serve`` in its own process on loopback, driven by
+  :func:`kvscope.bench.http_driver.run_http_workload` (streaming, one connection per request, all
+  sent at once: 256 concurrent requests).
+
+Both paths report through :func:`kvscope.bench.metrics.serving_metrics`. Output throughput is the
+median of ``--repeats`` runs after a warm-up run on other prompts. Correctness first: 8 short
+greedy requests must return the same text through the server as in-process (the same weights, by
+seed). Target (recorded, not asserted): the server loses at most 5% of in-process throughput.
+``--tiny``: a 2-layer model on the CPU (smoke test). Writes ``serve_overhead.json`` and ``.md``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from ceilings import RESULTS, env_line  # noqa: E402
+from decode_step import bench_environment  # noqa: E402
+from end_to_end import lognormal_lengths, prompts  # noqa: E402
+
+from kvscope.bench.http_driver import run_http_workload  # noqa: E402
+from kvscope.bench.metrics import serving_metrics  # noqa: E402
+from kvscope.bench.serve import run_workload  # noqa: E402
+from kvscope.engine.sampling_params import SamplingParams  # noqa: E402
+from kvscope.llm import LLM  # noqa: E402
+from kvscope.workload.requests import WorkloadRequest  # noqa: E402
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def workload(lengths: list[tuple[int, int]], vocab: int, seed: int) -> list[WorkloadRequest]:
+    return [WorkloadRequest(prompt=ids, output_len=o, prompt_len=len(ids))
+            for ids, (_, o) in zip(prompts(lengths, vocab, seed), lengths)]
+
+
+def throughput(records: list) -> dict:
+    m = serving_metrics(records)
+    return {k: m[k] for k in ("completed", "failed", "duration", "output_throughput", "median_ttft_ms",
+                              "median_tpot_ms", "median_itl_ms")}
+
+
+def median_runs(fn, repeats: int) -> dict:
+    runs = [fn(seed) for seed in range(1, repeats + 1)]
+    return {"tok_s": statistics.median(r["output_throughput"] for r in runs), "runs": runs}
+
+
+def wait_ready(url: str, proc: subprocess.Popen, timeout: float) -> None:
+    t0 = time.perf_counter()
+    while time.perf_counter() - t0 < timeout:
+        if proc.poll() is not None:
+            raise SystemExit(f"kvscope serve exited with {proc.returncode} before it was ready")
+        try:
+            with urllib.request.urlopen(f"{url}/health", timeout=2) as r:
+                if r.status == 200:
+                    return
+        except OSError:
+            time.sleep(0.5)
+    raise SystemExit(f"kvscope serve not ready after {timeout:.0f} s")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--out", type=Path, default=RESULTS)
+    ap.add_argument("--tiny", action="store_true", help="2-layer dummy model on the CPU (smoke test)")
+    ap.add_argument("--repeats", type=int, default=3)
+    args = ap.parse_args()
+    device = "cpu" if args.tiny else "cuda"
+    model = "dummy:tiny-llama" if args.tiny else "dummy:llama-3.1-8b"
+    n, out_len = (16, 16) if args.tiny else (256, 128)
+    lengths = [(p, out_len) for p in lognormal_lengths(n, 20 if args.tiny else 100, 0.6, 4, 100 if args.tiny else 1024, 0)]
+    engine = {"max_num_seqs": 16 if args.tiny else 256, "max_num_batched_tokens": 512 if args.tiny else 8192,
+              "max_model_len": 256 if args.tiny else 1280}
+    kv = {"kv_memory_bytes": 64 << 20} if args.tiny else {"kv_memory_fraction": 0.8}
+    env = bench_environment(torch.device(device))
+    print(env_line(env), flush=True)
+
+    llm = LLM(model, "paged", device=device, dtype="float32" if args.tiny else "bfloat16", **engine, **kv)
+    vocab = llm.engine.model_config.vocab_size
+    check_reqs = workload([(32, 16)] * 8, vocab, 999)
+    greedy = SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True)
+    ref_texts = [o.text for o in llm.generate([r.prompt for r in check_reqs], greedy, use_tqdm=False)]
+    run_workload(llm, workload(lengths[:32], vocab, 0), mode="offline")  # warm-up
+    inproc = median_runs(lambda s: throughput(run_workload(llm, workload(lengths, vocab, s), mode="offline").records),
+                         args.repeats)
+    print(f"in-process run_workload: {inproc['tok_s']:.0f} tok/s", flush=True)
+
+    def generate(seed: int) -> dict:
+        reqs = workload(lengths, vocab, seed)
+        params = [SamplingParams(max_tokens=r.output_len, temperature=0.0, ignore_eos=True) for r in reqs]
+        t0 = time.perf_counter()
+        outs = llm.generate([r.prompt for r in reqs], params, use_tqdm=False)
+        return {"output_throughput": sum(len(o.token_ids) for o in outs) / (time.perf_counter() - t0)}
+
+    gen = median_runs(generate, args.repeats)
+    print(f"in-process LLM.generate: {gen['tok_s']:.0f} tok/s", flush=True)
+    del llm
+    if device == "cuda":
+        torch.cuda.empty_cache()
+
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    cmd = [sys.executable, "-m", "kvscope.cli", "serve", model, "--strategy", "paged", "--device", device,
+           "--dtype", "float32" if args.tiny else "bfloat16", "--port", str(port), "--log-level", "warning",
+           "--max-num-seqs", str(engine["max_num_seqs"]), "--max-num-batched-tokens",
+           str(engine["max_num_batched_tokens"]), "--max-model-len", str(engine["max_model_len"]),
+           "--max-queue", str(4 * n)] + (["--kv-memory", str(kv["kv_memory_bytes"])] if args.tiny else [])
+    server = subprocess.Popen(cmd, env=os.environ | {"PYTHONUNBUFFERED": "1"})
+    try:
+        wait_ready(url, server, 600)
+        name = json.loads(urllib.request.urlopen(f"{url}/v1/models").read())["data"][0]["id"]
+        check = run_http_workload(url, check_reqs, name, mode="offline", extra_body={"temperature": 0.0})
+        same = [a == b for a, b in zip(check.texts, ref_texts)]
+        print(f"server vs in-process greedy texts: {sum(same)} of {len(same)} equal", flush=True)
+        if not all(same):
+            raise SystemExit("the server's greedy texts differ from the in-process engine's")
+        run_http_workload(url, workload(lengths[:32], vocab, 0), name, mode="offline")  # warm-up
+        http = median_runs(lambda s: throughput(run_http_workload(url, workload(lengths, vocab, s), name,
+                                                                  mode="offline").records), args.repeats)
+        print(f"HTTP server: {http['tok_s']:.0f} tok/s", flush=True)
+    finally:
+        server.terminate()
+        server.wait(60)
+
+    result = {"benchmark": "serve_overhead", "environment": env, "model": model, "engine": engine | kv,
+              "requests": n, "prompt_tokens": sum(p for p, _ in lengths), "output_tokens": n * out_len,
+              "repeats": args.repeats, "correctness": {"equal_texts": sum(same), "of": len(same)},
+              "in_process_run_workload": inproc, "in_process_generate": gen, "http": http,
+              "loss_vs_run_workload": 1 - http["tok_s"] / inproc["tok_s"],
+              "loss_vs_generate": 1 - http["tok_s"] / gen["tok_s"]}
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "serve_overhead.json").write_text(json.dumps(result, indent=1) + "\n")
+    (args.out / "serve_overhead.md").write_text(markdown(result))
+    print(markdown(result))
+
+
+def markdown(r: dict) -> str:
+    def row(label: str, x: dict) -> str:
+        runs = ", ".join(f"{v['output_throughput']:.0f}" for v in x["runs"])
+        return f"| {label} | {x['tok_s']:.0f} | {runs} |"
+
+    loss = r["loss_vs_run_workload"]
+    return "\n".join([
+        "# kvscope serve: HTTP overhead against the in-process engine", "",
+        f"The server loses {loss:.1%} of in-process throughput ({r['http']['tok_s']:.0f} against "
+        f"{r['in_process_run_workload']['tok_s']:.0f} output tok/s) at {r['requests']} concurrent requests; "
+        f"Target: loss <= 5%, {'met' if loss <= 0.05 else 'missed'}.", "", env_line(r["environment"]), "",
+        f"{r['model']}, `paged`, engine {r['engine']}; {r['requests']} requests sent at once ({r['prompt_tokens']} "
+        f"prompt tokens, {r['output_tokens']} output tokens, greedy, EOS ignored); median of {r['repeats']} runs "
+        "after a warm-up. HTTP: `kvscope serve` in its own process on loopback, every request streamed.", "",
+        "| path | output tok/s (median) | runs |", "|---|---:|---|",
+        row("in-process `run_workload` (offline)", r["in_process_run_workload"]),
+        row("in-process `LLM.generate`", r["in_process_generate"]),
+        row("HTTP `kvscope serve`", r["http"]), "",
+        f"Against `LLM.generate`: {r['loss_vs_generate']:.1%} lost. Correctness before timing: "
+        f"{r['correctness']['equal_texts']} of {r['correctness']['of']} greedy texts equal between server and "
+        "in-process engine.", ""])
+
+
+if __name__ == "__main__":
+    main()
