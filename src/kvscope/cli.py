@@ -166,6 +166,13 @@ def _add_study(sub: argparse._SubParsersAction) -> None:
     run.add_argument("--no-progress", action="store_true")
     run.add_argument("--no-retry-errors", action="store_true",
                      help="skip points whose last row is an error (by default a rerun runs them again)")
+    run.add_argument("--ray", nargs="?", const="local", default=None, metavar="ADDRESS",
+                     help="run the points on Ray workers, one point per worker slot, this process writing the "
+                          "results: on a new local Ray instance, or on the cluster at ADDRESS ('auto', HOST:PORT, "
+                          "ray://HOST:PORT); a point whose worker dies runs again up to twice. Put it after SPEC "
+                          "(needs pip install 'kvscope[ray]')")
+    run.add_argument("--ray-cpus-per-point", type=float, default=None, metavar="N",
+                     help="CPUs each point asks Ray for (default 1; a point on device cuda also asks for one GPU)")
     report = study.add_parser("report", help="write report.html and report.md from a results directory")
     report.add_argument("results_dir")
 
@@ -175,6 +182,7 @@ def _study(args: argparse.Namespace) -> int:
     failed (the report lists them; a rerun retries them), 2 for a problem found before any point."""
     from pathlib import Path
 
+    from kvscope.errors import ConfigError
     from kvscope.study import load_spec, preset, run_study
     from kvscope.study.report import write_report
     from kvscope.study.results_io import (
@@ -194,9 +202,18 @@ def _study(args: argparse.Namespace) -> int:
     if results.suffix == ".jsonl":  # run_study would take it for the results file, and the report has no folder
         raise ResultsFolderError(f"--results {results}: names a folder (it holds {RESULTS_FILE}, spec.json and the "
                                  f"report), not a .jsonl file; e.g. --results {results.with_suffix('')}")
+    ray = None
+    if args.ray is not None:
+        from kvscope.study.ray_runner import RayOptions
+
+        ray = RayOptions(args.ray, **({} if args.ray_cpus_per_point is None else
+                                      {"cpus_per_point": args.ray_cpus_per_point}))
+    elif args.ray_cpus_per_point is not None:
+        raise ConfigError("--ray-cpus-per-point: applies to a run on Ray; add --ray [ADDRESS]")
     target = check_results_target(results)  # before any point, as run_study checks again under the lock
     with results_lock(target):  # held across the run and the report
-        new = run_study(spec, results, progress=not args.no_progress, retry_errors=not args.no_retry_errors)
+        new = run_study(spec, results, progress=not args.no_progress, retry_errors=not args.no_retry_errors,
+                        ray=ray)
         rows = read_results_file(target, warn=False).rows
         failed = sum(r["status"] != "ok" for r in rows)
         print(f"{len(new)} points run ({sum(r['status'] != 'ok' for r in new)} failed); {len(rows)} points in "

@@ -1,14 +1,18 @@
 """Checks a study run makes before its first point: every model resolves, and the results folder
 belongs to this spec. A mistake found here costs nothing; found at a point, it costs every point
-before it, and leaves error rows behind."""
+before it, and leaves error rows behind. :func:`check_point` makes the same checks for one point,
+where the machine that runs it is not the one that checked the spec (a Ray worker)."""
 from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from kvscope.errors import KVScopeError, ModelLoadError
 from kvscope.study.results_io import ResultsFolderError
+
+if TYPE_CHECKING:
+    from kvscope.study.spec import Point
 
 SPEC_FILE = "spec.json"
 
@@ -52,6 +56,20 @@ def check_models(models: list[str]) -> None:
             check_model(name)
         except KVScopeError as e:
             raise ModelLoadError(f"models[{i}]: {e}") from None
+
+
+def check_point(point: Point) -> None:
+    """Check that this machine can run ``point``: its model resolves (:func:`check_model`) and the
+    data packages of its workload and quality metrics are installed. Raises
+    :class:`ModelLoadError` or :class:`~kvscope.errors.DatasetError` saying what is missing."""
+    from kvscope.study.spec import check_data_packages
+
+    cfg = point.config
+    try:
+        check_model(cfg["model"])
+    except KVScopeError as e:
+        raise ModelLoadError(f"model {cfg['model']!r}: {e}") from None
+    check_data_packages({"workload": point.workload}, cfg["quality"]["perplexity"])
 
 
 def claim_folder(folder: Path, spec_json: dict[str, Any]) -> None:

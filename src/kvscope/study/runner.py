@@ -30,7 +30,7 @@ from dataclasses import asdict, dataclass, field
 from importlib import metadata
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from tqdm.auto import tqdm
@@ -66,6 +66,10 @@ from kvscope.workload.mixed import MixedWorkload, mix, num_long_requests
 from kvscope.workload.ruler import ruler_samples, score_prediction
 from kvscope.workload.sharegpt import sharegpt_requests
 from kvscope.workload.text import token_sequences
+
+if TYPE_CHECKING:
+    from kvscope.study.ray_runner import RayOptions
+
 
 def environment(device: str) -> dict[str, Any]:
     """Device, library versions and commit recorded with every row."""
@@ -387,12 +391,35 @@ def _warm_up(llm: LLM, requests: list, max_model_len: int, count: int = 4) -> No
                 continue
 
 
+def point_row(point: Point, study: str, cache: PointCache,
+              run_point_fn: Callable[[Point, PointCache], dict[str, Any]], env: dict[str, Any]) -> dict[str, Any]:
+    """The results row of one point, as every runner records it: ``run_point_fn``'s fields and
+    ``status: "ok"``, or ``status: "error"`` with the exception it raised (a point whose every
+    request failed is an error too: metrics of nothing served are no result); then the time it
+    took and ``env``. Never raises on the point's account, so the study goes on."""
+    start = time.perf_counter()
+    row: dict[str, Any] = {"id": point.id, "study": study, "config": point.config}
+    try:
+        row.update(run_point_fn(point, cache))
+        row["status"] = "ok"
+    except Exception as e:  # noqa: BLE001 - a failing point is recorded and the study goes on
+        row["status"] = "error"
+        row["error"] = f"{type(e).__name__}: {e}"
+        row["traceback"] = traceback.format_exc(limit=8)
+    if row["status"] == "ok" and (refused := all_requests_failed(row)):
+        row["status"], row["error"] = "error", refused
+    row["elapsed_s"] = time.perf_counter() - start
+    row["environment"] = env
+    return row
+
+
 def run_study(
     spec: StudySpec,
     results_path: str | Path,
     progress: bool = True,
     run_point_fn: Callable[[Point, PointCache], dict[str, Any]] = run_point,
     retry_errors: bool = True,
+    ray: RayOptions | None = None,
 ) -> list[dict[str, Any]]:
     """Run every point of ``spec`` without an ``ok`` row in ``results_path`` (with
     ``retry_errors=False``, without any row); return the new rows.
@@ -402,7 +429,8 @@ def run_study(
     the folder locked, a folder's ``spec.json`` compared with ``spec``
     (:class:`~kvscope.study.results_io.ResultsFolderError` for each) and every model resolved
     (:class:`~kvscope.errors.ModelLoadError`). ``run_point_fn`` is the per-point runner (a seam
-    for tests).
+    for tests). With ``ray``, the points run on Ray workers (:mod:`kvscope.study.ray_runner`);
+    this process still writes every row.
     """
     path = check_results_target(results_path)
     check_models(spec.models)
@@ -412,29 +440,22 @@ def run_study(
         done = read_results_file(path).done_ids(retry_errors)
         points = expand(spec)
         todo = [p for p in points if p.id not in done]
-        env = environment(spec.device)
-        cache = PointCache()
-        new_rows = []
         bar = tqdm(total=len(points), initial=len(points) - len(todo), desc=f"study {spec.name}", unit="point",
                    disable=not progress)
-        for point in todo:
-            start = time.perf_counter()
-            row: dict[str, Any] = {"id": point.id, "study": spec.name, "config": point.config}
-            try:
-                row.update(run_point_fn(point, cache))
-                row["status"] = "ok"
-            except Exception as e:  # noqa: BLE001 - a failing point is recorded and the study goes on
-                row["status"] = "error"
-                row["error"] = f"{type(e).__name__}: {e}"
-                row["traceback"] = traceback.format_exc(limit=8)
-            if row["status"] == "ok" and (refused := all_requests_failed(row)):
-                row["status"], row["error"] = "error", refused  # metrics of nothing served are no result
-            row["elapsed_s"] = time.perf_counter() - start
-            row["environment"] = env
-            append_row(path, row)
-            new_rows.append(row)
-            bar.set_postfix_str(f"{row['status']} {point.config['strategy']}")
-            bar.update(1)
+        if ray is not None:
+            from kvscope.study.ray_runner import run_points
+
+            new_rows = run_points(spec, todo, path, bar, ray, run_point_fn)
+        else:
+            env = environment(spec.device)
+            cache = PointCache()
+            new_rows = []
+            for point in todo:
+                row = point_row(point, spec.name, cache, run_point_fn, env)
+                append_row(path, row)
+                new_rows.append(row)
+                bar.set_postfix_str(f"{row['status']} {point.config['strategy']}")
+                bar.update(1)
         bar.close()
     return new_rows
 

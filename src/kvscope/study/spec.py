@@ -311,10 +311,16 @@ def parse_spec(raw: Any, base_dir: str | Path = ".", check_packages: bool = True
 def check_datasets(spec: StudySpec) -> None:
     """Raise :class:`DatasetError` naming the field and the install command of the first data
     package that the spec's workloads or quality metrics need and that is not installed."""
+    check_data_packages({f"workloads[{i}]": w for i, w in enumerate(spec.workloads)}, spec.quality.perplexity)
+
+
+def check_data_packages(workloads: dict[str, WorkloadSpec], perplexity: bool) -> None:
+    """:func:`check_datasets` for ``workloads`` (keyed by the field that names each in the error)
+    and, with ``perplexity``, the prose that metric reads."""
     needs: list[tuple[str, tuple[str, str]]] = [
-        (f"workloads[{i}]", pkg) for i, w in enumerate(spec.workloads) for pkg in w.packages()
+        (where, pkg) for where, w in workloads.items() for pkg in w.packages()
     ]
-    if spec.quality.perplexity:
+    if perplexity:
         src = PROSE_SOURCES["britannica"]
         needs.append(("quality.perplexity", (src.module, src.install)))
     for where, (module, install) in needs:
