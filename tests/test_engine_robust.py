@@ -8,7 +8,8 @@ import pytest
 
 from kvscope import LLM, SamplingParams
 from kvscope.engine import engine as engine_module
-from kvscope.errors import RequestError
+from kvscope.errors import ConfigError, RequestError
+from kvscope.kv import registry
 from kvscope.models.loader import load_model
 
 MODEL = "dummy:tiny-llama"
@@ -312,3 +313,17 @@ def test_generate_validates_every_prompt_before_queueing_any(loaded):
     with pytest.raises(RequestError, match="prompt 1: request 1: the prompt is not valid text"):
         llm.generate(["fine", "\ud800"], greedy(), use_tqdm=False)
     assert not llm.engine.requests and not llm.engine.has_unfinished_requests()
+
+
+def test_a_strategy_instance_serves_one_engine(loaded):
+    kv = registry.create("paged")
+    first = make(loaded, kv, kv_memory_bytes=1 << 20)
+    with pytest.raises(ConfigError, match="already bound to an engine \\(a KV pool of 1048576 bytes\\)"):
+        make(loaded, kv, kv_memory_bytes=8 << 20)
+    assert first.engine.kv.setup.kv_memory_bytes == 1 << 20  # the first engine's pool is unchanged
+    assert alone(first, PROMPTS[:1]) == alone(make(loaded), PROMPTS[:1])
+
+
+def test_unallocatable_pool_is_a_config_error(loaded):
+    with pytest.raises(ConfigError, match="could not allocate its KV memory for kv_memory_bytes=4611686018427387904"):
+        make(loaded, kv_memory_bytes=1 << 62)

@@ -61,6 +61,12 @@ class LLMEngine:
         self.tokenizer = loaded.tokenizer
         self.model_config = loaded.config
         self.kv = kv
+        if kv.setup is not None:
+            raise ConfigError(
+                f"this {kv.name!r} strategy instance is already bound to an engine (a KV pool of "
+                f"{kv.setup.kv_memory_bytes} bytes) and keeps that engine's state; give each LLM its own "
+                "instance, or a strategy spec string"
+            )
         if config.preemption_mode == "swap" and not kv.supports_swap:
             raise ConfigError(f"strategy {kv.name!r} does not support preemption_mode='swap'")
         self.max_model_len = min(
@@ -83,7 +89,13 @@ class LLMEngine:
             attention_backend=config.resolved_attention_backend,
             cuda_graph_sizes=self.graph_sizes,
         )
-        kv.bind(setup)
+        try:
+            kv.bind(setup)
+        except (RuntimeError, MemoryError) as e:  # torch's allocation failures (OutOfMemoryError included)
+            raise ConfigError(
+                f"strategy {kv.name!r} could not allocate its KV memory for kv_memory_bytes={kv_bytes} "
+                f"(swap_space_bytes={config.swap_space_bytes}): {e}"
+            ) from None
         kv.attach_model(loaded)
         self.scheduler = Scheduler(
             kv, config.max_num_seqs, config.max_num_batched_tokens, config.preemption_mode
