@@ -201,7 +201,7 @@ class AdaptiveStrategy(KVStrategy):
         self.block_size = block_size
         self.full = PagedStrategy(block_size=block_size, enable_prefix_caching=False)
         child = available()[long]
-        check_args(child, {"block_size": block_size, **args}, owner=f"adaptive: the long child {long!r}")
+        check_args(child, {"block_size": block_size, **args}, owner=f"adaptive: long_args of the long child {long!r}")
         try:
             self.long = child(block_size=block_size, **args)
         except TypeError as e:

@@ -71,7 +71,8 @@ def arg_types(cls: type[KVStrategy]) -> dict[str, Any]:
 
 def _matches(value: Any, hint: Any) -> bool:
     """Whether ``value`` is of type ``hint``, strictly: a bool is not an int, an int is not a
-    bool, a string is neither; a float must be finite. Generics check their container only."""
+    bool, a string is neither; an int must fit 64 bits, a float must be finite. Generics check
+    their container only."""
     if hint is Any:
         return True
     origin = typing.get_origin(hint)
@@ -81,8 +82,8 @@ def _matches(value: Any, hint: Any) -> bool:
         return value is None
     if hint is bool:
         return isinstance(value, bool)
-    if hint is int:
-        return isinstance(value, int) and not isinstance(value, bool)
+    if hint is int:  # it will meet int64 tensors
+        return isinstance(value, int) and not isinstance(value, bool) and -(1 << 63) <= value < 1 << 63
     if hint is float:
         return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
     if isinstance(origin, type):
@@ -93,7 +94,7 @@ def _matches(value: Any, hint: Any) -> bool:
 def _describe(hint: Any) -> str:
     if typing.get_origin(hint) in (typing.Union, types.UnionType):
         return " or ".join(_describe(h) for h in typing.get_args(hint))
-    names = {bool: "true or false", int: "an integer", float: "a finite number", str: "a string",
+    names = {bool: "true or false", int: "a 64-bit integer", float: "a finite number", str: "a string",
              type(None): "None"}
     return names.get(hint, getattr(hint, "__name__", str(hint)))
 
