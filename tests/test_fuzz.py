@@ -19,6 +19,7 @@ from hypothesis import strategies as st
 from kvscope import LLM, SamplingParams
 from kvscope.errors import ConfigError, RequestError
 from kvscope.kv import registry
+from kvscope.kv.random_policy import RandomStrategy
 from kvscope.models.loader import load_model
 
 MODEL = "dummy:tiny-llama"
@@ -216,11 +217,14 @@ def test_strategy_args(loaded, choice):
         return
     event(f"ran {name}")
     try:
-        before = [good_tokens(llm), good_tokens(llm)]
+        before = good_tokens(llm)
     except RequestError as e:  # the prompt does not fit this pool
         assert names_a_field(e, ["prompt"]), e
         return
     run(llm, [GOOD_PROMPT, OTHER_PROMPT], SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True), fields)
     assert holds_nothing(llm)
-    if before[0] == before[1]:  # reproducible (random's scores come from a generator that moves on)
-        assert good_tokens(llm) == before[0]
+    after = good_tokens(llm)
+    # random's scores come from one generator that moves on with every token written: what it
+    # keeps, hence its tokens, may differ from run to run. Every other strategy is deterministic.
+    if not any(isinstance(s, RandomStrategy) for s in (kv, getattr(kv, "long", None))):
+        assert after == before
