@@ -166,7 +166,13 @@ def test_abort_frees_memory(tiny):
     eng.step()
     assert eng.stats()["blocks_used"] > 0
     eng.abort(rid)
-    assert eng.stats()["blocks_used"] == 0 and not eng.has_unfinished_requests()
+    assert eng.stats()["blocks_used"] == 0 and not eng.scheduler.running
+    # The final output comes with the next step (as in vLLM); then the engine forgets the request.
+    assert eng.has_unfinished_requests()
+    (out,) = eng.step()
+    assert out.request_id == rid and out.finished and out.finish_reason == "abort"
+    assert len(out.token_ids) == 1  # the token of the step before the abort
+    assert not eng.has_unfinished_requests() and not eng.requests and eng.step() == []
 
 
 def test_config_errors(tiny):

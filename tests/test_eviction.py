@@ -20,7 +20,7 @@ from kvscope import SamplingParams
 # The same tests run on a GPU with KVSCOPE_TEST_DEVICE=cuda (the HF reference stays on the CPU).
 DEVICE = os.environ.get("KVSCOPE_TEST_DEVICE", "cpu")
 LLM = functools.partial(_LLM, device=DEVICE)
-from kvscope.errors import ConfigError
+from kvscope.errors import ConfigError, RequestError
 from kvscope.models.loader import load_model
 
 EVICTING = ["h2o", "streaming", "tova", "snapkv", "knorm", "random"]
@@ -316,3 +316,48 @@ def test_prefill_scores_and_output_equal_dense_attention(name, chunks):
         start += c
     slots = s._slots(s.tables["r"], n)
     torch.testing.assert_close(s.scores[:, slots].double(), expected, rtol=1e-4, atol=1e-6)
+
+
+def _pool_llm(path, spec, blocks):
+    """An engine whose pool holds exactly ``blocks`` 16-token blocks."""
+    probe = LLM(path, strategy=spec, kv_memory_bytes=8 << 20).engine.kv
+    slot_bytes = probe.bytes_per_token + probe.extra_slot_bytes(probe.setup.model)
+    llm = LLM(path, strategy=spec, kv_memory_bytes=blocks * 16 * slot_bytes)
+    assert llm.engine.kv.pool.num_blocks == blocks
+    return llm
+
+
+@pytest.mark.parametrize("name", ["h2o", "streaming", "tova", "knorm", "random"])
+def test_prompt_filling_the_pool_is_served(tiny, name):
+    """A prompt exactly the pool's size used to be admitted, then fail after its first token (its first
+    decode token needs a slot beside the whole prompt). It is evicted to its budget just before that
+    step, which is what compress_prompt does at the end of prefill: the same tokens, at any pool size."""
+    path, _ = tiny
+    prompt = [random.Random(5).randrange(4, 256) for _ in range(64)]
+    llm = _pool_llm(path, name, 4)
+    assert llm.engine.kv.max_request_tokens() == 64
+    out = llm.generate([prompt], greedy(), use_tqdm=False)[0]
+    ref = LLM(path, strategy=f"{name}:compress_prompt=true", kv_memory_bytes=8 << 20).generate(
+        [prompt], greedy(), use_tqdm=False)[0]
+    assert (out.finish_reason, out.error) == ("length", None)
+    assert out.token_ids == ref.token_ids
+    s = llm.engine.stats()
+    assert s["blocks_used"] == 0 and s["evicted_tokens"] > 0
+
+
+def test_prompt_filling_the_pool_without_room_to_evict_is_rejected_up_front(tiny):
+    """Budgets that keep a pool-sized prompt whole leave no slot for its first decode token: such a
+    prompt is refused in add_request (one token shorter is served); an absolute budget covering the
+    pool evicts nothing, so the pool caps the sequence, as for paged."""
+    path, _ = tiny
+    keep_all = _pool_llm(path, "h2o:heavy_ratio=0.5,recent_ratio=0.5", 4)
+    assert keep_all.engine.kv.max_request_tokens() == 63
+    with pytest.raises(RequestError, match="prompt has 64 tokens but strategy 'h2o' serves prompts of at most 63"):
+        keep_all.generate([[5] * 64], greedy(), use_tqdm=False)
+    assert keep_all.generate([[5] * 63], greedy(), use_tqdm=False)[0].finish_reason == "length"
+    for name in ("tova", "snapkv"):
+        big = _pool_llm(path, f"{name}:budget=100", 4)
+        outs = big.generate([[5] * 64, [6] * 50], greedy(), use_tqdm=False)
+        got = [(o.finish_reason, o.error, len(o.token_ids)) for o in outs]
+        assert got == [("length", None, 1), ("length", None, 14)]
+        assert big.engine.stats()["blocks_used"] == 0

@@ -232,6 +232,24 @@ def test_host_pool_smaller_than_one_request():
     assert llm.engine.stats()["host_evicted_tokens"] > 0
 
 
+def test_tiny_device_budget_names_what_the_user_set():
+    """Without host_kv_bytes the host pool follows kv_memory_bytes (or swap_space_bytes): the error
+    names that field and the size that works, never a host_kv_bytes=0 the user never set."""
+    with pytest.raises(ConfigError) as err:
+        LLM("dummy:tiny-llama", strategy="offload", kv_memory_bytes=5000, max_model_len=128)
+    msg = str(err.value)
+    assert "host_kv_bytes" not in msg
+    assert msg.startswith("offload: kv_memory_bytes=5000 serves 9 host tokens (512 device bytes each), fewer than "
+                          "the 128 of one request of max_model_len=128; raise kv_memory_bytes to at least 65536")
+    LLM("dummy:tiny-llama", strategy="offload", kv_memory_bytes=65536, max_model_len=128)  # the size it names serves
+    with pytest.raises(ConfigError, match="infinigen: kv_memory_bytes=1000 serves 1 host tokens .* fewer than "
+                                          "the 16 of one block; raise kv_memory_bytes to at least 8960"):
+        LLM("dummy:tiny-llama", strategy="infinigen:calibration=random", kv_memory_bytes=1000)
+    with pytest.raises(ConfigError, match="offload: swap_space_bytes=1000 caps the host pool at 1 tokens .* raise "
+                                          "swap_space_bytes to at least 65536 or give host_kv_bytes"):
+        LLM("dummy:tiny-llama", strategy="offload", kv_memory_bytes=4 << 20, swap_space_bytes=1000, max_model_len=128)
+
+
 @pytest.mark.parametrize("select", ["head", "token"])
 def test_static_decode_step_equals_ragged_step(select):
     """The static-shape decode step (``kv/infinigen_decode.py``: contexts padded, ``k`` masked on the

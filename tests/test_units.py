@@ -3,6 +3,8 @@ the field or option, never a raw Python error."""
 from __future__ import annotations
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from kvscope.cli import main
 from kvscope.errors import ConfigError
@@ -13,6 +15,8 @@ from kvscope.units import MAX_SIZE, parse_size
     ("512MiB", 512 * 2**20), ("2G", 2 * 2**30), ("2g", 2 * 2**30), ("64kb", 64 * 1024), ("64KB", 64 * 1024),
     ("1ki", 1024), ("3 MiB", 3 * 2**20), (" 7 ", 7), ("1000000", 1_000_000), (1_000_000, 1_000_000), ("100b", 100),
     ("1.5GiB", 3 * 2**29), ("1t", 2**40), ("8T", 8 * 2**40), ("0001k", 1024), (str(MAX_SIZE), MAX_SIZE),
+    ("9007199254740993", 9007199254740993),  # past float precision: exact
+    ("8388607.9999999999999T", MAX_SIZE),  # rounded down, not up
 ])
 def test_sizes(text, size):
     assert parse_size(text) == size
@@ -31,6 +35,17 @@ def test_sizes(text, size):
 def test_bad_sizes_name_the_field(text, problem):
     with pytest.raises(ConfigError, match=f"^kv_memory: {problem}"):
         parse_size(text, "kv_memory")
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.one_of(st.text(max_size=12), st.integers(), st.floats(), st.booleans(), st.none()))
+def test_anything_is_a_size_or_a_config_error_naming_the_field(text):
+    try:
+        value = parse_size(text, "f")
+    except ConfigError as e:
+        assert str(e).startswith("f: ")
+    else:
+        assert isinstance(value, int) and 1 <= value <= MAX_SIZE
 
 
 @pytest.mark.parametrize("argv, option, problem", [

@@ -7,7 +7,9 @@ from typing import Any
 
 import torch
 
+from kvscope import checks
 from kvscope.errors import ConfigError
+from kvscope.units import parse_size
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 PREEMPTION_MODES = ("recompute", "swap")
@@ -21,7 +23,7 @@ def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
         if dtype not in _DTYPES.values():
             raise ConfigError(f"unsupported dtype {dtype}; use one of {list(_DTYPES)}")
         return dtype
-    if dtype not in _DTYPES:
+    if not isinstance(dtype, str) or dtype not in _DTYPES:
         raise ConfigError(f"unknown dtype {dtype!r}; use one of {list(_DTYPES)}")
     return _DTYPES[dtype]
 
@@ -41,7 +43,7 @@ def resolve_attention_backend(backend: str, device: torch.device) -> str:
     under Triton's interpreter (``TRITON_INTERPRET=1``, set before triton is first imported), which
     is for tests: far too slow to serve.
     """
-    if backend not in ATTENTION_BACKENDS:
+    if not isinstance(backend, str) or backend not in ATTENTION_BACKENDS:
         raise ConfigError(f"unknown attention_backend {backend!r}; use one of {ATTENTION_BACKENDS}")
     if backend == "torch":
         return "torch"
@@ -63,8 +65,11 @@ def resolve_attention_backend(backend: str, device: torch.device) -> str:
 class EngineConfig:
     """Engine knobs (vLLM's names where vLLM has one).
 
-    ``kv_memory_bytes`` sizes the KV pool exactly; if None, the pool takes ``kv_memory_fraction``
-    of the device memory left free after loading weights (CUDA) or ``DEFAULT_CPU_KV_BYTES`` (CPU).
+    ``kv_memory_bytes`` sizes the KV pool exactly (an int, or a size string such as ``"64MiB"``,
+    see :func:`kvscope.units.parse_size`; so may ``swap_space_bytes``); if None, the pool takes
+    ``kv_memory_fraction`` of the device memory left free after loading weights (CUDA) or
+    ``DEFAULT_CPU_KV_BYTES`` (CPU). Integer fields refuse bools, floats and strings
+    (:class:`ConfigError` naming the field).
     ``max_model_len`` defaults to the model's context length.
     ``attention_backend``: ``"torch"`` (reference path), ``"triton"`` (paged kernels; CUDA) or
     ``"auto"`` (triton on CUDA when it imports, else torch); see :func:`resolve_attention_backend`.
@@ -80,46 +85,57 @@ class EngineConfig:
     strategy_args: dict[str, Any] | None = None
     device: str = "cpu"
     dtype: str | torch.dtype = "float32"
-    kv_memory_bytes: int | None = None
+    kv_memory_bytes: int | str | None = None
     kv_memory_fraction: float = 0.9
     max_model_len: int | None = None
     max_num_seqs: int = 64
     max_num_batched_tokens: int = 2048
     preemption_mode: str = "recompute"
-    swap_space_bytes: int = 4 << 30
+    swap_space_bytes: int | str = 4 << 30
     seed: int = 0
     attention_backend: str = "auto"
     enforce_eager: bool = False
     cuda_graph_sizes: list[int] | None = None
 
     def __post_init__(self) -> None:
+        if not isinstance(self.model, str):
+            raise ConfigError(f"model must be a name or a path (a string), got {self.model!r}")
         self.torch_dtype = parse_dtype(self.dtype)
+        if not isinstance(self.device, (str, torch.device)):
+            raise ConfigError(f"device must be a string such as 'cpu' or 'cuda:0', got {self.device!r}")
         try:
             self.torch_device = torch.device(self.device)
         except RuntimeError as e:
             raise ConfigError(f"invalid device {self.device!r}: {e}") from None
         if self.torch_device.type == "cuda" and not torch.cuda.is_available():
             raise ConfigError(f"device {self.device!r} requested but CUDA is not available")
-        if self.kv_memory_bytes is not None and self.kv_memory_bytes <= 0:
-            raise ConfigError(f"kv_memory_bytes must be positive, got {self.kv_memory_bytes}")
+        if self.strategy_args is not None and not isinstance(self.strategy_args, dict):
+            raise ConfigError(f"strategy_args must be a dict of keyword arguments, got {self.strategy_args!r}")
+        if self.kv_memory_bytes is not None:
+            self.kv_memory_bytes = parse_size(self.kv_memory_bytes, "kv_memory_bytes")
+        self.kv_memory_fraction = checks.real(self.kv_memory_fraction, "kv_memory_fraction")
         if not 0.0 < self.kv_memory_fraction <= 1.0:
             raise ConfigError(f"kv_memory_fraction must be in (0, 1], got {self.kv_memory_fraction}")
-        for name in ("max_num_seqs", "max_num_batched_tokens"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.max_model_len is not None and self.max_model_len < 1:
-            raise ConfigError(f"max_model_len must be >= 1, got {self.max_model_len}")
-        if self.preemption_mode not in PREEMPTION_MODES:
+        self.max_num_seqs = checks.integer(self.max_num_seqs, "max_num_seqs", minimum=1)
+        self.max_num_batched_tokens = checks.integer(self.max_num_batched_tokens, "max_num_batched_tokens", minimum=1)
+        if self.max_model_len is not None:
+            self.max_model_len = checks.integer(self.max_model_len, "max_model_len", minimum=1)
+        if not isinstance(self.preemption_mode, str) or self.preemption_mode not in PREEMPTION_MODES:
             raise ConfigError(
                 f"unknown preemption_mode {self.preemption_mode!r}; use one of {PREEMPTION_MODES}"
             )
-        if self.swap_space_bytes < 0:
-            raise ConfigError(f"swap_space_bytes must be >= 0, got {self.swap_space_bytes}")
+        # 0 (no swap space) is a valid int; a string is a size such as "4GiB".
+        if isinstance(self.swap_space_bytes, str):
+            self.swap_space_bytes = parse_size(self.swap_space_bytes, "swap_space_bytes")
+        self.swap_space_bytes = checks.integer(self.swap_space_bytes, "swap_space_bytes", minimum=0)
+        self.seed = checks.integer(self.seed, "seed", -(1 << 63), (1 << 63) - 1)
+        checks.boolean(self.enforce_eager, "enforce_eager")
         self.resolved_attention_backend = resolve_attention_backend(self.attention_backend, self.torch_device)
         if self.cuda_graph_sizes is not None:
             sizes = self.cuda_graph_sizes
-            if not sizes or any(isinstance(s, bool) or not isinstance(s, int) or s < 1 for s in sizes):
+            if not isinstance(sizes, (list, tuple)) or not sizes:
                 raise ConfigError(f"cuda_graph_sizes must be a non-empty list of integers >= 1, got {sizes!r}")
+            self.cuda_graph_sizes = checks.int_list(sizes, "cuda_graph_sizes", minimum=1)
             if max(sizes) > self.max_num_seqs:
                 raise ConfigError(
                     f"cuda_graph_sizes {sizes} has a bucket above max_num_seqs={self.max_num_seqs}: "

@@ -26,7 +26,8 @@ class LLM:
             file, or ``dummy:<preset>``.
         strategy: a registered name (``kvscope strategies``), a ``name:key=value,...`` spec, or
             a :class:`KVStrategy` instance; ``strategy_args`` adds keyword arguments.
-        kv_memory_bytes: size of the KV pool; None takes a fraction of free device memory.
+        kv_memory_bytes: size of the KV pool, in bytes or as a size string (``"64MiB"``); None takes
+            a fraction of free device memory.
         loaded_model: weights and tokenizer already returned by :func:`load_model` for the same
             ``model``, ``device``, ``dtype`` (and ``seed``, for dummy models), to share them between
             engines instead of loading them again (a study's points do this). The engine never
@@ -40,7 +41,7 @@ class LLM:
         model: str = "smollm2-135m",
         strategy: str | KVStrategy = "paged",
         strategy_args: dict[str, Any] | None = None,
-        kv_memory_bytes: int | None = None,
+        kv_memory_bytes: int | str | None = None,
         device: str = "cpu",
         dtype: str = "float32",
         loaded_model: LoadedModel | None = None,
@@ -71,7 +72,9 @@ class LLM:
         """Generate for every prompt (text or token ids); outputs come back in prompt order.
 
         All prompts are validated before any runs: a bad one raises :class:`RequestError` naming
-        its index, and the engine is left as it was.
+        its index, and the engine is left as it was. If the generation is interrupted (Ctrl-C, or
+        any exception), this call's requests are aborted and their KV freed before the exception
+        propagates, so the next call does not first finish them.
         """
         if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
             prompts = [prompts]  # type: ignore[list-item]
@@ -82,20 +85,13 @@ class LLM:
             params = list(sampling_params)
             if len(params) != len(prompts):
                 raise RequestError(f"got {len(params)} sampling params for {len(prompts)} prompts")
-        ids: list[str] = []
+        ids = self.engine.add_requests(prompts, params)
         try:
-            for i, (prompt, p) in enumerate(zip(prompts, params)):
-                try:
-                    ids.append(self.engine.add_request(prompt, p))
-                except RequestError as e:
-                    raise RequestError(f"prompt {i}: {e}") from None
-        except RequestError:
+            return self._run(ids, use_tqdm)
+        except BaseException:
             for rid in ids:
                 self.engine.abort(rid)
-            while self.engine.has_unfinished_requests():  # drain the aborted requests
-                self.engine.step()
             raise
-        return self._run(ids, use_tqdm)
 
     def chat(
         self,

@@ -2,8 +2,11 @@
 from __future__ import annotations
 
 import itertools
+import logging
+import math
 import random
 import time
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -11,27 +14,45 @@ import torch
 from kvscope.config import DEFAULT_CPU_KV_BYTES, EngineConfig
 from kvscope.engine.cuda_graph import DecodeGraphs, default_graph_sizes
 from kvscope.engine.model_runner import ModelRunner
-from kvscope.engine.outputs import CompletionOutput, RequestMetrics, RequestOutput
+from kvscope.engine.prompts import prompt_token_ids
+from kvscope.engine.outputs import RequestOutput, build_output
 from kvscope.engine.request import Request, RequestStatus
 from kvscope.engine.sampler import sample
 from kvscope.engine.sampling_params import SamplingParams
-from kvscope.engine.scheduler import Scheduler
+from kvscope.engine.scheduler import ScheduleResult, Scheduler
+from kvscope.engine.stopping import stop_reason
 from kvscope.errors import ConfigError, RequestError
 from kvscope.kv.base import KVSetup, KVStrategy
 
 if TYPE_CHECKING:
     from kvscope.models.loader import LoadedModel
 
-_STOP_STR_LOOKBACK = 32  # extra characters re-decoded when checking for a stop string
+logger = logging.getLogger(__name__)
 
 
 class LLMEngine:
     """One model, one KV strategy, a scheduler and a sampler.
 
     ``add_request`` validates and queues; ``step`` runs one scheduled batch and returns the
-    outputs of every request that produced a token (``finished`` tells which are done);
-    ``abort`` removes a request at any time. Bad requests raise :class:`RequestError` in
-    ``add_request`` and never disturb the requests already being served.
+    outputs of every request that produced a token or finished (``finished`` tells which are
+    done); ``abort`` stops a request at any time and frees its KV at once; the next ``step``
+    returns its final output (``finish_reason="abort"``), as vLLM's does, and only then forgets
+    it, so its id may be used again.
+
+    Failures stay with the request that caused them:
+
+    - A bad request raises :class:`RequestError` (its sampling parameters, :class:`ConfigError`)
+      in ``add_request`` and never disturbs the requests already being served.
+    - A failure inside one request's part of a step (sampling, forking its ``n`` samples,
+      stop strings, logprobs) finishes that request alone with ``finish_reason="error"`` and the
+      exception in its output's ``error``, and frees its KV; the batch carries on.
+    - A failure of the step as a whole (building the batch, the model forward, the strategy's
+      ``begin_step``/``end_step``) belongs to no single request. vLLM then declares the engine
+      dead (``EngineDeadError``: every request fails, the engine must be restarted). kvscope
+      fails only the requests of that step, the same way, freeing their KV (and with it whatever
+      the strategy half-wrote for them), logs the traceback, and keeps serving the rest, which the
+      failed step did not touch. An interrupt (``KeyboardInterrupt``) mid-step does the same, then
+      propagates: no request is ever left with a computed position and no token to show for it.
     """
 
     def __init__(self, loaded: LoadedModel, kv: KVStrategy, config: EngineConfig) -> None:
@@ -40,6 +61,12 @@ class LLMEngine:
         self.tokenizer = loaded.tokenizer
         self.model_config = loaded.config
         self.kv = kv
+        if kv.setup is not None:
+            raise ConfigError(
+                f"this {kv.name!r} strategy instance is already bound to an engine (a KV pool of "
+                f"{kv.setup.kv_memory_bytes} bytes) and keeps that engine's state; give each LLM its own "
+                "instance, or a strategy spec string"
+            )
         if config.preemption_mode == "swap" and not kv.supports_swap:
             raise ConfigError(f"strategy {kv.name!r} does not support preemption_mode='swap'")
         self.max_model_len = min(
@@ -50,19 +77,25 @@ class LLMEngine:
             None if config.enforce_eager or config.torch_device.type != "cuda"
             else config.cuda_graph_sizes or default_graph_sizes(config.max_num_seqs)
         )
-        kv.bind(
-            KVSetup(
-                model=loaded.config,
-                device=config.torch_device,
-                dtype=config.torch_dtype,
-                kv_memory_bytes=self._kv_bytes(),
-                max_model_len=self.max_model_len,
-                max_num_seqs=config.max_num_seqs,
-                swap_space_bytes=config.swap_space_bytes,
-                attention_backend=config.resolved_attention_backend,
-                cuda_graph_sizes=self.graph_sizes,
-            )
+        kv_bytes = self._kv_bytes()
+        setup = KVSetup(
+            model=loaded.config,
+            device=config.torch_device,
+            dtype=config.torch_dtype,
+            kv_memory_bytes=kv_bytes,
+            max_model_len=self.max_model_len,
+            max_num_seqs=config.max_num_seqs,
+            swap_space_bytes=config.swap_space_bytes,
+            attention_backend=config.resolved_attention_backend,
+            cuda_graph_sizes=self.graph_sizes,
         )
+        try:
+            kv.bind(setup)
+        except (RuntimeError, MemoryError) as e:  # torch's allocation failures (OutOfMemoryError included)
+            raise ConfigError(
+                f"strategy {kv.name!r} could not allocate its KV memory for kv_memory_bytes={kv_bytes} "
+                f"(swap_space_bytes={config.swap_space_bytes}): {e}"
+            ) from None
         kv.attach_model(loaded)
         self.scheduler = Scheduler(
             kv, config.max_num_seqs, config.max_num_batched_tokens, config.preemption_mode
@@ -70,6 +103,7 @@ class LLMEngine:
         self.runner = ModelRunner(self.model, kv, config.torch_device, self._capture_graphs())
         self.requests: dict[str, Request] = {}
         self._groups: dict[str, list[Request]] = {}  # parent id -> its n samples, parent first
+        self._due: set[str] = set()  # groups finished between steps (aborts): output at the next step
         self._ids = itertools.count()
         self._rng = random.Random(config.seed)
         self.num_steps = 0
@@ -104,16 +138,37 @@ class LLMEngine:
         arrival_time: float | None = None,
     ) -> str:
         """Queue a request (text, or prompt token ids); returns its id."""
-        params = params or SamplingParams()
-        if isinstance(prompt, str):
-            text, token_ids = prompt, self.tokenizer.encode(prompt)
-        else:
-            text, token_ids = None, [int(t) for t in prompt]
+        return self._queue(self._new_request(prompt, params, request_id, arrival_time))
+
+    def add_requests(self, prompts: Sequence[str | list[int]], params: Sequence[SamplingParams]) -> list[str]:
+        """Queue several requests, all or none: a bad one raises :class:`RequestError` naming its
+        index, and none is queued. Returns their ids."""
+        reqs = []
+        for i, (prompt, p) in enumerate(zip(prompts, params, strict=True)):
+            try:
+                reqs.append(self._new_request(prompt, p))
+            except RequestError as e:
+                raise RequestError(f"prompt {i}: {e}") from None
+        return [self._queue(r) for r in reqs]
+
+    def _new_request(
+        self, prompt: object, params: SamplingParams | None, request_id: str | None = None,
+        arrival_time: float | None = None,
+    ) -> Request:
+        """A validated :class:`Request`, not queued yet."""
+        params = SamplingParams() if params is None else params
+        if request_id is not None and (not isinstance(request_id, str) or "#" in request_id):
+            raise RequestError(f"request_id must be a string without '#' (it marks the samples of n > 1), "
+                               f"got {request_id!r}")
         rid = request_id if request_id is not None else str(next(self._ids))
         if rid in self.requests:
             raise RequestError(f"request id {rid!r} is already in use")
-        if not token_ids:
-            raise RequestError(f"request {rid}: the prompt is empty")
+        if not isinstance(params, SamplingParams):
+            raise RequestError(f"request {rid}: params must be a SamplingParams, got {type(params).__name__}")
+        if arrival_time is not None and (isinstance(arrival_time, bool) or not isinstance(arrival_time, (int, float))
+                                         or not math.isfinite(arrival_time)):
+            raise RequestError(f"request {rid}: arrival_time must be a finite number, got {arrival_time!r}")
+        text, token_ids = prompt_token_ids(prompt, self.tokenizer, rid)
         vocab = self.model_config.vocab_size
         if min(token_ids) < 0 or max(token_ids) >= vocab:
             raise RequestError(f"request {rid}: prompt token ids must be in [0, {vocab})")
@@ -125,15 +180,19 @@ class LLMEngine:
             )
         if n > self.kv.max_request_tokens():
             raise RequestError(
-                f"request {rid}: prompt has {n} tokens but the whole KV pool of strategy "
-                f"{self.kv.name!r} holds at most {self.kv.max_request_tokens()} tokens per request"
+                f"request {rid}: prompt has {n} tokens but strategy {self.kv.name!r} serves prompts of at most "
+                f"{self.kv.max_request_tokens()} tokens in its KV pool "
+                f"(kv_memory_bytes={self.kv.setup.kv_memory_bytes})"
             )
         forced = params.forced_token_ids or []
-        if forced and (min(forced) < 0 or max(forced) >= vocab):
+        if forced and max(forced) >= vocab:
             raise RequestError(f"request {rid}: forced_token_ids must be in [0, {vocab})")
         if params.n > 1 and not self.kv.supports_fork:
             raise RequestError(f"request {rid}: n={params.n} needs a strategy that can fork KV")
-        req = Request(
+        if params.n > self.config.max_num_seqs:
+            raise RequestError(f"request {rid}: n={params.n} samples run together, more than "
+                               f"max_num_seqs={self.config.max_num_seqs}")
+        return Request(
             request_id=rid,
             prompt_token_ids=token_ids,
             params=params,
@@ -142,10 +201,12 @@ class LLMEngine:
             arrival_time=arrival_time if arrival_time is not None else time.perf_counter(),
             generator=self._generator(params.seed),
         )
-        self.requests[rid] = req
-        self._groups[rid] = [req]
+
+    def _queue(self, req: Request) -> str:
+        self.requests[req.request_id] = req
+        self._groups[req.request_id] = [req]
         self.scheduler.add(req)
-        return rid
+        return req.request_id
 
     def _generator(self, seed: int | None) -> torch.Generator:
         gen = torch.Generator(device=self.config.torch_device)
@@ -153,24 +214,43 @@ class LLMEngine:
         return gen
 
     def abort(self, request_id: str) -> None:
-        """Stop a request (and its forked samples) now, freeing its KV. Unknown ids are ignored."""
-        for req in self._groups.get(request_id, []):
+        """Stop a request (and its forked samples) now, freeing its KV; the next :meth:`step`
+        returns its final output. Unknown ids are ignored."""
+        group = self._groups.get(request_id)
+        if group is None:
+            return
+        for req in group:
             if not req.is_finished:
                 self._finish(req, "abort")
+        self._due.add(request_id)
 
     def has_unfinished_requests(self) -> bool:
-        return self.scheduler.num_unfinished > 0
+        """Whether :meth:`step` has work: requests to run, or final outputs of aborted ones to return."""
+        return self.scheduler.num_unfinished > 0 or bool(self._due)
 
     # ---- the step ---------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
+        """Run one scheduled batch; return the outputs of the requests it advanced or finished,
+        and the final outputs of requests aborted since the last step."""
         sched = self.scheduler.schedule()
-        if not sched.requests:
-            if self.scheduler.waiting and not self.scheduler.running:
-                # Nothing runs and the head of the queue still cannot be admitted: it never will be.
-                head = self.scheduler.waiting[0]
-                self._finish(head, "error", "does not fit in the KV pool even when it is empty")
-                return self._outputs_for({head.parent_id or head.request_id})
-            return []
+        if sched.requests:
+            try:
+                self._due |= self._run(sched)
+            except BaseException as exc:
+                self._due |= self._fail_step(sched, exc)
+                if not isinstance(exc, Exception):
+                    raise
+            self._track_peaks()
+        elif self.scheduler.waiting and not self.scheduler.running:
+            # Nothing runs and the head of the queue still cannot be admitted: it never will be.
+            head = self.scheduler.waiting[0]
+            self._finish(head, "error", "does not fit in the KV pool even when it is empty")
+            self._due.add(head.group_id)
+        due, self._due = self._due, set()
+        return self._outputs_for(due)
+
+    def _run(self, sched: ScheduleResult) -> set[str]:
+        """Compute the scheduled tokens and sample; returns the groups touched."""
         now = time.perf_counter()
         for req in sched.requests:
             if req.first_scheduled_time is None:
@@ -186,31 +266,66 @@ class LLMEngine:
         self.num_computed_tokens_total += sum(sched.num_new_tokens)
         self.kv.end_step(batch)
         self.num_steps += 1
+        self._sample([sched.requests[i] for i in to_sample], logits)
+        return {req.group_id for req in sched.requests}
 
-        sampled_reqs = [sched.requests[i] for i in to_sample]
-        rows = list(range(len(to_sample)))
-        for row, req in list(zip(rows, sampled_reqs)):
+    def _sample(self, reqs: list[Request], logits: torch.Tensor) -> None:
+        """Give each of ``reqs`` (forking the ``n`` samples of new parents) its token from its row
+        of ``logits`` ``[len(reqs), vocab]``; a request whose part fails is failed alone."""
+        rows, sampled = [], []
+        for row, req in enumerate(reqs):
+            family = [req]
             if req.params.n > 1 and req.parent_id is None and not req.output_token_ids:
-                for child in self._fork(req):
-                    sampled_reqs.append(child)
-                    rows.append(row)
-        tokens = sample(logits[rows], sampled_reqs)
+                try:
+                    family += self._fork(req)
+                except Exception as exc:  # noqa: BLE001 - this request's failure only
+                    for r in self._groups[req.request_id]:
+                        self._fail(r, "forking its samples", exc)
+                    continue
+            rows += [row] * len(family)
+            sampled += family
+        tokens = sample(logits[rows], sampled)
         now = time.perf_counter()
-        touched = set()
-        for row, req, tok in zip(rows, sampled_reqs, tokens):
-            forced = req.params.forced_token_ids
-            if forced is not None:
-                tok = forced[len(req.output_token_ids)]
-            req.output_token_ids.append(tok)
-            req.token_times.append(now)
-            if req.params.return_logits:
-                req.logits.append(logits[row].detach().cpu())
-            if req.params.logprobs:
-                req.logprobs.append(float(torch.log_softmax(logits[row], -1)[tok]))
-            self._check_stop(req, tok)
-            touched.add(req.parent_id or req.request_id)
-        self._track_peaks()
-        return self._outputs_for(touched)
+        for row, req, tok in zip(rows, sampled, tokens):
+            if isinstance(tok, Exception):
+                self._fail(req, "sampling", tok)
+                continue
+            try:
+                self._append(req, tok, logits[row], now)
+            except Exception as exc:  # noqa: BLE001 - this request's failure only
+                self._fail(req, "processing its token", exc)
+
+    def _append(self, req: Request, tok: int, logits: torch.Tensor, now: float) -> None:
+        forced = req.params.forced_token_ids
+        if forced is not None:
+            tok = forced[len(req.output_token_ids)]
+        req.output_token_ids.append(tok)
+        req.token_times.append(now)
+        if req.params.return_logits:
+            req.logits.append(logits.detach().cpu())
+        if req.params.logprobs:
+            req.logprobs.append(float(torch.log_softmax(logits, -1)[tok]))
+        reason = stop_reason(req, tok, self.tokenizer, self.token_limit)
+        if reason is not None:
+            self._finish(req, reason)
+
+    def _fail(self, req: Request, stage: str, exc: BaseException) -> None:
+        """Finish ``req`` with ``finish_reason="error"`` for ``exc``, raised while ``stage``."""
+        logger.warning("request %s failed while %s", req.request_id, stage, exc_info=exc)
+        self._finish(req, "error", f"failed while {stage}: {type(exc).__name__}: {exc}")
+
+    def _fail_step(self, sched: ScheduleResult, exc: BaseException) -> set[str]:
+        """The step failed as a whole: fail its requests, and the samples forked in it (running with
+        every position computed and no token: the next step would have nothing to feed them)."""
+        scheduled = {id(r) for r in sched.requests}
+        victims = [r for r in sched.requests if not r.is_finished] + [
+            r for r in self.scheduler.running if id(r) not in scheduled and r.num_computed_tokens >= r.num_tokens
+        ]
+        if isinstance(exc, Exception):
+            logger.error("engine step failed; failing its %d requests", len(victims), exc_info=exc)
+        for r in victims:
+            self._finish(r, "error", f"the engine step failed: {type(exc).__name__}: {exc}")
+        return {r.group_id for r in victims}
 
     def _fork(self, parent: Request) -> list[Request]:
         children = []
@@ -229,34 +344,13 @@ class LLMEngine:
                 first_scheduled_time=parent.first_scheduled_time,
                 generator=self._generator(seed),
             )
-            self.kv.fork(parent, child)
-            self.scheduler.add_running(child)
+            # Known to the engine before the strategy shares KV with it: a failed fork frees it too.
             self.requests[child.request_id] = child
             self._groups[parent.request_id].append(child)
+            self.scheduler.add_running(child)
+            self.kv.fork(parent, child)
             children.append(child)
         return children
-
-    def _check_stop(self, req: Request, tok: int) -> None:
-        p = req.params
-        if tok in req.eos_token_ids or tok in p.stop_token_ids:
-            self._finish(req, "stop")
-        elif p.stop and self._match_stop_string(req):
-            self._finish(req, "stop")
-        elif len(req.output_token_ids) >= p.max_tokens or req.num_tokens >= self.token_limit:
-            self._finish(req, "length")
-
-    def _match_stop_string(self, req: Request) -> bool:
-        p = req.params
-        text = self.tokenizer.decode(req.output_token_ids, skip_special_tokens=p.skip_special_tokens)
-        window = max(len(s) for s in p.stop) + _STOP_STR_LOOKBACK
-        start = max(0, len(text) - window)
-        hits = [(text.find(s, start), s) for s in p.stop]
-        hits = [(i, s) for i, s in hits if i >= 0]
-        if not hits:
-            return False
-        i, s = min(hits)
-        req.text_end = i + len(s) if p.include_stop_str_in_output else i
-        return True
 
     def _finish(self, req: Request, reason: str, error: str | None = None) -> None:
         req.status = RequestStatus.FINISHED
@@ -269,51 +363,17 @@ class LLMEngine:
 
     # ---- outputs and stats ---------------------------------------------------------------------------
     def _outputs_for(self, ids: set[str]) -> list[RequestOutput]:
+        """Outputs of the groups ``ids``, oldest first; a finished group is forgotten here."""
         outs = []
-        for rid in sorted(ids, key=lambda r: self._groups[r][0].arrival_time if r in self._groups else 0):
-            group = self._groups.get(rid)
-            if group is None:
-                continue
-            outs.append(self._make_output(group))
-            if all(r.is_finished for r in group) and len(group) == group[0].params.n:
+        for rid in sorted((r for r in ids if r in self._groups), key=lambda r: self._groups[r][0].arrival_time):
+            group = self._groups[rid]
+            out = build_output(group, self.tokenizer)
+            outs.append(out)
+            if out.finished:
                 for r in group:
                     self.requests.pop(r.request_id, None)
                 del self._groups[rid]
         return outs
-
-    def _make_output(self, group: list[Request]) -> RequestOutput:
-        head = group[0]
-        decode = lambda ids, s=head.params.skip_special_tokens: self.tokenizer.decode(ids, skip_special_tokens=s)  # noqa: E731
-        completions = [
-            CompletionOutput(
-                index=r.child_index,
-                token_ids=list(r.output_token_ids),
-                finish_reason=r.finish_reason,
-                _decode=decode,
-                text_end=r.text_end,
-                error=r.error,
-                logits=list(r.logits),
-                logprobs=list(r.logprobs),
-            )
-            for r in group
-        ]
-        finished = all(r.is_finished for r in group) and len(group) == head.params.n
-        return RequestOutput(
-            request_id=head.request_id,
-            prompt=head.prompt,
-            prompt_token_ids=head.prompt_token_ids,
-            outputs=completions,
-            finished=finished,
-            metrics=RequestMetrics(
-                arrival_time=head.arrival_time,
-                first_scheduled_time=head.first_scheduled_time,
-                token_times=list(head.token_times),
-                finished_time=head.finished_time,
-                num_prompt_tokens=head.num_prompt_tokens,
-                num_prefix_cached_tokens=head.num_prefix_cached_tokens,
-                num_preemptions=head.num_preemptions,
-            ),
-        )
 
     def _track_peaks(self) -> None:
         kv = self.kv.stats()
@@ -337,3 +397,4 @@ class LLMEngine:
             **self.kv.stats(),
             **self._peaks,
         }
+

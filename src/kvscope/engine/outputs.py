@@ -2,9 +2,17 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Protocol
 
 import torch
+
+from kvscope.engine.request import Request
+
+
+class Decoder(Protocol):
+    """What turns token ids back into text (the tokenizer)."""
+
+    def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str: ...
 
 
 @dataclass
@@ -77,3 +85,40 @@ class RequestOutput:
     @property
     def error(self) -> str | None:
         return self.outputs[0].error
+
+
+def build_output(group: list[Request], tokenizer: Decoder) -> RequestOutput:
+    """The output of one request: ``group`` is its samples, the parent first. It is ``finished``
+    once every sample is: a parent that finished before forking (aborted, failed) never forks."""
+    head = group[0]
+    skip = head.params.skip_special_tokens
+    decode = lambda ids: tokenizer.decode(ids, skip_special_tokens=skip)  # noqa: E731
+    completions = [
+        CompletionOutput(
+            index=r.child_index,
+            token_ids=list(r.output_token_ids),
+            finish_reason=r.finish_reason,
+            _decode=decode,
+            text_end=r.text_end,
+            error=r.error,
+            logits=list(r.logits),
+            logprobs=list(r.logprobs),
+        )
+        for r in group
+    ]
+    return RequestOutput(
+        request_id=head.request_id,
+        prompt=head.prompt,
+        prompt_token_ids=head.prompt_token_ids,
+        outputs=completions,
+        finished=all(r.is_finished for r in group),
+        metrics=RequestMetrics(
+            arrival_time=head.arrival_time,
+            first_scheduled_time=head.first_scheduled_time,
+            token_times=list(head.token_times),
+            finished_time=head.finished_time,
+            num_prompt_tokens=head.num_prompt_tokens,
+            num_prefix_cached_tokens=head.num_prefix_cached_tokens,
+            num_preemptions=head.num_preemptions,
+        ),
+    )

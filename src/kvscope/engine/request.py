@@ -65,6 +65,11 @@ class Request:
         return self.prompt_token_ids + self.output_token_ids
 
     @property
+    def group_id(self) -> str:
+        """The id of the user's request this sample belongs to (its own id, or its parent's)."""
+        return self.parent_id or self.request_id
+
+    @property
     def is_finished(self) -> bool:
         return self.status is RequestStatus.FINISHED
 

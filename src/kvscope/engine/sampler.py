@@ -21,19 +21,33 @@ def _filter_top_k_top_p(logits: torch.Tensor, top_k: int, top_p: float) -> torch
     return logits
 
 
-def sample(logits: torch.Tensor, requests: list[Request]) -> list[int]:
-    """Pick one token per row of ``logits`` ``[M, V]`` (float32) for the matching request."""
-    greedy = logits.argmax(dim=-1).tolist()
-    out = []
-    for row, req in enumerate(requests):
-        p = req.params
-        if p.greedy:
-            out.append(greedy[row])
-            continue
-        filtered = _filter_top_k_top_p(logits[row] / p.temperature, p.top_k, p.top_p)
-        probs = filtered.softmax(-1)
-        gen = req.generator
-        if gen is not None and gen.device != probs.device:
-            probs = probs.to(gen.device)
-        out.append(int(torch.multinomial(probs, 1, generator=gen).item()))
+def _sample_row(logits: torch.Tensor, req: Request) -> int:
+    """One token from ``logits`` ``[V]`` under ``req``'s temperature, filters and generator."""
+    p = req.params
+    filtered = _filter_top_k_top_p(logits / p.temperature, p.top_k, p.top_p)
+    probs = filtered.softmax(-1)
+    gen = req.generator
+    if gen is not None and gen.device != probs.device:
+        probs = probs.to(gen.device)
+    return int(torch.multinomial(probs, 1, generator=gen).item())
+
+
+def sample(logits: torch.Tensor, requests: list[Request]) -> list[int | Exception]:
+    """Pick one token per row of ``logits`` ``[M, V]`` (float32) for the matching request.
+
+    Greedy rows take one batched argmax. Each sampled row runs on its own, and a row that raises
+    (NaN probabilities, a generator on the wrong device) gets its exception in place of a token:
+    one request's failure is that request's alone, never the batch's.
+    """
+    out: list[int | Exception] = [0] * len(requests)
+    greedy = [i for i, r in enumerate(requests) if r.params.greedy]
+    if greedy:
+        for i, tok in zip(greedy, logits[greedy].argmax(dim=-1).tolist()):
+            out[i] = tok
+    for i, req in enumerate(requests):
+        if not req.params.greedy:
+            try:
+                out[i] = _sample_row(logits[i], req)
+            except Exception as e:  # noqa: BLE001 - isolated per request, reported in its output
+                out[i] = e
     return out

@@ -55,7 +55,7 @@ from kvscope.kv.base import BlockTableLayout, GraphStatistics, KVSetup, KVStrate
 from kvscope.kv.block_pool import BlockPool, pool_stats
 from kvscope.kv.eviction import EvictionStrategy
 from kvscope.kv.paged import PagedStrategy
-from kvscope.kv.registry import available, register
+from kvscope.kv.registry import available, check_args, register
 from kvscope.kv.slot_cache import SlotKVCache
 from kvscope.models.base import AttentionBackend
 
@@ -200,8 +200,10 @@ class AdaptiveStrategy(KVStrategy):
         self.compress_under_pressure = bool(compress_under_pressure)
         self.block_size = block_size
         self.full = PagedStrategy(block_size=block_size, enable_prefix_caching=False)
+        child = available()[long]
+        check_args(child, {"block_size": block_size, **args}, owner=f"adaptive: long_args of the long child {long!r}")
         try:
-            self.long = available()[long](block_size=block_size, **args)
+            self.long = child(block_size=block_size, **args)
         except TypeError as e:
             raise ConfigError(f"adaptive: bad arguments {args} for the long child {long!r}: {e}") from None
         self.shared = isinstance(self.long, EvictionStrategy)

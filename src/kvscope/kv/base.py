@@ -109,7 +109,8 @@ class KVStrategy(ABC):
     # ---- scheduler side --------------------------------------------------------------------
     @abstractmethod
     def max_request_tokens(self) -> int:
-        """The most tokens one request can ever hold (the whole pool, or one slot)."""
+        """The longest prompt a request may have: what one request can hold (the whole pool, or
+        one slot), less any room the strategy needs beside the prompt before it can evict."""
 
     def max_sequence_tokens(self) -> int:
         """The longest sequence a request may reach; strategies that evict can exceed what they hold."""

@@ -171,17 +171,29 @@ class EvictionStrategy(KVStrategy):
 
     # ---- scheduler side --------------------------------------------------------------------------------
     def max_request_tokens(self) -> int:
-        return self.pool.num_blocks * self.block_size
+        # A prompt is kept whole until its first decode step, whose token takes a slot more (eviction
+        # follows the step). A pool-sized prompt is served if allocate can evict it first (its budget
+        # is below the pool) or if it never decodes (a budget covering the pool caps sequences there).
+        pool = self.pool.num_blocks * self.block_size
+        return pool if self._budget_covers_pool() or self.resolve_budget(pool).total < pool else pool - 1
 
     def max_sequence_tokens(self) -> int:
-        # Decode keeps a request at its budget, so sequences may outgrow the pool.
-        return 1 << 62
+        # Decode keeps a request at its budget, so sequences may outgrow the pool, unless that budget
+        # covers the pool: then nothing is ever evicted and the pool is the limit, as for paged.
+        return self.pool.num_blocks * self.block_size if self._budget_covers_pool() else 1 << 62
+
+    def _budget_covers_pool(self) -> bool:
+        return self.budget is not None and self.budget >= self.pool.num_blocks * self.block_size
 
     def allocate(self, request: Request, num_tokens: int) -> bool:
         rid = request.request_id
         new = num_tokens - request.num_computed_tokens
         table = self.tables.get(rid)
         resident = self.resident.get(rid, 0)
+        if self.evict_in_decode and table is not None and resident + new > self.pool.num_blocks * self.block_size:
+            # Alone it would overflow the pool (a pool-sized prompt's first decode step): evict now, not after.
+            self._evict(request)
+            resident = self.resident[rid]
         need = math.ceil((resident + new) / self.block_size) - (len(table) if table else 0)
         if need > self.pool.num_free:
             return False

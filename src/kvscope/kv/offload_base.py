@@ -139,12 +139,13 @@ class HostOffloadStrategy(KVStrategy):
             # room in both prefetch buffers (K and V of one layer), capped by the host allowance.
             serve = setup.kv_memory_bytes // (resident + 4 * row * elem)
             capacity = min(setup.swap_space_bytes, serve * self.bytes_per_token)
+            self._check_derived_capacity(setup, capacity, resident + 4 * row * elem)
         self.pool = HostKVPool(m, capacity, setup.dtype, setup.device.type == "cuda", self.block_size, setup.device)
         if self.pool.capacity_tokens < setup.max_model_len and not self.evicts_on_full:
             raise ConfigError(
                 f"{self.name}: the host pool ({capacity} bytes = {self.pool.capacity_tokens} tokens at "
                 f"{self.bytes_per_token} B/token) is smaller than one request of max_model_len="
-                f"{setup.max_model_len} tokens; raise host_kv_bytes (or kv_memory_bytes) or lower max_model_len"
+                f"{setup.max_model_len} tokens; raise host_kv_bytes or lower max_model_len"
             )
         resident_total = resident * self.pool.num_slots
         buffer_elems = min((setup.kv_memory_bytes - resident_total) // (2 * 2 * elem), self.pool.num_slots * row)
@@ -158,6 +159,27 @@ class HostOffloadStrategy(KVStrategy):
             )
         self.transfer = TransferEngine(setup.device, setup.dtype, buffer_elems, overlap=self.overlap)
         self.buffer_tokens = buffer_elems // row
+
+    def _check_derived_capacity(self, setup: KVSetup, capacity: int, device_bytes_per_token: int) -> None:
+        """Without ``host_kv_bytes`` the host pool follows ``kv_memory_bytes`` (and
+        ``swap_space_bytes``): when it is too small, say which of the two the user should raise."""
+        bs, bpt = self.block_size, self.bytes_per_token
+        need = bs if self.evicts_on_full else -(-setup.max_model_len // bs) * bs
+        if capacity >= need * bpt:
+            return
+        what = "one block" if self.evicts_on_full else f"one request of max_model_len={setup.max_model_len}"
+        if capacity < setup.swap_space_bytes:
+            raise ConfigError(
+                f"{self.name}: kv_memory_bytes={setup.kv_memory_bytes} serves {capacity // bpt} host tokens "
+                f"({device_bytes_per_token} device bytes each), fewer than the {need} "
+                f"of {what}; raise kv_memory_bytes to at least {need * device_bytes_per_token}"
+                + ("" if self.evicts_on_full else " or lower max_model_len")
+            )
+        raise ConfigError(
+            f"{self.name}: swap_space_bytes={setup.swap_space_bytes} caps the host pool at {capacity // bpt} "
+            f"tokens ({bpt} B each), fewer than the {need} of {what}; raise swap_space_bytes to at least "
+            f"{need * bpt} or give host_kv_bytes"
+        )
 
     # ---- scheduler side --------------------------------------------------------------------------
     def max_request_tokens(self) -> int:

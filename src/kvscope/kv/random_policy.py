@@ -5,6 +5,7 @@ from typing import Any
 
 import torch
 
+from kvscope import checks
 from kvscope.kv.eviction import EvictionStrategy
 from kvscope.kv.registry import register
 
@@ -18,7 +19,7 @@ class RandomStrategy(EvictionStrategy):
 
     def __init__(self, seed: int = 0, **kwargs: Any) -> None:
         super().__init__(**kwargs)
-        self.generator = torch.Generator().manual_seed(seed)
+        self.generator = torch.Generator().manual_seed(checks.integer(seed, "random: seed", -(1 << 63), (1 << 63) - 1))
 
     def initial_scores(self, k: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         return torch.rand(k.shape[:2], generator=self.generator).to(k.device)
