@@ -321,12 +321,12 @@ class AsyncEngine:
             self._notify("on_step_error")
             self._fail_live(EngineFailure(f"engine step failed: {type(e).__name__}: {e}"), "error")
             return
+        # The engine's final output of a request aborted here was accounted for at the abort.
+        outputs = [out for out in outputs if out.request_id in self._live]
         self._notify("on_outputs", outputs)
         per_group: dict[int, tuple[_Group, list[tuple[int, RequestOutput]]]] = {}
         for out in outputs:
-            group = self._live.get(out.request_id)
-            if group is None:  # aborted after this step was scheduled
-                continue
+            group = self._live[out.request_id]
             if out.finished:
                 del self._live[out.request_id]
             per_group.setdefault(id(group), (group, []))[1].append((group.index[out.request_id], out))
