@@ -55,19 +55,34 @@ def _positive_int(text: str) -> int:
     return value
 
 
-def _add_generate(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("generate", help="generate text with one model and one KV strategy")
-    p.add_argument("prompts", nargs="*", help="prompts (default: a few demo questions)")
-    p.add_argument("--model", default="smollm2-135m")
-    p.add_argument("--strategy", default="paged", help="name[:key=value,...], e.g. paged:block_size=32")
+def _add_engine_args(p: argparse.ArgumentParser) -> None:
+    """The model's engine and KV strategy options that `generate` and `serve` share."""
+    p.add_argument("--strategy", default="paged", help="name[:key=value,...], e.g. h2o:heavy_ratio=0.1,recent_ratio=0.1")
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="float32")
     p.add_argument("--kv-memory", type=_size, default=None, help="KV pool size, e.g. 256MiB")
-    p.add_argument("--max-model-len", type=int, default=None)
+    p.add_argument("--max-model-len", type=_positive_int, default=None)
     p.add_argument("--max-num-seqs", type=_positive_int, default=64)
     p.add_argument("--max-num-batched-tokens", type=_positive_int, default=2048)
     p.add_argument("--preemption-mode", default="recompute", choices=["recompute", "swap"])
     p.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs for decode steps (debugging)")
+
+
+def _llm(args: argparse.Namespace) -> Any:
+    """The :class:`~kvscope.LLM` that :func:`_add_engine_args`' options (and ``args.model``) describe."""
+    from kvscope import LLM
+
+    return LLM(model=args.model, strategy=args.strategy, kv_memory_bytes=args.kv_memory, device=args.device,
+               dtype=args.dtype, max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
+               max_num_batched_tokens=args.max_num_batched_tokens, preemption_mode=args.preemption_mode,
+               enforce_eager=args.enforce_eager)
+
+
+def _add_generate(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("generate", help="generate text with one model and one KV strategy")
+    p.add_argument("prompts", nargs="*", help="prompts (default: a few demo questions)")
+    p.add_argument("--model", default="smollm2-135m")
+    _add_engine_args(p)
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--temperature", type=_finite, default=0.0)
     p.add_argument("--top-k", type=int, default=0)
@@ -80,20 +95,9 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
 
 
 def _generate(args: argparse.Namespace) -> int:
-    from kvscope import LLM, SamplingParams
+    from kvscope import SamplingParams
 
-    llm = LLM(
-        model=args.model,
-        strategy=args.strategy,
-        kv_memory_bytes=args.kv_memory,
-        device=args.device,
-        dtype=args.dtype,
-        max_model_len=args.max_model_len,
-        max_num_seqs=args.max_num_seqs,
-        max_num_batched_tokens=args.max_num_batched_tokens,
-        preemption_mode=args.preemption_mode,
-        enforce_eager=args.enforce_eager,
-    )
+    llm = _llm(args)
     params = SamplingParams(
         max_tokens=args.max_tokens,
         temperature=args.temperature,
@@ -390,15 +394,7 @@ def _bench(args: argparse.Namespace) -> int:
 def _add_serve(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("serve", help="serve one model and KV strategy over an OpenAI-compatible HTTP API")
     p.add_argument("model", nargs="?", default="smollm2-135m", help="model spec (see `kvscope models`)")
-    p.add_argument("--strategy", default="paged", help="name[:key=value,...], e.g. h2o:heavy_ratio=0.1")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--dtype", default="float32")
-    p.add_argument("--kv-memory", type=_size, default=None, help="KV pool size, e.g. 256MiB")
-    p.add_argument("--max-model-len", type=int, default=None)
-    p.add_argument("--max-num-seqs", type=int, default=64)
-    p.add_argument("--max-num-batched-tokens", type=int, default=2048)
-    p.add_argument("--preemption-mode", default="recompute", choices=["recompute", "swap"])
-    p.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs for decode steps (debugging)")
+    _add_engine_args(p)
     p.add_argument("--served-model-name", default=None, help="the name clients send as `model` (default: MODEL)")
     p.add_argument("--max-queue", type=int, default=None,
                    help="requests admitted at once (waiting + running); above it: 503 + Retry-After "
@@ -416,23 +412,11 @@ def _serve(args: argparse.Namespace) -> int:
     except ImportError:
         print("kvscope serve needs the serve extra: pip install 'kvscope[serve]'", file=sys.stderr)
         return 2
-    from kvscope import LLM
     from kvscope.serve.server import run_server
 
     if args.max_queue is not None and args.max_queue < 1:
         raise KVScopeError(f"--max-queue must be >= 1, got {args.max_queue}")
-    llm = LLM(
-        model=args.model,
-        strategy=args.strategy,
-        kv_memory_bytes=args.kv_memory,
-        device=args.device,
-        dtype=args.dtype,
-        max_model_len=args.max_model_len,
-        max_num_seqs=args.max_num_seqs,
-        max_num_batched_tokens=args.max_num_batched_tokens,
-        preemption_mode=args.preemption_mode,
-        enforce_eager=args.enforce_eager,
-    )
+    llm = _llm(args)
     run_server(llm, args.host, args.port, args.served_model_name, args.max_queue, args.log_level)
     return 0
 
