@@ -284,7 +284,8 @@ class LLMEngine:
                     continue
             rows += [row] * len(family)
             sampled += family
-        tokens = sample(logits[rows], sampled)
+        # Without forks the rows are 0..M-1 in order: no [M, V] gather needed.
+        tokens = sample(logits if rows == list(range(logits.shape[0])) else logits[rows], sampled)
         now = time.perf_counter()
         for row, req, tok in zip(rows, sampled, tokens):
             if isinstance(tok, Exception):

@@ -42,7 +42,9 @@ def sample(logits: torch.Tensor, requests: list[Request]) -> list[int | Exceptio
     out: list[int | Exception] = [0] * len(requests)
     greedy = [i for i, r in enumerate(requests) if r.params.greedy]
     if greedy:
-        for i, tok in zip(greedy, logits[greedy].argmax(dim=-1).tolist()):
+        # All rows greedy (the common case) needs no gather of a [M, V] copy first.
+        rows = logits if len(greedy) == len(requests) else logits[greedy]
+        for i, tok in zip(greedy, rows.argmax(dim=-1).tolist()):
             out[i] = tok
     for i, req in enumerate(requests):
         if not req.params.greedy:
