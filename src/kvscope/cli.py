@@ -3,11 +3,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 import time
 from typing import Any
 
+from kvscope.cli_args import _add_engine_args, _finite, _llm, _positive_int, _rate, _size
+from kvscope.cli_serving import _add_bench, _add_serve, _bench, _serve
 from kvscope.errors import KVScopeError
 
 DEMO_PROMPTS = [
@@ -16,66 +17,6 @@ DEMO_PROMPTS = [
     "Explain in two sentences why the sky is blue.",
     "List three uses of a paperclip.",
 ]
-
-
-def _size(text: str) -> int:
-    """``"512MiB"``, ``"2G"``, ``"1000000"`` -> bytes (:func:`kvscope.units.parse_size`)."""
-    from kvscope.units import parse_size
-
-    try:
-        return parse_size(text, "size")
-    except KVScopeError as e:  # argparse names the option; the field prefix would say it twice
-        raise argparse.ArgumentTypeError(str(e).removeprefix("size: ")) from None
-
-
-def _finite(text: str) -> float:
-    """A finite number: nan and inf mean nothing as a temperature, a probability or a bandwidth."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if not math.isfinite(value):
-        raise argparse.ArgumentTypeError(f"must be a finite number, got {text!r}")
-    return value
-
-
-def _rate(text: str) -> float:
-    """Requests/s: a finite number, or ``inf`` for all at once (its range is the workload's to check)."""
-    return math.inf if text.strip().lower() in ("inf", "infinity") else _finite(text)
-
-
-def _positive_int(text: str) -> int:
-    """An integer >= 1 (scheduler limits: 0 would admit or compute nothing)."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text!r}")
-    return value
-
-
-def _add_engine_args(p: argparse.ArgumentParser) -> None:
-    """The model's engine and KV strategy options that `generate` and `serve` share."""
-    p.add_argument("--strategy", default="paged", help="name[:key=value,...], e.g. h2o:heavy_ratio=0.1,recent_ratio=0.1")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--dtype", default="float32")
-    p.add_argument("--kv-memory", type=_size, default=None, help="KV pool size, e.g. 256MiB")
-    p.add_argument("--max-model-len", type=_positive_int, default=None)
-    p.add_argument("--max-num-seqs", type=_positive_int, default=64)
-    p.add_argument("--max-num-batched-tokens", type=_positive_int, default=2048)
-    p.add_argument("--preemption-mode", default="recompute", choices=["recompute", "swap"])
-    p.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs for decode steps (debugging)")
-
-
-def _llm(args: argparse.Namespace) -> Any:
-    """The :class:`~kvscope.LLM` that :func:`_add_engine_args`' options (and ``args.model``) describe."""
-    from kvscope import LLM
-
-    return LLM(model=args.model, strategy=args.strategy, kv_memory_bytes=args.kv_memory, device=args.device,
-               dtype=args.dtype, max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
-               max_num_batched_tokens=args.max_num_batched_tokens, preemption_mode=args.preemption_mode,
-               enforce_eager=args.enforce_eager)
 
 
 def _add_generate(sub: argparse._SubParsersAction) -> None:
@@ -316,108 +257,6 @@ def _advise(args: argparse.Namespace) -> int:
     print("why:")
     for r in advice.reasons:
         print(f"  - {r}")
-    return 0
-
-
-def _goodput(text: str) -> tuple[str, float]:
-    """``"ttft:500"`` -> ``("ttft", 500.0)`` (vLLM's ``--goodput KEY:VALUE`` in milliseconds)."""
-    key, sep, value = text.partition(":")
-    try:
-        if not sep:
-            raise ValueError(text)
-        return key.strip(), float(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not KEY:MILLISECONDS: {text!r} (e.g. ttft:500 tpot:50)") from None
-
-
-def _add_bench(sub: argparse._SubParsersAction) -> None:
-    from kvscope.bench.http_bench import DATASETS
-    from kvscope.bench.endpoints import ENDPOINTS, REMOTE_HELP
-
-    p = sub.add_parser("bench", help="benchmarks against a running server")
-    bench = p.add_subparsers(dest="bench_command", required=True)
-    s = bench.add_parser("serve", help="vLLM's serving benchmark against an OpenAI-compatible server",
-                         description="Send a workload to an OpenAI-compatible server on the wall clock, "
-                                     "streaming every response, and report vLLM's serving metrics.")
-    s.add_argument("--base-url", required=True, help="the server, e.g. http://127.0.0.1:8000 (or .../v1)")
-    s.add_argument("--allow-remote", action="store_true", help=f"allow a host that is not loopback (127.0.0.0/8, ::1, localhost); refused by "
-                                                             f"default because {REMOTE_HELP}")
-    s.add_argument("--model", default=None, help="model name sent in requests (default: first id of GET /v1/models)")
-    s.add_argument("--endpoint", default=ENDPOINTS[0], choices=ENDPOINTS)
-    s.add_argument("--tokenizer", default="smollm2-135m",
-                   help="kvscope model whose tokenizer builds the prompts and counts their tokens")
-    s.add_argument("--dataset", "--dataset-name", dest="dataset", default="sharegpt", choices=DATASETS)
-    s.add_argument("--trace", default=None, help="JSONL trace (arrival_time, prompt, output_len) for --dataset trace")
-    s.add_argument("--num-prompts", type=int, default=None,
-                   help="requests (default 1000; 20 for ruler; every row of a trace)")
-    s.add_argument("--request-rate", type=float, default=None,
-                   help="requests/s, inf = all at once (default inf; a trace's own times)")
-    s.add_argument("--burstiness", type=float, default=1.0, help="gamma shape of the arrival gaps; 1 = Poisson")
-    s.add_argument("--max-concurrency", type=int, default=None, help="at most this many requests in flight")
-    s.add_argument("--random-input-len", type=int, default=1024)
-    s.add_argument("--random-output-len", type=int, default=128)
-    s.add_argument("--random-range-ratio", type=float, default=0.0)
-    s.add_argument("--sharegpt-output-len", type=int, default=None, help="output length for every ShareGPT request")
-    s.add_argument("--ruler-task", default="niah_single_1")
-    s.add_argument("--ruler-length", type=int, default=4096, help="RULER max_seq_length in tokens")
-    s.add_argument("--goodput", nargs="+", type=_goodput, default=[], metavar="KEY:MS",
-                   help="SLOs for goodput, e.g. ttft:500 tpot:50 (keys ttft, tpot, e2el)")
-    s.add_argument("--metric-percentiles", default="90,99", help="comma-separated percentiles")
-    s.add_argument("--result-file", "--result-filename", dest="result_file", default=None,
-                   help="write the results JSON here (vLLM's field names)")
-    s.add_argument("--max-duration-s", type=float, default=600.0,
-                   help="stop the run after this long; requests still running count as failed")
-    s.add_argument("--request-timeout-s", type=float, default=300.0, help="bound on each request")
-    s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--disable-tqdm", action="store_true")
-
-
-def _bench(args: argparse.Namespace) -> int:
-    from dataclasses import fields
-
-    from kvscope.bench.http_bench import BenchServeConfig, bench_serve, summary_lines
-    from kvscope.errors import ConfigError
-
-    try:
-        percentiles = [float(p) for p in args.metric_percentiles.split(",") if p.strip()]
-    except ValueError:
-        raise ConfigError(f"--metric-percentiles: not a comma-separated list of numbers: "
-                          f"{args.metric_percentiles!r}") from None
-    values = {**vars(args), "goodput": dict(args.goodput), "metric_percentiles": percentiles}
-    result = bench_serve(BenchServeConfig(**{f.name: values[f.name] for f in fields(BenchServeConfig)}))
-    print("\n".join(summary_lines(result)))
-    if args.result_file:
-        print(f"results: {args.result_file}")
-    return 0 if result["completed"] else 1
-
-
-def _add_serve(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("serve", help="serve one model and KV strategy over an OpenAI-compatible HTTP API")
-    p.add_argument("model", nargs="?", default="smollm2-135m", help="model spec (see `kvscope models`)")
-    _add_engine_args(p)
-    p.add_argument("--served-model-name", default=None, help="the name clients send as `model` (default: MODEL)")
-    p.add_argument("--max-queue", type=int, default=None,
-                   help="requests admitted at once (waiting + running); above it: 503 + Retry-After "
-                        "(default: 4 x --max-num-seqs)")
-    p.add_argument("--host", default="127.0.0.1", help="bind address (default: loopback only)")
-    p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
-
-
-def _serve(args: argparse.Namespace) -> int:
-    try:
-        import fastapi  # noqa: F401
-        import prometheus_client  # noqa: F401
-        import uvicorn  # noqa: F401
-    except ImportError:
-        print("kvscope serve needs the serve extra: pip install 'kvscope[serve]'", file=sys.stderr)
-        return 2
-    from kvscope.serve.server import run_server
-
-    if args.max_queue is not None and args.max_queue < 1:
-        raise KVScopeError(f"--max-queue must be >= 1, got {args.max_queue}")
-    llm = _llm(args)
-    run_server(llm, args.host, args.port, args.served_model_name, args.max_queue, args.log_level)
     return 0
 
 
