@@ -67,7 +67,7 @@ def server_command(system: str, args: argparse.Namespace, folder: Path, port: in
         return ([sys.executable, "-m", "kvscope.cli", "serve", "smollm2-135m", "--kv-memory", "1GiB",
                  "--log-level", "warning", *common], {})
     return ([args.vllm_python, "-m", "vllm.entrypoints.openai.api_server", "--model", str(folder),
-             "--served-model-name", "smollm2-135m", "--dtype", "float32", "--disable-log-requests", *common],
+             "--served-model-name", "smollm2-135m", "--dtype", "float32", *common],
             {"VLLM_CPU_KVCACHE_SPACE": "1"})
 
 
