@@ -22,6 +22,7 @@ class ContiguousStrategy(KVStrategy):
     """One fixed, contiguous slab per request; admission waits for a free slab."""
 
     name = "contiguous"
+    reserves_context = True
 
     def __init__(self, slot_tokens: int | None = None) -> None:
         super().__init__()

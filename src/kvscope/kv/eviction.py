@@ -15,6 +15,7 @@ how scores are initialised or read at selection time.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -23,7 +24,8 @@ import torch
 
 from kvscope.engine.request import Request
 from kvscope.errors import ConfigError
-from kvscope.kv.base import BlockTableLayout, KVSetup, KVStrategy, StepBatch
+from kvscope.constants import DEFAULT_BUDGET_RATIO
+from kvscope.kv.base import Adoption, BlockTableLayout, Handover, KVSetup, KVStrategy, StepBatch, StrategyFacts
 from kvscope.kv.block_pool import BlockPool, pool_stats
 from kvscope.kv.eviction_attention import CapturedColumnSums, EvictionAttention
 from kvscope.kv.slot_cache import SlotKVCache, table_slots
@@ -72,7 +74,7 @@ class EvictionStrategy(KVStrategy):
     #: For ``attention_rows == "window"``: how many final prompt rows are observed.
     window: int = 0
     #: Budget when neither ``budget`` nor ``budget_ratio`` is given (the H2O paper's 20%).
-    default_budget_ratio: ClassVar[float] = 0.2
+    default_budget_ratio: ClassVar[float] = DEFAULT_BUDGET_RATIO
 
     def __init__(
         self,
@@ -111,6 +113,23 @@ class EvictionStrategy(KVStrategy):
         self.evicted_tokens = 0
         self.freed_blocks = 0
         self.num_evictions = 0
+
+    # ---- facts -----------------------------------------------------------------------------------
+    def kept_share(self, prompt_tokens: int | None = None) -> float | None:
+        """The ratio budget; for a budget in tokens ``total / prompt_tokens`` (capped at 1), or None
+        when no prompt length is given (the share depends on it)."""
+        if self.budget is None:
+            return self.budget_ratio
+        if not prompt_tokens:
+            return None
+        return min(1.0, self.resolve_budget(prompt_tokens).total / prompt_tokens)
+
+    @classmethod
+    def args_for_share(cls, share: float) -> dict[str, Any] | None:
+        return {"budget_ratio": share}
+
+    def facts(self) -> StrategyFacts:
+        return dataclasses.replace(super().facts(), graph_decode=self.captured_decode is not None)
 
     # ---- policy hooks ----------------------------------------------------------------------------
     def initial_scores(self, k: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
@@ -211,14 +230,19 @@ class EvictionStrategy(KVStrategy):
         self.resident.pop(request.request_id, None)
         self.budgets.pop(request.request_id, None)
 
-    def adopt(self, request: Request, blocks: list[int], held: int) -> None:
-        """Take over a request whose first ``held`` tokens fill ``blocks`` in order (a ``paged``
-        request, for ``adaptive``) and evict it down to its budget at once, freeing blocks.
+    def num_held_tokens(self) -> int:
+        """Tokens resident over every request (per layer and KV head)."""
+        return sum(self.resident.values())
+
+    def adopt(self, handover: Handover) -> Adoption:
+        """Take over the hand-over's blocks (``adaptive``'s full child draws from the same pool,
+        see :meth:`bind_shared`) and evict the request down to its budget at once, freeing blocks.
 
         Its attention history is unknown, so scores start at zero: this first eviction keeps the
         oldest tokens beside the recent window (StreamingLLM's choice); the policy's own statistics
         decide from the next step on.
         """
+        request, blocks, held = handover.request, handover.blocks, handover.held
         rid = request.request_id
         self.tables[rid] = blocks
         self.resident[rid] = held
@@ -227,6 +251,7 @@ class EvictionStrategy(KVStrategy):
         self.scores[:, slots] = 0.0
         self.positions[:, slots] = torch.arange(held, device=slots.device)[None, :, None]
         self._evict(request)
+        return Adoption.TOOK_BLOCKS
 
     def lift_budget(self, request: Request) -> None:
         """Stop evicting ``request``: from now on it keeps every new token."""

@@ -7,6 +7,8 @@ a KV head's score sums the query heads of its group.
 """
 from __future__ import annotations
 
+from typing import Any
+
 from kvscope.errors import ConfigError
 from kvscope.kv.eviction import Budget, EvictionStrategy, _ratio
 from kvscope.kv.registry import register
@@ -42,6 +44,11 @@ class H2OStrategy(EvictionStrategy):
                 compress_prompt=compress_prompt,
                 block_size=block_size,
             )
+
+    @classmethod
+    def args_for_share(cls, share: float) -> dict[str, Any] | None:
+        # Half heavy hitters, half recent window, as the H2O paper's default split.
+        return {"heavy_ratio": share / 2, "recent_ratio": share / 2}
 
     def resolve_budget(self, num_prompt_tokens: int) -> Budget:
         if self.budget is not None:

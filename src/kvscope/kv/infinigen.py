@@ -34,6 +34,7 @@ import torch
 import torch.nn.functional as F
 
 from kvscope.attention.triton_speculate import speculate_rows
+from kvscope.constants import DEFAULT_BUDGET_RATIO
 from kvscope.errors import ConfigError
 from kvscope.kv.base import KVSetup, StepBatch
 from kvscope.kv.offload_base import HostOffloadStrategy, OffloadAttention, _Staged
@@ -187,7 +188,7 @@ class InfiniGenStrategy(HostOffloadStrategy):
         self,
         alpha: float = 4.0,
         partial_weight_ratio: float = 0.2,
-        budget_ratio: float | None = 0.2,
+        budget_ratio: float | None = DEFAULT_BUDGET_RATIO,
         max_num_kv: int | None = None,
         dense_layers: int = 2,
         calibration: str = "britannica",
@@ -222,6 +223,14 @@ class InfiniGenStrategy(HostOffloadStrategy):
         self.calibration_len = calibration_len
         self.evicts_on_full = bool(pool_eviction)
         self.select = select
+
+    def kept_share(self, prompt_tokens: int | None = None) -> float | None:
+        """The share of the context fetched per step (all KV stays on the host); None uncapped."""
+        return self.budget_ratio
+
+    @classmethod
+    def args_for_share(cls, share: float) -> dict[str, Any] | None:
+        return {"budget_ratio": share}
 
     def _partial_dim(self, head_dim: int) -> int:
         return max(1, int(self.partial_weight_ratio * head_dim))

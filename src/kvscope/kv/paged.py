@@ -162,6 +162,14 @@ class PagedStrategy(KVStrategy):
         self._registered.pop(rid, None)
         return self.tables.pop(rid)
 
+    def read_kv(self, request: Request, num_tokens: int) -> torch.Tensor:
+        """The K/V of ``request``'s first ``num_tokens`` tokens, ``[L, 2, num_tokens, Hkv, D]``."""
+        return self.cache.read(self._slots(self.tables[request.request_id], num_tokens))
+
+    def num_held_tokens(self) -> int:
+        """Tokens written over every request (a forked block counted once per request)."""
+        return sum(self._held_tokens.values())
+
     def fork(self, parent: Request, child: Request) -> None:
         table = self.tables[parent.request_id]
         self.pool.share(table)
