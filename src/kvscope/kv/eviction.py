@@ -10,8 +10,8 @@ A step writes the new tokens after the resident ones and attends over ``resident
 (computing attention statistics when the policy needs them: column sums, never a T x T matrix in
 decode). ``end_step`` then evicts: in every layer and KV head it keeps the recent window plus the
 top-scoring older tokens, compacts them into the first ``budget`` slots, and returns the emptied
-blocks to the pool. A policy is a subclass that chooses which attention rows feed its scores and
-how scores are initialised or read at selection time.
+blocks to the pool. A policy is a subclass that declares its attention statistic (an object of
+:mod:`kvscope.kv.statistics`) and how scores are initialised or read at selection time.
 """
 from __future__ import annotations
 
@@ -29,6 +29,7 @@ from kvscope.kv.base import Adoption, BlockTableLayout, Handover, KVSetup, KVStr
 from kvscope.kv.block_pool import BlockPool, pool_stats
 from kvscope.kv.eviction_attention import CapturedColumnSums, EvictionAttention
 from kvscope.kv.slot_cache import SlotKVCache, table_slots
+from kvscope.kv.statistics import NO_STATISTIC, ScoreStatistic
 from kvscope.models.config import ModelConfig
 
 
@@ -64,14 +65,14 @@ class EvictionStrategy(KVStrategy):
     """
 
     lossless = False
-    #: Query rows whose attention feeds the scores: "none", "all" (summed), "last" (newest
-    #: query only, replacing), or "window" (the last ``window`` prompt rows, summed).
-    attention_rows: ClassVar[str] = "none"
+    #: The attention statistic the scores read (:mod:`kvscope.kv.statistics`): none, accumulated,
+    #: last row or observation window. It owns its fold and says whether decode can be captured.
+    statistic: ClassVar[ScoreStatistic] = NO_STATISTIC
     #: Whether the cache is kept at budget during decode (SnapKV only compresses the prompt).
     evict_in_decode: ClassVar[bool] = True
     #: Share of the budget given to the recent window when only a total budget is given.
     default_recent_fraction: ClassVar[float] = 0.5
-    #: For ``attention_rows == "window"``: how many final prompt rows are observed.
+    #: For :data:`~kvscope.kv.statistics.OBSERVATION_WINDOW`: how many final prompt rows are observed.
     window: int = 0
     #: Budget when neither ``budget`` nor ``budget_ratio`` is given (the H2O paper's 20%).
     default_budget_ratio: ClassVar[float] = DEFAULT_BUDGET_RATIO
@@ -297,13 +298,9 @@ class EvictionStrategy(KVStrategy):
         ranked by raw score, ``h2o``: the kernel folds the statistic inside the graph), ``"plain"``
         (decode needs nothing from attention and evicts nothing, ``snapkv``: plain paged decode over
         the resident tokens), or None (eager)."""
-        if self.keyed_initial_scores:
+        if self.keyed_initial_scores:  # a key-dependent score is computed in eager code
             return None
-        if self.attention_rows == "all" and self._ranks_by_score:
-            return "statistic"
-        if self.attention_rows in ("window", "none") and not self.evict_in_decode:
-            return "plain"
-        return None
+        return self.statistic.capture(self._ranks_by_score, self.evict_in_decode)
 
     def block_table_layout(self) -> BlockTableLayout | None:
         """Captured decode on the Triton backend (see :attr:`captured_decode`); with the statistic,

@@ -12,6 +12,7 @@ from typing import Any
 from kvscope.errors import ConfigError
 from kvscope.kv.eviction import Budget, EvictionStrategy, _ratio
 from kvscope.kv.registry import register
+from kvscope.kv.statistics import ACCUMULATED
 
 
 @register
@@ -19,7 +20,7 @@ class H2OStrategy(EvictionStrategy):
     """Accumulated-attention heavy hitters plus a recent window; budget from ratios of the prompt."""
 
     name = "h2o"
-    attention_rows = "all"
+    statistic = ACCUMULATED
 
     def __init__(
         self,

@@ -14,6 +14,7 @@ from kvscope.engine.request import Request
 from kvscope.errors import ConfigError
 from kvscope.kv.eviction import Budget, EvictionStrategy
 from kvscope.kv.registry import register
+from kvscope.kv.statistics import OBSERVATION_WINDOW
 
 
 @register
@@ -21,7 +22,7 @@ class SnapKVStrategy(EvictionStrategy):
     """Prompt compression scored by an observation window at the prompt's end, pooled, per head."""
 
     name = "snapkv"
-    attention_rows = "window"
+    statistic = OBSERVATION_WINDOW
     evict_in_decode = False
 
     def __init__(
