@@ -1,7 +1,7 @@
 """kvscope: one LLM inference engine with pluggable KV-cache strategies, and the harness that
 characterises them."""
 from kvscope.engine.outputs import CompletionOutput, RequestOutput
-from kvscope.engine.sampling_params import SamplingParams
+from kvscope.sampling_params import SamplingParams
 from kvscope.llm import LLM
 
 __version__ = "0.1.0"

@@ -8,7 +8,7 @@ import sys
 import time
 from typing import Any
 
-from kvscope.constants import QUALITY_FLOOR
+from kvscope.constants import DEFAULT_STRATEGY, QUALITY_FLOOR
 from kvscope.errors import KVScopeError
 
 DEMO_PROMPTS = [
@@ -60,7 +60,7 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("generate", help="generate text with one model and one KV strategy")
     p.add_argument("prompts", nargs="*", help="prompts (default: a few demo questions)")
     p.add_argument("--model", default="smollm2-135m")
-    p.add_argument("--strategy", default="paged", help="name[:key=value,...], e.g. paged:block_size=32")
+    p.add_argument("--strategy", default=DEFAULT_STRATEGY, help="name[:key=value,...], e.g. paged:block_size=32")
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="float32")
     p.add_argument("--kv-memory", type=_size, default=None, help="KV pool size, e.g. 256MiB")
@@ -391,7 +391,7 @@ def _bench(args: argparse.Namespace) -> int:
 def _add_serve(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("serve", help="serve one model and KV strategy over an OpenAI-compatible HTTP API")
     p.add_argument("model", nargs="?", default="smollm2-135m", help="model spec (see `kvscope models`)")
-    p.add_argument("--strategy", default="paged", help="name[:key=value,...], e.g. h2o:heavy_ratio=0.1")
+    p.add_argument("--strategy", default=DEFAULT_STRATEGY, help="name[:key=value,...], e.g. h2o:heavy_ratio=0.1")
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="float32")
     p.add_argument("--kv-memory", type=_size, default=None, help="KV pool size, e.g. 256MiB")

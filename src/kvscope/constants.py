@@ -15,3 +15,10 @@ DEFAULT_BUDGET_RATIO = 0.2
 #: Prefix of an external serving system's strategy in study rows (``system:vllm``): not a kvscope
 #: strategy, so nothing about its KV is known.
 SYSTEM_PREFIX = "system:"
+
+#: The full-KV strategy: the engine's default and the lossless reference a study compares with.
+FULL_KV_STRATEGY = "paged"
+DEFAULT_STRATEGY = FULL_KV_STRATEGY
+
+#: ``adaptive``'s long child when neither its arguments nor a derivation name one.
+DEFAULT_LONG_CHILD = "h2o"

@@ -48,15 +48,14 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-import torch
-
-from kvscope.constants import DEFAULT_BUDGET_RATIO, QUALITY_FLOOR
-from kvscope.engine.request import Request
+from kvscope.constants import DEFAULT_BUDGET_RATIO, DEFAULT_LONG_CHILD, QUALITY_FLOOR
+from kvscope.request import Request
 from kvscope.errors import ConfigError
 from kvscope.kv.base import (
-    Adoption, BlockTableLayout, GraphStatistics, Handover, KVSetup, KVStrategy, StepBatch,
+    Adoption, BlockTableLayout, GraphStatistics, Handover, KVSetup, KVStrategy, KVUsage, StepBatch,
 )
 from kvscope.kv.block_pool import BlockPool, pool_stats
+from kvscope.kv.composite import CompositeAttention, one_request, sub_batch
 from kvscope.kv.paged import PagedStrategy
 from kvscope.kv.registry import available, check_args, long_children, register
 from kvscope.kv.slot_cache import SlotKVCache
@@ -64,51 +63,6 @@ from kvscope.models.base import AttentionBackend
 
 #: The full child (lossless, the reference a derivation compares long children with).
 FULL_CHILD = PagedStrategy
-#: The long child when neither ``long`` nor a derivation names one.
-DEFAULT_LONG = "h2o"
-
-
-class CompositeAttention:
-    """Routes each child's query rows to that child's backend (``rows``: ``[n_i]`` indices)."""
-
-    def __init__(self, parts: list[tuple[AttentionBackend, torch.Tensor]]) -> None:
-        self.parts = parts
-
-    def layer_input(self, layer: int, x: torch.Tensor) -> None:
-        for backend, rows in self.parts:
-            hook = getattr(backend, "layer_input", None)
-            if hook is not None:
-                hook(layer, x[rows])
-
-    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        out = torch.empty_like(q)
-        for backend, rows in self.parts:
-            out[rows] = backend.attend(layer, q[rows], k[rows], v[rows])
-        return out
-
-
-def _one(batch: StepBatch, request: Request) -> StepBatch:
-    """``batch`` narrowed to ``request`` for the per-request graph queries (which read only
-    ``requests``; the tensors are shared, not sliced)."""
-    return dataclasses.replace(batch, requests=[request])
-
-
-def _sub_batch(batch: StepBatch, members: list[int]) -> tuple[StepBatch, torch.Tensor]:
-    """The part of ``batch`` made of requests ``members``, and its rows ``[n]`` in the full batch."""
-    qs = batch.query_start
-    rows = [r for i in members for r in range(qs[i], qs[i + 1])]
-    index = torch.tensor(rows, dtype=torch.long, device=batch.input_ids.device)
-    starts = [0]
-    for i in members:
-        starts.append(starts[-1] + batch.num_new_tokens[i])
-    sub = StepBatch(
-        requests=[batch.requests[i] for i in members],
-        num_new_tokens=[batch.num_new_tokens[i] for i in members],
-        input_ids=batch.input_ids[index],
-        positions=batch.positions[index],
-        query_start=starts,
-    )
-    return sub, index
 
 
 @register
@@ -179,7 +133,7 @@ class AdaptiveStrategy(KVStrategy):
             self.long_threshold = 2048 if long_threshold is None else long_threshold
         use_derived_child = derived is not None and derived.long is not None
         long_given = long is not None
-        long = long or (derived.long if use_derived_child else None) or DEFAULT_LONG
+        long = long or (derived.long if use_derived_child else None) or DEFAULT_LONG_CHILD
         child = available()[long]
         if use_derived_child and long_budget_ratio is None:
             args = dict(derived.long_args)
@@ -352,6 +306,15 @@ class AdaptiveStrategy(KVStrategy):
             out.update({k: v for k, v in long.items() if k.startswith(("host_", "transfer_", "selected_"))})
         return out
 
+    def usage(self) -> KVUsage:
+        if self.shared:
+            bpt = self.bytes_per_token
+            used = self.full.num_held_tokens() + self.long.num_held_tokens()
+            return KVUsage(used * bpt, self.full.pool.num_used * self.block_size * bpt)
+        full, long = self.full.usage(), self.long.usage()
+        return KVUsage(full.kv_bytes_used + long.kv_bytes_used, full.kv_bytes_allocated + long.kv_bytes_allocated,
+                       long.host_kv_bytes)
+
     # ---- model side ------------------------------------------------------------------------------
     def _groups(self, batch: StepBatch) -> list[tuple[KVStrategy, list[int]]]:
         """Each child with requests in ``batch``, and their indices in it."""
@@ -366,7 +329,7 @@ class AdaptiveStrategy(KVStrategy):
             return groups[0][0].begin_step(batch)
         parts = []
         for child, members in groups:
-            sub, rows = _sub_batch(batch, members)
+            sub, rows = sub_batch(batch, members)
             parts.append((child.begin_step(sub), rows))
         return CompositeAttention(parts)
 
@@ -383,11 +346,11 @@ class AdaptiveStrategy(KVStrategy):
         return self._long_in_graphs() or all(self._owner(r) is self.full for r in batch.requests)
 
     def block_tables(self, batch: StepBatch) -> list[list[int]]:
-        return [self._owner(req).block_tables(_one(batch, req))[0] for req in batch.requests]
+        return [self._owner(req).block_tables(one_request(batch, req))[0] for req in batch.requests]
 
     def held_tokens(self, batch: StepBatch) -> list[int]:
         # A full request holds every computed token; an eviction one its resident tokens.
-        return [self._owner(req).held_tokens(_one(batch, req))[0] for req in batch.requests]
+        return [self._owner(req).held_tokens(one_request(batch, req))[0] for req in batch.requests]
 
     def graph_statistics(self) -> GraphStatistics | None:
         # Folded for every row: a full request's slots carry scores nobody reads until it is
@@ -400,7 +363,7 @@ class AdaptiveStrategy(KVStrategy):
     def end_step(self, batch: StepBatch) -> None:
         # Split again rather than kept from begin_step: a step replayed from a graph has none.
         for child, members in self._groups(batch):
-            child.end_step(batch if len(members) == len(batch.requests) else _sub_batch(batch, members)[0])
+            child.end_step(batch if len(members) == len(batch.requests) else sub_batch(batch, members)[0])
         if self.compressed and self.pool_use() < self.relief:
             for req in self.compressed.values():
                 self.long.lift_budget(req)

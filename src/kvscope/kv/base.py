@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Literal, Protocol
 
 import torch
 
-from kvscope.engine.request import Request
+from kvscope.request import Request
 from kvscope.errors import ConfigError
 from kvscope.models.base import AttentionBackend
 from kvscope.models.config import ModelConfig
@@ -59,11 +59,6 @@ class StepBatch:
     positions: torch.Tensor  # [N] int64
     query_start: list[int]  # [B + 1]
 
-    @property
-    def context_lens(self) -> list[int]:
-        """Tokens each request will hold after this step: computed + new."""
-        return [r.num_computed_tokens + n for r, n in zip(self.requests, self.num_new_tokens)]
-
 
 @dataclass(frozen=True)
 class BlockTableLayout:
@@ -101,6 +96,8 @@ class StrategyFacts:
         long_child: may serve as ``adaptive``'s long child (implements :meth:`KVStrategy.adopt`).
         reserves_context: admission reserves a whole context per request (a slab), not blocks.
         graph_decode: decode steps may replay CUDA graphs (on a GPU with the Triton backend).
+        pool_independent: what a lone sequence sees cannot depend on the KV pool's size (lossless,
+            or lossy by a budget only), so quality measured with one pool holds for another.
     """
 
     name: str
@@ -110,6 +107,17 @@ class StrategyFacts:
     long_child: bool
     reserves_context: bool
     graph_decode: bool
+    pool_independent: bool
+
+
+@dataclass(frozen=True)
+class KVUsage:
+    """The KV memory the engine tracks peaks of after every step: cheap to produce (no dict, no
+    device sync). Bytes; ``host_kv_bytes`` None when the strategy keeps no KV on the host."""
+
+    kv_bytes_used: int
+    kv_bytes_allocated: int
+    host_kv_bytes: int | None = None
 
 
 class Adoption(enum.Enum):
@@ -153,6 +161,9 @@ class KVStrategy(ABC):
     reserves_context: ClassVar[bool] = False
     #: Decode steps may replay CUDA graphs; instances may refine it (:meth:`facts`).
     graph_decode: ClassVar[bool] = True
+    #: A lossy strategy that may drop tokens when the pool is full (so its quality depends on the
+    #: pool); a budget-only policy says False. Ignored when lossless.
+    drops_under_pressure: ClassVar[bool] = True
     supports_prefix_caching: ClassVar[bool] = False
     supports_swap: ClassVar[bool] = False
     supports_fork: ClassVar[bool] = False
@@ -183,7 +194,7 @@ class KVStrategy(ABC):
         return StrategyFacts(
             name=self.name, residence=self.residence, lossless=self.lossless, kept_share=self.kept_share(),
             long_child=type(self).adopt is not KVStrategy.adopt, reserves_context=self.reserves_context,
-            graph_decode=self.graph_decode,
+            graph_decode=self.graph_decode, pool_independent=self.lossless or not self.drops_under_pressure,
         )
 
     # ---- lifecycle -------------------------------------------------------------------------
@@ -237,6 +248,12 @@ class KVStrategy(ABC):
     @abstractmethod
     def stats(self) -> dict[str, Any]:
         """Accounting counters; see ``docs/architecture.md`` for their meaning."""
+
+    def usage(self) -> KVUsage:
+        """What :meth:`stats` says of the KV memory, read after every step: strategies whose
+        ``stats`` is costly (or syncs with the device) override it with running counters."""
+        s = self.stats()
+        return KVUsage(s["kv_bytes_used"], s["kv_bytes_allocated"], s.get("host_kv_bytes"))
 
     # ---- model side ------------------------------------------------------------------------
     @abstractmethod

@@ -17,17 +17,19 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
 
-from kvscope.engine.request import Request
+from kvscope.request import Request
 from kvscope.errors import ConfigError
 from kvscope.constants import DEFAULT_BUDGET_RATIO
-from kvscope.kv.base import Adoption, BlockTableLayout, Handover, KVSetup, KVStrategy, StepBatch, StrategyFacts
+from kvscope.kv.base import (
+    Adoption, BlockTableLayout, Handover, KVSetup, KVStrategy, KVUsage, StepBatch, StrategyFacts,
+)
 from kvscope.kv.block_pool import BlockPool, pool_stats
 from kvscope.kv.eviction_attention import CapturedColumnSums, EvictionAttention
+from kvscope.kv.eviction_budget import Budget, check_budget_args
 from kvscope.kv.slot_cache import SlotKVCache, table_slots
 from kvscope.kv.statistics import NO_STATISTIC, ScoreStatistic
 from kvscope.models.config import ModelConfig
@@ -35,24 +37,6 @@ from kvscope.models.config import ModelConfig
 
 #: Largest logits buffer a captured decode step may hold for the column sums (bytes).
 _GRAPH_LOGITS_BYTES = 2 << 30
-
-
-def _ratio(name: str, value: float | None) -> None:
-    if value is not None and not (isinstance(value, (int, float)) and 0.0 < value <= 1.0):
-        raise ConfigError(f"{name} must be in (0, 1], got {value!r}")
-
-
-def _count(name: str, value: int | None, minimum: int) -> None:
-    if value is not None and (not isinstance(value, int) or value < minimum):
-        raise ConfigError(f"{name} must be an integer >= {minimum}, got {value!r}")
-
-
-@dataclass(frozen=True)
-class Budget:
-    """Resident tokens a request may keep per layer and KV head: ``total`` = heavy + ``recent``."""
-
-    total: int
-    recent: int
 
 
 class EvictionStrategy(KVStrategy):
@@ -65,6 +49,7 @@ class EvictionStrategy(KVStrategy):
     """
 
     lossless = False
+    drops_under_pressure = False  # keeps what its budget says whatever the pool holds
     #: The attention statistic the scores read (:mod:`kvscope.kv.statistics`): none, accumulated,
     #: last row or observation window. It owns its fold and says whether decode can be captured.
     statistic: ClassVar[ScoreStatistic] = NO_STATISTIC
@@ -87,19 +72,7 @@ class EvictionStrategy(KVStrategy):
         block_size: int = 16,
     ) -> None:
         super().__init__()
-        _ratio(f"{self.name}: budget_ratio", budget_ratio)
-        _ratio(f"{self.name}: recent_ratio", recent_ratio)
-        _count(f"{self.name}: budget", budget, 1)
-        _count(f"{self.name}: recent", recent, 1)
-        _count(f"{self.name}: block_size", block_size, 1)
-        if budget is not None and budget_ratio is not None:
-            raise ConfigError(f"{self.name}: give either budget or budget_ratio, not both")
-        if budget is not None and recent is not None and recent > budget:
-            raise ConfigError(f"{self.name}: budget ({budget}) is smaller than the recent window ({recent})")
-        if budget_ratio is not None and recent_ratio is not None and recent_ratio > budget_ratio:
-            raise ConfigError(
-                f"{self.name}: budget_ratio ({budget_ratio}) is smaller than recent_ratio ({recent_ratio})"
-            )
+        check_budget_args(self.name, budget_ratio, recent_ratio, budget, recent, block_size)
         if budget is None and budget_ratio is None:
             budget_ratio = self.default_budget_ratio
         self.budget_ratio = budget_ratio
@@ -274,6 +247,10 @@ class EvictionStrategy(KVStrategy):
             "evicted_tokens": self.evicted_tokens,
             "freed_blocks": self.freed_blocks,
         }
+
+    def usage(self) -> KVUsage:
+        bpt = self.bytes_per_token
+        return KVUsage(self.num_held_tokens() * bpt, self.pool.num_used * self.block_size * bpt)
 
     # ---- model side ---------------------------------------------------------------------------------
     def begin_step(self, batch: StepBatch) -> EvictionAttention:

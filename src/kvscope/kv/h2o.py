@@ -10,7 +10,8 @@ from __future__ import annotations
 from typing import Any
 
 from kvscope.errors import ConfigError
-from kvscope.kv.eviction import Budget, EvictionStrategy, _ratio
+from kvscope.kv.eviction import EvictionStrategy
+from kvscope.kv.eviction_budget import Budget, _ratio
 from kvscope.kv.registry import register
 from kvscope.kv.statistics import ACCUMULATED
 

@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from kvscope.attention.triton_speculate import speculate_rows
 from kvscope.constants import DEFAULT_BUDGET_RATIO
 from kvscope.errors import ConfigError
-from kvscope.kv.base import KVSetup, StepBatch
+from kvscope.kv.base import KVSetup, KVUsage, StepBatch
 from kvscope.kv.offload_base import HostOffloadStrategy, OffloadAttention, _Staged
 from kvscope.kv.registry import register
 from kvscope.kv.infinigen_decode import InfiniGenDecode, InfiniGenGraphs, dense_layer_fits
@@ -335,6 +335,13 @@ class InfiniGenStrategy(HostOffloadStrategy):
             return None
         prev, new = self.step_slots(batch)
         return self.graphs.run(key, batch.input_ids, prev, new, batch.positions)
+
+    def usage(self) -> KVUsage:
+        # The partial keys are the only device KV between steps; no counter tensor is read here.
+        m = self.setup.model
+        elem = self.partial_keys.element_size()
+        used = self.pool.used_tokens * m.num_layers * m.num_kv_heads * self.partial_keys.shape[-1] * elem
+        return KVUsage(used, self.transfer.nbytes + self.partial_keys.numel() * elem, self.host_kv_bytes_used())
 
     def stats(self) -> dict[str, Any]:
         m = self.setup.model

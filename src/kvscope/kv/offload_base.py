@@ -19,9 +19,9 @@ from typing import Any, ClassVar
 
 import torch
 
-from kvscope.engine.request import Request
+from kvscope.request import Request
 from kvscope.errors import ConfigError
-from kvscope.kv.base import Adoption, Handover, KVSetup, KVStrategy, StepBatch
+from kvscope.kv.base import Adoption, Handover, KVSetup, KVStrategy, KVUsage, StepBatch
 from kvscope.kv.host_pool import HostKVPool
 from kvscope.kv.slot_cache import SlotAttention
 from kvscope.kv.transfer import TransferEngine
@@ -249,6 +249,13 @@ class HostOffloadStrategy(KVStrategy):
 
     def end_step(self, batch: StepBatch) -> None:
         self.transfer.finish_step()
+
+    def usage(self) -> KVUsage:
+        return KVUsage(0, self.transfer.nbytes, self.host_kv_bytes_used())
+
+    def host_kv_bytes_used(self) -> int:
+        """Bytes of K/V held in the host pool (its ``host_kv_bytes`` stat)."""
+        return self.pool.used_tokens * self.pool.bytes_per_token
 
     def stats(self) -> dict[str, Any]:
         host = self.pool.stats()

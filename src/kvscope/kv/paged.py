@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from kvscope.engine.request import Request
+from kvscope.request import Request
 from kvscope.errors import ConfigError
 from kvscope.kv.base import BlockTableLayout, KVSetup, KVStrategy, StepBatch
 from kvscope.kv.block_pool import BlockHash, BlockPool, hash_block, pool_stats

@@ -39,10 +39,10 @@ from kvscope.bench import quality
 from kvscope.bench.metrics import serving_metrics
 from kvscope.bench.serve import run_workload
 from kvscope.config import EngineConfig
-from kvscope.engine.sampling_params import SamplingParams
+from kvscope.constants import FULL_KV_STRATEGY
+from kvscope.sampling_params import SamplingParams
 from kvscope.errors import ConfigError, RequestError
 from kvscope.kv import registry
-from kvscope.kv.eviction import EvictionStrategy
 from kvscope.llm import LLM
 from kvscope.models.loader import DUMMY_PREFIX, LoadedModel, load_model
 from kvscope.study.preflight import check_models, claim_folder
@@ -193,7 +193,7 @@ def _agreement(point: Point, cache: "PointCache", requests: list, served: list[l
     cfg = point.config
 
     def reference() -> dict[str, Any]:
-        llm = cache.llm({**cfg, "strategy": "paged"})
+        llm = cache.llm({**cfg, "strategy": FULL_KV_STRATEGY})
         params = [SamplingParams(max_tokens=r.output_len, temperature=0.0, ignore_eos=True) for r in requests]
         outs = llm.generate([r.prompt for r in requests], params, use_tqdm=False)
         return {"token_ids": [list(o.token_ids) for o in outs]}
@@ -273,8 +273,7 @@ def _pool_independent(strategy: str) -> bool:
     true of lossless strategies and of the budget-driven eviction policies, which keep what their
     budget says whatever the pool holds. A strategy that drops tokens under memory pressure (a full
     pool) is not, and its quality is measured per pool."""
-    cls = registry.available()[registry.parse_spec(strategy)[0]]
-    return cls.lossless or issubclass(cls, EvictionStrategy)
+    return registry.facts(strategy).pool_independent
 
 
 def _quality(point: Point, cache: PointCache) -> dict[str, Any]:
