@@ -10,11 +10,11 @@ from kvscope.config import EngineConfig
 from kvscope.constants import DEFAULT_STRATEGY
 from kvscope.engine.engine import LLMEngine
 from kvscope.engine.outputs import RequestOutput
-from kvscope.sampling_params import SamplingParams
 from kvscope.errors import RequestError
 from kvscope.kv import registry
 from kvscope.kv.base import KVStrategy
 from kvscope.models.loader import LoadedModel, load_model
+from kvscope.sampling_params import SamplingParams
 
 Prompt = str | list[int]
 

@@ -14,16 +14,16 @@ import torch
 from kvscope.config import DEFAULT_CPU_KV_BYTES, EngineConfig
 from kvscope.engine.cuda_graph import DecodeGraphs, default_graph_sizes
 from kvscope.engine.model_runner import ModelRunner
-from kvscope.engine.prompts import prompt_token_ids
 from kvscope.engine.outputs import RequestOutput, build_output
 from kvscope.engine.peaks import Peaks
-from kvscope.request import Request, RequestStatus
+from kvscope.engine.prompts import prompt_token_ids
 from kvscope.engine.sampler import sample
-from kvscope.sampling_params import SamplingParams
 from kvscope.engine.scheduler import ScheduleResult, Scheduler
 from kvscope.engine.stopping import stop_reason
 from kvscope.errors import ConfigError, RequestError
 from kvscope.kv.base import KVSetup, KVStrategy
+from kvscope.request import Request, RequestStatus
+from kvscope.sampling_params import SamplingParams
 
 if TYPE_CHECKING:
     from kvscope.models.loader import LoadedModel

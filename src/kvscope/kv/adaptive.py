@@ -49,7 +49,6 @@ import dataclasses
 from typing import Any
 
 from kvscope.constants import DEFAULT_BUDGET_RATIO, DEFAULT_LONG_CHILD, QUALITY_FLOOR
-from kvscope.request import Request
 from kvscope.errors import ConfigError
 from kvscope.kv.base import (
     Adoption, BlockTableLayout, GraphStatistics, Handover, KVSetup, KVStrategy, KVUsage, StepBatch,
@@ -60,6 +59,7 @@ from kvscope.kv.paged import PagedStrategy
 from kvscope.kv.registry import available, check_args, long_children, register
 from kvscope.kv.slot_cache import SlotKVCache
 from kvscope.models.base import AttentionBackend
+from kvscope.request import Request
 
 #: The full child (lossless, the reference a derivation compares long children with).
 FULL_CHILD = PagedStrategy

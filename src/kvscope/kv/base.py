@@ -18,10 +18,10 @@ from typing import TYPE_CHECKING, Any, ClassVar, Literal, Protocol
 
 import torch
 
-from kvscope.request import Request
 from kvscope.errors import ConfigError
 from kvscope.models.base import AttentionBackend
 from kvscope.models.config import ModelConfig
+from kvscope.request import Request
 
 if TYPE_CHECKING:
     from kvscope.kv.slot_cache import SlotKVCache

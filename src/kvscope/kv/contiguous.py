@@ -9,12 +9,12 @@ from __future__ import annotations
 
 from typing import Any
 
-from kvscope.request import Request
 from kvscope.errors import ConfigError
 from kvscope.kv.base import BlockTableLayout, KVSetup, KVStrategy, KVUsage, StepBatch
 from kvscope.kv.registry import register
 from kvscope.kv.slot_cache import SlotKVCache, block_table_attention
 from kvscope.models.base import AttentionBackend
+from kvscope.request import Request
 
 
 @register

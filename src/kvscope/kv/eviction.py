@@ -21,9 +21,8 @@ from typing import Any, ClassVar
 
 import torch
 
-from kvscope.request import Request
-from kvscope.errors import ConfigError
 from kvscope.constants import DEFAULT_BUDGET_RATIO
+from kvscope.errors import ConfigError
 from kvscope.kv.base import (
     Adoption, BlockTableLayout, Handover, KVSetup, KVStrategy, KVUsage, StepBatch, StrategyFacts,
 )
@@ -33,6 +32,7 @@ from kvscope.kv.eviction_budget import Budget, check_budget_args
 from kvscope.kv.slot_cache import SlotKVCache, table_slots
 from kvscope.kv.statistics import NO_STATISTIC, ScoreStatistic
 from kvscope.models.config import ModelConfig
+from kvscope.request import Request
 
 
 #: Largest logits buffer a captured decode step may hold for the column sums (bytes).

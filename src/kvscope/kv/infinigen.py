@@ -37,9 +37,9 @@ from kvscope.attention.triton_speculate import speculate_rows
 from kvscope.constants import DEFAULT_BUDGET_RATIO
 from kvscope.errors import ConfigError
 from kvscope.kv.base import KVSetup, KVUsage, StepBatch
+from kvscope.kv.infinigen_decode import InfiniGenDecode, InfiniGenGraphs, dense_layer_fits
 from kvscope.kv.offload_base import HostOffloadStrategy, OffloadAttention, _Staged
 from kvscope.kv.registry import register
-from kvscope.kv.infinigen_decode import InfiniGenDecode, InfiniGenGraphs, dense_layer_fits
 from kvscope.kv.skew import CALIBRATION_TOKENS, calibration_tokens, load_or_compute_skew
 from kvscope.kv.slot_cache import SlotAttention
 

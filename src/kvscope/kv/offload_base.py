@@ -19,12 +19,12 @@ from typing import Any, ClassVar
 
 import torch
 
-from kvscope.request import Request
 from kvscope.errors import ConfigError
 from kvscope.kv.base import Adoption, Handover, KVSetup, KVStrategy, KVUsage, StepBatch
 from kvscope.kv.host_pool import HostKVPool
 from kvscope.kv.slot_cache import SlotAttention
 from kvscope.kv.transfer import TransferEngine
+from kvscope.request import Request
 
 
 class _Staged:

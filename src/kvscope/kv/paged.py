@@ -14,13 +14,13 @@ from typing import Any
 
 import torch
 
-from kvscope.request import Request
 from kvscope.errors import ConfigError
 from kvscope.kv.base import BlockTableLayout, KVSetup, KVStrategy, StepBatch
 from kvscope.kv.block_pool import BlockHash, BlockPool, hash_block, pool_stats
 from kvscope.kv.registry import register
 from kvscope.kv.slot_cache import SlotKVCache, block_table_attention, table_slots
 from kvscope.models.base import AttentionBackend
+from kvscope.request import Request
 
 
 @dataclass

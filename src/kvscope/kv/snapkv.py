@@ -10,12 +10,12 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from kvscope.request import Request
 from kvscope.errors import ConfigError
 from kvscope.kv.eviction import EvictionStrategy
 from kvscope.kv.eviction_budget import Budget
 from kvscope.kv.registry import register
 from kvscope.kv.statistics import OBSERVATION_WINDOW
+from kvscope.request import Request
 
 
 @register

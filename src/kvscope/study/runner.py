@@ -40,11 +40,11 @@ from kvscope.bench.metrics import serving_metrics
 from kvscope.bench.serve import run_workload
 from kvscope.config import EngineConfig
 from kvscope.constants import FULL_KV_STRATEGY
-from kvscope.sampling_params import SamplingParams
 from kvscope.errors import ConfigError, RequestError
 from kvscope.kv import registry
 from kvscope.llm import LLM
 from kvscope.models.loader import DUMMY_PREFIX, LoadedModel, load_model
+from kvscope.sampling_params import SamplingParams
 from kvscope.study.preflight import check_models, claim_folder
 from kvscope.study.results_io import (
     all_requests_failed,
@@ -55,6 +55,7 @@ from kvscope.study.results_io import (
 )
 from kvscope.study.spec import Point, StudySpec, WorkloadSpec, expand
 from kvscope.workload.arrivals import gamma_arrivals
+from kvscope.workload.mixed import MixedWorkload, mix, num_long_requests
 from kvscope.workload.requests import (
     WorkloadRequest,
     fixed_length_requests,
@@ -62,7 +63,6 @@ from kvscope.workload.requests import (
     uniform_length_requests,
     with_arrivals,
 )
-from kvscope.workload.mixed import MixedWorkload, mix, num_long_requests
 from kvscope.workload.ruler import ruler_samples, score_prediction
 from kvscope.workload.sharegpt import sharegpt_requests
 from kvscope.workload.text import token_sequences
