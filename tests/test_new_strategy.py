@@ -80,3 +80,26 @@ def test_serves_as_adaptive_long_child():
     assert st["adaptive_long"] == "loudkeys" and st["adaptive_long_budget_ratio"] == 0.5
     assert st["adaptive_admitted_long_length"] == 1 and st["adaptive_admitted_full"] == 2  # 58 + 12 >= 62
     assert st["num_evictions"] > 0 and st["blocks_used"] == 0
+
+
+def test_adaptive_graph_queries_ask_each_child_for_its_requests():
+    # block_tables / held_tokens (the CUDA-graph decode path, GPU-only) answered per child, in batch order.
+    from kvscope.kv.base import StepBatch
+
+    llm = LLM("dummy:tiny-llama", strategy="adaptive:long=loudkeys,long_threshold=62,block_size=4",
+              kv_memory_bytes=8 << 20)
+    eng = llm.engine
+    for p in PROMPTS:
+        eng.add_request(p, greedy(12))  # 52 and 61 tokens stay full, 70 goes long
+    for _ in range(5):
+        eng.step()
+    reqs = list(eng.scheduler.running)
+    kv = eng.kv
+    assert {id(kv.route[r.request_id]) for r in reqs} == {id(kv.full), id(kv.long)}
+    n = len(reqs)
+    batch = StepBatch(reqs, [1] * n, torch.zeros(n, dtype=torch.long), torch.zeros(n, dtype=torch.long),
+                      list(range(n + 1)))
+    owner = [kv.route[r.request_id] for r in reqs]
+    assert kv.block_tables(batch) == [o.tables[r.request_id] for o, r in zip(owner, reqs)]
+    assert kv.held_tokens(batch) == [kv.long.resident[r.request_id] if o is kv.long else r.num_computed_tokens
+                                     for o, r in zip(owner, reqs)]

@@ -46,6 +46,7 @@ full replay the full child's graphs, and steps with a long row run eagerly.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from typing import Any
 
 from kvscope.constants import DEFAULT_BUDGET_RATIO, DEFAULT_LONG_CHILD, QUALITY_FLOOR
@@ -54,7 +55,7 @@ from kvscope.kv.base import (
     Adoption, BlockTableLayout, GraphStatistics, Handover, KVSetup, KVStrategy, KVUsage, StepBatch,
 )
 from kvscope.kv.block_pool import BlockPool, pool_stats
-from kvscope.kv.composite import CompositeAttention, one_request, sub_batch
+from kvscope.kv.composite import CompositeAttention, requests_of, sub_batch
 from kvscope.kv.paged import PagedStrategy
 from kvscope.kv.registry import available, check_args, long_children, register
 from kvscope.kv.slot_cache import SlotKVCache
@@ -346,11 +347,20 @@ class AdaptiveStrategy(KVStrategy):
         return self._long_in_graphs() or all(self._owner(r) is self.full for r in batch.requests)
 
     def block_tables(self, batch: StepBatch) -> list[list[int]]:
-        return [self._owner(req).block_tables(one_request(batch, req))[0] for req in batch.requests]
+        return self._per_request(batch, lambda child, sub: child.block_tables(sub))
 
     def held_tokens(self, batch: StepBatch) -> list[int]:
         # A full request holds every computed token; an eviction one its resident tokens.
-        return [self._owner(req).held_tokens(one_request(batch, req))[0] for req in batch.requests]
+        return self._per_request(batch, lambda child, sub: child.held_tokens(sub))
+
+    def _per_request(self, batch: StepBatch, query: Callable[[KVStrategy, StepBatch], list[Any]]) -> list[Any]:
+        """``query`` asked of each child about its requests of ``batch`` (once per child, not per
+        request: this runs on the CUDA-graph decode path), answers back in batch order."""
+        out: list[Any] = [None] * len(batch.requests)
+        for child, members in self._groups(batch):
+            for i, value in zip(members, query(child, requests_of(batch, members))):
+                out[i] = value
+        return out
 
     def graph_statistics(self) -> GraphStatistics | None:
         # Folded for every row: a full request's slots carry scores nobody reads until it is

@@ -8,7 +8,6 @@ import torch
 
 from kvscope.kv.base import StepBatch
 from kvscope.models.base import AttentionBackend
-from kvscope.request import Request
 
 
 class CompositeAttention:
@@ -30,10 +29,10 @@ class CompositeAttention:
         return out
 
 
-def one_request(batch: StepBatch, request: Request) -> StepBatch:
-    """``batch`` narrowed to ``request`` for the per-request graph queries (which read only
-    ``requests``; the tensors are shared, not sliced)."""
-    return dataclasses.replace(batch, requests=[request])
+def requests_of(batch: StepBatch, members: list[int]) -> StepBatch:
+    """``batch`` narrowed to requests ``members`` for the graph queries (``block_tables``,
+    ``held_tokens``), which read only ``requests``: the tensors are shared, not sliced."""
+    return dataclasses.replace(batch, requests=[batch.requests[i] for i in members])
 
 
 def sub_batch(batch: StepBatch, members: list[int]) -> tuple[StepBatch, torch.Tensor]:
