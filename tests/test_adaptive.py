@@ -13,7 +13,7 @@ from kvscope import LLM, SamplingParams
 from kvscope.engine.request import Request
 from kvscope.errors import ConfigError
 from kvscope.kv.adaptive import AdaptiveStrategy
-from kvscope.kv.adaptive_thresholds import derive_thresholds
+from kvscope.study.adaptive_derivation import derive_thresholds
 from kvscope.kv.base import KVSetup
 from kvscope.models.dummy import preset_config
 from kvscope.study.spec import parse_spec

@@ -9,6 +9,7 @@ from typing import Any
 
 from kvscope.cli_args import _add_engine_args, _finite, _llm, _positive_int, _rate, _size
 from kvscope.cli_serving import _add_bench, _add_serve, _bench, _serve
+from kvscope.constants import QUALITY_FLOOR
 from kvscope.errors import KVScopeError
 
 DEMO_PROMPTS = [
@@ -190,7 +191,7 @@ def _add_advise(sub: argparse._SubParsersAction) -> None:
                    help="device KV pool (default: 90%% of memory after weights)")
     p.add_argument("--ttft-ms", type=_finite, default=None, help="SLO on p90 time to first token")
     p.add_argument("--tpot-ms", type=_finite, default=None, help="SLO on p90 time per output token")
-    p.add_argument("--quality-floor", type=_finite, default=0.8,
+    p.add_argument("--quality-floor", type=_finite, default=QUALITY_FLOOR,
                    help="minimum full-cache perplexity / strategy perplexity (1 = lossless; 0 = no floor)")
     p.add_argument("--results", default=None,
                    help="a study's results.jsonl (or its folder): measured rows used where they cover the case")

@@ -6,6 +6,7 @@ import argparse
 import math
 from typing import Any
 
+from kvscope.constants import DEFAULT_STRATEGY
 from kvscope.errors import KVScopeError
 
 
@@ -48,7 +49,7 @@ def _positive_int(text: str) -> int:
 
 def _add_engine_args(p: argparse.ArgumentParser) -> None:
     """The model's engine and KV strategy options that `generate` and `serve` share."""
-    p.add_argument("--strategy", default="paged", help="name[:key=value,...], e.g. h2o:heavy_ratio=0.1,recent_ratio=0.1")
+    p.add_argument("--strategy", default=DEFAULT_STRATEGY, help="name[:key=value,...], e.g. h2o:heavy_ratio=0.1,recent_ratio=0.1")
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="float32")
     p.add_argument("--kv-memory", type=_size, default=None, help="KV pool size, e.g. 256MiB")

@@ -8,6 +8,7 @@ from typing import Any
 import torch
 
 from kvscope import checks
+from kvscope.constants import DEFAULT_STRATEGY
 from kvscope.errors import ConfigError
 from kvscope.units import parse_size
 
@@ -73,15 +74,16 @@ class EngineConfig:
     ``max_model_len`` defaults to the model's context length.
     ``attention_backend``: ``"torch"`` (reference path), ``"triton"`` (paged kernels; CUDA) or
     ``"auto"`` (triton on CUDA when it imports, else torch); see :func:`resolve_attention_backend`.
-    It applies to the strategies whose slots are whole blocks (``paged``, ``contiguous``); the
-    evicting strategies keep their own torch attention, which also yields their policies' statistics.
+    It applies to the strategies whose slots are whole blocks (``paged``, ``contiguous``) and to the
+    decode rows of evicting strategies whose statistic reads attention (the paged decode kernel
+    also emits or folds the statistic); their other rows run torch attention.
     ``enforce_eager`` (vLLM's name): when False, on CUDA with the Triton backend, those strategies'
     decode steps replay CUDA graphs captured per batch-size bucket (``cuda_graph_sizes``; default
     1, 2, 4, 8, 16, 24, ... up to ``max_num_seqs``); see ``engine/cuda_graph.py``.
     """
 
     model: str = "smollm2-135m"
-    strategy: Any = "paged"
+    strategy: Any = DEFAULT_STRATEGY
     strategy_args: dict[str, Any] | None = None
     device: str = "cpu"
     dtype: str | torch.dtype = "float32"

@@ -7,13 +7,14 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from kvscope.config import EngineConfig
+from kvscope.constants import DEFAULT_STRATEGY
 from kvscope.engine.engine import LLMEngine
 from kvscope.engine.outputs import RequestOutput
-from kvscope.engine.sampling_params import SamplingParams
 from kvscope.errors import RequestError
 from kvscope.kv import registry
 from kvscope.kv.base import KVStrategy
 from kvscope.models.loader import LoadedModel, load_model
+from kvscope.sampling_params import SamplingParams
 
 Prompt = str | list[int]
 
@@ -39,7 +40,7 @@ class LLM:
     def __init__(
         self,
         model: str = "smollm2-135m",
-        strategy: str | KVStrategy = "paged",
+        strategy: str | KVStrategy = DEFAULT_STRATEGY,
         strategy_args: dict[str, Any] | None = None,
         kv_memory_bytes: int | str | None = None,
         device: str = "cpu",

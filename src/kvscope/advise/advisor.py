@@ -18,6 +18,7 @@ from kvscope.advise.hardware import Hardware
 from kvscope.advise.options import StrategyOption, candidates
 from kvscope.advise.simulate import EngineLimits
 from kvscope.advise.workload import Workload
+from kvscope.constants import QUALITY_FLOOR
 from kvscope.errors import ConfigError
 from kvscope.models.config import ModelConfig
 
@@ -108,7 +109,7 @@ def advise(
     model: ModelConfig,
     hardware: Hardware,
     slos: SLOs = SLOs(),
-    quality_floor: float = 0.8,
+    quality_floor: float = QUALITY_FLOOR,
     results: list[dict[str, Any]] | None = None,
     kv_memory: int | float | None = None,
     limits: EngineLimits = EngineLimits(),

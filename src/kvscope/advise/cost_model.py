@@ -149,11 +149,11 @@ class CostModel:
     def pool_tokens(self, option: StrategyOption) -> int:
         """Capacity of the pool a request's KV occupies (tokens): the device pool, or for
         ``offload``/``infinigen`` the host pool, also limited by the device prefetch buffers."""
-        if option.family not in ("offload", "infinigen"):
+        if not option.on_host:
             return self.kv_pool_bytes // self.kv_bytes_per_token
         m = self.model
         row = m.num_kv_heads * m.head_dim * self.elem  # one layer's K (or V) of one token
-        resident = self.kv_bytes_per_token * self.partial_key_fraction if option.family == "infinigen" else 0
+        resident = self.kv_bytes_per_token * self.partial_key_fraction if option.sparse_fetch else 0
         serve = int(self.kv_pool_bytes // (resident + 4 * row))
         host = option.host_kv_bytes or min(DEFAULT_HOST_KV_BYTES, self.hw.host_memory_bytes)
         return min(host // self.kv_bytes_per_token, serve)
@@ -161,15 +161,15 @@ class CostModel:
     def admit_tokens(self, option: StrategyOption, r: SimRequest, slab: int | None = None) -> int:
         """Pool tokens a request must find free to be admitted; ``slab``: ``contiguous``'s slot
         (tokens; default ``max_model_len``, else the request's own length)."""
-        if option.family == "contiguous":
+        if option.facts.reserves_context:
             return _blocks(slab or self.max_model_len or r.prompt_len + r.output_len)
-        if option.family == "h2o":
+        if option.evicts:
             return _blocks(r.prompt_len)  # the prompt is kept whole until the first decode step
         return _blocks(r.prompt_len + r.output_len)
 
     def running_tokens(self, option: StrategyOption, r: SimRequest) -> int:
         """Pool tokens a running request holds after a step."""
-        if option.family == "h2o" and r.generated >= 2:  # evicted down to its budget
+        if option.evicts and r.generated >= 2:  # evicted down to its budget
             return min(_blocks(r.prompt_len), _blocks(self.h2o_budget_tokens(option, r.prompt_len)))
         return r.held
 
@@ -178,11 +178,11 @@ class CostModel:
     def decode_traffic(self, option: StrategyOption, context: int, prompt_len: int) -> tuple[float, float]:
         """(tokens read from device KV, tokens fetched over PCIe) for one decode step of a request
         whose cache holds ``context`` tokens including the new one."""
-        if option.family == "h2o":
+        if option.evicts:
             return min(context, self.h2o_budget_tokens(option, prompt_len)), 0.0
-        if option.family == "offload":
+        if option.on_host and not option.sparse_fetch:
             return context, context
-        if option.family == "infinigen":
+        if option.sparse_fetch:
             dense = min(INFINIGEN_DENSE_LAYERS, self.model.num_layers) / self.model.num_layers
             fetched = dense * context + (1 - dense) * math.ceil((option.budget_ratio or 1.0) * context)
             return fetched + self.partial_key_fraction * context, fetched
@@ -197,10 +197,10 @@ class CostModel:
             read, fetched = self.decode_traffic(option, r.context + 1, r.prompt_len)
             device_read += read
             pcie += fetched
-            pairs += read - (self.partial_key_fraction * (r.context + 1) if option.family == "infinigen" else 0)
+            pairs += read - (self.partial_key_fraction * (r.context + 1) if option.sparse_fetch else 0)
         for r, n in work.prefills:
             device_read += r.computed  # earlier chunks of the prompt, read by this chunk's attention
-            if option.family in ("offload", "infinigen"):
+            if option.on_host:
                 pcie += r.computed  # prefill chunks fetch everything
             pairs += n * (r.computed + (n + 1) / 2)
         hbm = self.weight_bytes + self.kv_bytes_per_token * (device_read + new_tokens)
@@ -210,10 +210,10 @@ class CostModel:
         fetch = pcie * self.kv_bytes_per_token / self.hw.host_device_bytes_per_s
         # The engine replays decode-only steps from CUDA graphs; a step with a prefill chunk, and
         # every step of offload (which captures none), runs eagerly.
-        eager = bool(work.prefills) or option.family == "offload"
+        eager = bool(work.prefills) or not option.facts.graph_decode
         per_layer = self.hw.eager_step_overhead_s_per_layer if eager else self.hw.step_overhead_s_per_layer
         fixed = self.model.num_layers * per_layer
-        if option.family == "infinigen" and work.decodes:
+        if option.sparse_fetch and work.decodes:
             fixed += self.sparse_layers * self.hw.speculation_s_per_layer
         return fixed + device + fetch
 
@@ -229,7 +229,7 @@ class CostModel:
     def predict(self, option: StrategyOption, workload: Workload) -> Prediction:
         """Replay ``workload`` under ``option`` and summarise latencies, throughput and memory."""
         pool = self.pool_tokens(option)
-        q = quality(option.family, option.budget_ratio)
+        q = quality(option.family, option.budget_ratio, option.facts.lossless)
         problem = None
         if not self.weights_fit():
             problem = (f"weights ({self.weight_bytes / 2**30:.1f} GiB) + KV pool ({self.kv_pool_bytes / 2**30:.1f}"
@@ -238,7 +238,7 @@ class CostModel:
             problem = "no memory left for KV after the weights"
         mean_req = SimRequest(0.0, round(sum(workload.prompt_lens) / workload.num_requests),
                               round(sum(workload.output_lens) / workload.num_requests))
-        host = pool * self.kv_bytes_per_token if option.family in ("offload", "infinigen") else 0
+        host = pool * self.kv_bytes_per_token if option.on_host else 0
         longest = max(p + o for p, o in zip(workload.prompt_lens, workload.output_lens))
         slab = self.max_model_len or longest
         if problem is None:
@@ -252,10 +252,10 @@ class CostModel:
             return Prediction(option.spec, option.family, option.budget_ratio, False, problem, 0.0, 0.0, nan, nan,
                               nan, nan, nan, self.kv_pool_bytes, host, 0, 0, q)
         per_req = self.admit_tokens(option, mean_req, slab)
-        if option.family == "h2o":
+        if option.evicts:
             per_req = self.running_tokens(option, SimRequest(0.0, mean_req.prompt_len, 2, generated=2))
         capacity = min(self.limits.max_num_seqs, pool // max(per_req, 1))
-        device_peak = 0 if option.family in ("offload", "infinigen") else sim.peak_held_tokens * self.kv_bytes_per_token
+        device_peak = 0 if option.on_host else sim.peak_held_tokens * self.kv_bytes_per_token
         ms = 1e3
         return Prediction(
             option.spec, option.family, option.budget_ratio, True, None,

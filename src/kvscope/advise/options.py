@@ -2,18 +2,18 @@
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from kvscope.errors import ConfigError, KVScopeError
-from kvscope.kv.registry import parse_spec
+from kvscope.kv.base import StrategyFacts
+from kvscope.kv.registry import facts, parse_spec
 from kvscope.models.config import ModelConfig
 from kvscope.models.dummy import PRESETS, preset_config
 from kvscope.models.hf_config import model_config_from_hf
 
 # The KV budgets (fraction of the prompt kept) at which quality was measured (advise/quality.py).
 BUDGETS = (0.1, 0.2, 0.5)
-FAMILIES = ("paged", "contiguous", "h2o", "offload", "infinigen")
 
 
 @dataclass(frozen=True)
@@ -22,16 +22,38 @@ class StrategyOption:
 
     Attributes:
         spec: the engine's strategy string (``"h2o:heavy_ratio=0.05,recent_ratio=0.05"``).
-        family: ``paged``, ``contiguous``, ``h2o``, ``offload`` or ``infinigen``.
-        budget_ratio: fraction of the prompt's tokens kept (h2o) or fetched per step (infinigen);
-            None for strategies that keep and read every token.
-        host_kv_bytes: host pool for ``offload``/``infinigen`` (bytes), None = the engine default.
+        family: the strategy's registered name (matches measured rows with options, keys the
+            measured quality table).
+        budget_ratio: fraction of the prompt's tokens kept (on the device) or fetched per step (on
+            the host); None for strategies that keep and read every token.
+        host_kv_bytes: host pool of a host strategy (bytes), None = the engine default.
+        facts: the strategy's :class:`StrategyFacts`, read from ``spec`` (what the cost model
+            branches on; never the name).
     """
 
     spec: str
     family: str
     budget_ratio: float | None = None
     host_kv_bytes: int | None = None
+    facts: StrategyFacts = field(init=False, compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "facts", facts(self.spec))
+
+    @property
+    def on_host(self) -> bool:
+        """KV lives in host memory and is fetched over PCIe."""
+        return self.facts.residence == "host"
+
+    @property
+    def evicts(self) -> bool:
+        """KV on the device, cut down to a share of the prompt after the first decode step."""
+        return self.facts.residence == "device" and not self.facts.lossless and self.budget_ratio is not None
+
+    @property
+    def sparse_fetch(self) -> bool:
+        """A host strategy that fetches a share of the context per step (speculating which)."""
+        return self.on_host and not self.facts.lossless
 
 
 def candidates(host_kv_bytes: int | None = None) -> list[StrategyOption]:
@@ -55,16 +77,15 @@ def option_from_spec(spec: str) -> StrategyOption | None:
     except ConfigError:  # not a strategy spec: a study's external system
         return None
     host = args.get("host_kv_bytes")
-    try:  # a results file may hold any string; one whose ratios are not numbers covers nothing
-        if name in ("paged", "contiguous", "offload"):
-            return StrategyOption(spec, name, None, host)
-        if name == "h2o" and "heavy_ratio" in args and "recent_ratio" in args:
-            return StrategyOption(spec, name, round(float(args["heavy_ratio"]) + float(args["recent_ratio"]), 6))
-        if name == "infinigen" and args.get("budget_ratio", 0.2) is not None:
-            return StrategyOption(spec, name, float(args.get("budget_ratio", 0.2)), host)
-    except (TypeError, ValueError):
+    try:  # a results file may hold any string; one the engine would refuse covers nothing
+        f = facts(spec)
+    except ConfigError:
         return None
-    return None
+    if f.lossless:
+        return StrategyOption(spec, name, None, host if f.residence == "host" else None)
+    if f.kept_share is None:  # no fixed share (a budget in tokens, a per-request choice)
+        return None
+    return StrategyOption(spec, name, round(f.kept_share, 6), host if f.residence == "host" else None)
 
 
 def resolve_model(spec: str) -> ModelConfig:

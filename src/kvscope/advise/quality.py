@@ -28,7 +28,6 @@ _MEASURED: dict[tuple[str, float], tuple[float, float]] = {
     ("infinigen", 0.2): (37.29, 0.75),
     ("infinigen", 0.5): (35.77, 0.70),
 }
-LOSSLESS = frozenset({"paged", "contiguous", "offload"})
 
 
 @dataclass(frozen=True)
@@ -48,9 +47,10 @@ class QualityEstimate:
     source: str
 
 
-def quality(family: str, budget_ratio: float | None) -> QualityEstimate:
-    """Quality estimate of ``family`` (``paged``, ``h2o``, ...) at ``budget_ratio`` (None = full KV)."""
-    if family in LOSSLESS or budget_ratio is None or budget_ratio >= 1.0:
+def quality(family: str, budget_ratio: float | None, lossless: bool = False) -> QualityEstimate:
+    """Quality estimate of strategy ``family`` (its registered name) at ``budget_ratio`` (None =
+    full KV); ``lossless`` (the strategy's fact) needs no measurement."""
+    if lossless or budget_ratio is None or budget_ratio >= 1.0:
         return QualityEstimate(1.0, 1.0, FULL_CACHE_RULER, "lossless")
     measured = _MEASURED.get((family, round(budget_ratio, 3)))
     if measured is None:

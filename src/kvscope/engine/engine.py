@@ -14,15 +14,16 @@ import torch
 from kvscope.config import DEFAULT_CPU_KV_BYTES, EngineConfig
 from kvscope.engine.cuda_graph import DecodeGraphs, default_graph_sizes
 from kvscope.engine.model_runner import ModelRunner
-from kvscope.engine.prompts import prompt_token_ids
 from kvscope.engine.outputs import RequestOutput, build_output
-from kvscope.engine.request import Request, RequestStatus
+from kvscope.engine.peaks import Peaks
+from kvscope.engine.prompts import prompt_token_ids
 from kvscope.engine.sampler import sample
-from kvscope.engine.sampling_params import SamplingParams
 from kvscope.engine.scheduler import ScheduleResult, Scheduler
 from kvscope.engine.stopping import stop_reason
 from kvscope.errors import ConfigError, RequestError
 from kvscope.kv.base import KVSetup, KVStrategy
+from kvscope.request import Request, RequestStatus
+from kvscope.sampling_params import SamplingParams
 
 if TYPE_CHECKING:
     from kvscope.models.loader import LoadedModel
@@ -108,7 +109,7 @@ class LLMEngine:
         self._rng = random.Random(config.seed)
         self.num_steps = 0
         self.num_computed_tokens_total = 0
-        self._peaks: dict[str, float] = {}
+        self.peaks = Peaks()
 
     def _capture_graphs(self) -> DecodeGraphs | None:
         if self.graph_sizes is None or self.kv.block_table_layout() is None:
@@ -240,7 +241,7 @@ class LLMEngine:
                 self._due |= self._fail_step(sched, exc)
                 if not isinstance(exc, Exception):
                     raise
-            self._track_peaks()
+            self.peaks.update(self.kv.usage(), len(self.scheduler.running))  # typed, no dict, no sync
         elif self.scheduler.waiting and not self.scheduler.running:
             # Nothing runs and the head of the queue still cannot be admitted: it never will be.
             head = self.scheduler.waiting[0]
@@ -376,12 +377,6 @@ class LLMEngine:
                 del self._groups[rid]
         return outs
 
-    def _track_peaks(self) -> None:
-        kv = self.kv.stats()
-        for key in ("kv_bytes_used", "kv_bytes_allocated", "host_kv_bytes"):
-            if key in kv:
-                self._peaks[f"peak_{key}"] = max(self._peaks.get(f"peak_{key}", 0), kv[key])
-        self._peaks["peak_num_running"] = max(self._peaks.get("peak_num_running", 0), len(self.scheduler.running))
 
     def stats(self) -> dict[str, Any]:
         """Engine counters plus the strategy's KV accounting (see docs/architecture.md)."""
@@ -396,6 +391,6 @@ class LLMEngine:
             "cuda_graph_sizes": self.graph_sizes or [],
             "cuda_graph_replays": self.runner.graph_replays,
             **self.kv.stats(),
-            **self._peaks,
+            **self.peaks.as_dict(),
         }
 

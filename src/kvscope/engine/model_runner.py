@@ -4,9 +4,9 @@ from __future__ import annotations
 import torch
 
 from kvscope.engine.cuda_graph import DecodeGraphs
-from kvscope.engine.request import Request
 from kvscope.kv.base import KVStrategy, StepBatch
 from kvscope.models.base import CausalLM
+from kvscope.request import Request
 
 
 class ModelRunner:

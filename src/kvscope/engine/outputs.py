@@ -6,7 +6,7 @@ from typing import Callable, Protocol
 
 import torch
 
-from kvscope.engine.request import Request
+from kvscope.request import Request
 
 
 class Decoder(Protocol):

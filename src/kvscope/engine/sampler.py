@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from kvscope.engine.request import Request
+from kvscope.request import Request
 
 
 def _filter_top_k_top_p(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:

@@ -11,8 +11,8 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass, field
 
-from kvscope.engine.request import Request, RequestStatus
 from kvscope.kv.base import KVStrategy
+from kvscope.request import Request, RequestStatus
 
 
 @dataclass

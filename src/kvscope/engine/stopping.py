@@ -3,7 +3,7 @@ stop strings, then length)."""
 from __future__ import annotations
 
 from kvscope.engine.outputs import Decoder
-from kvscope.engine.request import Request
+from kvscope.request import Request
 
 _STOP_STR_LOOKBACK = 32  # extra characters re-decoded when checking for a stop string
 

@@ -4,9 +4,11 @@ The study's guidance is "no universal optimal strategy: full cache for short req
 or offload for long ones". ``adaptive`` does that per request with two children:
 
 * ``full``: ``paged`` (prefix caching off: blocks may change owner, see below);
-* ``long``: an eviction policy (``h2o`` by default, at ``long_budget_ratio``) drawing from the
-  *same* block pool and KV tensor as ``full``, or ``offload`` / ``infinigen``, which get
-  ``long_share`` of the device budget and keep their KV in host memory.
+* ``long``: any strategy implementing the hand-over (:meth:`KVStrategy.adopt`), chosen by its
+  facts, never its name: one whose KV lives on the device (an eviction policy; ``h2o`` by default,
+  at ``long_budget_ratio``) draws from the *same* block pool and KV tensor as ``full``
+  (``extra_slot_bytes``, ``bind_shared``, ``num_held_tokens``, ``lift_budget``); one whose KV lives
+  on the host gets ``long_share`` of the device budget (``min_device_bytes``).
 
 Decisions, each counted in ``stats()``:
 
@@ -26,7 +28,7 @@ Decisions, each counted in ``stats()``:
 Every request is in exactly one child from admission to ``free``; the scheduler sees one strategy.
 
 **Thresholds from a study.** ``thresholds_from`` names a study's ``results.jsonl``;
-:mod:`kvscope.kv.adaptive_thresholds` derives ``long_threshold`` (the request length at which a
+:mod:`kvscope.study.adaptive_derivation` (imported only then: kv never imports study) derives ``long_threshold`` (the request length at which a
 long-context child beats full paged KV on the measured goodput while keeping quality at or above
 ``quality_floor`` of paged's) and the long child with its measured arguments. Arguments given
 explicitly win over derived ones. What was used, and where it came from, is in ``stats()``
@@ -44,59 +46,24 @@ full replay the full child's graphs, and steps with a long row run eagerly.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from typing import Any
 
-import torch
-
-from kvscope.engine.request import Request
+from kvscope.constants import DEFAULT_BUDGET_RATIO, DEFAULT_LONG_CHILD, QUALITY_FLOOR
 from kvscope.errors import ConfigError
-from kvscope.kv.adaptive_thresholds import DEFAULT_QUALITY_FLOOR, derive_thresholds, kept_fraction
-from kvscope.kv.base import BlockTableLayout, GraphStatistics, KVSetup, KVStrategy, StepBatch
+from kvscope.kv.base import (
+    Adoption, BlockTableLayout, GraphStatistics, Handover, KVSetup, KVStrategy, KVUsage, StepBatch,
+)
 from kvscope.kv.block_pool import BlockPool, pool_stats
-from kvscope.kv.eviction import EvictionStrategy
+from kvscope.kv.composite import CompositeAttention, requests_of, sub_batch
 from kvscope.kv.paged import PagedStrategy
-from kvscope.kv.registry import available, check_args, register
+from kvscope.kv.registry import available, check_args, long_children, register
 from kvscope.kv.slot_cache import SlotKVCache
 from kvscope.models.base import AttentionBackend
+from kvscope.request import Request
 
-_HOST = ("offload", "infinigen")
-
-
-class CompositeAttention:
-    """Routes each child's query rows to that child's backend (``rows``: ``[n_i]`` indices)."""
-
-    def __init__(self, parts: list[tuple[AttentionBackend, torch.Tensor]]) -> None:
-        self.parts = parts
-
-    def layer_input(self, layer: int, x: torch.Tensor) -> None:
-        for backend, rows in self.parts:
-            hook = getattr(backend, "layer_input", None)
-            if hook is not None:
-                hook(layer, x[rows])
-
-    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        out = torch.empty_like(q)
-        for backend, rows in self.parts:
-            out[rows] = backend.attend(layer, q[rows], k[rows], v[rows])
-        return out
-
-
-def _sub_batch(batch: StepBatch, members: list[int]) -> tuple[StepBatch, torch.Tensor]:
-    """The part of ``batch`` made of requests ``members``, and its rows ``[n]`` in the full batch."""
-    qs = batch.query_start
-    rows = [r for i in members for r in range(qs[i], qs[i + 1])]
-    index = torch.tensor(rows, dtype=torch.long, device=batch.input_ids.device)
-    starts = [0]
-    for i in members:
-        starts.append(starts[-1] + batch.num_new_tokens[i])
-    sub = StepBatch(
-        requests=[batch.requests[i] for i in members],
-        num_new_tokens=[batch.num_new_tokens[i] for i in members],
-        input_ids=batch.input_ids[index],
-        positions=batch.positions[index],
-        query_start=starts,
-    )
-    return sub, index
+#: The full child (lossless, the reference a derivation compares long children with).
+FULL_CHILD = PagedStrategy
 
 
 @register
@@ -109,7 +76,7 @@ class AdaptiveStrategy(KVStrategy):
     long; None: any), ``long_share`` (device budget share of a host strategy, 0.25; derived as the
     least it needs when a derivation finds no gain), ``block_size`` (16),
     ``thresholds_from`` (a study's results.jsonl: derive ``long_threshold`` and the long child from
-    it, see :mod:`kvscope.kv.adaptive_thresholds`) and ``quality_floor`` (0.8, for that derivation).
+    it, see :mod:`kvscope.study.adaptive_derivation`) and ``quality_floor`` (``QUALITY_FLOOR``, for that derivation).
     Arguments left at None take the derived value when ``thresholds_from`` is given, else the
     default above."""
 
@@ -129,10 +96,10 @@ class AdaptiveStrategy(KVStrategy):
         block_size: int = 16,
         long_args: dict[str, Any] | None = None,
         thresholds_from: str | None = None,
-        quality_floor: float = DEFAULT_QUALITY_FLOOR,
+        quality_floor: float = QUALITY_FLOOR,
     ) -> None:
         super().__init__()
-        choices = [n for n, c in available().items() if issubclass(c, EvictionStrategy)] + list(_HOST)
+        choices = long_children()
         if long is not None and long not in choices:
             raise ConfigError(f"adaptive: long must be one of {choices}, got {long!r}")
         for key, val in (("long_budget_ratio", long_budget_ratio), ("pressure", pressure), ("relief", relief),
@@ -152,7 +119,12 @@ class AdaptiveStrategy(KVStrategy):
         if thresholds_from is not None and not isinstance(thresholds_from, str):
             raise ConfigError(f"adaptive: thresholds_from must be a path, got {thresholds_from!r}")
 
-        derived = derive_thresholds(thresholds_from, quality_floor, long=long) if thresholds_from else None
+        derived = None
+        if thresholds_from:
+            # Imported here: the derivation reads study results (a layer above kv).
+            from kvscope.study.adaptive_derivation import derive_thresholds
+
+            derived = derive_thresholds(thresholds_from, quality_floor, long=long)
         self.thresholds = derived
         self.derived_keys: list[str] = []
         if long_threshold is None and derived is not None:
@@ -162,21 +134,20 @@ class AdaptiveStrategy(KVStrategy):
             self.long_threshold = 2048 if long_threshold is None else long_threshold
         use_derived_child = derived is not None and derived.long is not None
         long_given = long is not None
-        long = long or (derived.long if use_derived_child else None) or "h2o"
+        long = long or (derived.long if use_derived_child else None) or DEFAULT_LONG_CHILD
+        child = available()[long]
         if use_derived_child and long_budget_ratio is None:
             args = dict(derived.long_args)
             self.derived_keys += ([] if long_given else ["long"]) + ["long_args"]
         else:
-            ratio = 0.2 if long_budget_ratio is None else long_budget_ratio
-            if long == "h2o":
-                args = {"heavy_ratio": ratio / 2, "recent_ratio": ratio / 2}
-            elif long == "offload":
-                args = {}
-            else:
-                args = {"budget_ratio": ratio}
+            ratio = DEFAULT_BUDGET_RATIO if long_budget_ratio is None else long_budget_ratio
+            shared_args = child.args_for_share(ratio)
+            if shared_args is None:
+                raise ConfigError(f"adaptive: the long child {long!r} has no budget for long_budget_ratio")
+            args = dict(shared_args)
         args.update(long_args or {})
         self.long_name = long
-        self.long_budget_ratio = kept_fraction(long, args)
+        on_host = child.residence == "host"
         no_gain = derived is not None and not any(sc.verdict == "long" for sc in derived.scenarios)
         # None: the host child gets the least device memory that serves it (set at bind).
         self.long_share: float | None = 0.25 if long_share is None else float(long_share)
@@ -184,7 +155,7 @@ class AdaptiveStrategy(KVStrategy):
             # No measured scenario gains from the long child: it takes only what full KV cannot hold.
             self.pressure = 1.0
             self.derived_keys.append("pressure")
-            if long_share is None and long in _HOST:
+            if long_share is None and on_host:
                 self.long_share = None
                 self.derived_keys.append("long_share")
         else:
@@ -200,13 +171,15 @@ class AdaptiveStrategy(KVStrategy):
         self.compress_under_pressure = bool(compress_under_pressure)
         self.block_size = block_size
         self.full = PagedStrategy(block_size=block_size, enable_prefix_caching=False)
-        child = available()[long]
         check_args(child, {"block_size": block_size, **args}, owner=f"adaptive: long_args of the long child {long!r}")
         try:
             self.long = child(block_size=block_size, **args)
         except TypeError as e:
             raise ConfigError(f"adaptive: bad arguments {args} for the long child {long!r}: {e}") from None
-        self.shared = isinstance(self.long, EvictionStrategy)
+        # Share of a prompt's KV the child keeps (1 = lossless; None for a budget in tokens).
+        self.long_budget_ratio = self.long.kept_share()
+        # A device child draws from the full child's pool; a host child has its own memory.
+        self.shared = not on_host
         self.route: dict[str, KVStrategy] = {}
         self.compressed: dict[str, Request] = {}
         self.counts = {"admitted_full": 0, "admitted_long_length": 0, "admitted_long_pressure": 0,
@@ -287,15 +260,15 @@ class AdaptiveStrategy(KVStrategy):
                 or not self._may_go_long_under_pressure(request)):
             return False
         n = request.num_computed_tokens
-        if self.shared:
-            self.long.adopt(request, self.full.release(request), n)
+        handover = Handover(request, n, self.full.tables[rid], lambda: self.full.read_kv(request, n))
+        adoption = self.long.adopt(handover)
+        if adoption is Adoption.REFUSED:
+            return False
+        if adoption is Adoption.TOOK_BLOCKS:  # same pool: the blocks now belong to the long child
+            self.full.release(request)
             self.compressed[rid] = request
             self.counts["compressed_under_pressure"] += 1
-        else:
-            # Offload instead: the computed KV moves to the host child's pool and the blocks are freed.
-            kv = self.full.cache.read(self.full._slots(self.full.tables[rid], n))
-            if not self.long.adopt(request, kv):
-                return False
+        else:  # copied (offloaded): the full child's blocks are freed
             self.full.free(request)
             self.counts["offloaded_under_pressure"] += 1
         self.route[rid] = self.long
@@ -322,7 +295,7 @@ class AdaptiveStrategy(KVStrategy):
         out["adaptive_thresholds_source"] = self.thresholds.describe() if self.thresholds else "arguments"
         out["adaptive_thresholds_derived"] = list(self.derived_keys)
         if self.shared:
-            used = sum(self.full._held_tokens.values()) + sum(self.long.resident.values())
+            used = self.full.num_held_tokens() + self.long.num_held_tokens()
             out.update(pool_stats(self.full.pool, self.block_size, self.bytes_per_token, used))
             out.update({k: long[k] for k in ("num_evictions", "evicted_tokens", "freed_blocks")})
         else:
@@ -333,6 +306,15 @@ class AdaptiveStrategy(KVStrategy):
             out["internal_fragmentation"] = full["internal_fragmentation"]
             out.update({k: v for k, v in long.items() if k.startswith(("host_", "transfer_", "selected_"))})
         return out
+
+    def usage(self) -> KVUsage:
+        if self.shared:
+            bpt = self.bytes_per_token
+            used = self.full.num_held_tokens() + self.long.num_held_tokens()
+            return KVUsage(used * bpt, self.full.pool.num_used * self.block_size * bpt)
+        full, long = self.full.usage(), self.long.usage()
+        return KVUsage(full.kv_bytes_used + long.kv_bytes_used, full.kv_bytes_allocated + long.kv_bytes_allocated,
+                       long.host_kv_bytes)
 
     # ---- model side ------------------------------------------------------------------------------
     def _groups(self, batch: StepBatch) -> list[tuple[KVStrategy, list[int]]]:
@@ -348,7 +330,7 @@ class AdaptiveStrategy(KVStrategy):
             return groups[0][0].begin_step(batch)
         parts = []
         for child, members in groups:
-            sub, rows = _sub_batch(batch, members)
+            sub, rows = sub_batch(batch, members)
             parts.append((child.begin_step(sub), rows))
         return CompositeAttention(parts)
 
@@ -365,12 +347,20 @@ class AdaptiveStrategy(KVStrategy):
         return self._long_in_graphs() or all(self._owner(r) is self.full for r in batch.requests)
 
     def block_tables(self, batch: StepBatch) -> list[list[int]]:
-        return [self._owner(req).tables[req.request_id] for req in batch.requests]
+        return self._per_request(batch, lambda child, sub: child.block_tables(sub))
 
     def held_tokens(self, batch: StepBatch) -> list[int]:
         # A full request holds every computed token; an eviction one its resident tokens.
-        return [self.long.resident[r.request_id] if self._owner(r) is self.long else r.num_computed_tokens
-                for r in batch.requests]
+        return self._per_request(batch, lambda child, sub: child.held_tokens(sub))
+
+    def _per_request(self, batch: StepBatch, query: Callable[[KVStrategy, StepBatch], list[Any]]) -> list[Any]:
+        """``query`` asked of each child about its requests of ``batch`` (once per child, not per
+        request: this runs on the CUDA-graph decode path), answers back in batch order."""
+        out: list[Any] = [None] * len(batch.requests)
+        for child, members in self._groups(batch):
+            for i, value in zip(members, query(child, requests_of(batch, members))):
+                out[i] = value
+        return out
 
     def graph_statistics(self) -> GraphStatistics | None:
         # Folded for every row: a full request's slots carry scores nobody reads until it is
@@ -383,7 +373,7 @@ class AdaptiveStrategy(KVStrategy):
     def end_step(self, batch: StepBatch) -> None:
         # Split again rather than kept from begin_step: a step replayed from a graph has none.
         for child, members in self._groups(batch):
-            child.end_step(batch if len(members) == len(batch.requests) else _sub_batch(batch, members)[0])
+            child.end_step(batch if len(members) == len(batch.requests) else sub_batch(batch, members)[0])
         if self.compressed and self.pool_use() < self.relief:
             for req in self.compressed.values():
                 self.long.lift_budget(req)

@@ -11,15 +11,17 @@ registration, eviction) once the step's tokens are computed.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+import enum
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, ClassVar, Protocol
+from typing import TYPE_CHECKING, Any, ClassVar, Literal, Protocol
 
 import torch
 
-from kvscope.engine.request import Request
 from kvscope.errors import ConfigError
 from kvscope.models.base import AttentionBackend
 from kvscope.models.config import ModelConfig
+from kvscope.request import Request
 
 if TYPE_CHECKING:
     from kvscope.kv.slot_cache import SlotKVCache
@@ -57,11 +59,6 @@ class StepBatch:
     positions: torch.Tensor  # [N] int64
     query_start: list[int]  # [B + 1]
 
-    @property
-    def context_lens(self) -> list[int]:
-        """Tokens each request will hold after this step: computed + new."""
-        return [r.num_computed_tokens + n for r, n in zip(self.requests, self.num_new_tokens)]
-
 
 @dataclass(frozen=True)
 class BlockTableLayout:
@@ -84,18 +81,121 @@ class GraphStatistics(Protocol):
         decode kernel adds each held token's column sum (``fold_scores``); None to fold nothing."""
 
 
+@dataclass(frozen=True)
+class StrategyFacts:
+    """What the report, the advisor, the cost model and ``adaptive`` may know about a configured
+    strategy: read from the strategy itself (:meth:`KVStrategy.facts`), never from its name.
+
+    Attributes:
+        name: the registered name.
+        residence: where a request's KV lives between steps, ``"device"`` or ``"host"``.
+        lossless: attention equals a full cache's.
+        kept_share: share of a prompt's KV kept (device) or read per decode step (host), for the
+            arguments given; 1.0 when lossless; None when no fixed share exists (an absolute budget
+            in tokens with no prompt length given, a per-request choice).
+        long_child: may serve as ``adaptive``'s long child (implements :meth:`KVStrategy.adopt`).
+        reserves_context: admission reserves a whole context per request (a slab), not blocks.
+        graph_decode: decode steps may replay CUDA graphs (on a GPU with the Triton backend).
+        pool_independent: what a lone sequence sees cannot depend on the KV pool's size (lossless,
+            or lossy by a budget only), so quality measured with one pool holds for another.
+    """
+
+    name: str
+    residence: Literal["device", "host"]
+    lossless: bool
+    kept_share: float | None
+    long_child: bool
+    reserves_context: bool
+    graph_decode: bool
+    pool_independent: bool
+
+
+@dataclass(frozen=True)
+class KVUsage:
+    """The KV memory the engine tracks peaks of after every step: cheap to produce (no dict, no
+    device sync). Bytes; ``host_kv_bytes`` None when the strategy keeps no KV on the host."""
+
+    kv_bytes_used: int
+    kv_bytes_allocated: int
+    host_kv_bytes: int | None = None
+
+
+class Adoption(enum.Enum):
+    """What :meth:`KVStrategy.adopt` did with a hand-over."""
+
+    #: Nothing changed; the donor keeps the request.
+    REFUSED = "refused"
+    #: The adopter now owns the hand-over's blocks (same pool): the donor forgets them, unfreed.
+    TOOK_BLOCKS = "took_blocks"
+    #: The adopter copied the K/V into its own memory: the donor frees the request as usual.
+    COPIED = "copied"
+
+
+@dataclass(frozen=True)
+class Handover:
+    """A running request moved from ``adaptive``'s full child to its long child.
+
+    Attributes:
+        request: the request; its first ``held`` tokens are computed.
+        held: tokens whose K/V move.
+        blocks: the donor's blocks holding them in token order (same pool as the donor's cache).
+        read_kv: returns their K/V, ``[L, 2, held, Hkv, D]`` on the donor's device (read on demand:
+            a strategy drawing from the shared pool never needs the copy).
+    """
+
+    request: Request
+    held: int
+    blocks: list[int]
+    read_kv: Callable[[], torch.Tensor]
+
+
 class KVStrategy(ABC):
     """Base class of every KV-cache management strategy (one subclass per file)."""
 
     name: ClassVar[str]
     #: Produces exactly the attention of a full cache (so outputs equal HF transformers').
     lossless: ClassVar[bool] = True
+    #: Where a request's KV lives between steps (see :class:`StrategyFacts`).
+    residence: ClassVar[Literal["device", "host"]] = "device"
+    #: Admission reserves a whole context per request (``contiguous``'s slab).
+    reserves_context: ClassVar[bool] = False
+    #: Decode steps may replay CUDA graphs; instances may refine it (:meth:`facts`).
+    graph_decode: ClassVar[bool] = True
+    #: A lossy strategy that may drop tokens when the pool is full (so its quality depends on the
+    #: pool); a budget-only policy says False. Ignored when lossless.
+    drops_under_pressure: ClassVar[bool] = True
     supports_prefix_caching: ClassVar[bool] = False
     supports_swap: ClassVar[bool] = False
     supports_fork: ClassVar[bool] = False
 
     def __init__(self) -> None:
         self.setup: KVSetup | None = None
+
+    # ---- facts -------------------------------------------------------------------------------------
+    def kept_share(self, prompt_tokens: int | None = None) -> float | None:
+        """Share of a ``prompt_tokens``-token prompt's KV this configuration keeps (or reads per
+        step, for a host strategy): 1.0 when lossless, None when it has no fixed share (an absolute
+        budget and no prompt length). Budget-driven strategies override it."""
+        return 1.0 if self.lossless else None
+
+    @classmethod
+    def args_for_share(cls, share: float) -> dict[str, Any] | None:
+        """Constructor arguments that make this strategy keep ``share`` of a prompt (``adaptive``'s
+        ``long_budget_ratio``); ``{}`` for a lossless strategy, None when it has no budget."""
+        return {} if cls.lossless else None
+
+    def adopt(self, handover: Handover) -> Adoption:
+        """Take over a running request from ``adaptive``'s full child (a long child's contract,
+        see :class:`Handover`); the default refuses. A strategy that implements it is a long child."""
+        return Adoption.REFUSED
+
+    def facts(self) -> StrategyFacts:
+        """This configuration's :class:`StrategyFacts`."""
+        return StrategyFacts(
+            name=self.name, residence=self.residence, lossless=self.lossless, kept_share=self.kept_share(),
+            long_child=type(self).adopt is not KVStrategy.adopt, reserves_context=self.reserves_context,
+            graph_decode=self.graph_decode, pool_independent=self.lossless or not self.drops_under_pressure,
+        )
 
     # ---- lifecycle -------------------------------------------------------------------------
     @abstractmethod
@@ -148,6 +248,12 @@ class KVStrategy(ABC):
     @abstractmethod
     def stats(self) -> dict[str, Any]:
         """Accounting counters; see ``docs/architecture.md`` for their meaning."""
+
+    def usage(self) -> KVUsage:
+        """What :meth:`stats` says of the KV memory, read after every step: strategies whose
+        ``stats`` is costly (or syncs with the device) override it with running counters."""
+        s = self.stats()
+        return KVUsage(s["kv_bytes_used"], s["kv_bytes_allocated"], s.get("host_kv_bytes"))
 
     # ---- model side ------------------------------------------------------------------------
     @abstractmethod

@@ -9,12 +9,12 @@ from __future__ import annotations
 
 from typing import Any
 
-from kvscope.engine.request import Request
 from kvscope.errors import ConfigError
-from kvscope.kv.base import BlockTableLayout, KVSetup, KVStrategy, StepBatch
+from kvscope.kv.base import BlockTableLayout, KVSetup, KVStrategy, KVUsage, StepBatch
 from kvscope.kv.registry import register
 from kvscope.kv.slot_cache import SlotKVCache, block_table_attention
 from kvscope.models.base import AttentionBackend
+from kvscope.request import Request
 
 
 @register
@@ -22,6 +22,7 @@ class ContiguousStrategy(KVStrategy):
     """One fixed, contiguous slab per request; admission waits for a free slab."""
 
     name = "contiguous"
+    reserves_context = True
 
     def __init__(self, slot_tokens: int | None = None) -> None:
         super().__init__()
@@ -66,6 +67,10 @@ class ContiguousStrategy(KVStrategy):
             self._free.append(slab)
             self._free.sort()
         self._held_tokens.pop(request.request_id, None)
+
+    def usage(self) -> KVUsage:
+        bpt = self.bytes_per_token
+        return KVUsage(sum(self._held_tokens.values()) * bpt, len(self.slab_of) * self.slot_tokens * bpt)
 
     def stats(self) -> dict[str, Any]:
         used = sum(self._held_tokens.values())

@@ -10,46 +10,33 @@ A step writes the new tokens after the resident ones and attends over ``resident
 (computing attention statistics when the policy needs them: column sums, never a T x T matrix in
 decode). ``end_step`` then evicts: in every layer and KV head it keeps the recent window plus the
 top-scoring older tokens, compacts them into the first ``budget`` slots, and returns the emptied
-blocks to the pool. A policy is a subclass that chooses which attention rows feed its scores and
-how scores are initialised or read at selection time.
+blocks to the pool. A policy is a subclass that declares its attention statistic (an object of
+:mod:`kvscope.kv.statistics`) and how scores are initialised or read at selection time.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
-from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
 
-from kvscope.engine.request import Request
+from kvscope.constants import DEFAULT_BUDGET_RATIO
 from kvscope.errors import ConfigError
-from kvscope.kv.base import BlockTableLayout, KVSetup, KVStrategy, StepBatch
+from kvscope.kv.base import (
+    Adoption, BlockTableLayout, Handover, KVSetup, KVStrategy, KVUsage, StepBatch, StrategyFacts,
+)
 from kvscope.kv.block_pool import BlockPool, pool_stats
 from kvscope.kv.eviction_attention import CapturedColumnSums, EvictionAttention
+from kvscope.kv.eviction_budget import Budget, check_budget_args
 from kvscope.kv.slot_cache import SlotKVCache, table_slots
+from kvscope.kv.statistics import NO_STATISTIC, ScoreStatistic
 from kvscope.models.config import ModelConfig
+from kvscope.request import Request
 
 
 #: Largest logits buffer a captured decode step may hold for the column sums (bytes).
 _GRAPH_LOGITS_BYTES = 2 << 30
-
-
-def _ratio(name: str, value: float | None) -> None:
-    if value is not None and not (isinstance(value, (int, float)) and 0.0 < value <= 1.0):
-        raise ConfigError(f"{name} must be in (0, 1], got {value!r}")
-
-
-def _count(name: str, value: int | None, minimum: int) -> None:
-    if value is not None and (not isinstance(value, int) or value < minimum):
-        raise ConfigError(f"{name} must be an integer >= {minimum}, got {value!r}")
-
-
-@dataclass(frozen=True)
-class Budget:
-    """Resident tokens a request may keep per layer and KV head: ``total`` = heavy + ``recent``."""
-
-    total: int
-    recent: int
 
 
 class EvictionStrategy(KVStrategy):
@@ -62,17 +49,18 @@ class EvictionStrategy(KVStrategy):
     """
 
     lossless = False
-    #: Query rows whose attention feeds the scores: "none", "all" (summed), "last" (newest
-    #: query only, replacing), or "window" (the last ``window`` prompt rows, summed).
-    attention_rows: ClassVar[str] = "none"
+    drops_under_pressure = False  # keeps what its budget says whatever the pool holds
+    #: The attention statistic the scores read (:mod:`kvscope.kv.statistics`): none, accumulated,
+    #: last row or observation window. It owns its fold and says whether decode can be captured.
+    statistic: ClassVar[ScoreStatistic] = NO_STATISTIC
     #: Whether the cache is kept at budget during decode (SnapKV only compresses the prompt).
     evict_in_decode: ClassVar[bool] = True
     #: Share of the budget given to the recent window when only a total budget is given.
     default_recent_fraction: ClassVar[float] = 0.5
-    #: For ``attention_rows == "window"``: how many final prompt rows are observed.
+    #: For :data:`~kvscope.kv.statistics.OBSERVATION_WINDOW`: how many final prompt rows are observed.
     window: int = 0
     #: Budget when neither ``budget`` nor ``budget_ratio`` is given (the H2O paper's 20%).
-    default_budget_ratio: ClassVar[float] = 0.2
+    default_budget_ratio: ClassVar[float] = DEFAULT_BUDGET_RATIO
 
     def __init__(
         self,
@@ -84,19 +72,7 @@ class EvictionStrategy(KVStrategy):
         block_size: int = 16,
     ) -> None:
         super().__init__()
-        _ratio(f"{self.name}: budget_ratio", budget_ratio)
-        _ratio(f"{self.name}: recent_ratio", recent_ratio)
-        _count(f"{self.name}: budget", budget, 1)
-        _count(f"{self.name}: recent", recent, 1)
-        _count(f"{self.name}: block_size", block_size, 1)
-        if budget is not None and budget_ratio is not None:
-            raise ConfigError(f"{self.name}: give either budget or budget_ratio, not both")
-        if budget is not None and recent is not None and recent > budget:
-            raise ConfigError(f"{self.name}: budget ({budget}) is smaller than the recent window ({recent})")
-        if budget_ratio is not None and recent_ratio is not None and recent_ratio > budget_ratio:
-            raise ConfigError(
-                f"{self.name}: budget_ratio ({budget_ratio}) is smaller than recent_ratio ({recent_ratio})"
-            )
+        check_budget_args(self.name, budget_ratio, recent_ratio, budget, recent, block_size)
         if budget is None and budget_ratio is None:
             budget_ratio = self.default_budget_ratio
         self.budget_ratio = budget_ratio
@@ -111,6 +87,23 @@ class EvictionStrategy(KVStrategy):
         self.evicted_tokens = 0
         self.freed_blocks = 0
         self.num_evictions = 0
+
+    # ---- facts -----------------------------------------------------------------------------------
+    def kept_share(self, prompt_tokens: int | None = None) -> float | None:
+        """The ratio budget; for a budget in tokens ``total / prompt_tokens`` (capped at 1), or None
+        when no prompt length is given (the share depends on it)."""
+        if self.budget is None:
+            return self.budget_ratio
+        if not prompt_tokens:
+            return None
+        return min(1.0, self.resolve_budget(prompt_tokens).total / prompt_tokens)
+
+    @classmethod
+    def args_for_share(cls, share: float) -> dict[str, Any] | None:
+        return {"budget_ratio": share}
+
+    def facts(self) -> StrategyFacts:
+        return dataclasses.replace(super().facts(), graph_decode=self.captured_decode is not None)
 
     # ---- policy hooks ----------------------------------------------------------------------------
     def initial_scores(self, k: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
@@ -211,14 +204,19 @@ class EvictionStrategy(KVStrategy):
         self.resident.pop(request.request_id, None)
         self.budgets.pop(request.request_id, None)
 
-    def adopt(self, request: Request, blocks: list[int], held: int) -> None:
-        """Take over a request whose first ``held`` tokens fill ``blocks`` in order (a ``paged``
-        request, for ``adaptive``) and evict it down to its budget at once, freeing blocks.
+    def num_held_tokens(self) -> int:
+        """Tokens resident over every request (per layer and KV head)."""
+        return sum(self.resident.values())
+
+    def adopt(self, handover: Handover) -> Adoption:
+        """Take over the hand-over's blocks (``adaptive``'s full child draws from the same pool,
+        see :meth:`bind_shared`) and evict the request down to its budget at once, freeing blocks.
 
         Its attention history is unknown, so scores start at zero: this first eviction keeps the
         oldest tokens beside the recent window (StreamingLLM's choice); the policy's own statistics
         decide from the next step on.
         """
+        request, blocks, held = handover.request, handover.blocks, handover.held
         rid = request.request_id
         self.tables[rid] = blocks
         self.resident[rid] = held
@@ -227,6 +225,7 @@ class EvictionStrategy(KVStrategy):
         self.scores[:, slots] = 0.0
         self.positions[:, slots] = torch.arange(held, device=slots.device)[None, :, None]
         self._evict(request)
+        return Adoption.TOOK_BLOCKS
 
     def lift_budget(self, request: Request) -> None:
         """Stop evicting ``request``: from now on it keeps every new token."""
@@ -248,6 +247,10 @@ class EvictionStrategy(KVStrategy):
             "evicted_tokens": self.evicted_tokens,
             "freed_blocks": self.freed_blocks,
         }
+
+    def usage(self) -> KVUsage:
+        bpt = self.bytes_per_token
+        return KVUsage(self.num_held_tokens() * bpt, self.pool.num_used * self.block_size * bpt)
 
     # ---- model side ---------------------------------------------------------------------------------
     def begin_step(self, batch: StepBatch) -> EvictionAttention:
@@ -272,13 +275,9 @@ class EvictionStrategy(KVStrategy):
         ranked by raw score, ``h2o``: the kernel folds the statistic inside the graph), ``"plain"``
         (decode needs nothing from attention and evicts nothing, ``snapkv``: plain paged decode over
         the resident tokens), or None (eager)."""
-        if self.keyed_initial_scores:
+        if self.keyed_initial_scores:  # a key-dependent score is computed in eager code
             return None
-        if self.attention_rows == "all" and self._ranks_by_score:
-            return "statistic"
-        if self.attention_rows in ("window", "none") and not self.evict_in_decode:
-            return "plain"
-        return None
+        return self.statistic.capture(self._ranks_by_score, self.evict_in_decode)
 
     def block_table_layout(self) -> BlockTableLayout | None:
         """Captured decode on the Triton backend (see :attr:`captured_decode`); with the statistic,

@@ -9,16 +9,33 @@ rows they read and take the output from the fused attention.
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import torch
 
 from kvscope.attention.torch_ref import attend_causal
-from kvscope.kv.slot_cache import SlotAttention
+from kvscope.kv.base import KVSetup
+from kvscope.kv.slot_cache import SlotAttention, SlotKVCache
+from kvscope.kv.statistics import ScoreStatistic
 
-if TYPE_CHECKING:
-    from kvscope.kv.eviction import EvictionStrategy
 
+class ScoredSlots(Protocol):
+    """What the attention needs of an evicting strategy (``kv/eviction.py``), declared here so that
+    this module does not import it: the KV, the per-slot scores and positions, the statistic."""
+
+    setup: KVSetup
+    cache: SlotKVCache
+    scale: float
+    block_size: int
+    #: ``[L, num_slots, Hkv]`` float32 scores and int64 positions of every slot.
+    scores: torch.Tensor
+    positions: torch.Tensor
+    statistic: ScoreStatistic
+
+    @property
+    def keyed_initial_scores(self) -> bool: ...
+
+    def initial_scores(self, k: torch.Tensor, positions: torch.Tensor) -> torch.Tensor: ...
 
 
 def _probs(q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor, scale: float) -> torch.Tensor:
@@ -36,10 +53,11 @@ def _probs_and_out(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torc
 
 
 class EvictionAttention(SlotAttention):
-    """The slot-cache attention of one step of an :class:`EvictionStrategy`, plus the scores.
+    """The slot-cache attention of one step of an evicting strategy, plus the scores.
 
-    Besides K/V it writes each new token's position and initial score; when the policy needs
-    attention statistics it computes the probabilities explicitly and folds them into the scores.
+    Besides K/V it writes each new token's position and initial score; when the policy's statistic
+    (:mod:`kvscope.kv.statistics`) reads attention it computes the probabilities explicitly and the
+    statistic reduces and folds them into the scores.
     On the Triton backend, decode rows go through the paged decode kernel instead, which also
     emits the statistic (per token and KV head, the group's summed probabilities) in the same pass
     over K/V (``block_tables``: per request its blocks, whose first slots hold its tokens in order).
@@ -47,7 +65,7 @@ class EvictionAttention(SlotAttention):
 
     def __init__(
         self,
-        strategy: "EvictionStrategy",
+        strategy: ScoredSlots,
         slot_mapping: torch.Tensor,
         tables: list[torch.Tensor],
         query_start: list[int],
@@ -83,27 +101,26 @@ class EvictionAttention(SlotAttention):
                 self.block_lens = self.decode_lens.to(torch.int32)
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        s = self.s
+        s, stat = self.s, self.s.statistic
         self.write(layer, k, v)
         hkv = k.shape[1]
         if self.keyed_scores:
             s.scores[layer].index_copy_(0, self.slot_mapping, s.initial_scores(k, self.positions))
-        if s.attention_rows == "none":
+        if not stat.reads_attention:
             return self.attend_cached(layer, q)
         kc, vc = s.cache.kv[layer, 0], s.cache.kv[layer, 1]
         out = torch.empty_like(q)
         g = q.shape[1] // hkv
         if self.fused:
             args = (q[self.decode_q_index], kc, vc, self.block_tables, self.block_lens, s.scale, s.block_size)
-            if s.attention_rows == "all":  # H2O: the kernel adds the statistic to the scores itself
+            if stat.kernel_mode == "fold":  # the kernel adds the statistic to the scores itself
                 out[self.decode_q_index] = self._decode(*args, fold_scores=s.scores[layer])
-            elif s.attention_rows == "last":  # TOVA: replaces, averaged over every query head
+            elif stat.kernel_mode == "colsum":  # the kernel's column sums, reduced by the statistic
                 o, colsum = self._decode(*args, emit_colsum=True)
                 out[self.decode_q_index] = o
-                width = self.decode_valid.shape[1]
-                colsum = (colsum[:, :, :width].sum(1, keepdim=True) / (hkv * g)).expand(-1, hkv, -1)
+                colsum = stat.reduce_colsum(colsum, hkv, g, self.decode_valid.shape[1])
                 self._fold(layer, self.decode_valid_slots, colsum, self.decode_valid)
-            else:  # decode rows are never in SnapKV's window
+            else:  # decode rows are not observed
                 out[self.decode_q_index] = self._decode(*args)
         elif self.decode_rows:
             b = len(self.decode_rows)
@@ -111,27 +128,27 @@ class EvictionAttention(SlotAttention):
             mask = self.decode_valid[:, None, None, None, :]
             probs, o = _probs_and_out(qd, kc[self.decode_slots], vc[self.decode_slots], mask, s.scale)
             out[self.decode_q_index] = o.reshape(b, hkv * g, -1)
-            if s.attention_rows in ("all", "last"):  # decode rows are never in SnapKV's window
+            if stat.observes_decode:
                 self._update(layer, self.decode_valid_slots, probs, self.decode_valid)
         for i in self.prefill_rows:
             st, en = self.query_start[i], self.query_start[i + 1]
             table = self.tables[i]
             n, t = en - st, table.numel()
             ki, vi = kc[table], vc[table]
-            if s.attention_rows == "all":  # H2O: every row's probabilities count
+            if stat.observes_every_prefill_row:  # the output comes from the same probabilities
                 first = 0
             else:
-                # SnapKV reads only its observation window's rows, TOVA only the newest: the output
-                # goes through the fused attention and the [heads, n, T] matrix is never materialised.
+                # A statistic that reads only some rows (a window, the newest): the output goes
+                # through the fused attention and the [heads, n, T] matrix is never materialised.
                 out[st:en] = attend_causal(q[st:en], ki, vi, s.scale)
-                first = self.window_first[i] if s.attention_rows == "window" else n - 1
-                if first >= n:
+                first = stat.prefill_first_row(n, self.window_first[i])
+                if first is None:
                     continue
             rows = torch.arange(first, n, device=q.device)
             m = rows.numel()
             qi = q[st + first : en].view(m, hkv, g, -1).permute(1, 2, 0, 3)[None]  # [1, Hkv, G, m, D]
             causal = torch.arange(t, device=q.device)[None, :] <= (rows + t - n)[:, None]
-            if s.attention_rows == "all":
+            if stat.observes_every_prefill_row:
                 probs, o = _probs_and_out(qi, ki[None], vi[None], causal, s.scale)
                 out[st:en] = o[0].permute(2, 0, 1, 3).reshape(n, hkv * g, -1)
             else:
@@ -141,25 +158,14 @@ class EvictionAttention(SlotAttention):
 
     def _update(self, layer: int, slots: torch.Tensor, probs: torch.Tensor, valid: torch.Tensor | None) -> None:
         """Fold ``probs`` ``[B, Hkv, G, n, T]`` into the scores of ``slots`` (valid entries only)."""
-        s = self.s
-        hkv = probs.shape[1]
-        if s.attention_rows == "last":
-            # TOVA: the newest query's attention averaged over all heads of the layer, replacing.
-            stat = probs[:, :, :, -1].mean((1, 2))[:, None, :].expand(-1, hkv, -1)
-        else:
-            stat = probs.sum((2, 3))  # [B, Hkv, T]: over the group's query heads and the rows
-        self._fold(layer, slots, stat, valid)
+        self._fold(layer, slots, self.s.statistic.reduce(probs), valid)
 
     def _fold(self, layer: int, slots: torch.Tensor, stat: torch.Tensor, valid: torch.Tensor | None) -> None:
-        """Fold the statistic ``stat`` ``[B, Hkv, T]`` into the scores of ``slots``: added, or for
-        TOVA replacing."""
-        s = self.s
+        """Fold the statistic ``stat`` ``[B, Hkv, T]`` into the scores of ``slots`` (the statistic
+        adds or replaces)."""
         stat = stat.transpose(1, 2)  # [B, T, Hkv]
         stat = stat[valid] if valid is not None else stat[0]
-        if s.attention_rows == "last":
-            s.scores[layer].index_copy_(0, slots, stat)
-        else:
-            s.scores[layer].index_add_(0, slots, stat)
+        self.s.statistic.fold(self.s.scores[layer], slots, stat)
 
 
 class CapturedColumnSums:
@@ -171,7 +177,7 @@ class CapturedColumnSums:
     batch hold no token (length 0), so they add nothing. Without it (SnapKV's plain decode) the
     kernel folds nothing."""
 
-    def __init__(self, strategy: "EvictionStrategy", fold: bool = True) -> None:
+    def __init__(self, strategy: ScoredSlots, fold: bool = True) -> None:
         self.s = strategy
         self.fold = fold
 

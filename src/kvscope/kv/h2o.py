@@ -7,9 +7,13 @@ a KV head's score sums the query heads of its group.
 """
 from __future__ import annotations
 
+from typing import Any
+
 from kvscope.errors import ConfigError
-from kvscope.kv.eviction import Budget, EvictionStrategy, _ratio
+from kvscope.kv.eviction import EvictionStrategy
+from kvscope.kv.eviction_budget import Budget, _ratio
 from kvscope.kv.registry import register
+from kvscope.kv.statistics import ACCUMULATED
 
 
 @register
@@ -17,7 +21,7 @@ class H2OStrategy(EvictionStrategy):
     """Accumulated-attention heavy hitters plus a recent window; budget from ratios of the prompt."""
 
     name = "h2o"
-    attention_rows = "all"
+    statistic = ACCUMULATED
 
     def __init__(
         self,
@@ -42,6 +46,11 @@ class H2OStrategy(EvictionStrategy):
                 compress_prompt=compress_prompt,
                 block_size=block_size,
             )
+
+    @classmethod
+    def args_for_share(cls, share: float) -> dict[str, Any] | None:
+        # Half heavy hitters, half recent window, as the H2O paper's default split.
+        return {"heavy_ratio": share / 2, "recent_ratio": share / 2}
 
     def resolve_budget(self, num_prompt_tokens: int) -> Budget:
         if self.budget is not None:

@@ -34,11 +34,12 @@ import torch
 import torch.nn.functional as F
 
 from kvscope.attention.triton_speculate import speculate_rows
+from kvscope.constants import DEFAULT_BUDGET_RATIO
 from kvscope.errors import ConfigError
-from kvscope.kv.base import KVSetup, StepBatch
+from kvscope.kv.base import KVSetup, KVUsage, StepBatch
+from kvscope.kv.infinigen_decode import InfiniGenDecode, InfiniGenGraphs, dense_layer_fits
 from kvscope.kv.offload_base import HostOffloadStrategy, OffloadAttention, _Staged
 from kvscope.kv.registry import register
-from kvscope.kv.infinigen_decode import InfiniGenDecode, InfiniGenGraphs, dense_layer_fits
 from kvscope.kv.skew import CALIBRATION_TOKENS, calibration_tokens, load_or_compute_skew
 from kvscope.kv.slot_cache import SlotAttention
 
@@ -187,7 +188,7 @@ class InfiniGenStrategy(HostOffloadStrategy):
         self,
         alpha: float = 4.0,
         partial_weight_ratio: float = 0.2,
-        budget_ratio: float | None = 0.2,
+        budget_ratio: float | None = DEFAULT_BUDGET_RATIO,
         max_num_kv: int | None = None,
         dense_layers: int = 2,
         calibration: str = "britannica",
@@ -222,6 +223,14 @@ class InfiniGenStrategy(HostOffloadStrategy):
         self.calibration_len = calibration_len
         self.evicts_on_full = bool(pool_eviction)
         self.select = select
+
+    def kept_share(self, prompt_tokens: int | None = None) -> float | None:
+        """The share of the context fetched per step (all KV stays on the host); None uncapped."""
+        return self.budget_ratio
+
+    @classmethod
+    def args_for_share(cls, share: float) -> dict[str, Any] | None:
+        return {"budget_ratio": share}
 
     def _partial_dim(self, head_dim: int) -> int:
         return max(1, int(self.partial_weight_ratio * head_dim))
@@ -326,6 +335,13 @@ class InfiniGenStrategy(HostOffloadStrategy):
             return None
         prev, new = self.step_slots(batch)
         return self.graphs.run(key, batch.input_ids, prev, new, batch.positions)
+
+    def usage(self) -> KVUsage:
+        # The partial keys are the only device KV between steps; no counter tensor is read here.
+        m = self.setup.model
+        elem = self.partial_keys.element_size()
+        used = self.pool.used_tokens * m.num_layers * m.num_kv_heads * self.partial_keys.shape[-1] * elem
+        return KVUsage(used, self.transfer.nbytes + self.partial_keys.numel() * elem, self.host_kv_bytes_used())
 
     def stats(self) -> dict[str, Any]:
         m = self.setup.model

@@ -25,15 +25,40 @@ pool keeps past its last real one, and ``real`` masks them out of every count.
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
 
 from kvscope.attention.torch_ref import attend_decode
+from kvscope.kv.base import KVSetup
+from kvscope.kv.host_pool import HostKVPool
+from kvscope.kv.transfer import TransferEngine
 
-if TYPE_CHECKING:
-    from kvscope.kv.infinigen import InfiniGenStrategy
+
+class InfiniGenStrategy(Protocol):
+    """What these decode steps need of ``kv/infinigen.py``'s strategy, declared here so that this
+    module does not import it (no import cycle)."""
+
+    setup: KVSetup
+    pool: HostKVPool
+    transfer: TransferEngine
+    model: Any  # the served CausalLM (its ``attention_query``, layers)
+    spec_stream: torch.cuda.Stream | None
+    select: str  # "head" or "token"
+    scale: float
+    num_layers: int
+    dense_layers: int
+    bytes_per_token: int
+    candidate_tokens: torch.Tensor  # [L] float64: tokens speculation chose among, per layer
+
+    def k_cap(self, context: int) -> float: ...
+
+    def select_rows(self, layer: int, x: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor,
+                    lens: torch.Tensor, real: torch.Tensor, cap: torch.Tensor, kp: int
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]: ...
+
+    def write_partial_keys(self, layer: int, slots: torch.Tensor, k: torch.Tensor) -> None: ...
 
 _ROWS = 16  # rows per block of the padded layouts, as the paged decode kernel reads them
 
@@ -71,7 +96,7 @@ class InfiniGenDecode:
     derives the step's device tensors and starts layer 0's fetch; the model then calls
     ``layer_input`` and ``attend`` per layer; :meth:`finish` joins the copy stream."""
 
-    def __init__(self, strategy: "InfiniGenStrategy", b: int, c: int) -> None:
+    def __init__(self, strategy: InfiniGenStrategy, b: int, c: int) -> None:
         g = self.g = strategy
         m = g.setup.model
         dev = g.setup.device
@@ -201,7 +226,7 @@ class InfiniGenDecode:
         return out.view(q.shape)
 
 
-def dense_layer_fits(strategy: "InfiniGenStrategy", b: int, c: int) -> bool:
+def dense_layer_fits(strategy: InfiniGenStrategy, b: int, c: int) -> bool:
     """Whether a dense layer of ``b`` rows padded to ``c`` earlier tokens fits one prefetch buffer."""
     m = strategy.setup.model
     return b * _ceil(c + 1) * m.num_kv_heads * m.head_dim <= strategy.transfer.buffer_elems
@@ -222,7 +247,7 @@ class InfiniGenGraphs:
     counts its host writes itself (the captured copies are not seen by the transfer engine's
     host-side counter)."""
 
-    def __init__(self, strategy: "InfiniGenStrategy", sizes: list[int]) -> None:
+    def __init__(self, strategy: InfiniGenStrategy, sizes: list[int]) -> None:
         self.g = strategy
         self.sizes = sorted(sizes)
         self._entries: dict[tuple[int, int], tuple] = {}

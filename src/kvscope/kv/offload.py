@@ -16,3 +16,5 @@ class OffloadStrategy(HostOffloadStrategy):
     """Host-resident KV, dense per-layer prefetch. Args: ``host_kv_bytes``, ``block_size``, ``overlap``."""
 
     name = "offload"
+    #: Every step fetches the whole context eagerly (no captured decode).
+    graph_decode = False

@@ -19,12 +19,12 @@ from typing import Any, ClassVar
 
 import torch
 
-from kvscope.engine.request import Request
 from kvscope.errors import ConfigError
-from kvscope.kv.base import KVSetup, KVStrategy, StepBatch
+from kvscope.kv.base import Adoption, Handover, KVSetup, KVStrategy, KVUsage, StepBatch
 from kvscope.kv.host_pool import HostKVPool
 from kvscope.kv.slot_cache import SlotAttention
 from kvscope.kv.transfer import TransferEngine
+from kvscope.request import Request
 
 
 class _Staged:
@@ -96,6 +96,8 @@ class OffloadAttention:
 
 class HostOffloadStrategy(KVStrategy):
     """Base of the strategies whose KV lives in host memory (one subclass per file)."""
+
+    residence = "host"
 
     #: Whether a full host pool evicts the request's least-selected token instead of preempting.
     evicts_on_full: ClassVar[bool] = False
@@ -203,19 +205,20 @@ class HostOffloadStrategy(KVStrategy):
         self._length[rid] = num_tokens
         return True
 
-    def adopt(self, request: Request, kv: torch.Tensor) -> bool:
-        """Take over a running request whose first ``n`` tokens' K/V are ``kv`` ``[L, 2, n, Hkv, D]``
-        (another strategy's device cache, for ``adaptive``): copy them into host slots. False,
-        changing nothing, when the pool cannot hold them."""
-        rid, n = request.request_id, kv.shape[2]
+    def adopt(self, handover: Handover) -> Adoption:
+        """Take over a running request from another strategy's device cache (``adaptive``): copy
+        its K/V (``[L, 2, n, Hkv, D]``) into host slots. REFUSED, changing nothing, when the pool
+        cannot hold them."""
+        rid, n = handover.request.request_id, handover.held
         if not (self.pool.can_append(rid, n) and self.pool.used_tokens + n <= self.buffer_tokens):
-            return False
+            return Adoption.REFUSED
+        kv = handover.read_kv()
         slots = self.pool.append(rid, n, 0)
         self.pool.kv[:, :, slots.to(self.pool.kv.device)] = kv.to(self.pool.kv.device)
         self.transfer.bytes_d2h += kv.numel() * kv.element_size()
         self._length[rid] = n
         self.adopted(slots, kv)
-        return True
+        return Adoption.COPIED
 
     def adopted(self, slots: torch.Tensor, kv: torch.Tensor) -> None:
         """Device-side state a subclass keeps for adopted tokens (InfiniGen's partial keys)."""
@@ -246,6 +249,13 @@ class HostOffloadStrategy(KVStrategy):
 
     def end_step(self, batch: StepBatch) -> None:
         self.transfer.finish_step()
+
+    def usage(self) -> KVUsage:
+        return KVUsage(0, self.transfer.nbytes, self.host_kv_bytes_used())
+
+    def host_kv_bytes_used(self) -> int:
+        """Bytes of K/V held in the host pool (its ``host_kv_bytes`` stat)."""
+        return self.pool.used_tokens * self.pool.bytes_per_token
 
     def stats(self) -> dict[str, Any]:
         host = self.pool.stats()

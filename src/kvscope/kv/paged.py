@@ -9,17 +9,29 @@ blocks) or by swap (copy them to host memory and back).
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
-from kvscope.engine.request import Request
 from kvscope.errors import ConfigError
 from kvscope.kv.base import BlockTableLayout, KVSetup, KVStrategy, StepBatch
 from kvscope.kv.block_pool import BlockHash, BlockPool, hash_block, pool_stats
 from kvscope.kv.registry import register
 from kvscope.kv.slot_cache import SlotKVCache, block_table_attention, table_slots
 from kvscope.models.base import AttentionBackend
+from kvscope.request import Request
+
+
+@dataclass
+class _PagedRequest:
+    """What ``paged`` keeps about one request besides its block table (one record, so that the
+    pieces cannot drift apart)."""
+
+    hashes: list[BlockHash] = field(default_factory=list)  # chained hashes of its full blocks (memo)
+    held: int = 0  # tokens written to its blocks
+    registered: int = 0  # full blocks already offered to the prefix cache
+    host: torch.Tensor | None = None  # its K/V while swapped out, [L, 2, n, Hkv, D] on the host
 
 
 @register
@@ -37,11 +49,9 @@ class PagedStrategy(KVStrategy):
             raise ConfigError(f"paged: block_size must be a positive integer, got {block_size!r}")
         self.block_size = block_size
         self.enable_prefix_caching = bool(enable_prefix_caching)
+        # Block tables stay their own dict: every step reads them (engine, graphs, adaptive).
         self.tables: dict[str, list[int]] = {}
-        self._hashes: dict[str, list[BlockHash]] = {}
-        self._held_tokens: dict[str, int] = {}
-        self._registered: dict[str, int] = {}  # full blocks already offered to the prefix cache
-        self._host: dict[str, torch.Tensor] = {}
+        self._reqs: dict[str, _PagedRequest] = {}
         self.host_bytes = 0
         self.swapped_out_bytes = 0
         self.swapped_in_bytes = 0
@@ -79,7 +89,7 @@ class PagedStrategy(KVStrategy):
 
     def _block_hashes(self, request: Request, num_blocks: int) -> list[BlockHash]:
         """Chained hashes of the request's first ``num_blocks`` full blocks (memoised)."""
-        hashes = self._hashes.setdefault(request.request_id, [])
+        hashes = self._reqs.setdefault(request.request_id, _PagedRequest()).hashes
         if len(hashes) >= num_blocks:
             return hashes[:num_blocks]
         tokens = request.all_token_ids  # a copy of the whole sequence: only when a block is new
@@ -117,7 +127,7 @@ class PagedStrategy(KVStrategy):
                 return False
             self.pool.share(hits)
             self.tables[rid] = hits + self.pool.allocate(max(need, 0))
-            self._held_tokens[rid] = len(hits) * self.block_size
+            self._reqs.setdefault(rid, _PagedRequest()).held = len(hits) * self.block_size
             self.prefix_queried_tokens += request.num_tokens
             self.prefix_hit_tokens += len(hits) * self.block_size
             return True
@@ -146,29 +156,31 @@ class PagedStrategy(KVStrategy):
         if table is not None:
             # Tail first, so that the LRU queue evicts a prefix's end before its start.
             self.pool.free(list(reversed(table)))
-        self._hashes.pop(rid, None)
-        self._held_tokens.pop(rid, None)
-        self._registered.pop(rid, None)
-        data = self._host.pop(rid, None)
-        if data is not None:
-            self.host_bytes -= data.numel() * data.element_size()
+        rec = self._reqs.pop(rid, None)
+        if rec is not None and rec.host is not None:
+            self.host_bytes -= rec.host.numel() * rec.host.element_size()
 
     def release(self, request: Request) -> list[int]:
         """Hand ``request``'s blocks, in order, to another strategy drawing from the same pool
         (``adaptive``), without freeing them. Needs prefix caching off: no block may be shared."""
         rid = request.request_id
-        self._hashes.pop(rid, None)
-        self._held_tokens.pop(rid, None)
-        self._registered.pop(rid, None)
+        self._reqs.pop(rid, None)
         return self.tables.pop(rid)
+
+    def read_kv(self, request: Request, num_tokens: int) -> torch.Tensor:
+        """The K/V of ``request``'s first ``num_tokens`` tokens, ``[L, 2, num_tokens, Hkv, D]``."""
+        return self.cache.read(self._slots(self.tables[request.request_id], num_tokens))
+
+    def num_held_tokens(self) -> int:
+        """Tokens written over every request (a forked block counted once per request)."""
+        return sum(rec.held for rec in self._reqs.values())
 
     def fork(self, parent: Request, child: Request) -> None:
         table = self.tables[parent.request_id]
         self.pool.share(table)
         self.tables[child.request_id] = list(table)
-        self._hashes[child.request_id] = list(self._hashes.get(parent.request_id, []))
-        self._held_tokens[child.request_id] = self._held_tokens[parent.request_id]
-        self._registered[child.request_id] = self._registered.get(parent.request_id, 0)
+        rec = self._reqs[parent.request_id]
+        self._reqs[child.request_id] = _PagedRequest(list(rec.hashes), rec.held, rec.registered)
 
     def _slots(self, table: list[int], num_tokens: int) -> torch.Tensor:
         return table_slots(table, num_tokens, self.block_size, self.cache.kv.device)
@@ -184,16 +196,16 @@ class PagedStrategy(KVStrategy):
         host = torch.empty(data.shape, dtype=data.dtype, pin_memory=data.is_cuda)
         host.copy_(data)
         self.pool.free(list(reversed(self.tables.pop(rid))))
-        self._host[rid] = host
-        self._held_tokens.pop(rid, None)
-        self._registered.pop(rid, None)
+        rec = self._reqs.setdefault(rid, _PagedRequest())  # the hashes stay: the tokens are the same
+        rec.host, rec.held, rec.registered = host, 0, 0
         self.host_bytes += nbytes
         self.swapped_out_bytes += nbytes
         return nbytes
 
     def swap_in(self, request: Request) -> int | None:
         rid = request.request_id
-        host = self._host[rid]
+        rec = self._reqs[rid]
+        host = rec.host
         n = host.shape[2]
         need = self._num_blocks(n)
         if need > self.pool.num_free:
@@ -201,11 +213,11 @@ class PagedStrategy(KVStrategy):
         table = self.pool.allocate(need)
         self.tables[rid] = table
         self.cache.write(self._slots(table, n), host)
-        del self._host[rid]
+        rec.host = None
         nbytes = n * self.bytes_per_token
         self.host_bytes -= nbytes
         self.swapped_in_bytes += nbytes
-        self._held_tokens[rid] = n
+        rec.held = n
         return nbytes
 
     def stats(self) -> dict[str, Any]:
@@ -216,7 +228,8 @@ class PagedStrategy(KVStrategy):
         filled: dict[int, int] = {}
         partial: list[tuple[int, int]] = []
         for rid, table in self.tables.items():
-            held = self._held_tokens.get(rid, 0)
+            rec = self._reqs.get(rid)
+            held = rec.held if rec is not None else 0
             full = min(held // bs, len(table))
             filled.update(dict.fromkeys(table[:full], bs))
             if full < len(table) and held > full * bs:
@@ -258,15 +271,16 @@ class PagedStrategy(KVStrategy):
             rid = req.request_id
             if rid not in self.tables:
                 continue
-            self._held_tokens[rid] = req.num_computed_tokens
+            rec = self._reqs.setdefault(rid, _PagedRequest())
+            rec.held = req.num_computed_tokens
             if not self.enable_prefix_caching:
                 continue
             full = req.num_computed_tokens // bs
-            if full <= self._registered.get(rid, 0):
+            if full <= rec.registered:
                 continue  # no block filled up this step (most decode steps)
             table = self.tables[rid]
             tokens = req.all_token_ids
             hashes = self._block_hashes(req, full)
-            for i in range(self._registered.get(rid, 0), full):
+            for i in range(rec.registered, full):
                 self.pool.cache(table[i], hashes[i], tokens[i * bs : (i + 1) * bs])
-            self._registered[rid] = full
+            rec.registered = full

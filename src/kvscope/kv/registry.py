@@ -8,8 +8,9 @@ import types
 import typing
 from typing import Any
 
+from kvscope.constants import SYSTEM_PREFIX
 from kvscope.errors import ConfigError
-from kvscope.kv.base import KVStrategy
+from kvscope.kv.base import KVStrategy, StrategyFacts
 
 _REGISTRY: dict[str, type[KVStrategy]] = {}
 
@@ -18,6 +19,11 @@ def register(cls: type[KVStrategy]) -> type[KVStrategy]:
     """Class decorator: make a strategy constructible by its ``name``."""
     _REGISTRY[cls.name] = cls
     return cls
+
+
+def unregister(name: str) -> None:
+    """Forget a registered strategy (a test's own policy, once the test is done)."""
+    _REGISTRY.pop(name, None)
 
 
 def _load_builtin() -> None:
@@ -30,6 +36,12 @@ def _load_builtin() -> None:
 def available() -> dict[str, type[KVStrategy]]:
     _load_builtin()
     return dict(sorted(_REGISTRY.items()))
+
+
+def long_children() -> list[str]:
+    """Names of the strategies that can serve as ``adaptive``'s long child: those implementing
+    :meth:`KVStrategy.adopt` (the hand-over contract)."""
+    return [n for n, c in available().items() if c.adopt is not KVStrategy.adopt]
 
 
 def _init_params(cls: type[KVStrategy]) -> list[tuple[type, inspect.Parameter]]:
@@ -158,3 +170,24 @@ def create(strategy: str | KVStrategy, strategy_args: dict[str, Any] | None = No
     cls = registry[name]
     check_args(cls, args)
     return cls(**args)
+
+
+def facts(strategy: str | KVStrategy, strategy_args: dict[str, Any] | None = None) -> StrategyFacts:
+    """The :class:`StrategyFacts` of a spec (or name and arguments, or an instance): the strategy is
+    built (nothing is allocated before ``bind``), so defaults and checks are the engine's own.
+    Raises :class:`ConfigError` for a spec the engine would refuse."""
+    return create(strategy, strategy_args).facts()
+
+
+def kept_share(spec: str, prompt_tokens: int | None = None) -> float | None:
+    """Share of a prompt's KV the strategy of ``spec`` keeps (or reads per step, on the host): 1.0
+    for a lossless one, its budget share otherwise (the default budget when the spec gives none).
+    None when it is unknown: an external system's row (``system:<name>``), a spec the engine would
+    refuse, or a budget in tokens (``streaming:budget=64``: the share depends on the prompt, so it
+    is ``budget / prompt_tokens`` only when ``prompt_tokens`` is given)."""
+    if not isinstance(spec, str) or spec.startswith(SYSTEM_PREFIX):
+        return None
+    try:
+        return create(spec).kept_share(prompt_tokens)
+    except ConfigError:
+        return None

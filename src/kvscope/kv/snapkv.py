@@ -10,10 +10,12 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from kvscope.engine.request import Request
 from kvscope.errors import ConfigError
-from kvscope.kv.eviction import Budget, EvictionStrategy
+from kvscope.kv.eviction import EvictionStrategy
+from kvscope.kv.eviction_budget import Budget
 from kvscope.kv.registry import register
+from kvscope.kv.statistics import OBSERVATION_WINDOW
+from kvscope.request import Request
 
 
 @register
@@ -21,7 +23,7 @@ class SnapKVStrategy(EvictionStrategy):
     """Prompt compression scored by an observation window at the prompt's end, pooled, per head."""
 
     name = "snapkv"
-    attention_rows = "window"
+    statistic = OBSERVATION_WINDOW
     evict_in_decode = False
 
     def __init__(

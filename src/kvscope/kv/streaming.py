@@ -3,10 +3,11 @@ from __future__ import annotations
 
 import torch
 
-from kvscope.engine.request import Request
 from kvscope.errors import ConfigError
-from kvscope.kv.eviction import Budget, EvictionStrategy
+from kvscope.kv.eviction import EvictionStrategy
+from kvscope.kv.eviction_budget import Budget
 from kvscope.kv.registry import register
+from kvscope.request import Request
 
 
 @register

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from kvscope.kv.eviction import EvictionStrategy
 from kvscope.kv.registry import register
+from kvscope.kv.statistics import LAST_ROW
 
 
 @register
@@ -14,6 +15,6 @@ class TOVAStrategy(EvictionStrategy):
     """Keep the tokens the newest query attends to most (head-averaged, per layer)."""
 
     name = "tova"
-    attention_rows = "last"
+    statistic = LAST_ROW
     default_recent_fraction = 0.0
 

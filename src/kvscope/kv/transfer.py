@@ -68,10 +68,6 @@ class TransferEngine:
         """Device bytes held by the prefetch buffers."""
         return 2 * 2 * self.buffer_elems * self.elem_size
 
-    def capacity_rows(self, width: int) -> int:
-        """Rows of ``width`` elements one prefetch buffer holds."""
-        return self.buffer_elems // width
-
     def fetch(self, src: torch.Tensor, idx: torch.Tensor, slot: int, valid: torch.Tensor | None = None,
               spare_rows: int = 0, sort: bool = True) -> Fetch:
         """Start copying rows ``idx`` ``[M]`` of the host planes ``src`` ``[2, R, W]`` into buffer ``slot % 2``.

@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from kvscope.constants import SYSTEM_PREFIX  # re-exported: rows of external servers
 from kvscope.errors import KVScopeError
 
 RESULTS_FILE = "results.jsonl"
@@ -84,8 +85,6 @@ def _is_strategy(v: Any) -> bool:
 
 
 _RATIO_ARGS = ("heavy_ratio", "recent_ratio", "budget_ratio")
-#: ``config.strategy`` of a row measured on an external OpenAI-compatible server: ``system:<name>``.
-SYSTEM_PREFIX = "system:"
 
 
 @dataclass(frozen=True)

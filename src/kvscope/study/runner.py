@@ -39,12 +39,12 @@ from kvscope.bench import quality
 from kvscope.bench.metrics import serving_metrics
 from kvscope.bench.serve import run_workload
 from kvscope.config import EngineConfig
-from kvscope.engine.sampling_params import SamplingParams
+from kvscope.constants import FULL_KV_STRATEGY
 from kvscope.errors import ConfigError, RequestError
 from kvscope.kv import registry
-from kvscope.kv.eviction import EvictionStrategy
 from kvscope.llm import LLM
 from kvscope.models.loader import DUMMY_PREFIX, LoadedModel, load_model
+from kvscope.sampling_params import SamplingParams
 from kvscope.study.preflight import check_models, claim_folder
 from kvscope.study.results_io import (
     all_requests_failed,
@@ -55,6 +55,7 @@ from kvscope.study.results_io import (
 )
 from kvscope.study.spec import Point, StudySpec, WorkloadSpec, expand
 from kvscope.workload.arrivals import gamma_arrivals
+from kvscope.workload.mixed import MixedWorkload, mix, num_long_requests
 from kvscope.workload.requests import (
     WorkloadRequest,
     fixed_length_requests,
@@ -62,7 +63,6 @@ from kvscope.workload.requests import (
     uniform_length_requests,
     with_arrivals,
 )
-from kvscope.workload.mixed import MixedWorkload, mix, num_long_requests
 from kvscope.workload.ruler import ruler_samples, score_prediction
 from kvscope.workload.sharegpt import sharegpt_requests
 from kvscope.workload.text import token_sequences
@@ -193,7 +193,7 @@ def _agreement(point: Point, cache: "PointCache", requests: list, served: list[l
     cfg = point.config
 
     def reference() -> dict[str, Any]:
-        llm = cache.llm({**cfg, "strategy": "paged"})
+        llm = cache.llm({**cfg, "strategy": FULL_KV_STRATEGY})
         params = [SamplingParams(max_tokens=r.output_len, temperature=0.0, ignore_eos=True) for r in requests]
         outs = llm.generate([r.prompt for r in requests], params, use_tqdm=False)
         return {"token_ids": [list(o.token_ids) for o in outs]}
@@ -273,8 +273,7 @@ def _pool_independent(strategy: str) -> bool:
     true of lossless strategies and of the budget-driven eviction policies, which keep what their
     budget says whatever the pool holds. A strategy that drops tokens under memory pressure (a full
     pool) is not, and its quality is measured per pool."""
-    cls = registry.available()[registry.parse_spec(strategy)[0]]
-    return cls.lossless or issubclass(cls, EvictionStrategy)
+    return registry.facts(strategy).pool_independent
 
 
 def _quality(point: Point, cache: PointCache) -> dict[str, Any]:

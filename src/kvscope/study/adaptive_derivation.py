@@ -66,13 +66,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from kvscope.constants import QUALITY_FLOOR
 from kvscope.errors import ConfigError
+from kvscope.kv.adaptive import FULL_CHILD
+from kvscope.kv.registry import kept_share, long_children, parse_spec
+from kvscope.study.results_io import ResultsFolderError, read_results_file
 
 #: Relative margin a candidate's metric must exceed paged's by to count as a win (the study
 #: report's noise threshold).
 DEFAULT_MARGIN = 0.05
 #: Default quality floor: the advisor's (``kvscope advise --quality-floor``).
-DEFAULT_QUALITY_FLOOR = 0.8
+DEFAULT_QUALITY_FLOOR = QUALITY_FLOOR  # kept for importers
 RESULTS_FILE = "results.jsonl"
 
 
@@ -126,9 +130,6 @@ def read_rows(path: str | Path) -> list[dict[str, Any]]:
     """The rows of a results file (a ``.jsonl`` file or a study folder holding ``results.jsonl``),
     read as every reader of results reads them (:mod:`kvscope.study.results_io`: lines that are not
     rows are skipped and logged)."""
-    # Imported here: kvscope.study imports the strategy registry, which imports this module.
-    from kvscope.study.results_io import ResultsFolderError, read_results_file
-
     p = Path(path)
     if p.is_dir():
         p = p / RESULTS_FILE
@@ -141,24 +142,8 @@ def read_rows(path: str | Path) -> list[dict[str, Any]]:
 
 
 def long_candidates() -> set[str]:
-    """Strategy names ``adaptive`` accepts as its long child."""
-    from kvscope.kv.eviction import EvictionStrategy
-    from kvscope.kv.registry import available
-
-    return {n for n, c in available().items() if issubclass(c, EvictionStrategy)} | {"offload", "infinigen"}
-
-
-def kept_fraction(name: str, args: dict[str, Any]) -> float | None:
-    """Share of a prompt's KV a long child keeps: 1 for ``offload``, the ratio budget otherwise
-    (heavy + recent for ``h2o``), None for an absolute budget in tokens."""
-    if name == "offload":
-        return 1.0
-    if "budget" in args:
-        return None
-    if name == "h2o":
-        return float(args.get("heavy_ratio", 0.1)) + float(args.get("recent_ratio", 0.1))
-    ratio = args.get("budget_ratio", 0.2)
-    return None if ratio is None else float(ratio)
+    """Strategy names ``adaptive`` accepts as its long child (those implementing ``adopt``)."""
+    return set(long_children())
 
 
 def _get(row: dict[str, Any], *keys: str) -> Any:
@@ -236,7 +221,7 @@ def _stump(points: list[tuple[float, bool]]) -> tuple[int | None, int]:
 
 def derive_thresholds(
     path: str | Path,
-    quality_floor: float = DEFAULT_QUALITY_FLOOR,
+    quality_floor: float = QUALITY_FLOOR,
     long: str | None = None,
     margin: float = DEFAULT_MARGIN,
     rows: Iterable[dict[str, Any]] | None = None,
@@ -251,7 +236,7 @@ def derive_thresholds(
     names = long_candidates()
     if long is not None:
         names &= {long}
-    from kvscope.kv.registry import parse_spec
+    full = FULL_CHILD.name  # the full-KV reference: adaptive's full child
 
     # scenario key -> strategy spec -> rows
     groups: dict[tuple[Any, ...], dict[str, list[dict[str, Any]]]] = defaultdict(lambda: defaultdict(list))
@@ -268,17 +253,17 @@ def derive_thresholds(
             name, _ = parse_spec(spec)
         except ConfigError:
             continue
-        if name == "paged" or name in names:
+        if name == full or name in names:
             key = (str(cfg.get("model")), _label(cfg.get("workload")), json.dumps(cfg.get("kv_memory")),
                    json.dumps(cfg.get("rate")))
             groups[key][spec].append(r)
 
     usable = {k: g for k, g in groups.items()
-              if any(parse_spec(s)[0] == "paged" for s in g) and any(parse_spec(s)[0] != "paged" for s in g)}
-    wanted = f"'{long}'" if long is not None else "a long-child strategy (an eviction policy, offload, infinigen)"
+              if any(parse_spec(s)[0] == full for s in g) and any(parse_spec(s)[0] != full for s in g)}
+    wanted = f"'{long}'" if long is not None else f"a long-child strategy ({', '.join(sorted(long_children()))})"
     if not usable:
         found = ", ".join(sorted(seen)) or "none"
-        raise _fail(source, f"no scenario (model, workload, KV pool, rate) holds both an ok 'paged' row and an ok "
+        raise _fail(source, f"no scenario (model, workload, KV pool, rate) holds both an ok {full!r} row and an ok "
                             f"row of {wanted}; strategies with ok rows: {found}")
     usable_rows = [r for g in usable.values() for rs in g.values() for r in rs]
     metric = ("request_goodput" if all(_finite(r["metrics"].get("request_goodput")) for r in usable_rows)
@@ -292,16 +277,16 @@ def derive_thresholds(
     comparable = False
     for key in sorted(usable):
         g = usable[key]
-        full_rows = [r for s, rs in g.items() if parse_spec(s)[0] == "paged" for r in rs]
+        full_rows = [r for s, rs in g.items() if parse_spec(s)[0] == full for r in rs]
         full_metric, full_quality = value(full_rows), _quality(full_rows)
-        cand_rows = [r for s, rs in g.items() if parse_spec(s)[0] != "paged" for r in rs]
+        cand_rows = [r for s, rs in g.items() if parse_spec(s)[0] != full for r in rs]
         length = _length(full_rows) or _length(cand_rows)
         if full_metric is None or length is None:
             continue
         best, best_metric = None, None
         qualified = {}
         for spec, rs in sorted(g.items()):
-            if parse_spec(spec)[0] == "paged":
+            if parse_spec(spec)[0] == full:
                 continue
             ok = _qualifies(_quality(rs), full_quality, quality_floor)
             comparable |= ok is not None
@@ -313,7 +298,7 @@ def derive_thresholds(
         scenarios.append(Scenario(key[0], key[1], json.loads(key[2]), json.loads(key[3]), length, full_metric,
                                   best, best_metric, "long" if wins else "full", qualified))
     if not scenarios:
-        raise _fail(source, f"no usable scenario has a {metric} figure and a completed request for 'paged'")
+        raise _fail(source, f"no usable scenario has a {metric} figure and a completed request for {full!r}")
     if not comparable:
         raise _fail(source, "no candidate row has a quality figure comparable with paged's (quality.ruler or "
                             "quality.perplexity in both), so the quality floor cannot be checked; run the study "
@@ -332,7 +317,7 @@ def derive_thresholds(
         spec = max(sorted(count), key=lambda c: (count[c], statistics.fmean(ratios[c])))
         child, child_args = parse_spec(spec)
         child_args.pop("block_size", None)
-        budget = kept_fraction(child, child_args)
+        budget = kept_share(spec)
         min_length = _pressure_min_length([(s.length, s.qualified[spec]) for s in scenarios if spec in s.qualified])
     return DerivedThresholds(source, metric, float(quality_floor), margin, threshold, child, child_args, budget,
                              tuple(scenarios), misclassified, min_length)
