@@ -18,7 +18,7 @@ from kvscope.study import expand, load_spec, parse_spec, read_results, run_study
 from kvscope.study import runner as runner_mod
 from kvscope.study.presets import PRESETS, preset
 from kvscope.study.results_io import read_results_file
-from kvscope.study.report import build_plots, empty_panels, pareto_front, points_drawn, write_report
+from kvscope.report import build_plots, empty_panels, pareto_front, points_drawn, write_report
 
 
 def _base(**over):
@@ -390,7 +390,7 @@ def test_mixed_workload_end_to_end(tiny_long_model, tmp_path, monkeypatch):
 
 
 def test_mixed_table_by_hand():
-    from kvscope.study.report import mixed_table
+    from kvscope.report import mixed_table
 
     w = {"kind": "mixed", "num_requests": 8, "long_fraction": 0.25, "length": 1024}
 

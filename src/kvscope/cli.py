@@ -9,6 +9,7 @@ import time
 from typing import Any
 
 from kvscope.errors import KVScopeError
+from kvscope.kv.adaptive_thresholds import DEFAULT_QUALITY_FLOOR
 
 DEMO_PROMPTS = [
     "What is the capital of France?",
@@ -176,7 +177,7 @@ def _study(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from kvscope.study import load_spec, preset, run_study
-    from kvscope.study.report import write_report
+    from kvscope.report import write_report
     from kvscope.study.results_io import (
         RESULTS_FILE,
         ResultsFolderError,
@@ -228,8 +229,9 @@ def _add_advise(sub: argparse._SubParsersAction) -> None:
                    help="device KV pool (default: 90%% of memory after weights)")
     p.add_argument("--ttft-ms", type=_finite, default=None, help="SLO on p90 time to first token")
     p.add_argument("--tpot-ms", type=_finite, default=None, help="SLO on p90 time per output token")
-    p.add_argument("--quality-floor", type=_finite, default=0.8,
-                   help="minimum full-cache perplexity / strategy perplexity (1 = lossless; 0 = no floor)")
+    p.add_argument("--quality-floor", type=_finite, default=DEFAULT_QUALITY_FLOOR,
+                   help=f"minimum full-cache perplexity / strategy perplexity (1 = lossless; 0 = no floor; "
+                        f"default {DEFAULT_QUALITY_FLOOR:g}, the study report's floor)")
     p.add_argument("--results", default=None,
                    help="a study's results.jsonl (or its folder): measured rows used where they cover the case")
     p.add_argument("--max-num-seqs", type=_positive_int, default=64)
