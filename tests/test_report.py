@@ -16,7 +16,7 @@ from kvscope.report.verdict import sentence, verdict
 H2O_10, H2O_20, H2O_60 = ("h2o:heavy_ratio=0.05,recent_ratio=0.05", "h2o:heavy_ratio=0.1,recent_ratio=0.1",
                           "h2o:heavy_ratio=0.3,recent_ratio=0.3")
 SNAPKV = "snapkv:budget_ratio=0.2"
-SLOS = "TTFT <= 2000 ms, TPOT <= 200 ms"
+SLOS = "TTFT ≤ 2000 ms, TPOT ≤ 200 ms"
 
 
 def _only(rows):
@@ -95,25 +95,29 @@ def test_everything_under_the_floor():
     rows = [regime_row("paged", 0.0, ppl=20.0), regime_row(H2O_10, 3.0, ppl=40.0)]
     d = _only(rows)
     assert d.choice is None and d.reason == "floor" and d.below_floor[0].name == "h2o 10%"
-    assert sentence(d, SLOS).startswith("every strategy that meets the SLOs fails the quality floor 0.8")
+    assert sentence(d, SLOS) == ("no strategy both meets the SLOs and keeps quality: full KV (paged) serves no request "
+                                 "within the SLOs, and every one that meets them fails the quality floor 0.8; the "
+                                 "fastest, h2o 10%, serves 3 req/s at perplexity x2.00.")
 
 
 def test_nothing_meets_the_slos():
     rows = [regime_row("paged", 0.0, p99_ttft_ms=9000.0), regime_row(H2O_20, 0.0, p99_ttft_ms=4000.0)]
     d = _only(rows)
     assert d.choice is None and d.reason == "no-slo"
-    assert sentence(d, SLOS) == ("no strategy serves a request within the SLOs (TTFT <= 2000 ms, TPOT <= 200 ms); "
-                                 "the lowest p99 TTFT is h2o 20%'s 4,000 ms.")
+    assert sentence(d, SLOS) == "no strategy serves a request within the SLOs; the lowest p99 TTFT is h2o 20%'s 4,000 ms."
 
 
 def test_verdict_leads_with_the_top_rate_and_states_uncertainty():
     rows = [regime_row("paged", 1.0, ppl=20.0), regime_row(H2O_20, 2.4, ppl=22.0),
             regime_row("paged", 2.0, rate=4.0, ppl=20.0), regime_row(H2O_20, 2.02, rate=4.0, ppl=22.0)]
     lines = verdict(decision_table(rows), rows)
+    assert lines[:2] == ["Decision: **paged** in 1 of 2 regimes; **h2o 20%** in 1 of 2 regimes.",
+                         "dummy:tiny-llama, mixed, 16 requests, 8 of them ruler niah_single_1 at length 512; SLOs "
+                         "TTFT ≤ 2000 ms, TPOT ≤ 200 ms:"]
     # All 16 requests good in 16 / 2.4 s: Wilson(16, 16) x 2.4 = 0.80639 x 2.4 = 1.935 to 2.4.
-    assert lines[0] == ("- mixed, 16 requests, 8 of them ruler niah_single_1 at length 512, 24MiB pool, all requests "
-                        "at once: **h2o 20%** serves 2.40x paged's goodput (2.4 vs 1 req/s; 95% CI 1.94-2.4 over 16 "
-                        "requests) at perplexity x1.10. (At 4 req/s: paged, tied within noise with 1 other.)")
+    assert lines[2] == ("- 24MiB pool, all requests at once: **h2o 20%** serves 2.40x paged's goodput (2.4 vs 1 req/s; "
+                        "95% CI 1.94-2.4 over 16 requests) at perplexity x1.10. (At 4 req/s: paged, tied within noise "
+                        "with 1 other.)")
     # Wilson(16, 16) leaves 81% (see test_wilson_interval_by_hand).
     assert lines[-1] == ("Uncertainty: 1 seed; ties are differences within 5% (run-to-run noise, no seed spread to "
                          "measure); goodput intervals are 95% Wilson intervals over the 16 requests of a point (all 16 "

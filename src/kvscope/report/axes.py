@@ -53,8 +53,8 @@ def series(ax: Any, xs: Sequence[float], groups: Sequence[Sequence[float]], styl
         return
     x, y, err = (list(v) for v in zip(*pts))
     ax.plot(x, y, **style)
-    if any(err):
-        ax.errorbar(x, y, yerr=err, fmt="none", ecolor=style.get("color"), capsize=0, linewidth=1)  # caps would be lines that points_drawn counts
+    if any(err):  # no caps: they would be lines, which points_drawn counts as data
+        ax.errorbar(x, y, yerr=err, fmt="none", ecolor=style.get("color"), capsize=0, linewidth=1)
 
 
 def robust_limits(values: Sequence[float], log: bool) -> tuple[float, float] | None:
@@ -104,6 +104,7 @@ def fit_axis(ax: Any, axis: str = "y", bounded: bool = False) -> None:
     shown = vals if limits is None else [v for v in vals if limits[0] <= v <= limits[1]]
     if spans_decade(shown):
         (ax.set_xscale if axis == "x" else ax.set_yscale)("log")
+        _plain_log_ticks(ax.xaxis if axis == "x" else ax.yaxis, max(shown) / min(shown))
     if limits is None:
         return
     (ax.set_xlim if axis == "x" else ax.set_ylim)(*limits)
@@ -117,6 +118,19 @@ def fit_axis(ax: Any, axis: str = "y", bounded: bool = False) -> None:
         offset = (0, 18 * sign) if i == 1 else (18 * sign, 0)
         ax.annotate(f"{num(v)} (off scale)", xy=xy, xytext=offset, textcoords="offset points", fontsize=7,
                     ha="center", va="center", annotation_clip=False, arrowprops={"arrowstyle": "->", "lw": 0.8})
+
+
+def _plain_log_ticks(axis: Any, span: float) -> None:
+    """Log-axis labels as plain numbers (40, not 4x10^1); under two decades, 2x and 5x too, since
+    one or two powers of ten alone leave the axis nearly unlabelled."""
+    from matplotlib.ticker import FuncFormatter
+
+    def minor(v: float, _: Any) -> str:
+        mantissa = round(v / 10 ** math.floor(math.log10(v)), 6)
+        return num(v) if span < 100 and mantissa in (2.0, 5.0) else ""
+
+    axis.set_major_formatter(FuncFormatter(lambda v, _: num(v)))
+    axis.set_minor_formatter(FuncFormatter(minor))
 
 
 def _scatter(ax: Any) -> list[Any]:
@@ -190,4 +204,4 @@ def legend(fig: Any, axes: list[Any]) -> None:
     for ax in axes:
         for h, label in zip(*ax.get_legend_handles_labels()):
             handles.setdefault(label, h)
-    fig.legend(handles.values(), handles.keys(), fontsize=8, loc="outside right upper")
+    fig.legend(handles.values(), handles.keys(), fontsize=8, loc="outside right center")  # clear of the title

@@ -5,7 +5,7 @@ Rule, per regime:
 1. Every strategy's goodput (requests/s meeting every SLO of the spec; mean over seeds) and its
    quality against full KV (:func:`quality_vs_full`): ``score`` is the lowest of full-KV
    perplexity / its perplexity, its RULER accuracy / full KV's, and its agreement with full KV,
-   the measures the rows hold. Full KV is every lossless strategy of the regime
+   the measures the rows hold, at most 1. Full KV is every lossless strategy of the regime
    (:func:`~kvscope.report.names.is_full_kv`); a lossless strategy scores 1.
 2. No goodput above 0: nothing meets the SLOs, no decision. Eligible: goodput above 0 and a score
    of at least :data:`QUALITY_FLOOR` (or no quality measured, which the table says).
@@ -120,7 +120,9 @@ def quality_vs_full(rows: list[Row], full_rows: list[Row], full_kv: bool) -> Qua
         parts.append(acc if acc_full is None else acc / acc_full if acc_full > 0 else 1.0)
     if agree is not None:
         parts.append(agree)
-    return Quality(min(parts) if parts else None, ratio, acc, acc_full, accuracy_interval(rows), agree)
+    # Capped at 1: measuring better than full KV is noise (or a model without meaning, e.g. random
+    # weights), and must not win a tie against full KV.
+    return Quality(min(1.0, *parts) if parts else None, ratio, acc, acc_full, accuracy_interval(rows), agree)
 
 
 def _options(rows: list[Row], names: dict[str, str]) -> list[Option]:

@@ -21,8 +21,20 @@ from typing import Any
 
 from kvscope.report.axes import fit_axis, grid, legend, pareto_front, series, styles, title
 from kvscope.report.names import family, kept_fraction
-from kvscope.report.rows import METRIC, METRICS, Row, by, finite, kv_label, rate_key, scenario, top_rate, values
-from kvscope.report.rows import workload_label as wl_label
+from kvscope.report.rows import (
+    METRIC,
+    METRICS,
+    Row,
+    by,
+    finite,
+    kv_label,
+    rate_key,
+    rate_text,
+    scenario,
+    top_rate,
+    values,
+    workload_text,
+)
 
 
 @dataclass
@@ -50,6 +62,11 @@ def per_seed(rows: list[Row], get: Callable[[Row], float | None]) -> list[float]
         if vs:
             out.append(sum(vs) / len(vs))
     return out
+
+
+def _workload(row: Row) -> str:
+    """A workload as panel titles name it (the short text: two workloads of a study differ in it)."""
+    return workload_text(row["config"]["workload"])
 
 
 def _at_top_rate(rows: list[Row]) -> tuple[float | str, list[Row]]:
@@ -96,7 +113,7 @@ def _latency_plots(plt: Any, rows: list[Row], style: Style) -> list[Plot]:
             title(ax, name)
             fit_axis(ax)
         legend(fig, axes)
-        fig.suptitle(" | ".join(scen))
+        fig.suptitle(f"{scen[0]} | {_workload(srows[0])} | {scen[2]} pool")
         plots.append(Plot(plot_title, fig))
     return plots
 
@@ -106,7 +123,7 @@ def _throughput_vs_size(plt: Any, rows: list[Row], style: Style) -> Plot:
     rows = [r for r in rows if r.get("model_params") and finite(_THROUGHPUT(r))]
     if not rows:
         return Plot(plot_title, missing="no row holds both a parameter count and an output throughput")
-    panels = by(rows, lambda r: (wl_label(r["config"]["workload"]), kv_label(r["config"]["kv_memory"])))
+    panels = by(rows, lambda r: (_workload(r), kv_label(r["config"]["kv_memory"])))
     fig, axes = grid(plt, len(panels))
     for ax, ((workload, kv), prows) in zip(axes, panels.items()):
         rate, at_rate = _at_top_rate(prows)
@@ -117,7 +134,7 @@ def _throughput_vs_size(plt: Any, rows: list[Row], style: Style) -> Plot:
         ax.set_xscale("log")
         ax.set_xlabel("model parameters")
         ax.set_ylabel("output tok/s")
-        title(ax, f"{workload} | {kv} | rate {rate}")
+        title(ax, f"{workload} | {kv} pool | {rate_text(rate)}")
         fit_axis(ax)
     legend(fig, axes)
     fig.suptitle(f"{plot_title} (at each panel's highest request rate)")
@@ -130,14 +147,14 @@ def _memory_vs_sparsity(plt: Any, rows: list[Row], style: Style) -> list[Plot]:
         return [Plot("Peak KV memory vs sparsity", missing="no row holds a peak KV memory figure")]
     plots = []
     for model, mrows in by(rows, lambda r: r["config"]["model"]).items():
-        panels = by(mrows, lambda r: (wl_label(r["config"]["workload"]), kv_label(r["config"]["kv_memory"])))
+        panels = by(mrows, lambda r: (_workload(r), kv_label(r["config"]["kv_memory"])))
         fig, axes = grid(plt, len(panels))
         for ax, ((workload, kv), prows) in zip(axes, panels.items()):
             rate, at_rate = _at_top_rate(prows)
             _budget_curves(ax, at_rate, _KV_USED, style, lambda kept: 1.0 - kept)
             ax.set_xlabel("sparsity: share of the prompt's KV dropped (0 = lossless)")
             ax.set_ylabel("peak KV used (MiB)")
-            title(ax, f"{workload} | {kv} | rate {rate}")
+            title(ax, f"{workload} | {kv} pool | {rate_text(rate)}")
             fit_axis(ax)
         legend(fig, axes)
         plot_title = f"Peak KV memory vs sparsity: {model}"
@@ -156,8 +173,7 @@ def _quality_panels(rows: list[Row]) -> dict[str, QualityPanel]:
     ppl_rows = [r for r in rows if finite(_PERPLEXITY(r))]
     if ppl_rows:
         panels["perplexity"] = (_PERPLEXITY, True, ppl_rows)
-    for workload, wrows in by([r for r in rows if finite(_RULER(r))],
-                              lambda r: wl_label(r["config"]["workload"])).items():
+    for workload, wrows in by([r for r in rows if finite(_RULER(r))], _workload).items():
         panels[f"RULER accuracy: {workload}"] = (_RULER, False, wrows)
     return panels
 
@@ -190,7 +206,7 @@ def _pareto(plt: Any, rows: list[Row], style: Style) -> list[Plot]:
     for (model, kv), krows in by(rows, lambda r: (r["config"]["model"], kv_label(r["config"]["kv_memory"]))).items():
         plot_title = f"Throughput-quality Pareto: {model} | KV pool {kv}"
         panels = []
-        for workload, wrows in by(krows, lambda r: wl_label(r["config"]["workload"])).items():
+        for workload, wrows in by(krows, _workload).items():
             rate, at_rate = _at_top_rate(wrows)
             ruler = any(finite(_RULER(r)) for r in at_rate)
             get, name, lower = (_RULER, "RULER accuracy", False) if ruler else (_PERPLEXITY, "perplexity", True)
@@ -200,7 +216,7 @@ def _pareto(plt: Any, rows: list[Row], style: Style) -> list[Plot]:
                 if q and tput:
                     pts.append((strategy, sum(q) / len(q), sum(tput) / len(tput)))
             if pts:
-                panels.append((f"{workload} | rate {rate}", name, lower, pts))
+                panels.append((f"{workload} | {rate_text(rate)}", name, lower, pts))
         if not panels:
             plots.append(Plot(plot_title, missing=_NO_QUALITY if not _quality_panels(krows)
                               else "no row holds both a quality metric and an output throughput"))

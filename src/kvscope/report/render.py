@@ -34,13 +34,13 @@ DECISION_NOTE = (
     f"those whose quality against full KV is at least {QUALITY_FLOOR:g}: the lowest of full-KV perplexity / its "
     "perplexity, its RULER accuracy / full KV's and its token agreement with full KV, where measured. "
     f"Strategies within noise of the leader ({NOISE:.0%}, or twice its relative spread over seeds) tie, and the "
-    "tie goes to the better quality, then the lower median TPOT. Margin: its goodput over the best eligible "
-    "strategy outside the tie. The goodput interval is a 95% Wilson interval over the point's requests.")
+    "tie goes to the better quality, then to full KV, then to the lower median TPOT. Margin: its goodput over the "
+    "best eligible strategy outside the tie. The goodput interval is a 95% Wilson interval over the point's requests.")
 _CSS = ("body{font-family:system-ui,sans-serif;max-width:1400px;margin:auto;padding:0 12px;color:#222}"
         "h1{font-size:22px;margin:10px 0 2px}h2{font-size:18px;margin-top:28px}.context{color:#555;margin:0 0 8px}"
         ".verdict{background:#f3f7ff;border-left:4px solid #3367d6;padding:4px 14px;font-size:15px}"
-        ".verdict li{margin:4px 0}.note{color:#555;font-size:12px}table{border-collapse:collapse;font-size:12px}"
-        "td,th{border:1px solid #ccc;padding:2px 6px;vertical-align:top}th{background:#f4f4f4}img{max-width:100%}")
+        ".verdict li{margin:4px 0}.verdict p{margin:8px 0}.note{color:#555;font-size:12px}table{border-collapse:collapse;font-size:12px}"
+        ".wide{overflow-x:auto}td,th{border:1px solid #ccc;padding:2px 6px;vertical-align:top}th{background:#f4f4f4}img{max-width:100%}")
 
 
 def _inline(text: str) -> str:
@@ -66,19 +66,31 @@ class _Doc:
         self.md += [text, ""]
         self.html.append(f"<p class='{cls}'>{_inline(text)}</p>" if cls else f"<p>{_inline(text)}</p>")
 
-    def bullets(self, items: list[str], cls: str = "") -> None:
-        self.md += [*items, ""]
-        self.html.append(f"<ul class='{cls}'>" + "".join(f"<li>{_inline(i.removeprefix('- '))}</li>" for i in items)
-                         + "</ul>")
+    def block(self, lines: list[str], cls: str = "") -> None:
+        """Markdown lines in a box: runs of ``- `` lines become lists, the others paragraphs."""
+        self.md += [line for text in lines for line in ((text, "") if not text.startswith("- ") else (text,))]
+        self.md.append("")
+        body, items = [], []
+        for text in [*lines, ""]:
+            if text.startswith("- "):
+                items.append(f"<li>{_inline(text[2:])}</li>")
+                continue
+            if items:
+                body.append("<ul>" + "".join(items) + "</ul>")
+                items = []
+            if text:
+                body.append(f"<p>{_inline(text)}</p>")
+        self.html.append(f"<div class='{cls}'>" + "".join(body) + "</div>")
 
     def table(self, table: Table) -> None:
         head, body = table
         self.md += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         self.md += ["| " + " | ".join(c.replace("|", "\\|") for c in row) + " |" for row in body]
         self.md.append("")
-        self.html.append("<table><tr>" + "".join(f"<th>{html.escape(c)}</th>" for c in head) + "</tr>")
+        self.html.append("<div class='wide'><table><tr>" + "".join(f"<th>{html.escape(c)}</th>" for c in head)
+                         + "</tr>")
         self.html += ["<tr>" + "".join(f"<td>{_inline(c)}</td>" for c in row) + "</tr>" for row in body]
-        self.html.append("</table>")
+        self.html.append("</table></div>")
 
     def image(self, title: str, name: str, data: bytes) -> None:
         self.md += [f"## {title}", "", f"![{title}](plots/{name})", ""]
@@ -146,7 +158,7 @@ def write_report(results_dir: str | Path, warn: bool = True) -> tuple[Path, Path
     if decisions:
         doc.heading("Verdict")
         *lines, uncertainty = verdict(decisions, rows)
-        doc.bullets(lines, "verdict")
+        doc.block(lines, "verdict")
         doc.para(uncertainty, "note")
         doc.heading("Decision table")
         doc.table(decision_rows(decisions))

@@ -9,6 +9,7 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 from kvscope.kv.adaptive_thresholds import DEFAULT_QUALITY_FLOOR
+from kvscope.workload.mixed import num_long_requests
 
 Row = dict[str, Any]
 
@@ -65,6 +66,25 @@ def workload_label(w: dict[str, Any]) -> str:
 
 def kv_label(kv: int | float) -> str:
     return f"{kv:.0%} free" if isinstance(kv, float) else f"{kv / 2**20:g}MiB"
+
+
+def rate_text(rate: float | str) -> str:
+    return "all requests at once" if rate_key(rate) == math.inf else f"{float(rate):g} req/s"
+
+
+def workload_text(w: dict[str, Any]) -> str:
+    """``sharegpt, 16 requests``, ``ruler niah_single_1 at length 512, 8 requests``, ``mixed, 16
+    requests, 8 of them ruler niah_single_1 at length 512``."""
+    n = w.get("num_requests") or w.get("num_samples")
+    long = f"ruler {w.get('task', '')} at length {w['length']}".replace("  ", " ") if w.get("length") else ""
+    parts = [w["kind"] if w["kind"] != "ruler" else long]
+    if w.get("input_len"):
+        parts.append(f"{w['input_len']}-token prompts")
+    if n:
+        parts.append(f"{n} request{'s' * (n != 1)}")
+    if w.get("long_fraction") and long and n:
+        parts[-1] += f", {num_long_requests(n, w['long_fraction'])} of them {long}"
+    return ", ".join(parts)
 
 
 def scenario(cfg: dict[str, Any]) -> tuple[str, str, str]:

@@ -20,9 +20,11 @@ from kvscope.report.rows import (
     noise_threshold,
     num,
     rate_key,
+    rate_text,
     scenario,
+    workload_text,
 )
-from kvscope.report.verdict import interval, quality_text, rate_text, workload_text
+from kvscope.report.verdict import interval, quality_text
 
 Table = tuple[list[str], list[list[str]]]
 
@@ -46,7 +48,7 @@ def decision_rows(decisions: list[Decision]) -> Table:
         elif d.margin is not None:
             margin = f"{d.margin:.2f}x {d.runner_up.name}"
         else:
-            margin = "only one served"
+            margin = "no other at the floor meets the SLOs"
         if c.full_kv:
             vs_full = "is full KV"
         elif d.full is None:

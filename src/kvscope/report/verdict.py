@@ -7,33 +7,11 @@ lossy strategy that keeps the most quality costs in decode time, and one paragra
 """
 from __future__ import annotations
 
-import math
 from collections import defaultdict
-from typing import Any
 
 from kvscope.report.decision import Decision, Option
-from kvscope.report.rows import NOISE, Row, get, num, rate_key, values
+from kvscope.report.rows import NOISE, Row, get, num, rate_key, rate_text, values, workload_text
 from kvscope.report.uncertainty import wilson
-from kvscope.workload.mixed import num_long_requests
-
-
-def rate_text(rate: float | str) -> str:
-    return "all requests at once" if rate_key(rate) == math.inf else f"{float(rate):g} req/s"
-
-
-def workload_text(w: dict[str, Any]) -> str:
-    """``sharegpt, 16 requests``, ``ruler niah_single_1 at length 512, 8 requests``, ``mixed, 16
-    requests, 8 of them ruler niah_single_1 at length 512``."""
-    n = w.get("num_requests") or w.get("num_samples")
-    long = f"ruler {w.get('task', '')} at length {w['length']}".replace("  ", " ") if w.get("length") else ""
-    parts = [w["kind"] if w["kind"] != "ruler" else long]
-    if w.get("input_len"):
-        parts.append(f"{w['input_len']}-token prompts")
-    if n:
-        parts.append(f"{n} request{'s' * (n != 1)}")
-    if w.get("long_fraction") and long and n:
-        parts[-1] += f", {num_long_requests(n, w['long_fraction'])} of them {long}"
-    return ", ".join(parts)
 
 
 def interval(ci: tuple[float, float] | None) -> str:
@@ -84,11 +62,14 @@ def sentence(d: Decision, slos: str) -> str:
         served = [o for o in d.options if o.ttft_p99_ms is not None]
         best = min(served, key=lambda o: o.ttft_p99_ms, default=None)
         low = f"; the lowest p99 TTFT is {best.name}'s {num(best.ttft_p99_ms)} ms" if best else ""
-        return f"no strategy serves a request within the SLOs ({slos}){low}."
+        return f"no strategy serves a request within the SLOs{low}."
     if c is None:
         f = d.below_floor[0]
-        return (f"every strategy that meets the SLOs fails the quality floor {d.floor:g}; the fastest, {f.name}, "
-                f"serves {num(f.goodput)} req/s at {quality_text(f)}.")
+        fulls = [o.name for o in d.options if o.full_kv]
+        full = f"full KV ({', '.join(fulls)}) serves no request within the SLOs, and " if fulls else ""
+        return (f"no strategy both meets the SLOs and keeps quality: {full}every one that meets them fails the "
+                f"quality floor {d.floor:g}; the fastest, {f.name}, serves {num(f.goodput)} req/s at "
+                f"{quality_text(f)}.")
     tie = (f"; {_others(d.tied)} {'ties' if len(d.tied) == 1 else 'tie'} with it within noise (±{d.noise:.0%})"
            if d.tied else "")
     if c.full_kv:
@@ -128,7 +109,7 @@ def short(d: Decision) -> str:
 
 
 def cost_sentence(decisions: list[Decision]) -> str | None:
-    """Among strategies that drop or move KV, the one that keeps the most quality, and its median
+    """Among the lossy strategies, the one that keeps the most quality, and its median
     TPOT against full KV's, at the first (largest) pool's lowest rate, where TPOT is least queued."""
     d = min(decisions, key=lambda x: rate_key(x.rate))
     lossy = [o for o in d.options if not o.full_kv and o.quality.score is not None and o.tpot_ms]
@@ -137,14 +118,14 @@ def cost_sentence(decisions: list[Decision]) -> str | None:
         return None
     keep = max(lossy, key=lambda o: (o.quality.score, -o.tpot_ms))
     ref = min(full, key=lambda o: o.tpot_ms)
-    return (f"Of the strategies that drop or move KV, {keep.name} keeps the most quality ({quality_text(keep)}) "
+    return (f"Of the lossy strategies, {keep.name} keeps the most quality ({quality_text(keep)}) "
             f"at {keep.tpot_ms / ref.tpot_ms:.2f}x {ref.name}'s median TPOT ({num(keep.tpot_ms)} vs "
             f"{num(ref.tpot_ms)} ms; {d.kv_memory} pool, {rate_text(d.rate)}).")
 
 
 def slo_text(rows: list[Row]) -> str:
     slos = next((r["config"].get("slos") for r in rows if r["config"].get("slos")), {})
-    return ", ".join(f"{k.removesuffix('_ms').upper()} <= {v:g} ms" for k, v in slos.items()) or "no SLOs"
+    return ", ".join(f"{k.removesuffix('_ms').upper()} ≤ {v:g} ms" for k, v in slos.items()) or "none"
 
 
 def uncertainty_text(decisions: list[Decision], rows: list[Row]) -> str:
@@ -169,24 +150,35 @@ def uncertainty_text(decisions: list[Decision], rows: list[Row]) -> str:
     return "; ".join(out) + "."
 
 
+def summary(decisions: list[Decision]) -> str:
+    """One line over every regime: how often each strategy is the decision, and how many regimes
+    have none."""
+    counts: dict[str, int] = defaultdict(int)
+    for d in decisions:
+        counts[d.choice.name if d.choice else "no decision"] += 1
+    parts = [f"**{n}** in {k} of {len(decisions)} regime{'s' * (len(decisions) > 1)}" if n != "no decision"
+             else f"no decision in {k}" for n, k in sorted(counts.items(), key=lambda x: -x[1])]
+    return "Decision: " + "; ".join(parts) + "."
+
+
 def verdict(decisions: list[Decision], rows: list[Row]) -> list[str]:
-    """The first screen's paragraphs (Markdown: ``**`` marks the decisions): one line per (model,
-    workload, pool), a cost line per workload, the uncertainty paragraph. [] without decisions."""
+    """The first screen as Markdown lines (``**`` marks the decisions, ``- `` starts a bullet): the
+    summary; per (model, workload) a lead line, a bullet per KV pool and one on what keeping quality
+    costs; the uncertainty paragraph. [] without decisions."""
     if not decisions:
         return []
     slos = slo_text(rows)
     groups: dict[tuple[str, str], dict[str, list[Decision]]] = defaultdict(lambda: defaultdict(list))
     for d in decisions:
         groups[(d.model, d.workload)][d.kv_memory].append(d)
-    models = {d.model for d in decisions}
-    out = []
+    out = [summary(decisions)]
     for (model, _), pools in groups.items():
         first = next(iter(pools.values()))[0]
-        where = workload_text(first.workload_config) + (f" on {model}" if len(models) > 1 else "")
+        out.append(f"{model}, {workload_text(first.workload_config)}; SLOs {slos}:")
         for kv, ds in pools.items():
             top = max(ds, key=lambda d: rate_key(d.rate))
             rest = "; ".join(f"at {rate_text(d.rate)}: {short(d)}" for d in ds if d is not top)
-            line = f"- {where}, {kv} pool, {rate_text(top.rate)}: {sentence(top, slos)}"
+            line = f"- {kv} pool, {rate_text(top.rate)}: {sentence(top, slos)}"
             out.append(line + (f" ({rest[0].upper()}{rest[1:]}.)" if rest else ""))
         cost = cost_sentence(next(iter(pools.values())))
         if cost:
