@@ -3,9 +3,11 @@ as a user runs it on a fresh install (process start, every grid point, the repor
 kvscope cache, so the one-time conversion of the packaged GGUF checkpoint counts, unless
 ``--warm-cache``). A benchmark, not a test.
 
-Checks what a user gets: every point ``ok``, the report written with every plot showing data
-(:func:`kvscope.study.report.empty_panels` on every figure, no "Plots without data" section) and
-a filled guidance table. Per-point times come from the rows (``elapsed_s`` and its ``phase_s``
+Checks what a user gets: every point ``ok``, with the sample sizes the preset promises (at least
+16 requests per serving point, 8 RULER samples, 512 scored perplexity tokens); the report written
+with the verdict and the decision table first (one decision per regime), every plot showing data
+(:func:`kvscope.report.empty_panels` on every figure, no "Plots without data" section) and the
+guidance appendix filled. Per-point times come from the rows (``elapsed_s`` and its ``phase_s``
 split into set-up, serving and quality). Writes benchmarks/results/study_quick.json and .md.
 
 Other processes on the machine slow the run down; the load averages before and after and the
@@ -33,19 +35,27 @@ RESULTS = Path(__file__).parent / "results"
 #: Plot families the report must hold (titles start with these).
 PLOT_FAMILIES = ("Latency vs rate", "Output throughput vs model size", "Peak KV memory vs sparsity",
                  "Quality vs KV budget", "Throughput-quality Pareto")
+#: Smallest samples behind the quick preset's numbers: requests per serving point, RULER samples
+#: per quality figure, scored perplexity tokens.
+MIN_REQUESTS, MIN_RULER_SAMPLES, MIN_PPL_TOKENS = 16, 8, 512
 
 
 def check_report(folder: Path, stdout: str) -> dict[str, Any]:
     """What a user of the quick preset should find in ``folder``; raises AssertionError if not."""
     import matplotlib.pyplot as plt
 
+    from kvscope.report import build_plots, decision_table, empty_panels, guidance
     from kvscope.study import expand, preset, read_results
-    from kvscope.study.report import build_plots, empty_panels, guidance
 
     rows = read_results(folder / "results.jsonl")
     expected = len(expand(preset("quick")))
     failed = [r.get("error") for r in rows if r.get("status") != "ok"]
     assert len(rows) == expected and not failed, f"{len(rows)} of {expected} rows, failed: {failed[:3]}"
+    requests = min(r["metrics"]["completed"] + r["metrics"]["failed"] for r in rows)
+    samples = min(r["quality"]["ruler"]["num_samples"] for r in rows)
+    tokens = min(r["quality"]["perplexity"]["tokens_scored"] for r in rows)
+    assert requests >= MIN_REQUESTS and samples >= MIN_RULER_SAMPLES and tokens >= MIN_PPL_TOKENS, \
+        f"samples too small: {requests} requests, {samples} RULER samples, {tokens} perplexity tokens"
     printed = re.search(r"^report: (\S+)", stdout, re.MULTILINE)
     assert printed and Path(printed[1]) == folder / "report.html", "study run did not print the report path"
     md = (folder / "report.md").read_text(encoding="utf-8")
@@ -62,9 +72,15 @@ def check_report(folder: Path, stdout: str) -> dict[str, Any]:
     assert not absent, f"plot families missing: {absent}"
     assert md.count("](plots/") == len(plots), "report.md does not show every plot"
 
+    headings = [line for line in md.splitlines() if line.startswith("## ")]
+    assert headings[:2] == ["## Verdict", "## Decision table"], f"the report does not lead with its verdict: {headings}"
+    decisions = decision_table(rows)
+    regimes = {json.dumps([r["config"][k] for k in ("model", "workload", "kv_memory", "rate")]) for r in rows}
+    assert len(decisions) == len(regimes), f"{len(decisions)} decisions for {len(regimes)} regimes"
     table = guidance(rows)
     assert table and "## Guidance" in md, "guidance table is empty"
-    return {"rows": len(rows), "plots": titles, "guidance_rows": len(table)}
+    return {"rows": len(rows), "plots": titles, "decisions": len(decisions), "guidance_rows": len(table),
+            "requests_per_point": requests, "ruler_samples": samples, "perplexity_tokens": tokens}
 
 
 def per_point(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -78,12 +94,17 @@ def main() -> None:
     ap.add_argument("--note", default="", help="a sentence for the Markdown, e.g. on concurrent load")
     ap.add_argument("--warm-cache", action="store_true",
                     help="use the usual kvscope cache (converted weights, RULER samples) instead of an empty one")
+    ap.add_argument("--keep", type=Path, default=None,
+                    help="a new folder to write the study into and keep (rows, report, plots); default: a "
+                         "temporary one")
     args = ap.parse_args()
+    if args.keep is not None and args.keep.exists():
+        sys.exit(f"--keep {args.keep}: exists; the timing needs a fresh folder")
 
     from kvscope.study import read_results
 
     with tempfile.TemporaryDirectory() as tmp:
-        folder = Path(tmp) / "quick"
+        folder = args.keep.resolve() if args.keep else Path(tmp) / "quick"
         env = dict(os.environ)
         if not args.warm_cache:
             env["KVSCOPE_CACHE_DIR"] = str(Path(tmp) / "cache")
@@ -146,8 +167,11 @@ def write_markdown(result: dict[str, Any], path: Path) -> None:
         f"{phases['setup']:.0f} s, serving {phases['serve']:.0f} s, quality {phases['quality']:.0f} s); "
         f"the other {wall - in_points:.0f} s are process start, imports and the report.",
         "",
-        f"Checks passed: {result['checks']['rows']} rows all `ok`; {len(result['checks']['plots'])} plots, "
-        f"each with data in every panel; guidance table of {result['checks']['guidance_rows']} rows.",
+        f"Checks passed: {result['checks']['rows']} rows all `ok`, each point with at least "
+        f"{result['checks']['requests_per_point']} requests, {result['checks']['ruler_samples']} RULER samples and "
+        f"{result['checks']['perplexity_tokens']} scored perplexity tokens; the report leads with its verdict and a "
+        f"decision table of {result['checks']['decisions']} regimes; {len(result['checks']['plots'])} plots, each "
+        f"with data in every panel; guidance appendix of {result['checks']['guidance_rows']} rows.",
         "",
         "| strategy | points | seconds | mean s / point | slowest point s |",
         "|---|---:|---:|---:|---:|",

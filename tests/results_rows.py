@@ -64,3 +64,28 @@ def write_folder(folder: Path, content: bytes) -> Path:
     path = folder / "results.jsonl"
     path.write_bytes(content)
     return path
+
+
+def regime_row(strategy: str, goodput: float | None, *, kv_memory: int = 24 << 20, rate: float | str = "inf",
+               seed: int = 0, requests: int = 16, duration: float | None = None, ppl: float | None = None,
+               ruler: float | None = None, ruler_samples: int = 8, tpot_ms: float = 50.0,
+               p99_ttft_ms: float = 500.0) -> dict[str, Any]:
+    """One ``ok`` row of a mixed-workload point with the given goodput (req/s over ``duration`` s
+    of ``requests`` requests, all completed; by default the duration in which all of them were
+    good) and quality, for tests of the report's decisions."""
+    duration = duration or (requests / goodput if goodput else 8.0)
+    cfg = expand(parse_spec({**SPEC, "strategies": [strategy], "kv_memory": [kv_memory], "rates": [rate],
+                             "seeds": [seed], "slos": {"ttft_ms": 2000, "tpot_ms": 200},
+                             "workloads": [{"type": "mixed", "num_requests": requests, "long_fraction": 0.5,
+                                            "length": 512}]}, check_packages=False))[0].config
+    quality: dict[str, Any] = {}
+    if ppl is not None:
+        quality["perplexity"] = {"perplexity": ppl, "tokens_scored": 512}
+    if ruler is not None:
+        quality["ruler"] = {"accuracy": ruler, "num_samples": ruler_samples}
+    return {"id": f"{strategy}-{kv_memory}-{rate}-{seed}", "study": "rows", "status": "ok", "config": cfg,
+            "environment": {"device": "cpu", "device_name": "x86_64"}, "model_params": 164160,
+            "metrics": {"completed": requests, "failed": 0, "duration": duration, "request_goodput": goodput,
+                        "output_throughput": 10.0, "median_ttft_ms": 100.0, "p99_ttft_ms": p99_ttft_ms,
+                        "median_tpot_ms": tpot_ms, "p99_tpot_ms": tpot_ms},
+            "engine_stats": {"peak_kv_bytes_used": 1 << 20}, "quality": quality}

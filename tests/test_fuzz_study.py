@@ -19,7 +19,7 @@ from results_rows import ADVISE_ARGS, SPEC, H2O, lines, rows, write_folder
 from kvscope import cli
 from kvscope.errors import ConfigError
 from kvscope.study import expand, parse_spec, run_study
-from kvscope.study.report import write_report
+from kvscope.report import write_report
 from kvscope.study.results_io import read_results_file
 from kvscope.study.spec import StudySpec
 
@@ -172,7 +172,7 @@ def test_fuzz_damaged_results(inserts, cut):
         assert len(numbered) == len(read.skipped) + len(read.rows) + read.superseded
         assert {row["id"] for _, row in intact if row["status"] == "ok"} <= read.done_ids()
 
-        mp.setattr("kvscope.study.report.build_plots", lambda rows: [])  # plots draw rows, which are checked above
+        mp.setattr("kvscope.report.render.build_plots", lambda rows: [])  # plots draw rows, which are checked above
         md = write_report(path.parent, warn=False)[1].read_text()
         assert md.count(f"{len(skipped)} unreadable line") == (1 if skipped else 0)
         assert f"{len(read.rows)} points: " in md

@@ -17,7 +17,7 @@ from results_rows import ADVISE_ARGS, SPEC, lines, rows, write_folder
 from kvscope import cli
 from kvscope.study.adaptive_derivation import derive_thresholds, read_rows
 from kvscope.study import parse_spec, run_study
-from kvscope.study.report import write_report
+from kvscope.report import write_report
 from kvscope.study.results_io import (
     ResultsFolderError,
     lock_path,

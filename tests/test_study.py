@@ -18,7 +18,7 @@ from kvscope.study import expand, load_spec, parse_spec, read_results, run_study
 from kvscope.study import runner as runner_mod
 from kvscope.study.presets import PRESETS, preset
 from kvscope.study.results_io import read_results_file
-from kvscope.study.report import build_plots, empty_panels, pareto_front, points_drawn, write_report
+from kvscope.report import build_plots, empty_panels, pareto_front, points_drawn, write_report
 
 
 def _base(**over):
@@ -95,7 +95,7 @@ def test_expansion_and_stable_ids(tmp_path):
 
 
 def test_presets_are_valid():
-    assert len(expand(preset("quick", check_packages=False))) > 50
+    assert len(expand(preset("quick", check_packages=False))) >= 32
     paper = preset("paper", check_packages=False)
     assert paper.device == "cuda" and paper.dtype == "bfloat16"
     assert set(PRESETS) == {"quick", "paper"}
@@ -325,11 +325,23 @@ def test_report_names_plots_without_data(tmp_path):
         plt.close(fig)
 
 
-def test_quick_preset_covers_every_registered_strategy():
+def test_presets_cover_the_strategies_and_the_quick_one_its_sample_sizes():
+    """paper: every registered strategy. quick: one of each kind, H2O at 4 budgets, and the samples
+    its README promises (16 requests a point, 8 RULER samples, 512 perplexity tokens)."""
     from kvscope.kv.registry import available
-    from kvscope.study.presets import QUICK
+    from kvscope.report import kept_fraction
+    from kvscope.study.presets import PAPER
+    from kvscope.workload.mixed import num_long_requests
 
-    assert {s.split(":")[0] for s in QUICK["strategies"]} == set(available())
+    assert {s.split(":")[0] for s in PAPER["strategies"]} == set(available())
+    quick = preset("quick", check_packages=False)
+    assert {s.split(":")[0] for s in quick.strategies} == {"paged", "h2o", "snapkv", "offload", "infinigen",
+                                                           "adaptive"}
+    assert len({kept_fraction(s) for s in quick.strategies if s.startswith("h2o")}) >= 4
+    (w,) = quick.workloads
+    assert w.num_requests >= 16 and num_long_requests(w.num_requests, w.long_fraction) >= 8 and quick.quality.ruler
+    q = quick.quality
+    assert q.perplexity_sequences * (q.perplexity_len - q.perplexity_prefix) >= 512
 
 
 @pytest.fixture(scope="module")
@@ -390,7 +402,7 @@ def test_mixed_workload_end_to_end(tiny_long_model, tmp_path, monkeypatch):
 
 
 def test_mixed_table_by_hand():
-    from kvscope.study.report import mixed_table
+    from kvscope.report import mixed_table
 
     w = {"kind": "mixed", "num_requests": 8, "long_fraction": 0.25, "length": 1024}
 

@@ -14,7 +14,7 @@ from kvscope.advise.options import option_from_spec
 from kvscope.errors import ConfigError
 from kvscope.study import expand, parse_spec, read_results, run_study
 from kvscope.study import runner as runner_mod
-from kvscope.study.report import build_plots, kept_fraction, mixed_table, write_report
+from kvscope.report import build_plots, kept_fraction, mixed_table, write_report
 
 
 @pytest.fixture(scope="module")

@@ -130,7 +130,7 @@ def _study(args: argparse.Namespace) -> int:
 
     from kvscope.errors import ConfigError
     from kvscope.study import load_spec, preset, run_study
-    from kvscope.study.report import write_report
+    from kvscope.report import write_report
     from kvscope.study.results_io import (
         RESULTS_FILE,
         ResultsFolderError,
@@ -192,7 +192,8 @@ def _add_advise(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--ttft-ms", type=_finite, default=None, help="SLO on p90 time to first token")
     p.add_argument("--tpot-ms", type=_finite, default=None, help="SLO on p90 time per output token")
     p.add_argument("--quality-floor", type=_finite, default=QUALITY_FLOOR,
-                   help="minimum full-cache perplexity / strategy perplexity (1 = lossless; 0 = no floor)")
+                   help=f"minimum full-cache perplexity / strategy perplexity (1 = lossless; 0 = no floor; "
+                        f"default {QUALITY_FLOOR:g}, the study report's floor)")
     p.add_argument("--results", default=None,
                    help="a study's results.jsonl (or its folder): measured rows used where they cover the case")
     p.add_argument("--max-num-seqs", type=_positive_int, default=64)

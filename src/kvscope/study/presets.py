@@ -9,35 +9,49 @@ from kvscope.study.spec import StudySpec, parse_spec
 # H2O's relatives, each at a 20% budget (H2O's own budgets differ per preset).
 _EVICTION_AT_20 = [f"{name}:budget_ratio=0.2" for name in ("streaming", "tova", "snapkv", "knorm", "random")]
 
-# Every registered strategy once, at about a 20% budget where it has one.
-_STRATEGIES = [
+
+def _h2o(budget: float) -> str:
+    """H2O at a total budget split evenly between heavy hitters and the recent window, as published."""
+    return f"h2o:heavy_ratio={budget / 2:g},recent_ratio={budget / 2:g}"
+
+
+# One strategy of each kind the study compares, and H2O at 4 budgets: full KV (paged), eviction
+# (h2o; snapkv, its relative that compresses the prompt once), host memory (offload), speculative
+# fetch (infinigen) and per-request choice (adaptive). contiguous, streaming, tova, knorm and random
+# are in the paper preset: each costs the quick study about 30 s (4 points and its perplexity).
+_QUICK_STRATEGIES = [
     "paged",
-    "contiguous",
-    "h2o:heavy_ratio=0.1,recent_ratio=0.1",
-    *_EVICTION_AT_20,
+    *[_h2o(b) for b in (0.1, 0.2, 0.4, 0.6)],
+    "snapkv:budget_ratio=0.2",
     "offload",
     # 512 calibration tokens instead of InfiniGen's 2048: the skew is computed once per model and
     # cached, but on 2 CPU cores the full calibration alone would take a minute of the budget.
     "infinigen:budget_ratio=0.2,calibration_len=512",
-    # Full KV for the ShareGPT requests, H2O for the 512-token RULER prompts.
-    "adaptive:long_threshold=256",
+    # Full KV for the ShareGPT requests (prompt + output <= 168 tokens), H2O for the RULER ones (226).
+    "adaptive:long_threshold=200",
 ]
 
-# Sized to finish in about 4 minutes on 2 CPU cores, report included (benchmarks/study_quick.py
-# times it): 12 points per strategy at about 2 s each, so every strategy added costs about 25 s.
+# Sized by measurement with benchmarks/study_quick.py (cold cache, report included, 2 cores): the
+# same grid with streaming too (40 points) took 301 s, 532 s of CPU, at a load average of 0.6-2.0
+# (other engineers' work); a point takes about 6 s at 4 req/s (the arrivals span 4 s) and 3-5 s
+# all at once, and each strategy's perplexity about 4.5 s. Without streaming: about 4.5 minutes.
 QUICK: dict[str, Any] = {
     "name": "quick",
     "models": ["smollm2-135m"],
-    "strategies": _STRATEGIES,
-    "workloads": [
-        {"type": "sharegpt", "num_requests": 4, "output_len": 8, "max_prompt_len": 160},
-        # The needle's answer is a 7-digit number: 16 tokens hold it.
-        {"type": "ruler", "task": "niah_single_1", "length": 512, "num_samples": 1, "output_len": 16},
-    ],
-    "rates": [8, 32, "inf"],
+    "strategies": _QUICK_STRATEGIES,
+    # One workload that holds both regimes the strategies are for: 16 requests (a goodput interval
+    # of about -20% when all meet the SLOs), half of them RULER needle prompts of 210 tokens (the
+    # 8 samples RULER accuracy is scored on, as served; length 384, since 512's 332-token prompts
+    # cost a third more prefill per point) among ShareGPT requests (whose tokens are compared with
+    # full KV's). Separate ShareGPT and RULER workloads of these sizes would cost twice as much.
+    # The needle's answer is a 7-digit number: 16 tokens hold it.
+    "workloads": [{"type": "mixed", "num_requests": 16, "long_fraction": 0.5, "length": 384, "output_len": 8,
+                   "long_output_len": 16, "max_prompt_len": 160}],
+    # Near capacity (4 req/s) and a burst (all at once).
+    "rates": [4, "inf"],
     # Memory-rich holds every request at full length; constrained (24 MiB = 546 tokens at SmolLM2's
-    # 45 KiB/token, one 512-token contiguous slab) forces queueing and preemption under
-    # paged/contiguous and lets eviction show what it frees.
+    # 45 KiB/token) holds two RULER requests at full length of the eight, so paged queues them and
+    # eviction shows what it frees.
     "kv_memory": ["256MiB", "24MiB"],
     "seeds": [0],
     "device": "cpu",
@@ -45,7 +59,8 @@ QUICK: dict[str, Any] = {
     "max_model_len": 512,
     "engine": {"max_num_seqs": 16, "max_num_batched_tokens": 512},
     "slos": {"ttft_ms": 2000, "tpot_ms": 200},
-    "quality": {"perplexity": True, "perplexity_sequences": 1, "perplexity_len": 96, "perplexity_prefix": 64,
+    # 16 sequences x 32 scored tokens = 512, decoded as one batch of 16 (32 steps).
+    "quality": {"perplexity": True, "perplexity_sequences": 16, "perplexity_len": 96, "perplexity_prefix": 64,
                 "ruler": True},
 }
 
@@ -56,7 +71,7 @@ PAPER: dict[str, Any] = {
     "strategies": [
         "paged",
         "contiguous",
-        *[f"h2o:heavy_ratio={r / 2},recent_ratio={r / 2}" for r in (0.1, 0.2, 0.3, 0.4, 0.5)],
+        *[_h2o(b) for b in (0.1, 0.2, 0.3, 0.4, 0.5)],
         *_EVICTION_AT_20,
         "offload",
         *[f"infinigen:budget_ratio={r}" for r in (0.1, 0.2, 0.3, 0.4, 0.5)],
