@@ -22,3 +22,7 @@ DEFAULT_STRATEGY = FULL_KV_STRATEGY
 
 #: ``adaptive``'s long child when neither its arguments nor a derivation name one.
 DEFAULT_LONG_CHILD = "h2o"
+
+#: The strategy the study's mixed workloads were built to judge (the report's mixed-workload table
+#: compares it with every other strategy of a scenario).
+MIXED_WORKLOAD_SUBJECT = "adaptive"

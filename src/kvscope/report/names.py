@@ -13,7 +13,7 @@ from typing import Any
 
 from kvscope.errors import ConfigError
 from kvscope.kv.registry import accepted_args, available, kept_share, parse_spec
-from kvscope.study.external import PREFIX as SYSTEM_PREFIX
+from kvscope.constants import SYSTEM_PREFIX
 
 
 def _spec(strategy: str) -> tuple[type | None, str, dict[str, Any]]:

@@ -8,6 +8,7 @@ import statistics
 from collections import defaultdict
 from typing import Any
 
+from kvscope.constants import MIXED_WORKLOAD_SUBJECT
 from kvscope.report.decision import Decision
 from kvscope.report.names import display_names, family, is_full_kv
 from kvscope.report.rows import (
@@ -126,7 +127,8 @@ def error_rows(rows: list[Row]) -> Table:
                    str(r["config"]["rate"]), r.get("error", "")[:200]] for r in rows if r.get("status") != "ok"]
 
 
-def mixed_table(rows: list[Row], floor: float = QUALITY_FLOOR, subject: str = "adaptive") -> list[dict[str, Any]]:
+def mixed_table(rows: list[Row], floor: float = QUALITY_FLOOR,
+                subject: str = MIXED_WORKLOAD_SUBJECT) -> list[dict[str, Any]]:
     """Per mixed-workload scenario (model, workload, KV pool, rate) and strategy: goodput, p99 TTFT,
     p99 TPOT and quality, means over seeds, and how the ``subject`` strategy (the one the mixed
     workload was built to judge; its keys keep the name ``adaptive``) compares.

@@ -53,7 +53,7 @@ from kvscope.bench.http_bench import ruler_scores, with_prompt_lens
 from kvscope.bench.metrics import serving_metrics
 from kvscope.models.tokenizer import Tokenizer
 from kvscope.study.spec import Point, StudySpec
-from kvscope.study.results_io import SYSTEM_PREFIX
+from kvscope.constants import SYSTEM_PREFIX
 from kvscope.study.spec_fields import check_keys, fail, integer, number
 from kvscope.workload.arrivals import gamma_arrivals
 from kvscope.workload.requests import with_arrivals
@@ -61,7 +61,6 @@ from kvscope.workload.requests import with_arrivals
 _NAME = re.compile(r"^[A-Za-z0-9._-]+$")
 _KEYS = {"name", "base_url", "model", "tokenizer", "endpoint", "max_concurrency", "request_timeout_s",
          "max_duration_s", "allow_remote"}
-PREFIX = SYSTEM_PREFIX
 
 
 @dataclass(frozen=True)
@@ -140,7 +139,7 @@ def system_points(spec: StudySpec, shared: dict[str, Any]) -> list[Point]:
         config = {k: v for k, v in asdict(system).items() if k not in ("name", "tokenizer")}
         points.append(Point({
             "model": system.tokenizer,
-            "strategy": PREFIX + system.name,
+            "strategy": SYSTEM_PREFIX + system.name,
             "system": {"name": system.name, **config},
             "kv_memory": kv,
             "workload": workload.to_dict(),
