@@ -103,3 +103,17 @@ def test_adaptive_graph_queries_ask_each_child_for_its_requests():
     assert kv.block_tables(batch) == [o.tables[r.request_id] for o, r in zip(owner, reqs)]
     assert kv.held_tokens(batch) == [kv.long.resident[r.request_id] if o is kv.long else r.num_computed_tokens
                                      for o, r in zip(owner, reqs)]
+
+
+def test_appears_in_a_study_report_with_its_kept_share(tmp_path):
+    from kvscope.report import kept_fraction, write_report
+    from kvscope.study import parse_spec, run_study
+
+    spec = {"name": "loud", "models": ["dummy:tiny-llama"], "strategies": ["paged", "loudkeys:budget_ratio=0.25"],
+            "workloads": [{"type": "fixed", "num_requests": 2, "input_len": 16, "output_len": 4}],
+            "rates": ["inf"], "kv_memory": ["1MiB"]}
+    rows = run_study(parse_spec(spec, check_packages=False), tmp_path, progress=False)
+    assert [r["status"] for r in rows] == ["ok", "ok"]
+    assert kept_fraction("loudkeys:budget_ratio=0.25") == 0.25
+    _, md = write_report(tmp_path)
+    assert "loudkeys 25%" in md.read_text()
