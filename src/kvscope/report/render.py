@@ -68,7 +68,12 @@ class _Doc:
 
     def block(self, lines: list[str], cls: str = "") -> None:
         """Markdown lines in a box: runs of ``- `` lines become lists, the others paragraphs."""
-        self.md += [line for text in lines for line in ((text, "") if not text.startswith("- ") else (text,))]
+        previous = None
+        for text in lines:  # a blank line around each paragraph, none inside a list
+            if previous is not None and not (text.startswith("- ") and previous.startswith("- ")):
+                self.md.append("")
+            self.md.append(text)
+            previous = text
         self.md.append("")
         body, items = [], []
         for text in [*lines, ""]:
