@@ -104,7 +104,8 @@ def test_nothing_meets_the_slos():
     rows = [regime_row("paged", 0.0, p99_ttft_ms=9000.0), regime_row(H2O_20, 0.0, p99_ttft_ms=4000.0)]
     d = _only(rows)
     assert d.choice is None and d.reason == "no-slo"
-    assert sentence(d, SLOS) == "no strategy serves a request within the SLOs; the lowest p99 TTFT is h2o 20%'s 4,000 ms."
+    assert sentence(d, SLOS) == ("no strategy serves a request within the SLOs; the lowest p99 TTFT is h2o 20%'s "
+                                 "4,000 ms.")
 
 
 def test_verdict_leads_with_the_top_rate_and_states_uncertainty():
