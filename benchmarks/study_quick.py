@@ -181,9 +181,10 @@ def write_markdown(result: dict[str, Any], path: Path) -> None:
                      f"{max(times):.2f} |")
     lines += [
         "",
-        "The first point of the run also loads the model; a strategy's first ShareGPT and first RULER "
-        "points compute its quality metrics (perplexity, RULER accuracy), which its other points reuse "
-        "(rows' `reused_from`). Per-point times are in `study_quick.json`.",
+        "The first point of the run also loads the model (and, from an empty cache, converts it); a "
+        "strategy's first point computes its perplexity, which its other points reuse (rows' `reused_from`), "
+        "and a pool's first point the full-KV reference its points' agreement is measured against. Per-point "
+        "times are in `study_quick.json`.",
     ]
     path.write_text("\n".join(lines) + "\n")
 

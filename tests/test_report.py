@@ -104,7 +104,8 @@ def test_nothing_meets_the_slos():
     rows = [regime_row("paged", 0.0, p99_ttft_ms=9000.0), regime_row(H2O_20, 0.0, p99_ttft_ms=4000.0)]
     d = _only(rows)
     assert d.choice is None and d.reason == "no-slo"
-    assert sentence(d, SLOS) == "no strategy serves a request within the SLOs; the lowest p99 TTFT is h2o 20%'s 4,000 ms."
+    assert sentence(d, SLOS) == ("no strategy serves a request within the SLOs; the lowest p99 TTFT is h2o 20%'s "
+                                 "4,000 ms.")
 
 
 def test_verdict_leads_with_the_top_rate_and_states_uncertainty():
@@ -184,3 +185,34 @@ def test_outlier_is_clipped_to_the_bulk_and_marked():
         assert [t.get_text() for t in ax.texts] == ["1,700 (off scale)"]
     finally:
         plt.close(fig)
+
+
+def test_budget_curve_error_bars_and_display_names_in_plots():
+    """H2O at 4 budgets is one curve of 4 points named ``h2o``; two seeds give error bars (one
+    standard deviation: perplexities 20 and 24 -> 2.83); other series carry display names."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.collections import LineCollection
+
+    from kvscope.report import build_plots
+
+    budgets = {0.1: 60.0, 0.2: 40.0, 0.4: 30.0, 0.6: 25.0}
+    rows = [regime_row(f"h2o:heavy_ratio={b / 2:g},recent_ratio={b / 2:g}", 1.0, ppl=p, seed=s)
+            for b, p in budgets.items() for s in (0, 1)]
+    rows += [regime_row("paged", 1.0, ppl=20.0 + 4 * s, seed=s) for s in (0, 1)]
+    plots = {p.title: p.figure for p in build_plots(rows)}
+    try:
+        (ax,) = plots["Quality vs KV budget: dummy:tiny-llama"].axes
+        lines = {line.get_label(): line.get_xydata().tolist() for line in ax.get_lines()}
+        assert lines["h2o"] == [[0.1, 60.0], [0.2, 40.0], [0.4, 30.0], [0.6, 25.0]]
+        assert lines["paged"] == [[1.0, 22.0]]
+        (bars,) = [c for c in ax.collections if isinstance(c, LineCollection)]
+        (segment,) = bars.get_segments()
+        assert segment.ravel().tolist() == pytest.approx([1.0, 22.0 - math.sqrt(8), 1.0, 22.0 + math.sqrt(8)])
+        latency = next(f for t, f in plots.items() if t.startswith("Latency vs rate"))
+        assert {line.get_label() for line in latency.axes[0].get_lines()} == {"h2o 10%", "h2o 20%", "h2o 40%",
+                                                                               "h2o 60%", "paged"}
+    finally:
+        plt.close("all")

@@ -11,22 +11,22 @@ from collections import defaultdict
 from collections.abc import Iterable
 from typing import Any
 
+from kvscope.constants import SYSTEM_PREFIX
 from kvscope.errors import ConfigError
 from kvscope.kv.registry import accepted_args, available, kept_share, parse_spec
-from kvscope.constants import SYSTEM_PREFIX
 
 
-def _spec(strategy: str) -> tuple[type | None, str, dict[str, Any]]:
-    """(registered class or None, name, arguments with the constructor's defaults filled in)."""
+def _spec(strategy: str) -> tuple[type | None, dict[str, Any]]:
+    """(registered class or None, arguments with the constructor's defaults filled in)."""
     try:
         name, args = parse_spec(strategy)
     except ConfigError:  # a results file may hold any string
-        return None, strategy, {}
+        return None, {}
     cls = available().get(name)
     if cls is None:
-        return None, name, args
+        return None, args
     defaults = {k: p.default for k, p in accepted_args(cls).items() if p.default is not p.empty}
-    return cls, name, {**defaults, **args}
+    return cls, {**defaults, **args}
 
 
 def kept_fraction(strategy: str) -> float | None:
@@ -52,7 +52,7 @@ def _budget_label(strategy: str) -> str:
     kept = kept_fraction(strategy)
     if kept is not None:
         return "" if kept == 1.0 else f"{round(100 * kept, 2):g}%"
-    budget = _spec(strategy)[2].get("budget")
+    budget = _spec(strategy)[1].get("budget")
     return f"{budget} tok" if budget is not None else ""
 
 
@@ -77,7 +77,7 @@ def display_names(strategies: Iterable[str]) -> dict[str, str]:
         if len(members) == 1:
             out[members[0]] = label
             continue
-        given = {s: parse_spec(s)[1] for s in members}  # one name, so each parses
+        given = {s: parse_spec(s)[1] for s in members}  # rows passed the results reader: specs parse
         keys = sorted({k for a in given.values() for k in a})
         differ = [k for k in keys if len({repr(a.get(k)) for a in given.values()}) > 1]
         for s in members:

@@ -39,8 +39,9 @@ DECISION_NOTE = (
 _CSS = ("body{font-family:system-ui,sans-serif;max-width:1400px;margin:auto;padding:0 12px;color:#222}"
         "h1{font-size:22px;margin:10px 0 2px}h2{font-size:18px;margin-top:28px}.context{color:#555;margin:0 0 8px}"
         ".verdict{background:#f3f7ff;border-left:4px solid #3367d6;padding:4px 14px;font-size:15px}"
-        ".verdict li{margin:4px 0}.verdict p{margin:8px 0}.note{color:#555;font-size:12px}table{border-collapse:collapse;font-size:12px}"
-        ".wide{overflow-x:auto}td,th{border:1px solid #ccc;padding:2px 6px;vertical-align:top}th{background:#f4f4f4}img{max-width:100%}")
+        ".verdict li{margin:4px 0}.verdict p{margin:8px 0}.note{color:#555;font-size:12px}"
+        "table{border-collapse:collapse;font-size:12px}.wide{overflow-x:auto}"
+        "td,th{border:1px solid #ccc;padding:2px 6px;vertical-align:top}th{background:#f4f4f4}img{max-width:100%}")
 
 
 def _inline(text: str) -> str:
@@ -68,7 +69,12 @@ class _Doc:
 
     def block(self, lines: list[str], cls: str = "") -> None:
         """Markdown lines in a box: runs of ``- `` lines become lists, the others paragraphs."""
-        self.md += [line for text in lines for line in ((text, "") if not text.startswith("- ") else (text,))]
+        previous = None
+        for text in lines:  # a blank line around each paragraph, none inside a list
+            if previous is not None and not (text.startswith("- ") and previous.startswith("- ")):
+                self.md.append("")
+            self.md.append(text)
+            previous = text
         self.md.append("")
         body, items = [], []
         for text in [*lines, ""]:
