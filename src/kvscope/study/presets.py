@@ -32,7 +32,7 @@ _QUICK_STRATEGIES = [
 ]
 
 # Sized by measurement with benchmarks/study_quick.py (cold cache, report included, 2 cores, other
-# engineers' work on the machine too): these 36 points took 283 s and 514 s of CPU at a load
+# jobs on the machine too): these 36 points took 283 s and 514 s of CPU at a load
 # average of 1.3-1.9 (benchmarks/results/study_quick.md); with streaming as well, 40 points took
 # 301 s, so it was left out for a margin. A point takes about 6 s at 4 req/s (the arrivals span 4 s)
 # and 3-5 s all at once; each strategy's perplexity about 4.5 s.
