@@ -1,5 +1,5 @@
 """The study report's former home: the report is the package :mod:`kvscope.report`. These names
-stay importable from here for callers written against it (branches in flight, user scripts)."""
+stay importable from here for user scripts written against the earlier module."""
 from kvscope.report import (
     METRICS,
     NOISE,
