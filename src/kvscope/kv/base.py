@@ -98,6 +98,10 @@ class StrategyFacts:
         graph_decode: decode steps may replay CUDA graphs (on a GPU with the Triton backend).
         pool_independent: what a lone sequence sees cannot depend on the KV pool's size (lossless,
             or lossy by a budget only), so quality measured with one pool holds for another.
+        kv_bits: bits a stored K/V element takes, scales included (amortised); None: the model's
+            dtype (a strategy that quantizes its cache says how much it packs).
+        selects_per_step: keeps every token resident and reads only ``kept_share`` of them per
+            decode step (query-aware selection over a resident cache): saves bandwidth, not memory.
     """
 
     name: str
@@ -108,6 +112,8 @@ class StrategyFacts:
     reserves_context: bool
     graph_decode: bool
     pool_independent: bool
+    kv_bits: float | None = None
+    selects_per_step: bool = False
 
 
 @dataclass(frozen=True)
@@ -164,6 +170,8 @@ class KVStrategy(ABC):
     #: A lossy strategy that may drop tokens when the pool is full (so its quality depends on the
     #: pool); a budget-only policy says False. Ignored when lossless.
     drops_under_pressure: ClassVar[bool] = True
+    #: Keeps all KV resident and reads a selected share per decode step (see :class:`StrategyFacts`).
+    selects_per_step: ClassVar[bool] = False
     supports_prefix_caching: ClassVar[bool] = False
     supports_swap: ClassVar[bool] = False
     supports_fork: ClassVar[bool] = False
@@ -177,6 +185,10 @@ class KVStrategy(ABC):
         step, for a host strategy): 1.0 when lossless, None when it has no fixed share (an absolute
         budget and no prompt length). Budget-driven strategies override it."""
         return 1.0 if self.lossless else None
+
+    def kv_bits(self) -> float | None:
+        """Bits per stored K/V element, scales included; None (the default): the model's dtype."""
+        return None
 
     @classmethod
     def args_for_share(cls, share: float) -> dict[str, Any] | None:
@@ -195,6 +207,7 @@ class KVStrategy(ABC):
             name=self.name, residence=self.residence, lossless=self.lossless, kept_share=self.kept_share(),
             long_child=type(self).adopt is not KVStrategy.adopt, reserves_context=self.reserves_context,
             graph_decode=self.graph_decode, pool_independent=self.lossless or not self.drops_under_pressure,
+            kv_bits=self.kv_bits(), selects_per_step=self.selects_per_step,
         )
 
     # ---- lifecycle -------------------------------------------------------------------------
