@@ -201,7 +201,9 @@ def test_cli_trace_keeps_its_arrival_times(tmp_path):
     assert res["model_id"] == "given" and stub.bodies[0]["model"] == "given"
     assert res["input_lens"] == [13, 9]  # the byte-level tokenizer's counts, not the server's word counts
     assert res["server_input_lens"] == [3, 2]
-    assert 0.24 <= res["duration"] - res["latencies"][1] <= 0.4  # the second request sent 0.25 s in
+    # The second request is sent 0.25 s in: the run cannot end sooner. Its latency includes the
+    # client's own time, which a loaded machine stretches, hence the loose window on its send time.
+    assert res["duration"] >= 0.25 and 0.2 <= res["duration"] - res["latencies"][1] <= 0.45
 
 
 def test_cli_names_the_bad_option(capsys):

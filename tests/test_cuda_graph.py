@@ -10,7 +10,8 @@ import torch
 from hf_ref import hf_greedy, make_tiny_checkpoint
 from kvscope import LLM, SamplingParams
 from kvscope.config import EngineConfig
-from kvscope.engine.cuda_graph import default_graph_sizes, graph_bucket
+from kvscope.engine.cuda_graph import default_graph_sizes, pure_decode
+from kvscope.kv.graphs import bucket_for
 from kvscope.errors import ConfigError
 
 
@@ -34,7 +35,8 @@ def test_default_sizes_follow_vllm():
     ],
 )
 def test_graph_bucket(new, rows, expected):
-    assert graph_bucket([1, 2, 4, 8], new, rows) == expected
+    bucket = bucket_for([1, 2, 4, 8], len(new)) if pure_decode(new, rows) else None
+    assert bucket == expected
 
 
 @pytest.mark.parametrize("sizes", [[], [0, 4], [2.5], [True], [128]])

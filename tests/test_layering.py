@@ -158,3 +158,29 @@ def test_no_strategy_name_outside_its_module() -> None:
             if m and own[m.group(1)] != rel and (rel, m.group(1)) not in WORD_ALLOWED:
                 found.append(f"{rel}:{node.lineno}: {node.value!r}")
     assert found == []
+
+
+def _direct_imports(module: str) -> set[str]:
+    """Every top-level name ``module`` imports (kvscope modules and third-party packages alike)."""
+    tree = ast.parse(_modules()[module].read_text())
+    out: set[str] = set()
+    for node in _top_level_imports(tree):
+        if isinstance(node, ast.Import):
+            out |= {a.name for a in node.names}
+        elif node.module:
+            out.add(node.module)
+    return out
+
+
+def test_scheduler_side_holds_no_tensors() -> None:
+    # The scheduler and the contract it sees name no tensor and nothing of the worker side, so that
+    # they can run where no KV lives.
+    for module in ("kvscope.kv.manager", "kvscope.engine.scheduler"):
+        imports = _direct_imports(module)
+        assert not {i for i in imports if i == "torch" or i.startswith("torch.")}, module
+        assert not imports & {"kvscope.kv.backend", "kvscope.kv.base", "kvscope.kv.graphs"}, module
+
+
+def test_model_runner_sees_only_the_worker_side() -> None:
+    imports = _direct_imports("kvscope.engine.model_runner")
+    assert not imports & {"kvscope.kv.manager", "kvscope.kv.base"}

@@ -3,7 +3,7 @@
 For each (batch, context) it measures, each as the median of 10 replays of a CUDA graph after
 warm-up:
 
-* the whole decode step (``InfiniGenGraphs``, as the engine runs it), once per number of programs
+* the whole decode step (captured by the engine's graph runner, as the engine runs it), once per number of programs
   the copy kernels may run on (``TransferEngine.copy_programs``; ``all``: one per row block);
 * the speculation of one layer alone (query projection, partial-key logits, selection), captured
   30 times in one graph and divided by 30;
@@ -176,7 +176,7 @@ def main() -> None:
         row["step_ms"] = {}
         for p in programs:
             engine.kv.transfer.copy_programs = p
-            engine.kv.graphs._entries.clear()  # captured with the old program count
+            engine.runner.graphs._steps.clear()  # captured with the old program count
             row["step_ms"][str(p or "all")] = step_ms(engine, reqs)
         engine.kv.transfer.copy_programs = default_programs
         spec_layers = layers - engine.kv.dense_layers
@@ -184,9 +184,9 @@ def main() -> None:
         best = min(row["gather_alone"].values(), key=lambda v: v["ms"])
         row["gather_alone_best"] = best
         row["fetch_bound_ms"] = spec_layers * best["ms"]
-        graphs, engine.kv.graphs = engine.kv.graphs, None  # eager: kernels attributable by name
+        graphs, engine.runner.graphs = engine.runner.graphs, None  # eager: kernels attributable by name
         row["top_kernels_eager"] = profile(engine, reqs)
-        engine.kv.graphs = graphs
+        engine.runner.graphs = graphs
         for r in reqs:
             engine.kv.free(r)
         print(json.dumps({k: v for k, v in row.items() if k != "top_kernels_eager"}), flush=True)

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from kvscope.config import DEFAULT_CPU_KV_BYTES, EngineConfig
-from kvscope.engine.cuda_graph import DecodeGraphs, default_graph_sizes
+from kvscope.engine.cuda_graph import GraphRunner, default_graph_sizes
 from kvscope.engine.model_runner import ModelRunner
 from kvscope.engine.outputs import RequestOutput, build_output
 from kvscope.engine.peaks import Peaks
@@ -111,10 +111,9 @@ class LLMEngine:
         self.num_computed_tokens_total = 0
         self.peaks = Peaks()
 
-    def _capture_graphs(self) -> DecodeGraphs | None:
-        if self.graph_sizes is None or self.kv.block_table_layout() is None:
-            return None
-        return DecodeGraphs(self.model, self.kv, self.graph_sizes, self.max_model_len, self.config.torch_device)
+    def _capture_graphs(self) -> GraphRunner | None:
+        decode = self.kv.decode_graphs() if self.graph_sizes is not None else None
+        return None if decode is None else GraphRunner(self.model, decode, self.config.torch_device)
 
     def _kv_bytes(self) -> int:
         cfg = self.config

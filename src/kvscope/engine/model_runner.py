@@ -3,18 +3,18 @@ from __future__ import annotations
 
 import torch
 
-from kvscope.engine.cuda_graph import DecodeGraphs
-from kvscope.kv.base import KVStrategy, StepBatch
+from kvscope.engine.cuda_graph import GraphRunner
+from kvscope.kv.backend import KVBackend, StepBatch
 from kvscope.models.base import CausalLM
 from kvscope.request import Request
 
 
 class ModelRunner:
-    """``graphs``: captured decode graphs of a block-table strategy, replayed for the decode-only
-    steps they fit; other strategies may replay graphs of their own (``KVStrategy.replay_decode``)."""
+    """Sees the strategy only as a :class:`~kvscope.kv.backend.KVBackend`. ``graphs``: the graph
+    runner of the strategy's captured decode steps, tried first for the pure-decode steps."""
 
-    def __init__(self, model: CausalLM, kv: KVStrategy, device: torch.device,
-                 graphs: DecodeGraphs | None = None) -> None:
+    def __init__(self, model: CausalLM, kv: KVBackend, device: torch.device,
+                 graphs: GraphRunner | None = None) -> None:
         self.model = model
         self.kv = kv
         self.device = device
@@ -44,14 +44,11 @@ class ModelRunner:
     @torch.inference_mode()
     def run(self, batch: StepBatch, sample_rows: list[int]) -> torch.Tensor:
         """Compute the step; return float32 logits ``[len(sample_rows), vocab]`` of those rows."""
-        size = self.graphs.bucket(batch, sample_rows) if self.graphs is not None else None
-        if size is not None:
-            self.graph_replays += 1
-            return self.graphs.run(batch, size)
-        logits = self.kv.replay_decode(batch, sample_rows)
-        if logits is not None:
-            self.graph_replays += 1
-            return logits
+        if self.graphs is not None:
+            logits = self.graphs.run(batch, sample_rows)
+            if logits is not None:
+                self.graph_replays += 1
+                return logits
         attn = self.kv.begin_step(batch)
         hidden = self.model(batch.input_ids, batch.positions, attn)
         rows = torch.tensor(sample_rows, dtype=torch.long, device=hidden.device)

@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass, field
 
-from kvscope.kv.base import KVStrategy
+from kvscope.kv.manager import KVManager
 from kvscope.request import Request, RequestStatus
 
 
@@ -23,11 +23,11 @@ class ScheduleResult:
 
 
 class Scheduler:
-    """FCFS continuous-batching scheduler that talks to the KV strategy only through its contract."""
+    """FCFS continuous-batching scheduler; it sees the KV strategy only as a :class:`KVManager`."""
 
     def __init__(
         self,
-        kv: KVStrategy,
+        kv: KVManager,
         max_num_seqs: int,
         max_num_batched_tokens: int,
         preemption_mode: str = "recompute",

@@ -56,6 +56,7 @@ from kvscope.kv.base import (
 )
 from kvscope.kv.block_pool import BlockPool, pool_stats
 from kvscope.kv.composite import CompositeAttention, requests_of, sub_batch
+from kvscope.kv.graphs import BlockTableDecode, block_table_layout_of
 from kvscope.kv.paged import PagedStrategy
 from kvscope.kv.registry import available, check_args, long_children, register
 from kvscope.kv.slot_cache import SlotKVCache
@@ -67,7 +68,7 @@ FULL_CHILD = PagedStrategy
 
 
 @register
-class AdaptiveStrategy(KVStrategy):
+class AdaptiveStrategy(BlockTableDecode, KVStrategy):
     """Per-request choice between full paged KV and a long-context strategy. Args: ``long``
     (an eviction policy, ``offload`` or ``infinigen``; default ``h2o``), ``long_budget_ratio``
     (0.2), ``long_args`` (other arguments of the long child, a dict), ``long_threshold`` (tokens,
@@ -338,10 +339,10 @@ class AdaptiveStrategy(KVStrategy):
     # With an eviction child whose decode steps can be captured: one pool, one cache, one kernel for
     # every row. Otherwise the full child's graphs, replayed only for steps without long rows.
     def _long_in_graphs(self) -> bool:
-        return self.shared and self.long.block_table_layout() is not None
+        return self.shared and block_table_layout_of(self.long) is not None
 
     def block_table_layout(self) -> BlockTableLayout | None:
-        return self.long.block_table_layout() if self._long_in_graphs() else self.full.block_table_layout()
+        return block_table_layout_of(self.long if self._long_in_graphs() else self.full)
 
     def graph_ready(self, batch: StepBatch) -> bool:
         return self._long_in_graphs() or all(self._owner(r) is self.full for r in batch.requests)

@@ -1,84 +1,37 @@
-"""The KV strategy contract: what the scheduler and the model may ask of a KV-cache manager.
+"""The KV strategy contract: the two sides a strategy implements, and the facts it declares.
 
-Scheduler side (no tensors): ``lookup_prefix`` / ``allocate`` (admit and grow) / ``free`` /
-``swap_out`` / ``swap_in`` / ``fork`` / ``stats``. ``allocate`` returning False means "no room":
-the scheduler preempts (or, for strategies that evict, the strategy has already made room).
+A strategy is one class (one file) that implements both sides of the contract:
 
-Model side: ``begin_step`` turns the scheduled batch into an :class:`AttentionBackend` that knows
-where each request's KV lives; ``end_step`` lets the strategy update its bookkeeping (prefix-cache
-registration, eviction) once the step's tokens are computed.
+* :class:`~kvscope.kv.manager.KVManager`, the scheduler side, with no tensors: ``lookup_prefix``,
+  ``allocate`` (admit and grow; False means "no room"), ``free``, ``swap_out``/``swap_in``,
+  ``fork``, ``usage`` and ``stats``;
+* :class:`~kvscope.kv.backend.KVBackend`, the worker side: ``bind`` (its memory), ``begin_step``
+  (the step's attention), ``end_step`` (bookkeeping once the step's tokens are computed), and the
+  optional graph protocol ``decode_graphs`` (:class:`~kvscope.kv.backend.GraphDecode`).
+
+The engine hands the scheduler the first view and the model runner the second. Beside them a
+strategy declares its :class:`StrategyFacts` (where its KV lives, whether it is lossless, what
+share of a prompt it keeps) and, to serve as ``adaptive``'s long child, a typed hand-over
+(:meth:`KVStrategy.adopt`). This module re-exports the types a strategy author needs.
 """
 from __future__ import annotations
 
-from abc import ABC, abstractmethod
 import enum
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, ClassVar, Literal, Protocol
+from typing import Any, ClassVar, Literal
 
 import torch
 
-from kvscope.errors import ConfigError
-from kvscope.models.base import AttentionBackend
-from kvscope.models.config import ModelConfig
+from kvscope.kv.backend import KVBackend, KVSetup, StepBatch
+from kvscope.kv.graphs import BlockTableLayout, GraphStatistics
+from kvscope.kv.manager import KVManager, KVUsage
 from kvscope.request import Request
 
-if TYPE_CHECKING:
-    from kvscope.kv.slot_cache import SlotKVCache
-    from kvscope.models.loader import LoadedModel
-
-
-@dataclass(frozen=True)
-class KVSetup:
-    """Everything a strategy needs to size and place its memory."""
-
-    model: ModelConfig
-    device: torch.device
-    dtype: torch.dtype
-    kv_memory_bytes: int
-    max_model_len: int
-    max_num_seqs: int
-    swap_space_bytes: int
-    #: ``"torch"`` or ``"triton"`` (resolved from ``EngineConfig.attention_backend``).
-    attention_backend: str = "torch"
-    #: Batch-size buckets of captured decode graphs (CUDA, ``enforce_eager=False``), else None.
-    cuda_graph_sizes: list[int] | None = None
-
-
-@dataclass
-class StepBatch:
-    """The scheduled work of one step, flattened like vLLM's varlen batches.
-
-    Request ``i`` computes ``num_new_tokens[i]`` tokens starting at its ``num_computed_tokens``;
-    its query rows are ``query_start[i]:query_start[i+1]`` of the flattened ``[N]`` tensors.
-    """
-
-    requests: list[Request]
-    num_new_tokens: list[int]
-    input_ids: torch.Tensor  # [N] int64
-    positions: torch.Tensor  # [N] int64
-    query_start: list[int]  # [B + 1]
-
-
-@dataclass(frozen=True)
-class BlockTableLayout:
-    """Where a strategy's decode attention reads KV when every request's tokens fill whole blocks
-    of ``cache`` in order: what a captured CUDA graph needs (``engine/cuda_graph.py``)."""
-
-    cache: "SlotKVCache"
-    block_size: int
-
-
-class GraphStatistics(Protocol):
-    """Per-token state of a captured decode step: positions of the new tokens, and H2O's
-    accumulated column sums."""
-
-    def begin(self, new_slots: torch.Tensor, positions: torch.Tensor) -> None:
-        """Before a replay, eagerly: register the step's new tokens (``[n]`` slots and positions)."""
-
-    def layer_scores(self, layer: int) -> torch.Tensor | None:
-        """Layer ``layer``'s per-slot scores ``[num_slots, Hkv]`` float32, into which the captured
-        decode kernel adds each held token's column sum (``fold_scores``); None to fold nothing."""
+__all__ = [
+    "Adoption", "BlockTableLayout", "GraphStatistics", "Handover", "KVBackend", "KVManager", "KVSetup",
+    "KVStrategy", "KVUsage", "StepBatch", "StrategyFacts",
+]
 
 
 @dataclass(frozen=True)
@@ -116,16 +69,6 @@ class StrategyFacts:
     selects_per_step: bool = False
 
 
-@dataclass(frozen=True)
-class KVUsage:
-    """The KV memory the engine tracks peaks of after every step: cheap to produce (no dict, no
-    device sync). Bytes; ``host_kv_bytes`` None when the strategy keeps no KV on the host."""
-
-    kv_bytes_used: int
-    kv_bytes_allocated: int
-    host_kv_bytes: int | None = None
-
-
 class Adoption(enum.Enum):
     """What :meth:`KVStrategy.adopt` did with a hand-over."""
 
@@ -155,26 +98,23 @@ class Handover:
     read_kv: Callable[[], torch.Tensor]
 
 
-class KVStrategy(ABC):
-    """Base class of every KV-cache management strategy (one subclass per file)."""
+class KVStrategy(KVManager, KVBackend):
+    """Base class of every KV-cache management strategy (one subclass per file): both sides, and
+    the facts the report, the advisor and ``adaptive`` read."""
 
-    name: ClassVar[str]
     #: Produces exactly the attention of a full cache (so outputs equal HF transformers').
     lossless: ClassVar[bool] = True
     #: Where a request's KV lives between steps (see :class:`StrategyFacts`).
     residence: ClassVar[Literal["device", "host"]] = "device"
     #: Admission reserves a whole context per request (``contiguous``'s slab).
     reserves_context: ClassVar[bool] = False
-    #: Decode steps may replay CUDA graphs; instances may refine it (:meth:`facts`).
+    #: Decode steps may replay CUDA graphs (:meth:`decode_graphs`); instances may refine it (:meth:`facts`).
     graph_decode: ClassVar[bool] = True
     #: A lossy strategy that may drop tokens when the pool is full (so its quality depends on the
     #: pool); a budget-only policy says False. Ignored when lossless.
     drops_under_pressure: ClassVar[bool] = True
     #: Keeps all KV resident and reads a selected share per decode step (see :class:`StrategyFacts`).
     selects_per_step: ClassVar[bool] = False
-    supports_prefix_caching: ClassVar[bool] = False
-    supports_swap: ClassVar[bool] = False
-    supports_fork: ClassVar[bool] = False
 
     def __init__(self) -> None:
         self.setup: KVSetup | None = None
@@ -209,99 +149,3 @@ class KVStrategy(ABC):
             graph_decode=self.graph_decode, pool_independent=self.lossless or not self.drops_under_pressure,
             kv_bits=self.kv_bits(), selects_per_step=self.selects_per_step,
         )
-
-    # ---- lifecycle -------------------------------------------------------------------------
-    @abstractmethod
-    def bind(self, setup: KVSetup) -> None:
-        """Allocate the strategy's memory for ``setup``. Called once by the engine."""
-
-    def attach_model(self, loaded: "LoadedModel") -> None:
-        """Called once after :meth:`bind` with the model being served. Strategies that read the
-        weights (InfiniGen's speculation and skewing) keep what they need; others ignore it."""
-
-    # ---- scheduler side --------------------------------------------------------------------
-    @abstractmethod
-    def max_request_tokens(self) -> int:
-        """The longest prompt a request may have: what one request can hold (the whole pool, or
-        one slot), less any room the strategy needs beside the prompt before it can evict."""
-
-    def max_sequence_tokens(self) -> int:
-        """The longest sequence a request may reach; strategies that evict can exceed what they hold."""
-        return self.max_request_tokens()
-
-    def lookup_prefix(self, request: Request) -> int:
-        """Leading tokens of a not-yet-admitted request already cached. No side effects."""
-        return 0
-
-    @abstractmethod
-    def allocate(self, request: Request, num_tokens: int) -> bool:
-        """Make ``request`` hold room for ``num_tokens`` tokens in total.
-
-        For a request that holds nothing yet this admits it (taking prefix-cache hits first,
-        which the scheduler then counts as computed). Returns False, changing nothing, when the
-        pool cannot provide the room.
-        """
-
-    @abstractmethod
-    def free(self, request: Request) -> None:
-        """Release everything ``request`` holds (finish, abort, preemption by recompute)."""
-
-    def swap_out(self, request: Request) -> int:
-        """Move ``request``'s KV to host memory and free its device memory; returns bytes moved."""
-        raise ConfigError(f"strategy {self.name!r} does not support swap preemption")
-
-    def swap_in(self, request: Request) -> int | None:
-        """Bring a swapped request back; returns bytes moved, or None if there is no room."""
-        raise ConfigError(f"strategy {self.name!r} does not support swap preemption")
-
-    def fork(self, parent: Request, child: Request) -> None:
-        """Make ``child`` share all of ``parent``'s KV (copy-on-write)."""
-        raise ConfigError(f"strategy {self.name!r} does not support forking (n > 1)")
-
-    @abstractmethod
-    def stats(self) -> dict[str, Any]:
-        """Accounting counters; see ``docs/architecture.md`` for their meaning."""
-
-    def usage(self) -> KVUsage:
-        """What :meth:`stats` says of the KV memory, read after every step: strategies whose
-        ``stats`` is costly (or syncs with the device) override it with running counters."""
-        s = self.stats()
-        return KVUsage(s["kv_bytes_used"], s["kv_bytes_allocated"], s.get("host_kv_bytes"))
-
-    # ---- model side ------------------------------------------------------------------------
-    @abstractmethod
-    def begin_step(self, batch: StepBatch) -> AttentionBackend:
-        """Return the attention backend the model uses for this step."""
-
-    def end_step(self, batch: StepBatch) -> None:
-        """Called after the step's tokens are computed and the counters moved forward."""
-
-    # ---- CUDA-graph decode -----------------------------------------------------------------------
-    def block_table_layout(self) -> BlockTableLayout | None:
-        """The layout when decode steps may replay a captured graph, which runs the paged Triton
-        kernels over static block tables; None (the default) keeps the strategy's own backend."""
-        return None
-
-    def graph_ready(self, batch: StepBatch) -> bool:
-        """Whether this decode ``batch`` may replay the captured graphs (a strategy with rows its
-        layout does not cover says no, and the step runs eagerly)."""
-        return True
-
-    def held_tokens(self, batch: StepBatch) -> list[int]:
-        """Per request, the tokens it holds before the step's new one (with
-        :meth:`block_table_layout`): the new token goes to that index of its block table."""
-        return [req.num_computed_tokens for req in batch.requests]
-
-    def graph_statistics(self) -> GraphStatistics | None:
-        """For a policy that scores tokens by attention: the hooks a captured decode step calls
-        (see :class:`GraphStatistics`). None: no statistics."""
-        return None
-
-    def replay_decode(self, batch: StepBatch, sample_rows: list[int]) -> torch.Tensor | None:
-        """Run ``batch`` from a graph the strategy captured itself and return the logits of
-        ``sample_rows`` (``[len(sample_rows), vocab]`` float32), or None to run it eagerly."""
-        return None
-
-    def block_tables(self, batch: StepBatch) -> list[list[int]]:
-        """Per request of ``batch``, its block ids in token order (with :meth:`block_table_layout`)."""
-        raise NotImplementedError(f"strategy {self.name!r} has no block tables")

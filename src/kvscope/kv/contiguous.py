@@ -11,6 +11,7 @@ from typing import Any
 
 from kvscope.errors import ConfigError
 from kvscope.kv.base import BlockTableLayout, KVSetup, KVStrategy, KVUsage, StepBatch
+from kvscope.kv.graphs import BlockTableDecode
 from kvscope.kv.registry import register
 from kvscope.kv.slot_cache import SlotKVCache, block_table_attention
 from kvscope.models.base import AttentionBackend
@@ -18,7 +19,7 @@ from kvscope.request import Request
 
 
 @register
-class ContiguousStrategy(KVStrategy):
+class ContiguousStrategy(BlockTableDecode, KVStrategy):
     """One fixed, contiguous slab per request; admission waits for a free slab."""
 
     name = "contiguous"

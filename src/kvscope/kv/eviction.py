@@ -29,6 +29,7 @@ from kvscope.kv.base import (
 from kvscope.kv.block_pool import BlockPool, pool_stats
 from kvscope.kv.eviction_attention import CapturedColumnSums, EvictionAttention
 from kvscope.kv.eviction_budget import Budget, check_budget_args
+from kvscope.kv.graphs import BlockTableDecode
 from kvscope.kv.slot_cache import SlotKVCache, table_slots
 from kvscope.kv.statistics import NO_STATISTIC, ScoreStatistic
 from kvscope.models.config import ModelConfig
@@ -39,7 +40,7 @@ from kvscope.request import Request
 _GRAPH_LOGITS_BYTES = 2 << 30
 
 
-class EvictionStrategy(KVStrategy):
+class EvictionStrategy(BlockTableDecode, KVStrategy):
     """Base class: budget resolution, the block pool, eviction and compaction.
 
     The budget is absolute (``budget`` tokens, ``recent`` of them the recent window) or a ratio of

@@ -250,7 +250,6 @@ class InfiniGenStrategy(HostOffloadStrategy):
         )
         self.selected_tokens = torch.zeros(m.num_layers, m.num_kv_heads, dtype=torch.float64, device=setup.device)
         self.candidate_tokens = torch.zeros(m.num_layers, dtype=torch.float64)
-        self.graphs = InfiniGenGraphs(self, setup.cuda_graph_sizes) if setup.cuda_graph_sizes else None
         # Static decode steps speculate on a stream of their own (see InfiniGenDecode.layer_input).
         self.spec_stream = torch.cuda.Stream(setup.device) if self.transfer.overlap else None
 
@@ -320,21 +319,9 @@ class InfiniGenStrategy(HostOffloadStrategy):
                 return dec
         return InfiniGenAttention(self, batch, prev, new)
 
-    def replay_decode(self, batch: StepBatch, sample_rows: list[int]) -> torch.Tensor | None:
-        if self.graphs is None or sample_rows != list(range(len(batch.requests))):
-            return None
-        if any(n != 1 for n in batch.num_new_tokens):
-            return None
-        # Decided before step_slots, which consumes the step's eviction victims: a decode row's
-        # earlier tokens are all it holds but the new one (or but the victim, which takes it).
-        earlier = [self.pool.held(r.request_id) - 1 for r in batch.requests]
-        if min(earlier) < 1:
-            return None
-        key = self.graphs.bucket(len(earlier), max(earlier))
-        if key is None:
-            return None
-        prev, new = self.step_slots(batch)
-        return self.graphs.run(key, batch.input_ids, prev, new, batch.positions)
+    def decode_graphs(self) -> InfiniGenGraphs | None:
+        sizes = self.setup.cuda_graph_sizes
+        return InfiniGenGraphs(self, sizes) if sizes else None
 
     def usage(self) -> KVUsage:
         # The partial keys are the only device KV between steps; no counter tensor is read here.

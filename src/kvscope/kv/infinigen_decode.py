@@ -6,7 +6,8 @@ by PCIe or HBM (on an H100 host at batch 1: 140 ms of launches for 21 ms of GPU 
 lays the step out so that no shape depends on data: with ``B`` rows and contexts padded to ``C``
 tokens, every tensor has a shape fixed by ``(B, C)``, and the number of tokens each KV head keeps
 (InfiniGen's ``k``, decided on the device) only masks rows. The same code runs eagerly (exact
-``B`` and ``C``) or is captured once per ``(B, C)`` bucket and replayed (``InfiniGenGraphs``).
+``B`` and ``C``) or is captured once per ``(B, C)`` bucket by the engine's graph runner and
+replayed (:class:`InfiniGenGraphs`, the strategy's :class:`~kvscope.kv.backend.GraphDecode`).
 
 Layouts, all padded so that a row's new token can be written in place after its fetched rows:
 
@@ -31,7 +32,8 @@ import torch
 import torch.nn.functional as F
 
 from kvscope.attention.torch_ref import attend_decode
-from kvscope.kv.base import KVSetup
+from kvscope.kv.backend import KVSetup, StepBatch
+from kvscope.kv.graphs import bucket_for
 from kvscope.kv.host_pool import HostKVPool
 from kvscope.kv.transfer import TransferEngine
 
@@ -53,6 +55,8 @@ class InfiniGenStrategy(Protocol):
     candidate_tokens: torch.Tensor  # [L] float64: tokens speculation chose among, per layer
 
     def k_cap(self, context: int) -> float: ...
+
+    def step_slots(self, batch: StepBatch) -> tuple[list[torch.Tensor], torch.Tensor]: ...
 
     def select_rows(self, layer: int, x: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor,
                     lens: torch.Tensor, real: torch.Tensor, cap: torch.Tensor, kp: int
@@ -241,62 +245,62 @@ def context_bucket(tokens: int) -> int:
     return c
 
 
+class InfiniGenGraphStep:
+    """Decode bucket ``(b, c)`` as a :class:`~kvscope.kv.backend.GraphStep`, captured at first use.
+    It is built with every row padding, so the warm-up writes and counts nothing real; a replay
+    counts its host writes itself (captured copies are not seen by the transfer engine's host-side
+    counter)."""
+
+    def __init__(self, strategy: InfiniGenStrategy, b: int, c: int) -> None:
+        self.g = strategy
+        self.dec = InfiniGenDecode(strategy, b, c)
+        self.dec.load([], self.dec.new_slots[:0], self.dec.positions[:0])
+        self.batch_size = b
+        self.input_ids = torch.zeros(b, dtype=torch.long, device=self.dec.slots.device)
+        self.positions = self.dec.positions
+        self.attention = self.dec
+        self._written = strategy.transfer.bytes_d2h
+
+    def load(self, batch: StepBatch) -> None:
+        prev, new = self.g.step_slots(batch)
+        self.dec.load(prev, new, batch.positions)
+        self.input_ids.zero_()
+        self.input_ids[: len(prev)] = batch.input_ids
+
+    def begin(self) -> None:
+        self.dec.begin()
+
+    def finish(self) -> None:
+        self.dec.finish()
+
+    def replayed(self, batch: StepBatch) -> None:
+        self.g.transfer.bytes_d2h += len(batch.requests) * self.g.bytes_per_token
+
+    def captured(self) -> None:
+        self.g.transfer.bytes_d2h = self._written  # the warm-up wrote only padding rows
+
+
 class InfiniGenGraphs:
-    """Decode steps of ``infinigen`` captured per ``(batch bucket, context bucket)`` at first use and
-    replayed. Capture runs with every row padding, so nothing real is written or counted; a replay
-    counts its host writes itself (the captured copies are not seen by the transfer engine's
-    host-side counter)."""
+    """The :class:`~kvscope.kv.backend.GraphDecode` of ``infinigen``: decode steps keyed by
+    ``(batch bucket, context bucket)``, captured at first use by the engine's graph runner."""
 
     def __init__(self, strategy: InfiniGenStrategy, sizes: list[int]) -> None:
         self.g = strategy
         self.sizes = sorted(sizes)
-        self._entries: dict[tuple[int, int], tuple] = {}
-        self._pool = torch.cuda.graph_pool_handle()
+        self.max_batch = self.sizes[-1]
 
-    def bucket(self, num_rows: int, longest: int) -> tuple[int, int] | None:
-        if num_rows > self.sizes[-1]:
+    def key(self, batch: StepBatch) -> tuple[int, int] | None:
+        # A decode row's earlier tokens are all it holds but the new one (or but the victim, which
+        # takes it): read before step_slots, which consumes the step's eviction victims.
+        earlier = [self.g.pool.held(r.request_id) - 1 for r in batch.requests]
+        if min(earlier) < 1:
             return None
-        b = next(s for s in self.sizes if s >= num_rows)
-        c = context_bucket(longest)
-        return (b, c) if dense_layer_fits(self.g, b, c) else None
+        b = bucket_for(self.sizes, len(earlier))
+        c = context_bucket(max(earlier))
+        return (b, c) if b is not None and dense_layer_fits(self.g, b, c) else None
 
-    @torch.inference_mode()
-    def _capture(self, b: int, c: int) -> tuple:
-        dec = InfiniGenDecode(self.g, b, c)
-        dec.load([], dec.new_slots[:0], dec.positions[:0])
-        ids = torch.zeros(b, dtype=torch.long, device=dec.slots.device)
-        model = self.g.model
+    def step(self, key: tuple[int, int]) -> InfiniGenGraphStep:
+        return InfiniGenGraphStep(self.g, *key)
 
-        def forward() -> torch.Tensor:
-            dec.begin()
-            logits = model.compute_logits(model(ids, dec.positions, dec))
-            dec.finish()
-            return logits
-
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        written = self.g.transfer.bytes_d2h
-        with torch.cuda.stream(side):
-            forward()
-        self.g.transfer.bytes_d2h = written  # the warm-up wrote only padding rows
-        torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self._pool):
-            logits = forward()
-        entry = (dec, ids, graph, logits)
-        self._entries[(b, c)] = entry
-        return entry
-
-    @torch.inference_mode()
-    def run(self, key: tuple[int, int], input_ids: torch.Tensor, prev: list[torch.Tensor], new_slots: torch.Tensor,
-            positions: torch.Tensor) -> torch.Tensor:
-        """Replay bucket ``key`` for ``n`` decode rows (``input_ids``, ``new_slots``, ``positions``
-        ``[n]``; ``prev[i]`` the host slots of row ``i``'s earlier tokens); logits ``[n, vocab]``."""
-        dec, ids, graph, logits = self._entries.get(key) or self._capture(*key)
-        n = len(prev)
-        dec.load(prev, new_slots, positions)
-        ids.zero_()
-        ids[:n] = input_ids
-        graph.replay()
-        self.g.transfer.bytes_d2h += n * self.g.bytes_per_token
-        return logits[:n].clone()
+    def keys_at_start(self) -> list[tuple[int, int]]:
+        return []

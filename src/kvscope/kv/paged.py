@@ -17,6 +17,7 @@ import torch
 from kvscope.errors import ConfigError
 from kvscope.kv.base import BlockTableLayout, KVSetup, KVStrategy, StepBatch
 from kvscope.kv.block_pool import BlockHash, BlockPool, hash_block, pool_stats
+from kvscope.kv.graphs import BlockTableDecode
 from kvscope.kv.registry import register
 from kvscope.kv.slot_cache import SlotKVCache, block_table_attention, table_slots
 from kvscope.models.base import AttentionBackend
@@ -35,7 +36,7 @@ class _PagedRequest:
 
 
 @register
-class PagedStrategy(KVStrategy):
+class PagedStrategy(BlockTableDecode, KVStrategy):
     """Block-table KV with prefix caching, copy-on-write and swap."""
 
     name = "paged"

@@ -1,0 +1,142 @@
+"""The two sides of the strategy contract, and the engine's graph runner on CPU.
+
+The scheduler is driven by a KV manager that holds no tensors (exact admission and preemption);
+the graph runner runs strategies' static decode steps eagerly (``capture=False``), with padded
+buckets, and must give the tokens of the eager steps: ``infinigen``'s steps in-process (torch path),
+the block-table steps of ``paged``, ``contiguous`` and ``h2o`` through Triton's interpreter in a
+child process (see tests/test_triton_decode.py for why a child).
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from kvscope import LLM, SamplingParams
+from kvscope.engine.cuda_graph import GraphRunner
+from kvscope.engine.scheduler import Scheduler
+from kvscope.kv.manager import KVManager
+from kvscope.request import Request, RequestStatus
+from kvscope.sampling_params import SamplingParams as Params
+
+
+class TokenBudget(KVManager):
+    """A manager with no tensors: ``capacity`` tokens, counted per request."""
+
+    name = "token-budget"
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self.held: dict[str, int] = {}
+
+    def max_request_tokens(self) -> int:
+        return self.capacity
+
+    def allocate(self, request: Request, num_tokens: int) -> bool:
+        others = sum(v for k, v in self.held.items() if k != request.request_id)
+        if others + num_tokens > self.capacity:
+            return False
+        self.held[request.request_id] = max(num_tokens, self.held.get(request.request_id, 0))
+        return True
+
+    def free(self, request: Request) -> None:
+        self.held.pop(request.request_id, None)
+
+    def stats(self) -> dict[str, Any]:
+        used = sum(self.held.values())
+        return {"kv_bytes_used": used, "kv_bytes_allocated": used}
+
+
+def _req(rid: str, n: int) -> Request:
+    return Request(request_id=rid, prompt_token_ids=list(range(1, n + 1)), params=Params(max_tokens=4))
+
+
+def test_scheduler_runs_on_a_manager_without_tensors():
+    kv = TokenBudget(capacity=10)
+    sched = Scheduler(kv, max_num_seqs=4, max_num_batched_tokens=16)
+    a, b = _req("a", 4), _req("b", 5)
+    sched.add(a)
+    sched.add(b)
+    out = sched.schedule()
+    assert [r.request_id for r in out.requests] == ["a", "b"] and out.num_new_tokens == [4, 5]
+    assert kv.held == {"a": 4, "b": 5}
+    for req in out.requests:  # as the engine does after a step: computed, one token sampled
+        req.num_computed_tokens += 4 if req is a else 5
+        req.output_token_ids.append(7)
+    a.output_token_ids.append(7)  # a grows by two, b by one: 6 + 6 > 10, so b (admitted last) yields
+    a.num_computed_tokens += 1
+    out = sched.schedule()
+    assert [r.request_id for r in out.requests] == ["a"] and [r.request_id for r in out.preempted] == ["b"]
+    assert kv.held == {"a": 6} and b.status is RequestStatus.PREEMPTED and b.num_computed_tokens == 0
+    assert kv.usage().kv_bytes_used == 6
+
+
+def test_infinigen_static_steps_equal_eager_steps(tmp_path):
+    from hf_ref import make_tiny_checkpoint
+    from kvscope.kv.infinigen_decode import InfiniGenGraphs
+
+    path = tmp_path / "llama"
+    make_tiny_checkpoint("llama", path)
+    prompts = [[5 + i for i in range(n)] for n in (40, 23, 57)]
+    params = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
+    spec = "infinigen:calibration=random,calibration_len=64,budget_ratio=0.5"
+    eager = LLM(str(path), strategy=spec, kv_memory_bytes=4 << 20, max_model_len=256)
+    expected = [o.token_ids for o in eager.generate(prompts, params, use_tqdm=False)]
+    static = LLM(str(path), strategy=spec, kv_memory_bytes=4 << 20, max_model_len=256)
+    engine = static.engine
+    engine.runner.graphs = GraphRunner(engine.model, InfiniGenGraphs(engine.kv, [1, 2, 4]), engine.config.torch_device,
+                                       capture=False)
+    got = [o.token_ids for o in static.generate(prompts, params, use_tqdm=False)]
+    assert got == expected
+    # Three rows run in bucket 4 (one padding row), then 2 and 1 as requests finish together.
+    assert engine.runner.graph_replays >= 11
+    assert engine.kv.stats()["kv_bytes_used"] == 0
+
+
+_CHILD = r'''
+import json, sys
+from hf_ref import make_tiny_checkpoint
+from kvscope import LLM, SamplingParams
+from kvscope.engine.cuda_graph import GraphRunner
+from kvscope.kv.block_table_graphs import BlockTableGraphs
+
+path = sys.argv[1]
+make_tiny_checkpoint("llama", path)
+prompts = [[5 + i for i in range(n)] for n in (40, 23, 57)]
+params = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)
+out = {}
+for spec in ("paged", "contiguous", "h2o:heavy_ratio=0.25,recent_ratio=0.25"):
+    kw = dict(strategy=spec, kv_memory_bytes=4 << 20, max_model_len=128, attention_backend="triton")
+    eager = [o.token_ids for o in LLM(path, **kw).generate(prompts, params, use_tqdm=False)]
+    llm = LLM(path, **kw)
+    e = llm.engine
+    e.runner.graphs = GraphRunner(e.model, BlockTableGraphs(e.kv, [1, 2, 4], 128, e.config.torch_device),
+                                  e.config.torch_device, capture=False)
+    static = [o.token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
+    out[spec] = {"eager": eager, "static": static, "replays": e.runner.graph_replays}
+print(json.dumps(out))
+'''
+
+
+@pytest.fixture(scope="module")
+def block_table_results(tmp_path_factory) -> dict:
+    pytest.importorskip("triton")
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=os.pathsep.join(
+        [str(Path(__file__).parent), *filter(None, [os.environ.get("PYTHONPATH")])]))
+    path = tmp_path_factory.mktemp("ckpt") / "llama"
+    proc = subprocess.run([sys.executable, "-c", _CHILD, str(path)], env=env, capture_output=True, text=True,
+                          timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("spec", ["paged", "contiguous", "h2o:heavy_ratio=0.25,recent_ratio=0.25"])
+def test_block_table_static_steps_equal_eager_steps(block_table_results, spec):
+    res = block_table_results[spec]
+    assert res["static"] == res["eager"]
+    assert res["replays"] >= 5  # every decode step after the prefill
