@@ -44,6 +44,9 @@ class HostKVPool:
         shape = (model.num_layers, 2, self.num_slots + 1, model.num_kv_heads, model.head_dim)
         # empty, not zeros: pages are touched only as slots fill, and pinning stays cheap.
         self.kv = torch.empty(shape, dtype=dtype, pin_memory=pin)
+        # Padding rows read the scratch slot; attention gives them zero weight, but 0 * NaN is NaN,
+        # and uninitialised memory may hold NaN.
+        self.kv[:, :, self.scratch_slot] = 0
         self.counters = torch.zeros(self.num_slots + 1, dtype=torch.int32, device=counter_device)
         self.positions = torch.zeros(self.num_slots + 1, dtype=torch.int64, device=counter_device)
         self.blocks: dict[str, list[int]] = {}

@@ -52,8 +52,10 @@ class TransferEngine:
         self.overlap = overlap and self.cuda
         self.copy_programs = copy_programs
         self.stream = torch.cuda.Stream(device) if self.overlap else None
-        # Two planes (K and V) per buffer; allocated once, viewed per fetch.
-        self.buffers = [torch.empty(2 * buffer_elems, dtype=dtype, device=device) for _ in range(2)]
+        # Two planes (K and V) per buffer; allocated once, viewed per fetch. Zeroed: rows past a
+        # sequence's length get zero attention weight, but 0 * NaN is NaN, and uninitialised memory
+        # may hold NaN (later steps leave finite values behind).
+        self.buffers = [torch.zeros(2 * buffer_elems, dtype=dtype, device=device) for _ in range(2)]
         self.buffer_elems = buffer_elems
         self.elem_size = torch.empty(0, dtype=dtype).element_size()
         self.bytes_h2d = 0
