@@ -15,6 +15,7 @@ from hf_ref import make_tiny_checkpoint
 from kvscope import cli
 from kvscope.errors import ConfigError, DatasetError
 from kvscope.study import expand, load_spec, parse_spec, read_results, run_study
+from kvscope.study import point_quality, point_workload
 from kvscope.study import runner as runner_mod
 from kvscope.study.presets import PRESETS, preset
 from kvscope.study.results_io import read_results_file
@@ -192,14 +193,14 @@ def test_model_is_loaded_once_and_reuse_changes_no_result(tiny_model, tmp_path, 
            "quality": {"perplexity": True, "perplexity_sequences": 1, "perplexity_len": 24, "perplexity_prefix": 16}}
     spec_path = tmp_path / "s.yaml"
     spec_path.write_text(json.dumps(raw))
-    real_load = runner_mod.load_model
+    real_load = point_quality.load_model
     loads = []
 
     def counting_load(*args, **kwargs):
         loads.append(args[0])
         return real_load(*args, **kwargs)
 
-    monkeypatch.setattr(runner_mod, "load_model", counting_load)
+    monkeypatch.setattr(point_quality, "load_model", counting_load)
     results = tmp_path / "res"
     assert cli.main(["study", "run", str(spec_path), "--results", str(results), "--no-progress"]) == 0
     assert loads == [tiny_model]
@@ -373,8 +374,8 @@ def test_mixed_workload_end_to_end(tiny_long_model, tmp_path, monkeypatch):
     (point, *_) = expand(spec)
     cache = runner_mod.PointCache()
     llm = cache.llm(point.config)
-    mixed, samples = runner_mod._mixed(llm, point.workload, 0)
-    again, _ = runner_mod._mixed(llm, point.workload, 0)
+    mixed, samples = point_workload.mixed_workload(llm, point.workload, 0)
+    again, _ = point_workload.mixed_workload(llm, point.workload, 0)
     assert mixed == again and mixed.long_index == {1: 0, 3: 1} and len(samples) == 2
     lens = [len(llm.tokenizer.encode(r.prompt)) for r in mixed.requests]
     assert all(lens[i] <= 64 for i in mixed.short_positions) and min(lens[1], lens[3]) > 600

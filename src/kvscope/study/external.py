@@ -166,21 +166,21 @@ def _through_text(tok: Tokenizer) -> Callable[[list[int]], list[int]]:
 def run_system_point(point: Point, cache: Any) -> dict[str, Any]:
     """Run one system point and return its row, with the keys of :func:`kvscope.study.runner.run_point`'s.
 
-    ``cache`` is the runner's ``PointCache``: the agreement reference (full paged KV) is computed
-    with it once and shared with the strategy rows.
+    ``cache`` is the run's :class:`~kvscope.study.point_quality.PointCache`: the agreement
+    reference (full paged KV) is computed with it once and shared with the strategy rows.
     """
     # Imported here: the HTTP modules need aiohttp, which specs and reports do without; the runner
     # imports this module.
     from kvscope.bench.http_client import first_model_id
     from kvscope.bench.http_driver import run_http_workload
-    from kvscope.study import runner
+    from kvscope.study.point_workload import mixed_workload, workload_requests
 
     cfg, system, w, seed = point.config, point.config["system"], point.workload, point.config["seed"]
     t0 = time.perf_counter()
     tok = _tokenizer(cfg["model"])
-    host = SimpleNamespace(tokenizer=tok)  # all that the runner's workload builders read from an LLM
-    mixed = runner._mixed(host, w, seed) if w.kind == "mixed" else None
-    requests = with_prompt_lens(mixed[0].requests if mixed else runner._requests(host, w, seed), tok,
+    host = SimpleNamespace(tokenizer=tok)  # all that the workload builders read from an LLM
+    mixed = mixed_workload(host, w, seed) if w.kind == "mixed" else None
+    requests = with_prompt_lens(mixed[0].requests if mixed else workload_requests(host, w, seed), tok,
                                 system["endpoint"])
     base_url = check_base_url(system["base_url"], system["allow_remote"], "system.base_url")
     model = system["model"] or asyncio.run(first_model_id(base_url))
@@ -212,7 +212,8 @@ def run_system_point(point: Point, cache: Any) -> dict[str, Any]:
 def _quality(point: Point, cache: Any, host: SimpleNamespace, mixed: Any, requests: list, texts: list[str],
              ok: list[bool]) -> dict[str, Any]:
     """RULER accuracy and agreement of a system point from its served texts (module docstring)."""
-    from kvscope.study import runner
+    from kvscope.study.point_quality import agreement as served_agreement
+    from kvscope.study.point_workload import workload_ruler_samples
 
     cfg, q, w, tok = point.config, point.config["quality"], point.workload, host.tokenizer
     out: dict[str, Any] = {}
@@ -221,14 +222,14 @@ def _quality(point: Point, cache: Any, host: SimpleNamespace, mixed: Any, reques
         samples = [mixed[1][mixed[0].long_index[p]] for p in positions]
         out["ruler"] = ruler_scores(samples, [texts[p] for p in positions], [not ok[p] for p in positions])
     elif q["ruler"] and w.kind == "ruler":
-        out["ruler"] = ruler_scores(runner._ruler(host, w, cfg["seed"]), texts, [not g for g in ok])
+        out["ruler"] = ruler_scores(workload_ruler_samples(host, w, cfg["seed"]), texts, [not g for g in ok])
     if "ruler" in out:
         out["ruler"]["measured_in"] = "serving run"
     wants_agreement = q.get("agreement", False) or (mixed is not None and q["ruler"])
     if wants_agreement and cfg["system"]["endpoint"] == COMPLETIONS:
         shorts = mixed[0].short_positions if mixed is not None else list(range(len(requests)))
         served = [tok.encode(texts[i], add_special_tokens=False) for i in shorts]
-        agreement = runner._agreement(point, cache, [requests[i] for i in shorts], served,
+        agreement = served_agreement(point, cache, [requests[i] for i in shorts], served,
                                       normalize=_through_text(tok))
         out["agreement"] = {**agreement, "method": "text: served text and the reference's decoded text, "
                                                    "both encoded with the model's tokenizer"}
