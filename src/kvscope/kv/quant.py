@@ -14,9 +14,10 @@ Two published schemes on top of ``paged``'s block pool (:class:`~kvscope.kv.page
   values per token over groups of ``min(group_size, head_dim)`` channels, float16 scale and zero;
   int4 packs two codes per byte. A block is one group (``block_size == group_size``): a request's
   newest tokens, fewer than a group, stay in full precision in a residual slot (KIVI's residual)
-  and the block is quantized when it fills. Residual slots (``residual_slots``, default the
-  engine's ``max_num_seqs``) are memory taken from ``kv_memory_bytes`` before the blocks; a request
-  needs one to be admitted.
+  and the block is quantized when it fills. Residual slots (``residual_slots``; default the
+  engine's ``max_num_seqs``, or fewer if they would take more than 1/8 of ``kv_memory_bytes``)
+  are memory taken from ``kv_memory_bytes`` before the blocks; a request needs one to be admitted,
+  so they also bound how many requests run at once.
 
 Attention reads the cache back for prefill and decode alike (the step's own tokens included, as
 they were stored). The reference path dequantizes and calls :mod:`kvscope.attention.torch_ref`;
@@ -46,6 +47,9 @@ GROUP_SIZES = (32, 64)
 FP8_BLOCK_SIZE = 16
 #: Bits of a float16 scale plus a float16 zero, stored per quantization group.
 SCALE_ZERO_BITS = 32
+#: The default residual takes at most 1 / this of ``kv_memory_bytes``: a small pool keeps most of
+#: its bytes for quantized blocks (and admits fewer requests at once).
+RESIDUAL_SHARE_CAP = 8
 
 
 class QuantAttention:
@@ -145,7 +149,9 @@ class QuantStrategy(PagedStrategy):
             if m.head_dim % self.value_group or (self.bits == 4 and m.head_dim % 2):
                 raise ConfigError(f"quant: head_dim={m.head_dim} is not a multiple of the value group "
                                   f"{self.value_group} (group_size)")
-            slots = self.residual_arg or setup.max_num_seqs
+            slot_bytes = KiviCache.fixed_bytes(m, bs, 1, setup.dtype)
+            slots = self.residual_arg or max(1, min(setup.max_num_seqs,
+                                                    setup.kv_memory_bytes // RESIDUAL_SHARE_CAP // slot_bytes))
             self.block_bytes = KiviCache.block_bytes(m, bs, self.bits, self.value_group)
             self.fixed_bytes = KiviCache.fixed_bytes(m, bs, slots, setup.dtype)
         else:
