@@ -73,7 +73,7 @@ def _fp8_kernel(q_ptr, k_ptr, v_ptr, ks_ptr, vs_ptr, tables_ptr, lens_ptr, o_ptr
     l_i = tl.zeros([GQ], tl.float32)
     acc = tl.zeros([GQ, D], tl.float32)
     for j in range(0, tl.cdiv(n, BS)):
-        block = tl.load(tables_ptr + b * stride_tb + j)
+        block = tl.load(tables_ptr + b * stride_tb + j).to(tl.int64)  # slot x stride can pass 2^31
         valid = j * BS + t < n
         off = (block * BS + t)[:, None] * stride_cs + h * stride_ch + d[None, :]
         k = _fp8_to_f32(tl.load(k_ptr + off, mask=valid[:, None], other=0).to(tl.int32)) * k_scale

@@ -23,6 +23,7 @@ import torch
 from kvscope.kv.quant_codec import (
     FP8_K_RANGE, FP8_V_RANGE, fp8_dequantize, fp8_quantize, fp8_scale, kivi_dequantize_block, kivi_quantize_block,
 )
+from kvscope.kv.slot_cache import table_slots
 from kvscope.models.config import ModelConfig
 
 
@@ -86,15 +87,13 @@ class FP8Cache:
         return model.num_layers * 2 * model.num_kv_heads * 4
 
     def plan(self, tables: list[list[int]], done: list[int], q_lens: list[int], device: torch.device) -> QuantPlan:
-        bs = self.block_size
-        slots, new, out, offset = [], [], [], 0
+        slots, out, offset = [], [], 0
         for table, d, n in zip(tables, done, q_lens):
-            s = [table[p // bs] * bs + p % bs for p in range(d + n)]
-            slots += s
-            new += s[d:]
+            slots.append(table_slots(table, d + n, self.block_size, device))
             out.append(torch.arange(offset, offset + d + n, device=device))
             offset += d + n
-        return QuantPlan(out, new_slots=_longs(new, device), gather_slots=_longs(slots, device))
+        new = torch.cat([s[d:] for s, d in zip(slots, done)])
+        return QuantPlan(out, new_slots=new, gather_slots=torch.cat(slots))
 
     def write(self, layer: int, k: torch.Tensor, v: torch.Tensor, plan: QuantPlan) -> None:
         """Quantize the step's new ``k``, ``v`` ``[N, Hkv, D]`` into their slots."""
