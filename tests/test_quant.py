@@ -325,3 +325,11 @@ def test_the_cost_model_sees_the_saving_through_kv_bits():
     assert pred.feasible and pred.quality.source == "unknown"  # lossy, not measured: never called lossless
     assert cm.token_bytes(int4) == per_token * 5 / 16 and cm.token_bytes(paged) == per_token
     assert full.max_concurrent < pred.max_concurrent or full.max_concurrent == cm.limits.max_num_seqs
+
+
+def test_the_report_does_not_take_a_quantized_cache_for_full_kv():
+    from kvscope.report.names import display_names, is_full_kv
+
+    assert is_full_kv("paged") and not is_full_kv("quant:dtype=fp8") and not is_full_kv("quant:dtype=int4")
+    names = display_names(["quant:dtype=fp8", "quant:dtype=int4"])
+    assert len(set(names.values())) == 2  # told apart by their arguments
