@@ -3,7 +3,8 @@
 Units: bytes, seconds, tokens, FLOPs unless a name says otherwise (``_ms`` = milliseconds,
 ``throughput`` = output tokens/s).
 
-- KV bytes per token: :meth:`ModelConfig.kv_bytes_per_token` in the serving dtype.
+- KV bytes per token: :meth:`ModelConfig.kv_bytes_per_token` in the serving dtype, scaled by
+  ``facts.kv_bits / dtype bits`` for a strategy that stores its KV quantized (:meth:`CostModel.token_bytes`).
 - Weights: :meth:`ModelConfig.num_params` x dtype size, all read once per step.
 - One engine step (:meth:`CostModel.step_seconds`) lasts
   ``layers x overhead + max(HBM bytes / HBM rate, FLOPs / matmul rate) + PCIe bytes / host rate``:
@@ -146,17 +147,24 @@ class CostModel:
         half = (option.budget_ratio or 1.0) / 2
         return math.floor(half * prompt_len) * 2 + 1
 
+    def token_bytes(self, option: StrategyOption) -> float:
+        """Bytes one token's KV takes under ``option``: the serving dtype's, or ``facts.kv_bits``
+        per element (scales amortised) for a quantized cache."""
+        bits = option.facts.kv_bits
+        return self.kv_bytes_per_token * (bits / (8 * self.elem) if bits is not None else 1.0)
+
     def pool_tokens(self, option: StrategyOption) -> int:
         """Capacity of the pool a request's KV occupies (tokens): the device pool, or for
         ``offload``/``infinigen`` the host pool, also limited by the device prefetch buffers."""
         if not option.on_host:
-            return self.kv_pool_bytes // self.kv_bytes_per_token
+            return int(self.kv_pool_bytes // self.token_bytes(option))
         m = self.model
         row = m.num_kv_heads * m.head_dim * self.elem  # one layer's K (or V) of one token
-        resident = self.kv_bytes_per_token * self.partial_key_fraction if option.sparse_fetch else 0
+        token = self.token_bytes(option)
+        resident = token * self.partial_key_fraction if option.sparse_fetch else 0
         serve = int(self.kv_pool_bytes // (resident + 4 * row))
         host = option.host_kv_bytes or min(DEFAULT_HOST_KV_BYTES, self.hw.host_memory_bytes)
-        return min(host // self.kv_bytes_per_token, serve)
+        return min(int(host // token), serve)
 
     def admit_tokens(self, option: StrategyOption, r: SimRequest, slab: int | None = None) -> int:
         """Pool tokens a request must find free to be admitted; ``slab``: ``contiguous``'s slot
@@ -203,11 +211,12 @@ class CostModel:
             if option.on_host:
                 pcie += r.computed  # prefill chunks fetch everything
             pairs += n * (r.computed + (n + 1) / 2)
-        hbm = self.weight_bytes + self.kv_bytes_per_token * (device_read + new_tokens)
+        token = self.token_bytes(option)
+        hbm = self.weight_bytes + token * (device_read + new_tokens)
         flops = (2 * self.matmul_params * new_tokens + 2 * self.lm_head_params * logits_rows
                  + self.attn_flops_per_pair * pairs)
         device = max(hbm / self.hw.hbm_bytes_per_s, flops / self.hw.matmul_flops_per_s)
-        fetch = pcie * self.kv_bytes_per_token / self.hw.host_device_bytes_per_s
+        fetch = pcie * token / self.hw.host_device_bytes_per_s
         # The engine replays decode-only steps from CUDA graphs; a step with a prefill chunk, and
         # every step of offload (which captures none), runs eagerly.
         eager = bool(work.prefills) or not option.facts.graph_decode
@@ -238,7 +247,7 @@ class CostModel:
             problem = "no memory left for KV after the weights"
         mean_req = SimRequest(0.0, round(sum(workload.prompt_lens) / workload.num_requests),
                               round(sum(workload.output_lens) / workload.num_requests))
-        host = pool * self.kv_bytes_per_token if option.on_host else 0
+        host = round(pool * self.token_bytes(option)) if option.on_host else 0
         longest = max(p + o for p, o in zip(workload.prompt_lens, workload.output_lens))
         slab = self.max_model_len or longest
         if problem is None:
@@ -255,7 +264,7 @@ class CostModel:
         if option.evicts:
             per_req = self.running_tokens(option, SimRequest(0.0, mean_req.prompt_len, 2, generated=2))
         capacity = min(self.limits.max_num_seqs, pool // max(per_req, 1))
-        device_peak = 0 if option.on_host else sim.peak_held_tokens * self.kv_bytes_per_token
+        device_peak = 0 if option.on_host else round(sim.peak_held_tokens * self.token_bytes(option))
         ms = 1e3
         return Prediction(
             option.spec, option.family, option.budget_ratio, True, None,

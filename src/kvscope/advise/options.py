@@ -81,7 +81,7 @@ def option_from_spec(spec: str) -> StrategyOption | None:
         f = facts(spec)
     except ConfigError:
         return None
-    if f.lossless:
+    if f.lossless or (f.kept_share == 1.0 and not f.selects_per_step):  # every token kept (maybe quantized)
         return StrategyOption(spec, name, None, host if f.residence == "host" else None)
     if f.kept_share is None:  # no fixed share (a budget in tokens, a per-request choice)
         return None

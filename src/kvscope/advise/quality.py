@@ -50,8 +50,10 @@ class QualityEstimate:
 def quality(family: str, budget_ratio: float | None, lossless: bool = False) -> QualityEstimate:
     """Quality estimate of strategy ``family`` (its registered name) at ``budget_ratio`` (None =
     full KV); ``lossless`` (the strategy's fact) needs no measurement."""
-    if lossless or budget_ratio is None or budget_ratio >= 1.0:
+    if lossless or (budget_ratio is not None and budget_ratio >= 1.0):
         return QualityEstimate(1.0, 1.0, FULL_CACHE_RULER, "lossless")
+    if budget_ratio is None:  # lossy with every token kept (a quantized cache): not measured here
+        return QualityEstimate(None, None, None, "unknown")
     measured = _MEASURED.get((family, round(budget_ratio, 3)))
     if measured is None:
         return QualityEstimate(None, None, None, "unknown")

@@ -13,7 +13,7 @@ from typing import Any
 
 from kvscope.constants import SYSTEM_PREFIX
 from kvscope.errors import ConfigError
-from kvscope.kv.registry import accepted_args, available, kept_share, parse_spec
+from kvscope.kv.registry import accepted_args, available, facts, kept_share, parse_spec
 
 
 def _spec(strategy: str) -> tuple[type | None, dict[str, Any]]:
@@ -44,8 +44,9 @@ def family(strategy: str) -> str:
 
 
 def is_full_kv(strategy: str) -> bool:
-    """Whether the strategy keeps every token's KV (the report's reference for quality)."""
-    return kept_fraction(strategy) == 1.0
+    """Whether the strategy keeps every token's KV at the model's precision (the report's reference
+    for quality): a quantized cache keeps every token (``kept_share`` 1) but states ``kv_bits``."""
+    return kept_fraction(strategy) == 1.0 and facts(strategy).kv_bits is None
 
 
 def _budget_label(strategy: str) -> str:

@@ -77,6 +77,11 @@ PAPER: dict[str, Any] = {
         "offload",
         *[f"infinigen:budget_ratio={r}" for r in (0.1, 0.2, 0.3, 0.4, 0.5)],
         "adaptive:long_threshold=2048",
+        # KV bit width: 8 (fp8, int8) and 4 bits (int4 at KIVI's two group sizes); nothing dropped.
+        "quant:dtype=fp8",
+        "quant:dtype=int8",
+        "quant:dtype=int4,group_size=32",
+        "quant:dtype=int4,group_size=64",
     ],
     "workloads": [
         {"type": "sharegpt", "num_requests": 500},

@@ -1,0 +1,190 @@
+"""Triton decode attention over ``quant``'s quantized blocks, dequantizing in registers.
+
+One program serves one (sequence, KV head) and the ``Hq // Hkv`` query heads that share it (so each
+quantized tile is read once per group), walking the sequence's block table with an online softmax
+in float32. Scores and the weighted sum are broadcast multiply-and-sums on the CUDA cores: decode
+is bound by memory, and the reduced-precision tiles are what it saves.
+
+* fp8 (:class:`~kvscope.kv.quant_cache.FP8Cache`): codes ``[num_slots, Hkv, D]`` uint8 holding
+  float8_e4m3fn bits, decoded with integer operations (exact, and the same in Triton's interpreter
+  and on any GPU), times the head's float32 scale.
+* KIVI (:class:`~kvscope.kv.quant_cache.KiviCache`): a sequence's first ``len // G`` blocks are
+  quantized (codes ``[num_blocks, G, Hkv, D * bits / 8]``, int4 two a byte, low nibble first; key
+  scale/zero per channel ``[num_blocks, Hkv, D]``, value scale/zero per token and channel group
+  ``[num_blocks, G, Hkv, D / Gv]``, float16); its last ``len % G`` tokens are read from its
+  residual slot ``[R, G, Hkv, D]`` in the model's dtype.
+
+The torch reference is :meth:`FP8Cache.gather` / :meth:`KiviCache.gather` followed by
+:func:`kvscope.attention.torch_ref.attend_decode`.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from kvscope.kv.quant_cache import FP8Cache, KiviCache, QuantPlan
+
+_LOG2E = 1.4426950408889634
+
+
+@triton.jit
+def _fp8_to_f32(code):
+    """float8_e4m3fn bits (int32 in 0..255) -> float32: normal numbers rebuilt as float32 bits,
+    subnormals as ``mantissa * 2^-9``."""
+    sign = (code >> 7) & 1
+    exp = (code >> 3) & 15
+    man = code & 7
+    normal = ((sign << 31) | ((exp + 120) << 23) | (man << 20)).to(tl.float32, bitcast=True)
+    sub = man.to(tl.float32) * 0.001953125
+    sub = tl.where(sign == 1, -sub, sub)
+    return tl.where(exp == 0, sub, normal)
+
+
+@triton.jit
+def _online_step(q, k, v, valid, m_i, l_i, acc, qk_scale):
+    """One tile of the online softmax: ``q`` ``[GQ, D]``, ``k``/``v`` ``[BS, D]`` float32."""
+    s = tl.sum(q[:, None, :] * k[None, :, :], axis=2) * qk_scale  # [GQ, BS], base 2
+    s = tl.where(valid[None, :], s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, axis=1))
+    alpha = tl.exp2(m_i - m_new)
+    p = tl.exp2(s - m_new[:, None])
+    l_i = l_i * alpha + tl.sum(p, axis=1)
+    acc = acc * alpha[:, None] + tl.sum(p[:, :, None] * v[None, :, :], axis=1)
+    return m_new, l_i, acc
+
+
+@triton.jit
+def _fp8_kernel(q_ptr, k_ptr, v_ptr, ks_ptr, vs_ptr, tables_ptr, lens_ptr, o_ptr, qk_scale,
+                stride_qb, stride_qh, stride_cs, stride_ch, stride_tb, stride_ob, stride_oh,
+                GROUP: tl.constexpr, GQ: tl.constexpr, D: tl.constexpr, BS: tl.constexpr):
+    b = tl.program_id(0)
+    h = tl.program_id(1)
+    rows = tl.arange(0, GQ)
+    d = tl.arange(0, D)
+    t = tl.arange(0, BS)
+    qmask = rows < GROUP
+    q = tl.load(q_ptr + b * stride_qb + (h * GROUP + rows)[:, None] * stride_qh + d[None, :],
+                mask=qmask[:, None], other=0.0).to(tl.float32)
+    k_scale = tl.load(ks_ptr + h)
+    v_scale = tl.load(vs_ptr + h)
+    n = tl.load(lens_ptr + b)
+    m_i = tl.full([GQ], float("-inf"), tl.float32)
+    l_i = tl.zeros([GQ], tl.float32)
+    acc = tl.zeros([GQ, D], tl.float32)
+    for j in range(0, tl.cdiv(n, BS)):
+        block = tl.load(tables_ptr + b * stride_tb + j).to(tl.int64)  # slot x stride can pass 2^31
+        valid = j * BS + t < n
+        off = (block * BS + t)[:, None] * stride_cs + h * stride_ch + d[None, :]
+        k = _fp8_to_f32(tl.load(k_ptr + off, mask=valid[:, None], other=0).to(tl.int32)) * k_scale
+        v = _fp8_to_f32(tl.load(v_ptr + off, mask=valid[:, None], other=0).to(tl.int32)) * v_scale
+        m_i, l_i, acc = _online_step(q, k, v, valid, m_i, l_i, acc, qk_scale)
+    out = acc / l_i[:, None]
+    tl.store(o_ptr + b * stride_ob + (h * GROUP + rows)[:, None] * stride_oh + d[None, :],
+             out.to(o_ptr.dtype.element_ty), mask=qmask[:, None])
+
+
+@triton.jit
+def _load_codes(ptr, base, d, mask, BITS: tl.constexpr):
+    """Codes ``[BS, D]`` (int32) at ``ptr + base`` (``[BS, 1]`` row offsets) for channels ``d``."""
+    if BITS == 4:
+        byte = tl.load(ptr + base + d[None, :] // 2, mask=mask, other=0).to(tl.int32)
+        return (byte >> ((d[None, :] % 2) * 4)) & 15
+    return tl.load(ptr + base + d[None, :], mask=mask, other=0).to(tl.int32)
+
+
+@triton.jit
+def _kivi_kernel(q_ptr, kq_ptr, vq_ptr, kscale_ptr, kzero_ptr, vscale_ptr, vzero_ptr, res_ptr,
+                 tables_ptr, lens_ptr, slots_ptr, o_ptr, qk_scale,
+                 stride_qb, stride_qh, stride_cb, stride_ct, stride_ch, stride_kb, stride_kh,
+                 stride_vb, stride_vt, stride_vh, stride_r2, stride_rs, stride_rt, stride_rh,
+                 stride_tb, stride_ob, stride_oh,
+                 GROUP: tl.constexpr, GQ: tl.constexpr, D: tl.constexpr, BS: tl.constexpr,
+                 BITS: tl.constexpr, VGROUP: tl.constexpr):
+    b = tl.program_id(0)
+    h = tl.program_id(1)
+    rows = tl.arange(0, GQ)
+    d = tl.arange(0, D)
+    t = tl.arange(0, BS)
+    qmask = rows < GROUP
+    q = tl.load(q_ptr + b * stride_qb + (h * GROUP + rows)[:, None] * stride_qh + d[None, :],
+                mask=qmask[:, None], other=0.0).to(tl.float32)
+    n = tl.load(lens_ptr + b)
+    m_i = tl.full([GQ], float("-inf"), tl.float32)
+    l_i = tl.zeros([GQ], tl.float32)
+    acc = tl.zeros([GQ, D], tl.float32)
+    all_rows = t < BS
+    for j in range(0, n // BS):  # full blocks: quantized
+        block = tl.load(tables_ptr + b * stride_tb + j).to(tl.int64)
+        base = block * stride_cb + t[:, None] * stride_ct + h * stride_ch
+        ks = tl.load(kscale_ptr + block * stride_kb + h * stride_kh + d).to(tl.float32)
+        kz = tl.load(kzero_ptr + block * stride_kb + h * stride_kh + d).to(tl.float32)
+        k = _load_codes(kq_ptr, base, d, all_rows[:, None], BITS).to(tl.float32) * ks[None, :] + kz[None, :]
+        voff = block * stride_vb + t[:, None] * stride_vt + h * stride_vh + d[None, :] // VGROUP
+        vs = tl.load(vscale_ptr + voff).to(tl.float32)
+        vz = tl.load(vzero_ptr + voff).to(tl.float32)
+        v = _load_codes(vq_ptr, base, d, all_rows[:, None], BITS).to(tl.float32) * vs + vz
+        m_i, l_i, acc = _online_step(q, k, v, all_rows, m_i, l_i, acc, qk_scale)
+    tail = n % BS
+    if tail > 0:  # the residual: full precision
+        slot = tl.load(slots_ptr + b).to(tl.int64)
+        valid = t < tail
+        off = slot * stride_rs + t[:, None] * stride_rt + h * stride_rh + d[None, :]
+        k = tl.load(res_ptr + off, mask=valid[:, None], other=0.0).to(tl.float32)
+        v = tl.load(res_ptr + stride_r2 + off, mask=valid[:, None], other=0.0).to(tl.float32)
+        m_i, l_i, acc = _online_step(q, k, v, valid, m_i, l_i, acc, qk_scale)
+    out = acc / l_i[:, None]
+    tl.store(o_ptr + b * stride_ob + (h * GROUP + rows)[:, None] * stride_oh + d[None, :],
+             out.to(o_ptr.dtype.element_ty), mask=qmask[:, None])
+
+
+def quant_decode_attention(q: torch.Tensor, cache: FP8Cache | KiviCache, layer: int, tables: torch.Tensor,
+                           lens: torch.Tensor, res_slots: torch.Tensor | None, scale: float) -> torch.Tensor:
+    """Decode attention of ``q`` ``[B, Hq, D]`` over layer ``layer`` of ``cache``.
+
+    Args:
+        tables: ``[B, W]`` int32 block ids (columns past a sequence's blocks are never read).
+        lens: ``[B]`` int32 tokens per sequence (the new one included, already written).
+        res_slots: (KIVI) ``[B]`` int32 residual slot of each sequence.
+    Returns:
+        ``[B, Hq, D]`` in ``q``'s dtype.
+    """
+    B, Hq, D = q.shape
+    H = (cache.data.shape[3] if isinstance(cache, FP8Cache) else cache.kq.shape[3])
+    group = Hq // H
+    gq = max(triton.next_power_of_2(group), 2)
+    out = torch.empty_like(q)
+    qk = scale * _LOG2E
+    common = dict(GROUP=group, GQ=gq, D=D, BS=cache.block_size)
+    if isinstance(cache, FP8Cache):
+        k, v = cache.data[layer, 0], cache.data[layer, 1]
+        _fp8_kernel[(B, H)](q, k, v, cache.scale[layer, 0], cache.scale[layer, 1], tables, lens, out, qk,
+                            q.stride(0), q.stride(1), k.stride(0), k.stride(1), tables.stride(0),
+                            out.stride(0), out.stride(1), **common)
+        return out
+    kq, vq, ks, kz = cache.kq[layer], cache.vq[layer], cache.k_scale[layer], cache.k_zero[layer]
+    vs, vz, res = cache.v_scale[layer], cache.v_zero[layer], cache.residual[layer]
+    _kivi_kernel[(B, H)](q, kq, vq, ks, kz, vs, vz, res, tables, lens, res_slots, out, qk,
+                         q.stride(0), q.stride(1), kq.stride(0), kq.stride(1), kq.stride(2), ks.stride(0),
+                         ks.stride(1), vs.stride(0), vs.stride(1), vs.stride(2), res.stride(0), res.stride(1),
+                         res.stride(2), res.stride(3), tables.stride(0), out.stride(0), out.stride(1),
+                         BITS=cache.bits, VGROUP=cache.value_group, **common)
+    return out
+
+
+class TritonQuantDecode:
+    """AttentionBackend for a decode-only step of ``quant``: the write through the cache's torch
+    path (a step writes one token per sequence), attention by :func:`quant_decode_attention`."""
+
+    def __init__(self, cache: FP8Cache | KiviCache, plan: QuantPlan, tables: list[list[int]], done: list[int],
+                 res_slots: list[int], scale: float) -> None:
+        device = plan.tables[0].device
+        width = max(len(t) for t in tables)
+        self.cache, self.plan, self.scale = cache, plan, scale
+        self.tables = torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.int32, device=device)
+        self.lens = torch.tensor([n + 1 for n in done], dtype=torch.int32, device=device)
+        self.res = torch.tensor(res_slots, dtype=torch.int32, device=device) if res_slots else None
+
+    def attend(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        self.cache.write(layer_idx, k, v, self.plan)
+        return quant_decode_attention(q, self.cache, layer_idx, self.tables, self.lens, self.res, self.scale)
