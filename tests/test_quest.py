@@ -273,3 +273,42 @@ def test_facts_and_arguments():
                      ("budget=8,budget_ratio=0.5", "either")):
         with pytest.raises(ConfigError, match=arg):
             registry.create(f"quest:{bad}")
+
+
+# ---- advisor and report: through the facts ------------------------------------------------------
+def test_cost_model_holds_everything_and_reads_the_selected_pages():
+    from kvscope.advise import resolve_model
+    from kvscope.advise.cost_model import CostModel
+    from kvscope.advise.hardware import H100
+    from kvscope.advise.options import option_from_spec
+
+    quest, paged = option_from_spec("quest:budget_ratio=0.2"), option_from_spec("paged")
+    assert quest.selects and not quest.evicts and not quest.on_host and quest.budget_ratio == 0.2
+    cm = CostModel(resolve_model("llama-3-8b"), H100)
+    # 4096 tokens = 256 pages; 20% = 819.2 tokens -> 52 pages = 832 tokens, plus 256 pages' bounds.
+    assert cm.decode_traffic(quest, 4096, 4096) == (832 + 256, 0.0)
+    assert cm.decode_traffic(quest, 20, 20) == (20 + 2, 0.0)  # 2 pages: both read, whatever the budget
+    assert cm.decode_traffic(paged, 4096, 4096) == (4096, 0.0)
+    # Memory: every token held, plus one token's worth of bounds per 16-token block.
+    assert cm.pool_tokens(quest) == cm.kv_pool_bytes * 16 // (cm.kv_bytes_per_token * 17)
+    assert cm.running_tokens(quest, _sim(4096)) == cm.running_tokens(paged, _sim(4096))
+    # Time: less KV read per token of context, but quest's decode steps run eagerly (no CUDA graphs),
+    # so it wins only once the batch's KV outweighs the eager per-layer cost.
+    step = cm.decode_step_seconds
+    assert step(quest, 32, 65536) - step(quest, 32, 32768) < 0.3 * (step(paged, 32, 65536) - step(paged, 32, 32768))
+    assert step(quest, 1, 4096) > step(paged, 1, 4096) and step(quest, 32, 32768) < step(paged, 32, 32768)
+
+
+def _sim(prompt: int):
+    from kvscope.advise.simulate import SimRequest
+
+    return SimRequest(0.0, prompt, 8, computed=prompt, generated=4)
+
+
+def test_report_places_it_by_what_it_reads_and_holds():
+    from kvscope.report.names import display_name, held_fraction, kept_fraction
+
+    assert kept_fraction("quest:budget_ratio=0.25") == 0.25 and display_name("quest:budget_ratio=0.25") == "quest 25%"
+    assert held_fraction("quest:budget_ratio=0.25") == 1.0
+    assert held_fraction("h2o:heavy_ratio=0.1,recent_ratio=0.1") == pytest.approx(0.2)
+    assert held_fraction("system:vllm") is None
