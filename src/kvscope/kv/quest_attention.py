@@ -98,7 +98,10 @@ class QuestAttention:
         for table, done, m in zip(block_tables, num_computed, q_lens):
             pos = torch.arange(done, done + m)
             slots.append(torch.tensor(table, dtype=torch.long)[pos // block_size] * block_size + pos % block_size)
-        self.slot_mapping = torch.cat(slots).to(device)
+        slot_mapping = torch.cat(slots)
+        first = (slot_mapping % block_size == 0).nonzero().flatten()
+        self.first = first.to(device) if first.numel() else None  # rows that start a block
+        self.slot_mapping = slot_mapping.to(device)
 
         prefill = [i for i in range(n) if q_lens[i] > 1]
         self.prefill_q = None
@@ -123,14 +126,14 @@ class QuestAttention:
             self.keep = torch.tensor(keep, device=device)
             self.last_len = torch.tensor([c - (h - 1) * block_size for c, h in zip(ctx, held)], device=device)
             self.decode_q = torch.tensor([query_start[i] for i in decode], device=device)
-            self.pages_read, self.pages_held = sum(keep), sum(held)
+            self.pages_read, self.pages_held, self.keep_max = sum(keep), sum(held), max(keep)
 
     def attend(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """``q`` ``[N, Hq, D]``, ``k``/``v`` ``[N, Hkv, D]`` -> ``[N, Hq, D]``."""
         k_cache, v_cache = self.cache.kv[layer_idx, 0], self.cache.kv[layer_idx, 1]
         k_cache.index_copy_(0, self.slot_mapping, k.to(k_cache.dtype))
         v_cache.index_copy_(0, self.slot_mapping, v.to(v_cache.dtype))
-        self.bounds.update(layer_idx, self.slot_mapping, k)
+        self.bounds.update(layer_idx, self.slot_mapping, k, self.first)
         out = torch.empty_like(q)
         if self.prefill_q is not None:
             out[self.prefill_q] = self.prefill.attend_cached(layer_idx, q[self.prefill_q])
@@ -138,7 +141,7 @@ class QuestAttention:
             qd = q[self.decode_q]
             scores = page_scores(qd, self.bounds.kmin[layer_idx][self.page_tables],
                                  self.bounds.kmax[layer_idx][self.page_tables])
-            pages = select_pages(scores, self.num_pages, self.keep)
+            pages = select_pages(scores, self.num_pages, self.keep, self.keep_max)
             out[self.decode_q] = attend_selected(qd, k_cache, v_cache, self.page_tables, pages, self.keep,
                                                  self.last_len, self.scale, self.bs, self.triton)
         return out

@@ -43,14 +43,15 @@ class PageBounds:
         """Device bytes of one block's bounds (as many as one token's K and V)."""
         return 2 * num_layers * num_kv_heads * head_dim * torch.empty(0, dtype=dtype).element_size()
 
-    def update(self, layer: int, slots: torch.Tensor, k: torch.Tensor) -> None:
+    def update(self, layer: int, slots: torch.Tensor, k: torch.Tensor, first: torch.Tensor | None) -> None:
         """Fold the keys ``k`` ``[N, Hkv, D]`` just written at ``slots`` ``[N]`` into their blocks'
-        bounds. A block whose offset-0 token is among them starts from that token."""
+        bounds. ``first``: the rows of ``k`` written at a block's offset 0 (those blocks start from
+        that token), or None when there is none; the caller knows them on the host, which spares a
+        device sync per layer."""
         blocks = slots // self.block_size
-        first = (slots % self.block_size == 0).nonzero().flatten()
         k = k.to(self.kmin.dtype)
         kmin, kmax = self.kmin[layer], self.kmax[layer]
-        if first.numel():
+        if first is not None:
             kmin.index_copy_(0, blocks[first], k[first])
             kmax.index_copy_(0, blocks[first], k[first])
         index = blocks[:, None, None].expand_as(k)
@@ -92,13 +93,15 @@ def page_scores(q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor) -> torc
     return bound.amax(dim=2)
 
 
-def select_pages(scores: torch.Tensor, num_pages: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+def select_pages(scores: torch.Tensor, num_pages: torch.Tensor, keep: torch.Tensor, k: int | None = None
+                 ) -> torch.Tensor:
     """Per row and KV head, the ``keep`` pages of highest score, the first and last always among them.
 
     Args:
         scores: ``[B, Hkv, P]`` page scores; pages at or past ``num_pages[b]`` are padding.
         num_pages: ``[B]`` pages each row holds (>= 1).
         keep: ``[B]`` pages to read per KV head, each in ``min(2, num_pages) .. num_pages``.
+        k: ``max(keep)`` when the caller knows it on the host (else it is read from the device).
     Returns:
         ``[B, Hkv, K]`` page indices, ``K = max(keep)``, ascending in each row's first ``keep[b]``
         places (so the last page, the only partial one, comes last); later places hold ``P``.
@@ -110,7 +113,7 @@ def select_pages(scores: torch.Tensor, num_pages: torch.Tensor, keep: torch.Tens
     ranked = scores.float().masked_fill(forced[:, None, :], float("inf"))
     ranked = ranked.masked_fill((cols[None, :] >= num_pages[:, None])[:, None, :], float("-inf"))
     order = torch.sort(ranked, dim=-1, descending=True, stable=True).indices
-    k = int(keep.max())
+    k = int(keep.max()) if k is None else k
     top = order[..., :k]
     top = top.masked_fill(torch.arange(k, device=scores.device) >= keep[:, None, None], p)
     return top.sort(dim=-1).values
