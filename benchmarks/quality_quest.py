@@ -7,7 +7,7 @@ the full cache, at budgets of 10-50% of the context.
 - **Agreement** (``bench/quality.agreement``): greedy continuations of prose prompts against
   ``paged``'s, token by token (share of positions equal, first divergence).
 
-Small on purpose (a CPU run of a few minutes): contexts of 384-512 tokens, i.e. 24-32 pages of 16.
+Small on purpose (a CPU run of a few minutes): contexts of 256-416 tokens, i.e. 16-26 pages of 16.
 Writes docs/results/quest_quality.{json,md}.
 """
 from __future__ import annotations
@@ -88,8 +88,8 @@ def markdown(result: dict) -> str:
         "whole 16-token pages, first and last page always read), over the agreement run's steps.",
         "- Every layer selects (the Quest paper keeps its first two layers dense; kvscope's `quest` does not).",
         "- Uncertainty: 4 sequences and 4 prompts, one seed; differences in perplexity under a few percent "
-        "are within what another choice of text would move. Contexts of 384-512 tokens are short for "
-        "Quest (24-32 pages), where a page is a large share of the context.",
+        "are within what another choice of text would move. Contexts of 256-416 tokens are short for "
+        "Quest (16-26 pages), where a page is a large share of the context.",
         "", "Reproduce:", "```",
         f"python benchmarks/quality_quest.py --model {cfg['model']} --dtype {cfg['dtype']}", "```",
     ]
@@ -102,10 +102,10 @@ def main() -> None:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--dtype", default="float32")
     ap.add_argument("--num-seqs", type=int, default=4)
-    ap.add_argument("--seq-len", type=int, default=512)
+    ap.add_argument("--seq-len", type=int, default=384)
     ap.add_argument("--prefix", type=int, default=256)
     ap.add_argument("--prompt-len", type=int, default=384)
-    ap.add_argument("--new-tokens", type=int, default=48)
+    ap.add_argument("--new-tokens", type=int, default=32)
     ap.add_argument("--out", default=str(ROOT / "docs" / "results"))
     args = ap.parse_args()
     result = measure(args)
