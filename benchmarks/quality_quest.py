@@ -25,7 +25,7 @@ ROOT = Path(__file__).resolve().parent.parent
 RATIOS = [0.1, 0.2, 0.3, 0.5]
 
 
-def measure(args) -> dict:
+def measure(args) -> None:
     from kvscope import LLM, SamplingParams
     from kvscope.bench.quality import agreement, perplexity
     from kvscope.models.loader import load_model
@@ -40,6 +40,10 @@ def measure(args) -> dict:
     common = dict(device=args.device, dtype=args.dtype, kv_memory_bytes=256 << 20, max_model_len=2048)
     sp = SamplingParams(max_tokens=args.new_tokens, temperature=0.0, ignore_eos=True)
     rows, ref = [], None
+    config = {k: v for k, v in vars(args).items() if k != "out"}  # no path of the machine it ran on
+    env = environment()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
     for ratio in [None, *RATIOS]:
         spec = "paged" if ratio is None else f"quest:budget_ratio={ratio}"
         t0 = time.perf_counter()
@@ -57,8 +61,10 @@ def measure(args) -> dict:
         rows.append(row)
         print(f"{spec:<26} ppl {row['perplexity']:8.3f}  agree {row['match_fraction']:.3f}  "
               f"read {row['pages_read_share']:.3f}  ({row['seconds']:.1f} s)", flush=True)
-    config = {k: v for k, v in vars(args).items() if k != "out"}  # no path of the machine it ran on
-    return {"benchmark": "quest_quality", "config": config, "environment": environment(), "results": rows}
+        # Written after every budget, so an interrupted run keeps what it measured.
+        result = {"benchmark": "quest_quality", "config": config, "environment": env, "results": rows}
+        (out / "quest_quality.json").write_text(json.dumps(result, indent=2) + "\n")
+        (out / "quest_quality.md").write_text(markdown(result))
 
 
 def markdown(result: dict) -> str:
@@ -87,7 +93,7 @@ def markdown(result: dict) -> str:
         "- Pages read: the share of the held pages each KV head read per decode step (budget rounded up to "
         "whole 16-token pages, first and last page always read), over the agreement run's steps.",
         "- Every layer selects (the Quest paper keeps its first two layers dense; kvscope's `quest` does not).",
-        "- Uncertainty: 4 sequences and 4 prompts, one seed; differences in perplexity under a few percent "
+        f"- Uncertainty: {cfg['num_seqs']} sequences and {cfg['num_seqs']} prompts, one seed; differences in perplexity under a few percent "
         "are within what another choice of text would move. Contexts of 256-416 tokens are short for "
         "Quest (16-26 pages), where a page is a large share of the context.",
         "", "Reproduce:", "```",
@@ -101,18 +107,13 @@ def main() -> None:
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--dtype", default="float32")
-    ap.add_argument("--num-seqs", type=int, default=4)
+    ap.add_argument("--num-seqs", type=int, default=3)
     ap.add_argument("--seq-len", type=int, default=384)
     ap.add_argument("--prefix", type=int, default=256)
     ap.add_argument("--prompt-len", type=int, default=384)
     ap.add_argument("--new-tokens", type=int, default=32)
     ap.add_argument("--out", default=str(ROOT / "docs" / "results"))
-    args = ap.parse_args()
-    result = measure(args)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "quest_quality.json").write_text(json.dumps(result, indent=2) + "\n")
-    (out / "quest_quality.md").write_text(markdown(result))
+    measure(ap.parse_args())
 
 
 if __name__ == "__main__":
