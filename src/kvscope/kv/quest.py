@@ -28,6 +28,7 @@ from kvscope.constants import DEFAULT_BUDGET_RATIO
 from kvscope.errors import ConfigError
 from kvscope.kv.base import BlockTableLayout, KVSetup, StepBatch
 from kvscope.kv.block_pool import BlockPool
+from kvscope.kv.eviction_budget import check_budget_args
 from kvscope.kv.paged import PagedStrategy
 from kvscope.kv.quest_attention import QuestAttention
 from kvscope.kv.quest_pages import PageBounds
@@ -55,13 +56,7 @@ class QuestStrategy(PagedStrategy):
         if not isinstance(page_size, int) or isinstance(page_size, bool) or page_size <= 0:
             raise ConfigError(f"quest: page_size must be a positive integer, got {page_size!r}")
         super().__init__(block_size=page_size, enable_prefix_caching=enable_prefix_caching)
-        if budget is not None and budget_ratio is not None:
-            raise ConfigError("quest: give either budget or budget_ratio, not both")
-        if budget is not None and (not isinstance(budget, int) or isinstance(budget, bool) or budget < 1):
-            raise ConfigError(f"quest: budget must be an integer >= 1 (tokens), got {budget!r}")
-        if budget_ratio is not None and not (isinstance(budget_ratio, (int, float)) and not isinstance(budget_ratio, bool)
-                                             and 0.0 < budget_ratio <= 1.0):
-            raise ConfigError(f"quest: budget_ratio must be in (0, 1], got {budget_ratio!r}")
+        check_budget_args(self.name, budget_ratio, None, budget, None, page_size)  # the eviction policies' checks
         if budget is None and budget_ratio is None:
             budget_ratio = DEFAULT_BUDGET_RATIO
         self.budget = budget
