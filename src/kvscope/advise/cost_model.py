@@ -23,7 +23,10 @@ Units: bytes, seconds, tokens, FLOPs unless a name says otherwise (``_ms`` = mil
   first decode step, then ``b x p`` tokens (+1), and reads those; ``offload`` keeps the KV in the
   host pool and fetches all ``c`` tokens over PCIe every step; ``infinigen`` fetches ``b x c``
   tokens in the sparse layers and ``c`` in its dense layers, and reads its on-device partial keys
-  (``d' = 0.2 x head_dim`` key columns) for every token.
+  (``d' = 0.2 x head_dim`` key columns) for every token. A strategy that selects per step
+  (``selects_per_step``, ``quest``) holds what ``paged`` holds plus one page's key bounds per block
+  (a min and a max key per block: the bytes of one token's K and V), and reads ``b x c`` tokens
+  rounded up to whole blocks (the first and last always among them) plus every block's bounds.
 - Capacity: the pool (device KV memory, or the host pool for the offloading strategies) divided by
   what a request holds; latencies come from replaying the scheduler with these step times
   (:mod:`kvscope.advise.simulate`).
@@ -156,6 +159,8 @@ class CostModel:
     def pool_tokens(self, option: StrategyOption) -> int:
         """Capacity of the pool a request's KV occupies (tokens): the device pool, or for
         ``offload``/``infinigen`` the host pool, also limited by the device prefetch buffers."""
+        if option.selects:  # each block also holds its key bounds, one token's worth
+            return self.kv_pool_bytes * BLOCK_SIZE // (self.kv_bytes_per_token * (BLOCK_SIZE + 1))
         if not option.on_host:
             return int(self.kv_pool_bytes // self.token_bytes(option))
         m = self.model
@@ -188,13 +193,26 @@ class CostModel:
         whose cache holds ``context`` tokens including the new one."""
         if option.evicts:
             return min(context, self.h2o_budget_tokens(option, prompt_len)), 0.0
+        if option.selects:
+            pages = -(-context // BLOCK_SIZE)
+            keep = min(pages, max(2, math.ceil((option.budget_ratio or 1.0) * context / BLOCK_SIZE)))
+            return min(context, keep * BLOCK_SIZE) + self.metadata_tokens(option, context), 0.0
         if option.on_host and not option.sparse_fetch:
             return context, context
         if option.sparse_fetch:
             dense = min(INFINIGEN_DENSE_LAYERS, self.model.num_layers) / self.model.num_layers
             fetched = dense * context + (1 - dense) * math.ceil((option.budget_ratio or 1.0) * context)
-            return fetched + self.partial_key_fraction * context, fetched
+            return fetched + self.metadata_tokens(option, context), fetched
         return context, 0.0
+
+    def metadata_tokens(self, option: StrategyOption, context: int) -> float:
+        """What a decode step reads to choose its tokens, in tokens' worth of K/V: InfiniGen's
+        partial keys of every token, a selecting strategy's key bounds of every block; else 0."""
+        if option.sparse_fetch:
+            return self.partial_key_fraction * context
+        if option.selects:
+            return -(-context // BLOCK_SIZE)
+        return 0.0
 
     def step_seconds(self, option: StrategyOption, work: StepWork) -> float:
         """Duration of one engine step (seconds) under ``option``."""
@@ -205,7 +223,7 @@ class CostModel:
             read, fetched = self.decode_traffic(option, r.context + 1, r.prompt_len)
             device_read += read
             pcie += fetched
-            pairs += read - (self.partial_key_fraction * (r.context + 1) if option.sparse_fetch else 0)
+            pairs += read - self.metadata_tokens(option, r.context + 1)
         for r, n in work.prefills:
             device_read += r.computed  # earlier chunks of the prompt, read by this chunk's attention
             if option.on_host:
@@ -265,6 +283,8 @@ class CostModel:
             per_req = self.running_tokens(option, SimRequest(0.0, mean_req.prompt_len, 2, generated=2))
         capacity = min(self.limits.max_num_seqs, pool // max(per_req, 1))
         device_peak = 0 if option.on_host else round(sim.peak_held_tokens * self.token_bytes(option))
+        if option.selects:
+            device_peak += -(-sim.peak_held_tokens // BLOCK_SIZE) * self.kv_bytes_per_token  # the key bounds
         ms = 1e3
         return Prediction(
             option.spec, option.family, option.budget_ratio, True, None,

@@ -24,8 +24,9 @@ class StrategyOption:
         spec: the engine's strategy string (``"h2o:heavy_ratio=0.05,recent_ratio=0.05"``).
         family: the strategy's registered name (matches measured rows with options, keys the
             measured quality table).
-        budget_ratio: fraction of the prompt's tokens kept (on the device) or fetched per step (on
-            the host); None for strategies that keep and read every token.
+        budget_ratio: fraction of the prompt's tokens kept (on the device), read per decode step (on
+            the device, every token kept: ``selects_per_step``) or fetched per step (on the host);
+            None for strategies that keep and read every token.
         host_kv_bytes: host pool of a host strategy (bytes), None = the engine default.
         facts: the strategy's :class:`StrategyFacts`, read from ``spec`` (what the cost model
             branches on; never the name).
@@ -48,7 +49,13 @@ class StrategyOption:
     @property
     def evicts(self) -> bool:
         """KV on the device, cut down to a share of the prompt after the first decode step."""
-        return self.facts.residence == "device" and not self.facts.lossless and self.budget_ratio is not None
+        return (self.facts.residence == "device" and not self.facts.lossless and not self.facts.selects_per_step
+                and self.budget_ratio is not None)
+
+    @property
+    def selects(self) -> bool:
+        """KV on the device, all of it kept; each decode step reads a selected share (query-aware)."""
+        return self.facts.residence == "device" and self.facts.selects_per_step and not self.facts.lossless
 
     @property
     def sparse_fetch(self) -> bool:

@@ -1,5 +1,6 @@
 """What the report knows about a strategy from its spec string: the share of the prompt's KV it
-keeps, and a short display name (``h2o 20%``, ``infinigen 20%``, ``adaptive``).
+keeps (and the share it holds in memory), and a short display name (``h2o 20%``, ``infinigen 20%``,
+``adaptive``).
 
 Both come from the registry's class (``lossless``, constructor defaults) and the spec's budget
 arguments, never from the strategy's name, so a new strategy needs no change here.
@@ -35,6 +36,17 @@ def kept_fraction(strategy: str) -> float | None:
     None where it is not a fixed share (an absolute ``budget`` in tokens, an unknown strategy, an
     external system's row)."""
     return kept_share(strategy)
+
+
+def held_fraction(strategy: str) -> float | None:
+    """Share of a prompt's KV the strategy holds in memory: :func:`kept_fraction`, except for a
+    strategy that keeps every token and selects a share per decode step (its ``selects_per_step``
+    fact, ``quest``), which holds all of it (1) and saves bandwidth instead."""
+    try:
+        selects = facts(strategy).selects_per_step
+    except ConfigError:  # an external system's row, or a spec the engine refuses
+        return kept_fraction(strategy)
+    return 1.0 if selects else kept_fraction(strategy)
 
 
 def family(strategy: str) -> str:

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from kvscope.report.axes import fit_axis, grid, legend, pareto_front, series, styles, title
-from kvscope.report.names import family, kept_fraction
+from kvscope.report.names import family, held_fraction, kept_fraction
 from kvscope.report.rows import (
     METRIC,
     METRICS,
@@ -79,10 +79,11 @@ def _by_strategy(rows: list[Row]) -> dict[str, list[Row]]:
 
 
 def _budget_curves(ax: Any, rows: list[Row], get: Callable[[Row], float | None], style: Style,
-                   x_of: Callable[[float], float]) -> None:
-    """One curve per strategy family through its budgets (``x_of(kept fraction)``); a family with
-    one budget is a marker under its display name, a longer one a line under the family's name."""
-    known = {s: k for s in _by_strategy(rows) if (k := kept_fraction(s)) is not None}
+                   x_of: Callable[[float], float], share: Callable[[str], float | None] = kept_fraction) -> None:
+    """One curve per strategy family through its budgets (``x_of(share(spec))``, the kept fraction
+    unless told); a family with one budget is a marker under its display name, a longer one a line
+    under the family's name."""
+    known = {s: k for s in _by_strategy(rows) if (k := share(s)) is not None}
     families: dict[str, list[str]] = {}
     for s in sorted(known, key=lambda s: (family(s), known[s])):
         families.setdefault(family(s), []).append(s)
@@ -151,8 +152,9 @@ def _memory_vs_sparsity(plt: Any, rows: list[Row], style: Style) -> list[Plot]:
         fig, axes = grid(plt, len(panels))
         for ax, ((workload, kv), prows) in zip(axes, panels.items()):
             rate, at_rate = _at_top_rate(prows)
-            _budget_curves(ax, at_rate, _KV_USED, style, lambda kept: 1.0 - kept)
-            ax.set_xlabel("sparsity: share of the prompt's KV dropped (0 = lossless)")
+            # Memory follows what is held: a strategy that selects per step holds every token.
+            _budget_curves(ax, at_rate, _KV_USED, style, lambda held: 1.0 - held, held_fraction)
+            ax.set_xlabel("sparsity: share of the prompt's KV dropped from memory (0 = all held)")
             ax.set_ylabel("peak KV used (MiB)")
             title(ax, f"{workload} | {kv} pool | {rate_text(rate)}")
             fit_axis(ax)

@@ -76,6 +76,8 @@ PAPER: dict[str, Any] = {
         *_EVICTION_AT_20,
         "offload",
         *[f"infinigen:budget_ratio={r}" for r in (0.1, 0.2, 0.3, 0.4, 0.5)],
+        # InfiniGen's selection over a GPU-resident cache: the same budgets, nothing crosses PCIe.
+        *[f"quest:budget_ratio={r}" for r in (0.1, 0.2, 0.3, 0.4, 0.5)],
         "adaptive:long_threshold=2048",
         # KV bit width: 8 (fp8, int8) and 4 bits (int4 at KIVI's two group sizes); nothing dropped.
         "quant:dtype=fp8",

@@ -1,0 +1,147 @@
+"""One step of ``quest``: the KV write with the page bounds, full attention for prefill chunks, and
+decode attention over each KV head's selected pages (``kv/quest.py``).
+
+Decode over selected pages reads the cache in place, two ways:
+
+* torch (any device): each (row, KV head) gathers the slots of its pages, ``[B, Hkv, K * bs, D]``,
+  and :func:`~kvscope.attention.torch_ref.attend_decode` runs over ``B * Hkv`` sequences of one KV
+  head and its ``G`` query heads;
+* triton (CUDA): the paged decode kernel over the same ``B * Hkv`` sequences, each with a block
+  table of its own pages. A sequence has one KV head, so the cache is viewed as one-head blocks:
+  block ``b``'s head ``h`` starts at element ``(b * bs * Hkv + h) * D`` of a layer's K, and rows of
+  a block are ``Hkv * D`` apart, so an overlapping strided view with block stride ``D`` and row
+  stride ``Hkv * D`` addresses it as virtual block ``b * bs * Hkv + h``. Nothing is copied.
+
+Selected pages are in position order with the last (partial) page last, so a sequence's tokens are
+``(keep - 1) * bs + last_len`` in block order: what both paths expect.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from kvscope.attention.torch_ref import attend_decode
+from kvscope.kv.quest_pages import PageBounds, page_scores, select_pages
+from kvscope.kv.slot_cache import SlotKVCache, block_table_attention
+
+
+def _one_head_blocks(cache: torch.Tensor, block_size: int) -> torch.Tensor:
+    """``[num_slots, Hkv, D]`` -> an overlapping view ``[V, block_size, 1, D]`` in which virtual block
+    ``b * block_size * Hkv + h`` is block ``b``'s KV head ``h`` (see the module docstring)."""
+    slots, hkv, d = cache.shape
+    num_blocks = slots // block_size
+    virtual = (num_blocks - 1) * block_size * hkv + hkv
+    return cache.as_strided((virtual, block_size, 1, d), (d, hkv * d, d, 1))
+
+
+def attend_selected(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, page_tables: torch.Tensor,
+                    pages: torch.Tensor, keep: torch.Tensor, last_len: torch.Tensor, scale: float,
+                    block_size: int, triton: bool = False) -> torch.Tensor:
+    """Decode attention of each KV head's query heads over that head's selected pages only.
+
+    Args:
+        q: ``[B, Hq, D]``.
+        k_cache, v_cache: a layer's ``[num_slots, Hkv, D]``.
+        page_tables: ``[B, P]`` int64 block id of each row's pages (padding past its pages).
+        pages: ``[B, Hkv, K]`` selected page indices from :func:`select_pages` (ascending, the
+            row's last page last among the first ``keep[b]``).
+        keep: ``[B]`` pages selected per KV head; ``last_len``: ``[B]`` tokens in the last page.
+        triton: the paged Triton decode kernel (CUDA) rather than gather + torch attention.
+    Returns:
+        ``[B, Hq, D]``.
+    """
+    b, hq, d = q.shape
+    hkv = k_cache.shape[1]
+    k = pages.shape[2]
+    blocks = page_tables.gather(1, pages.clamp(max=page_tables.shape[1] - 1).flatten(1)).view(b, hkv, k)
+    lens = ((keep - 1) * block_size + last_len).repeat_interleave(hkv)  # [B * Hkv]
+    qs = q.reshape(b * hkv, hq // hkv, d)
+    heads = torch.arange(hkv, device=q.device)
+    if triton:
+        from kvscope.attention.triton_decode import paged_decode_attention
+
+        virtual = (blocks * (block_size * hkv) + heads[None, :, None]).view(b * hkv, k).to(torch.int32)
+        out = paged_decode_attention(qs.contiguous(), _one_head_blocks(k_cache, block_size),
+                                     _one_head_blocks(v_cache, block_size), virtual, lens.to(torch.int32),
+                                     scale, block_size)
+        return out.view(b, hq, d)
+    slots = (blocks[..., None] * block_size + torch.arange(block_size, device=q.device)).flatten(2)  # [B, Hkv, T]
+    kg = k_cache[slots, heads[None, :, None]].view(b * hkv, -1, 1, d)
+    vg = v_cache[slots, heads[None, :, None]].view(b * hkv, -1, 1, d)
+    return attend_decode(qs, kg, vg, lens, scale).view(b, hq, d)
+
+
+class QuestAttention:
+    """AttentionBackend of one ``quest`` step.
+
+    Args:
+        cache, bounds: the strategy's KV and page bounds.
+        block_tables: per request, its block ids (enough for its tokens after the step).
+        num_computed: per request, tokens cached before the step.
+        query_start: ``[B + 1]`` row offsets of each request's new tokens.
+        keep_pages: pages a decode row of a given context (tokens, the new one included) reads per
+            KV head.
+        backend: ``"torch"`` or ``"triton"``.
+    """
+
+    def __init__(self, cache: SlotKVCache, bounds: PageBounds, block_tables: list[list[int]], block_size: int,
+                 num_computed: list[int], query_start: list[int], scale: float,
+                 keep_pages: Callable[[int], int], backend: str) -> None:
+        self.cache, self.bounds, self.bs, self.scale = cache, bounds, block_size, scale
+        self.triton = backend == "triton"
+        device = cache.kv.device
+        n = len(block_tables)
+        q_lens = [query_start[i + 1] - query_start[i] for i in range(n)]
+        # Slots of the new tokens, built on the host and copied once.
+        slots: list[torch.Tensor] = []
+        for table, done, m in zip(block_tables, num_computed, q_lens):
+            pos = torch.arange(done, done + m)
+            slots.append(torch.tensor(table, dtype=torch.long)[pos // block_size] * block_size + pos % block_size)
+        slot_mapping = torch.cat(slots)
+        first = (slot_mapping % block_size == 0).nonzero().flatten()
+        self.first = first.to(device) if first.numel() else None  # rows that start a block
+        self.slot_mapping = slot_mapping.to(device)
+
+        prefill = [i for i in range(n) if q_lens[i] > 1]
+        self.prefill_q = None
+        if prefill:
+            starts = [0]
+            for i in prefill:
+                starts.append(starts[-1] + q_lens[i])
+            self.prefill_q = torch.cat([torch.arange(query_start[i], query_start[i + 1]) for i in prefill]).to(device)
+            self.prefill = block_table_attention(cache, [block_tables[i] for i in prefill], block_size,
+                                                 [num_computed[i] for i in prefill], starts, scale, backend)
+        decode = [i for i in range(n) if q_lens[i] == 1]
+        self.decode_q = None
+        self.pages_read = self.pages_held = 0
+        if decode:
+            ctx = [num_computed[i] + 1 for i in decode]
+            held = [-(-c // block_size) for c in ctx]
+            keep = [keep_pages(c) for c in ctx]
+            width = max(held)
+            self.page_tables = torch.tensor([(block_tables[i][:h] + [0] * width)[:width]
+                                             for i, h in zip(decode, held)], dtype=torch.long, device=device)
+            self.num_pages = torch.tensor(held, device=device)
+            self.keep = torch.tensor(keep, device=device)
+            self.last_len = torch.tensor([c - (h - 1) * block_size for c, h in zip(ctx, held)], device=device)
+            self.decode_q = torch.tensor([query_start[i] for i in decode], device=device)
+            self.pages_read, self.pages_held, self.keep_max = sum(keep), sum(held), max(keep)
+
+    def attend(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """``q`` ``[N, Hq, D]``, ``k``/``v`` ``[N, Hkv, D]`` -> ``[N, Hq, D]``."""
+        k_cache, v_cache = self.cache.kv[layer_idx, 0], self.cache.kv[layer_idx, 1]
+        k_cache.index_copy_(0, self.slot_mapping, k.to(k_cache.dtype))
+        v_cache.index_copy_(0, self.slot_mapping, v.to(v_cache.dtype))
+        self.bounds.update(layer_idx, self.slot_mapping, k, self.first)
+        out = torch.empty_like(q)
+        if self.prefill_q is not None:
+            out[self.prefill_q] = self.prefill.attend_cached(layer_idx, q[self.prefill_q])
+        if self.decode_q is not None:
+            qd = q[self.decode_q]
+            scores = page_scores(qd, self.bounds.kmin[layer_idx][self.page_tables],
+                                 self.bounds.kmax[layer_idx][self.page_tables])
+            pages = select_pages(scores, self.num_pages, self.keep, self.keep_max)
+            out[self.decode_q] = attend_selected(qd, k_cache, v_cache, self.page_tables, pages, self.keep,
+                                                 self.last_len, self.scale, self.bs, self.triton)
+        return out

@@ -1,0 +1,119 @@
+"""Quest's page metadata and page selection (Tang et al., 2024; used by ``kv/quest.py``).
+
+A page is one block of the paged pool. Beside the KV, every block keeps, per layer and KV head, the
+elementwise minimum and maximum of its tokens' keys. For a query ``q`` the largest ``q . k`` any
+key of the page can reach is bounded by ``sum_d max(q_d min_d, q_d max_d)``, which, since
+``min_d <= max_d``, equals ``q+ . max + q- . min`` (``q+`` / ``q-`` the positive / negative parts of
+``q``): two matrix products, no ``[.., D]`` intermediate per page.
+
+Grouped-query attention: a KV head's pages are read for all ``G`` query heads of its group at once,
+so a page must be read if *any* of them may attend to it strongly. The KV head's score of a page is
+the maximum of its query heads' bounds: it is still an upper bound on every one of their ``q . k``
+over the page (a sum would not be, and would let one head's many moderate bounds outrank another
+head's single large one, which is the token that head's softmax is dominated by).
+"""
+from __future__ import annotations
+
+import torch
+
+from kvscope.kv.slot_cache import SlotKVCache
+
+
+class PageBounds:
+    """Per-block key bounds ``kmin`` / ``kmax``: ``[num_layers, num_blocks, Hkv, D]`` each, in the
+    cache's dtype (the min and max of stored values are stored values: nothing is rounded).
+
+    A block's bounds are valid for the tokens written to it since its first token (offset 0) was
+    written: writing offset 0 resets them, so a block reused after free starts afresh.
+    """
+
+    def __init__(self, num_layers: int, num_blocks: int, num_kv_heads: int, head_dim: int, block_size: int,
+                 device: torch.device, dtype: torch.dtype) -> None:
+        shape = (num_layers, num_blocks, num_kv_heads, head_dim)
+        self.kmin = torch.zeros(shape, dtype=dtype, device=device)
+        self.kmax = torch.zeros(shape, dtype=dtype, device=device)
+        self.block_size = block_size
+
+    @property
+    def nbytes(self) -> int:
+        return 2 * self.kmin.numel() * self.kmin.element_size()
+
+    @staticmethod
+    def bytes_per_block(num_layers: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype) -> int:
+        """Device bytes of one block's bounds (as many as one token's K and V)."""
+        return 2 * num_layers * num_kv_heads * head_dim * torch.empty(0, dtype=dtype).element_size()
+
+    def update(self, layer: int, slots: torch.Tensor, k: torch.Tensor, first: torch.Tensor | None) -> None:
+        """Fold the keys ``k`` ``[N, Hkv, D]`` just written at ``slots`` ``[N]`` into their blocks'
+        bounds. ``first``: the rows of ``k`` written at a block's offset 0 (those blocks start from
+        that token), or None when there is none; the caller knows them on the host, which spares a
+        device sync per layer."""
+        blocks = slots // self.block_size
+        k = k.to(self.kmin.dtype)
+        kmin, kmax = self.kmin[layer], self.kmax[layer]
+        if first is not None:
+            kmin.index_copy_(0, blocks[first], k[first])
+            kmax.index_copy_(0, blocks[first], k[first])
+        index = blocks[:, None, None].expand_as(k)
+        kmin.scatter_reduce_(0, index, k, reduce="amin")
+        kmax.scatter_reduce_(0, index, k, reduce="amax")
+
+    def copy(self, src: int, dst: int) -> None:
+        """Block ``dst`` takes block ``src``'s bounds (copy-on-write copies the KV with them)."""
+        self.kmin[:, dst] = self.kmin[:, src]
+        self.kmax[:, dst] = self.kmax[:, src]
+
+    def recompute(self, cache: SlotKVCache, blocks: list[int], num_tokens: int) -> None:
+        """Bounds of ``blocks`` (a request's table, in order) from the keys of their first
+        ``num_tokens`` tokens in ``cache`` (after KV was written wholesale: swap-in)."""
+        bs = self.block_size
+        for i, block in enumerate(blocks[: -(-num_tokens // bs)]):
+            n = min(bs, num_tokens - i * bs)
+            keys = cache.kv[:, 0, block * bs : block * bs + n]  # [L, n, Hkv, D]
+            self.kmin[:, block] = keys.amin(dim=1)
+            self.kmax[:, block] = keys.amax(dim=1)
+
+
+def page_scores(q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor) -> torch.Tensor:
+    """Upper bound of ``q . k`` over each page, per KV head.
+
+    Args:
+        q: ``[B, Hq, D]`` queries (``Hq`` a multiple of ``Hkv``; unscaled).
+        kmin, kmax: ``[B, P, Hkv, D]`` the bounds of each row's ``P`` pages.
+    Returns:
+        ``[B, Hkv, P]`` float32: per KV head, the maximum over its group's query heads of
+        ``sum_d max(q_d kmin_d, q_d kmax_d)``.
+    """
+    b, hq, d = q.shape
+    hkv = kmin.shape[2]
+    qg = q.float().view(b, hkv, hq // hkv, d)
+    lo = kmin.float().permute(0, 2, 3, 1)  # [B, Hkv, D, P]
+    hi = kmax.float().permute(0, 2, 3, 1)
+    bound = qg.clamp(min=0) @ hi + qg.clamp(max=0) @ lo  # [B, Hkv, G, P]
+    return bound.amax(dim=2)
+
+
+def select_pages(scores: torch.Tensor, num_pages: torch.Tensor, keep: torch.Tensor, k: int | None = None
+                 ) -> torch.Tensor:
+    """Per row and KV head, the ``keep`` pages of highest score, the first and last always among them.
+
+    Args:
+        scores: ``[B, Hkv, P]`` page scores; pages at or past ``num_pages[b]`` are padding.
+        num_pages: ``[B]`` pages each row holds (>= 1).
+        keep: ``[B]`` pages to read per KV head, each in ``min(2, num_pages) .. num_pages``.
+        k: ``max(keep)`` when the caller knows it on the host (else it is read from the device).
+    Returns:
+        ``[B, Hkv, K]`` page indices, ``K = max(keep)``, ascending in each row's first ``keep[b]``
+        places (so the last page, the only partial one, comes last); later places hold ``P``.
+        Ties go to the lower page index (a stable sort), so the choice is deterministic.
+    """
+    b, h, p = scores.shape
+    cols = torch.arange(p, device=scores.device)
+    forced = (cols == 0) | (cols[None, :] == num_pages[:, None] - 1)  # [B, P]
+    ranked = scores.float().masked_fill(forced[:, None, :], float("inf"))
+    ranked = ranked.masked_fill((cols[None, :] >= num_pages[:, None])[:, None, :], float("-inf"))
+    order = torch.sort(ranked, dim=-1, descending=True, stable=True).indices
+    k = int(keep.max()) if k is None else k
+    top = order[..., :k]
+    top = top.masked_fill(torch.arange(k, device=scores.device) >= keep[:, None, None], p)
+    return top.sort(dim=-1).values
