@@ -19,7 +19,7 @@ from kvscope.engine.request import Request
 from kvscope.errors import ConfigError
 from kvscope.kv import registry
 from kvscope.kv.base import KVSetup, StepBatch
-from kvscope.kv.eviction_layered import kv_rows
+from kvscope.kv.eviction_layered_attention import kv_rows
 from kvscope.kv.pyramidkv import pyramid_budgets
 from kvscope.models.dummy import preset_config
 

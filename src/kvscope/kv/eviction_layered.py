@@ -33,15 +33,9 @@ from kvscope.kv.base import Adoption, BlockTableLayout, Handover, KVUsage, StepB
 from kvscope.kv.block_pool import pool_stats
 from kvscope.kv.eviction import EvictionStrategy
 from kvscope.kv.eviction_budget import Budget
-from kvscope.kv.eviction_layered_attention import LayeredEvictionAttention
+from kvscope.kv.eviction_layered_attention import LayeredEvictionAttention, kv_rows
 from kvscope.kv.slot_cache import table_slots
 from kvscope.request import Request
-
-
-def kv_rows(u: torch.Tensor, num_slots: int) -> torch.Tensor:
-    """Rows of the K of layer-slots ``u`` in the KV tensor viewed as ``[L * 2 * num_slots, Hkv, D]``
-    (the V of each lies ``num_slots`` rows further)."""
-    return u + (u // num_slots) * num_slots
 
 
 class LayeredEvictionStrategy(EvictionStrategy):

@@ -2,7 +2,7 @@
 
 Each layer reads its own table of layer-slots: layer ``l``'s KV may live in any physical layer of
 the pool tensor, so K/V are gathered through the tensor viewed as ``[L * 2 * num_slots, Hkv, D]``
-(:func:`~kvscope.kv.eviction_layered.kv_rows`) and the scores through ``[L * num_slots, Hkv]``.
+(:func:`kv_rows`) and the scores through ``[L * num_slots, Hkv]``.
 The arithmetic is the shared eviction attention's torch path (:mod:`kvscope.kv.eviction_attention`)
 line for line, so equal per-layer budgets give its results bit for bit: prefill through the fused
 causal attention plus the statistic's observed rows, decode through explicit probabilities when the
@@ -10,15 +10,16 @@ statistic reads attention. Decode rows are never observed (the layered base comp
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import torch
 
 from kvscope.attention.torch_ref import attend_causal, attend_decode
-from kvscope.kv.eviction_attention import _probs, _probs_and_out
+from kvscope.kv.eviction_attention import ScoredSlots, _probs, _probs_and_out
 
-if TYPE_CHECKING:
-    from kvscope.kv.eviction_layered import LayeredEvictionStrategy
+
+def kv_rows(u: torch.Tensor, num_slots: int) -> torch.Tensor:
+    """Rows of the K of layer-slots ``u`` in the KV tensor viewed as ``[L * 2 * num_slots, Hkv, D]``
+    (the V of each lies ``num_slots`` rows further)."""
+    return u + (u // num_slots) * num_slots
 
 
 class LayeredEvictionAttention:
@@ -34,15 +35,13 @@ class LayeredEvictionAttention:
 
     def __init__(
         self,
-        strategy: "LayeredEvictionStrategy",
+        strategy: ScoredSlots,
         new_slots: list[torch.Tensor],
         tables: list[list[torch.Tensor]],
         query_start: list[int],
         positions: torch.Tensor,
         window_first: list[int],
     ) -> None:
-        from kvscope.kv.eviction_layered import kv_rows  # the strategy's module imports this one
-
         self.s = strategy
         self.num_slots = S = strategy.cache.num_slots
         self.kvf = strategy.cache.kv.view(-1, *strategy.cache.kv.shape[-2:])  # [L * 2 * num_slots, Hkv, D]
