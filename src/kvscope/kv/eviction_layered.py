@@ -50,6 +50,10 @@ class LayeredEvictionStrategy(EvictionStrategy):
     evict_in_decode = False
 
     def __init__(self, **kwargs: Any) -> None:
+        stat = self.statistic
+        if stat.observes_decode or stat.observes_every_prefill_row or self.keyed_initial_scores:
+            # The layered attention folds only a prefill window and writes zero initial scores.
+            raise TypeError(f"{type(self).__name__}: per-layer budgets support prompt-window statistics only")
         super().__init__(**kwargs)
         self.layer_tables: dict[str, list[list[int]]] = {}
         self.layer_resident: dict[str, list[int]] = {}
