@@ -29,8 +29,8 @@ def unregister(name: str) -> None:
 def _load_builtin() -> None:
     # Importing the modules runs their @register decorators.
     from kvscope.kv import (  # noqa: F401
-        adaptive, contiguous, h2o, infinigen, knorm, offload, paged, quant, quest, random_policy, snapkv,
-        streaming, tova,
+        adaptive, contiguous, h2o, infinigen, knorm, offload, paged, pyramidkv, quant, quest, random_policy,
+        snapkv, streaming, tova,
     )
 
 

@@ -53,10 +53,17 @@ class SnapKVStrategy(EvictionStrategy):
         return Budget(total, max(1, min(self.window, total)))
 
     def selection_scores(self, scores: torch.Tensor, positions: torch.Tensor, request: Request) -> torch.Tensor:
-        # Slots are in position order until the first compression: pool along them.
-        x = scores.permute(0, 2, 1)  # [L, Hkv, r]
-        pool = F.max_pool1d if self.pooling == "max" else F.avg_pool1d
-        pad = self.kernel_size // 2
-        pooled = pool(x, self.kernel_size, stride=1, padding=pad) if self.pooling == "max" else \
-            pool(x, self.kernel_size, stride=1, padding=pad, count_include_pad=False)
-        return pooled.permute(0, 2, 1)
+        return pool_scores(scores, self.kernel_size, self.pooling)
+
+
+def pool_scores(scores: torch.Tensor, kernel_size: int, pooling: str) -> torch.Tensor:
+    """SnapKV's smoothing: ``scores`` ``[L, r, Hkv]`` pooled along the ``r`` slots (``"max"`` or
+    ``"avg"``, window ``kernel_size``, same length). Slots are in position order until the first
+    compression, which is when it is read."""
+    x = scores.permute(0, 2, 1)  # [L, Hkv, r]
+    pad = kernel_size // 2
+    if pooling == "max":
+        pooled = F.max_pool1d(x, kernel_size, stride=1, padding=pad)
+    else:
+        pooled = F.avg_pool1d(x, kernel_size, stride=1, padding=pad, count_include_pad=False)
+    return pooled.permute(0, 2, 1)

@@ -74,6 +74,8 @@ PAPER: dict[str, Any] = {
         "contiguous",
         *[_h2o(b) for b in (0.1, 0.2, 0.3, 0.4, 0.5)],
         *_EVICTION_AT_20,
+        # SnapKV's selection under per-layer pyramid budgets, same total: compare with snapkv at 0.2.
+        *[f"pyramidkv:budget_ratio={r}" for r in (0.1, 0.2, 0.3, 0.4, 0.5)],
         "offload",
         *[f"infinigen:budget_ratio={r}" for r in (0.1, 0.2, 0.3, 0.4, 0.5)],
         # InfiniGen's selection over a GPU-resident cache: the same budgets, nothing crosses PCIe.
