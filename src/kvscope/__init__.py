@@ -2,7 +2,7 @@
 characterises them."""
 from kvscope.engine.outputs import CompletionOutput, RequestOutput
 from kvscope.llm import LLM
-from kvscope.sampling_params import SamplingParams
+from kvscope.sampling_params import RequestOutputKind, SamplingParams
 
 __version__ = "0.1.0"
-__all__ = ["LLM", "SamplingParams", "RequestOutput", "CompletionOutput", "__version__"]
+__all__ = ["LLM", "SamplingParams", "RequestOutputKind", "RequestOutput", "CompletionOutput", "__version__"]

@@ -1,6 +1,7 @@
 """The user-facing facade: ``LLM(...).generate(prompts, SamplingParams)``."""
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from typing import Any
 
@@ -14,7 +15,7 @@ from kvscope.errors import RequestError
 from kvscope.kv import registry
 from kvscope.kv.base import KVStrategy
 from kvscope.models.loader import LoadedModel, load_model
-from kvscope.sampling_params import SamplingParams
+from kvscope.sampling_params import RequestOutputKind, SamplingParams
 
 Prompt = str | list[int]
 
@@ -86,6 +87,9 @@ class LLM:
             params = list(sampling_params)
             if len(params) != len(prompts):
                 raise RequestError(f"got {len(params)} sampling params for {len(prompts)} prompts")
+        # Only final outputs are returned, so the engine need not copy each growing output every step.
+        final = RequestOutputKind.FINAL_ONLY
+        params = [dataclasses.replace(p, output_kind=final) if isinstance(p, SamplingParams) else p for p in params]
         ids = self.engine.add_requests(prompts, params)
         try:
             return self._run(ids, use_tqdm)

@@ -1,6 +1,7 @@
 """User-facing sampling parameters, validated on construction."""
 from __future__ import annotations
 
+import enum
 from dataclasses import dataclass, field
 
 from kvscope import checks
@@ -11,6 +12,15 @@ from kvscope.errors import ConfigError
 #: is already an argmax to float precision.
 GREEDY_TEMPERATURE = 1e-5
 _INT64 = (-(1 << 63), (1 << 63) - 1)
+
+
+class RequestOutputKind(enum.Enum):
+    """Which outputs ``LLMEngine.step`` returns for a request (vLLM's names): every step's
+    cumulative output (``CUMULATIVE``, for streaming), or only the final one (``FINAL_ONLY``, what
+    ``LLM.generate`` asks for: no per-step copies of a growing output)."""
+
+    CUMULATIVE = "cumulative"
+    FINAL_ONLY = "final_only"
 
 
 @dataclass
@@ -27,6 +37,8 @@ class SamplingParams:
     ``logprobs`` records the log-probability of each output token under the model.
     ``forced_token_ids`` is teacher forcing: output token ``i`` is ``forced_token_ids[i]``
     whatever the model predicts (with ``logprobs``, this scores a text; used for perplexity).
+    ``output_kind`` (a :class:`RequestOutputKind` or its value) says whether ``step`` reports the
+    request after every step or only when it finishes.
 
     Every field is checked for its type as well as its range (``ConfigError`` naming the field): a
     bool or a float is not an integer, and strings are not numbers.
@@ -46,6 +58,7 @@ class SamplingParams:
     return_logits: bool = False
     logprobs: bool = False
     forced_token_ids: list[int] | None = None
+    output_kind: RequestOutputKind = RequestOutputKind.CUMULATIVE
 
     def __post_init__(self) -> None:
         self.max_tokens = checks.integer(self.max_tokens, "max_tokens", minimum=1)
@@ -74,6 +87,11 @@ class SamplingParams:
             if not self.forced_token_ids:
                 raise ConfigError("forced_token_ids must not be empty")
             self.max_tokens = min(self.max_tokens, len(self.forced_token_ids))
+        try:
+            self.output_kind = RequestOutputKind(self.output_kind)
+        except ValueError:
+            kinds = [k.value for k in RequestOutputKind]
+            raise ConfigError(f"output_kind must be one of {kinds}, got {self.output_kind!r}") from None
 
     @property
     def greedy(self) -> bool:

@@ -32,7 +32,7 @@ import torch
 from tqdm.auto import tqdm
 
 from kvscope.engine.outputs import RequestOutput
-from kvscope.engine.sampling_params import SamplingParams
+from kvscope.sampling_params import RequestOutputKind, SamplingParams
 from kvscope.errors import ConfigError, RequestError
 from kvscope.workload.arrivals import ClosedLoop
 from kvscope.workload.requests import WorkloadRequest
@@ -44,9 +44,6 @@ except ImportError:  # not on Windows
 
 if TYPE_CHECKING:
     from kvscope.llm import LLM
-
-_TIMELINE_KEYS = ("num_running", "num_waiting", "num_preemptions", "kv_bytes_used", "kv_bytes_allocated",
-                  "host_kv_bytes")
 
 
 @dataclass
@@ -185,7 +182,8 @@ def _host_peak_rss() -> int | None:
 
 
 def _params(requests: Sequence[WorkloadRequest], sampling: dict[str, Any] | None) -> list[SamplingParams]:
-    base = {"temperature": 0.0, "ignore_eos": True, **(sampling or {})}
+    # Only finished outputs are read: the engine need not copy each growing output every step.
+    base = {"temperature": 0.0, "ignore_eos": True, "output_kind": RequestOutputKind.FINAL_ONLY, **(sampling or {})}
     if base.get("n", 1) != 1:
         raise ConfigError("run_workload serves one sequence per request; sampling 'n' must be 1")
     return [SamplingParams(**{**base, "max_tokens": r.output_len}) for r in requests]
@@ -246,9 +244,7 @@ def run_workload(
                                         error=str(e)), now)
         if engine.has_unfinished_requests():
             outputs = engine.step()
-            stats = engine.stats()
-            timeline.append({"time": time.perf_counter() - start,
-                             **{k: stats[k] for k in _TIMELINE_KEYS if k in stats}})
+            timeline.append({"time": time.perf_counter() - start, **engine.load()})
             for out in outputs:
                 if out.finished:
                     record = _record(out, requests[int(out.request_id)].output_len, start)

@@ -23,7 +23,7 @@ from kvscope.engine.stopping import stop_reason
 from kvscope.errors import ConfigError, RequestError
 from kvscope.kv.base import KVSetup, KVStrategy
 from kvscope.request import Request, RequestStatus
-from kvscope.sampling_params import SamplingParams
+from kvscope.sampling_params import RequestOutputKind, SamplingParams
 
 if TYPE_CHECKING:
     from kvscope.models.loader import LoadedModel
@@ -364,10 +364,13 @@ class LLMEngine:
 
     # ---- outputs and stats ---------------------------------------------------------------------------
     def _outputs_for(self, ids: set[str]) -> list[RequestOutput]:
-        """Outputs of the groups ``ids``, oldest first; a finished group is forgotten here."""
+        """Outputs of the groups ``ids``, oldest first (an unfinished ``FINAL_ONLY`` one has none);
+        a finished group is forgotten here."""
         outs = []
         for rid in sorted((r for r in ids if r in self._groups), key=lambda r: self._groups[r][0].arrival_time):
             group = self._groups[rid]
+            if group[0].params.output_kind is RequestOutputKind.FINAL_ONLY and not all(r.is_finished for r in group):
+                continue
             out = build_output(group, self.tokenizer)
             outs.append(out)
             if out.finished:
@@ -376,6 +379,15 @@ class LLMEngine:
                 del self._groups[rid]
         return outs
 
+
+    def load(self) -> dict[str, int]:
+        """What a serving timeline samples after each step: request counts and KV bytes, from
+        typed counters (cheap: no strategy stats, no device sync); keys as in :meth:`stats`."""
+        u, sched = self.kv.usage(), self.scheduler
+        out = {"num_running": len(sched.running), "num_waiting": len(sched.waiting),
+               "num_preemptions": sched.num_preemptions, "kv_bytes_used": u.kv_bytes_used,
+               "kv_bytes_allocated": u.kv_bytes_allocated}
+        return out if u.host_kv_bytes is None else {**out, "host_kv_bytes": u.host_kv_bytes}
 
     def stats(self) -> dict[str, Any]:
         """Engine counters plus the strategy's KV accounting (see docs/architecture.md)."""
