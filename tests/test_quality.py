@@ -18,7 +18,7 @@ from kvscope import LLM
 from kvscope.bench import agreement, perplexity, ruler_accuracy
 from kvscope.errors import ConfigError, DatasetError
 from kvscope.workload import load_prose, ruler_samples, score_prediction, token_sequences
-from kvscope.workload.ruler import postprocess_prediction
+from kvscope.workload.ruler_scoring import postprocess_prediction
 from kvscope.workload.text import package_file
 
 

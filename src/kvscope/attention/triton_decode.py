@@ -42,6 +42,8 @@ import torch
 import triton
 import triton.language as tl
 
+from kvscope.attention.paged_inputs import check_paged_inputs
+
 _LOG2E = 1.4426950408889634
 # Split so that at least this many (sequence, KV head, split) programs run per multiprocessor:
 # with fewer, too few K/V tiles are in flight to cover memory latency.
@@ -253,37 +255,6 @@ def default_num_splits(batch: int, num_kv_heads: int, max_tokens: int, device: t
 def _alloc(*shape: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """Every output and workspace buffer comes from here (tests poison them through this seam)."""
     return torch.empty(*shape, dtype=dtype, device=device)
-
-
-def as_blocks(cache: torch.Tensor, block_size: int) -> torch.Tensor:
-    """``[num_slots, Hkv, D]`` (the engine's flat slot layout) or ``[num_blocks, block_size, Hkv, D]``
-    -> ``[num_blocks, block_size, Hkv, D]``."""
-    if cache.dim() == 3:
-        cache = cache.view(-1, block_size, *cache.shape[1:])
-    if cache.dim() != 4 or cache.shape[1] != block_size:
-        raise ValueError(f"KV cache of shape {tuple(cache.shape)} is not [num_blocks, {block_size}, Hkv, D]")
-    if cache.stride(-1) != 1:
-        raise ValueError("KV cache: the head dimension must be contiguous")
-    return cache
-
-
-def check_paged_inputs(
-    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_size: int, *int32: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Validate the arguments both paged kernels share; returns the K/V caches as block views
-    ``[num_blocks, block_size, Hkv, D]``. ``int32``: index tensors (tables, lengths) that must be int32."""
-    k_cache = as_blocks(k_cache, block_size)
-    v_cache = as_blocks(v_cache, block_size)
-    num_heads, head_dim = q.shape[1], q.shape[2]
-    if num_heads % k_cache.shape[2] or k_cache.shape[3] != head_dim or v_cache.shape != k_cache.shape:
-        raise ValueError(
-            f"shapes do not match: q {tuple(q.shape)}, k {tuple(k_cache.shape)}, v {tuple(v_cache.shape)}"
-        )
-    if not (q.dtype == k_cache.dtype == v_cache.dtype) or q.stride(-1) != 1:
-        raise ValueError("q, k_cache and v_cache must share one dtype, with contiguous last dims")
-    if any(t.dtype != torch.int32 for t in int32):
-        raise ValueError("block tables, sequence offsets and lengths must be int32")
-    return k_cache, v_cache
 
 
 def paged_decode_attention(

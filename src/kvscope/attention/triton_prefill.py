@@ -29,7 +29,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kvscope.attention.triton_decode import check_paged_inputs
+from kvscope.attention.paged_inputs import check_paged_inputs
 
 _LOG2E = 1.4426950408889634
 

@@ -168,7 +168,7 @@ def ruler_scores(samples: list[dict[str, Any]], texts: list[str], failed: list[b
     :func:`kvscope.bench.quality.ruler_accuracy` reports it."""
     from collections import defaultdict
 
-    from kvscope.workload.ruler import score_prediction
+    from kvscope.workload.ruler_scoring import score_prediction
 
     by_task: dict[str, list[float]] = defaultdict(list)
     for s, text, bad in zip(samples, texts, failed):

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 from kvscope.engine.outputs import RequestOutput
 from kvscope.engine.sampling_params import SamplingParams
 from kvscope.errors import ConfigError, RequestError
-from kvscope.workload.ruler import postprocess_prediction, score_prediction
+from kvscope.workload.ruler_scoring import postprocess_prediction, score_prediction
 
 if TYPE_CHECKING:
     from kvscope.llm import LLM

@@ -26,7 +26,7 @@ from kvscope.sampling_params import SamplingParams
 from kvscope.study.point_workload import workload_ruler_samples
 from kvscope.study.spec import Point
 from kvscope.workload.mixed import MixedWorkload
-from kvscope.workload.ruler import score_prediction
+from kvscope.workload.ruler_scoring import score_prediction
 from kvscope.workload.text import token_sequences
 
 
