@@ -268,7 +268,8 @@ def main() -> None:
                    "fitted": {"h100.step_overhead_s_per_layer": h100.step_overhead_s_per_layer,
                               "h100.fit_point": fit_h100.label,
                               "cpu.step_overhead_s_per_layer": cpu.step_overhead_s_per_layer,
-                              "cpu.fit_point": fit_cpu.label}},
+                              "cpu.fit_point": fit_cpu.label},
+                   "cpu.matmul_flops_per_s": cpu.matmul_flops_per_s, "cpu.memory_bytes_per_s": cpu.hbm_bytes_per_s},
         "environment": environment(),
         "summary": summary,
         "picks": pick_summary,
@@ -285,11 +286,43 @@ def _pct(x: float | None) -> str:
     return "-" if x is None or not math.isfinite(x) else f"{x:.0%}"
 
 
+def _met(errs: dict[str, Any]) -> bool:
+    return all(errs[k]["meets_target"] for k in ("output_throughput", "mean_tpot_ms"))
+
+
+def conclusion(res: dict[str, Any]) -> list[str]:
+    """The verdict per hardware with its medians, and the CPU points the model still misses most."""
+    out = []
+    for hw, s in res["summary"].items():
+        e = s["all"]
+        out.append(f"**{hw}: target {'met' if _met(e) else 'not met'}**: median error throughput "
+                   f"{_pct(e['output_throughput']['median_abs_error'])}, TPOT {_pct(e['mean_tpot_ms']['median_abs_error'])}"
+                   f", TTFT {_pct(e['mean_ttft_ms']['median_abs_error'])} over {e['output_throughput']['points']} points.")
+    cpu = [r for r in res["points"] if r["hardware"] == "cpu" and not r["fit"]]
+    if cpu:
+        worst = max(cpu, key=lambda r: r["error"]["output_throughput"])
+        paged = res["summary"]["cpu"]["by_family"].get("paged")
+        out.append("")
+        out.append(
+            "CPU, what the model leaves out (each point is one run; cpu_generate's three repeats spread by up to 22%, "
+            "so read a single point with about that margin): "
+            + (f"`paged` is the worst family (TTFT {_pct(paged['mean_ttft_ms']['median_abs_error'])}, throughput "
+               f"{_pct(paged['output_throughput']['median_abs_error'])}): the engine's prefix cache reuses prompt blocks "
+               "that earlier requests share (the rows' `prefix_cache_hit_tokens`), which the replay computes in "
+               "full; " if paged else "")
+            + f"the largest throughput miss is `{worst['point']}` ({worst['measured']['output_throughput']:.1f} "
+            f"measured, {worst['predicted']['output_throughput']:.1f} predicted): a CPU decode step costs more per "
+            "sequence than its weight reads and FLOPs, which the model does not hold.")
+    return out
+
+
 def markdown(res: dict[str, Any]) -> str:
     env, cfg = res["environment"], res["config"]
     fit = cfg["fitted"]
     lines = [
         "# Advisor calibration: cost model against measured results",
+        "",
+        *conclusion(res),
         "",
         f"Run {env['date']}, commit {env['commit']} (the cost model is pure arithmetic; the measured figures come "
         f"from the files below). Command: `python benchmarks/advise_calibration.py"
@@ -304,6 +337,8 @@ def markdown(res: dict[str, Any]) -> str:
         f"`step_overhead_s_per_layer` = {fit['h100.step_overhead_s_per_layer'] * 1e3:.3f} ms (fit on "
         f"`{fit['h100.fit_point']}`, mean TPOT); CPU {fit['cpu.step_overhead_s_per_layer'] * 1e3:.3f} ms "
         f"(fit on `{fit['cpu.fit_point']}`, throughput).",
+        f"- CPU rates (rough estimates for the 2 cores, not fitted; `src/kvscope/advise/hardware.py` says why): "
+        f"matmul {cfg['cpu.matmul_flops_per_s'] / 1e9:.0f} GFLOP/s, memory {cfg['cpu.memory_bytes_per_s'] / 1e9:.0f} GB/s.",
         "- The CPU study rows are the `quick` preset's results (`kvscope study run --preset quick`), kept "
         "in the repository at the path in the command. Rows carry no per-request lengths; the replay rebuilds "
         "each request's prompt and output length, in arrival order, from the row's workload spec, seed and the "
