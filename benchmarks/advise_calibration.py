@@ -337,7 +337,8 @@ def markdown(res: dict[str, Any]) -> str:
         f"`step_overhead_s_per_layer` = {fit['h100.step_overhead_s_per_layer'] * 1e3:.3f} ms (fit on "
         f"`{fit['h100.fit_point']}`, mean TPOT); CPU {fit['cpu.step_overhead_s_per_layer'] * 1e3:.3f} ms "
         f"(fit on `{fit['cpu.fit_point']}`, throughput).",
-        f"- CPU rates (rough estimates for the 2 cores, not fitted; `src/kvscope/advise/hardware.py` says why): "
+        f"- CPU rates (rough estimates for the 2 cores, not fitted; the quick rows bound the matmul rate from below, "
+        f"`src/kvscope/advise/hardware.py` says how): "
         f"matmul {cfg['cpu.matmul_flops_per_s'] / 1e9:.0f} GFLOP/s, memory {cfg['cpu.memory_bytes_per_s'] / 1e9:.0f} GB/s.",
         "- The CPU study rows are the `quick` preset's results (`kvscope study run --preset quick`), kept "
         "in the repository at the path in the command. Rows carry no per-request lengths; the replay rebuilds "
