@@ -6,7 +6,10 @@ Measured points:
   `--cpu-results`, the rows of a CPU study's results.jsonl (e.g. `kvscope study run --preset quick`).
 
 Each point is replayed through the cost model with its own configuration: model, strategy, KV pool,
-engine limits, max_model_len and the same arrival times the study drew (gamma arrivals, same seed).
+engine limits, max_model_len and the same arrival times the study drew (gamma arrivals, same seed);
+a CPU study row's requests keep their own prompt and output lengths, rebuilt from the workload spec
+(a mixed workload's 210-token needle prompts and 11-107-token ShareGPT ones replayed at their mean
+of 119 would hide the prefill chunks that decodes wait behind).
 Per metric (output throughput, mean TPOT, mean TTFT) the median absolute percentage error is reported
 per hardware and per strategy family.
 
@@ -27,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import hashlib
 import json
 import math
@@ -34,6 +38,7 @@ import statistics
 import sys
 from collections import defaultdict
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -43,7 +48,11 @@ from kvscope.advise import CostModel, EngineLimits, Hardware, StrategyOption, Wo
 from kvscope.advise.hardware import H100, cpu_hardware
 from kvscope.advise.measured import row_lengths
 from kvscope.advise.options import option_from_spec
+from kvscope.errors import KVScopeError
+from kvscope.models.loader import load_tokenizer
+from kvscope.study.point_workload import workload_requests
 from kvscope.study.results_io import read_results
+from kvscope.study.spec import WorkloadSpec
 from kvscope.workload.arrivals import gamma_arrivals
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -72,10 +81,38 @@ class Point:
     measured: dict[str, float]
     scenario: tuple[Any, ...] | None  # None = not part of a pick comparison
     fit: bool = False
+    per_request_lengths: bool = False  # False: every request replayed with the run's mean lengths
 
 
-def study_points(rows: list[dict[str, Any]], hardware: str) -> list[Point]:
-    """Points from study rows whose strategy the cost model covers."""
+@functools.cache
+def _tokenizer(model: str) -> Any:
+    return load_tokenizer(model)
+
+
+def request_lengths(row: dict[str, Any]) -> list[tuple[int, int]] | None:
+    """(prompt, output) tokens of each request of a row, in arrival order, rebuilt as the study
+    built them (the workload is deterministic given its spec, seed and the model's tokenizer).
+
+    None when the tokenizer or the workload's data cannot be loaded, or when the rebuilt totals
+    differ from the row's (the rebuild would then not be the run's workload)."""
+    cfg, m = row["config"], row["metrics"]
+    try:
+        llm = SimpleNamespace(tokenizer=_tokenizer(cfg["model"]))
+        spec = WorkloadSpec(**cfg["workload"])
+        requests = workload_requests(llm, spec, cfg["seed"])  # type: ignore[arg-type]
+    except (KVScopeError, OSError, TypeError):
+        return None
+    lengths = [(r.prompt_len if r.prompt_len is not None else len(llm.tokenizer.encode(r.prompt)), r.output_len)
+               for r in requests]
+    if (len(lengths) != m["completed"] or sum(p for p, _ in lengths) != m["total_input_tokens"]
+            or sum(o for _, o in lengths) != m["total_output_tokens"]):
+        return None
+    return lengths
+
+
+def study_points(rows: list[dict[str, Any]], hardware: str, rebuild: bool = False) -> list[Point]:
+    """Points from study rows whose strategy the cost model covers; ``rebuild``: replay each
+    request's own lengths (:func:`request_lengths`) where they can be rebuilt, else the run's means."""
     out = []
     for row in rows:
         if row.get("status") != "ok":
@@ -86,18 +123,22 @@ def study_points(rows: list[dict[str, Any]], hardware: str) -> list[Point]:
             continue
         m = row["metrics"]
         n = m["completed"]
-        prompt, output = row_lengths(row)
         rate = math.inf if cfg["rate"] == "inf" else float(cfg["rate"])
         arrivals = gamma_arrivals(n, rate, cfg["burstiness"], seed=cfg["seed"])
-        # Per-request lengths are not in the rows; every request gets the run's mean lengths.
-        wl = Workload((round(prompt),) * n, (max(1, round(output)),) * n, rate, tuple(float(a) for a in arrivals))
+        lengths = request_lengths(row) if rebuild else None
+        rebuilt = lengths is not None
+        if lengths is None:  # every request gets the run's mean lengths
+            prompt, output = row_lengths(row)
+            lengths = [(round(prompt), max(1, round(output)))] * n
+        wl = Workload(tuple(p for p, _ in lengths), tuple(o for _, o in lengths), rate,
+                      tuple(float(a) for a in arrivals))
         engine = cfg.get("engine", {})
         limits = EngineLimits(engine.get("max_num_seqs", 64), engine.get("max_num_batched_tokens", 2048))
         w = cfg["workload"]
         scenario = (cfg["model"], json.dumps(w, sort_keys=True), cfg["kv_memory"], cfg["rate"])
         out.append(Point(f"{cfg['strategy']} | {w['kind']} | kv {cfg['kv_memory']} | rate {cfg['rate']}", hardware,
                          cfg["model"], option, wl, cfg["kv_memory"], limits, cfg.get("max_model_len"),
-                         {k: m[k] for k in METRICS}, scenario))
+                         {k: m[k] for k in METRICS}, scenario, per_request_lengths=rebuilt))
     return out
 
 
@@ -193,7 +234,10 @@ def main() -> None:
                       "rows": len(cpu_rows), "commit": env.get("commit"), "versions": env.get("versions"),
                       "torch_threads": env.get("torch_threads"),
                       "study": cpu_rows[0].get("study") if cpu_rows else None}
-        cpu_pts += study_points(cpu_rows, "cpu")
+        cpu_study = study_points(cpu_rows, "cpu", rebuild=True)
+        cpu_source["rows_with_per_request_lengths"] = sum(p.per_request_lengths for p in cpu_study)
+        cpu_source["points"] = len(cpu_study)
+        cpu_pts += cpu_study
     cpu_base = cpu_hardware(cores=2)  # the 2-core machine all CPU figures were measured on
     fit_cpu = next(p for p in cpu_pts if p.fit)
     cpu = cpu_base.with_step_overhead(fit_overhead(fit_cpu, cpu_base, "output_throughput"))
@@ -224,7 +268,8 @@ def main() -> None:
                    "fitted": {"h100.step_overhead_s_per_layer": h100.step_overhead_s_per_layer,
                               "h100.fit_point": fit_h100.label,
                               "cpu.step_overhead_s_per_layer": cpu.step_overhead_s_per_layer,
-                              "cpu.fit_point": fit_cpu.label}},
+                              "cpu.fit_point": fit_cpu.label},
+                   "cpu.matmul_flops_per_s": cpu.matmul_flops_per_s, "cpu.memory_bytes_per_s": cpu.hbm_bytes_per_s},
         "environment": environment(),
         "summary": summary,
         "picks": pick_summary,
@@ -241,11 +286,43 @@ def _pct(x: float | None) -> str:
     return "-" if x is None or not math.isfinite(x) else f"{x:.0%}"
 
 
+def _met(errs: dict[str, Any]) -> bool:
+    return all(errs[k]["meets_target"] for k in ("output_throughput", "mean_tpot_ms"))
+
+
+def conclusion(res: dict[str, Any]) -> list[str]:
+    """The verdict per hardware with its medians, and the CPU points the model still misses most."""
+    out = []
+    for hw, s in res["summary"].items():
+        e = s["all"]
+        out.append(f"**{hw}: target {'met' if _met(e) else 'not met'}**: median error throughput "
+                   f"{_pct(e['output_throughput']['median_abs_error'])}, TPOT {_pct(e['mean_tpot_ms']['median_abs_error'])}"
+                   f", TTFT {_pct(e['mean_ttft_ms']['median_abs_error'])} over {e['output_throughput']['points']} points.")
+    cpu = [r for r in res["points"] if r["hardware"] == "cpu" and not r["fit"]]
+    if cpu:
+        worst = max(cpu, key=lambda r: r["error"]["output_throughput"])
+        paged = res["summary"]["cpu"]["by_family"].get("paged")
+        out.append("")
+        out.append(
+            "CPU, what the model leaves out (each point is one run; cpu_generate's three repeats spread by up to 22%, "
+            "so read a single point with about that margin): "
+            + (f"`paged` is the worst family (TTFT {_pct(paged['mean_ttft_ms']['median_abs_error'])}, throughput "
+               f"{_pct(paged['output_throughput']['median_abs_error'])}): the engine's prefix cache reuses prompt blocks "
+               "that earlier requests share (the rows' `prefix_cache_hit_tokens`), which the replay computes in "
+               "full; " if paged else "")
+            + f"the largest throughput miss is `{worst['point']}` ({worst['measured']['output_throughput']:.1f} "
+            f"measured, {worst['predicted']['output_throughput']:.1f} predicted): a CPU decode step costs more per "
+            "sequence than its weight reads and FLOPs, which the model does not hold.")
+    return out
+
+
 def markdown(res: dict[str, Any]) -> str:
     env, cfg = res["environment"], res["config"]
     fit = cfg["fitted"]
     lines = [
         "# Advisor calibration: cost model against measured results",
+        "",
+        *conclusion(res),
         "",
         f"Run {env['date']}, commit {env['commit']} (the cost model is pure arithmetic; the measured figures come "
         f"from the files below). Command: `python benchmarks/advise_calibration.py"
@@ -260,9 +337,16 @@ def markdown(res: dict[str, Any]) -> str:
         f"`step_overhead_s_per_layer` = {fit['h100.step_overhead_s_per_layer'] * 1e3:.3f} ms (fit on "
         f"`{fit['h100.fit_point']}`, mean TPOT); CPU {fit['cpu.step_overhead_s_per_layer'] * 1e3:.3f} ms "
         f"(fit on `{fit['cpu.fit_point']}`, throughput).",
+        f"- CPU rates (rough estimates for the 2 cores, not fitted; the quick rows bound the matmul rate from below, "
+        f"`src/kvscope/advise/hardware.py` says how): "
+        f"matmul {cfg['cpu.matmul_flops_per_s'] / 1e9:.0f} GFLOP/s, memory {cfg['cpu.memory_bytes_per_s'] / 1e9:.0f} GB/s.",
         "- The CPU study rows are the `quick` preset's results (`kvscope study run --preset quick`), kept "
-        "in the repository at the path in the command. Sharegpt rows carry no per-request lengths: every "
-        "request gets the run's mean prompt and output lengths.",
+        "in the repository at the path in the command. Rows carry no per-request lengths; the replay rebuilds "
+        "each request's prompt and output length, in arrival order, from the row's workload spec, seed and the "
+        "model's tokenizer (as the study built them), and checks the totals against the row's"
+        + (f" ({cfg['cpu_results']['rows_with_per_request_lengths']} of {cfg['cpu_results']['points']} points "
+           "rebuilt; any other is replayed with the run's mean lengths)" if cfg["cpu_results"] else "")
+        + ". The H100 rows are a `fixed` workload: the mean lengths are every request's.",
         "",
         f"## Median absolute error (target <= {cfg['target_median_abs_error']:.0%} on throughput and TPOT)",
         "",

@@ -58,6 +58,29 @@ def test_step_overhead_is_per_layer() -> None:
     assert CostModel(LLAMA3, slow).decode_step_seconds(PAGED, 1, 128) == pytest.approx(t0 + 32e-3)
 
 
+def test_cpu_prefill_step_by_hand() -> None:
+    """The 2-core CPU preset (80 GFLOP/s and 8 GB/s per core, float32): a 210-token prompt of
+    SmolLM2-135M in one chunk is matmul-bound, and stays within the 347 ms the quick study's rows
+    bound its TTFT by (hardware.py: the earlier 40 GFLOP/s per core predicted 614 ms)."""
+    from kvscope.advise.hardware import CPU_STEP_OVERHEAD_S_PER_LAYER, cpu_hardware
+    from kvscope.advise.simulate import SimRequest, StepWork
+
+    hw = cpu_hardware(cores=2, memory_bytes=16 * GIB)
+    cost = CostModel(resolve_model("smollm2-135m"), hw)
+    n = 210
+    # 134,515,008 parameters, of which the tied 49152 x 576 embedding (28,311,552) is the LM head:
+    # 106,203,456 matmul parameters per token, the LM head on the one last row, and 4 x 30 layers x
+    # 9 heads x 64 dims per causal (query, key) pair, 210 x 211 / 2 of them.
+    flops = 2 * 106_203_456 * n + 2 * 28_311_552 + 4 * 30 * 9 * 64 * (n * (n + 1) // 2)
+    assert flops == 46_193_428_224
+    # Weights (float32) + the 210 new tokens' K/V (2 x 30 x 3 x 64 x 4 bytes each), at 16 GB/s: 34 ms.
+    hbm = 134_515_008 * 4 + 46_080 * n
+    assert hbm / 16e9 < flops / 160e9
+    step = cost.step_seconds(PAGED, StepWork([], [(SimRequest(0.0, n, 16), n)]))
+    assert step == pytest.approx(30 * CPU_STEP_OVERHEAD_S_PER_LAYER + flops / 160e9)
+    assert step < 0.347
+
+
 def test_eager_steps_pay_the_eager_overhead() -> None:
     """Decode-only steps replay CUDA graphs (the replayed overhead); a step with a prefill chunk,
     and every offload step, run eagerly (the eager one). Unset, the eager overhead is the replayed one."""

@@ -100,7 +100,7 @@ GPU_SPECULATION_S_PER_LAYER = 2.5e-3
 # memory-rich pool, all requests at once on the H100; kvscope paged at batch 1 in
 # benchmarks/results/cpu_generate.json on the CPU) and reported there with the errors elsewhere.
 H100_STEP_OVERHEAD_S_PER_LAYER = 0.123e-3
-CPU_STEP_OVERHEAD_S_PER_LAYER = 1.219e-3
+CPU_STEP_OVERHEAD_S_PER_LAYER = 1.242e-3
 # What an eager step costs per layer beyond a replayed one, on an H100: benchmarks/results/
 # decode_step.md (engine step, eager minus CUDA graphs, Llama-3.1-8B's 32 layers; median over its six
 # shapes of 7.7-20.5 ms) = 16.9 ms / 32 layers.
@@ -154,9 +154,15 @@ H200 = dataclasses.replace(
     },
 )
 
-# Rough per-core figures for a current x86 server core running torch float32 (AVX2/AVX-512 FMA at
-# about half of peak; a share of the socket's DRAM bandwidth). Estimates, not measurements.
-CPU_FLOPS_PER_CORE = 40e9
+# Rough per-core figures for a current x86 server core running torch float32: an AVX-512 core with
+# two FMA units does 64 float32 FLOP a cycle, 160 GFLOP/s at 2.5 GHz, and sgemm holds about half of
+# that through a prefill's matmuls; a share of the socket's DRAM bandwidth. Estimates, not
+# measurements. The earlier 40 GFLOP/s (half an AVX2 core's peak) is ruled out by the quick study's
+# rows (docs/results/quick): at 4 req/s, snapkv (no prefix caching) served at least 14 of its 16
+# requests, among them at least 6 of its 8 needle prompts of 204-210 tokens, within a TTFT of 347 ms
+# (its p90), while 210 tokens' matmuls are 44.6 GFLOP: over 128 GFLOP/s on the 2 cores, 64 per
+# core, before any per-layer or weight-read time.
+CPU_FLOPS_PER_CORE = 80e9
 CPU_BYTES_PER_S_PER_CORE = 8 * GB
 
 
