@@ -161,7 +161,9 @@ H200 = dataclasses.replace(
 # rows (docs/results/quick): at 4 req/s, snapkv (no prefix caching) served at least 14 of its 16
 # requests, among them at least 6 of its 8 needle prompts of 204-210 tokens, within a TTFT of 347 ms
 # (its p90), while 210 tokens' matmuls are 44.6 GFLOP: over 128 GFLOP/s on the 2 cores, 64 per
-# core, before any per-layer or weight-read time.
+# core, before any per-layer or weight-read time. 80 was picked among the values above that bound
+# with the rows in view (40: 26% / 56% / 171% median error, 80: 3% / 9% / 15%, 120: 12% / 24% / 26%),
+# so the calibration on these rows is not an independent check of it.
 CPU_FLOPS_PER_CORE = 80e9
 CPU_BYTES_PER_S_PER_CORE = 8 * GB
 
