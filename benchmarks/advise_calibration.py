@@ -337,8 +337,9 @@ def markdown(res: dict[str, Any]) -> str:
         f"`step_overhead_s_per_layer` = {fit['h100.step_overhead_s_per_layer'] * 1e3:.3f} ms (fit on "
         f"`{fit['h100.fit_point']}`, mean TPOT); CPU {fit['cpu.step_overhead_s_per_layer'] * 1e3:.3f} ms "
         f"(fit on `{fit['cpu.fit_point']}`, throughput).",
-        f"- CPU rates (rough estimates for the 2 cores, not fitted; the quick rows bound the matmul rate from below, "
-        f"`src/kvscope/advise/hardware.py` says how): "
+        "- CPU rates (rough estimates for the 2 cores; the quick rows bound the matmul rate from below, and the "
+        "value was chosen above that bound with these rows in view, so the CPU medians are not an independent "
+        "check of it: `src/kvscope/advise/hardware.py` gives the numbers): "
         f"matmul {cfg['cpu.matmul_flops_per_s'] / 1e9:.0f} GFLOP/s, memory {cfg['cpu.memory_bytes_per_s'] / 1e9:.0f} GB/s.",
         "- The CPU study rows are the `quick` preset's results (`kvscope study run --preset quick`), kept "
         "in the repository at the path in the command. Rows carry no per-request lengths; the replay rebuilds "
