@@ -56,7 +56,10 @@ class LLMEngine:
       propagates: no request is ever left with a computed position and no token to show for it.
     """
 
-    def __init__(self, loaded: LoadedModel, kv: KVStrategy, config: EngineConfig) -> None:
+    def __init__(self, loaded: LoadedModel, kv: KVStrategy, config: EngineConfig,
+                 runner: ModelRunner | None = None) -> None:
+        """``runner``: runs the steps instead of a :class:`ModelRunner` of ``loaded.model`` (a
+        tensor-parallel engine's, which also drives the other ranks; ``kvscope.distributed``)."""
         self.config = config
         self.model = loaded.model
         self.tokenizer = loaded.tokenizer
@@ -101,7 +104,8 @@ class LLMEngine:
         self.scheduler = Scheduler(
             kv, config.max_num_seqs, config.max_num_batched_tokens, config.preemption_mode
         )
-        self.runner = ModelRunner(self.model, kv, config.torch_device, self._capture_graphs())
+        self.runner = runner if runner is not None else ModelRunner(
+            self.model, kv, config.torch_device, self._capture_graphs())
         self.requests: dict[str, Request] = {}
         self._groups: dict[str, list[Request]] = {}  # parent id -> its n samples, parent first
         self._due: set[str] = set()  # groups finished between steps (aborts): output at the next step

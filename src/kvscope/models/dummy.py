@@ -6,6 +6,7 @@ parser as real checkpoints. Weights are drawn directly on the target device in t
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -113,10 +114,16 @@ def random_model(config: ModelConfig, device: torch.device, dtype: torch.dtype, 
 
     Deterministic for a given (seed, device type); never allocates a float32 or CPU copy.
     """
-    model = empty_model(config)
+    return assign_weights(empty_model(config), dict(draw_weights(config, device, dtype, seed)),
+                          config.name or "dummy model")
+
+
+def draw_weights(config: ModelConfig, device: torch.device, dtype: torch.dtype,
+                 seed: int) -> Iterator[tuple[str, torch.Tensor]]:
+    """:func:`random_model`'s tensors one at a time, by checkpoint name, in a fixed order (a
+    tensor-parallel rank keeps a slice of each and drops the rest)."""
     gen = torch.Generator(device=device).manual_seed(seed)
-    tensors: dict[str, torch.Tensor] = {}
-    for name, p in model.named_parameters():  # a tied head appears once, under the embedding's name
+    for name, p in empty_model(config).named_parameters():  # a tied head appears once, under the embedding's name
         t = torch.empty(p.shape, device=device, dtype=dtype)
         if name.endswith(".bias"):
             t.zero_()
@@ -124,5 +131,4 @@ def random_model(config: ModelConfig, device: torch.device, dtype: torch.dtype, 
             t.fill_(1.0)
         else:
             t.normal_(0.0, INIT_STD, generator=gen)
-        tensors[name] = t
-    return assign_weights(model, tensors, config.name or "dummy model")
+        yield name, t
