@@ -1,0 +1,130 @@
+"""Tensor parallelism on the CPU (gloo, 2 processes): outputs equal one rank's, KV kept in lockstep
+on every rank, bad configurations refused, a dead worker an error rather than a hang.
+
+The reference is the same engine on one rank: same dummy weights (each rank keeps its slices of
+the single-device draw), same pool in tokens (``kv_memory_bytes`` is per rank, so TP 2 gets half).
+"""
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+import pytest
+import torch
+
+from kvscope import LLM, SamplingParams
+from kvscope.errors import ConfigError
+from kvscope.models.loader import load_model
+from kvscope.models.parallel import load_shard, shard_config, shard_dim
+
+pytestmark = pytest.mark.skipif(
+    len(os.sched_getaffinity(0)) < 2, reason="tensor parallelism needs one core per rank process")
+
+MODEL = "dummy:tiny-llama"  # 4 heads, 2 KV heads, 2 layers
+KV = 1 << 20  # one rank's pool: 128 blocks of 16 tokens
+PROMPTS = [[(7 * i + 11 * n) % 250 + 4 for i in range(n)] for n in (37, 5, 60, 18)]  # no shared prefix
+# Per-request counts, equal on every rank and to one rank's; ``evicted_tokens`` counts (token, KV
+# head) pairs, so the ranks' sum is one rank's.
+COUNTS = ("num_blocks", "blocks_used", "blocks_free", "blocks_cached", "num_evictions", "freed_blocks",
+          "host_num_blocks", "host_blocks_used", "host_evicted_tokens")
+
+
+def greedy(n: int = 12) -> SamplingParams:
+    return SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True, return_logits=True)
+
+
+def run(tp: int, strategy: str, prompts=PROMPTS, kv: int = KV, **kw):
+    llm = LLM(MODEL, strategy=strategy, kv_memory_bytes=kv // tp, max_model_len=256, tensor_parallel_size=tp, **kw)
+    try:
+        outs = llm.generate(prompts, greedy(), use_tqdm=False)
+        return outs, llm.rank_stats(), llm.engine.stats()
+    finally:
+        llm.close()
+
+
+def counts(stats: dict) -> dict:
+    return {k: v for k, v in stats.items() if k in COUNTS}
+
+
+def test_shards_are_slices_of_the_single_device_model():
+    full = load_model(MODEL).model.state_dict()
+    shards = [load_shard(MODEL, torch.device("cpu"), torch.float32, 0, r, 2).model.state_dict() for r in range(2)]
+    for name, t in full.items():
+        dim = shard_dim(name)
+        got = shards[0][name] if dim is None else torch.cat([s[name] for s in shards], dim)
+        assert torch.equal(got, t), name
+    assert shards[0]["model.layers.0.self_attn.k_proj.weight"].shape[0] == 16  # one KV head of 16 dims
+
+
+# infinigen: one dense layer, so layer 1 speculates; every token clears ``alpha`` and the budget
+# cap decides k on every rank alike (see the report: k from a per-rank mean of head counts differs).
+@pytest.mark.parametrize("strategy", [
+    "paged", "h2o:heavy_ratio=0.2,recent_ratio=0.2", "snapkv:budget_ratio=0.3,window=4",
+    "infinigen:dense_layers=1,alpha=1000,budget_ratio=0.5"])
+def test_tp2_equals_tp1(strategy):
+    ref, ref_ranks, _ = run(1, strategy)
+    got, ranks, _ = run(2, strategy)
+    for a, b in zip(ref, got):
+        assert a.outputs[0].token_ids == b.outputs[0].token_ids
+        la, lb = torch.stack(a.outputs[0].logits), torch.stack(b.outputs[0].logits)
+        assert torch.allclose(la, lb, atol=1e-5, rtol=0), (la - lb).abs().max()
+    assert len(ranks) == 2 and counts(ranks[0]) == counts(ranks[1]) == counts(ref_ranks[0])
+    assert sum(s.get("evicted_tokens", 0) for s in ranks) == ref_ranks[0].get("evicted_tokens", 0)
+
+
+@pytest.mark.parametrize("mode", ["recompute", "swap"])
+def test_preemption_and_abort_free_kv_on_every_rank(mode):
+    strategy = "paged"
+    small = 8 * 16 * 2 * 2 * 2 * 16 * 4  # 8 blocks of 16 tokens: the four prompts cannot all run
+    ref, _, ref_engine = run(1, strategy, kv=small, preemption_mode=mode)
+    got, ranks, engine = run(2, strategy, kv=small, preemption_mode=mode)
+    assert engine["num_preemptions"] == ref_engine["num_preemptions"] > 0
+    assert engine["num_swap_preemptions"] == ref_engine["num_swap_preemptions"] == (engine["num_preemptions"] if mode == "swap" else 0)
+    assert [o.outputs[0].token_ids for o in got] == [o.outputs[0].token_ids for o in ref]
+    for s in ranks:
+        assert s["blocks_used"] == 0 and s["blocks_free"] == s["num_blocks"]
+
+    llm = LLM(MODEL, strategy=strategy, kv_memory_bytes=KV // 2, max_model_len=256, tensor_parallel_size=2)
+    try:
+        ids = llm.engine.add_requests(PROMPTS, [greedy(40)] * len(PROMPTS))
+        for _ in range(3):
+            llm.engine.step()
+        held = llm.rank_stats()
+        assert held[0]["blocks_used"] == held[1]["blocks_used"] > 0
+        for rid in ids:
+            llm.engine.abort(rid)
+        assert all(s["blocks_used"] == 0 for s in llm.rank_stats())
+        assert llm.generate(PROMPTS[:1], greedy(), use_tqdm=False)[0].outputs[0].token_ids == \
+            ref[0].outputs[0].token_ids
+    finally:
+        llm.close()
+
+
+def test_bad_configs_name_the_field():
+    with pytest.raises(ConfigError, match="tensor_parallel_size=3 must divide the model's num_kv_heads"):
+        LLM(MODEL, tensor_parallel_size=3)
+    with pytest.raises(ConfigError, match="tensor_parallel_size"):
+        LLM(MODEL, tensor_parallel_size=len(os.sched_getaffinity(0)) + 1)
+    with pytest.raises(ConfigError, match="tensor_parallel_size"):
+        LLM(MODEL, tensor_parallel_size=0)
+    with pytest.raises(ConfigError, match="loaded_model"):
+        LLM(MODEL, tensor_parallel_size=2, loaded_model=load_model(MODEL))
+    with pytest.raises(ConfigError, match="intermediate_size"):
+        shard_config(load_model("dummy:tiny-opt").config.__class__(
+            arch="llama", vocab_size=8, hidden_size=8, intermediate_size=3, num_layers=1, num_heads=2,
+            num_kv_heads=2, head_dim=4, max_position_embeddings=8), 2)
+
+
+def test_dead_worker_is_an_error_not_a_hang():
+    llm = LLM(MODEL, kv_memory_bytes=KV // 2, max_model_len=256, tensor_parallel_size=2)
+    worker = llm.engine.runner.group.context.processes[0]
+    os.kill(worker.pid, signal.SIGKILL)
+    worker.join(10)
+    start = time.monotonic()
+    out = llm.generate(PROMPTS[:1], greedy(), use_tqdm=False)[0]
+    assert time.monotonic() - start < 30
+    assert out.finish_reason == "error" and "rank 1" in out.error
+    llm.close()
+    again, _, _ = run(2, "paged", prompts=PROMPTS[:1])  # a closed engine's group leaves room for a new one
+    assert again[0].outputs[0].token_ids == out.outputs[0].token_ids[:0] + again[0].outputs[0].token_ids
