@@ -74,7 +74,7 @@ def test_tp2_equals_tp1(strategy):
 
 
 @pytest.mark.parametrize("mode", ["recompute", "swap"])
-def test_preemption_and_abort_free_kv_on_every_rank(mode):
+def test_preemption_frees_kv_on_every_rank(mode):
     strategy = "paged"
     small = 8 * 16 * 2 * 2 * 2 * 16 * 4  # 8 blocks of 16 tokens: the four prompts cannot all run
     ref, _, ref_engine = run(1, strategy, kv=small, preemption_mode=mode)
@@ -85,7 +85,10 @@ def test_preemption_and_abort_free_kv_on_every_rank(mode):
     for s in ranks:
         assert s["blocks_used"] == 0 and s["blocks_free"] == s["num_blocks"]
 
-    llm = LLM(MODEL, strategy=strategy, kv_memory_bytes=KV // 2, max_model_len=256, tensor_parallel_size=2)
+
+def test_abort_frees_kv_on_every_rank():
+    ref = run(1, "paged", prompts=PROMPTS[:1])[0]
+    llm = LLM(MODEL, kv_memory_bytes=KV // 2, max_model_len=256, tensor_parallel_size=2)
     try:
         ids = llm.engine.add_requests(PROMPTS, [greedy(40)] * len(PROMPTS))
         for _ in range(3):
@@ -102,8 +105,8 @@ def test_preemption_and_abort_free_kv_on_every_rank(mode):
 
 
 def test_bad_configs_name_the_field():
-    with pytest.raises(ConfigError, match="tensor_parallel_size=3 must divide the model's num_kv_heads"):
-        LLM(MODEL, tensor_parallel_size=3)
+    with pytest.raises(ConfigError, match="tensor_parallel_size=2 must divide the model's num_kv_heads"):
+        LLM("dummy:tiny-qwen2", tensor_parallel_size=2)  # one KV head
     with pytest.raises(ConfigError, match="tensor_parallel_size"):
         LLM(MODEL, tensor_parallel_size=len(os.sched_getaffinity(0)) + 1)
     with pytest.raises(ConfigError, match="tensor_parallel_size"):
@@ -123,8 +126,6 @@ def test_dead_worker_is_an_error_not_a_hang():
     worker.join(10)
     start = time.monotonic()
     out = llm.generate(PROMPTS[:1], greedy(), use_tqdm=False)[0]
-    assert time.monotonic() - start < 30
+    assert time.monotonic() - start < 10
     assert out.finish_reason == "error" and "rank 1" in out.error
     llm.close()
-    again, _, _ = run(2, "paged", prompts=PROMPTS[:1])  # a closed engine's group leaves room for a new one
-    assert again[0].outputs[0].token_ids == out.outputs[0].token_ids[:0] + again[0].outputs[0].token_ids
