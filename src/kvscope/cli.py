@@ -40,6 +40,15 @@ def _generate(args: argparse.Namespace) -> int:
     from kvscope import SamplingParams
 
     llm = _llm(args)
+    try:
+        return _generate_with(llm, args)
+    finally:
+        llm.close()  # tensor-parallel workers
+
+
+def _generate_with(llm: Any, args: argparse.Namespace) -> int:
+    from kvscope import SamplingParams
+
     params = SamplingParams(
         max_tokens=args.max_tokens,
         temperature=args.temperature,
