@@ -13,12 +13,19 @@ import time
 import pytest
 import torch
 
+import dataclasses
+
 from kvscope import LLM, SamplingParams
+from kvscope.advise.cost_model import CostModel
+from kvscope.advise.hardware import H200
+from kvscope.advise.options import option_from_spec, resolve_model
+from kvscope.advise.simulate import EngineLimits
+from kvscope.cli import main
 from kvscope.errors import ConfigError
 from kvscope.models.loader import load_model
 from kvscope.models.parallel import load_shard, shard_config, shard_dim
 
-pytestmark = pytest.mark.skipif(
+two_cores = pytest.mark.skipif(
     len(os.sched_getaffinity(0)) < 2, reason="tensor parallelism needs one core per rank process")
 
 MODEL = "dummy:tiny-llama"  # 4 heads, 2 KV heads, 2 layers
@@ -57,6 +64,7 @@ def test_shards_are_slices_of_the_single_device_model():
     assert shards[0]["model.layers.0.self_attn.k_proj.weight"].shape[0] == 16  # one KV head of 16 dims
 
 
+@two_cores
 # infinigen: one dense layer, so layer 1 speculates; every token clears ``alpha`` and the budget
 # cap decides k on every rank alike (see the report: k from a per-rank mean of head counts differs).
 @pytest.mark.parametrize("strategy", [
@@ -73,6 +81,7 @@ def test_tp2_equals_tp1(strategy):
     assert sum(s.get("evicted_tokens", 0) for s in ranks) == ref_ranks[0].get("evicted_tokens", 0)
 
 
+@two_cores
 @pytest.mark.parametrize("mode", ["recompute", "swap"])
 def test_preemption_frees_kv_on_every_rank(mode):
     strategy = "paged"
@@ -86,6 +95,7 @@ def test_preemption_frees_kv_on_every_rank(mode):
         assert s["blocks_used"] == 0 and s["blocks_free"] == s["num_blocks"]
 
 
+@two_cores
 def test_abort_frees_kv_on_every_rank():
     ref = run(1, "paged", prompts=PROMPTS[:1])[0]
     llm = LLM(MODEL, kv_memory_bytes=KV // 2, max_model_len=256, tensor_parallel_size=2)
@@ -119,6 +129,7 @@ def test_bad_configs_name_the_field():
             num_kv_heads=2, head_dim=4, max_position_embeddings=8), 2)
 
 
+@two_cores
 def test_dead_worker_is_an_error_not_a_hang():
     llm = LLM(MODEL, kv_memory_bytes=KV // 2, max_model_len=256, tensor_parallel_size=2)
     worker = llm.engine.runner.group.context.processes[0]
@@ -129,3 +140,44 @@ def test_dead_worker_is_an_error_not_a_hang():
     assert time.monotonic() - start < 10
     assert out.finish_reason == "error" and "rank 1" in out.error
     llm.close()
+
+
+def test_cost_model_tp_term_by_hand():
+    """Llama-3-70B decode on an H200 at TP 1/2/4/8 against the formula written out: one rank
+    streams its share of the layer weights plus the whole embedding and head, and a step adds
+    2 all-reduces per layer costing latency + 2 (N-1)/N x bytes / link rate."""
+    m = resolve_model("llama-3-70b")
+    hw = dataclasses.replace(H200, step_overhead_s_per_layer=0.0, eager_step_overhead_s_per_layer=0.0,
+                             allreduce_latency_s=20e-6, interconnect_bytes_per_s=400e9)
+    paged = option_from_spec("paged")
+    batch, context = 8, 1024
+    emb_head = 2 * 128256 * 8192  # embedding and LM head, untied, replicated on every rank
+    times, comms = {}, {}
+    for n in (1, 2, 4, 8):
+        cost = CostModel(m, hw, limits=EngineLimits(tensor_parallel_size=n))
+        weights = ((m.num_params() - emb_head) / n + emb_head) * 2
+        kv_token = 2 * 80 * (8 // n) * 128 * 2
+        assert cost.weight_bytes == int(weights) and cost.kv_bytes_per_token == kv_token
+        hbm = int(weights) + kv_token * batch * (context + 1)
+        flops = (2 * (m.num_params() - emb_head) / n * batch + 2 * 128256 * 8192 * batch
+                 + 4 * 80 * 64 * 128 / n * batch * context)
+        comm = 0.0 if n == 1 else 80 * 2 * (20e-6 + 2 * (n - 1) / n * batch * 8192 * 2 / 400e9)
+        expect = max(hbm / hw.hbm_bytes_per_s, flops / hw.matmul_flops_per_s) + comm
+        got = cost.decode_step_seconds(paged, batch, context)
+        assert got == pytest.approx(expect, rel=1e-9)
+        times[n], comms[n] = got - comm, comm
+    # Weights dominate decode: the device time falls nearly N-fold (the replicated head keeps it above 1/N).
+    for n in (2, 4, 8):
+        assert 0.8 * n < times[1] / times[n] < n
+    # Without latency the all-reduce grows with N as 2 (N - 1) / N: 1, 1.5, 1.75 times TP 2's.
+    no_lat = {n: CostModel(m, dataclasses.replace(hw, allreduce_latency_s=0.0),
+                           limits=EngineLimits(tensor_parallel_size=n)).tp.step_comm_seconds(batch) for n in (2, 4, 8)}
+    assert [no_lat[n] / no_lat[2] for n in (2, 4, 8)] == pytest.approx([1.0, 1.5, 1.75])
+    with pytest.raises(ConfigError, match="tensor_parallel_size=3"):
+        CostModel(m, hw, limits=EngineLimits(tensor_parallel_size=3))
+
+
+def test_advise_cli_tensor_parallel(capsys):
+    assert main(["advise", "--model", "llama-3-70b", "--hardware", "h200", "--tensor-parallel-size", "4",
+                 "--prompt-len", "512", "--output-len", "32", "--num-requests", "8", "--json"]) == 0
+    assert "paged" in capsys.readouterr().out

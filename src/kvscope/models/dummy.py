@@ -41,6 +41,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     "opt-6.7b": _opt(4096, 16384, 32, 32),
     "opt-13b": _opt(5120, 20480, 40, 40),
     "opt-30b": _opt(7168, 28672, 48, 56),
+    "opt-66b": _opt(9216, 36864, 64, 72),
     "smollm2-135m": {
         "model_type": "llama", "vocab_size": 49152, "hidden_size": 576, "intermediate_size": 1536,
         "num_hidden_layers": 30, "num_attention_heads": 9, "num_key_value_heads": 3,
@@ -55,6 +56,11 @@ PRESETS: dict[str, dict[str, Any]] = {
     "llama-3-8b": {
         "model_type": "llama", "vocab_size": 128256, "hidden_size": 4096, "intermediate_size": 14336,
         "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 8,
+        "max_position_embeddings": 8192, "rope_theta": 500000.0, "rms_norm_eps": 1e-5,
+    },
+    "llama-3-70b": {
+        "model_type": "llama", "vocab_size": 128256, "hidden_size": 8192, "intermediate_size": 28672,
+        "num_hidden_layers": 80, "num_attention_heads": 64, "num_key_value_heads": 8,
         "max_position_embeddings": 8192, "rope_theta": 500000.0, "rms_norm_eps": 1e-5,
     },
     # Llama-3-8B's shapes with Llama 3.1's 128k context (llama3 RoPE scaling, factor 8).
