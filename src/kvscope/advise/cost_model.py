@@ -247,6 +247,7 @@ class CostModel:
         # The engine replays decode-only steps from CUDA graphs; a step with a prefill chunk, and
         # every step of offload (which captures none), runs eagerly.
         eager = bool(work.prefills) or not option.facts.graph_decode
+        eager = eager or self.tp.size > 1  # the tensor-parallel engine captures no graphs yet
         per_layer = self.hw.eager_step_overhead_s_per_layer if eager else self.hw.step_overhead_s_per_layer
         fixed = self.model.num_layers * per_layer
         if option.sparse_fetch and work.decodes:
