@@ -6,6 +6,7 @@ the single-device draw), same pool in tokens (``kv_memory_bytes`` is per rank, s
 """
 from __future__ import annotations
 
+import gc
 import os
 import signal
 import time
@@ -110,8 +111,16 @@ def test_abort_frees_kv_on_every_rank():
         assert all(s["blocks_used"] == 0 for s in llm.rank_stats())
         assert llm.generate(PROMPTS[:1], greedy(), use_tqdm=False)[0].outputs[0].token_ids == \
             ref[0].outputs[0].token_ids
-    finally:
+    except BaseException:
         llm.close()
+        raise
+    # Dropping the LLM stops its workers (no close() call).
+    workers = llm.engine.runner.group.context.processes
+    del llm
+    gc.collect()
+    for p in workers:
+        p.join(15)
+        assert p.exitcode == 0
 
 
 def test_bad_configs_name_the_field():
