@@ -66,11 +66,13 @@ def test_shards_are_slices_of_the_single_device_model():
 
 
 @two_cores
-# infinigen: one dense layer, so layer 1 speculates; every token clears ``alpha`` and the budget
-# cap decides k on every rank alike (see the report: k from a per-rank mean of head counts differs).
+# infinigen with one dense layer (so layer 1 speculates): its defaults (alpha 4, budget_ratio 0.2),
+# and uncapped, where k is the mean count over all heads (reduced over the ranks) on every step.
 @pytest.mark.parametrize("strategy", [
     "paged", "h2o:heavy_ratio=0.2,recent_ratio=0.2", "snapkv:budget_ratio=0.3,window=4",
-    "infinigen:dense_layers=1,alpha=1000,budget_ratio=0.5"])
+    "infinigen:dense_layers=1", "infinigen:dense_layers=1,budget_ratio=None,alpha=0.01",
+    "infinigen:dense_layers=1,budget_ratio=None,alpha=0.01,select='token'",
+    "quest:budget_ratio=0.3", "pyramidkv:budget_ratio=0.3,window=4"])
 def test_tp2_equals_tp1(strategy):
     ref, ref_ranks, _ = run(1, strategy)
     got, ranks, _ = run(2, strategy)

@@ -11,6 +11,7 @@ peer's connection closes, and every collective has ``COLLECTIVE_TIMEOUT_S`` as i
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any, Callable
 
@@ -38,6 +39,22 @@ def rank_device(device: torch.device, rank: int) -> torch.device:
     if device.type != "cuda":
         return device
     return torch.device("cuda", (device.index or 0) + rank)
+
+
+@dataclass(frozen=True)
+class EngineGroup:
+    """Every rank's ``KVSetup.tensor_parallel``: reductions over the engine's process group (the
+    default group; one tensor-parallel engine per process). Plain data, so it travels in the
+    broadcast setup and compares equal on every rank."""
+
+    size: int
+
+    def all_reduce(self, t: torch.Tensor, op: str = "sum") -> torch.Tensor:
+        dist.all_reduce(t, op=_OPS[op])
+        return t
+
+
+_OPS = {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX}
 
 
 class WorkerGroup:

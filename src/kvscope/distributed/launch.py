@@ -2,10 +2,11 @@
 
 :func:`tensor_parallel_engine` starts ranks 1..N-1, loads rank 0's shard, agrees on the KV pool
 (the same bytes per rank, so the same tokens), binds every rank's strategy with one
-:class:`KVSetup`, and returns an ordinary :class:`LLMEngine` whose strategy is rank 0's behind a
-:class:`RecordingKV` and whose runner is a :class:`TensorParallelRunner`: before computing each
-step it broadcasts the recorded scheduler calls and the batch, so every rank runs the same step
-and the row-parallel layers' all-reduces meet. Sampling stays on rank 0 (the LM head is
+:class:`KVSetup` (its ``tensor_parallel`` the group), and returns an ordinary :class:`LLMEngine`
+given a :class:`StepExecutor`: its scheduler sees rank 0's strategy through a
+:class:`RecordingManager`, and its runner is a :class:`TensorParallelRunner`, which before
+computing each step broadcasts the recorded scheduler calls and the batch, so every rank runs the
+same step and the row-parallel layers' all-reduces (and the strategies' own reductions) meet. Sampling stays on rank 0 (the LM head is
 replicated, so its logits are the whole vocabulary's).
 """
 from __future__ import annotations
@@ -17,26 +18,29 @@ from typing import Any
 import torch
 
 from kvscope.config import DEFAULT_CPU_KV_BYTES, EngineConfig
-from kvscope.distributed.group import WorkerGroup, rank_device
-from kvscope.distributed.mirror import RecordingKV
+from kvscope.distributed.group import EngineGroup, WorkerGroup, rank_device
+from kvscope.distributed.mirror import RecordingManager
 from kvscope.distributed.worker import Message, WorkerSpec, worker_main
 from kvscope.engine.engine import LLMEngine
+from kvscope.engine.executor import StepExecutor
 from kvscope.engine.model_runner import ModelRunner
 from kvscope.errors import ConfigError
 from kvscope.kv import registry
-from kvscope.kv.base import KVSetup, StepBatch
+from kvscope.kv.backend import KVBackend, KVSetup, StepBatch
 from kvscope.models.base import CausalLM
 from kvscope.models.parallel import full_config, load_shard, shard_config
 
 
 class TensorParallelRunner(ModelRunner):
-    """Rank 0's :class:`ModelRunner`: each step is first sent to the workers. Eager only (CUDA
-    graphs per rank are not built). A step that fails midway leaves the workers inside it, so
-    the group is stopped and every later step raises."""
+    """Rank 0's :class:`ModelRunner` of its strategy ``kv``: each step is first sent to the
+    workers with the calls ``recorder`` logged since the last. Eager only (CUDA graphs per rank are
+    not built). A step that fails midway leaves the workers inside it, so the group is stopped and
+    every later step raises."""
 
-    def __init__(self, model: CausalLM, kv: RecordingKV, device: torch.device, group: WorkerGroup) -> None:
-        super().__init__(model, kv, device)  # type: ignore[arg-type]  # the recorder forwards everything
-        self.recorder = kv
+    def __init__(self, model: CausalLM, kv: KVBackend, device: torch.device, group: WorkerGroup,
+                 recorder: RecordingManager) -> None:
+        super().__init__(model, kv, device)
+        self.recorder = recorder
         self.group = group
         self._finalizer = weakref.finalize(self, _stop, group)
 
@@ -109,14 +113,18 @@ def tensor_parallel_engine(config: EngineConfig) -> LLMEngine:
             kv_bytes = min([mine, *map(int, reports)])  # equal pools in tokens: the tightest rank's
         elif kv_bytes is None:
             kv_bytes = DEFAULT_CPU_KV_BYTES
-        cfg = dataclasses.replace(config, enforce_eager=True, kv_memory_bytes=kv_bytes)
+        # Rank 0's device with its index ("cuda" is cuda:0), as the setup the workers get names it.
+        cfg = dataclasses.replace(config, device=str(device), enforce_eager=True, kv_memory_bytes=kv_bytes)
         mpe = loaded.config.max_position_embeddings
+        tp = EngineGroup(world)
         setup = KVSetup(model=loaded.config, device=device, dtype=cfg.torch_dtype, kv_memory_bytes=kv_bytes,
                         max_model_len=min(cfg.max_model_len or mpe, mpe), max_num_seqs=cfg.max_num_seqs,
-                        swap_space_bytes=cfg.swap_space_bytes, attention_backend=cfg.resolved_attention_backend)
+                        swap_space_bytes=cfg.swap_space_bytes, attention_backend=cfg.resolved_attention_backend,
+                        tensor_parallel=tp)
         group.send(setup)
-        recorder = RecordingKV(kv)
-        engine = LLMEngine(loaded, recorder, cfg, runner=TensorParallelRunner(loaded.model, recorder, device, group))  # type: ignore[arg-type]
+        recorder = RecordingManager(kv)
+        runner = TensorParallelRunner(loaded.model, kv, device, group, recorder)
+        engine = LLMEngine(loaded, kv, cfg, StepExecutor(recorder, runner, tp))
         if kv.setup != setup:
             raise RuntimeError(f"rank 0's KV setup {kv.setup} differs from the workers' {setup}")
     except BaseException:

@@ -1,14 +1,16 @@
 """Keeping every rank's KV strategy in lockstep with rank 0's scheduler.
 
 Every rank owns a strategy instance bound to its shard's config (``num_kv_heads / N`` heads, the
-same pool in tokens). Only rank 0 schedules. :class:`RecordingKV` stands in for rank 0's strategy
-and records each scheduler-side call that may change state (``allocate``, ``free``, ``fork``,
-``swap_out``, ``swap_in``) with its result and the requests' state at the time of the call; the
-log rides with the next message to the workers, where :class:`Mirror` replays it in order on
-mirror :class:`Request` objects. Strategies are deterministic functions of these calls and of the
-step batches, so block ids and slot counts are identical on every rank, while each rank's
-per-head decisions (eviction, selection) read only its own heads. A replayed call whose result
-differs from rank 0's means the ranks diverged, and raises.
+same pool in tokens). Only rank 0 schedules. Its scheduler and engine see the strategy through
+:class:`RecordingManager`, a :class:`KVManager` (the scheduler side of the contract, which names no
+tensor) that forwards each call and records those that may change state (``allocate``, ``free``,
+``fork``, ``swap_out``, ``swap_in``; ``lookup_prefix`` has no side effects) with their result and
+the requests' state at the time of the call. The log rides with the next message to the workers,
+where :class:`Mirror` replays it in order on mirror :class:`Request` objects. Strategies are
+deterministic functions of these calls and of the step batches, so block ids and slot counts are
+identical on every rank, while each rank's per-head decisions (eviction, selection) read only its
+own heads (a statistic across heads is reduced over ``KVSetup.tensor_parallel``). A replayed call
+whose result differs from rank 0's means the ranks diverged, and raises.
 """
 from __future__ import annotations
 
@@ -18,6 +20,7 @@ from typing import Any
 import torch
 
 from kvscope.kv.base import KVStrategy, StepBatch
+from kvscope.kv.manager import KVManager, KVUsage
 from kvscope.request import Request, RequestStatus
 from kvscope.sampling_params import SamplingParams
 
@@ -61,17 +64,14 @@ class BatchDesc:
     sample_rows: list[int]
 
 
-class RecordingKV:
-    """Rank 0's strategy behind a recorder: every attribute is the strategy's, and the calls of
-    :data:`RECORDED` are also logged for the workers (:meth:`take_ops`)."""
+class RecordingManager(KVManager):
+    """Rank 0's strategy as its scheduler sees it: every call forwarded to ``kv``, and the calls
+    of :data:`RECORDED` also logged for the workers (:meth:`take_ops`)."""
 
-    def __init__(self, kv: KVStrategy) -> None:
+    def __init__(self, kv: KVManager) -> None:
         self.inner = kv
         self._ops: list[Op] = []
         self._shipped: dict[str, int] = {}  # request id -> output tokens the workers have
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self.inner, name)
 
     def state(self, req: Request) -> RequestState:
         """``req`` as the workers must see it now (its creation fields the first time)."""
@@ -107,6 +107,21 @@ class RecordingKV:
 
     def swap_in(self, request: Request) -> int | None:
         return self._record("swap_in", (request,), ())
+
+    def lookup_prefix(self, request: Request) -> int:
+        return self.inner.lookup_prefix(request)
+
+    def max_request_tokens(self) -> int:
+        return self.inner.max_request_tokens()
+
+    def max_sequence_tokens(self) -> int:
+        return self.inner.max_sequence_tokens()
+
+    def stats(self) -> dict[str, Any]:
+        return self.inner.stats()
+
+    def usage(self) -> KVUsage:
+        return self.inner.usage()
 
     def take_ops(self) -> list[Op]:
         """The calls recorded since the last take, oldest first."""

@@ -279,14 +279,17 @@ class InfiniGenStrategy(HostOffloadStrategy):
         ``lens``, ``real``, ``cap`` and ``kp`` as :func:`~kvscope.attention.triton_speculate.speculate_rows`
         takes them, whose rows ``[B, H, kp]``, validity and kept counts ``[B, H]`` this returns.
         ``k`` is decided on the device: reading it on the host would stall the CPU once per layer;
-        rows past it are masked out (the gather skips them, attention ignores them)."""
+        rows past it are masked out (the gather skips them, attention ignores them). Under tensor
+        parallelism ``k`` (a mean over the request's heads) is reduced over the group's heads."""
         hkv = self.setup.model.num_kv_heads
         q = self.model.attention_query(layer, x, positions)  # [B, Hq, D]
         q = q.view(x.shape[0], hkv, -1, q.shape[-1]).float()
         qp = torch.einsum("bhgd,hdc->bhgc", q, self.skew_sub[layer])
+        tp = self.setup.tensor_parallel  # k and a token's best head are over every rank's heads
         rows, valid, kept = speculate_rows(
             qp, self.partial_keys[layer], slots, lens, real, self.scale, self.alpha, cap, self.select == "head", kp,
             self.pool.counters, use_triton=self.setup.attention_backend == "triton" and x.is_cuda,
+            all_reduce=None if tp is None else tp.all_reduce, world=1 if tp is None else tp.size,
         )
         self.selected_tokens[layer] += kept.sum(0)
         return rows, valid, kept
