@@ -74,14 +74,32 @@ def test_shards_are_slices_of_the_single_device_model():
     "infinigen:dense_layers=1,budget_ratio=None,alpha=0.01,select='token'",
     "quest:budget_ratio=0.3", "pyramidkv:budget_ratio=0.3,window=4"])
 def test_tp2_equals_tp1(strategy):
-    ref, ref_ranks, _ = run(1, strategy)
-    got, ranks, _ = run(2, strategy)
+    assert_tp2_equals_tp1(strategy, strategy)
+
+
+@two_cores
+def test_infinigen_pool_eviction_picks_one_ranks_victim():
+    # A host pool of 4 blocks per rank (the same tokens at TP 1 and 2) that the 60-token prompt
+    # outgrows: each of its decode steps replaces its least-selected old token, selections counted
+    # over every rank's heads (without that, logits differed by 0.08).
+    pool = 4 * 16 * 2 * 2 * 2 * 16 * 4
+    spec = "infinigen:dense_layers=1,budget_ratio=None,alpha=0.01,host_kv_bytes={}"
+    ref_ranks = assert_tp2_equals_tp1(spec.format(pool), spec.format(pool // 2), prompts=[PROMPTS[2], PROMPTS[0]])
+    assert ref_ranks[0]["host_evicted_tokens"] > 0
+
+
+def assert_tp2_equals_tp1(spec1: str, spec2: str, **kw) -> list[dict]:
+    """Same tokens, logits within 1e-5, per-request counts equal on both ranks and to one rank's;
+    returns one rank's stats."""
+    ref, ref_ranks, _ = run(1, spec1, **kw)
+    got, ranks, _ = run(2, spec2, **kw)
     for a, b in zip(ref, got):
         assert a.outputs[0].token_ids == b.outputs[0].token_ids
         la, lb = torch.stack(a.outputs[0].logits), torch.stack(b.outputs[0].logits)
         assert torch.allclose(la, lb, atol=1e-5, rtol=0), (la - lb).abs().max()
     assert len(ranks) == 2 and counts(ranks[0]) == counts(ranks[1]) == counts(ref_ranks[0])
     assert sum(s.get("evicted_tokens", 0) for s in ranks) == ref_ranks[0].get("evicted_tokens", 0)
+    return ref_ranks
 
 
 @two_cores

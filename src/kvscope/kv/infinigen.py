@@ -249,6 +249,7 @@ class InfiniGenStrategy(HostOffloadStrategy):
             dtype=setup.dtype, device=setup.device,
         )
         self.selected_tokens = torch.zeros(m.num_layers, m.num_kv_heads, dtype=torch.float64, device=setup.device)
+        self._counted: tuple[torch.Tensor, torch.Tensor] | None = None  # slots, their counters at begin_step
         self.candidate_tokens = torch.zeros(m.num_layers, dtype=torch.float64)
         # Static decode steps speculate on a stream of their own (see InfiniGenDecode.layer_input).
         self.spec_stream = torch.cuda.Stream(setup.device) if self.transfer.overlap else None
@@ -313,6 +314,12 @@ class InfiniGenStrategy(HostOffloadStrategy):
 
     def begin_step(self, batch: StepBatch) -> InfiniGenAttention | InfiniGenDecode:
         prev, new = self.step_slots(batch)
+        tp = self.setup.tensor_parallel
+        if tp is not None and self.select == "head" and prev:
+            # A rank counts only its own heads' selections; end_step adds the other ranks', so that
+            # pool eviction (in allocate, scheduler side: no collective there) picks one rank's victim.
+            slots = torch.cat(prev).unique()
+            self._counted = (slots, self.pool.counters[slots].clone())
         if self._pure_decode(batch, prev):
             longest = max(p.numel() for p in prev)
             if dense_layer_fits(self, len(prev), longest):
@@ -321,6 +328,15 @@ class InfiniGenStrategy(HostOffloadStrategy):
                 dec.begin()
                 return dec
         return InfiniGenAttention(self, batch, prev, new)
+
+    def end_step(self, batch: StepBatch) -> None:
+        super().end_step(batch)
+        tp = self.setup.tensor_parallel
+        if self._counted is not None and tp is not None:
+            slots, before = self._counted
+            mine = self.pool.counters[slots] - before  # [n] this rank's selections of the step's tokens
+            self.pool.counters[slots] = before + tp.all_reduce(mine, "sum")
+            self._counted = None
 
     def decode_graphs(self) -> InfiniGenGraphs | None:
         sizes = self.setup.cuda_graph_sizes
