@@ -1,7 +1,8 @@
 """InfiniGen's speculation (``attention/triton_speculate.py``): the torch path against a plain
 Python reference written from the definition, and the Triton kernels against the torch path,
 through the interpreter on CPU (in a child process, as in ``test_triton_decode.py``) and compiled
-on a GPU. Inputs are small integers and the scale a power of two, so every logit is exact in
+on a GPU; and under tensor parallelism, each rank's selection over its half of the heads against
+the single-rank selection's share. Inputs are small integers and the scale a power of two, so every logit is exact in
 float32 whatever the summation order, and ties (which the definition breaks by position) occur."""
 from __future__ import annotations
 
@@ -39,7 +40,59 @@ CASES = [
 ]
 """
 
-CHILD = CASES + r"""
+SPLIT = r"""
+def split_run(case, use_triton, world):
+    # ``world`` ranks, one after another (the interpreter runs one kernel at a time): each selects
+    # over its contiguous share of the KV heads. A selection makes one reduction, whose inputs do
+    # not depend on its output, so a first pass records every rank's input and a second hands each
+    # rank the reduced value. Returns each rank's (rows, valid, kept) and counters.
+    h = make_case(*case)["qp"].shape[1] // world
+    seen, out = [], []
+
+    def rank_args(r):
+        args = make_case(*case)
+        args["qp"] = args["qp"][:, r * h:(r + 1) * h].contiguous()
+        args["partial_keys"] = args["partial_keys"][:, r * h:(r + 1) * h].contiguous()
+        return args
+
+    for r in range(world):
+        speculate_rows(**rank_args(r), use_triton=use_triton, world=world,
+                       all_reduce=lambda t, op: seen.append((op, t.clone())) or t)
+    assert len(seen) == world and len({op for op, _ in seen}) == 1
+    stacked = torch.stack([t for _, t in seen])
+    reduced = stacked.sum(0) if seen[0][0] == "sum" else stacked.amax(0)
+    for r in range(world):
+        args = rank_args(r)
+        out.append((speculate_rows(**args, use_triton=use_triton, world=world,
+                                   all_reduce=lambda t, op: t.copy_(reduced)), args["counters"]))
+    return out
+
+
+def check_split(case, use_triton, world=2):
+    # Each of ``world`` ranks selects over its contiguous share of the KV heads with the group's
+    # reduction; the result must be the single-rank selection's share of heads (per head), or the
+    # same whole tokens (by their best head), and the ranks' counters must add up to its counters.
+    full = make_case(*case)
+    hkv, per_head = full["qp"].shape[1], full["per_head"]
+    want = speculate_rows(**full, use_triton=use_triton)
+    out = split_run(case, use_triton, world)
+    h = hkv // world
+    counters = torch.zeros_like(full["counters"])
+    for r, ((rows, valid, kept), cnt) in enumerate(out):
+        if per_head:  # rows: slot * heads + head, with this rank's head count and indices
+            wrows, wvalid, wkept = (x[:, r * h:(r + 1) * h] for x in want)
+            slot, head = wrows // hkv, wrows % hkv - r * h
+            assert torch.equal(valid, wvalid) and torch.equal(kept, wkept), (case, r)
+            assert torch.equal(rows[valid], (slot * h + head)[valid]), (case, r)
+            counters += cnt
+        else:
+            assert all(torch.equal(x, w) for x, w in zip((rows, valid, kept), want)), (case, r)
+            assert torch.equal(cnt, full["counters"]), (case, r)
+    if per_head:
+        assert torch.equal(counters, full["counters"]), case
+"""
+
+CHILD = CASES + SPLIT + r"""
 import kvscope.attention.triton_speculate as ts
 for chunk in (16384, 16):  # 16: several chunks per row, the selection kernel's looping path
     ts._SELECT_CHUNK = chunk
@@ -50,10 +103,14 @@ for chunk in (16384, 16):  # 16: several chunks per row, the selection kernel's 
         for w, x, name in zip(want, got, ("rows", "valid", "kept")):
             assert torch.equal(w, x), (case, chunk, name, w, x)
         assert torch.equal(a["counters"], b["counters"]), case
+for case in CASES:
+    if case[3] % 2 == 0:
+        check_split(case, use_triton=True)
 print("ok")
 """
 
 exec(CASES)
+exec(SPLIT)
 
 
 def reference(qp, partial_keys, slots, lens, real, scale, alpha, cap, per_head, kp):
@@ -98,6 +155,12 @@ def test_torch_path_matches_the_definition(case):
         for s in slots:
             counters[s] += 1
     assert torch.equal(args["counters"], counters)
+
+
+@pytest.mark.parametrize("case", [c for c in CASES if c[3] % 2 == 0])
+def test_tensor_parallel_ranks_select_their_share(case):
+    check_split(case, use_triton=False)
+    check_split(case[:9] + (not case[9],) + case[10:], use_triton=False)
 
 
 def test_kernels_in_interpreter():

@@ -40,6 +40,15 @@ def _generate(args: argparse.Namespace) -> int:
     from kvscope import SamplingParams
 
     llm = _llm(args)
+    try:
+        return _generate_with(llm, args)
+    finally:
+        llm.close()  # tensor-parallel workers
+
+
+def _generate_with(llm: Any, args: argparse.Namespace) -> int:
+    from kvscope import SamplingParams
+
     params = SamplingParams(
         max_tokens=args.max_tokens,
         temperature=args.temperature,
@@ -198,6 +207,10 @@ def _add_advise(sub: argparse._SubParsersAction) -> None:
                    help="a study's results.jsonl (or its folder): measured rows used where they cover the case")
     p.add_argument("--max-num-seqs", type=_positive_int, default=64)
     p.add_argument("--max-num-batched-tokens", type=_positive_int, default=2048)
+    p.add_argument("--tensor-parallel-size", "-tp", type=_positive_int, default=1,
+                   help="ranks (GPUs) the model is split over; memory figures are per rank")
+    p.add_argument("--interconnect-gbps", type=_finite, default=None,
+                   help="override: per-direction link rate between ranks, GB/s")
     p.add_argument("--json", action="store_true", help="print the advice as one JSON object")
 
 
@@ -219,7 +232,8 @@ def _advise(args: argparse.Namespace) -> int:
     hw = hardware_preset(args.hardware).with_overrides(
         memory_bytes=args.gpu_memory, hbm_bytes_per_s=args.hbm_gbps and args.hbm_gbps * 1e9,
         host_device_bytes_per_s=args.pcie_gbps and args.pcie_gbps * 1e9,
-        matmul_flops_per_s=args.tflops and args.tflops * 1e12, host_memory_bytes=args.host_memory)
+        matmul_flops_per_s=args.tflops and args.tflops * 1e12, host_memory_bytes=args.host_memory,
+        interconnect_bytes_per_s=args.interconnect_gbps and args.interconnect_gbps * 1e9)
     if args.trace:
         workload = trace_workload(args.trace, args.rate)
     else:
@@ -236,7 +250,7 @@ def _advise(args: argparse.Namespace) -> int:
         rows = read_results(path)
     advice = advise(workload, resolve_model(args.model), hw, SLOs(args.ttft_ms, args.tpot_ms), args.quality_floor,
                     results=rows, kv_memory=args.kv_memory,
-                    limits=EngineLimits(args.max_num_seqs, args.max_num_batched_tokens))
+                    limits=EngineLimits(args.max_num_seqs, args.max_num_batched_tokens, args.tensor_parallel_size))
     if args.json:
         print(json.dumps(advice.to_dict(), default=str))
         return 0 if advice.feasible else 1

@@ -107,5 +107,8 @@ def _serve(args: argparse.Namespace) -> int:
     if args.max_queue is not None and args.max_queue < 1:
         raise KVScopeError(f"--max-queue must be >= 1, got {args.max_queue}")
     llm = _llm(args)
-    run_server(llm, args.host, args.port, args.served_model_name, args.max_queue, args.log_level)
+    try:
+        run_server(llm, args.host, args.port, args.served_model_name, args.max_queue, args.log_level)
+    finally:
+        llm.close()  # tensor-parallel workers
     return 0

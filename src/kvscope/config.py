@@ -62,6 +62,25 @@ def resolve_attention_backend(backend: str, device: torch.device) -> str:
     raise ConfigError("attention_backend='triton' needs the triton package (pip install triton)")
 
 
+def _check_world(world: int, device: torch.device) -> None:
+    """Refuse a ``tensor_parallel_size`` this machine cannot run: one GPU per rank from ``device``'s
+    index on CUDA; on a CPU, one core per rank process."""
+    if world == 1:
+        return
+    if device.type == "cuda":
+        first = device.index or 0
+        if first + world > torch.cuda.device_count():
+            raise ConfigError(f"tensor_parallel_size={world} needs GPUs {first}..{first + world - 1}, but "
+                              f"{torch.cuda.device_count()} are visible")
+    elif device.type == "cpu":
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        if world > cores:
+            raise ConfigError(f"tensor_parallel_size={world} needs one CPU core per rank process, but this "
+                              f"process may use {cores}")
+    else:
+        raise ConfigError(f"tensor_parallel_size={world} runs on 'cpu' or 'cuda' devices, not {device.type!r}")
+
+
 @dataclass
 class EngineConfig:
     """Engine knobs (vLLM's names where vLLM has one).
@@ -80,6 +99,10 @@ class EngineConfig:
     ``enforce_eager`` (vLLM's name): when False, on CUDA with the Triton backend, those strategies'
     decode steps replay CUDA graphs captured per batch-size bucket (``cuda_graph_sizes``; default
     1, 2, 4, 8, 16, 24, ... up to ``max_num_seqs``); see ``engine/cuda_graph.py``.
+    ``tensor_parallel_size`` (vLLM's name): ranks the model's heads and MLP are split over, one
+    process and one device each (``cuda:i+r`` from ``cuda:i``; CPU processes over gloo); it must
+    divide the model's KV heads. ``kv_memory_bytes`` is then per rank. Runs eagerly; see
+    ``kvscope.distributed``.
     """
 
     model: str = "smollm2-135m"
@@ -98,6 +121,7 @@ class EngineConfig:
     attention_backend: str = "auto"
     enforce_eager: bool = False
     cuda_graph_sizes: list[int] | None = None
+    tensor_parallel_size: int = 1
 
     def __post_init__(self) -> None:
         if not isinstance(self.model, str):
@@ -132,6 +156,8 @@ class EngineConfig:
         self.swap_space_bytes = checks.integer(self.swap_space_bytes, "swap_space_bytes", minimum=0)
         self.seed = checks.integer(self.seed, "seed", -(1 << 63), (1 << 63) - 1)
         checks.boolean(self.enforce_eager, "enforce_eager")
+        self.tensor_parallel_size = checks.integer(self.tensor_parallel_size, "tensor_parallel_size", minimum=1)
+        _check_world(self.tensor_parallel_size, self.torch_device)
         self.resolved_attention_backend = resolve_attention_backend(self.attention_backend, self.torch_device)
         if self.cuda_graph_sizes is not None:
             sizes = self.cuda_graph_sizes

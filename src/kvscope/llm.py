@@ -11,7 +11,7 @@ from kvscope.config import EngineConfig
 from kvscope.constants import DEFAULT_STRATEGY
 from kvscope.engine.engine import LLMEngine
 from kvscope.engine.outputs import RequestOutput
-from kvscope.errors import RequestError
+from kvscope.errors import ConfigError, RequestError
 from kvscope.kv import registry
 from kvscope.kv.base import KVStrategy
 from kvscope.models.loader import LoadedModel, load_model
@@ -34,6 +34,8 @@ class LLM:
             ``model``, ``device``, ``dtype`` (and ``seed``, for dummy models), to share them between
             engines instead of loading them again (a study's points do this). The engine never
             modifies the model, so each engine still gets its own KV strategy and state.
+        tensor_parallel_size: (an :class:`EngineConfig` field) split the model over this many
+            processes and devices (``kvscope.distributed``); call :meth:`close` when done.
         **engine_args: any other :class:`EngineConfig` field (``max_model_len``, ``max_num_seqs``,
             ``max_num_batched_tokens``, ``preemption_mode``, ``swap_space_bytes``, ``seed``...).
     """
@@ -58,12 +60,34 @@ class LLM:
             dtype=dtype,
             **engine_args,
         )
+        if self.config.tensor_parallel_size > 1:
+            if loaded_model is not None:
+                raise ConfigError("loaded_model cannot be shared with tensor_parallel_size > 1: each rank "
+                                  "loads its own shard")
+            from kvscope.distributed.launch import tensor_parallel_engine
+
+            self.engine = tensor_parallel_engine(self.config)
+            self.tokenizer = self.engine.tokenizer
+            return
         kv = registry.create(strategy, strategy_args)
         loaded = loaded_model
         if loaded is None:
             loaded = load_model(model, self.config.torch_device, self.config.torch_dtype, self.config.seed)
         self.tokenizer = loaded.tokenizer
         self.engine = LLMEngine(loaded, kv, self.config)
+
+    def close(self) -> None:
+        """Stop the tensor-parallel worker processes (also done when the LLM is garbage-collected
+        or the interpreter exits); nothing to do on one rank. No generation works afterwards."""
+        close = getattr(self.engine.runner, "close", None)
+        if close is not None:
+            close()
+
+    def rank_stats(self) -> list[dict[str, Any]]:
+        """Each rank's KV strategy counters (``kv.stats()``), rank 0's first: one entry on one rank.
+        Under tensor parallelism every rank's must agree on counts (blocks, tokens held)."""
+        ranks = getattr(self.engine.runner, "rank_stats", None)
+        return ranks() if ranks is not None else [self.engine.kv.stats()]
 
     def generate(
         self,

@@ -27,6 +27,10 @@ Units: bytes, seconds, tokens, FLOPs unless a name says otherwise (``_ms`` = mil
   (``selects_per_step``, ``quest``) holds what ``paged`` holds plus one page's key bounds per block
   (a min and a max key per block: the bytes of one token's K and V), and reads ``b x c`` tokens
   rounded up to whole blocks (the first and last always among them) plus every block's bounds.
+- Tensor parallelism (``limits.tensor_parallel_size`` = N, :mod:`kvscope.advise.parallel`): every
+  figure above is one rank's (layer weights, KV bytes per token, layer and attention FLOPs divided
+  by N; embedding and LM head whole), and a step adds two ring all-reduces per layer of its hidden
+  states. ``kv_memory`` and the pool are per rank, so the pool holds N times the tokens.
 - Capacity: the pool (device KV memory, or the host pool for the offloading strategies) divided by
   what a request holds; latencies come from replaying the scheduler with these step times
   (:mod:`kvscope.advise.simulate`).
@@ -38,6 +42,7 @@ from dataclasses import asdict, dataclass
 
 from kvscope.advise.hardware import Hardware
 from kvscope.advise.options import StrategyOption
+from kvscope.advise.parallel import TensorParallelTerm
 from kvscope.advise.quality import QualityEstimate, quality
 from kvscope.advise.simulate import EngineLimits, SimRequest, StepWork, percentile, simulate
 from kvscope.advise.workload import Workload
@@ -117,13 +122,17 @@ class CostModel:
         self.elem = self.dtype.itemsize
         self.limits = limits
         self.max_model_len = max_model_len
-        self.kv_bytes_per_token = model.kv_bytes_per_token(self.dtype)
+        self.tp = TensorParallelTerm(model, hardware, limits.tensor_parallel_size, self.elem)
+        n = self.tp.size
+        # One rank's share (all of it when n = 1): KV heads, layer weights and attention are split.
+        self.kv_bytes_per_token = model.kv_bytes_per_token(self.dtype) // n
         self.params = model.num_params()
-        self.weight_bytes = self.params * self.elem
         # The input embedding is a lookup, not a matmul; the LM head runs only on logits rows.
         self.lm_head_params = model.vocab_size * (model.word_embed_proj_dim or model.hidden_size)
-        self.matmul_params = self.params - self.lm_head_params * (1 if model.tie_word_embeddings else 2)
-        self.attn_flops_per_pair = 4 * model.num_layers * model.num_heads * model.head_dim
+        replicated = self.lm_head_params * (1 if model.tie_word_embeddings else 2)
+        self.weight_bytes = int(self.tp.rank_params(self.params, replicated) * self.elem)
+        self.matmul_params = (self.params - replicated) / n
+        self.attn_flops_per_pair = 4 * model.num_layers * model.num_heads * model.head_dim / n
         self.sparse_layers = max(model.num_layers - INFINIGEN_DENSE_LAYERS, 0)
         self.partial_key_fraction = max(1, int(INFINIGEN_PARTIAL_RATIO * model.head_dim)) / (2 * model.head_dim)
         if isinstance(kv_memory, bool) or (kv_memory is not None and not isinstance(kv_memory, (int, float))):
@@ -164,7 +173,7 @@ class CostModel:
         if not option.on_host:
             return int(self.kv_pool_bytes // self.token_bytes(option))
         m = self.model
-        row = m.num_kv_heads * m.head_dim * self.elem  # one layer's K (or V) of one token
+        row = m.num_kv_heads // self.tp.size * m.head_dim * self.elem  # one layer's K (or V) of one token, one rank
         token = self.token_bytes(option)
         resident = token * self.partial_key_fraction if option.sparse_fetch else 0
         serve = int(self.kv_pool_bytes // (resident + 4 * row))
@@ -238,11 +247,12 @@ class CostModel:
         # The engine replays decode-only steps from CUDA graphs; a step with a prefill chunk, and
         # every step of offload (which captures none), runs eagerly.
         eager = bool(work.prefills) or not option.facts.graph_decode
+        eager = eager or self.tp.size > 1  # the tensor-parallel engine captures no graphs yet
         per_layer = self.hw.eager_step_overhead_s_per_layer if eager else self.hw.step_overhead_s_per_layer
         fixed = self.model.num_layers * per_layer
         if option.sparse_fetch and work.decodes:
             fixed += self.sparse_layers * self.hw.speculation_s_per_layer
-        return fixed + device + fetch
+        return fixed + device + fetch + self.tp.step_comm_seconds(new_tokens)
 
     def decode_step_seconds(self, option: StrategyOption, batch: int, context: int) -> float:
         """One decode step of ``batch`` requests whose caches hold ``context`` tokens each

@@ -38,6 +38,9 @@ class Hardware:
             rows. None (the default) takes ``step_overhead_s_per_layer``, as where nothing is replayed (CPU).
         speculation_s_per_layer: ``infinigen``'s fixed cost per sparse layer per step (seconds):
             speculation, top-k and gather launches, measured apart from the study rows.
+        interconnect_bytes_per_s: per-direction link rate between two ranks (bytes/s) that a ring
+            all-reduce sees (NVLink on a GPU node; loopback TCP between CPU processes).
+        allreduce_latency_s: fixed cost of one all-reduce (seconds), whatever its size.
         dtype: the dtype kvscope serves in on this hardware (``bfloat16`` on GPUs, ``float32`` on CPU).
         is_gpu: whether KV can be offloaded to a separate host memory.
         sources: where each figure comes from (``measured: ...``, ``datasheet``, ``rough estimate``).
@@ -55,16 +58,19 @@ class Hardware:
     is_gpu: bool
     sources: dict[str, str] = dataclasses.field(default_factory=dict)
     eager_step_overhead_s_per_layer: float | None = None  # None: step_overhead_s_per_layer
+    interconnect_bytes_per_s: float = 450 * GB
+    allreduce_latency_s: float = 15e-6
 
     def __post_init__(self) -> None:
         for f in ("memory_bytes", "hbm_bytes_per_s", "host_device_bytes_per_s", "matmul_flops_per_s",
-                  "host_memory_bytes"):
+                  "host_memory_bytes", "interconnect_bytes_per_s"):
             value = getattr(self, f)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
                 raise ConfigError(f"hardware.{f}: must be a positive number, got {value!r}")
         if self.eager_step_overhead_s_per_layer is None:
             object.__setattr__(self, "eager_step_overhead_s_per_layer", self.step_overhead_s_per_layer)
-        for f in ("step_overhead_s_per_layer", "speculation_s_per_layer", "eager_step_overhead_s_per_layer"):
+        for f in ("step_overhead_s_per_layer", "speculation_s_per_layer", "eager_step_overhead_s_per_layer",
+                  "allreduce_latency_s"):
             if not getattr(self, f) >= 0:
                 raise ConfigError(f"hardware.{f}: must be >= 0, got {getattr(self, f)!r}")
 
@@ -130,6 +136,8 @@ H100 = Hardware(
         "step_overhead_s_per_layer": "fitted (advise_calibration)",
         "speculation_s_per_layer": "eager infinigen step minus paged step and fetch (H200), checked on the H100 study",
         "eager_step_overhead_s_per_layer": "fitted knob + measured eager minus graph step (decode_step.md)",
+        "interconnect_bytes_per_s": "datasheet (NVLink 4: 450 GB/s per direction); not measured",
+        "allreduce_latency_s": "rough estimate (NCCL small all-reduce within a node)",
     },
 )
 
@@ -199,6 +207,9 @@ def cpu_hardware(cores: int | None = None, memory_bytes: int | None = None) -> H
         step_overhead_s_per_layer=CPU_STEP_OVERHEAD_S_PER_LAYER,
         # Not measured on a CPU: the GPU figure is launch-bound and does not carry over.
         speculation_s_per_layer=0.0,
+        # gloo between processes of one machine: loopback TCP, memory-bound.
+        interconnect_bytes_per_s=5 * GB,
+        allreduce_latency_s=50e-6,
         dtype="float32",
         is_gpu=False,
         sources={
@@ -210,6 +221,8 @@ def cpu_hardware(cores: int | None = None, memory_bytes: int | None = None) -> H
             "step_overhead_s_per_layer": "fitted (advise_calibration, cpu_generate.json)",
             "speculation_s_per_layer": "not measured on CPU (0)",
             "eager_step_overhead_s_per_layer": "step_overhead_s_per_layer (no CUDA graphs on a CPU)",
+            "interconnect_bytes_per_s": "rough estimate (gloo over loopback)",
+            "allreduce_latency_s": "rough estimate (gloo over loopback)",
         },
     )
 

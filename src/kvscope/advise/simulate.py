@@ -35,10 +35,12 @@ class EngineLimits:
 
     max_num_seqs: int = 64
     max_num_batched_tokens: int = 2048
+    #: Ranks the model is split over (see ``advise/parallel.py``).
+    tensor_parallel_size: int = 1
 
     def __post_init__(self) -> None:
         # With 0 the replay admits nothing or computes nothing, and would never end.
-        for name in ("max_num_seqs", "max_num_batched_tokens"):
+        for name in ("max_num_seqs", "max_num_batched_tokens", "tensor_parallel_size"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ConfigError(f"{name}: must be an integer >= 1, got {v!r}")

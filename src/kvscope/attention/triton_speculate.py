@@ -25,7 +25,12 @@ host slot times ``Hkv`` plus the head (one head's row, ``per_head``) or the slot
 """
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
+
+#: A tensor-parallel group's in-place reduction over its ranks: ``(tensor, "sum" | "max") -> tensor``.
+AllReduce = Callable[[torch.Tensor, str], torch.Tensor]
 
 try:
     import triton
@@ -116,17 +121,18 @@ if triton is not None:
     def _select_kernel(
         rel_ptr, counts_ptr, lens_ptr, real_ptr, cap_ptr, slots_ptr, counters_ptr,
         rows_ptr, valid_ptr, kept_ptr,
-        C, KP,
-        H: tl.constexpr, HP: tl.constexpr, HKV: tl.constexpr, PER_HEAD: tl.constexpr,
+        C, KP, HEADS,
+        H: tl.constexpr, NC: tl.constexpr, NCP: tl.constexpr, HKV: tl.constexpr, PER_HEAD: tl.constexpr,
         CHUNK: tl.constexpr, NCH: tl.constexpr, KB: tl.constexpr,
     ):
         row = tl.program_id(0)
         b = row // H
         h = row % H
-        # k: the mean count over the row's heads (InfiniGen), floored, in [1, cap of the row].
-        heads = tl.arange(0, HP)
-        total = tl.sum(tl.load(counts_ptr + b * H + heads, mask=heads < H, other=0), axis=0)
-        k = tl.floor(total.to(tl.float32) / H)
+        # k: the mean count over the row's heads (InfiniGen), floored, in [1, cap of the row]; the
+        # row's NC counts sum to the count over its HEADS heads (NC = 1: already summed over ranks).
+        cols = tl.arange(0, NCP)
+        total = tl.sum(tl.load(counts_ptr + b * NC + cols, mask=cols < NC, other=0), axis=0)
+        k = tl.floor(total.to(tl.float32) / HEADS)
         k = tl.minimum(tl.maximum(k, 1.0), tl.load(cap_ptr + b))
         n = tl.load(lens_ptr + b).to(tl.int32)
         k_eff = tl.minimum(tl.minimum(k.to(tl.int32), n), KP) * tl.load(real_ptr + b).to(tl.int32)
@@ -187,7 +193,7 @@ if triton is not None:
 def speculate_rows(
     qp: torch.Tensor, partial_keys: torch.Tensor, slots: torch.Tensor, lens: torch.Tensor, real: torch.Tensor,
     scale: float, alpha: float, cap: torch.Tensor, per_head: bool, kp: int, counters: torch.Tensor,
-    use_triton: bool | None = None,
+    use_triton: bool | None = None, all_reduce: AllReduce | None = None, world: int = 1,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Select the rows one speculative layer fetches.
 
@@ -202,6 +208,10 @@ def speculate_rows(
         kp: entries per head in the result (>= the most tokens kept).
         counters: ``[num_slots + 1]`` int32 selection counters, bumped per kept (token, head).
         use_triton: force or forbid the kernels; default: kernels on CUDA.
+        all_reduce: with tensor parallelism (``world`` ranks, each holding ``Hkv`` of the
+            ``world x Hkv`` KV heads), the group's in-place reduction (``"sum"``/``"max"``). Then
+            ``k`` is the mean count over every rank's heads, and whole tokens are ranked by their
+            best head over every rank, so each rank selects what one rank holding all heads would.
     Returns:
         rows ``[B, H, kp]`` int64 host rows (kept first, in position order), valid ``[B, H, kp]``
         bool, kept ``[B, H]`` int32 tokens kept per head; ``H = Hkv`` if ``per_head`` else 1.
@@ -209,11 +219,22 @@ def speculate_rows(
     if use_triton is None:
         use_triton = slots.is_cuda and triton is not None
     if use_triton:
-        return _speculate_triton(qp, partial_keys, slots, lens, real, scale, alpha, cap, per_head, kp, counters)
-    return _speculate_torch(qp, partial_keys, slots, lens, real, scale, alpha, cap, per_head, kp, counters)
+        return _speculate_triton(qp, partial_keys, slots, lens, real, scale, alpha, cap, per_head, kp, counters,
+                                 all_reduce, world)
+    return _speculate_torch(qp, partial_keys, slots, lens, real, scale, alpha, cap, per_head, kp, counters,
+                            all_reduce, world)
 
 
-def _speculate_torch(qp, partial_keys, slots, lens, real, scale, alpha, cap, per_head, kp, counters):
+def _group_counts(counts: torch.Tensor, all_reduce: AllReduce | None, world: int) -> tuple[torch.Tensor, int]:
+    """Per row, the count entries whose sum is the count over all heads, and how many heads that is:
+    ``counts`` ``[B, H]`` itself on one rank, else its per-row sum over every rank's heads ``[B, 1]``."""
+    if all_reduce is None or world == 1:
+        return counts, counts.shape[1]
+    return all_reduce(counts.sum(-1, keepdim=True, dtype=torch.int64), "sum"), counts.shape[1] * world
+
+
+def _speculate_torch(qp, partial_keys, slots, lens, real, scale, alpha, cap, per_head, kp, counters, all_reduce,
+                     world):
     b, c = slots.shape
     hkv = qp.shape[1]
     pk = partial_keys[slots].float()  # [B, C, Hkv, d']
@@ -223,9 +244,11 @@ def _speculate_torch(qp, partial_keys, slots, lens, real, scale, alpha, cap, per
     rel = (logits - logits.amax(-1, keepdim=True)).amax(2)  # [B, Hkv, C], 0 at each head's best
     if not per_head:
         rel = rel.amax(1, keepdim=True)  # [B, 1, C]: a token's best score over all heads
+        if all_reduce is not None:
+            rel = all_reduce(rel.contiguous(), "max")
     h = rel.shape[1]
-    counts = (rel > -alpha).sum(-1)  # [B, H]
-    k = torch.minimum((counts.sum(-1) / h).floor().clamp(min=1), cap)
+    counts, heads = _group_counts((rel > -alpha).sum(-1), all_reduce if per_head else None, world)  # [B, H]
+    k = torch.minimum((counts.sum(-1) / heads).floor().clamp(min=1), cap)
     k_eff = torch.minimum(k.long(), lens).clamp(max=kp) * real  # [B]
     order = torch.sort(rel, dim=-1, descending=True, stable=True).indices
     rank = torch.empty_like(order).scatter_(-1, order, torch.arange(c, device=rel.device).expand_as(order))
@@ -240,7 +263,8 @@ def _speculate_torch(qp, partial_keys, slots, lens, real, scale, alpha, cap, per
     return rows, valid, kept
 
 
-def _speculate_triton(qp, partial_keys, slots, lens, real, scale, alpha, cap, per_head, kp, counters):
+def _speculate_triton(qp, partial_keys, slots, lens, real, scale, alpha, cap, per_head, kp, counters, all_reduce,
+                      world):
     b, c = slots.shape
     hkv, g, dp = qp.shape[1], qp.shape[2], qp.shape[3]
     h = hkv if per_head else 1
@@ -260,14 +284,19 @@ def _speculate_triton(qp, partial_keys, slots, lens, real, scale, alpha, cap, pe
         logits, cmax, rel, counts, c, nchunk, -float(alpha),
         HKV=hkv, G=g, GP=gp, NCP=triton.next_power_of_2(nchunk), PER_HEAD=per_head, TR=_REL_TOKENS, num_warps=4,
     )
+    if all_reduce is not None and not per_head:  # whole tokens by their best head over every rank
+        rel = all_reduce(rel, "max")
+        in_row = torch.arange(c, device=dev)[None, :] < lens[:, None]
+        counts = ((rel[:, 0] > -alpha) & in_row).sum(-1, keepdim=True, dtype=torch.int32)
+    counts, heads = _group_counts(counts, all_reduce if per_head else None, world)
     rows = torch.empty(b, h, kp, dtype=torch.long, device=dev)
     valid = torch.empty(b, h, kp, dtype=torch.bool, device=dev)
     kept = torch.empty(b, h, dtype=torch.int32, device=dev)
     chunk = min(triton.next_power_of_2(c), _SELECT_CHUNK)
     _select_kernel[(b * h,)](
         rel, counts, lens, real, cap, slots, counters, rows, valid.view(torch.int8), kept,
-        c, kp,
-        H=h, HP=triton.next_power_of_2(h), HKV=hkv, PER_HEAD=per_head, CHUNK=chunk,
+        c, kp, float(heads),
+        H=h, NC=counts.shape[1], NCP=triton.next_power_of_2(counts.shape[1]), HKV=hkv, PER_HEAD=per_head, CHUNK=chunk,
         NCH=triton.cdiv(c, chunk), KB=1024, num_warps=16 if chunk >= 8192 else 4,
     )
     return rows, valid, kept

@@ -13,6 +13,7 @@ import torch
 
 from kvscope.config import DEFAULT_CPU_KV_BYTES, EngineConfig
 from kvscope.engine.cuda_graph import GraphRunner, default_graph_sizes
+from kvscope.engine.executor import StepExecutor
 from kvscope.engine.model_runner import ModelRunner
 from kvscope.engine.outputs import RequestOutput, build_output
 from kvscope.engine.peaks import Peaks
@@ -22,6 +23,7 @@ from kvscope.engine.scheduler import ScheduleResult, Scheduler
 from kvscope.engine.stopping import stop_reason
 from kvscope.errors import ConfigError, RequestError
 from kvscope.kv.base import KVSetup, KVStrategy
+from kvscope.kv.manager import KVManager
 from kvscope.request import Request, RequestStatus
 from kvscope.sampling_params import RequestOutputKind, SamplingParams
 
@@ -56,7 +58,10 @@ class LLMEngine:
       propagates: no request is ever left with a computed position and no token to show for it.
     """
 
-    def __init__(self, loaded: LoadedModel, kv: KVStrategy, config: EngineConfig) -> None:
+    def __init__(self, loaded: LoadedModel, kv: KVStrategy, config: EngineConfig,
+                 executor: StepExecutor | None = None) -> None:
+        """``executor``: rank 0 of a tensor-parallel group's scheduler view, runner and group
+        (:class:`~kvscope.engine.executor.StepExecutor`); None: one process does it all."""
         self.config = config
         self.model = loaded.model
         self.tokenizer = loaded.tokenizer
@@ -89,6 +94,7 @@ class LLMEngine:
             swap_space_bytes=config.swap_space_bytes,
             attention_backend=config.resolved_attention_backend,
             cuda_graph_sizes=self.graph_sizes,
+            tensor_parallel=None if executor is None else executor.tensor_parallel,
         )
         try:
             kv.bind(setup)
@@ -98,10 +104,12 @@ class LLMEngine:
                 f"(swap_space_bytes={config.swap_space_bytes}): {e}"
             ) from None
         kv.attach_model(loaded)
+        self.manager: KVManager = kv if executor is None else executor.manager  # every scheduler-side call
         self.scheduler = Scheduler(
-            kv, config.max_num_seqs, config.max_num_batched_tokens, config.preemption_mode
+            self.manager, config.max_num_seqs, config.max_num_batched_tokens, config.preemption_mode
         )
-        self.runner = ModelRunner(self.model, kv, config.torch_device, self._capture_graphs())
+        self.runner = executor.runner if executor is not None else ModelRunner(
+            self.model, kv, config.torch_device, self._capture_graphs())
         self.requests: dict[str, Request] = {}
         self._groups: dict[str, list[Request]] = {}  # parent id -> its n samples, parent first
         self._due: set[str] = set()  # groups finished between steps (aborts): output at the next step
@@ -349,7 +357,7 @@ class LLMEngine:
             self.requests[child.request_id] = child
             self._groups[parent.request_id].append(child)
             self.scheduler.add_running(child)
-            self.kv.fork(parent, child)
+            self.manager.fork(parent, child)
             children.append(child)
         return children
 
@@ -360,7 +368,7 @@ class LLMEngine:
             req.error = f"request {req.request_id}: {error}"
         req.finished_time = time.perf_counter()
         self.scheduler.remove(req)
-        self.kv.free(req)
+        self.manager.free(req)
 
     # ---- outputs and stats ---------------------------------------------------------------------------
     def _outputs_for(self, ids: set[str]) -> list[RequestOutput]:

@@ -32,6 +32,23 @@ if TYPE_CHECKING:
     from kvscope.models.loader import LoadedModel
 
 
+class TensorParallel(Protocol):
+    """The tensor-parallel group whose rank holds this strategy's KV heads (``KVSetup.tensor_parallel``).
+
+    A rank's strategy sees only its ``num_kv_heads / size`` heads. A decision taken per KV head
+    needs nothing more; a statistic taken *across* heads (a mean count over a request's heads, a
+    token's best score over all heads) must be reduced over the group, so that every rank decides
+    as one rank holding every head would. Every rank runs the same steps in lockstep, so a reduction
+    made by the worker side (``begin_step``, the step's attention, ``end_step``) meets its peers';
+    never make one from the scheduler side, which only rank 0 runs live.
+    """
+
+    size: int
+
+    def all_reduce(self, t: torch.Tensor, op: str = "sum") -> torch.Tensor:
+        """Reduce ``t`` elementwise over the ranks (``op`` ``"sum"`` or ``"max"``), in place; returns ``t``."""
+
+
 @dataclass(frozen=True)
 class KVSetup:
     """Everything a strategy needs to size and place its memory."""
@@ -47,6 +64,8 @@ class KVSetup:
     attention_backend: str = "torch"
     #: Batch-size buckets of captured decode graphs (CUDA, ``enforce_eager=False``), else None.
     cuda_graph_sizes: list[int] | None = None
+    #: The group this rank's heads are a share of (``model`` is then the shard's config); None on one rank.
+    tensor_parallel: TensorParallel | None = None
 
 
 @dataclass

@@ -23,14 +23,14 @@ from typing import Any, ClassVar, Literal
 
 import torch
 
-from kvscope.kv.backend import KVBackend, KVSetup, StepBatch
+from kvscope.kv.backend import KVBackend, KVSetup, StepBatch, TensorParallel
 from kvscope.kv.graphs import BlockTableLayout, GraphStatistics
 from kvscope.kv.manager import KVManager, KVUsage
 from kvscope.request import Request
 
 __all__ = [
     "Adoption", "BlockTableLayout", "GraphStatistics", "Handover", "KVBackend", "KVManager", "KVSetup",
-    "KVStrategy", "KVUsage", "StepBatch", "StrategyFacts",
+    "KVStrategy", "KVUsage", "StepBatch", "StrategyFacts", "TensorParallel",
 ]
 
 

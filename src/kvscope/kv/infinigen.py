@@ -249,6 +249,7 @@ class InfiniGenStrategy(HostOffloadStrategy):
             dtype=setup.dtype, device=setup.device,
         )
         self.selected_tokens = torch.zeros(m.num_layers, m.num_kv_heads, dtype=torch.float64, device=setup.device)
+        self._counted: tuple[torch.Tensor, torch.Tensor] | None = None  # slots, their counters at begin_step
         self.candidate_tokens = torch.zeros(m.num_layers, dtype=torch.float64)
         # Static decode steps speculate on a stream of their own (see InfiniGenDecode.layer_input).
         self.spec_stream = torch.cuda.Stream(setup.device) if self.transfer.overlap else None
@@ -279,14 +280,17 @@ class InfiniGenStrategy(HostOffloadStrategy):
         ``lens``, ``real``, ``cap`` and ``kp`` as :func:`~kvscope.attention.triton_speculate.speculate_rows`
         takes them, whose rows ``[B, H, kp]``, validity and kept counts ``[B, H]`` this returns.
         ``k`` is decided on the device: reading it on the host would stall the CPU once per layer;
-        rows past it are masked out (the gather skips them, attention ignores them)."""
+        rows past it are masked out (the gather skips them, attention ignores them). Under tensor
+        parallelism ``k`` (a mean over the request's heads) is reduced over the group's heads."""
         hkv = self.setup.model.num_kv_heads
         q = self.model.attention_query(layer, x, positions)  # [B, Hq, D]
         q = q.view(x.shape[0], hkv, -1, q.shape[-1]).float()
         qp = torch.einsum("bhgd,hdc->bhgc", q, self.skew_sub[layer])
+        tp = self.setup.tensor_parallel  # k and a token's best head are over every rank's heads
         rows, valid, kept = speculate_rows(
             qp, self.partial_keys[layer], slots, lens, real, self.scale, self.alpha, cap, self.select == "head", kp,
             self.pool.counters, use_triton=self.setup.attention_backend == "triton" and x.is_cuda,
+            all_reduce=None if tp is None else tp.all_reduce, world=1 if tp is None else tp.size,
         )
         self.selected_tokens[layer] += kept.sum(0)
         return rows, valid, kept
@@ -310,6 +314,12 @@ class InfiniGenStrategy(HostOffloadStrategy):
 
     def begin_step(self, batch: StepBatch) -> InfiniGenAttention | InfiniGenDecode:
         prev, new = self.step_slots(batch)
+        tp = self.setup.tensor_parallel
+        if tp is not None and self.select == "head" and prev:
+            # A rank counts only its own heads' selections; end_step adds the other ranks', so that
+            # pool eviction (in allocate, scheduler side: no collective there) picks one rank's victim.
+            slots = torch.cat(prev).unique()
+            self._counted = (slots, self.pool.counters[slots].clone())
         if self._pure_decode(batch, prev):
             longest = max(p.numel() for p in prev)
             if dense_layer_fits(self, len(prev), longest):
@@ -318,6 +328,15 @@ class InfiniGenStrategy(HostOffloadStrategy):
                 dec.begin()
                 return dec
         return InfiniGenAttention(self, batch, prev, new)
+
+    def end_step(self, batch: StepBatch) -> None:
+        super().end_step(batch)
+        tp = self.setup.tensor_parallel
+        if self._counted is not None and tp is not None:
+            slots, before = self._counted
+            mine = self.pool.counters[slots] - before  # [n] this rank's selections of the step's tokens
+            self.pool.counters[slots] = before + tp.all_reduce(mine, "sum")
+            self._counted = None
 
     def decode_graphs(self) -> InfiniGenGraphs | None:
         sizes = self.setup.cuda_graph_sizes

@@ -6,6 +6,7 @@ parser as real checkpoints. Weights are drawn directly on the target device in t
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -40,6 +41,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     "opt-6.7b": _opt(4096, 16384, 32, 32),
     "opt-13b": _opt(5120, 20480, 40, 40),
     "opt-30b": _opt(7168, 28672, 48, 56),
+    "opt-66b": _opt(9216, 36864, 64, 72),
     "smollm2-135m": {
         "model_type": "llama", "vocab_size": 49152, "hidden_size": 576, "intermediate_size": 1536,
         "num_hidden_layers": 30, "num_attention_heads": 9, "num_key_value_heads": 3,
@@ -54,6 +56,11 @@ PRESETS: dict[str, dict[str, Any]] = {
     "llama-3-8b": {
         "model_type": "llama", "vocab_size": 128256, "hidden_size": 4096, "intermediate_size": 14336,
         "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 8,
+        "max_position_embeddings": 8192, "rope_theta": 500000.0, "rms_norm_eps": 1e-5,
+    },
+    "llama-3-70b": {
+        "model_type": "llama", "vocab_size": 128256, "hidden_size": 8192, "intermediate_size": 28672,
+        "num_hidden_layers": 80, "num_attention_heads": 64, "num_key_value_heads": 8,
         "max_position_embeddings": 8192, "rope_theta": 500000.0, "rms_norm_eps": 1e-5,
     },
     # Llama-3-8B's shapes with Llama 3.1's 128k context (llama3 RoPE scaling, factor 8).
@@ -113,10 +120,16 @@ def random_model(config: ModelConfig, device: torch.device, dtype: torch.dtype, 
 
     Deterministic for a given (seed, device type); never allocates a float32 or CPU copy.
     """
-    model = empty_model(config)
+    return assign_weights(empty_model(config), dict(draw_weights(config, device, dtype, seed)),
+                          config.name or "dummy model")
+
+
+def draw_weights(config: ModelConfig, device: torch.device, dtype: torch.dtype,
+                 seed: int) -> Iterator[tuple[str, torch.Tensor]]:
+    """:func:`random_model`'s tensors one at a time, by checkpoint name, in a fixed order (a
+    tensor-parallel rank keeps a slice of each and drops the rest)."""
     gen = torch.Generator(device=device).manual_seed(seed)
-    tensors: dict[str, torch.Tensor] = {}
-    for name, p in model.named_parameters():  # a tied head appears once, under the embedding's name
+    for name, p in empty_model(config).named_parameters():  # a tied head appears once, under the embedding's name
         t = torch.empty(p.shape, device=device, dtype=dtype)
         if name.endswith(".bias"):
             t.zero_()
@@ -124,5 +137,4 @@ def random_model(config: ModelConfig, device: torch.device, dtype: torch.dtype, 
             t.fill_(1.0)
         else:
             t.normal_(0.0, INIT_STD, generator=gen)
-        tensors[name] = t
-    return assign_weights(model, tensors, config.name or "dummy model")
+        yield name, t

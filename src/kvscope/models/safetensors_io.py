@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -55,11 +57,21 @@ def load_safetensors_folder(
 ) -> CausalLM:
     """Model of ``config`` with the weights of ``folder``'s safetensors file(s), cast to ``dtype`` on ``device``."""
     model = empty_model(config)
-    expected = expected_shapes(model)
+    return assign_weights(model, read_folder(folder, expected_shapes(model), device, dtype), str(folder))
+
+
+#: ``(name, lazy safetensors slice) -> tensor``: reads part of a checkpoint tensor (a rank's shard).
+Slicer = Callable[[str, Any], torch.Tensor]
+
+
+def read_folder(folder: Path, expected: dict[str, torch.Size], device: torch.device, dtype: torch.dtype,
+                slicer: Slicer | None = None) -> dict[str, torch.Tensor]:
+    """Every checkpoint tensor of ``folder`` (shapes checked against ``expected``, the full model's),
+    cast to ``dtype`` on ``device``; ``slicer`` reads only the part it returns of each."""
     tensors: dict[str, torch.Tensor] = {}
     for file in weight_files(folder):
-        tensors.update(_read_file(file, expected, device, dtype))
-    return assign_weights(model, tensors, str(folder))
+        tensors.update(_read_file(file, expected, device, dtype, slicer))
+    return tensors
 
 
 def weight_files(folder: Path) -> list[Path]:
@@ -84,7 +96,8 @@ def weight_files(folder: Path) -> list[Path]:
 
 
 def _read_file(
-    file: Path, expected: dict[str, torch.Size], device: torch.device, dtype: torch.dtype
+    file: Path, expected: dict[str, torch.Size], device: torch.device, dtype: torch.dtype,
+    slicer: Slicer | None = None,
 ) -> dict[str, torch.Tensor]:
     from safetensors import safe_open
 
@@ -100,7 +113,8 @@ def _read_file(
                         f"{file}: tensor {name} has shape {tuple(shape)}, the config implies {tuple(expected[name])}"
                     )
                 # Cast per tensor so that at most one float32 tensor exists besides the final weights.
-                out[name] = f.get_tensor(name).to(device=device, dtype=dtype)
+                t = f.get_tensor(name) if slicer is None else slicer(name, f.get_slice(name))
+                out[name] = t.to(device=device, dtype=dtype)
     except ModelLoadError:
         raise
     except Exception as e:  # safetensors raises SafetensorError, OSError or RuntimeError on bad files
