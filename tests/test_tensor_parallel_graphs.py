@@ -27,7 +27,7 @@ import torch
 from kvscope import LLM, SamplingParams
 from kvscope.config import EngineConfig
 from kvscope.distributed.launch import tensor_parallel_engine
-from kvscope.distributed.worker import _run_as_planned
+from kvscope.distributed.worker import run_as_planned
 from kvscope.engine.engine import LLMEngine
 
 two_cores = pytest.mark.skipif(
@@ -131,9 +131,9 @@ def test_a_worker_whose_plan_differs_from_rank_0s_raises():
     runner = SimpleNamespace(graphs=graphs, graph_replays=0, run=lambda batch, rows: ran.append(None))
     batch = SimpleNamespace(requests=[object(), object()])
     with pytest.raises(RuntimeError, match="rank 1 diverged from rank 0: .* 4 here and 2 on rank 0"):
-        _run_as_planned(1, runner, batch, [0, 1], 2)
+        run_as_planned(1, runner, batch, [0, 1], 2)
     assert ran == []
-    _run_as_planned(1, runner, batch, [0, 1], 4)
+    run_as_planned(1, runner, batch, [0, 1], 4)
     assert ran == [4] and runner.graph_replays == 1
 
 

@@ -105,13 +105,13 @@ def _serve(rank: int, kv: Any, runner: ModelRunner, mirror: Mirror, device: torc
             continue
         assert msg.batch is not None
         batch = mirror.batch(msg.batch)
-        _run_as_planned(rank, runner, batch, msg.batch.sample_rows, msg.graph_key)  # logits are rank 0's
+        run_as_planned(rank, runner, batch, msg.batch.sample_rows, msg.graph_key)  # logits are rank 0's
         for req, n in zip(batch.requests, batch.num_new_tokens):
             req.num_computed_tokens += n
         kv.end_step(batch)
 
 
-def _run_as_planned(rank: int, runner: ModelRunner, batch: StepBatch, sample_rows: list[int],
+def run_as_planned(rank: int, runner: ModelRunner, batch: StepBatch, sample_rows: list[int],
                     key: Hashable | None) -> None:
     """Run ``batch`` through static step ``key`` as rank 0 does, or eagerly when ``key`` is None."""
     mine = None if runner.graphs is None else runner.graphs.plan(batch, sample_rows)
