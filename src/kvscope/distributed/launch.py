@@ -54,13 +54,14 @@ class TensorParallelRunner(ModelRunner):
         self._finalizer = weakref.finalize(self, _stop, group)
 
     def run(self, batch: StepBatch, sample_rows: list[int]) -> torch.Tensor:
-        key = None if self.graphs is None else self.graphs.plan(batch, sample_rows)
+        graphs = self.graphs
+        key = None if graphs is None else graphs.plan(batch, sample_rows)
         self._send(Message(self.recorder.take_ops(), "step", self.recorder.describe(batch, sample_rows), key))
         try:
-            if key is None:
+            if graphs is None or key is None:
                 return super().run(batch, sample_rows)  # the graphs' own plan is None again: eager
             self.graph_replays += 1
-            return self.graphs.replay(batch, key)
+            return graphs.replay(batch, key)
         except BaseException as exc:
             self._fail(exc)
             raise

@@ -114,12 +114,13 @@ def _serve(rank: int, kv: Any, runner: ModelRunner, mirror: Mirror, device: torc
 def run_as_planned(rank: int, runner: ModelRunner, batch: StepBatch, sample_rows: list[int],
                     key: Hashable | None) -> None:
     """Run ``batch`` through static step ``key`` as rank 0 does, or eagerly when ``key`` is None."""
-    mine = None if runner.graphs is None else runner.graphs.plan(batch, sample_rows)
+    graphs = runner.graphs
+    mine = None if graphs is None else graphs.plan(batch, sample_rows)
     if mine != key:
         raise RuntimeError(f"tensor-parallel rank {rank} diverged from rank 0: its static step for a batch of "
                            f"{len(batch.requests)} requests is {mine!r} here and {key!r} on rank 0")
-    if key is None:
+    if graphs is None or key is None:
         runner.run(batch, sample_rows)  # its own plan is None too: eager
         return
     runner.graph_replays += 1
-    runner.graphs.replay(batch, key)
+    graphs.replay(batch, key)
