@@ -15,6 +15,7 @@ from kvscope.errors import ConfigError
 from kvscope.study import expand, parse_spec, run_study
 from kvscope.study import runner as runner_mod
 from kvscope.study import time_limit as time_limit_mod
+from kvscope.study.presets import preset
 from kvscope.study.results_io import read_results_file
 from kvscope.study.time_limit import TimeLimit
 
@@ -237,3 +238,38 @@ def test_time_limited_cli_run_stops_says_what_remains_and_resumes(tiny_model, tm
     assert "5 points remain" in capsys.readouterr().out  # the first point ran (no estimate), past 5 s
     assert cli.main([*argv2[:-1], "-3"]) == 2
     assert "--time-limit: must be seconds > 0" in capsys.readouterr().err
+
+
+def test_h200_preset_covers_the_issues_axes():
+    """The h200 preset holds what the GPU study is asked for (docs/results/h200/PLAN.md)."""
+    spec = preset("h200", check_packages=False)
+    points = expand(spec)
+    assert spec.device == "cuda" and spec.dtype == "bfloat16"
+    speed = [p for p in points if p.config["model"].startswith("dummy:")]
+    assert {p.config["model"] for p in speed} == {"dummy:opt-1.3b", "dummy:opt-6.7b", "dummy:opt-13b",
+                                                  "dummy:opt-30b", "dummy:llama-3.1-8b"}
+    for model in {p.config["model"] for p in speed}:
+        mine = [p for p in speed if p.config["model"] == model]
+        assert len({p.config["kv_memory"] for p in mine}) >= 1 + (not model.endswith("30b"))  # ample and a pool
+        assert all(p.relative_rate is not None for p in mine if p.config["workload"]["kind"] == "sharegpt"
+                   and p.config["rate"] != "inf")
+    llama = [p for p in speed if p.config["model"] == "dummy:llama-3.1-8b"]
+    for family in ("h2o", "infinigen"):
+        assert len({p.config["strategy"] for p in llama if p.config["strategy"].startswith(family)}) == 5
+    assert {"streaming:budget_ratio=0.2", "snapkv:budget_ratio=0.2"} <= {p.config["strategy"] for p in llama}
+    assert sorted({p.config["rate"] for p in llama if p.config["strategy"] == "paged"}, key=str) == \
+        ["0.25x", "0.5x", "1.25x", "1x", "inf"]
+    assert all(p.config["workload"]["num_requests"] >= 100 for p in speed if p.config["workload"]["kind"] == "sharegpt")
+    assert any(p.config["workload"]["kind"] == "fixed" and p.config["workload"]["input_len"] >= 3000 for p in llama)
+    assert all(p.config["quality"] == {**p.config["quality"], "perplexity": False, "ruler": False} for p in speed)
+    real = [p for p in points if not p.config["model"].startswith("dummy:")]
+    assert {p.config["model"] for p in real} == {"smollm2-135m", "qwen2.5-0.5b"}
+    for p in real:
+        w, q = p.config["workload"], p.config["quality"]
+        assert w["kind"] == "ruler" and w["length"] == 4096 and w["num_samples"] >= 50 and q["ruler"]
+        assert q["perplexity"] and q["perplexity_sequences"] * (q["perplexity_len"] - q["perplexity_prefix"]) >= 8192
+    for model in ("smollm2-135m", "qwen2.5-0.5b"):
+        tasks = {p.config["workload"]["task"] for p in real if p.config["model"] == model}
+        assert tasks == {"niah_single_1", "niah_single_2", "niah_single_3", "niah_multikey_1"}
+        assert len({p.config["strategy"] for p in real if p.config["model"] == model
+                    and p.config["strategy"].startswith("h2o")}) == 5
