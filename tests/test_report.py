@@ -216,3 +216,18 @@ def test_budget_curve_error_bars_and_display_names_in_plots():
                                                                                "h2o 60%", "paged"}
     finally:
         plt.close("all")
+
+
+def _relative(row, factor: str, absolute: float):
+    """``row`` as a relative-rate point writes it: the absolute rate it ran at, the spec's factor."""
+    return {**row, "config": {**row["config"], "rate": absolute, "rate_relative": factor}}
+
+
+def test_relative_rate_points_are_compared_at_the_same_factor(tmp_path):
+    # At "0.5x" each strategy ran at half its own offline throughput: 3 and 5 req/s. Compared by
+    # absolute rate they would be two regimes of one strategy each; by factor, one regime of two.
+    rows = [_relative(regime_row("paged", 1.0, ppl=20.0), "0.5x", 3.0),
+            _relative(regime_row(H2O_20, 2.4, ppl=22.0), "0.5x", 5.0)]
+    (tmp_path / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    md = write_report(tmp_path)[1].read_text()
+    assert "| 24MiB | 0.5x of its offline throughput | h2o 20% | 2.4 (1.94-2.4) | 2.40x paged |" in md

@@ -33,7 +33,7 @@ WRONG_TYPES = {**ROWS[1], "config": {**ROWS[1]["config"], "rate": "fast"}}
 NOT_UTF8 = lines([ROWS[2]])[0].replace(b'"dummy:tiny-llama"', b'"dummy:tiny-\xffllama"')
 BAD = [(b"42\n", "not a JSON object (a int)"),
        (lines([NO_CONFIG])[0], "config: missing"),
-       (lines([WRONG_TYPES])[0], "config.rate: must be a number > 0 or 'inf', got 'fast'"),
+       (lines([WRONG_TYPES])[0], "config.rate: must be a number > 0, 'inf' or a relative rate ('0.5x'), got 'fast'"),
        (NOT_UTF8, "not UTF-8"),
        (b'{"id": "torn', "not JSON (a torn last line?)")]
 

@@ -23,6 +23,7 @@ from kvscope.advise.options import option_from_spec, resolve_model
 from kvscope.advise.simulate import EngineLimits
 from kvscope.cli import main
 from kvscope.errors import ConfigError
+from kvscope.models.fused import checkpoint_tensors
 from kvscope.models.loader import load_model
 from kvscope.models.parallel import load_shard, shard_config, shard_dim
 
@@ -56,13 +57,31 @@ def counts(stats: dict) -> dict:
 
 
 def test_shards_are_slices_of_the_single_device_model():
-    full = load_model(MODEL).model.state_dict()
-    shards = [load_shard(MODEL, torch.device("cpu"), torch.float32, 0, r, 2).model.state_dict() for r in range(2)]
+    # Under checkpoint names: the fused projections are compared part by part.
+    full = checkpoint_tensors(load_model(MODEL).model)
+    shards = [checkpoint_tensors(load_shard(MODEL, torch.device("cpu"), torch.float32, 0, r, 2).model)
+              for r in range(2)]
     for name, t in full.items():
         dim = shard_dim(name)
         got = shards[0][name] if dim is None else torch.cat([s[name] for s in shards], dim)
         assert torch.equal(got, t), name
     assert shards[0]["model.layers.0.self_attn.k_proj.weight"].shape[0] == 16  # one KV head of 16 dims
+
+
+def test_fused_shard_is_its_heads_of_q_k_v():
+    """Rank r's qkv_proj is [its q heads, its k heads, its v heads] and its gate_up_proj [its gate
+    rows, its up rows] (vLLM's layout), not rows r/N.. of the full fused weight."""
+    full = load_model(MODEL).model.model.layers[1]
+    d = 16  # tiny-llama: 4 q heads, 2 KV heads of 16 dims, MLP width 192
+    for r in range(2):
+        shard = load_shard(MODEL, torch.device("cpu"), torch.float32, 0, r, 2).model.model.layers[1]
+        q = full.self_attn.q_weight[r * 2 * d:(r + 1) * 2 * d]
+        k = full.self_attn.k_weight[r * d:(r + 1) * d]
+        v = full.self_attn.v_weight[r * d:(r + 1) * d]
+        assert torch.equal(shard.self_attn.qkv_proj.weight, torch.cat([q, k, v]))
+        gate_up = full.mlp.gate_up_proj.weight
+        rows = slice(r * 96, (r + 1) * 96)
+        assert torch.equal(shard.mlp.gate_up_proj.weight, torch.cat([gate_up[:192][rows], gate_up[192:][rows]]))
 
 
 @two_cores

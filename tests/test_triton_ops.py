@@ -44,6 +44,14 @@ def _cases(ops, device: str) -> dict:
         got = ops.rotary(q, cos, sin, use_triton=True)
         ref = ops.rotary(q, cos, sin, use_triton=False)
         out[f"rotary_{name}"] = [float((got.float() - ref.float()).abs().max()), 0.0, float(ref.float().abs().max())]
+        # k as the fused qkv_proj output gives it: rows [q (3 heads), k (2 heads), v (2 heads)] of D = 24,
+        # so row stride 7 D, head stride D, starting 3 D into each row.
+        qkv = torch.randn(7, 7 * 24, generator=gen).to(device, dtype)
+        k = qkv[:, 72:120].view(7, 2, 24)
+        got = ops.rotary(k, cos, sin, use_triton=True)
+        ref = ops.rotary(k, cos, sin, use_triton=False)
+        out[f"rotary_fused_{name}"] = [float((got.float() - ref.float()).abs().max()), 0.0,
+                                       float(ref.float().abs().max())]
         gu = torch.randn(4, 2 * 1500, generator=gen).to(device, dtype)  # gate and up as column halves
         got = ops.silu_mul(gu[:, :1500], gu[:, 1500:], use_triton=True)
         ref = ops.silu_mul(gu[:, :1500], gu[:, 1500:], use_triton=False)

@@ -79,6 +79,7 @@ from decode_step import (  # noqa: E402
 from kvscope.engine.sampling_params import SamplingParams  # noqa: E402
 from kvscope.llm import LLM  # noqa: E402
 from kvscope.models.dummy import PRESETS  # noqa: E402
+from kvscope.models.fused import checkpoint_tensors  # noqa: E402
 from kvscope.models.loader import LoadedModel, load_model  # noqa: E402
 
 PRESET, TINY_PRESET, CHECK_PRESET = "llama-3.1-8b", "tiny-llama", "llama-3.2-1b"
@@ -92,7 +93,7 @@ def hf_sharing_weights(loaded: LoadedModel, preset: str, device: torch.device):
     cfg._attn_implementation = "sdpa"
     with torch.device("meta"):
         hf = LlamaForCausalLM(cfg)
-    state = dict(loaded.model.named_parameters())
+    state = checkpoint_tensors(loaded.model)  # HF names; fused q/k/v and gate/up as views of their rows
     if cfg.tie_word_embeddings:  # kvscope keeps one tensor; HF names it twice
         state.setdefault("lm_head.weight", state["model.embed_tokens.weight"])
     hf.load_state_dict(state, strict=True, assign=True)

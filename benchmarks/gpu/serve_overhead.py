@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import statistics
 import subprocess
 import sys
@@ -36,9 +35,11 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
+sys.path.insert(0, str(Path(__file__).parent.parent))
 from ceilings import RESULTS, env_line  # noqa: E402
 from decode_step import bench_environment  # noqa: E402
 from end_to_end import lognormal_lengths, prompts  # noqa: E402
+from server_process import free_port, wait_ready  # noqa: E402
 
 from kvscope.bench.http_driver import run_http_workload  # noqa: E402
 from kvscope.bench.metrics import serving_metrics  # noqa: E402
@@ -46,12 +47,6 @@ from kvscope.bench.serve import run_workload  # noqa: E402
 from kvscope.engine.sampling_params import SamplingParams  # noqa: E402
 from kvscope.llm import LLM  # noqa: E402
 from kvscope.workload.requests import WorkloadRequest  # noqa: E402
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def workload(lengths: list[tuple[int, int]], vocab: int, seed: int) -> list[WorkloadRequest]:
@@ -68,20 +63,6 @@ def throughput(records: list) -> dict:
 def median_runs(fn, repeats: int) -> dict:
     runs = [fn(seed) for seed in range(1, repeats + 1)]
     return {"tok_s": statistics.median(r["output_throughput"] for r in runs), "runs": runs}
-
-
-def wait_ready(url: str, proc: subprocess.Popen, timeout: float) -> None:
-    t0 = time.perf_counter()
-    while time.perf_counter() - t0 < timeout:
-        if proc.poll() is not None:
-            raise SystemExit(f"kvscope serve exited with {proc.returncode} before it was ready")
-        try:
-            with urllib.request.urlopen(f"{url}/health", timeout=2) as r:
-                if r.status == 200:
-                    return
-        except OSError:
-            time.sleep(0.5)
-    raise SystemExit(f"kvscope serve not ready after {timeout:.0f} s")
 
 
 def main() -> None:

@@ -116,7 +116,8 @@ def _add_study(sub: argparse._SubParsersAction) -> None:
     run = study.add_parser("run", help="run every point of a study not yet in its results, then write its report")
     src = run.add_mutually_exclusive_group(required=True)
     src.add_argument("spec", nargs="?", help="YAML study spec")
-    src.add_argument("--preset", help="a named study: quick (CPU, minutes) or paper (GPU)")
+    src.add_argument("--preset", help="a named study: quick (CPU, minutes), h200 (one H200, about 25 GPU minutes "
+                                      "in chunks) or paper (GPU, the full grid)")
     run.add_argument("--results", default=None, help="results directory (default: results/<study name>)")
     run.add_argument("--no-progress", action="store_true")
     run.add_argument("--no-retry-errors", action="store_true",
@@ -126,6 +127,10 @@ def _add_study(sub: argparse._SubParsersAction) -> None:
                           "results: on a new local Ray instance, or on the cluster at ADDRESS ('auto', HOST:PORT, "
                           "ray://HOST:PORT); a point whose worker dies runs again up to twice. Put it after SPEC "
                           "(needs pip install 'kvscope[ray]')")
+    run.add_argument("--time-limit", type=_finite, default=None, metavar="SECONDS",
+                     help="start no point that would likely end more than SECONDS after the run began (estimated "
+                          "from the finished points most like it); exit 0 naming the points left, which a rerun "
+                          "of the same command runs. Not counted: start-up and the report written at the end")
     run.add_argument("--ray-cpus-per-point", type=float, default=None, metavar="N",
                      help="CPUs each point asks Ray for (default 1; a point on device cuda also asks for one GPU)")
     report = study.add_parser("report", help="write report.html and report.md from a results directory")
@@ -133,12 +138,13 @@ def _add_study(sub: argparse._SubParsersAction) -> None:
 
 
 def _study(args: argparse.Namespace) -> int:
-    """``study report``: 0. ``study run``: 0 when every point of the study is ``ok``, 1 when any
+    """``study report``: 0. ``study run``: 0 when every point of the study is ``ok``, or, with
+    ``--time-limit``, every point run so far (the rest are named and left to a rerun); 1 when any
     failed (the report lists them; a rerun retries them), 2 for a problem found before any point."""
     from pathlib import Path
 
     from kvscope.errors import ConfigError
-    from kvscope.study import load_spec, preset, run_study
+    from kvscope.study import expand, load_spec, preset, run_study
     from kvscope.report import write_report
     from kvscope.study.results_io import (
         RESULTS_FILE,
@@ -165,14 +171,22 @@ def _study(args: argparse.Namespace) -> int:
                                       {"cpus_per_point": args.ray_cpus_per_point}))
     elif args.ray_cpus_per_point is not None:
         raise ConfigError("--ray-cpus-per-point: applies to a run on Ray; add --ray [ADDRESS]")
+    if args.time_limit is not None and (ray is not None or not args.time_limit > 0):
+        raise ConfigError(f"--time-limit: must be seconds > 0, for a run without --ray; got {args.time_limit:g}"
+                          + (" with --ray" if ray is not None else ""))
     target = check_results_target(results)  # before any point, as run_study checks again under the lock
     with results_lock(target):  # held across the run and the report
         new = run_study(spec, results, progress=not args.no_progress, retry_errors=not args.no_retry_errors,
-                        ray=ray)
-        rows = read_results_file(target, warn=False).rows
+                        ray=ray, time_limit=args.time_limit)
+        read = read_results_file(target, warn=False)
+        rows = read.rows
         failed = sum(r["status"] != "ok" for r in rows)
         print(f"{len(new)} points run ({sum(r['status'] != 'ok' for r in new)} failed); {len(rows)} points in "
               f"{target}, {failed} of them failed")
+        left = len({p.id for p in expand(spec)} - read.done_ids(not args.no_retry_errors))
+        if args.time_limit is not None and left:
+            print(f"time limit of {args.time_limit:g} s reached: {left} points remain; rerun the same command to "
+                  "run them")
         # The report covers every row, so a resumed run's report includes the earlier points too.
         html, md = write_report(results, warn=False)
     print(f"report: {html} (and {md.name} beside it)")

@@ -27,6 +27,7 @@ from safetensors.torch import load_file, save_file
 from kvscope.attention.torch_ref import attend_causal
 from kvscope.errors import ConfigError, DatasetError
 from kvscope.models.base import CausalLM
+from kvscope.models.fused import checkpoint_tensors
 
 CALIBRATION_TOKENS = 2048
 
@@ -90,7 +91,7 @@ def fingerprint(model: CausalLM, token_ids: list[int]) -> str:
     """Identifies the weights and calibration tokens: hashes the config, a slice of every layer's
     query weights and the tokens (dummy models of one shape differ by seed)."""
     h = hashlib.sha256(json.dumps(model.config.__dict__, sort_keys=True, default=str).encode())
-    for name, p in model.named_parameters():
+    for name, p in checkpoint_tensors(model).items():  # checkpoint names: q_proj is a view of qkv_proj
         if "q_proj.weight" in name:
             h.update(p.detach()[:4].float().cpu().numpy().tobytes())
     h.update(",".join(map(str, token_ids)).encode())

@@ -15,7 +15,7 @@ from kvscope.errors import ModelLoadError
 from kvscope.models.base import CausalLM
 from kvscope.models.config import ModelConfig
 from kvscope.models.hf_config import model_config_from_hf
-from kvscope.models.safetensors_io import assign_weights, empty_model
+from kvscope.models.safetensors_io import assign_weights, empty_model, expected_shapes
 from kvscope.models.tokenizer import BYTE_LEVEL_EOS_ID
 
 INIT_STD = 0.02
@@ -127,13 +127,17 @@ def random_model(config: ModelConfig, device: torch.device, dtype: torch.dtype, 
 def draw_weights(config: ModelConfig, device: torch.device, dtype: torch.dtype,
                  seed: int) -> Iterator[tuple[str, torch.Tensor]]:
     """:func:`random_model`'s tensors one at a time, by checkpoint name, in a fixed order (a
-    tensor-parallel rank keeps a slice of each and drops the rest)."""
+    tensor-parallel rank keeps a slice of each and drops the rest).
+
+    The order is the unfused model's parameters' (q, k, v, then o; gate, up, then down), so that a
+    seed draws the same values as before projections were fused; the loader fuses them afterwards.
+    """
     gen = torch.Generator(device=device).manual_seed(seed)
-    for name, p in empty_model(config).named_parameters():  # a tied head appears once, under the embedding's name
-        t = torch.empty(p.shape, device=device, dtype=dtype)
+    for name, shape in expected_shapes(empty_model(config)).items():  # a tied head is left out
+        t = torch.empty(shape, device=device, dtype=dtype)
         if name.endswith(".bias"):
             t.zero_()
-        elif p.dim() == 1:  # RMSNorm / LayerNorm scales
+        elif len(shape) == 1:  # RMSNorm / LayerNorm scales
             t.fill_(1.0)
         else:
             t.normal_(0.0, INIT_STD, generator=gen)

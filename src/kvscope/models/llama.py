@@ -1,7 +1,8 @@
 """Llama-family decoder (Llama 2/3, Mistral, SmolLM2, Qwen2): RMSNorm, RoPE, GQA, SwiGLU.
 
-Module names mirror the HF checkpoints (``model.layers.{i}.self_attn.q_proj.weight``, ...), so a
-safetensors state dict loads with ``load_state_dict(strict=True)`` as is.
+Module names mirror the HF checkpoints (``model.layers.{i}.self_attn.o_proj.weight``, ...), except
+that q/k/v are one ``qkv_proj`` and gate/up one ``gate_up_proj`` (one GEMM each, see ``fused.py``);
+the loaders map the checkpoint's separate tensors into them.
 """
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from torch import nn
 from kvscope.errors import ModelLoadError
 from kvscope.models.base import AttentionBackend, CausalLM, notify_layer_input
 from kvscope.models.config import ModelConfig
+from kvscope.models.fused import FusedLinear, FusedQKV, qkv_linear
 from kvscope.models.rope import RotaryEmbedding
 from kvscope.models.triton_ops import add_rms_norm, rotary, silu_mul
 
@@ -32,42 +34,42 @@ class RMSNorm(nn.Module):
         return add_rms_norm(x, residual, self.weight, self.eps)
 
 
-class LlamaAttention(nn.Module):
+class LlamaAttention(FusedQKV, nn.Module):
     def __init__(self, config: ModelConfig, layer_idx: int) -> None:
         super().__init__()
         h, d = config.hidden_size, config.head_dim
         self.layer_idx = layer_idx
         self.num_heads, self.num_kv_heads, self.head_dim = config.num_heads, config.num_kv_heads, d
-        self.q_proj = nn.Linear(h, config.num_heads * d, bias=config.attention_bias)
-        self.k_proj = nn.Linear(h, config.num_kv_heads * d, bias=config.attention_bias)
-        self.v_proj = nn.Linear(h, config.num_kv_heads * d, bias=config.attention_bias)
+        self.qkv_proj = qkv_linear(h, config.num_heads, config.num_kv_heads, d, bias=config.attention_bias)
         self.o_proj = nn.Linear(config.num_heads * d, h, bias=config.attention_out_bias)
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], attn: AttentionBackend) -> torch.Tensor:
         """``x`` ``[N, hidden]``, ``rope`` = RoPE ``(cos, sin)`` of the N positions -> ``[N, hidden]``."""
         n = x.shape[0]
         notify_layer_input(attn, self.layer_idx, x)
-        q = self.q_proj(x).view(n, self.num_heads, self.head_dim)
-        k = self.k_proj(x).view(n, self.num_kv_heads, self.head_dim)
-        v = self.v_proj(x).view(n, self.num_kv_heads, self.head_dim)
-        q, k = rotary(q, *rope), rotary(k, *rope)
+        # Views of one [N, (Hq + 2 Hkv) D] output: rows strided, heads contiguous, which RoPE's
+        # kernel and the KV writers accept as they are.
+        q, k, v = self.qkv_proj.split(self.qkv_proj(x))
+        q = rotary(q.view(n, self.num_heads, self.head_dim), *rope)
+        k = rotary(k.view(n, self.num_kv_heads, self.head_dim), *rope)
+        v = v.view(n, self.num_kv_heads, self.head_dim)
         out = attn.attend(self.layer_idx, q, k, v)
         return self.o_proj(out.reshape(n, self.num_heads * self.head_dim))
 
 
 class LlamaMLP(nn.Module):
-    """SwiGLU: ``down(silu(gate(x)) * up(x))``."""
+    """SwiGLU: ``down(silu(gate(x)) * up(x))``, gate and up as one ``[2 I, hidden]`` GEMM."""
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         h, i = config.hidden_size, config.intermediate_size
-        self.gate_proj = nn.Linear(h, i, bias=config.mlp_bias)
-        self.up_proj = nn.Linear(h, i, bias=config.mlp_bias)
+        self.gate_up_proj = FusedLinear(h, (("gate_proj", i), ("up_proj", i)), bias=config.mlp_bias)
         self.down_proj = nn.Linear(i, h, bias=config.mlp_bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``x`` ``[N, hidden]`` -> ``[N, hidden]``."""
-        return self.down_proj(silu_mul(self.gate_proj(x), self.up_proj(x)))
+        # silu_mul reads row-strided views, so the halves of [N, 2 I] are never copied.
+        return self.down_proj(silu_mul(*self.gate_up_proj.split(self.gate_up_proj(x))))
 
 
 class LlamaDecoderLayer(nn.Module):
@@ -129,7 +131,7 @@ class LlamaForCausalLM(CausalLM):
 
     def attention_query(self, layer_idx: int, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         attn = self.model.layers[layer_idx].self_attn
-        q = attn.q_proj(x).view(x.shape[0], attn.num_heads, attn.head_dim)
+        q = attn.query(x).view(x.shape[0], attn.num_heads, attn.head_dim)
         return rotary(q, *self.rope.cos_sin(positions, x.dtype))
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:

@@ -1,7 +1,8 @@
 """OPT decoder: learned positions (offset 2), LayerNorm, ReLU MLP, biases everywhere.
 
-Module names mirror the HF checkpoints (``model.decoder.layers.{i}.fc1.weight``, ...). Queries are
-not pre-scaled: the attention backend applies ``head_dim ** -0.5``.
+Module names mirror the HF checkpoints (``model.decoder.layers.{i}.fc1.weight``, ...), except that
+q/k/v are one ``qkv_proj`` (one GEMM, see ``fused.py``); the loaders map the checkpoint's separate
+tensors into it. Queries are not pre-scaled: the attention backend applies ``head_dim ** -0.5``.
 """
 from __future__ import annotations
 
@@ -12,30 +13,30 @@ from torch import nn
 from kvscope.errors import ModelLoadError
 from kvscope.models.base import AttentionBackend, CausalLM, notify_layer_input
 from kvscope.models.config import ModelConfig
+from kvscope.models.fused import FusedQKV, qkv_linear
 
 # OPT's position table has two leading rows (a fairseq padding-index legacy): position p uses row p + 2.
 POSITION_OFFSET = 2
 
 
-class OPTAttention(nn.Module):
+class OPTAttention(FusedQKV, nn.Module):
     def __init__(self, config: ModelConfig, layer_idx: int) -> None:
         super().__init__()
         h, d = config.hidden_size, config.head_dim
         self.layer_idx = layer_idx
         self.num_heads, self.num_kv_heads, self.head_dim = config.num_heads, config.num_kv_heads, d
-        self.q_proj = nn.Linear(h, config.num_heads * d)
-        self.k_proj = nn.Linear(h, config.num_kv_heads * d)
-        self.v_proj = nn.Linear(h, config.num_kv_heads * d)
+        self.qkv_proj = qkv_linear(h, config.num_heads, config.num_kv_heads, d, bias=True)
         self.out_proj = nn.Linear(config.num_heads * d, h)
 
     def forward(self, x: torch.Tensor, attn: AttentionBackend) -> torch.Tensor:
         """``x`` ``[N, hidden]`` -> ``[N, hidden]``."""
         n = x.shape[0]
         notify_layer_input(attn, self.layer_idx, x)
-        q = self.q_proj(x).view(n, self.num_heads, self.head_dim)
-        k = self.k_proj(x).view(n, self.num_kv_heads, self.head_dim)
-        v = self.v_proj(x).view(n, self.num_kv_heads, self.head_dim)
-        out = attn.attend(self.layer_idx, q, k, v)
+        # Views of one [N, (Hq + 2 Hkv) D] output (rows strided, heads contiguous): the attention
+        # backends take q/k/v with any row stride.
+        q, k, v = self.qkv_proj.split(self.qkv_proj(x))
+        out = attn.attend(self.layer_idx, q.view(n, self.num_heads, self.head_dim),
+                          k.view(n, self.num_kv_heads, self.head_dim), v.view(n, self.num_kv_heads, self.head_dim))
         return self.out_proj(out.reshape(n, self.num_heads * self.head_dim))
 
 
@@ -118,7 +119,7 @@ class OPTForCausalLM(CausalLM):
 
     def attention_query(self, layer_idx: int, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         attn = self.model.decoder.layers[layer_idx].self_attn
-        return attn.q_proj(x).view(x.shape[0], attn.num_heads, attn.head_dim)
+        return attn.query(x).view(x.shape[0], attn.num_heads, attn.head_dim)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """``hidden`` ``[M, hidden]`` -> float32 logits ``[M, vocab_size]``."""

@@ -14,7 +14,10 @@ A shard is an ordinary kvscope model built from :func:`shard_config` (the local 
 counts), its row-parallel linears replaced by :class:`RowParallelLinear`; the model code itself
 does not know it is sharded. Each rank reads only its slices of the full checkpoint (HF names
 unchanged) or draws the full dummy weights and keeps its slices, so a shard's weights are exactly
-the single-device model's.
+the single-device model's. Sharding works on the checkpoint's separate tensors and the fused
+projections are assembled afterwards from the rank's slices, so a rank's ``qkv_proj`` is [its q
+heads, its k heads, its v heads] and its ``gate_up_proj`` [its gate rows, its up rows] (vLLM's
+``QKVParallelLinear`` / ``MergedColumnParallelLinear`` layout), not a slice of the full fused weight.
 """
 from __future__ import annotations
 

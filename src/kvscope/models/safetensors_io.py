@@ -11,6 +11,7 @@ import torch
 from kvscope.errors import ModelLoadError
 from kvscope.models.base import CausalLM
 from kvscope.models.config import ModelConfig
+from kvscope.models.fused import checkpoint_tensors, fuse_checkpoint
 from kvscope.models.llama import LlamaForCausalLM
 from kvscope.models.opt import OPTForCausalLM
 
@@ -27,8 +28,9 @@ def empty_model(config: ModelConfig) -> CausalLM:
 
 
 def expected_shapes(model: CausalLM) -> dict[str, torch.Size]:
-    """Checkpoint tensor name -> shape; the LM head is left out when tied to the embeddings."""
-    shapes = {name: t.shape for name, t in model.state_dict().items()}
+    """Checkpoint tensor name -> shape, in the order of the unfused model's parameters (fused
+    projections listed as their parts); the LM head is left out when tied to the embeddings."""
+    shapes = {name: t.shape for name, t in checkpoint_tensors(model).items()}
     if model.config.tie_word_embeddings:
         del shapes[_HEAD]
     return shapes
@@ -36,7 +38,8 @@ def expected_shapes(model: CausalLM) -> dict[str, torch.Size]:
 
 def assign_weights(model: CausalLM, tensors: dict[str, torch.Tensor], where: str) -> CausalLM:
     """Install ``tensors`` (names as in :func:`expected_shapes`, already on the target device and dtype)
-    as the parameters of ``model``, which is returned in eval mode without gradients."""
+    as the parameters of ``model``, which is returned in eval mode without gradients. The parts of
+    each fused projection are concatenated into it (``tensors`` loses them)."""
     expected = expected_shapes(model)
     missing = sorted(expected.keys() - tensors.keys())
     unexpected = sorted(tensors.keys() - expected.keys())
@@ -46,8 +49,8 @@ def assign_weights(model: CausalLM, tensors: dict[str, torch.Tensor], where: str
             f" ({len(missing)} missing: {_few(missing)}; {len(unexpected)} unexpected: {_few(unexpected)})"
         )
     # Names were checked above; strict=False only lets a tied head be absent. assign=True swaps in
-    # the given tensors (no copy) and unties the head, which tie_weights restores.
-    model.load_state_dict(tensors, strict=False, assign=True)
+    # the given tensors (no copy but the fused ones) and unties the head, which tie_weights restores.
+    model.load_state_dict(fuse_checkpoint(model, tensors), strict=False, assign=True)
     model.tie_weights()
     return model.eval().requires_grad_(False)
 

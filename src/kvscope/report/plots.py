@@ -109,7 +109,8 @@ def _latency_plots(plt: Any, rows: list[Row], style: Style) -> list[Plot]:
                 groups = [per_seed([r for r in st_rows if r["config"]["rate"] == rate], get) for rate in rates]
                 series(ax, range(len(rates)), groups, style[strategy])
             ax.set_xticks(range(len(rates)), [str(r) for r in rates])
-            ax.set_xlabel("request rate (req/s)")
+            relative = any(isinstance(r, str) and r.endswith("x") for r in rates)
+            ax.set_xlabel("request rate (x offline throughput)" if relative else "request rate (req/s)")
             ax.set_ylabel(f"{name} ({unit})")
             title(ax, name)
             fit_axis(ax)

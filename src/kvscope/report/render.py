@@ -16,7 +16,7 @@ from typing import Any
 from kvscope.report.axes import empty_panels, png
 from kvscope.report.decision import decision_table
 from kvscope.report.plots import Plot, build_plots
-from kvscope.report.rows import NOISE, QUALITY_FLOOR, Row
+from kvscope.report.rows import NOISE, QUALITY_FLOOR, Row, by_spec_rate
 from kvscope.report.tables import (
     MIXED_NOTE,
     Table,
@@ -150,7 +150,8 @@ def write_report(results_dir: str | Path, warn: bool = True) -> tuple[Path, Path
     return their paths. Lines of the results file that are not rows are named there (and logged, with ``warn``)."""
     folder = Path(results_dir)
     read = read_results_file(existing_results_file(folder), warn=warn)
-    all_rows, rows = read.rows, [r for r in read.rows if r["status"] == "ok"]
+    all_rows = [by_spec_rate(r) for r in read.rows]
+    rows = [r for r in all_rows if r["status"] == "ok"]
     plots, missing = _render(build_plots(rows)) if rows else ([], [("all plots", "no point finished")])
     errors = error_rows(all_rows)
     line, details = _context(all_rows, rows, len(errors[1]))

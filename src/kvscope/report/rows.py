@@ -69,7 +69,11 @@ def kv_label(kv: int | float) -> str:
 
 
 def rate_text(rate: float | str) -> str:
-    return "all requests at once" if rate_key(rate) == math.inf else f"{float(rate):g} req/s"
+    if rate_key(rate) == math.inf:
+        return "all requests at once"
+    if isinstance(rate, str) and rate.endswith("x"):
+        return f"{rate} of its offline throughput"
+    return f"{float(rate):g} req/s"
 
 
 def workload_text(w: dict[str, Any]) -> str:
@@ -93,7 +97,20 @@ def scenario(cfg: dict[str, Any]) -> tuple[str, str, str]:
 
 
 def rate_key(rate: float | str) -> float:
-    return math.inf if rate == "inf" else float(rate)
+    """Sort key of a rate: req/s, ``inf``, or a relative rate's factor (``"0.5x"`` -> 0.5)."""
+    if rate == "inf":
+        return math.inf
+    return float(rate[:-1]) if isinstance(rate, str) and rate.endswith("x") else float(rate)
+
+
+def by_spec_rate(row: Row) -> Row:
+    """``row`` as the report compares it: a point run at a rate relative to its configuration's
+    saturation (``"0.5x"``) is grouped by that factor, since each strategy's absolute rate differs;
+    the absolute rate stays in ``config.rate_abs``."""
+    cfg = row["config"]
+    if "rate_relative" not in cfg:
+        return row
+    return {**row, "config": {**cfg, "rate": cfg["rate_relative"], "rate_abs": cfg["rate"]}}
 
 
 def top_rate(rows: list[Row]) -> float | str:

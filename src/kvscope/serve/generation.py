@@ -7,10 +7,11 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass
+from typing import Protocol
 
 from pydantic import BaseModel
 from starlette.requests import Request
-from starlette.responses import StreamingResponse
+from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.types import Receive, Scope, Send
 
 from kvscope.engine.outputs import CompletionOutput, RequestOutput
@@ -122,6 +123,36 @@ async def event_stream(
     finally:
         stream.close()
     yield SSE_DONE
+
+
+class Chunks(Protocol):
+    """The streamed events of one request (an endpoint's own chunk format)."""
+
+    def head(self) -> list[str]:
+        """Events before the first engine update."""
+
+    def update(self, updates: dict[int, RequestOutput]) -> list[str]:
+        """Events for one engine update (prompt index -> its output so far)."""
+
+    def tail(self) -> list[str]:
+        """Events after the last update (usage), before ``[DONE]``."""
+
+
+async def respond(ctx: ServingContext, raw: Request, plan: Plan, request_id: str, chunks: Chunks | None,
+                  body: Callable[[list[RequestOutput]], BaseModel]) -> Response:
+    """Submit ``plan`` and answer: server-sent ``chunks`` when it streams, else ``body`` of the final
+    outputs. Whatever ends the request (finished, failed, client gone), it is closed, so an
+    unfinished one is aborted and its KV freed."""
+    stream = await submit(ctx, plan, request_id)
+    if chunks is not None:
+        return EventStreamResponse(event_stream(stream, chunks.update, chunks.head(), chunks.tail), stream.close)
+    try:
+        outputs = await final_outputs(raw, stream)
+    finally:
+        stream.close()
+    if outputs is None:
+        return Response(status_code=499)  # the client has gone; nobody reads this
+    return JSONResponse(body(outputs).model_dump())
 
 
 def usage(outputs: Iterable[RequestOutput]) -> UsageInfo:

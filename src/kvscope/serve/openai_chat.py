@@ -9,22 +9,12 @@ from __future__ import annotations
 import time
 
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import Response
 
 from kvscope.engine.outputs import RequestOutput
 from kvscope.models.tokenizer import Tokenizer
 from kvscope.serve.detokenize import ChoiceStream, Logprobs, TokenLogprob
-from kvscope.serve.generation import (
-    EventStreamResponse,
-    ServingContext,
-    event_stream,
-    final_outputs,
-    finish_reason,
-    new_request_id,
-    sse,
-    submit,
-    usage,
-)
+from kvscope.serve.generation import ServingContext, finish_reason, new_request_id, respond, sse, usage
 from kvscope.serve.params import Plan, chat_plan, check_model
 from kvscope.serve.protocol import (
     ChatChoice,
@@ -44,24 +34,18 @@ async def create_chat_completion(ctx: ServingContext, req: ChatCompletionRequest
     check_model(req.model, ctx.model_name)
     plan = chat_plan(req, ctx.tokenizer, ctx.limits)
     rid = new_request_id("chatcmpl")
-    stream = await submit(ctx, plan, rid)
     logprobs = Logprobs(ctx.tokenizer, plan.top_logprobs) if plan.top_logprobs is not None else None
-    if plan.stream:
-        chunks = _Chunks(ctx.model_name, rid, plan, ctx.tokenizer, logprobs)
-        return EventStreamResponse(event_stream(stream, chunks.update, chunks.head(), chunks.tail), stream.close)
-    try:
-        outputs = await final_outputs(raw, stream)
-    finally:
-        stream.close()
-    if outputs is None:
-        return Response(status_code=499)  # the client has gone; nobody reads this
-    choices = [
-        ChatChoice(index=c.index, message=ChatResponseMessage(content=c.text),
-                   logprobs=_logprobs(logprobs.entries(c)) if logprobs else None, finish_reason=finish_reason(c))
-        for c in outputs[0].outputs
-    ]
-    body = ChatCompletionResponse(id=rid, model=ctx.model_name, choices=choices, usage=usage(outputs))
-    return JSONResponse(body.model_dump())
+    chunks = _Chunks(ctx.model_name, rid, plan, ctx.tokenizer, logprobs) if plan.stream else None
+
+    def body(outputs: list[RequestOutput]) -> ChatCompletionResponse:
+        choices = [
+            ChatChoice(index=c.index, message=ChatResponseMessage(content=c.text),
+                       logprobs=_logprobs(logprobs.entries(c)) if logprobs else None, finish_reason=finish_reason(c))
+            for c in outputs[0].outputs
+        ]
+        return ChatCompletionResponse(id=rid, model=ctx.model_name, choices=choices, usage=usage(outputs))
+
+    return await respond(ctx, raw, plan, rid, chunks, body)
 
 
 def _logprobs(entries: list[TokenLogprob]) -> ChoiceLogprobs:

@@ -10,22 +10,12 @@ from __future__ import annotations
 import time
 
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import Response
 
 from kvscope.engine.outputs import RequestOutput
 from kvscope.models.tokenizer import Tokenizer
 from kvscope.serve.detokenize import ChoiceStream, Logprobs, TokenLogprob
-from kvscope.serve.generation import (
-    EventStreamResponse,
-    ServingContext,
-    event_stream,
-    final_outputs,
-    finish_reason,
-    new_request_id,
-    sse,
-    submit,
-    usage,
-)
+from kvscope.serve.generation import ServingContext, finish_reason, new_request_id, respond, sse, usage
 from kvscope.serve.params import Plan, check_model, completion_plan
 from kvscope.serve.protocol import CompletionChoice, CompletionLogprobs, CompletionRequest, CompletionResponse
 
@@ -34,25 +24,19 @@ async def create_completion(ctx: ServingContext, req: CompletionRequest, raw: Re
     check_model(req.model, ctx.model_name)
     plan = completion_plan(req, ctx.tokenizer, ctx.limits)
     rid = new_request_id("cmpl")
-    stream = await submit(ctx, plan, rid)
     logprobs = Logprobs(ctx.tokenizer, plan.top_logprobs) if plan.top_logprobs is not None else None
-    if plan.stream:
-        chunks = _Chunks(ctx.model_name, rid, plan, ctx.tokenizer, logprobs)
-        return EventStreamResponse(event_stream(stream, chunks.update, [], chunks.tail), stream.close)
-    try:
-        outputs = await final_outputs(raw, stream)
-    finally:
-        stream.close()
-    if outputs is None:
-        return Response(status_code=499)  # the client has gone; nobody reads this
-    choices = []
-    for i, out in enumerate(outputs):
-        for c in out.outputs:
-            lp = _logprobs(logprobs.entries(c), 0, plan.top_logprobs)[0] if logprobs else None
-            choices.append(CompletionChoice(index=i * plan.params.n + c.index, text=c.text, logprobs=lp,
-                                            finish_reason=finish_reason(c)))
-    body = CompletionResponse(id=rid, model=ctx.model_name, choices=choices, usage=usage(outputs))
-    return JSONResponse(body.model_dump())
+    chunks = _Chunks(ctx.model_name, rid, plan, ctx.tokenizer, logprobs) if plan.stream else None
+
+    def body(outputs: list[RequestOutput]) -> CompletionResponse:
+        choices = []
+        for i, out in enumerate(outputs):
+            for c in out.outputs:
+                lp = _logprobs(logprobs.entries(c), 0, plan.top_logprobs)[0] if logprobs else None
+                choices.append(CompletionChoice(index=i * plan.params.n + c.index, text=c.text, logprobs=lp,
+                                                finish_reason=finish_reason(c)))
+        return CompletionResponse(id=rid, model=ctx.model_name, choices=choices, usage=usage(outputs))
+
+    return await respond(ctx, raw, plan, rid, chunks, body)
 
 
 def _logprobs(entries: list[TokenLogprob], offset: int, k: int | None) -> tuple[CompletionLogprobs, int]:
@@ -79,6 +63,9 @@ class _Chunks:
         self._choices = [ChoiceStream(tokenizer, plan.params, logprobs) for _ in range(num_choices)]
         self._offsets = [0] * num_choices  # characters of text before each choice's next token
         self._latest: dict[int, RequestOutput] = {}
+
+    def head(self) -> list[str]:
+        return []  # a completion's first chunk already carries text
 
     def _chunk(self, choices: list[CompletionChoice], **usage_field: object) -> CompletionResponse:
         return CompletionResponse(id=self._rid, created=self._created, model=self._model, choices=choices,

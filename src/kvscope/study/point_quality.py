@@ -116,6 +116,8 @@ class PointCache:
     """
 
     quality: dict[str, dict[str, Any]] = field(default_factory=dict)
+    # Offline throughput per configuration group, the basis of relative rates (study.relative_rates).
+    offline: dict[str, dict[str, Any]] = field(default_factory=dict)
     _model_key: tuple[Any, ...] | None = field(default=None, init=False, repr=False)
     _model: LoadedModel | None = field(default=None, init=False, repr=False)
 

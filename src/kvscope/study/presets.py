@@ -1,4 +1,5 @@
-"""Named study specs: ``quick`` (CPU, minutes) and ``paper`` (GPU, the full characterisation)."""
+"""Named study specs: ``quick`` (CPU, minutes), ``h200`` (one H200, about 25 GPU minutes in chunks)
+and ``paper`` (GPU, the full grid, for those with days)."""
 from __future__ import annotations
 
 from typing import Any
@@ -106,7 +107,94 @@ PAPER: dict[str, Any] = {
                 "ruler": True},
 }
 
-PRESETS: dict[str, dict[str, Any]] = {"quick": QUICK, "paper": PAPER}
+# ---- h200: the characterisation on one H200 in about 25 minutes, as chunks of <= 10 minutes ----
+# Sized in docs/results/h200/PLAN.md, which shows the arithmetic and the measurements it rests on.
+# In short: T, a configuration's offline time for 100 ShareGPT requests (output <= 256 tokens), is
+# about 3 s for Llama-3.1-8B shapes (kvscope `paged` served 256 ShareGPT length pairs at 7,937
+# output tok/s on an H200) and 1.5 / 3 / 5 / 8 s for the OPT shapes; `h2o` costs 1.2 T, `paged` in
+# the 16k-token pool 1.7 T, `infinigen` 4 T; each point about 2 s besides serving. A relative rate f
+# spreads the arrivals over T / f, and its group's offline measurement costs one T: the sweep
+# 0.25x-1.25x costs about 9 T + 10 s per configuration. Estimated 1,440 s of points in all. The grids
+# run in priority order; a chunk's time limit leaves what does not fit to the next chunk.
+_H200_SHAREGPT = {"type": "sharegpt", "num_requests": 100, "output_len": 256, "max_prompt_len": 1024}
+_H200_LONG = {"type": "fixed", "num_requests": 32, "input_len": 3072, "output_len": 128}
+_H200_BUDGETS = (0.1, 0.2, 0.3, 0.4, 0.5)
+# A pool of 16,384 KV tokens per model (the vLLM side-by-side's 2 GiB at Llama-3.1-8B's 128 KiB per
+# token; OPT: 2 x layers x hidden x 2 bytes per token). The 100 ShareGPT requests (about 42k tokens
+# at full length) do not fit at once, so `paged` queues and preempts; a lone long prompt fits.
+_H200_POOL_16K = {"dummy:llama-3.1-8b": "2GiB", "dummy:opt-1.3b": "3GiB", "dummy:opt-6.7b": "8GiB",
+                  "dummy:opt-13b": "12800MiB", "dummy:opt-30b": "21GiB"}
+_H200_FIXED = ["streaming:budget_ratio=0.2", "snapkv:budget_ratio=0.2"]
+_H200_RULER = [{"type": "ruler", "task": t, "length": 4096, "num_samples": 50, "output_len": 32}
+               for t in ("niah_single_1", "niah_single_2", "niah_single_3", "niah_multikey_1")]
+
+
+def _infinigen(budget: float) -> str:
+    return f"infinigen:budget_ratio={budget:g}"
+
+
+def _h200_grids() -> list[dict[str, Any]]:
+    llama, opts = "dummy:llama-3.1-8b", ("dummy:opt-1.3b", "dummy:opt-6.7b", "dummy:opt-13b", "dummy:opt-30b")
+    pool = _H200_POOL_16K[llama]
+    speed = {"workloads": [_H200_SHAREGPT]}
+    grids: list[dict[str, Any]] = [
+        # Request rate around each configuration's own saturation, both memory regimes (about 180 s).
+        {**speed, "models": [llama], "strategies": ["paged", _h2o(0.2)], "kv_memory": [0.9, pool],
+         "rates": ["0.25x", "0.5x", "1x", "1.25x"]},
+        # InfiniGen at 4 T: two rates, in the pool only (about 55 s; the full sweep in both pools: 236 s).
+        {**speed, "models": [llama], "strategies": [_infinigen(0.2)], "kv_memory": [pool], "rates": ["0.5x", "1x"]},
+        # Sparsity at capacity (all at once) in the pool: h2o and infinigen at 5 budgets, the fixed-budget
+        # streaming and snapkv, fp8 KV and quest (about 125 s).
+        {**speed, "models": [llama], "kv_memory": [pool], "rates": ["inf"],
+         "strategies": ["paged", *[_h2o(b) for b in _H200_BUDGETS], *[_infinigen(b) for b in _H200_BUDGETS],
+                        *_H200_FIXED, "quant:dtype=fp8", "quest:budget_ratio=0.2"]},
+        # Long prompts (32 x 3,072 -> 128), where InfiniGen and Quest are meant to pay off (about 85 s).
+        {"models": [llama], "kv_memory": [0.9, pool], "workloads": [_H200_LONG], "rates": ["inf"],
+         "strategies": ["paged", _h2o(0.2), "snapkv:budget_ratio=0.2", "quest:budget_ratio=0.2", _infinigen(0.2)]},
+    ]
+    # Model size: capacity and the latency at it ("1x"), about 425 s with the loads. OPT-30B's 60 GB of
+    # weights leave no ample regime worth a second pool.
+    for model in opts:
+        pools = [_H200_POOL_16K[model]] if model.endswith("30b") else [0.9, _H200_POOL_16K[model]]
+        grids.append({**speed, "models": [model], "strategies": ["paged", _h2o(0.2)], "kv_memory": pools,
+                      "rates": ["1x"]})
+        grids.append({**speed, "models": [model], "strategies": [_infinigen(0.2)],
+                      "kv_memory": [_H200_POOL_16K[model]], "rates": ["1x"]})
+    # Quality on real weights (about 560 s): RULER at 4k, 4 tasks x 50 samples, and perplexity on
+    # 16 x 512 = 8,192 scored tokens. SmolLM2 at every budget; Qwen2.5 (model size in quality) with
+    # infinigen at 0.2 only, the cut that keeps the study near 25 minutes. quant and quest quality:
+    # docs/results/quant_quality.md, quest_quality.md.
+    quality = {"perplexity": True, "perplexity_sequences": 16, "perplexity_len": 1024, "perplexity_prefix": 512,
+               "ruler": True}
+    lossy = ["paged", *[_h2o(b) for b in _H200_BUDGETS], *_H200_FIXED]
+    grids.append({"models": ["smollm2-135m"], "strategies": [*lossy, *[_infinigen(b) for b in _H200_BUDGETS]],
+                  "kv_memory": [0.9], "rates": ["inf"], "workloads": _H200_RULER, "quality": quality})
+    grids.append({"models": ["qwen2.5-0.5b"], "strategies": [*lossy, _infinigen(0.2)],
+                  "kv_memory": [0.9], "rates": ["inf"], "workloads": _H200_RULER, "quality": quality})
+    return grids
+
+
+H200: dict[str, Any] = {
+    "name": "h200",
+    # The top level holds the settings every grid shares; its axes are the grids' defaults.
+    "models": ["dummy:llama-3.1-8b"],
+    "strategies": ["paged"],
+    "workloads": [_H200_SHAREGPT],
+    "rates": ["1x"],
+    "kv_memory": [0.9],
+    "seeds": [0],
+    "device": "cuda",
+    "dtype": "bfloat16",
+    # RULER at 4k: prompts of about 3,968 tokens and 32 answer tokens. OPT's 2,048 positions cap it.
+    "max_model_len": 4096,
+    "engine": {"max_num_seqs": 256, "max_num_batched_tokens": 8192},
+    "slos": {"ttft_ms": 1000, "tpot_ms": 100},
+    # Random weights score no quality: the speed grids measure none; the quality grid sets its own.
+    "quality": {"perplexity": False, "ruler": False},
+    "grids": _h200_grids(),
+}
+
+PRESETS: dict[str, dict[str, Any]] = {"quick": QUICK, "h200": H200, "paper": PAPER}
 
 
 def preset(name: str, check_packages: bool = True) -> StudySpec:

@@ -65,7 +65,10 @@ def _is_kv(v: Any) -> bool:
 
 
 def _is_rate(v: Any) -> bool:
-    return v == "inf" or (_is_number(v) and v is not None and v > 0)
+    from kvscope.study.spec_fields import relative_rate
+
+    # A relative rate ("0.5x") stays in the row of a point that failed before its offline measurement.
+    return v == "inf" or (_is_number(v) and v is not None and v > 0) or bool(relative_rate(v))
 
 
 def _is_strategy(v: Any) -> bool:
@@ -115,7 +118,7 @@ ROW_SCHEMA: tuple[FieldRule, ...] = (
     FieldRule(("config", "workload"), _is_dict, "an object", True),
     FieldRule(("config", "workload", "kind"), _is_str, "a string", True),
     FieldRule(("config", "kv_memory"), _is_kv, "bytes >= 1 or a fraction in (0, 1]", True),
-    FieldRule(("config", "rate"), _is_rate, "a number > 0 or 'inf'", True),
+    FieldRule(("config", "rate"), _is_rate, "a number > 0, 'inf' or a relative rate ('0.5x')", True),
     FieldRule(("config", "engine"), _is_dict, "an object"),
     FieldRule(("error",), _is_str, "a string"),
     # null on an external system's row: what its server runs is not known
@@ -217,6 +220,14 @@ class ResultsRead:
         return {r["id"] for r in self.rows if r["status"] == "ok" or not retry_errors}
 
 
+def spec_config(config: dict[str, Any]) -> dict[str, Any]:
+    """A row's config as its spec wrote it: a relative-rate point's row records the absolute rate it
+    ran at in ``rate`` and the spec's in ``rate_relative`` (:mod:`kvscope.study.relative_rates`)."""
+    if "rate_relative" not in config:
+        return config
+    return {**{k: v for k, v in config.items() if k != "rate_relative"}, "rate": config["rate_relative"]}
+
+
 def read_results_file(path: str | Path, warn: bool = True) -> ResultsRead:
     """Read a results file (missing: no rows). Never raises on the file's content; an unreadable
     file (permissions, a folder) raises :class:`ResultsFolderError`. With ``warn``, logs a warning
@@ -250,7 +261,7 @@ def read_results_file(path: str | Path, warn: bool = True) -> ResultsRead:
         if problem is not None:
             out.skipped.append(SkippedLine(number, problem))
             continue
-        key = (row["id"], json.dumps(row["config"], sort_keys=True, default=str))
+        key = (row["id"], json.dumps(spec_config(row["config"]), sort_keys=True, default=str))
         old = kept.get(key)
         if old is not None:
             out.superseded += 1

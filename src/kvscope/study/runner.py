@@ -35,11 +35,12 @@ from tqdm.auto import tqdm
 from kvscope.bench import quality
 from kvscope.bench.metrics import serving_metrics
 from kvscope.bench.serve import run_workload
-from kvscope.errors import RequestError
+from kvscope.errors import ConfigError, RequestError
 from kvscope.llm import LLM
 from kvscope.sampling_params import SamplingParams
 from kvscope.study.point_quality import PointCache, RecordingEngine, agreement, mixed_quality, point_quality
 from kvscope.study.point_workload import mixed_workload, workload_requests
+from kvscope.study.grids import grid_models
 from kvscope.study.preflight import check_models, claim_folder
 from kvscope.study.results_io import (
     all_requests_failed,
@@ -48,7 +49,9 @@ from kvscope.study.results_io import (
     read_results_file,
     results_lock,
 )
+from kvscope.study.relative_rates import absolute_rate, rate_basis, relative_row_fields, seed_from_rows
 from kvscope.study.spec import Point, StudySpec, expand
+from kvscope.study.time_limit import TimeLimit
 from kvscope.workload.arrivals import gamma_arrivals
 from kvscope.workload.requests import with_arrivals
 
@@ -88,7 +91,8 @@ def run_point(point: Point, cache: PointCache | None = None) -> dict[str, Any]:
     """Run one point and return its row (without ``id``/``status``/``environment``).
 
     ``phase_s`` splits the point's time into set-up (engine, requests, and a model load when the
-    cache had to load one), serving and quality.
+    cache had to load one), serving and quality; a relative rate (``"0.5x"``) adds ``offline``, the
+    offline throughput measurement when this point took it (:mod:`kvscope.study.relative_rates`).
     """
     cfg = point.config
     cache = cache if cache is not None else PointCache()
@@ -96,12 +100,16 @@ def run_point(point: Point, cache: PointCache | None = None) -> dict[str, Any]:
         from kvscope.study.external import run_system_point
 
         return run_system_point(point, cache)
+    t_offline = time.perf_counter()
+    basis = rate_basis(point, cache.offline, lambda p: _offline_throughput(p, cache)) \
+        if point.relative_rate is not None else None
+    rate = absolute_rate(point, basis) if basis is not None else point.rate
     t0 = time.perf_counter()
     llm = cache.llm(cfg)
     w = point.workload
     mixed = mixed_workload(llm, w, cfg["seed"]) if w.kind == "mixed" else None
     requests = mixed[0].requests if mixed else workload_requests(llm, w, cfg["seed"])
-    offsets = gamma_arrivals(len(requests), point.rate, cfg["burstiness"], seed=cfg["seed"])
+    offsets = gamma_arrivals(len(requests), rate, cfg["burstiness"], seed=cfg["seed"])
     if llm.engine.config.torch_device.type == "cuda":
         _warm_up(llm, requests, cfg["max_model_len"])
         del llm  # a fresh engine for the timed run: its counters start at zero
@@ -134,7 +142,30 @@ def run_point(point: Point, cache: PointCache | None = None) -> dict[str, Any]:
         row["quality"]["agreement"] = agreement(point, cache, requests,
                                                  [outputs.get(str(i), ([], ""))[0] for i in range(len(requests))])
     row["phase_s"] = {"setup": t1 - t0, "serve": t2 - t1, "quality": time.perf_counter() - t2}
+    if basis is not None:
+        row.update(relative_row_fields(point, rate, basis))
+        if basis["measured_by"] == point.id:
+            row["phase_s"]["offline"] = t0 - t_offline
     return row
+
+
+def _offline_throughput(point: Point, cache: PointCache) -> dict[str, Any]:
+    """Throughput of ``point``'s configuration with every request of its workload submitted at
+    once to a fresh engine (warmed up first on a GPU, as a timed point is): the basis of its
+    relative rates."""
+    cfg = point.config
+    llm = cache.llm(cfg)
+    requests = workload_requests(llm, point.workload, cfg["seed"])
+    if llm.engine.config.torch_device.type == "cuda":
+        _warm_up(llm, requests, cfg["max_model_len"])
+        del llm
+        llm = cache.llm(cfg)
+    run = run_workload(llm, with_arrivals(requests, [0.0] * len(requests)), mode="timed")
+    del llm  # the caller's engine needs the pool memory back
+    m = serving_metrics(run.records)
+    return {"request_throughput": m["request_throughput"], "output_throughput": m["output_throughput"],
+            "wall_time_s": run.wall_time_s, "completed": m["completed"],
+            "errors": sorted({r.error for r in run.records if r.error})[:5]}
 
 
 def _warm_up(llm: LLM, requests: list, max_model_len: int, count: int = 4) -> None:
@@ -193,6 +224,7 @@ def run_study(
     run_point_fn: Callable[[Point, PointCache], dict[str, Any]] = run_point,
     retry_errors: bool = True,
     ray: RayOptions | None = None,
+    time_limit: float | None = None,
 ) -> list[dict[str, Any]]:
     """Run every point of ``spec`` without an ``ok`` row in ``results_path`` (with
     ``retry_errors=False``, without any row); return the new rows.
@@ -203,14 +235,19 @@ def run_study(
     (:class:`~kvscope.study.results_io.ResultsFolderError` for each) and every model resolved
     (:class:`~kvscope.errors.ModelLoadError`). ``run_point_fn`` is the per-point runner (a seam
     for tests). With ``ray``, the points run on Ray workers (:mod:`kvscope.study.ray_runner`);
-    this process still writes every row.
+    this process still writes every row. With ``time_limit`` (seconds), no point starts that would
+    likely end past it (:mod:`kvscope.study.time_limit`); the points left run on the next call.
     """
     path = check_results_target(results_path)
-    check_models(spec.models)
+    if ray is not None and time_limit is not None:
+        raise ConfigError("time_limit: applies to a run in this process, not on Ray")
+    limit = TimeLimit(time_limit) if time_limit is not None else None  # before the models are checked
+    check_models(grid_models(spec))
     with results_lock(path):
         if path != Path(results_path):  # a folder: results.jsonl and spec.json inside it
             claim_folder(path.parent, _spec_json(spec))
-        done = read_results_file(path).done_ids(retry_errors)
+        earlier = read_results_file(path)
+        done = earlier.done_ids(retry_errors)
         points = expand(spec)
         todo = [p for p in points if p.id not in done]
         bar = tqdm(total=len(points), initial=len(points) - len(todo), desc=f"study {spec.name}", unit="point",
@@ -222,9 +259,16 @@ def run_study(
         else:
             env = environment(spec.device)
             cache = PointCache()
+            seed_from_rows(cache.offline, earlier.rows)  # one offline basis per group across chunks
+            if limit is not None:
+                limit.seed(earlier.rows)
             new_rows = []
             for point in todo:
+                if limit is not None and not limit.allows(point.config):
+                    break
                 row = point_row(point, spec.name, cache, run_point_fn, env)
+                if limit is not None:
+                    limit.record(point.config, row["elapsed_s"])
                 append_row(path, row)
                 new_rows.append(row)
                 bar.set_postfix_str(f"{row['status']} {point.config['strategy']}")
@@ -235,5 +279,9 @@ def run_study(
 
 def _spec_json(spec: StudySpec) -> dict[str, Any]:
     out = asdict(spec)
-    out["rates"] = ["inf" if math.isinf(r) else r for r in spec.rates]
+    out["rates"] = ["inf" if r == math.inf else r for r in spec.rates]
+    if spec.grids:
+        out["grids"] = [_spec_json(g) for g in spec.grids]
+    else:  # left out, so that the spec.json of a folder written before grids existed still matches
+        del out["grids"]
     return out

