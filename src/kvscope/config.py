@@ -101,7 +101,8 @@ class EngineConfig:
     1, 2, 4, 8, 16, 24, ... up to ``max_num_seqs``); see ``engine/cuda_graph.py``.
     ``tensor_parallel_size`` (vLLM's name): ranks the model's heads and MLP are split over, one
     process and one device each (``cuda:i+r`` from ``cuda:i``; CPU processes over gloo); it must
-    divide the model's KV heads. ``kv_memory_bytes`` is then per rank. Runs eagerly; see
+    divide the model's KV heads. ``kv_memory_bytes`` is then per rank. Every rank captures its own
+    decode graphs (``enforce_eager``, ``cuda_graph_sizes`` as on one GPU; eager on CPU); see
     ``kvscope.distributed``.
     """
 

@@ -30,7 +30,9 @@ Units: bytes, seconds, tokens, FLOPs unless a name says otherwise (``_ms`` = mil
 - Tensor parallelism (``limits.tensor_parallel_size`` = N, :mod:`kvscope.advise.parallel`): every
   figure above is one rank's (layer weights, KV bytes per token, layer and attention FLOPs divided
   by N; embedding and LM head whole), and a step adds two ring all-reduces per layer of its hidden
-  states. ``kv_memory`` and the pool are per rank, so the pool holds N times the tokens.
+  states. Steps replay CUDA graphs (or run eagerly) as on one device: every rank captures its own,
+  the all-reduces inside them. ``kv_memory`` and the pool are per rank, so the pool holds N times
+  the tokens.
 - Capacity: the pool (device KV memory, or the host pool for the offloading strategies) divided by
   what a request holds; latencies come from replaying the scheduler with these step times
   (:mod:`kvscope.advise.simulate`).
@@ -246,8 +248,9 @@ class CostModel:
         fetch = pcie * token / self.hw.host_device_bytes_per_s
         # The engine replays decode-only steps from CUDA graphs; a step with a prefill chunk, and
         # every step of offload (which captures none), runs eagerly.
+        # Under tensor parallelism each rank captures and replays the same steps (its all-reduces
+        # inside the graphs), so the rule is the same at every N.
         eager = bool(work.prefills) or not option.facts.graph_decode
-        eager = eager or self.tp.size > 1  # the tensor-parallel engine captures no graphs yet
         per_layer = self.hw.eager_step_overhead_s_per_layer if eager else self.hw.step_overhead_s_per_layer
         fixed = self.model.num_layers * per_layer
         if option.sparse_fetch and work.decodes:

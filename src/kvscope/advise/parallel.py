@@ -8,7 +8,10 @@ attention's output projection and after the MLP, Llama and OPT alike) of the ste
 ``new tokens x hidden x dtype bytes`` each. A ring all-reduce of ``B`` bytes moves ``2 (N - 1) / N x
 B`` through each rank's link, so it costs ``latency + 2 (N - 1) / N x B / link rate``
 (:class:`~kvscope.advise.hardware.Hardware`'s ``allreduce_latency_s`` and
-``interconnect_bytes_per_s``). With ``N = 1`` every term is the single-device one.
+``interconnect_bytes_per_s``). With ``N = 1`` every term is the single-device one. The per-layer
+step overhead is the single-device one too (replayed or eager by the same rule): every rank
+captures its pure-decode steps as CUDA graphs, the all-reduces recorded inside them, so an
+all-reduce's latency is the collective's own, with no host launch cost added.
 """
 from __future__ import annotations
 

@@ -77,16 +77,17 @@ class GraphRunner:
         self._steps[key] = (step, graph)
         return step, graph
 
+    def plan(self, batch: StepBatch, sample_rows: list[int]) -> Hashable | None:
+        """The key of the static step that runs ``batch``, or None when it must run eagerly (not
+        pure decode, above the largest bucket, or declined by the strategy). No side effects, so a
+        tensor-parallel rank 0 can decide here and send the key to the other ranks."""
+        if len(batch.requests) > self.decode.max_batch or not pure_decode(batch.num_new_tokens, sample_rows):
+            return None
+        return self.decode.key(batch)
+
     @torch.inference_mode()
-    def run(self, batch: StepBatch, sample_rows: list[int]) -> torch.Tensor | None:
-        """Float32 logits ``[B, vocab]`` of the pure-decode ``batch`` from its captured step, or
-        None when the step must run eagerly."""
-        n = len(batch.requests)
-        if n > self.decode.max_batch or not pure_decode(batch.num_new_tokens, sample_rows):
-            return None
-        key = self.decode.key(batch)
-        if key is None:
-            return None
+    def replay(self, batch: StepBatch, key: Hashable) -> torch.Tensor:
+        """Float32 logits ``[B, vocab]`` of ``batch`` from static step ``key`` (captured first if new)."""
         step, graph = self._steps.get(key) or self._add(key)
         step.load(batch)
         if graph is not None:
@@ -94,4 +95,19 @@ class GraphRunner:
             step.replayed(batch)
         else:
             self._forward(step)
-        return self._out[:n].clone()
+        return self._out[: len(batch.requests)].clone()
+
+    def run(self, batch: StepBatch, sample_rows: list[int]) -> torch.Tensor | None:
+        """Float32 logits ``[B, vocab]`` of the pure-decode ``batch`` from its static step, or
+        None when the step must run eagerly."""
+        key = self.plan(batch, sample_rows)
+        return None if key is None else self.replay(batch, key)
+
+
+def engine_graph_sizes(enforce_eager: bool, device: torch.device, sizes: list[int] | None,
+                       max_num_seqs: int) -> list[int] | None:
+    """The engine's batch-size buckets of captured decode steps: None when eager (asked for, or
+    not on CUDA), else ``sizes`` or :func:`default_graph_sizes`."""
+    if enforce_eager or device.type != "cuda":
+        return None
+    return sizes or default_graph_sizes(max_num_seqs)
