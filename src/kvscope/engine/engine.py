@@ -12,12 +12,12 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from kvscope.config import DEFAULT_CPU_KV_BYTES, EngineConfig
-from kvscope.engine.cuda_graph import GraphRunner, default_graph_sizes
+from kvscope.engine.cuda_graph import GraphRunner, engine_graph_sizes
 from kvscope.engine.executor import StepExecutor
 from kvscope.engine.model_runner import ModelRunner
 from kvscope.engine.outputs import RequestOutput, build_output
 from kvscope.engine.peaks import Peaks
-from kvscope.engine.prompts import prompt_token_ids
+from kvscope.engine.prompts import check_fits, prompt_token_ids
 from kvscope.engine.sampler import sample
 from kvscope.engine.scheduler import ScheduleResult, Scheduler
 from kvscope.engine.stopping import stop_reason
@@ -79,10 +79,8 @@ class LLMEngine:
             config.max_model_len or loaded.config.max_position_embeddings,
             loaded.config.max_position_embeddings,
         )
-        self.graph_sizes = (
-            None if config.enforce_eager or config.torch_device.type != "cuda"
-            else config.cuda_graph_sizes or default_graph_sizes(config.max_num_seqs)
-        )
+        self.graph_sizes = engine_graph_sizes(config.enforce_eager, config.torch_device, config.cuda_graph_sizes,
+                                              config.max_num_seqs)
         kv_bytes = self._kv_bytes()
         setup = KVSetup(
             model=loaded.config,
@@ -177,29 +175,8 @@ class LLMEngine:
                                          or not math.isfinite(arrival_time)):
             raise RequestError(f"request {rid}: arrival_time must be a finite number, got {arrival_time!r}")
         text, token_ids = prompt_token_ids(prompt, self.tokenizer, rid)
-        vocab = self.model_config.vocab_size
-        if min(token_ids) < 0 or max(token_ids) >= vocab:
-            raise RequestError(f"request {rid}: prompt token ids must be in [0, {vocab})")
-        n = len(token_ids)
-        if n > self.max_model_len:
-            raise RequestError(
-                f"request {rid}: prompt has {n} tokens, more than the model's context "
-                f"(max_model_len={self.max_model_len})"
-            )
-        if n > self.kv.max_request_tokens():
-            raise RequestError(
-                f"request {rid}: prompt has {n} tokens but strategy {self.kv.name!r} serves prompts of at most "
-                f"{self.kv.max_request_tokens()} tokens in its KV pool "
-                f"(kv_memory_bytes={self.kv.setup.kv_memory_bytes})"
-            )
-        forced = params.forced_token_ids or []
-        if forced and max(forced) >= vocab:
-            raise RequestError(f"request {rid}: forced_token_ids must be in [0, {vocab})")
-        if params.n > 1 and not self.kv.supports_fork:
-            raise RequestError(f"request {rid}: n={params.n} needs a strategy that can fork KV")
-        if params.n > self.config.max_num_seqs:
-            raise RequestError(f"request {rid}: n={params.n} samples run together, more than "
-                               f"max_num_seqs={self.config.max_num_seqs}")
+        check_fits(rid, token_ids, params, self.model_config.vocab_size, self.max_model_len, self.kv,
+                   self.kv.setup.kv_memory_bytes, self.config.max_num_seqs)
         return Request(
             request_id=rid,
             prompt_token_ids=token_ids,

@@ -1,10 +1,13 @@
-"""A request's prompt, text or token ids, checked and tokenized before it reaches the scheduler."""
+"""A request's prompt, text or token ids, checked and tokenized before it reaches the scheduler,
+and checked against what the model and the KV strategy can serve."""
 from __future__ import annotations
 
 import operator
 from typing import Protocol
 
 from kvscope.errors import RequestError
+from kvscope.kv.manager import KVManager
+from kvscope.sampling_params import SamplingParams
 
 
 class Encoder(Protocol):
@@ -43,3 +46,29 @@ def _token_id(t: object, rid: str) -> int:
     except TypeError:
         pass
     raise RequestError(f"request {rid}: prompt token ids must be integers, got {t!r}")
+
+
+def check_fits(rid: str, token_ids: list[int], params: SamplingParams, vocab: int, max_model_len: int,
+               kv: KVManager, kv_memory_bytes: int, max_num_seqs: int) -> None:
+    """:class:`RequestError` naming what the model or the strategy ``kv`` cannot serve: token ids
+    outside the vocabulary, a prompt longer than the context or than one request may hold in the
+    pool, ``n`` samples without forking or above ``max_num_seqs``."""
+    if min(token_ids) < 0 or max(token_ids) >= vocab:
+        raise RequestError(f"request {rid}: prompt token ids must be in [0, {vocab})")
+    n = len(token_ids)
+    if n > max_model_len:
+        raise RequestError(
+            f"request {rid}: prompt has {n} tokens, more than the model's context (max_model_len={max_model_len})"
+        )
+    if n > kv.max_request_tokens():
+        raise RequestError(
+            f"request {rid}: prompt has {n} tokens but strategy {kv.name!r} serves prompts of at most "
+            f"{kv.max_request_tokens()} tokens in its KV pool (kv_memory_bytes={kv_memory_bytes})"
+        )
+    forced = params.forced_token_ids or []
+    if forced and max(forced) >= vocab:
+        raise RequestError(f"request {rid}: forced_token_ids must be in [0, {vocab})")
+    if params.n > 1 and not kv.supports_fork:
+        raise RequestError(f"request {rid}: n={params.n} needs a strategy that can fork KV")
+    if params.n > max_num_seqs:
+        raise RequestError(f"request {rid}: n={params.n} samples run together, more than max_num_seqs={max_num_seqs}")
