@@ -56,13 +56,18 @@ def _worker(rank: int, port: int, repeats: int, queue) -> None:
 
 
 def fit(points: list[tuple[float, float]]) -> tuple[float, float, float]:
-    """Least squares ``t = a + B / rate`` over (bytes, seconds): (a, rate, R^2)."""
-    xs, ys = [p[0] for p in points], [p[1] for p in points]
-    mx, my = statistics.fmean(xs), statistics.fmean(ys)
-    slope = sum((x - mx) * (y - my) for x, y in points) / sum((x - mx) ** 2 for x in xs)
+    """``t = a + B / rate`` over (bytes, seconds) by least squares on the relative residuals (weights
+    ``1 / t^2``: sizes span four decades, and an unweighted fit would serve only the largest):
+    (a, rate, weighted R^2)."""
+    w = [1 / y**2 for _, y in points]
+    sw = sum(w)
+    mx = sum(wi * x for wi, (x, _) in zip(w, points)) / sw
+    my = sum(wi * y for wi, (_, y) in zip(w, points)) / sw
+    slope = (sum(wi * (x - mx) * (y - my) for wi, (x, y) in zip(w, points))
+             / sum(wi * (x - mx) ** 2 for wi, (x, _) in zip(w, points)))
     a = my - slope * mx
-    ss_res = sum((y - (a + slope * x)) ** 2 for x, y in points)
-    ss_tot = sum((y - my) ** 2 for y in ys)
+    ss_res = sum(wi * (y - (a + slope * x)) ** 2 for wi, (x, y) in zip(w, points))
+    ss_tot = sum(wi * (y - my) ** 2 for wi, (_, y) in zip(w, points))
     return a, 1 / slope, 1 - ss_res / ss_tot
 
 
@@ -95,14 +100,18 @@ def main() -> None:
     lines = [
         "# Tensor-parallel all-reduce on the CPU (gloo, 2 ranks): the cost model's form",
         "",
-        f"**A line `latency + bytes / rate` explains the measured all-reduce times with R^2 = {r2:.4f} "
-        f"(worst point {worst:.0%} off): latency {latency * 1e6:.0f} us, rate {rate / 1e9:.2f} GB/s.** "
-        f"The cost model's CPU preset assumes {hw.allreduce_latency_s * 1e6:.0f} us and "
-        f"{hw.interconnect_bytes_per_s / 1e9:.1f} GB/s (for N = 2 its `2 (N - 1) / N` factor is 1).",
+        f"**A line `latency + bytes / rate` fitted to the relative residuals gives latency {latency * 1e6:.0f} us "
+        f"and rate {rate / 1e9:.2f} GB/s (weighted R^2 = {r2:.3f}, worst point {worst:.0%} off).** "
+        f"The cost model's CPU preset holds {hw.allreduce_latency_s * 1e6:.0f} us and "
+        f"{hw.interconnect_bytes_per_s / 1e9:.1f} GB/s, rounded from this fit (it held 50 us and 5 GB/s, rough "
+        "guesses, before); for N = 2 the model's `2 (N - 1) / N` factor is 1.",
         "",
         f"Measured {env['date']} on {env['cpu']}, commit {env['commit']}, torch {env['versions']['torch']}; "
         f"two processes of one thread each, float32, median of {args.repeats} calls after 3 warm-up calls, "
         "with nothing else running on the machine.",
+        "",
+        "The line is the model's form; how far single points fall from it (small messages on a shared "
+        "2-core machine jitter by tens of percent between runs) is the uncertainty of both constants.",
         "",
         "| elements | bytes | median us | fit us |",
         "|---:|---:|---:|---:|",

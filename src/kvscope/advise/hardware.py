@@ -207,9 +207,10 @@ def cpu_hardware(cores: int | None = None, memory_bytes: int | None = None) -> H
         step_overhead_s_per_layer=CPU_STEP_OVERHEAD_S_PER_LAYER,
         # Not measured on a CPU: the GPU figure is launch-bound and does not carry over.
         speculation_s_per_layer=0.0,
-        # gloo between processes of one machine: loopback TCP, memory-bound.
-        interconnect_bytes_per_s=5 * GB,
-        allreduce_latency_s=50e-6,
+        # gloo between two processes of one machine (loopback TCP), fitted as latency + bytes / rate
+        # to all-reduces of 2 KiB-32 MiB (benchmarks/results/tp_allreduce_cpu.md, 2 cores).
+        interconnect_bytes_per_s=1.5 * GB,
+        allreduce_latency_s=450e-6,
         dtype="float32",
         is_gpu=False,
         sources={
@@ -221,8 +222,8 @@ def cpu_hardware(cores: int | None = None, memory_bytes: int | None = None) -> H
             "step_overhead_s_per_layer": "fitted (advise_calibration, cpu_generate.json)",
             "speculation_s_per_layer": "not measured on CPU (0)",
             "eager_step_overhead_s_per_layer": "step_overhead_s_per_layer (no CUDA graphs on a CPU)",
-            "interconnect_bytes_per_s": "rough estimate (gloo over loopback)",
-            "allreduce_latency_s": "rough estimate (gloo over loopback)",
+            "interconnect_bytes_per_s": "measured (tp_allreduce_cpu.md: gloo, 2 ranks, 2 cores)",
+            "allreduce_latency_s": "measured (tp_allreduce_cpu.md: gloo, 2 ranks, 2 cores)",
         },
     )
 
