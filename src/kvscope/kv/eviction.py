@@ -28,7 +28,7 @@ from kvscope.kv.base import (
 )
 from kvscope.kv.block_pool import BlockPool, pool_stats
 from kvscope.kv.eviction_attention import CapturedColumnSums, EvictionAttention
-from kvscope.kv.eviction_budget import Budget, check_budget_args
+from kvscope.kv.eviction_budget import Budget, check_budget_args, resolve_budget
 from kvscope.kv.graphs import BlockTableDecode
 from kvscope.kv.slot_cache import SlotKVCache, table_slots
 from kvscope.kv.statistics import NO_STATISTIC, ScoreStatistic
@@ -117,20 +117,8 @@ class EvictionStrategy(BlockTableDecode, KVStrategy):
 
     def resolve_budget(self, num_prompt_tokens: int) -> Budget:
         """The budget of a request with a ``num_prompt_tokens``-token prompt."""
-        if self.budget is not None:
-            total = self.budget
-            recent = self.recent if self.recent is not None else self._default_recent(total)
-        else:
-            total = max(1, int(self.budget_ratio * num_prompt_tokens))
-            if self.recent_ratio is not None:
-                recent = int(self.recent_ratio * num_prompt_tokens)
-            else:
-                recent = self._default_recent(total)
-        recent = max(1, min(recent, total))  # the newest token is always kept
-        return Budget(total, recent)
-
-    def _default_recent(self, total: int) -> int:
-        return int(total * self.default_recent_fraction)
+        return resolve_budget(num_prompt_tokens, self.budget, self.recent, self.budget_ratio, self.recent_ratio,
+                              self.default_recent_fraction)
 
     # ---- lifecycle ----------------------------------------------------------------------------------
     def bind(self, setup: KVSetup) -> None:

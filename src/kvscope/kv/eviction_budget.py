@@ -39,3 +39,17 @@ def check_budget_args(name: str, budget_ratio: float | None, recent_ratio: float
         raise ConfigError(f"{name}: budget ({budget}) is smaller than the recent window ({recent})")
     if budget_ratio is not None and recent_ratio is not None and recent_ratio > budget_ratio:
         raise ConfigError(f"{name}: budget_ratio ({budget_ratio}) is smaller than recent_ratio ({recent_ratio})")
+
+
+def resolve_budget(num_prompt_tokens: int, budget: int | None, recent: int | None, budget_ratio: float | None,
+                   recent_ratio: float | None, default_recent_fraction: float) -> Budget:
+    """The budget of a request with a ``num_prompt_tokens``-token prompt: ``budget`` tokens and a
+    ``recent`` window, else ``budget_ratio`` and ``recent_ratio`` of the prompt; a window not given
+    is ``default_recent_fraction`` of the total, and it holds at least the newest token."""
+    if budget is not None:
+        total = budget
+        window = recent if recent is not None else int(total * default_recent_fraction)
+    else:
+        total = max(1, int(budget_ratio * num_prompt_tokens))
+        window = int(recent_ratio * num_prompt_tokens) if recent_ratio is not None else int(total * default_recent_fraction)
+    return Budget(total, max(1, min(window, total)))
