@@ -83,7 +83,7 @@ def measure(args) -> None:
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
         # Written after every configuration, so an interrupted run keeps what it measured.
-        result = {"benchmark": "eviction_quality", "config": vars(args), "environment": env, "results": rows}
+        result = {"benchmark": "eviction_quality", "config": {k: v for k, v in vars(args).items() if k != "out"}, "environment": env, "results": rows}
         (out / "eviction_quality.json").write_text(json.dumps(result, indent=2) + "\n")
         write_markdown(result, out / "eviction_quality.md")
 

@@ -68,7 +68,7 @@ def measure(args) -> None:
               f"  ({rows[-1]['seconds']} s)", flush=True)
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
-        result = {"benchmark": "families_quality", "config": vars(args), "environment": env, "results": rows}
+        result = {"benchmark": "families_quality", "config": {k: v for k, v in vars(args).items() if k != "out"}, "environment": env, "results": rows}
         (out / f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n")
         write_markdown(result, out / f"{stem}.md")
 

@@ -156,7 +156,7 @@ def main() -> None:
             row["ruler_mean_fetched_fraction"] = _mean_fraction(ruler_fetched)
         rows.append(row)
         print(json.dumps(row), flush=True)
-        result = {"benchmark": "infinigen_quality", "config": vars(args), "environment": env,
+        result = {"benchmark": "infinigen_quality", "config": {k: v for k, v in vars(args).items() if k != "out"}, "environment": env,
                   "recall": recall_rows, "results": rows}
         out.mkdir(parents=True, exist_ok=True)
         (out / "infinigen_quality.json").write_text(json.dumps(result, indent=2) + "\n")

@@ -62,7 +62,7 @@ def measure(args) -> None:
         rows.append(row)
         print(f"{spec:<34} ppl {row['perplexity']:7.3f}  top1 {row['top1_agreement']:.3f}  greedy "
               f"{row['greedy_match_fraction']:.3f}  ({row['seconds']:.0f} s)", flush=True)
-        result = {"benchmark": "quant_quality", "config": vars(args), "environment": environment(), "results": rows}
+        result = {"benchmark": "quant_quality", "config": {k: v for k, v in vars(args).items() if k != "out"}, "environment": environment(), "results": rows}
         out = Path(args.out)
         (out / "quant_quality.json").write_text(json.dumps(result, indent=2) + "\n")
         write_markdown(result, out / "quant_quality.md")
