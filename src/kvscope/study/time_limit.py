@@ -1,8 +1,8 @@
 """A study run that stops starting points near a time limit (``kvscope study run --time-limit``).
 
-A long study runs as chunks, one process each, on a machine lent for a few minutes at a time: each
-chunk runs points until the next one would likely end past the limit, and the next chunk resumes
-from the results file. The estimate of a point is the mean elapsed time (``elapsed_s`` of its row)
+A long study runs as chunks, one process each, where a job may hold the machine only for a few
+minutes at a time (a batch queue's limit, a shared GPU): each chunk runs points until the next one
+would likely end past the limit, and the next chunk resumes from the results file. The estimate of a point is the mean elapsed time (``elapsed_s`` of its row)
 of the finished points most like it, this run's and earlier runs' alike, taken from the first of
 these that has any: the same model, strategy name, workload and rate; the same model, workload and
 rate; the same model; any point. A point with no estimate at all runs (it is the first). Rows of
