@@ -175,3 +175,23 @@ def test_report_with_system_rows_beside_strategies(tmp_path):
     (folder / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     write_report(folder)
     assert "| system:vllm |" in (folder / "report.md").read_text().split("## Mixed workload", 1)[1]
+
+
+def test_a_system_at_relative_rates_is_measured_offline_once(tiny_model, tmp_path):
+    """A server's relative rates scale with its own offline throughput, measured once (every request
+    at once) for all its points, as a strategy's are; its rows record factor, basis and absolute rate."""
+    with openai_stub(first_token_s=0.02, itl_s=0.01) as stub:
+        raw = _spec(tiny_model, [{"name": "stub", "base_url": stub.base_url + "/v1"}], rates=["0.5x", "1x"])
+        points = [p for p in expand(parse_spec(raw)) if "system" in p.config]
+        cache = runner_mod.PointCache()
+        rows = [runner_mod.run_point(p, cache) for p in points]
+        sent = len(stub.bodies)
+    basis = rows[0]["rate_basis"]
+    assert rows[1]["rate_basis"] == basis and basis["measured_by"] == points[0].id
+    assert sent == 3 * 2  # the offline run and two points, 2 requests each
+    offline = basis["offline_request_throughput"]
+    assert offline > 0 and basis["offline_completed"] == 2
+    for row, factor in zip(rows, (0.5, 1.0)):
+        assert row["config"]["rate_relative"] == f"{factor:g}x"
+        assert row["config"]["rate"] == pytest.approx(factor * offline)
+        assert row["metrics"]["completed"] == 2

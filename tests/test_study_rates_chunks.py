@@ -57,8 +57,6 @@ def test_relative_rates_parse_to_canonical_strings_and_keep_absolute_ones():
     ({"rates": ["-1x"]}, r"^rates\[0\]: a relative rate must be a finite multiple > 0"),
     ({"rates": ["infx"]}, r"^rates\[0\]: a relative rate must be a finite multiple > 0"),
     ({"rates": ["fast"]}, r"^rates\[0\]: must be > 0 or 'inf'"),
-    ({"rates": [4, "1x"], "systems": [{"name": "vllm", "base_url": "http://127.0.0.1:8001/v1", "tokenizer": "m"}]},
-     r"^rates\[1\]: a relative rate is not supported with systems"),
     ({"grids": []}, r"^grids: must be a non-empty list"),
     ({"grids": [{"strategies": ["paged"]}, {"strategies": ["h3o"]}]}, r"^grids\[1\]\.strategies\[0\]: unknown strategy"),
     ({"grids": [{"rates": ["0.5x", "slowx"]}]}, r"^grids\[0\]\.rates\[1\]: a relative rate"),

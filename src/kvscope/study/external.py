@@ -143,7 +143,7 @@ def system_points(spec: StudySpec, shared: dict[str, Any]) -> list[Point]:
             "system": {"name": system.name, **config},
             "kv_memory": kv,
             "workload": workload.to_dict(),
-            "rate": "inf" if math.isinf(rate) else rate,
+            "rate": "inf" if isinstance(rate, float) and math.isinf(rate) else rate,  # or relative, "0.5x"
             "burstiness": burst,
             "seed": seed,
             **shared,
@@ -174,6 +174,7 @@ def run_system_point(point: Point, cache: Any) -> dict[str, Any]:
     from kvscope.bench.http_client import first_model_id
     from kvscope.bench.http_driver import run_http_workload
     from kvscope.study.point_workload import mixed_workload, workload_requests
+    from kvscope.study.relative_rates import absolute_rate, offline_metrics, rate_basis, relative_row_fields
 
     cfg, system, w, seed = point.config, point.config["system"], point.workload, point.config["seed"]
     t0 = time.perf_counter()
@@ -184,11 +185,19 @@ def run_system_point(point: Point, cache: Any) -> dict[str, Any]:
                                 system["endpoint"])
     base_url = check_base_url(system["base_url"], system["allow_remote"], "system.base_url")
     model = system["model"] or asyncio.run(first_model_id(base_url))
-    offsets = gamma_arrivals(len(requests), point.rate, cfg["burstiness"], seed=seed)
+
+    def serve(offsets: list[float]) -> Any:
+        return run_http_workload(base_url, with_arrivals(requests, offsets), model, endpoint=system["endpoint"],
+                                 max_concurrency=system["max_concurrency"], max_duration_s=system["max_duration_s"],
+                                 request_timeout_s=system["request_timeout_s"])
+
+    basis = None
+    if point.relative_rate is not None:  # the server's own saturation, measured as a strategy's is
+        basis = rate_basis(point, cache.offline, lambda p: offline_metrics(serve([0.0] * len(requests))))
+    rate = absolute_rate(point, basis) if basis is not None else point.rate
+    offsets = gamma_arrivals(len(requests), rate, cfg["burstiness"], seed=seed)
     t1 = time.perf_counter()
-    run = run_http_workload(base_url, with_arrivals(requests, offsets), model, endpoint=system["endpoint"],
-                            max_concurrency=system["max_concurrency"], max_duration_s=system["max_duration_s"],
-                            request_timeout_s=system["request_timeout_s"])
+    run = serve(offsets)
     t2 = time.perf_counter()
     metrics = serving_metrics(run.records, goodput=cfg["slos"] or None)
     metrics.update(wall_time_s=run.wall_time_s, peak_device_memory_bytes=None, peak_host_rss_bytes=None)
@@ -206,6 +215,8 @@ def run_system_point(point: Point, cache: Any) -> dict[str, Any]:
     texts = [t if good else "" for t, good in zip(run.texts, ok)]
     row["quality"] = _quality(point, cache, host, mixed, requests, texts, ok)
     row["phase_s"] = {"setup": t1 - t0, "serve": t2 - t1, "quality": time.perf_counter() - t2}
+    if basis is not None:
+        row.update(relative_row_fields(point, rate, basis))
     return row
 
 

@@ -3,7 +3,8 @@
 A fixed rate is idle for a small model and an overload for a large one, or for a strategy that
 moves KV over PCIe. A relative rate ``"fx"`` is ``f`` times the request throughput the same
 configuration reaches offline: every request of the workload submitted at once to a fresh engine.
-That measurement is taken once per configuration group (:data:`GROUP_KEYS`: the point's config
+An external system (``systems:``) is measured the same way, every request sent at once to its
+server. That measurement is taken once per configuration group (:data:`GROUP_KEYS`: the point's config
 without its rate and burstiness, which an offline run does not have) and shared by the group's
 points; a resumed run reads it back from the rows already written, so the points of one group use
 one basis even when they run in different processes (chunks of a time-limited run).
@@ -19,11 +20,13 @@ import json
 from collections.abc import Callable, Iterable
 from typing import Any
 
+from kvscope.bench.metrics import serving_metrics
 from kvscope.errors import RequestError
 from kvscope.study.spec import Point
 
 #: What the offline throughput of a point depends on: its config without rate and burstiness.
-GROUP_KEYS = ("model", "strategy", "kv_memory", "workload", "engine", "seed", "device", "dtype", "max_model_len")
+GROUP_KEYS = ("model", "strategy", "system", "kv_memory", "workload", "engine", "seed", "device", "dtype",
+              "max_model_len")
 
 
 def group_key(config: dict[str, Any]) -> str:
@@ -47,6 +50,15 @@ def rate_basis(point: Point, offline: dict[str, dict[str, Any]],
                                f"({result.get('errors') or 'no error recorded'}), so there is no throughput to scale")
         offline[key] = {**{f"offline_{k}": v for k, v in result.items()}, "measured_by": point.id}
     return offline[key]
+
+
+def offline_metrics(run: Any) -> dict[str, Any]:
+    """What an offline run (``records`` and ``wall_time_s``: an in-process or an HTTP serving run)
+    gives the basis: request and output throughput, wall time, completed requests, first errors."""
+    m = serving_metrics(run.records)
+    return {"request_throughput": m["request_throughput"], "output_throughput": m["output_throughput"],
+            "wall_time_s": run.wall_time_s, "completed": m["completed"],
+            "errors": sorted({r.error for r in run.records if r.error})[:5]}
 
 
 def absolute_rate(point: Point, basis: dict[str, Any]) -> float:

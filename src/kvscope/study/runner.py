@@ -49,7 +49,13 @@ from kvscope.study.results_io import (
     read_results_file,
     results_lock,
 )
-from kvscope.study.relative_rates import absolute_rate, rate_basis, relative_row_fields, seed_from_rows
+from kvscope.study.relative_rates import (
+    absolute_rate,
+    offline_metrics,
+    rate_basis,
+    relative_row_fields,
+    seed_from_rows,
+)
 from kvscope.study.spec import Point, StudySpec, expand
 from kvscope.study.time_limit import TimeLimit
 from kvscope.workload.arrivals import gamma_arrivals
@@ -162,10 +168,7 @@ def _offline_throughput(point: Point, cache: PointCache) -> dict[str, Any]:
         llm = cache.llm(cfg)
     run = run_workload(llm, with_arrivals(requests, [0.0] * len(requests)), mode="timed")
     del llm  # the caller's engine needs the pool memory back
-    m = serving_metrics(run.records)
-    return {"request_throughput": m["request_throughput"], "output_throughput": m["output_throughput"],
-            "wall_time_s": run.wall_time_s, "completed": m["completed"],
-            "errors": sorted({r.error for r in run.records if r.error})[:5]}
+    return offline_metrics(run)
 
 
 def _warm_up(llm: LLM, requests: list, max_model_len: int, count: int = 4) -> None:

@@ -309,8 +309,6 @@ def parse_spec(raw: Any, base_dir: str | Path = ".", check_packages: bool = True
         systems=parse_systems(raw.get("systems"), models),
         grids=parse_grids(raw, base_dir, check_packages),
     )
-    if spec.systems and (i := next((i for i, r in enumerate(spec.rates) if relative_rate(r)), None)) is not None:
-        raise fail(f"rates[{i}]", "a relative rate is not supported with systems (the runner measures no server offline)")
     if check_packages:
         check_datasets(spec)
     return spec
