@@ -22,7 +22,6 @@ layer of rounding, plus one block), through the per-layer tables of
 from __future__ import annotations
 
 from fractions import Fraction
-from typing import Any
 
 import torch
 
@@ -30,7 +29,7 @@ from kvscope.errors import ConfigError
 from kvscope.kv.eviction_budget import Budget
 from kvscope.kv.eviction_layered import LayeredEvictionStrategy
 from kvscope.kv.registry import register
-from kvscope.kv.snapkv import pool_scores
+from kvscope.kv.snapkv import check_observation_args, pool_scores, window_budget
 from kvscope.kv.statistics import OBSERVATION_WINDOW
 from kvscope.request import Request
 
@@ -77,12 +76,7 @@ class PyramidKVStrategy(LayeredEvictionStrategy):
         beta: float = 20.0,
         block_size: int = 16,
     ) -> None:
-        if not isinstance(window, int) or window < 1:
-            raise ConfigError(f"pyramidkv: window must be an integer >= 1, got {window!r}")
-        if not isinstance(kernel_size, int) or kernel_size < 1 or kernel_size % 2 == 0:
-            raise ConfigError(f"pyramidkv: kernel_size must be an odd integer >= 1, got {kernel_size!r}")
-        if pooling not in ("max", "avg"):
-            raise ConfigError(f"pyramidkv: pooling must be 'max' or 'avg', got {pooling!r}")
+        check_observation_args("pyramidkv", window, kernel_size, pooling)
         if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not 1.0 <= beta < float("inf"):
             raise ConfigError(f"pyramidkv: beta must be a finite number >= 1 (1: every layer alike), got {beta!r}")
         self.window = window
@@ -91,13 +85,8 @@ class PyramidKVStrategy(LayeredEvictionStrategy):
         self.beta = float(beta)
         super().__init__(budget_ratio=budget_ratio, budget=budget, block_size=block_size)
 
-    @classmethod
-    def args_for_share(cls, share: float) -> dict[str, Any] | None:
-        return {"budget_ratio": share}
-
     def resolve_budget(self, num_prompt_tokens: int) -> Budget:
-        total = super().resolve_budget(num_prompt_tokens).total
-        return Budget(total, max(1, min(self.window, total)))
+        return window_budget(super().resolve_budget(num_prompt_tokens).total, self.window)
 
     def layer_budgets(self, budget: Budget, num_tokens: int) -> list[int]:
         return pyramid_budgets(budget.total, budget.recent, num_tokens, self.setup.model.num_layers, self.beta)

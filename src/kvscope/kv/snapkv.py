@@ -35,12 +35,7 @@ class SnapKVStrategy(EvictionStrategy):
         pooling: str = "max",
         block_size: int = 16,
     ) -> None:
-        if not isinstance(window, int) or window < 1:
-            raise ConfigError(f"snapkv: window must be an integer >= 1, got {window!r}")
-        if not isinstance(kernel_size, int) or kernel_size < 1 or kernel_size % 2 == 0:
-            raise ConfigError(f"snapkv: kernel_size must be an odd integer >= 1, got {kernel_size!r}")
-        if pooling not in ("max", "avg"):
-            raise ConfigError(f"snapkv: pooling must be 'max' or 'avg', got {pooling!r}")
+        check_observation_args("snapkv", window, kernel_size, pooling)
         self.window = window
         self.kernel_size = kernel_size
         self.pooling = pooling
@@ -49,11 +44,25 @@ class SnapKVStrategy(EvictionStrategy):
         )
 
     def resolve_budget(self, num_prompt_tokens: int) -> Budget:
-        total = super().resolve_budget(num_prompt_tokens).total
-        return Budget(total, max(1, min(self.window, total)))
+        return window_budget(super().resolve_budget(num_prompt_tokens).total, self.window)
 
     def selection_scores(self, scores: torch.Tensor, positions: torch.Tensor, request: Request) -> torch.Tensor:
         return pool_scores(scores, self.kernel_size, self.pooling)
+
+
+def check_observation_args(name: str, window: int, kernel_size: int, pooling: str) -> None:
+    """:class:`ConfigError` naming strategy ``name``'s observation-window argument that is out of range."""
+    if not isinstance(window, int) or window < 1:
+        raise ConfigError(f"{name}: window must be an integer >= 1, got {window!r}")
+    if not isinstance(kernel_size, int) or kernel_size < 1 or kernel_size % 2 == 0:
+        raise ConfigError(f"{name}: kernel_size must be an odd integer >= 1, got {kernel_size!r}")
+    if pooling not in ("max", "avg"):
+        raise ConfigError(f"{name}: pooling must be 'max' or 'avg', got {pooling!r}")
+
+
+def window_budget(total: int, window: int) -> Budget:
+    """A budget of ``total`` tokens whose recent part is the observation window (SnapKV keeps it)."""
+    return Budget(total, max(1, min(window, total)))
 
 
 def pool_scores(scores: torch.Tensor, kernel_size: int, pooling: str) -> torch.Tensor:
