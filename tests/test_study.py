@@ -99,7 +99,7 @@ def test_presets_are_valid():
     assert len(expand(preset("quick", check_packages=False))) >= 32
     paper = preset("paper", check_packages=False)
     assert paper.device == "cuda" and paper.dtype == "bfloat16"
-    assert set(PRESETS) == {"quick", "h200", "paper"}
+    assert set(PRESETS) == {"quick", "h200", "h200-quality", "paper"}
 
 
 # ---- running ---------------------------------------------------------------------------------------

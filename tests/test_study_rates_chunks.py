@@ -239,7 +239,7 @@ def test_time_limited_cli_run_stops_says_what_remains_and_resumes(tiny_model, tm
 
 
 def test_h200_preset_covers_the_issues_axes():
-    """The h200 preset holds what the GPU study is asked for (docs/results/h200/PLAN.md)."""
+    """The h200 preset holds the GPU study's speed and memory runs (docs/results/h200/PLAN.md)."""
     spec = preset("h200", check_packages=False)
     points = expand(spec)
     assert spec.device == "cuda" and spec.dtype == "bfloat16"
@@ -256,11 +256,16 @@ def test_h200_preset_covers_the_issues_axes():
         assert len({p.config["strategy"] for p in llama if p.config["strategy"].startswith(family)}) == 5
     assert {"streaming:budget_ratio=0.2", "snapkv:budget_ratio=0.2"} <= {p.config["strategy"] for p in llama}
     assert sorted({p.config["rate"] for p in llama if p.config["strategy"] == "paged"}, key=str) == \
-        ["0.25x", "0.5x", "1.25x", "1x", "inf"]
+        ["0.5x", "1.25x", "1x", "inf"]
     assert all(p.config["workload"]["num_requests"] >= 100 for p in speed if p.config["workload"]["kind"] == "sharegpt")
     assert any(p.config["workload"]["kind"] == "fixed" and p.config["workload"]["input_len"] >= 3000 for p in llama)
     assert all(p.config["quality"] == {**p.config["quality"], "perplexity": False, "ruler": False} for p in speed)
-    real = [p for p in points if not p.config["model"].startswith("dummy:")]
+    assert speed == points  # quality on real weights is the h200-quality preset's
+
+
+def test_h200_quality_preset_covers_the_issues_quality_runs():
+    """Both packaged models, RULER at 4k (4 tasks x >= 50 samples) and >= 8k scored perplexity tokens."""
+    real = expand(preset("h200-quality", check_packages=False))
     assert {p.config["model"] for p in real} == {"smollm2-135m", "qwen2.5-0.5b"}
     for p in real:
         w, q = p.config["workload"], p.config["quality"]

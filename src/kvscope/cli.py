@@ -116,8 +116,9 @@ def _add_study(sub: argparse._SubParsersAction) -> None:
     run = study.add_parser("run", help="run every point of a study not yet in its results, then write its report")
     src = run.add_mutually_exclusive_group(required=True)
     src.add_argument("spec", nargs="?", help="YAML study spec")
-    src.add_argument("--preset", help="a named study: quick (CPU, minutes), h200 (one H200, about 25 GPU minutes "
-                                      "in chunks) or paper (GPU, the full grid)")
+    src.add_argument("--preset", help="a named study: quick (CPU, minutes), h200 (one H200, speed and memory, "
+                                      "about 15 GPU minutes in chunks), h200-quality (its quality runs on real "
+                                      "weights) or paper (GPU, the full grid)")
     run.add_argument("--results", default=None, help="results directory (default: results/<study name>)")
     run.add_argument("--no-progress", action="store_true")
     run.add_argument("--no-retry-errors", action="store_true",
