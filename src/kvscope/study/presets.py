@@ -148,20 +148,23 @@ def _h200_grids() -> list[dict[str, Any]]:
         {**speed, "models": [llama], "kv_memory": [pool], "rates": ["inf"],
          "strategies": ["paged", *[_h2o(b) for b in _H200_BUDGETS], *[_infinigen(b) for b in _H200_BUDGETS],
                         *_H200_FIXED, "quant:dtype=fp8", "quest:budget_ratio=0.2"]},
+    ]
+    # Model size in the pool: capacity and the latency at it ("1x"), `paged` and `h2o` (about 205 s with
+    # the loads). The ample regime and `infinigen` per size come last, if the time allows.
+    grids += [{**speed, "models": [m], "strategies": ["paged", _h2o(0.2)], "kv_memory": [_H200_POOL_16K[m]],
+               "rates": ["1x"]} for m in opts]
+    grids += [
         # Long prompts (32 x 3,072 -> 128), where InfiniGen and Quest are meant to pay off (about 85 s).
         {"models": [llama], "kv_memory": [0.9, pool], "workloads": [_H200_LONG], "rates": ["inf"],
          "strategies": ["paged", _h2o(0.2), "snapkv:budget_ratio=0.2", "quest:budget_ratio=0.2", _infinigen(0.2)]},
         # InfiniGen at 4 T: two rates, in the pool only (about 55 s; the full sweep in both pools: 236 s).
         {**speed, "models": [llama], "strategies": [_infinigen(0.2)], "kv_memory": [pool], "rates": ["0.5x", "1x"]},
     ]
-    # Model size: capacity and the latency at it ("1x"), about 425 s with the loads. OPT-30B's 60 GB of
-    # weights leave no ample regime worth a second pool.
-    for model in opts:
-        pools = [_H200_POOL_16K[model]] if model.endswith("30b") else [0.9, _H200_POOL_16K[model]]
-        grids.append({**speed, "models": [model], "strategies": ["paged", _h2o(0.2)], "kv_memory": pools,
-                      "rates": ["1x"]})
-        grids.append({**speed, "models": [model], "strategies": [_infinigen(0.2)],
-                      "kv_memory": [_H200_POOL_16K[model]], "rates": ["1x"]})
+    # OPT-30B's 60 GB of weights leave no ample regime worth a second pool.
+    grids += [{**speed, "models": [m], "strategies": ["paged", _h2o(0.2)], "kv_memory": [0.9], "rates": ["1x"]}
+              for m in opts if not m.endswith("30b")]
+    grids += [{**speed, "models": [m], "strategies": [_infinigen(0.2)], "kv_memory": [_H200_POOL_16K[m]],
+               "rates": ["1x"]} for m in opts]
     return grids
 
 
