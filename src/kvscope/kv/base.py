@@ -130,6 +130,12 @@ class KVStrategy(KVManager, KVBackend):
         """Bits per stored K/V element, scales included; None (the default): the model's dtype."""
         return None
 
+    def decode_read_bytes(self, context: int) -> int | None:
+        """Device bytes of KV and KV metadata that one decode row with ``context`` tokens (the new one
+        included) must read per step, all layers (a bound strategy); None (the default): not stated.
+        A memory roofline of the decode step adds the model's weight bytes."""
+        return None
+
     @classmethod
     def args_for_share(cls, share: float) -> dict[str, Any] | None:
         """Constructor arguments that make this strategy keep ``share`` of a prompt (``adaptive``'s

@@ -260,6 +260,11 @@ class PagedStrategy(BlockTableDecode, KVStrategy):
             self.setup.attention_backend,
         )
 
+    def decode_read_bytes(self, context: int) -> int | None:
+        """Every token's K and V: ``context`` rows of ``cache.kv`` in every layer."""
+        kv = self.cache.kv
+        return context * kv[:, :, 0].numel() * kv.element_size()
+
     def block_table_layout(self) -> BlockTableLayout | None:
         return BlockTableLayout(self.cache, self.block_size) if self.setup.attention_backend == "triton" else None
 

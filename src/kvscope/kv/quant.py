@@ -134,6 +134,17 @@ class QuantStrategy(PagedStrategy):
             return float(self.bits)
         return self.bits + (SCALE_ZERO_BITS / self.group_size + SCALE_ZERO_BITS / self.value_group) / 2
 
+    def decode_read_bytes(self, context: int) -> int | None:
+        """What the decode kernels read, from the cache's tensors: fp8, every token's codes plus the
+        layers' scales; KIVI, the ``context // G`` full blocks' codes and scale/zero, then the last
+        ``context % G`` tokens from the residual in the model's dtype."""
+        c = self.cache
+        if isinstance(c, FP8Cache):
+            return context * c.data[:, :, 0].numel() * c.data.element_size() + c.scale.nbytes
+        block = sum(t[:, 0].numel() * t.element_size() for t in (c.kq, c.vq, c.k_scale, c.k_zero, c.v_scale, c.v_zero))
+        row = c.residual[:, :, 0, 0]
+        return context // self.block_size * block + context % self.block_size * row.numel() * row.element_size()
+
     @classmethod
     def args_for_share(cls, share: float) -> dict[str, Any] | None:
         return None  # no budget: every token is kept, at lower precision

@@ -85,6 +85,14 @@ class QuestStrategy(PagedStrategy):
         tokens = self.budget if self.budget is not None else self.budget_ratio * context
         return min(held, max(math.ceil(tokens / self.page_size), 2))
 
+    def decode_read_bytes(self, context: int) -> int | None:
+        """The key bounds of every page held, then per KV head its ``keep_pages`` selected pages'
+        K and V (the last page, always selected, only as far as it is filled)."""
+        held = -(-context // self.page_size)
+        tokens = context - (held - self.keep_pages(context)) * self.page_size
+        kv = self.cache.kv
+        return tokens * kv[:, :, 0].numel() * kv.element_size() + held * self.bounds.nbytes // self.bounds.kmin.shape[1]
+
     # ---- memory --------------------------------------------------------------------------------------
     def bind(self, setup: KVSetup) -> None:
         m = setup.model
