@@ -1,5 +1,5 @@
 """The Triton decode kernel over ``quant``'s blocks against the torch reference (dequantize, then
-``attend_decode``) on the same cache state.
+``attend_decode``) on the same cache state, at 1, 2 and 4 context splits and the automatic choice.
 
 On CPU the kernel runs through Triton's interpreter in a child process (``TRITON_INTERPRET=1`` must
 be set before triton is first imported; see tests/test_triton_decode.py), which reports one JSON
@@ -28,12 +28,21 @@ CASES = [
     # A group of 3 query heads (padded lanes); value groups of 16 channels (head_dim < group_size).
     ("quant:dtype=int4,group_size=64", 6, 2, 16, [64, 10]),
     ("quant:dtype=int8,group_size=64", 2, 2, 64, [130]),
+    # Ragged with 10 fp8 blocks (4 splits of 3, 3, 3, 1 blocks) beside a sequence inside one block.
+    ("quant:dtype=fp8", 4, 2, 16, [150, 3]),
 ]
+# Splits cut block-aligned ranges, so e.g. int4 at 101 tokens (3 quantized blocks + 5 residual
+# tokens) gives at 2 splits [0, 64) and [64, 101) (a quantized block and the residual in one
+# split), at 4 splits three one-block splits, the residual alone, and empty splits for the short
+# sequences. None: the automatic choice (see _child_main).
+SPLITS = [1, 2, 4, None]
 
 
-def run_case(spec: str, hq: int, hkv: int, d: int, lens: list[int], device: str, dtype: torch.dtype, seed: int):
+def run_case(spec: str, hq: int, hkv: int, d: int, lens: list[int], device: str, dtype: torch.dtype, seed: int,
+             splits: list[int | None]):
     """Prefill requests of ``lens`` in two interleaved chunks each (non-contiguous block tables),
-    write one decode token per request, and return (kernel output, reference output) of layer 0."""
+    write one decode token per request, and return ({split count: kernel output}, reference output,
+    whether every table is contiguous) of layer 0."""
     from kvscope.attention.torch_ref import attend_decode
     from kvscope.attention.triton_quant_decode import quant_decode_attention
     from kvscope.kv import registry
@@ -82,23 +91,38 @@ def run_case(spec: str, hq: int, hkv: int, d: int, lens: list[int], device: str,
     tw = max(map(len, tables))
     tables_t = torch.tensor([t + [0] * (tw - len(t)) for t in tables], dtype=torch.int32, device=device)
     res = torch.tensor([s._res_of[r.request_id] for r in reqs], dtype=torch.int32, device=device) if s.kivi else None
-    out = quant_decode_attention(q, s.cache, 0, tables_t, ctx.int(), res, d**-0.5)
+    outs = {n: quant_decode_attention(q, s.cache, 0, tables_t, ctx.int(), res, d**-0.5, num_splits=n) for n in splits}
     contiguous = all(b - a == 1 for t in tables for a, b in zip(t, t[1:]))
-    return out, ref, contiguous
+    return outs, ref, contiguous
 
 
 def _child_main() -> None:
-    """Entry point of the interpreter process: one JSON line with every case's result."""
+    """Entry point of the interpreter process: one JSON line with every (case, splits) result."""
     assert os.environ.get("TRITON_INTERPRET") == "1"
+    from kvscope.attention import decode_splits, triton_quant_decode
+
+    # On CPU the automatic choice is always 1 split (one "multiprocessor"); these make it split the
+    # tiny contexts here as it splits long ones on a GPU.
+    decode_splits._PROGRAMS_PER_SM, decode_splits._MIN_SPLIT_TOKENS = 64, 16
+    chosen = []  # what the automatic choice gave, as the kernel's caller saw it
+
+    def record(*args):
+        chosen.append(decode_splits.default_num_splits(*args))
+        return chosen[-1]
+
+    triton_quant_decode.default_num_splits = record
     results = {}
     for i, case in enumerate(CASES):
         try:
-            out, ref, contiguous = run_case(*case, device="cpu", dtype=torch.float32, seed=i)
+            outs, ref, contiguous = run_case(*case, device="cpu", dtype=torch.float32, seed=i, splits=SPLITS)
+        except Exception as e:  # reported by the case's own tests in the parent
+            results.update({f"{i}:{n}": {"error": f"{type(e).__name__}: {e}"} for n in SPLITS})
+            continue
+        for n, out in outs.items():
             err = ((out.double() - ref).norm() / ref.norm()).item()
-            results[i] = {"rel_err": err, "nan": bool(out.isnan().any()), "contiguous": contiguous,
-                          "shape_ok": out.shape == ref.shape}
-        except Exception as e:  # reported by the case's own test in the parent
-            results[i] = {"error": f"{type(e).__name__}: {e}"}
+            results[f"{i}:{n}"] = {"rel_err": err, "nan": bool(out.isnan().any()), "contiguous": contiguous,
+                                   "shape_ok": out.shape == ref.shape, "auto": chosen[-1],
+                                   "same_as_1": bool(torch.equal(out, outs[1]))}
     print(json.dumps(results))
 
 
@@ -109,18 +133,29 @@ def interpreted_results() -> dict:
     code = f"import sys; sys.path.insert(0, {str(here.parent)!r}); import {here.stem} as t; t._child_main()"
     proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    return {int(i): r for i, r in json.loads(proc.stdout.splitlines()[-1]).items()}
+    return json.loads(proc.stdout.splitlines()[-1])
 
 
+@pytest.mark.parametrize("splits", SPLITS, ids=[f"splits={n}" for n in SPLITS])
 @pytest.mark.parametrize("index", range(len(CASES)), ids=[f"{c[0].split(':')[1]}-H{c[1]}/{c[2]}-D{c[3]}" for c in CASES])
-def test_interpreted_matches_reference(interpreted_results, index):
-    r = interpreted_results[index]
+def test_interpreted_matches_reference(interpreted_results, index, splits):
+    r = interpreted_results[f"{index}:{splits}"]
     assert "error" not in r, r.get("error")
     assert r["shape_ok"] and not r["nan"]
-    # Same codes, same scales: only float32 rounding of the dequantization and softmax differs.
+    # Same codes, same scales: only float32 rounding of the dequantization, softmax and merge differs.
     assert r["rel_err"] < 1e-5
     if len(CASES[index][4]) > 1:
         assert not r["contiguous"]  # the block tables really jump around the pool
+
+
+@pytest.mark.parametrize("index", range(len(CASES)))
+def test_split_choice(interpreted_results, index):
+    """The automatic choice really splits here (so its runs test a merge), and more than one split
+    does change the arithmetic (so the split tests are not one-split runs in disguise)."""
+    r = {n: interpreted_results[f"{index}:{n}"] for n in SPLITS}
+    assert all("error" not in x for x in r.values())
+    assert r[None]["auto"] > 1
+    assert not r[4]["same_as_1"]
 
 
 @pytest.mark.gpu
@@ -130,7 +165,9 @@ def test_interpreted_matches_reference(interpreted_results, index):
 def test_gpu(spec):
     """Compiled kernel at Llama-3-8B head shapes in bfloat16, within bfloat16 rounding of the
     float64 reference over the same dequantized K/V."""
-    out, ref, _ = run_case(spec, 32, 8, 128, [1, 500, 1000, 33], device="cuda", dtype=torch.bfloat16, seed=0)
+    outs, ref, _ = run_case(spec, 32, 8, 128, [1, 500, 1000, 33], device="cuda", dtype=torch.bfloat16, seed=0,
+                            splits=[1, 8, None])
     torch.cuda.synchronize()
-    assert out.dtype == torch.bfloat16 and not out.isnan().any()
-    assert ((out.double() - ref).norm() / ref.norm()).item() < 1e-2
+    for out in outs.values():
+        assert out.dtype == torch.bfloat16 and not out.isnan().any()
+        assert ((out.double() - ref).norm() / ref.norm()).item() < 1e-2

@@ -36,22 +36,14 @@ adds 20 us per GB of KV.
 """
 from __future__ import annotations
 
-import math
-
 import torch
 import triton
 import triton.language as tl
 
+from kvscope.attention.decode_splits import default_num_splits, merge_splits, split_bounds, split_result
 from kvscope.attention.paged_inputs import check_paged_inputs
 
 _LOG2E = 1.4426950408889634
-# Split so that at least this many (sequence, KV head, split) programs run per multiprocessor:
-# with fewer, too few K/V tiles are in flight to cover memory latency.
-_PROGRAMS_PER_SM = 1
-# A split shorter than this spends a noticeable share of its time on its fixed costs (loading q,
-# writing the float32 partial output) and on the merge.
-_MIN_SPLIT_TOKENS = 256
-_MAX_SPLITS = 64
 
 
 @triton.jit
@@ -84,11 +76,7 @@ def _split_kernel(
     split = tl.program_id(2)
 
     ctx = tl.load(lens_ptr + b)
-    # Splits are cut per sequence so that short sequences in a long batch get short splits; the
-    # length is a multiple of BLOCK_N so that only a split's last tile is partial.
-    split_len = tl.cdiv(tl.cdiv(ctx, num_splits), BLOCK_N) * BLOCK_N
-    lo = split * split_len
-    hi = tl.minimum(lo + split_len, ctx)
+    lo, hi = split_bounds(ctx, num_splits, split, BLOCK_N)
 
     g = tl.arange(0, G_PAD)
     d = tl.arange(0, D_PAD)
@@ -150,50 +138,13 @@ def _split_kernel(
         m = m_new
 
     # An empty split (a sequence shorter than the others' splits) contributes weight zero.
-    nonempty = l > 0
-    l_safe = tl.where(nonempty, l, 1.0)
-    lse = tl.where(nonempty, m + tl.log2(l_safe), float("-inf"))
-    out = acc / l_safe[:, None]
+    out, lse = split_result(m, l, acc)
     tl.store(
         o_ptr + b * stride_ob + heads[:, None] * stride_oh + split * stride_os + d[None, :],
         out,
         mask=g_mask[:, None] & d_mask[None, :],
     )
     tl.store(lse_ptr + b * stride_lb + heads * stride_lh + split, lse, mask=g_mask)
-
-
-@triton.jit
-def _merge_kernel(
-    part_ptr, part_lse_ptr, out_ptr, lse_ptr,
-    num_splits,
-    stride_pb, stride_ph, stride_ps,
-    stride_plb, stride_plh,
-    stride_ob, stride_oh,
-    stride_lb, stride_lh,
-    HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, S_PAD: tl.constexpr,
-):
-    """One (sequence, query head): merge the splits' outputs, weighted by their sum-exp.
-
-    ``out = sum_s 2^(lse_s - lse) * o_s`` with ``lse = log2(sum_s 2^lse_s)``; also writes ``lse``.
-    """
-    b = tl.program_id(0)
-    h = tl.program_id(1)
-    s = tl.arange(0, S_PAD)
-    d = tl.arange(0, D_PAD)
-    s_mask = s < num_splits
-    d_mask = d < HEAD_DIM
-    part_lse = tl.load(part_lse_ptr + b * stride_plb + h * stride_plh + s, mask=s_mask, other=float("-inf"))
-    top = tl.max(part_lse, axis=0)  # finite: split 0 always holds the first token
-    w = tl.exp2(part_lse - top)
-    total = tl.sum(w, axis=0)
-    part = tl.load(
-        part_ptr + b * stride_pb + h * stride_ph + s[:, None] * stride_ps + d[None, :],
-        mask=s_mask[:, None] & d_mask[None, :],
-        other=0.0,
-    )
-    out = tl.sum(w[:, None] * part, axis=0) / total
-    tl.store(out_ptr + b * stride_ob + h * stride_oh + d, out, mask=d_mask)
-    tl.store(lse_ptr + b * stride_lb + h * stride_lh, top + tl.log2(total))
 
 
 @triton.jit
@@ -235,21 +186,6 @@ def _colsum_kernel(
         tl.store(score, tl.load(score, mask=held, other=0.0) + colsum, mask=held)
     else:
         tl.store(colsum_ptr + b * stride_cb + kv_head * stride_ch + t, colsum, mask=t < num_tokens)
-
-
-def default_num_splits(batch: int, num_kv_heads: int, max_tokens: int, device: torch.device) -> int:
-    """Splits per sequence so that ``batch * num_kv_heads * splits`` programs fill the device.
-
-    Decided from shapes alone (no device-to-host read of the lengths), against ``max_tokens``,
-    the block table's capacity: the smallest power of two giving ``_PROGRAMS_PER_SM`` programs per
-    multiprocessor, but no split shorter than ``_MIN_SPLIT_TOKENS``. A power of two because
-    lengths usually are multiples of large powers of two, and then every split gets the same
-    number of tiles (an uneven last split leaves the device idle while the others finish).
-    """
-    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
-    wanted = triton.next_power_of_2(math.ceil(_PROGRAMS_PER_SM * sms / (batch * num_kv_heads)))
-    longest = 1 << (max(max_tokens // _MIN_SPLIT_TOKENS, 1).bit_length() - 1)  # power of two, rounded down
-    return min(wanted, longest, _MAX_SPLITS)
 
 
 def _alloc(*shape: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -363,16 +299,7 @@ def paged_decode_attention(
         lse = part_lse[:, :, 0]
     else:
         lse = _alloc(batch, num_heads, device=device, dtype=torch.float32)
-        _merge_kernel[(batch, num_heads)](
-            part, part_lse, out, lse,
-            num_splits,
-            part.stride(0), part.stride(1), part.stride(2),
-            part_lse.stride(0), part_lse.stride(1),
-            out.stride(0), out.stride(1),
-            lse.stride(0), lse.stride(1),
-            HEAD_DIM=head_dim, D_PAD=triton.next_power_of_2(head_dim), S_PAD=triton.next_power_of_2(num_splits),
-            num_warps=4,
-        )
+        merge_splits(part, part_lse, out, lse)
     if not emit_colsum:
         return out
 

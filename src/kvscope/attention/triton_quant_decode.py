@@ -1,9 +1,12 @@
 """Triton decode attention over ``quant``'s quantized blocks, dequantizing in registers.
 
-One program serves one (sequence, KV head) and the ``Hq // Hkv`` query heads that share it (so each
-quantized tile is read once per group), walking the sequence's block table with an online softmax
-in float32. Scores and the weighted sum are broadcast multiply-and-sums on the CUDA cores: decode
-is bound by memory, and the reduced-precision tiles are what it saves.
+One program serves one (sequence, KV head, split) and the ``Hq // Hkv`` query heads that share the
+KV head (so each quantized tile is read once per group), walking the split's blocks of the
+sequence's block table with an online softmax in float32. Scores and the weighted sum are broadcast
+multiply-and-sums on the CUDA cores: decode is bound by memory, and the reduced-precision tiles are
+what it saves. The split over the context is the paged kernel's flash-decoding
+(:mod:`kvscope.attention.decode_splits`: same split choice, block-aligned ranges, same merge): with
+few sequences, ``B * Hkv`` programs alone leave most of the device idle.
 
 * fp8 (:class:`~kvscope.kv.quant_cache.FP8Cache`): codes ``[num_slots, Hkv, D]`` uint8 holding
   float8_e4m3fn bits, decoded with integer operations (exact, and the same in Triton's interpreter
@@ -12,7 +15,8 @@ is bound by memory, and the reduced-precision tiles are what it saves.
   quantized (codes ``[num_blocks, G, Hkv, D * bits / 8]``, int4 two a byte, low nibble first; key
   scale/zero per channel ``[num_blocks, Hkv, D]``, value scale/zero per token and channel group
   ``[num_blocks, G, Hkv, D / Gv]``, float16); its last ``len % G`` tokens are read from its
-  residual slot ``[R, G, Hkv, D]`` in the model's dtype.
+  residual slot ``[R, G, Hkv, D]`` in the model's dtype, by the split that holds them (the last
+  non-empty one: a split's range is whole blocks but for the sequence's end).
 
 The torch reference is :meth:`FP8Cache.gather` / :meth:`KiviCache.gather` followed by
 :func:`kvscope.attention.torch_ref.attend_decode`.
@@ -23,6 +27,7 @@ import torch
 import triton
 import triton.language as tl
 
+from kvscope.attention.decode_splits import default_num_splits, merge_splits, split_bounds, split_result
 from kvscope.kv.quant_cache import FP8Cache, KiviCache, QuantPlan
 
 _LOG2E = 1.4426950408889634
@@ -55,36 +60,6 @@ def _online_step(q, k, v, valid, m_i, l_i, acc, qk_scale):
 
 
 @triton.jit
-def _fp8_kernel(q_ptr, k_ptr, v_ptr, ks_ptr, vs_ptr, tables_ptr, lens_ptr, o_ptr, qk_scale,
-                stride_qb, stride_qh, stride_cs, stride_ch, stride_tb, stride_ob, stride_oh,
-                GROUP: tl.constexpr, GQ: tl.constexpr, D: tl.constexpr, BS: tl.constexpr):
-    b = tl.program_id(0)
-    h = tl.program_id(1)
-    rows = tl.arange(0, GQ)
-    d = tl.arange(0, D)
-    t = tl.arange(0, BS)
-    qmask = rows < GROUP
-    q = tl.load(q_ptr + b * stride_qb + (h * GROUP + rows)[:, None] * stride_qh + d[None, :],
-                mask=qmask[:, None], other=0.0).to(tl.float32)
-    k_scale = tl.load(ks_ptr + h)
-    v_scale = tl.load(vs_ptr + h)
-    n = tl.load(lens_ptr + b)
-    m_i = tl.full([GQ], float("-inf"), tl.float32)
-    l_i = tl.zeros([GQ], tl.float32)
-    acc = tl.zeros([GQ, D], tl.float32)
-    for j in range(0, tl.cdiv(n, BS)):
-        block = tl.load(tables_ptr + b * stride_tb + j).to(tl.int64)  # slot x stride can pass 2^31
-        valid = j * BS + t < n
-        off = (block * BS + t)[:, None] * stride_cs + h * stride_ch + d[None, :]
-        k = _fp8_to_f32(tl.load(k_ptr + off, mask=valid[:, None], other=0).to(tl.int32)) * k_scale
-        v = _fp8_to_f32(tl.load(v_ptr + off, mask=valid[:, None], other=0).to(tl.int32)) * v_scale
-        m_i, l_i, acc = _online_step(q, k, v, valid, m_i, l_i, acc, qk_scale)
-    out = acc / l_i[:, None]
-    tl.store(o_ptr + b * stride_ob + (h * GROUP + rows)[:, None] * stride_oh + d[None, :],
-             out.to(o_ptr.dtype.element_ty), mask=qmask[:, None])
-
-
-@triton.jit
 def _load_codes(ptr, base, d, mask, BITS: tl.constexpr):
     """Codes ``[BS, D]`` (int32) at ``ptr + base`` (``[BS, 1]`` row offsets) for channels ``d``."""
     if BITS == 4:
@@ -94,27 +69,77 @@ def _load_codes(ptr, base, d, mask, BITS: tl.constexpr):
 
 
 @triton.jit
+def _group_query(q_ptr, b, h, stride_qb, stride_qh, GROUP: tl.constexpr, GQ: tl.constexpr, D: tl.constexpr):
+    """The ``GROUP`` query heads of KV head ``h`` of sequence ``b``: ``[GQ, D]`` float32, padding rows 0."""
+    rows = tl.arange(0, GQ)
+    d = tl.arange(0, D)
+    return tl.load(q_ptr + b * stride_qb + (h * GROUP + rows)[:, None] * stride_qh + d[None, :],
+                   mask=(rows < GROUP)[:, None], other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _store_split(o_ptr, lse_ptr, b, h, split, m_i, l_i, acc, stride_ob, stride_oh, stride_os, stride_lb, stride_lh,
+                 GROUP: tl.constexpr, GQ: tl.constexpr, D: tl.constexpr):
+    """The split's normalised output to ``o[b, head, split, :]`` (``stride_os`` 0: the final output
+    ``[B, Hq, D]``) and its log-sum-exp to ``lse[b, head, split]``, for the group's heads."""
+    rows = tl.arange(0, GQ)
+    d = tl.arange(0, D)
+    heads = h * GROUP + rows
+    out, lse = split_result(m_i, l_i, acc)
+    tl.store(o_ptr + b * stride_ob + heads[:, None] * stride_oh + split * stride_os + d[None, :],
+             out.to(o_ptr.dtype.element_ty), mask=(rows < GROUP)[:, None])
+    tl.store(lse_ptr + b * stride_lb + heads * stride_lh + split, lse, mask=rows < GROUP)
+
+
+@triton.jit
+def _fp8_kernel(q_ptr, k_ptr, v_ptr, ks_ptr, vs_ptr, tables_ptr, lens_ptr, o_ptr, lse_ptr, qk_scale, num_splits,
+                stride_qb, stride_qh, stride_cs, stride_ch, stride_tb, stride_ob, stride_oh, stride_os,
+                stride_lb, stride_lh,
+                GROUP: tl.constexpr, GQ: tl.constexpr, D: tl.constexpr, BS: tl.constexpr):
+    b = tl.program_id(0)
+    h = tl.program_id(1)
+    split = tl.program_id(2)
+    d = tl.arange(0, D)
+    t = tl.arange(0, BS)
+    q = _group_query(q_ptr, b, h, stride_qb, stride_qh, GROUP, GQ, D)
+    k_scale = tl.load(ks_ptr + h)
+    v_scale = tl.load(vs_ptr + h)
+    lo, hi = split_bounds(tl.load(lens_ptr + b), num_splits, split, BS)
+    m_i = tl.full([GQ], float("-inf"), tl.float32)
+    l_i = tl.zeros([GQ], tl.float32)
+    acc = tl.zeros([GQ, D], tl.float32)
+    for j in range(lo // BS, tl.cdiv(hi, BS)):  # empty when lo >= hi
+        block = tl.load(tables_ptr + b * stride_tb + j).to(tl.int64)  # slot x stride can pass 2^31
+        valid = j * BS + t < hi
+        off = (block * BS + t)[:, None] * stride_cs + h * stride_ch + d[None, :]
+        k = _fp8_to_f32(tl.load(k_ptr + off, mask=valid[:, None], other=0).to(tl.int32)) * k_scale
+        v = _fp8_to_f32(tl.load(v_ptr + off, mask=valid[:, None], other=0).to(tl.int32)) * v_scale
+        m_i, l_i, acc = _online_step(q, k, v, valid, m_i, l_i, acc, qk_scale)
+    _store_split(o_ptr, lse_ptr, b, h, split, m_i, l_i, acc, stride_ob, stride_oh, stride_os, stride_lb, stride_lh,
+                 GROUP, GQ, D)
+
+
+@triton.jit
 def _kivi_kernel(q_ptr, kq_ptr, vq_ptr, kscale_ptr, kzero_ptr, vscale_ptr, vzero_ptr, res_ptr,
-                 tables_ptr, lens_ptr, slots_ptr, o_ptr, qk_scale,
+                 tables_ptr, lens_ptr, slots_ptr, o_ptr, lse_ptr, qk_scale, num_splits,
                  stride_qb, stride_qh, stride_cb, stride_ct, stride_ch, stride_kb, stride_kh,
                  stride_vb, stride_vt, stride_vh, stride_r2, stride_rs, stride_rt, stride_rh,
-                 stride_tb, stride_ob, stride_oh,
+                 stride_tb, stride_ob, stride_oh, stride_os, stride_lb, stride_lh,
                  GROUP: tl.constexpr, GQ: tl.constexpr, D: tl.constexpr, BS: tl.constexpr,
                  BITS: tl.constexpr, VGROUP: tl.constexpr):
     b = tl.program_id(0)
     h = tl.program_id(1)
-    rows = tl.arange(0, GQ)
+    split = tl.program_id(2)
     d = tl.arange(0, D)
     t = tl.arange(0, BS)
-    qmask = rows < GROUP
-    q = tl.load(q_ptr + b * stride_qb + (h * GROUP + rows)[:, None] * stride_qh + d[None, :],
-                mask=qmask[:, None], other=0.0).to(tl.float32)
-    n = tl.load(lens_ptr + b)
+    q = _group_query(q_ptr, b, h, stride_qb, stride_qh, GROUP, GQ, D)
+    lo, hi = split_bounds(tl.load(lens_ptr + b), num_splits, split, BS)
     m_i = tl.full([GQ], float("-inf"), tl.float32)
     l_i = tl.zeros([GQ], tl.float32)
     acc = tl.zeros([GQ, D], tl.float32)
     all_rows = t < BS
-    for j in range(0, n // BS):  # full blocks: quantized
+    # hi <= len, so the blocks wholly below hi are full, i.e. quantized; empty when lo >= hi.
+    for j in range(lo // BS, hi // BS):
         block = tl.load(tables_ptr + b * stride_tb + j).to(tl.int64)
         base = block * stride_cb + t[:, None] * stride_ct + h * stride_ch
         ks = tl.load(kscale_ptr + block * stride_kb + h * stride_kh + d).to(tl.float32)
@@ -125,50 +150,66 @@ def _kivi_kernel(q_ptr, kq_ptr, vq_ptr, kscale_ptr, kzero_ptr, vscale_ptr, vzero
         vz = tl.load(vzero_ptr + voff).to(tl.float32)
         v = _load_codes(vq_ptr, base, d, all_rows[:, None], BITS).to(tl.float32) * vs + vz
         m_i, l_i, acc = _online_step(q, k, v, all_rows, m_i, l_i, acc, qk_scale)
-    tail = n % BS
-    if tail > 0:  # the residual: full precision
+    # Splits are block-aligned, so only the split ending at the sequence's end has hi % BS > 0, and
+    # then its last hi % BS tokens are the residual (full precision). lo < hi excludes empty splits.
+    tail = hi % BS
+    if (tail > 0) & (lo < hi):
         slot = tl.load(slots_ptr + b).to(tl.int64)
         valid = t < tail
         off = slot * stride_rs + t[:, None] * stride_rt + h * stride_rh + d[None, :]
         k = tl.load(res_ptr + off, mask=valid[:, None], other=0.0).to(tl.float32)
         v = tl.load(res_ptr + stride_r2 + off, mask=valid[:, None], other=0.0).to(tl.float32)
         m_i, l_i, acc = _online_step(q, k, v, valid, m_i, l_i, acc, qk_scale)
-    out = acc / l_i[:, None]
-    tl.store(o_ptr + b * stride_ob + (h * GROUP + rows)[:, None] * stride_oh + d[None, :],
-             out.to(o_ptr.dtype.element_ty), mask=qmask[:, None])
+    _store_split(o_ptr, lse_ptr, b, h, split, m_i, l_i, acc, stride_ob, stride_oh, stride_os, stride_lb, stride_lh,
+                 GROUP, GQ, D)
 
 
 def quant_decode_attention(q: torch.Tensor, cache: FP8Cache | KiviCache, layer: int, tables: torch.Tensor,
-                           lens: torch.Tensor, res_slots: torch.Tensor | None, scale: float) -> torch.Tensor:
+                           lens: torch.Tensor, res_slots: torch.Tensor | None, scale: float,
+                           num_splits: int | None = None) -> torch.Tensor:
     """Decode attention of ``q`` ``[B, Hq, D]`` over layer ``layer`` of ``cache``.
 
     Args:
         tables: ``[B, W]`` int32 block ids (columns past a sequence's blocks are never read).
         lens: ``[B]`` int32 tokens per sequence (the new one included, already written).
         res_slots: (KIVI) ``[B]`` int32 residual slot of each sequence.
+        num_splits: context splits per (sequence, KV head); None picks
+            :func:`~kvscope.attention.decode_splits.default_num_splits` for a ``W``-block table.
+            Any value is correct, including more splits than blocks.
     Returns:
         ``[B, Hq, D]`` in ``q``'s dtype.
     """
     B, Hq, D = q.shape
+    bs = cache.block_size
     H = (cache.data.shape[3] if isinstance(cache, FP8Cache) else cache.kq.shape[3])
+    if num_splits is None:
+        num_splits = default_num_splits(B, H, tables.shape[1] * bs, q.device)
     group = Hq // H
     gq = max(triton.next_power_of_2(group), 2)
     out = torch.empty_like(q)
-    qk = scale * _LOG2E
-    common = dict(GROUP=group, GQ=gq, D=D, BS=cache.block_size)
+    # One split writes the final output in place; more write float32 partials for merge_splits.
+    part = out if num_splits == 1 else torch.empty(B, Hq, num_splits, D, dtype=torch.float32, device=q.device)
+    part_lse = torch.empty(B, Hq, num_splits, dtype=torch.float32, device=q.device)
+    outs = (part, part_lse, scale * _LOG2E, num_splits)
+    out_strides = (part.stride(0), part.stride(1), 0 if num_splits == 1 else part.stride(2),
+                   part_lse.stride(0), part_lse.stride(1))
+    grid = (B, H, num_splits)
+    common = dict(GROUP=group, GQ=gq, D=D, BS=bs)
     if isinstance(cache, FP8Cache):
         k, v = cache.data[layer, 0], cache.data[layer, 1]
-        _fp8_kernel[(B, H)](q, k, v, cache.scale[layer, 0], cache.scale[layer, 1], tables, lens, out, qk,
-                            q.stride(0), q.stride(1), k.stride(0), k.stride(1), tables.stride(0),
-                            out.stride(0), out.stride(1), **common)
-        return out
-    kq, vq, ks, kz = cache.kq[layer], cache.vq[layer], cache.k_scale[layer], cache.k_zero[layer]
-    vs, vz, res = cache.v_scale[layer], cache.v_zero[layer], cache.residual[layer]
-    _kivi_kernel[(B, H)](q, kq, vq, ks, kz, vs, vz, res, tables, lens, res_slots, out, qk,
-                         q.stride(0), q.stride(1), kq.stride(0), kq.stride(1), kq.stride(2), ks.stride(0),
-                         ks.stride(1), vs.stride(0), vs.stride(1), vs.stride(2), res.stride(0), res.stride(1),
-                         res.stride(2), res.stride(3), tables.stride(0), out.stride(0), out.stride(1),
-                         BITS=cache.bits, VGROUP=cache.value_group, **common)
+        _fp8_kernel[grid](q, k, v, cache.scale[layer, 0], cache.scale[layer, 1], tables, lens, *outs,
+                          q.stride(0), q.stride(1), k.stride(0), k.stride(1), tables.stride(0), *out_strides,
+                          **common)
+    else:
+        kq, vq, ks, kz = cache.kq[layer], cache.vq[layer], cache.k_scale[layer], cache.k_zero[layer]
+        vs, vz, res = cache.v_scale[layer], cache.v_zero[layer], cache.residual[layer]
+        _kivi_kernel[grid](q, kq, vq, ks, kz, vs, vz, res, tables, lens, res_slots, *outs,
+                           q.stride(0), q.stride(1), kq.stride(0), kq.stride(1), kq.stride(2), ks.stride(0),
+                           ks.stride(1), vs.stride(0), vs.stride(1), vs.stride(2), res.stride(0), res.stride(1),
+                           res.stride(2), res.stride(3), tables.stride(0), *out_strides,
+                           BITS=cache.bits, VGROUP=cache.value_group, **common)
+    if num_splits > 1:
+        merge_splits(part, part_lse, out, torch.empty(B, Hq, dtype=torch.float32, device=q.device))
     return out
 
 

@@ -57,7 +57,7 @@ class BlockTableStep:
     """Bucket ``size`` of :class:`BlockTableGraphs` (a :class:`~kvscope.kv.backend.GraphStep`)."""
 
     def __init__(self, graphs: "BlockTableGraphs", size: int) -> None:
-        from kvscope.attention.triton_decode import default_num_splits
+        from kvscope.attention.decode_splits import default_num_splits
 
         g = self.graphs = graphs
         m = g.source.setup.model

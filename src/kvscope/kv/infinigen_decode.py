@@ -78,7 +78,8 @@ class _Layout:
         self.s, self.p, self.h = s, p, h
         self.triton = triton
         if triton:
-            from kvscope.attention.triton_decode import default_num_splits, paged_decode_attention
+            from kvscope.attention.decode_splits import default_num_splits
+            from kvscope.attention.triton_decode import paged_decode_attention
 
             self._decode = paged_decode_attention
             self.tables = torch.arange(s * p // _ROWS, dtype=torch.int32, device=device).view(s, p // _ROWS)
