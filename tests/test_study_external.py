@@ -112,6 +112,21 @@ def test_a_system_row_is_a_strategy_row_and_agrees_with_full_kv(tiny_model, tmp_
     assert len(read_results(results / "results.jsonl")) == 2
 
 
+def test_a_spec_of_systems_alone_runs_and_reports(tiny_model, tmp_path):
+    """`strategies: []` beside `systems`: only the server's points run; an empty list without
+    systems is still refused, naming the field."""
+    with pytest.raises(ConfigError, match=r"^strategies: must not be empty"):
+        parse_spec(_spec(tiny_model, [], strategies=[]), check_packages=False)
+    with openai_stub(generate=lambda prompt, n: "ok " * n) as stub:
+        raw = _spec(tiny_model, [{"name": "stub", "base_url": stub.base_url + "/v1"}], strategies=[])
+        results = tmp_path / "res"
+        rows = run_study(parse_spec(raw), results, progress=False)
+    assert [(r["config"]["strategy"], r["status"]) for r in rows] == [("system:stub", "ok")]
+    assert rows[0]["metrics"]["completed"] == 2
+    write_report(results)
+    assert "system:stub" in (results / "report.md").read_text()
+
+
 def _needle_oracle(prompt, n):
     """Answers a RULER needle question by reading the needle out of the prompt."""
     values = re.findall(r"special magic \w+ for [\w-]+ is: (\S+?)\.", prompt)

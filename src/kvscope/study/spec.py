@@ -293,8 +293,7 @@ def parse_spec(raw: Any, base_dir: str | Path = ".", check_packages: bool = True
     spec = StudySpec(
         name=name,
         models=models,
-        strategies=[parse_strategy(s, f"strategies[{i}]")
-                    for i, s in enumerate(as_list(raw, "strategies"))],
+        strategies=_strategies(raw),
         workloads=[_workload(w, f"workloads[{i}]", Path(base_dir)) for i, w in enumerate(as_list(raw, "workloads"))],
         rates=[parse_rate(r, f"rates[{i}]") for i, r in enumerate(as_list(raw, "rates", ["inf"]))],
         burstiness=burst,
@@ -312,6 +311,13 @@ def parse_spec(raw: Any, base_dir: str | Path = ".", check_packages: bool = True
     if check_packages:
         check_datasets(spec)
     return spec
+
+
+def _strategies(raw: dict[str, Any]) -> list[str]:
+    """The spec's strategies; ``[]`` is allowed beside ``systems``: a study of servers alone."""
+    if raw.get("strategies") == [] and raw.get("systems"):
+        return []
+    return [parse_strategy(s, f"strategies[{i}]") for i, s in enumerate(as_list(raw, "strategies"))]
 
 
 def load_spec(path: str | Path, check_packages: bool = True) -> StudySpec:
