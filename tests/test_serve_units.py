@@ -30,6 +30,17 @@ def _completion(text: bytes, finished: bool = False, text_end: int | None = None
                             _decode=TOKENIZER.decode, text_end=text_end)
 
 
+def test_decode_matches_the_transformers_tokenizer() -> None:
+    # Tokenizer.decode may skip transformers' wrapper; the text must be transformers' own, with ids
+    # beyond the tokenizer's vocabulary dropped and the special token kept or skipped as asked.
+    hf = TOKENIZER._tok
+    ids = [*"h\u00e9llo \u20ac".encode(), 256, 300, 0xE2, 511]
+    known = [i for i in ids if i < 257]
+    for skip in (True, False):
+        assert TOKENIZER.decode(ids, skip_special_tokens=skip) == hf.decode(known, skip_special_tokens=skip)
+    assert TOKENIZER.decode(ids[:-4]) == "h\u00e9llo \u20ac"
+
+
 def test_text_deltas_hold_back_an_incomplete_utf8_sequence() -> None:
     d = TextDeltas(TOKENIZER, SamplingParams())
     euro = "\u20ac".encode()  # three bytes, three tokens

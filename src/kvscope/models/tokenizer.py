@@ -28,6 +28,12 @@ class Tokenizer:
         own = [hf_tokenizer.eos_token_id] if hf_tokenizer.eos_token_id is not None else []
         self.eos_token_ids: tuple[int, ...] = tuple(dict.fromkeys([*own, *eos_token_ids]))
         self.vocab_size: int = max(self._known, vocab_size or 0)
+        # transformers' decode adds ~4 us of argument handling per call around the Rust decode, and
+        # streaming decodes twice per token per request; when it would not clean up spaces
+        # afterwards, the Rust decode alone gives the same text.
+        backend = getattr(hf_tokenizer, "backend_tokenizer", None)
+        self._raw_decode = (backend.decode if backend is not None
+                            and not getattr(hf_tokenizer, "clean_up_tokenization_spaces", True) else None)
 
     @classmethod
     def from_pretrained(
@@ -69,7 +75,9 @@ class Tokenizer:
 
     def decode(self, ids: Iterable[int], skip_special_tokens: bool = True) -> str:
         """Text of ``ids``; ids outside the tokenizer's vocabulary are dropped."""
-        known = [int(i) for i in ids if 0 <= int(i) < self._known]
+        known = [i for i in map(int, ids) if 0 <= i < self._known]
+        if self._raw_decode is not None:
+            return self._raw_decode(known, skip_special_tokens=skip_special_tokens)
         return self._tok.decode(known, skip_special_tokens=skip_special_tokens)
 
     @property

@@ -107,10 +107,13 @@ class ChoiceStream:
         self._text = TextDeltas(tokenizer, params)
         self._logprobs = logprobs
         self._num_tokens = 0
+        self.new_tokens = 0  # of the last update: a token may add no text (held back, or decodes to nothing)
         self.done = False
 
     def update(self, completion: CompletionOutput) -> tuple[str, list[TokenLogprob] | None]:
-        """The new text and (when asked for) the new tokens' logprobs since the last update."""
+        """The new text and (when asked for) the new tokens' logprobs since the last update; see
+        :attr:`new_tokens` for how many tokens the update brought."""
+        self.new_tokens = len(completion.token_ids) - self._num_tokens
         text = self._text.next(completion)
         entries = None
         if self._logprobs is not None:

@@ -3,6 +3,7 @@ client goes away), server-sent events, usage and finish reasons."""
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterable
@@ -95,6 +96,16 @@ class EventStreamResponse(StreamingResponse):
             await super().__call__(scope, receive, send)
         finally:
             self._on_close()
+
+
+def sse_dict(payload: dict[str, object]) -> str:
+    """One ``data:`` event of a plain JSON object: what a streamed chunk costs per token per request
+    matters at hundreds of streams, and this is several times cheaper than building and dumping
+    the pydantic models (same JSON: compact, UTF-8 unescaped, fields in the models' order)."""
+    return f"data: {_dumps(payload)}\n\n"
+
+
+_dumps = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), allow_nan=False).encode
 
 
 def sse(payload: BaseModel, include_usage: bool) -> str:

@@ -181,18 +181,25 @@ class ServerMetrics:
 
     # ---- StepObserver (engine thread) ---------------------------------------------------------
     def on_outputs(self, outputs: list[RequestOutput]) -> None:
+        # One counter update per step, not per request: each inc takes a lock, and a step of a
+        # large batch has hundreds of outputs.
+        prompt = generated = 0
         for out in outputs:
             n = sum(len(c.token_ids) for c in out.outputs)
             seen = self._tokens_seen.get(out.request_id)
             if seen is None:
-                self.prompt_tokens.inc(len(out.prompt_token_ids))
+                prompt += len(out.prompt_token_ids)
                 seen = 0
-            self.generation_tokens.inc(n - seen)
+            generated += n - seen
             if out.finished:
                 self._tokens_seen.pop(out.request_id, None)
                 self._observe_finished(out, n)
             else:
                 self._tokens_seen[out.request_id] = n
+        if prompt:
+            self.prompt_tokens.inc(prompt)
+        if generated:
+            self.generation_tokens.inc(generated)
 
     def on_removed(self, request_ids: list[str], reason: str) -> None:
         for rid in request_ids:

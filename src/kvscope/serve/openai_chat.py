@@ -83,7 +83,7 @@ class _Chunks:
                 continue
             text, entries = state.update(c)
             reason = finish_reason(c) if c.finished else None
-            if text or entries or reason:
+            if text or entries or reason or state.new_tokens:
                 lp = _logprobs(entries) if entries is not None else None
                 choice = ChatStreamChoice(index=c.index, delta=DeltaMessage(content=text or None), logprobs=lp,
                                           finish_reason=reason)

@@ -1,7 +1,8 @@
 """``POST /v1/completions``: a prompt (text or token ids, or a batch of them) -> ``n`` choices each.
 
 Choice ``index`` is ``prompt_index * n + sample_index``, as OpenAI numbers a batch. Streaming
-sends one chunk per choice update; ``logprobs: k`` gives each token's logprob and, for k > 0, a
+sends one chunk per choice update that brought a token (also a token that adds no text yet, as vLLM
+does: a client counts tokens by chunks); ``logprobs: k`` gives each token's logprob and, for k > 0, a
 ``top_logprobs`` dict of the k most likely tokens plus the chosen one (k = 0: ``top_logprobs`` is
 null).
 """
@@ -15,7 +16,8 @@ from starlette.responses import Response
 from kvscope.engine.outputs import RequestOutput
 from kvscope.models.tokenizer import Tokenizer
 from kvscope.serve.detokenize import ChoiceStream, Logprobs, TokenLogprob
-from kvscope.serve.generation import ServingContext, finish_reason, new_request_id, respond, sse, usage
+from kvscope.serve.generation import (ServingContext, finish_reason, new_request_id, respond, sse, sse_dict,
+                                     usage)
 from kvscope.serve.params import Plan, check_model, completion_plan
 from kvscope.serve.protocol import CompletionChoice, CompletionLogprobs, CompletionRequest, CompletionResponse
 
@@ -71,6 +73,15 @@ class _Chunks:
         return CompletionResponse(id=self._rid, created=self._created, model=self._model, choices=choices,
                                   **usage_field)
 
+    def _text_chunk(self, index: int, text: str, reason: str | None) -> dict[str, object]:
+        """A chunk of one choice without logprobs, as :meth:`_chunk` would make it."""
+        chunk: dict[str, object] = {
+            "id": self._rid, "object": "text_completion", "created": self._created, "model": self._model,
+            "choices": [{"index": index, "text": text, "logprobs": None, "finish_reason": reason}]}
+        if self._plan.include_usage:
+            chunk["usage"] = None
+        return chunk
+
     def update(self, updates: dict[int, RequestOutput]) -> list[str]:
         events = []
         self._latest.update(updates)
@@ -85,9 +96,13 @@ class _Chunks:
                 lp = None
                 if entries is not None:
                     lp, self._offsets[index] = _logprobs(entries, self._offsets[index], self._plan.top_logprobs)
-                if text or entries or reason:
+                if not (text or entries or reason or state.new_tokens):
+                    continue
+                if lp is not None:
                     choice = CompletionChoice(index=index, text=text, logprobs=lp, finish_reason=reason)
                     events.append(sse(self._chunk([choice]), self._plan.include_usage))
+                else:
+                    events.append(sse_dict(self._text_chunk(index, text, reason)))
         return events
 
     def tail(self) -> list[str]:
