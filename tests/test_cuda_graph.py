@@ -156,3 +156,29 @@ def test_adaptive_with_uncaptured_child_replays_full_only_steps_on_cuda():
     for a, b in zip(runs[False], runs[True]):
         x, y = torch.stack(a.outputs[0].logits), torch.stack(b.outputs[0].logits)
         assert torch.allclose(x, y, atol=1e-4, rtol=0), (x - y).abs().max()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("spec", ["quant:dtype=fp8", "quant:dtype=fp8,scale=head"])
+def test_quant_fp8_graphs_equal_eager_on_cuda(tmp_path, spec):
+    """fp8 decode steps replayed from CUDA graphs (scales fixed by the first prefill, new tokens
+    encoded and written inside the graph) give the eager steps' tokens and float32 logits; the
+    split counts differ (the graph's from max_model_len), hence the tolerance."""
+    path = tmp_path / "llama"
+    make_tiny_checkpoint("llama", path)
+    rng = random.Random(5)
+    prompts = [[rng.randrange(4, 256) for _ in range(n)] for n in (5, 17, 33, 1, 64, 9)]
+    params = [SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True, return_logits=True)
+              for n in (20, 7, 13, 20, 3, 11)]
+    runs = {}
+    for eager in (True, False):
+        llm = LLM(str(path), device="cuda", strategy=spec, attention_backend="triton", enforce_eager=eager,
+                  kv_memory_bytes=8 << 20, max_model_len=256, max_num_seqs=8)
+        runs[eager] = llm.generate(prompts, params, use_tqdm=False)
+        replays = llm.engine.stats()["cuda_graph_replays"]
+        assert (replays == 0) if eager else (replays >= 19), replays
+    assert [o.token_ids for o in runs[False]] == [o.token_ids for o in runs[True]]
+    for a, b in zip(runs[False], runs[True]):
+        x, y = torch.stack(a.outputs[0].logits), torch.stack(b.outputs[0].logits)
+        assert torch.allclose(x, y, atol=1e-4, rtol=0), (x - y).abs().max()

@@ -140,3 +140,94 @@ def test_block_table_static_steps_equal_eager_steps(block_table_results, spec):
     res = block_table_results[spec]
     assert res["static"] == res["eager"]
     assert res["replays"] >= 5  # every decode step after the prefill
+
+
+_QUANT_CHILD = r'''
+import json, sys
+import torch
+from hf_ref import make_tiny_checkpoint
+from kvscope import LLM, SamplingParams
+from kvscope.attention import decode_splits
+from kvscope.engine.cuda_graph import GraphRunner
+from kvscope.kv.block_table_graphs import BlockTableGraphs
+
+# Split these short contexts as long ones split on a GPU: eager steps then choose their split count
+# from the step's widest table, static steps from max_model_len, so the two paths differ.
+decode_splits._PROGRAMS_PER_SM, decode_splits._MIN_SPLIT_TOKENS = 64, 16
+path = sys.argv[1]
+make_tiny_checkpoint("llama", path)
+prompts = [[5 + i for i in range(n)] for n in (40, 23, 57)]
+params = [SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True, return_logits=True) for n in (4, 10, 7)]
+out = {}
+for spec in ("quant:dtype=fp8", "quant:dtype=fp8,scale=head"):
+    kw = dict(strategy=spec, kv_memory_bytes=4 << 20, max_model_len=128, attention_backend="triton")
+    eager_llm = LLM(path, **kw)
+    eager = eager_llm.generate(prompts, params, use_tqdm=False)
+    llm = LLM(path, **kw)
+    e = llm.engine
+    graphs = BlockTableGraphs(e.kv, [1, 2, 4], 128, e.config.torch_device)
+    buckets, load = [], graphs.load
+    def record(batch, size, load=load, buckets=buckets):
+        buckets.append([len(batch.requests), size])
+        load(batch, size)
+    graphs.load = record
+    e.runner.graphs = GraphRunner(e.model, graphs, e.config.torch_device, capture=False)
+    static = llm.generate(prompts, params, use_tqdm=False)
+    rel = max(((torch.stack(a.outputs[0].logits) - torch.stack(b.outputs[0].logits)).abs().max()
+               / torch.stack(b.outputs[0].logits).abs().max()).item() for a, b in zip(static, eager))
+    out[spec] = {"eager": [o.token_ids for o in eager], "static": [o.token_ids for o in static],
+                 "dtype": str(eager[0].outputs[0].logits[0].dtype), "rel": rel, "buckets": buckets,
+                 "replays": e.runner.graph_replays,
+                 "splits": {s: step.attention.num_splits for s, (step, _) in e.runner.graphs._steps.items()},
+                 "same_cache": torch.equal(eager_llm.engine.kv.cache.data, e.kv.cache.data)
+                 and torch.equal(eager_llm.engine.kv.cache.scale, e.kv.cache.scale)}
+print(json.dumps(out))
+'''
+
+
+@pytest.fixture(scope="module")
+def quant_results(tmp_path_factory) -> dict:
+    pytest.importorskip("triton")
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=os.pathsep.join(
+        [str(Path(__file__).parent), *filter(None, [os.environ.get("PYTHONPATH")])]))
+    path = tmp_path_factory.mktemp("ckpt") / "llama"
+    proc = subprocess.run([sys.executable, "-c", _QUANT_CHILD, str(path)], env=env, capture_output=True, text=True,
+                          timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("spec", ["quant:dtype=fp8", "quant:dtype=fp8,scale=head"])
+def test_quant_fp8_static_steps_equal_eager_steps(quant_results, spec):
+    """fp8 decode steps on the static buffers (new tokens encoded at the stored scales, written by
+    slot, padding skipped) give the eager steps' tokens, float32 logits and cache bytes, with three
+    rows in bucket 4, then two and one as requests of different lengths finish."""
+    res = quant_results[spec]
+    assert res["static"] == res["eager"] and [len(t) for t in res["eager"]] == [4, 10, 7]
+    assert res["dtype"] == "torch.float32" and res["rel"] < 1e-5, res["rel"]
+    assert res["same_cache"]  # same codes at the same slots, same calibrated scales
+    # One prefill step, then every decode step on a static step: 3 rows x 3, 2 x 3, 1 x 3.
+    assert res["buckets"] == [[3, 4]] * 3 + [[2, 2]] * 3 + [[1, 1]] * 3 and res["replays"] == 9
+    assert res["splits"]["4"] > 1  # the bucket's split count, fixed from max_model_len
+
+
+def test_quant_graph_steps_are_fp8_only():
+    """fp8 on the Triton backend has block-table graph steps; KIVI (data-dependent quantization when
+    a block fills) and the torch backend keep every step eager."""
+    import torch
+
+    from kvscope.kv import registry
+    from kvscope.kv.base import KVSetup
+    from kvscope.models.config import ModelConfig
+
+    model = ModelConfig(arch="llama", vocab_size=8, hidden_size=32, intermediate_size=8, num_layers=1,
+                        num_heads=2, num_kv_heads=2, head_dim=16, max_position_embeddings=256)
+    for spec, backend, captured in [("quant:dtype=fp8", "triton", True), ("quant:dtype=fp8", "torch", False),
+                                    ("quant:dtype=int8", "triton", False), ("quant:dtype=int4", "triton", False)]:
+        s = registry.create(spec)
+        s.bind(KVSetup(model, torch.device("cpu"), torch.float32, 1 << 20, 256, 4, 0, attention_backend=backend,
+                       cuda_graph_sizes=[1, 2, 4]))
+        assert (s.decode_graphs() is not None) == captured, (spec, backend)
+        assert s.facts().graph_decode == ("fp8" in spec)
+        if captured:  # no step is captured-ready before a prefill has calibrated every layer's scales
+            assert not s.graph_ready(None) and not any(s.cache.calibrated)

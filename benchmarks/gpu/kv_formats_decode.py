@@ -7,8 +7,9 @@ Grid: strategy specs (``--strategies``, ';'-separated; default ``paged``, ``quan
 1x4096, 1x16384, 1x32768, 8x16384). One set of weights is loaded once and shared by every engine.
 
 Method, as in ``decode_step.py``: one engine per spec with ``enforce_eager=False`` (CUDA graphs where
-the strategy allows them: ``quant`` and ``quest`` declare ``graph_decode = False`` and run eagerly;
-each row records the graph replays it counted), and the specs of ``--eager`` (default ``paged``) once
+the strategy allows them: ``quant``'s KIVI dtypes and ``quest`` declare ``graph_decode`` False and
+run eagerly; ``quant:dtype=fp8`` replays once its first, eager, step has calibrated the scales; each
+row records the graph replays it counted), and the specs of ``--eager`` (default ``paged``) once
 more with ``enforce_eager=True``, so that a speed-up can be read with or without graphs. Every
 storage tensor of the strategy is filled with random values (:func:`fill_storage`), requests are
 given their context directly (``decode_step.inject``) and ``decode_step.time_point`` times the

@@ -229,3 +229,36 @@ class TritonQuantDecode:
     def attend(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         self.cache.write(layer_idx, k, v, self.plan)
         return quant_decode_attention(q, self.cache, layer_idx, self.tables, self.lens, self.res, self.scale)
+
+
+class StaticFP8Decode:
+    """AttentionBackend of a captured ``quant:dtype=fp8`` decode step over one bucket's static
+    buffers (:class:`~kvscope.kv.block_table_graphs.BlockTableStep`): no host work per layer.
+
+    The new tokens are encoded at the layer's stored scales (:meth:`FP8Cache.codes`, never a
+    calibration: the first prefill calibrated every layer before any decode step, see
+    ``QuantStrategy.graph_ready``) and stored by ``paged``'s write kernel, which copies uint8 rows
+    as they are and skips padding rows (slot -1); then :func:`quant_decode_attention` reads the
+    static tables and lengths with the bucket's fixed split count.
+
+    Args:
+        cache: the strategy's fp8 storage.
+        slots: ``[b]`` int32 slot of each row's new token (-1: padding, not written).
+        tables: ``[b, W]`` int32 block tables (``W`` fixed per engine).
+        lens: ``[b]`` int32 tokens per row after this step (its new token included).
+        num_splits: context splits, fixed at capture.
+    """
+
+    def __init__(self, cache: FP8Cache, slots: torch.Tensor, tables: torch.Tensor, lens: torch.Tensor, scale: float,
+                 num_splits: int) -> None:
+        from kvscope.attention.triton_kv_write import write_kv
+
+        self._write = write_kv
+        self.cache, self.slots, self.tables, self.lens = cache, slots, tables, lens
+        self.scale, self.num_splits = scale, num_splits
+
+    def attend(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        data = self.cache.data[layer_idx]
+        self._write(*self.cache.codes(layer_idx, k, v), data[0], data[1], self.slots)
+        return quant_decode_attention(q, self.cache, layer_idx, self.tables, self.lens, None, self.scale,
+                                      self.num_splits)

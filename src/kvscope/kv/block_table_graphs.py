@@ -6,7 +6,9 @@ step refreshes with one host-to-device copy; the buckets share that buffer. A ba
 requests runs the smallest bucket ``b >= n``; its ``b - n`` padding rows have slot -1 (the KV write
 skips them) and one token of context, and their outputs are dropped. The decode kernel's split
 count is fixed per bucket from the longest possible context (``max_model_len``); the splits a
-shorter sequence does not reach exit at once (``attention/triton_decode.py``).
+shorter sequence does not reach exit at once (``attention/triton_decode.py``). The strategy builds
+each bucket's attention over these buffers (:meth:`~kvscope.kv.graphs.BlockTableDecode.static_attention`:
+:class:`StaticDecodeAttention` by default; ``quant``'s fp8 cache has its own).
 
 A strategy that scores tokens by attention (``h2o``) also gives
 :class:`~kvscope.kv.graphs.GraphStatistics`: the captured decode kernel then emits its column sums
@@ -64,8 +66,8 @@ class BlockTableStep:
         self.batch_size = size
         self.input_ids, self.positions = g.ids[:size], g.positions[:size]
         splits = default_num_splits(size, m.num_kv_heads, g.width * g.layout.block_size, g.device)
-        self.attention = StaticDecodeAttention(g.layout, g.slots[:size], g.tables[:size], g.lens[:size],
-                                               m.head_dim**-0.5, splits, g.stats)
+        self.attention = g.source.static_attention(g.layout, g.slots[:size], g.tables[:size], g.lens[:size],
+                                                   m.head_dim**-0.5, splits, g.stats)
 
     def load(self, batch: StepBatch) -> None:
         self.graphs.load(batch, self.batch_size)

@@ -9,14 +9,12 @@ builds its own (:mod:`kvscope.kv.infinigen_decode`).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Protocol
+from typing import Any, Protocol
 
 import torch
 
 from kvscope.kv.backend import GraphDecode, KVSetup, StepBatch
-
-if TYPE_CHECKING:
-    from kvscope.kv.slot_cache import SlotKVCache
+from kvscope.models.base import AttentionBackend
 
 
 def bucket_for(sizes: list[int], n: int) -> int | None:
@@ -27,9 +25,11 @@ def bucket_for(sizes: list[int], n: int) -> int | None:
 @dataclass(frozen=True)
 class BlockTableLayout:
     """Where a strategy's decode attention reads KV when every request's tokens fill whole blocks
-    of ``cache`` in order: what a captured block-table step needs."""
+    of ``cache`` in order: what a captured block-table step needs. ``cache`` is what the strategy's
+    :meth:`BlockTableDecode.static_attention` reads: a :class:`~kvscope.kv.slot_cache.SlotKVCache`
+    for the default one (``paged``'s kernels), the strategy's own storage when it overrides it."""
 
-    cache: "SlotKVCache"
+    cache: Any
     block_size: int
 
 
@@ -72,6 +72,18 @@ class BlockTableDecode:
     def graph_statistics(self) -> GraphStatistics | None:
         """For a policy that scores tokens by attention: the hooks a captured step calls."""
         return None
+
+    def static_attention(self, layout: BlockTableLayout, slots: torch.Tensor, tables: torch.Tensor,
+                         lens: torch.Tensor, scale: float, num_splits: int,
+                         stats: GraphStatistics | None) -> AttentionBackend:
+        """The attention of a captured step over one bucket's static buffers (``slots`` ``[b]``,
+        -1 for padding rows; ``tables`` ``[b, W]``; ``lens`` ``[b]``, all int32) with the bucket's
+        fixed split count and the graphs' ``stats`` (:meth:`graph_statistics`): by default
+        ``paged``'s write and decode kernels over a :class:`~kvscope.kv.slot_cache.SlotKVCache`.
+        A strategy storing its KV otherwise overrides it."""
+        from kvscope.kv.block_table_graphs import StaticDecodeAttention
+
+        return StaticDecodeAttention(layout, slots, tables, lens, scale, num_splits, stats)
 
     def decode_graphs(self) -> GraphDecode | None:
         setup = self.setup

@@ -24,17 +24,26 @@ they were stored). The reference path dequantizes and calls :mod:`kvscope.attent
 with ``attention_backend="triton"``, decode steps run
 :mod:`kvscope.attention.triton_quant_decode`, which dequantizes in registers.
 
-Not supported (declared): prefix caching, fork (``n > 1``), swap preemption, CUDA-graph decode.
+CUDA-graph decode (``dtype=fp8`` on the Triton backend): ``paged``'s block-table steps
+(:mod:`kvscope.kv.block_table_graphs`) with :class:`~kvscope.attention.triton_quant_decode.StaticFP8Decode`
+as their attention (:meth:`QuantStrategy.static_attention`): the new tokens are encoded at the
+stored scales, written by slot, and read by the fp8 decode kernel. KIVI (``int8``/``int4``) decode
+steps stay eager: which blocks a step fills, and so quantizes, depends on each row's length (the
+shapes of the quantization and of its scatter change per step), so a captured step would have to
+re-quantize every row's residual block every step and mask the stores.
+
+Not supported (declared): prefix caching, fork (``n > 1``), swap preemption, CUDA-graph decode of KIVI.
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import torch
 
 from kvscope.attention.torch_ref import attend_causal, attend_decode
 from kvscope.errors import ConfigError
-from kvscope.kv.base import BlockTableLayout, KVSetup, KVStrategy, StepBatch
+from kvscope.kv.base import BlockTableLayout, GraphStatistics, KVSetup, KVStrategy, StepBatch, StrategyFacts
 from kvscope.kv.block_pool import BlockPool
 from kvscope.kv.paged import PagedStrategy
 from kvscope.kv.quant_cache import FP8Cache, KiviCache, QuantPlan
@@ -93,7 +102,6 @@ class QuantStrategy(PagedStrategy):
     name = "quant"
     lossless = False
     drops_under_pressure = False  # nothing is dropped: quality does not depend on the pool
-    graph_decode = False
     supports_prefix_caching = False
     supports_swap = False
     supports_fork = False
@@ -144,6 +152,9 @@ class QuantStrategy(PagedStrategy):
         block = sum(t[:, 0].numel() * t.element_size() for t in (c.kq, c.vq, c.k_scale, c.k_zero, c.v_scale, c.v_zero))
         row = c.residual[:, :, 0, 0]
         return context // self.block_size * block + context % self.block_size * row.numel() * row.element_size()
+
+    def facts(self) -> StrategyFacts:
+        return dataclasses.replace(super().facts(), graph_decode=not self.kivi)  # see the module docstring
 
     @classmethod
     def args_for_share(cls, share: float) -> dict[str, Any] | None:
@@ -260,5 +271,21 @@ class QuantStrategy(PagedStrategy):
             return TritonQuantDecode(self.cache, plan, tables, done, res, self.scale)
         return QuantAttention(self.cache, plan, qs, self.scale)
 
+    # ---- captured decode (fp8; see the module docstring for KIVI) ---------------------------------------
     def block_table_layout(self) -> BlockTableLayout | None:
-        return None  # the graph kernels read 16-bit blocks
+        if self.kivi or self.setup.attention_backend != "triton":
+            return None
+        return BlockTableLayout(self.cache, self.block_size)
+
+    def graph_ready(self, batch: StepBatch) -> bool:
+        # A captured step never calibrates: every layer must have its scales from an eager write.
+        # In serving a prefill always comes first; a request given its context directly (the
+        # decode benchmarks) has its first decode step run eagerly, which calibrates.
+        return all(self.cache.calibrated)
+
+    def static_attention(self, layout: BlockTableLayout, slots: torch.Tensor, tables: torch.Tensor,
+                         lens: torch.Tensor, scale: float, num_splits: int,
+                         stats: GraphStatistics | None) -> AttentionBackend:
+        from kvscope.attention.triton_quant_decode import StaticFP8Decode
+
+        return StaticFP8Decode(layout.cache, slots, tables, lens, scale, num_splits)

@@ -101,9 +101,14 @@ class FP8Cache:
             self.scale[layer, 0] = fp8_scale(k, FP8_K_RANGE, self.per_head)
             self.scale[layer, 1] = fp8_scale(v, FP8_V_RANGE, self.per_head)
             self.calibrated[layer] = True
-        for i, x in enumerate((k, v)):
-            codes = fp8_quantize(x, self.scale[layer, i][:, None]).view(torch.uint8)
+        for i, codes in enumerate(self.codes(layer, k, v)):
             self.data[layer, i].index_copy_(0, plan.new_slots, codes)
+
+    def codes(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The uint8 codes ``[N, Hkv, D]`` of ``k`` and ``v`` at layer ``layer``'s current scales
+        (no calibration: read from the device tensor, so a captured graph uses the fixed scales)."""
+        scale = self.scale[layer, :, :, None]  # [2, Hkv, 1]
+        return fp8_quantize(k, scale[0]).view(torch.uint8), fp8_quantize(v, scale[1]).view(torch.uint8)
 
     def gather(self, layer: int, plan: QuantPlan) -> torch.Tensor:
         """Dequantized K/V ``[2, M, Hkv, D]`` of ``plan.gather_slots``, in the model's dtype."""
