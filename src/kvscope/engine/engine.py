@@ -271,27 +271,29 @@ class LLMEngine:
             sampled += family
         # Without forks the rows are 0..M-1 in order: no [M, V] gather needed.
         tokens = sample(logits if rows == list(range(logits.shape[0])) else logits[rows], sampled)
-        now = time.perf_counter()
+        now, limit = time.perf_counter(), self.token_limit  # the limit: once a step, not once a request
         for row, req, tok in zip(rows, sampled, tokens):
             if isinstance(tok, Exception):
                 self._fail(req, "sampling", tok)
                 continue
             try:
-                self._append(req, tok, logits[row], now)
+                self._append(req, tok, logits, row, now, limit)
             except Exception as exc:  # noqa: BLE001 - this request's failure only
                 self._fail(req, "processing its token", exc)
 
-    def _append(self, req: Request, tok: int, logits: torch.Tensor, now: float) -> None:
+    def _append(self, req: Request, tok: int, logits: torch.Tensor, row: int, now: float, limit: int) -> None:
+        """Append ``tok`` (sampled from ``logits[row]``, ``logits`` ``[M, vocab]``) to ``req``'s output."""
         forced = req.params.forced_token_ids
         if forced is not None:
             tok = forced[len(req.output_token_ids)]
         req.output_token_ids.append(tok)
         req.token_times.append(now)
+        # The row view only when asked for: building one per request costs more than the rest here.
         if req.params.return_logits:
-            req.logits.append(logits.detach().cpu())
+            req.logits.append(logits[row].detach().cpu())
         if req.params.logprobs:
-            req.logprobs.append(float(torch.log_softmax(logits, -1)[tok]))
-        reason = stop_reason(req, tok, self.tokenizer, self.token_limit)
+            req.logprobs.append(float(torch.log_softmax(logits[row], -1)[tok]))
+        reason = stop_reason(req, tok, self.tokenizer, limit)
         if reason is not None:
             self._finish(req, reason)
 

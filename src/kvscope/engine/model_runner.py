@@ -22,17 +22,20 @@ class ModelRunner:
         self.graph_replays = 0
 
     def build_batch(self, requests: list[Request], num_new_tokens: list[int]) -> StepBatch:
-        ids: list[int] = []
-        pos: list[int] = []
-        starts = [0]
-        for req, n in zip(requests, num_new_tokens):
-            s = req.num_computed_tokens
-            if n == 1:  # decode: all_token_ids would copy the whole sequence for one token
-                ids.append(req.token_at(s))
-            else:
-                ids.extend(req.all_token_ids[s : s + n])
-            pos.extend(range(s, s + n))
-            starts.append(starts[-1] + n)
+        if num_new_tokens.count(1) == len(num_new_tokens):  # pure decode (most steps): one token each
+            pos = [req.num_computed_tokens for req in requests]
+            ids = [req.token_at(s) for req, s in zip(requests, pos)]
+            starts = list(range(len(requests) + 1))
+        else:
+            ids, pos, starts = [], [], [0]
+            for req, n in zip(requests, num_new_tokens):
+                s = req.num_computed_tokens
+                if n == 1:  # all_token_ids would copy the whole sequence for one token
+                    ids.append(req.token_at(s))
+                else:
+                    ids.extend(req.all_token_ids[s : s + n])
+                pos.extend(range(s, s + n))
+                starts.append(starts[-1] + n)
         return StepBatch(
             requests=requests,
             num_new_tokens=num_new_tokens,
