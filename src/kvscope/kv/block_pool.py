@@ -36,6 +36,7 @@ class BlockPool:
         self.num_blocks = num_blocks
         self.enable_caching = enable_caching
         self.ref_cnt = [0] * num_blocks
+        self.num_shared = 0  # blocks with two or more references: while none, no two tables overlap
         self._free: OrderedDict[int, None] = OrderedDict((i, None) for i in range(num_blocks))
         self._hash_of: dict[int, BlockHash] = {}
         self._tokens_of: dict[int, tuple[int, ...]] = {}
@@ -71,6 +72,8 @@ class BlockPool:
         for b in blocks:
             if self.ref_cnt[b] == 0:
                 del self._free[b]
+            elif self.ref_cnt[b] == 1:
+                self.num_shared += 1
             self.ref_cnt[b] += 1
 
     def free(self, blocks: Sequence[int]) -> None:
@@ -78,6 +81,8 @@ class BlockPool:
         for b in blocks:
             if self.ref_cnt[b] <= 0:
                 raise RuntimeError(f"double free of block {b}")
+            if self.ref_cnt[b] == 2:
+                self.num_shared -= 1
             self.ref_cnt[b] -= 1
             if self.ref_cnt[b] == 0:
                 self._free[b] = None

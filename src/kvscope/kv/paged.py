@@ -16,6 +16,7 @@ import torch
 
 from kvscope.errors import ConfigError
 from kvscope.kv.base import BlockTableLayout, KVSetup, KVStrategy, StepBatch
+from kvscope.kv.manager import KVUsage
 from kvscope.kv.block_pool import BlockHash, BlockPool, hash_block, pool_stats
 from kvscope.kv.graphs import BlockTableDecode
 from kvscope.kv.registry import register
@@ -247,6 +248,17 @@ class PagedStrategy(BlockTableDecode, KVStrategy):
             "prefix_cache_hit_tokens": self.prefix_hit_tokens,
             "cow_copies": self.cow_copies,
         }
+
+    def usage(self) -> KVUsage:
+        """:meth:`stats`' KV bytes without its walk over every block (the engine reads this after
+        every step): while no block is shared, each held token lies in its own request's blocks, so
+        the held counts add up exactly; with shared blocks (prefix hits, forks), the walk."""
+        if self.pool.num_shared:
+            return super().usage()
+        bs, bpt = self.block_size, self.bytes_per_token
+        reqs = self._reqs
+        used = sum(min(reqs[rid].held, len(t) * bs) for rid, t in self.tables.items() if rid in reqs)
+        return KVUsage(used * bpt, self.pool.num_used * bs * bpt, self.host_bytes)
 
     # ---- model side ------------------------------------------------------------------------------
     def begin_step(self, batch: StepBatch) -> AttentionBackend:

@@ -45,6 +45,7 @@ from kvscope.attention.torch_ref import attend_causal, attend_decode
 from kvscope.errors import ConfigError
 from kvscope.kv.base import BlockTableLayout, GraphStatistics, KVSetup, KVStrategy, StepBatch, StrategyFacts
 from kvscope.kv.block_pool import BlockPool
+from kvscope.kv.manager import KVManager, KVUsage
 from kvscope.kv.paged import PagedStrategy
 from kvscope.kv.quant_cache import FP8Cache, KiviCache, QuantPlan
 from kvscope.kv.registry import register
@@ -224,6 +225,9 @@ class QuantStrategy(PagedStrategy):
 
     def fork(self, parent: Request, child: Request) -> None:
         KVStrategy.fork(self, parent, child)
+
+    def usage(self) -> KVUsage:
+        return KVManager.usage(self)  # from this class's own byte accounting, itself a cheap sum
 
     def stats(self) -> dict[str, Any]:
         bs = self.block_size
