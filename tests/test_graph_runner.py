@@ -123,16 +123,22 @@ print(json.dumps(out))
 '''
 
 
-@pytest.fixture(scope="module")
-def block_table_results(tmp_path_factory) -> dict:
+def _interpreted_child(script: str, tmp_path_factory) -> dict:
+    """The JSON that ``script`` prints last, run in a child process under the Triton interpreter
+    with a fresh tiny checkpoint folder as its argument."""
     pytest.importorskip("triton")
     env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=os.pathsep.join(
         [str(Path(__file__).parent), *filter(None, [os.environ.get("PYTHONPATH")])]))
     path = tmp_path_factory.mktemp("ckpt") / "llama"
-    proc = subprocess.run([sys.executable, "-c", _CHILD, str(path)], env=env, capture_output=True, text=True,
+    proc = subprocess.run([sys.executable, "-c", script, str(path)], env=env, capture_output=True, text=True,
                           timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+@pytest.fixture(scope="module")
+def block_table_results(tmp_path_factory) -> dict:
+    return _interpreted_child(_CHILD, tmp_path_factory)
 
 
 @pytest.mark.parametrize("spec", ["paged", "contiguous", "h2o:heavy_ratio=0.25,recent_ratio=0.25"])
@@ -187,14 +193,7 @@ print(json.dumps(out))
 
 @pytest.fixture(scope="module")
 def quant_results(tmp_path_factory) -> dict:
-    pytest.importorskip("triton")
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=os.pathsep.join(
-        [str(Path(__file__).parent), *filter(None, [os.environ.get("PYTHONPATH")])]))
-    path = tmp_path_factory.mktemp("ckpt") / "llama"
-    proc = subprocess.run([sys.executable, "-c", _QUANT_CHILD, str(path)], env=env, capture_output=True, text=True,
-                          timeout=900)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return _interpreted_child(_QUANT_CHILD, tmp_path_factory)
 
 
 @pytest.mark.parametrize("spec", ["quant:dtype=fp8", "quant:dtype=fp8,scale=head"])

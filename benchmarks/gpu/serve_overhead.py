@@ -149,9 +149,11 @@ def markdown(r: dict) -> str:
         return f"| {label} | {x['tok_s']:.0f} | {runs} |"
 
     loss = r["loss_vs_run_workload"]
-    failed = sum(run["failed"] for x in ("in_process_run_workload", "http") for run in r[x]["runs"])
+    runs = [run for x in ("in_process_run_workload", "http") for run in r[x]["runs"]]
+    failed = sum(run["failed"] for run in runs)
+    errors = sorted({e for run in runs for e in run["errors"]})[:5]
     warning = (f"**Not an overhead figure: {failed} requests failed in the timed runs** (throughput counts "
-               f"completed requests only; errors: {r['http']['runs'][0]['errors']}).\n\n" if failed else "")
+               f"completed requests only; errors: {errors}).\n\n" if failed else "")
     return "\n".join([
         "# kvscope serve: HTTP overhead against the in-process engine", "",
         warning + f"The server loses {loss:.1%} of in-process throughput ({r['http']['tok_s']:.0f} against "

@@ -28,6 +28,7 @@ import triton
 import triton.language as tl
 
 from kvscope.attention.decode_splits import default_num_splits, merge_splits, split_bounds, split_result
+from kvscope.attention.triton_kv_write import write_kv
 from kvscope.kv.quant_cache import FP8Cache, KiviCache, QuantPlan
 
 _LOG2E = 1.4426950408889634
@@ -251,14 +252,11 @@ class StaticFP8Decode:
 
     def __init__(self, cache: FP8Cache, slots: torch.Tensor, tables: torch.Tensor, lens: torch.Tensor, scale: float,
                  num_splits: int) -> None:
-        from kvscope.attention.triton_kv_write import write_kv
-
-        self._write = write_kv
         self.cache, self.slots, self.tables, self.lens = cache, slots, tables, lens
         self.scale, self.num_splits = scale, num_splits
 
     def attend(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         data = self.cache.data[layer_idx]
-        self._write(*self.cache.codes(layer_idx, k, v), data[0], data[1], self.slots)
+        write_kv(*self.cache.codes(layer_idx, k, v), data[0], data[1], self.slots)
         return quant_decode_attention(q, self.cache, layer_idx, self.tables, self.lens, None, self.scale,
                                       self.num_splits)

@@ -16,9 +16,9 @@ import torch
 
 from kvscope.errors import ConfigError
 from kvscope.kv.base import BlockTableLayout, KVSetup, KVStrategy, StepBatch
-from kvscope.kv.manager import KVUsage
 from kvscope.kv.block_pool import BlockHash, BlockPool, hash_block, pool_stats
 from kvscope.kv.graphs import BlockTableDecode
+from kvscope.kv.manager import KVUsage
 from kvscope.kv.registry import register
 from kvscope.kv.slot_cache import SlotKVCache, block_table_attention, table_slots
 from kvscope.models.base import AttentionBackend

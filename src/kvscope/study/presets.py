@@ -195,11 +195,11 @@ H200: dict[str, Any] = {
     "seeds": [0],
     "device": "cuda",
     "dtype": "bfloat16",
-    # RULER at 4k: prompts of about 3,968 tokens and 32 answer tokens. OPT's 2,048 positions cap it.
+    # The long prompts (3,072 + 128 tokens) and, in h200-quality, RULER at 4k (about 3,968 + 32).
     "max_model_len": 4096,
     "engine": {"max_num_seqs": 256, "max_num_batched_tokens": 8192},
     "slos": {"ttft_ms": 1000, "tpot_ms": 100},
-    # Random weights score no quality: the speed grids measure none; the quality grid sets its own.
+    # Random weights score no quality; h200-quality's grids set their own.
     "quality": {"perplexity": False, "ruler": False},
     "grids": _h200_grids(),
 }
