@@ -13,6 +13,10 @@ Prompts are the same random token ids as kvscope's runs (``end_to_end.prompts``,
 seed 0 warms up, as for kvscope). Every request generates exactly its output length (EOS ignored,
 greedy). Throughput = output tokens / wall time of ``LLM.generate``; median of the repeats.
 Output (``--out FILE``, JSON): ``{"version", "engine_s", "config", "results": {name: {...}}}``.
+
+A job with ``decode_points`` (``[[batch, context], ...]``) instead of ``workloads`` times vLLM's decode
+step at each point as ``generate_decode.py`` defines it (differenced generate calls); its
+``results`` are ``{"BxT": {"step_ms", ...}}``.
 """
 from __future__ import annotations
 
@@ -47,6 +51,19 @@ def write_config(preset: str, folder: Path) -> None:
     cfg.save_pretrained(folder)
 
 
+def run_job(job: dict) -> dict:
+    """``job`` run by this file in a subprocess; its JSON output, with ``error`` if it failed."""
+    tmp = Path(tempfile.mkdtemp(prefix="e2e-vllm-"))
+    (tmp / "job.json").write_text(json.dumps(job))
+    proc = subprocess.run([sys.executable, __file__, "--job", str(tmp / "job.json"),
+                           "--out", str(tmp / "out.json")], capture_output=True, text=True)
+    print(proc.stdout[-3000:], proc.stderr[-3000:] if proc.returncode else "", flush=True)
+    out = json.loads((tmp / "out.json").read_text()) if (tmp / "out.json").is_file() else {}
+    if proc.returncode:
+        out["error"] = f"vllm_peer.py exited {proc.returncode}: {proc.stderr[-400:]}"
+    return out
+
+
 def run_vllm(preset: str, live: dict[str, list[tuple[int, int]]], repeats: int, max_seqs: int, batched: int, max_model_len: int,
              pool: int | None) -> dict:
     """vLLM on the same workloads in its own process (``vllm_peer.py``); ``{}`` fields say why if it failed."""
@@ -57,17 +74,31 @@ def run_vllm(preset: str, live: dict[str, list[tuple[int, int]]], repeats: int, 
         from kvscope.models.dummy import preset_config
 
         kv_tokens = pool // preset_config(preset).kv_bytes_per_token(torch.bfloat16)
-    tmp = Path(tempfile.mkdtemp(prefix="e2e-vllm-"))
     job = {"preset": preset, "workloads": live, "repeats": repeats, "max_num_seqs": max_seqs,
            "max_num_batched_tokens": batched, "max_model_len": max_model_len, "kv_tokens": kv_tokens}
-    (tmp / "job.json").write_text(json.dumps(job))
-    proc = subprocess.run([sys.executable, __file__, "--job", str(tmp / "job.json"),
-                           "--out", str(tmp / "out.json")], capture_output=True, text=True)
-    print(proc.stdout[-3000:], proc.stderr[-3000:] if proc.returncode else "", flush=True)
-    out = json.loads((tmp / "out.json").read_text()) if (tmp / "out.json").is_file() else {}
-    if proc.returncode:
-        out["error"] = f"vllm_peer.py exited {proc.returncode}: {proc.stderr[-400:]}"
-    return out | {"kv_tokens": kv_tokens}
+    return run_job(job) | {"kv_tokens": kv_tokens}
+
+
+def run_decode_job(job: dict, preset: str) -> dict:
+    """vLLM's decode step at each of ``job["decode_points"]`` (see ``generate_decode.py``)."""
+    from vllm import LLM
+
+    from generate_decode import differenced_step_ms, vllm_run
+
+    folder = Path(tempfile.mkdtemp(prefix="vllm-peer-"))
+    write_config(preset, folder)
+    t0 = time.perf_counter()
+    llm = LLM(model=str(folder), load_format="dummy", skip_tokenizer_init=True, dtype="bfloat16", seed=0,
+              max_num_seqs=job["max_num_seqs"], max_num_batched_tokens=job["max_num_batched_tokens"],
+              max_model_len=job["max_model_len"], enable_prefix_caching=False,
+              gpu_memory_utilization=job.get("gpu_memory_utilization", 0.8))
+    engine_s = time.perf_counter() - t0
+    vocab = json.loads((folder / "config.json").read_text())["vocab_size"]
+    results = {}
+    for b, t in job["decode_points"]:
+        results[f"{b}x{t}"] = differenced_step_ms(vllm_run(llm, b, t, vocab))
+        print(f"vllm decode {b}x{t}: {results[f'{b}x{t}']['step_ms']:.2f} ms/step", flush=True)
+    return {"engine_s": engine_s, "results": results}
 
 
 def main() -> None:
@@ -77,6 +108,11 @@ def main() -> None:
     a = ap.parse_args()
     job = json.loads(a.job.read_text())
     import vllm
+    if job.get("decode_points"):
+        out = run_decode_job(job, job["preset"])
+        a.out.write_text(json.dumps({"version": vllm.__version__, "config": {
+            k: job[k] for k in ("max_num_seqs", "max_num_batched_tokens", "max_model_len")}} | out))
+        return
     from vllm import LLM, SamplingParams
 
     from end_to_end import prompts
