@@ -137,7 +137,7 @@ def _interpreted_child(script: str, tmp_path_factory) -> dict:
 
 
 @pytest.fixture(scope="module")
-def block_table_results(tmp_path_factory) -> dict:
+def block_table_results(tmp_path_factory, triton_interpreter) -> dict:
     return _interpreted_child(_CHILD, tmp_path_factory)
 
 
@@ -192,7 +192,7 @@ print(json.dumps(out))
 
 
 @pytest.fixture(scope="module")
-def quant_results(tmp_path_factory) -> dict:
+def quant_results(tmp_path_factory, triton_interpreter) -> dict:
     return _interpreted_child(_QUANT_CHILD, tmp_path_factory)
 
 

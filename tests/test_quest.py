@@ -238,8 +238,7 @@ def _child_main() -> None:
     print(json.dumps(_attention_errors(triton=True)))
 
 
-def test_triton_path_interpreted_equals_masked_full_attention():
-    pytest.importorskip("triton")
+def test_triton_path_interpreted_equals_masked_full_attention(triton_interpreter):
     here = Path(__file__)
     code = f"import sys; sys.path.insert(0, {str(here.parent)!r}); import {here.stem} as t; t._child_main()"
     proc = subprocess.run([sys.executable, "-c", code], env=dict(os.environ, TRITON_INTERPRET="1"),

@@ -108,7 +108,7 @@ print(json.dumps({s: compare(s, "triton") for s in ("paged", "h2o:heavy_ratio=0.
 
 
 @pytest.fixture(scope="module")
-def block_table_results() -> dict:
+def block_table_results(triton_interpreter) -> dict:
     pytest.importorskip("triton")
     env = dict(os.environ, TRITON_INTERPRET="1")
     proc = subprocess.run([sys.executable, "-c", _CHILD, str(Path(__file__).parent)], env=env, capture_output=True,
@@ -137,7 +137,8 @@ def test_a_worker_whose_plan_differs_from_rank_0s_raises():
     assert ran == [4] and runner.graph_replays == 1
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+# Two GPUs: a tensor_parallel_size=2 config on fewer is refused earlier, for that reason.
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.device_count() < 2, reason="needs 2 GPUs")
 def test_static_steps_refused_on_cuda():
     from kvscope.errors import ConfigError
 

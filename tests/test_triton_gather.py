@@ -37,7 +37,7 @@ print("ok")
 """
 
 
-def test_gather_and_scatter_in_interpreter():
+def test_gather_and_scatter_in_interpreter(triton_interpreter):
     env = {**os.environ, "TRITON_INTERPRET": "1"}
     res = subprocess.run([sys.executable, "-c", CHILD], env=env, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0 and res.stdout.strip() == "ok", res.stderr[-3000:]

@@ -67,7 +67,7 @@ def _child_main() -> None:
 
 
 @pytest.fixture(scope="module")
-def interpreted() -> dict:
+def interpreted(triton_interpreter) -> dict:
     env = dict(os.environ, TRITON_INTERPRET="1")
     here = Path(__file__)
     code = f"import sys; sys.path.insert(0, {str(here.parent)!r}); import {here.stem} as t; t._child_main()"

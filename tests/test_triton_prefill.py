@@ -240,7 +240,7 @@ def _child_main(checkpoint: str) -> None:
 
 
 @pytest.fixture(scope="module")
-def interpreted_results(tmp_path_factory) -> dict:
+def interpreted_results(tmp_path_factory, triton_interpreter) -> dict:
     from hf_ref import make_tiny_checkpoint
 
     checkpoint = tmp_path_factory.mktemp("llama")

@@ -127,7 +127,7 @@ def _child_main() -> None:
 
 
 @pytest.fixture(scope="module")
-def interpreted_results() -> dict:
+def interpreted_results(triton_interpreter) -> dict:
     env = dict(os.environ, TRITON_INTERPRET="1")
     here = Path(__file__)
     code = f"import sys; sys.path.insert(0, {str(here.parent)!r}); import {here.stem} as t; t._child_main()"

@@ -163,8 +163,7 @@ def test_tensor_parallel_ranks_select_their_share(case):
     check_split(case[:9] + (not case[9],) + case[10:], use_triton=False)
 
 
-def test_kernels_in_interpreter():
-    pytest.importorskip("triton")
+def test_kernels_in_interpreter(triton_interpreter):
     env = {**os.environ, "TRITON_INTERPRET": "1"}
     code = "import torch\nfrom kvscope.attention.triton_speculate import speculate_rows\n" + CHILD
     res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
