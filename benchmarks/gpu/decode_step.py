@@ -354,7 +354,7 @@ def main() -> None:
     if side_points:
         kw = base | generate_decode.engine_limits(side_points) | {
             "kv_memory_bytes": generate_decode.kv_pool_bytes(side_points, kv_bpt), "enforce_eager": device.type != "cuda"}
-        engine = LLMEngine(loaded, create("paged"), engine_config(args.tiny, **kw))
+        engine = LLMEngine(loaded, create("paged:enable_prefix_caching=False"), engine_config(args.tiny, **kw))
         side = generate_decode.side_by_side(engine, side_points, vllm, lambda b, ctx: (
             weight_bytes_per_step(loaded.model, b) + b * ctx * kv_bpt) / bw * 1e3)
         del engine

@@ -14,7 +14,7 @@ requests submitted at once): ``single`` 1 x (128-token prompt, 256 out); ``batch
 with the SmolLM2 tokenizer packaged with kvscope; Llama 3's gives somewhat fewer tokens). Without the
 file the script tries to compute it, and skips W2 if it cannot.
 
-Systems: **kvscope** (``LLM.generate``, ``enforce_eager=False``, max_num_seqs 256,
+Systems: **kvscope** (``LLM.generate``, ``paged`` with prefix caching off, ``enforce_eager=False``, max_num_seqs 256,
 max_num_batched_tokens 8192) on every workload; **HF generate**, dynamic cache and
 ``cache_implementation="static"`` (compiled by transformers on CUDA), on the fixed-shape workloads;
 **HF continuous batching** on batch64, W1, W2 through ``continuous_batching_context_manager`` (the
@@ -380,7 +380,8 @@ def main() -> None:
         {"kv_memory_bytes": 64 << 20} if args.tiny else {"kv_memory_fraction": 0.8})
     kw = checked_fields(args.tiny, max_num_seqs=max_seqs, max_num_batched_tokens=batched,
                         max_model_len=max_model_len, enforce_eager=False, **memory)
-    strategies = ["paged", *filter(None, args.kvscope_strategies.split(";"))]
+    # Prefix caching off, as vLLM runs here: random prompts never hit, so it would only add hashing.
+    strategies = ["paged:enable_prefix_caching=False", *filter(None, args.kvscope_strategies.split(";"))]
     systems = [*SYSTEMS[:1], *(f"kvscope:{s}" for s in strategies[1:]), *SYSTEMS[1:]]
 
     old = args.out / "end_to_end.json"

@@ -8,7 +8,8 @@ tokens are generated, all submitted at once, greedy with EOS ignored, once with 
 difference of their wall times over ``N2 - N1`` is one decode step at batch B and context
 T + N1 .. T + N2, with everything the engine does per step (scheduling, sampling, output
 bookkeeping) and no prefill. Medians of ``repeats`` calls of each length, after one warm-up call
-(which also captures or compiles the shapes), each call on fresh prompts.
+(which also captures or compiles the shapes), each call on prompts no other call used, and prefix
+caching off in both engines.
 
 This module imports neither engine: ``decode_step.py`` drives kvscope through :func:`kvscope_run`,
 ``vllm_peer.py`` drives vLLM in its own process.
@@ -41,8 +42,10 @@ def differenced_step_ms(run: Callable[[int, int], float], n1: int = N1, n2: int 
                         repeats: int = REPEATS) -> dict:
     """One decode step in ms from ``run(max_tokens, seed) -> wall seconds`` (see the module docstring)."""
     run(n1, 0)
+    # Every call on prompts of its own: a prompt seen before would hit kvscope's prefix cache and
+    # skip its prefill in one call of the pair only.
     short = [run(n1, seed) for seed in range(1, repeats + 1)]
-    long = [run(n2, seed) for seed in range(1, repeats + 1)]
+    long = [run(n2, seed) for seed in range(repeats + 1, 2 * repeats + 1)]
     step_ms = (statistics.median(long) - statistics.median(short)) / (n2 - n1) * 1e3
     return {"step_ms": step_ms, "n1": n1, "n2": n2, "n1_runs_s": short, "n2_runs_s": long}
 
