@@ -46,7 +46,7 @@ sys.path.insert(0, str(Path(__file__).parents[1]))
 from ceilings import RESULTS, env_line  # noqa: E402
 from decode_step import (  # noqa: E402
     CHECK_MODEL, CHECK_PROMPTS, CHECK_TOKENS, HEADROOM, MODEL, REPEATS, TINY_CHECK_PROMPTS, TINY_MODEL, WARMUP,
-    bench_environment, compare_runs, copy_ceiling, engine_config, graph_replays, sync, time_point,
+    bench_environment, compare_runs, copy_ceiling, engine_config, sync, time_point,
     weight_bytes_per_step,
 )
 
