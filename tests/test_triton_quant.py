@@ -16,7 +16,10 @@ from pathlib import Path
 import pytest
 import torch
 
-pytest.importorskip("triton")
+triton = pytest.importorskip("triton")
+import triton.language as tl  # noqa: E402
+
+from kvscope.attention.triton_quant_decode import _fp8_to_f16  # noqa: E402
 
 # (spec, Hq, Hkv, D, context lengths before the decode step)
 CASES = [
@@ -33,10 +36,10 @@ CASES = [
     # sequence inside one block.
     ("quant:dtype=fp8", 4, 2, 16, [150, 3]),
 ]
-# KIVI's splits cut block-aligned ranges (fp8's cut whole tiles), so e.g. int4 at 101 tokens (3 quantized blocks + 5 residual
-# tokens) gives at 2 splits [0, 64) and [64, 101) (a quantized block and the residual in one
-# split), at 4 splits three one-block splits, the residual alone, and empty splits for the short
-# sequences. None: the automatic choice (see _child_main).
+# KIVI's splits cut block-aligned ranges (fp8's whole tiles), so e.g. int4 at 101 tokens (3
+# quantized blocks + 5 residual tokens) gives at 2 splits [0, 64) and [64, 101) (a quantized
+# block and the residual in one split), at 4 splits three one-block splits, the residual alone,
+# and empty splits for the short sequences. None: the automatic choice (see _child_main).
 SPLITS = [1, 2, 4, None]
 
 # The fp8 kernel on a pool of random codes (subnormals included) under shuffled block tables, so
@@ -152,6 +155,25 @@ def run_shuffled(hq: int, hkv: int, d: int, lens: list[int], block_n: int | None
     return outs, ref, jumps
 
 
+@triton.jit
+def _decode_kernel(codes_ptr, out_ptr):
+    """``out[i] = _fp8_to_f16(codes[i])`` for 256 codes (jitted helpers resolve module globals)."""
+    i = tl.arange(0, 256)
+    tl.store(out_ptr + i, _fp8_to_f16(tl.load(codes_ptr + i).to(tl.int32)))
+
+
+def decode_every_code() -> dict:
+    """The fp8 kernel's code decoding over all 256 bytes against torch's float8_e4m3fn (bit for
+    bit, NaN codes left out; -0.0 must stay negative)."""
+    codes = torch.arange(256, dtype=torch.uint8)
+    out = torch.empty(256, dtype=torch.float16)
+    _decode_kernel[(1,)](codes, out)
+    ref = codes.view(torch.float8_e4m3fn).half()
+    keep = ~ref.isnan()
+    return {"equal_bits": bool(torch.equal(out[keep].view(torch.int16), ref[keep].view(torch.int16))),
+            "codes": int(keep.sum()), "subnormals": int((keep & (ref != 0) & (ref.abs() < 2**-6)).sum())}
+
+
 def _judge(outs: dict, ref: torch.Tensor, chosen: list[int]) -> dict:
     """Per split count: relative error against ``ref`` and the facts the tests check."""
     return {n: {"rel_err": ((out.double() - ref).norm() / ref.norm()).item(), "nan": bool(out.isnan().any()),
@@ -191,6 +213,7 @@ def _child_main() -> None:
             continue
         for n, r in _judge(outs, ref, chosen).items():
             results[f"s{i}:{n}"] = dict(r, jumps=jumps)
+    results["decode"] = decode_every_code()
     print(json.dumps(results))
 
 
@@ -238,6 +261,11 @@ def test_interpreted_fp8_shuffled_tables(interpreted_results, index, splits):
         assert r["jumps"] > 0  # tiles really gather blocks from around the pool
     if splits == 4:
         assert not r["same_as_1"] and r["auto"] > 1  # really split (a merge ran), as test_split_choice
+
+
+def test_interpreted_fp8_decoding_is_exact(interpreted_results):
+    r = interpreted_results["decode"]
+    assert r == {"equal_bits": True, "codes": 254, "subnormals": 14}
 
 
 @pytest.mark.gpu

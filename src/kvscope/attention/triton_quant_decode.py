@@ -11,11 +11,12 @@ sequences, ``B * Hkv`` programs alone leave most of the device idle.
   :mod:`kvscope.attention.triton_decode`'s: tiles of ``block_n`` tokens (128 for 16-bit queries, 64
   for float32) spanning several blocks, each token looking up its own block; scores and the
   weighted sum through ``tl.dot`` with the group padded to 16 rows. The codes are decoded with
-  integer operations (exact, and the same in Triton's interpreter and on any GPU) to values that
-  are exact in the query's dtype (e4m3: 3 mantissa bits, magnitudes 2^-9 .. 448), so they feed ``tl.dot``
-  unscaled: the head's K scale multiplies the scores and its V scale the output, both scalars of
-  the program. This structure is unmeasured on a GPU (benchmarks/results/kv_formats_decode.md
-  measured the previous one-block-per-iteration broadcast kernel).
+  integer operations into float16 (exact, and the same in Triton's interpreter and on any GPU;
+  no float8 type, which Triton lacks before sm_89) to values exact in any query dtype (e4m3: 3
+  mantissa bits, magnitudes 2^-9 .. 448), so they feed ``tl.dot`` unscaled: the head's K scale
+  multiplies the scores and its V scale the output, both scalars of the program. This structure
+  is unmeasured on a GPU (benchmarks/results/kv_formats_decode.md measured the previous
+  one-block-per-iteration broadcast kernel).
 * KIVI (:class:`~kvscope.kv.quant_cache.KiviCache`): a sequence's first ``len // G`` blocks are
   quantized (codes ``[num_blocks, G, Hkv, D * bits / 8]``, int4 two a byte, low nibble first; key
   scale/zero per channel ``[num_blocks, Hkv, D]``, value scale/zero per token and channel group
@@ -42,16 +43,13 @@ _LOG2E = 1.4426950408889634
 
 
 @triton.jit
-def _fp8_to_f32(code):
-    """float8_e4m3fn bits (int32 in 0..255) -> float32: normal numbers rebuilt as float32 bits,
-    subnormals as ``mantissa * 2^-9``."""
-    sign = (code >> 7) & 1
-    exp = (code >> 3) & 15
-    man = code & 7
-    normal = ((sign << 31) | ((exp + 120) << 23) | (man << 20)).to(tl.float32, bitcast=True)
-    sub = man.to(tl.float32) * 0.001953125
-    sub = tl.where(sign == 1, -sub, sub)
-    return tl.where(exp == 0, sub, normal)
+def _fp8_to_f16(code):
+    """float8_e4m3fn bits (int32 in 0..255) -> float16, exactly. The sign, exponent and mantissa
+    bits moved to float16's places read as the value times 2^-8: float16's exponent bias is 8 more
+    than e4m3's, and e4m3's subnormals land on float16's subnormals, scaled alike. Fewer integer
+    operations than building float32 bits, and no branch for subnormals."""
+    bits = ((code & 0x80) << 8) | ((code & 0x7F) << 7)
+    return bits.to(tl.int16).to(tl.float16, bitcast=True) * 256.0
 
 
 @triton.jit
@@ -128,8 +126,8 @@ def _fp8_kernel(q_ptr, k_ptr, v_ptr, ks_ptr, vs_ptr, tables_ptr, lens_ptr, o_ptr
         # A tile spans several blocks: each token looks up its own. int64: slot x stride can pass 2^31.
         block = tl.load(tables_ptr + b * stride_tb + t // PAGE, mask=valid, other=0).to(tl.int64)
         off = (block * PAGE + t % PAGE)[:, None] * stride_cs + h * stride_ch + d[None, :]
-        k = _fp8_to_f32(tl.load(k_ptr + off, mask=valid[:, None], other=0).to(tl.int32)).to(q.dtype)
-        v = _fp8_to_f32(tl.load(v_ptr + off, mask=valid[:, None], other=0).to(tl.int32)).to(q.dtype)
+        k = _fp8_to_f16(tl.load(k_ptr + off, mask=valid[:, None], other=0).to(tl.int32)).to(q.dtype)
+        v = _fp8_to_f16(tl.load(v_ptr + off, mask=valid[:, None], other=0).to(tl.int32)).to(q.dtype)
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)  # [G_PAD, BLOCK_N]
         s = tl.where(valid[None, :], s * s_scale, float("-inf"))
         # The first tile holds a valid token (lo < hi), so m_new is finite from then on.
