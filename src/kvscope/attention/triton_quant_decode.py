@@ -1,22 +1,30 @@
 """Triton decode attention over ``quant``'s quantized blocks, dequantizing in registers.
 
 One program serves one (sequence, KV head, split) and the ``Hq // Hkv`` query heads that share the
-KV head (so each quantized tile is read once per group), walking the split's blocks of the
-sequence's block table with an online softmax in float32. Scores and the weighted sum are broadcast
-multiply-and-sums on the CUDA cores: decode is bound by memory, and the reduced-precision tiles are
-what it saves. The split over the context is the paged kernel's flash-decoding
-(:mod:`kvscope.attention.decode_splits`: same split choice, block-aligned ranges, same merge): with
-few sequences, ``B * Hkv`` programs alone leave most of the device idle.
+KV head (so each quantized tile is read once per group), with an online softmax in float32. The
+split over the context is the paged kernel's flash-decoding (:mod:`kvscope.attention.decode_splits`:
+same split choice and merge; a split is whole tiles for fp8, whole blocks for KIVI): with few
+sequences, ``B * Hkv`` programs alone leave most of the device idle.
 
 * fp8 (:class:`~kvscope.kv.quant_cache.FP8Cache`): codes ``[num_slots, Hkv, D]`` uint8 holding
-  float8_e4m3fn bits, decoded with integer operations (exact, and the same in Triton's interpreter
-  and on any GPU), times the head's float32 scale.
+  float8_e4m3fn bits, scales ``[Hkv]`` float32. The kernel follows
+  :mod:`kvscope.attention.triton_decode`'s: tiles of ``block_n`` tokens (128 for 16-bit queries, 64
+  for float32) spanning several blocks, each token looking up its own block; scores and the
+  weighted sum through ``tl.dot`` with the group padded to 16 rows. The codes are decoded with
+  integer operations into float16 (exact, and the same in Triton's interpreter and on any GPU;
+  no float8 type, which Triton lacks before sm_89) to values exact in any query dtype (e4m3: 3
+  mantissa bits, magnitudes 2^-9 .. 448), so they feed ``tl.dot`` unscaled: the head's K scale
+  multiplies the scores and its V scale the output, both scalars of the program. This structure
+  is unmeasured on a GPU (benchmarks/results/kv_formats_decode.md measured the previous
+  one-block-per-iteration broadcast kernel).
 * KIVI (:class:`~kvscope.kv.quant_cache.KiviCache`): a sequence's first ``len // G`` blocks are
   quantized (codes ``[num_blocks, G, Hkv, D * bits / 8]``, int4 two a byte, low nibble first; key
   scale/zero per channel ``[num_blocks, Hkv, D]``, value scale/zero per token and channel group
   ``[num_blocks, G, Hkv, D / Gv]``, float16); its last ``len % G`` tokens are read from its
   residual slot ``[R, G, Hkv, D]`` in the model's dtype, by the split that holds them (the last
-  non-empty one: a split's range is whole blocks but for the sequence's end).
+  non-empty one: a split's range is whole blocks but for the sequence's end). The kernel walks one
+  block per iteration, dequantizing into float32, with broadcast multiply-and-sums on the CUDA
+  cores for scores and weighted sum.
 
 The torch reference is :meth:`FP8Cache.gather` / :meth:`KiviCache.gather` followed by
 :func:`kvscope.attention.torch_ref.attend_decode`.
@@ -35,16 +43,13 @@ _LOG2E = 1.4426950408889634
 
 
 @triton.jit
-def _fp8_to_f32(code):
-    """float8_e4m3fn bits (int32 in 0..255) -> float32: normal numbers rebuilt as float32 bits,
-    subnormals as ``mantissa * 2^-9``."""
-    sign = (code >> 7) & 1
-    exp = (code >> 3) & 15
-    man = code & 7
-    normal = ((sign << 31) | ((exp + 120) << 23) | (man << 20)).to(tl.float32, bitcast=True)
-    sub = man.to(tl.float32) * 0.001953125
-    sub = tl.where(sign == 1, -sub, sub)
-    return tl.where(exp == 0, sub, normal)
+def _fp8_to_f16(code):
+    """float8_e4m3fn bits (int32 in 0..255) -> float16, exactly. The sign, exponent and mantissa
+    bits moved to float16's places read as the value times 2^-8: float16's exponent bias is 8 more
+    than e4m3's, and e4m3's subnormals land on float16's subnormals, scaled alike. Fewer integer
+    operations than building float32 bits, and no branch for subnormals."""
+    bits = ((code & 0x80) << 8) | ((code & 0x7F) << 7)
+    return bits.to(tl.int16).to(tl.float16, bitcast=True) * 256.0
 
 
 @triton.jit
@@ -96,28 +101,44 @@ def _store_split(o_ptr, lse_ptr, b, h, split, m_i, l_i, acc, stride_ob, stride_o
 def _fp8_kernel(q_ptr, k_ptr, v_ptr, ks_ptr, vs_ptr, tables_ptr, lens_ptr, o_ptr, lse_ptr, qk_scale, num_splits,
                 stride_qb, stride_qh, stride_cs, stride_ch, stride_tb, stride_ob, stride_oh, stride_os,
                 stride_lb, stride_lh,
-                GROUP: tl.constexpr, GQ: tl.constexpr, D: tl.constexpr, BS: tl.constexpr):
+                GROUP: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr, PAGE: tl.constexpr,
+                BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr):
     b = tl.program_id(0)
     h = tl.program_id(1)
     split = tl.program_id(2)
+    g = tl.arange(0, G_PAD)
     d = tl.arange(0, D)
-    t = tl.arange(0, BS)
-    q = _group_query(q_ptr, b, h, stride_qb, stride_qh, GROUP, GQ, D)
-    k_scale = tl.load(ks_ptr + h)
+    n = tl.arange(0, BLOCK_N)
+    # In q's own dtype: the decoded codes are exact in it, so both products can go through tl.dot.
+    q = tl.load(q_ptr + b * stride_qb + (h * GROUP + g)[:, None] * stride_qh + d[None, :],
+                mask=(g < GROUP)[:, None], other=0.0)
+    # The head's scales are scalars of the program: K's folds into the score scale, V's into the
+    # output, instead of multiplying every decoded element.
+    s_scale = qk_scale * tl.load(ks_ptr + h)
     v_scale = tl.load(vs_ptr + h)
-    lo, hi = split_bounds(tl.load(lens_ptr + b), num_splits, split, BS)
-    m_i = tl.full([GQ], float("-inf"), tl.float32)
-    l_i = tl.zeros([GQ], tl.float32)
-    acc = tl.zeros([GQ, D], tl.float32)
-    for j in range(lo // BS, tl.cdiv(hi, BS)):  # empty when lo >= hi
-        block = tl.load(tables_ptr + b * stride_tb + j).to(tl.int64)  # slot x stride can pass 2^31
-        valid = j * BS + t < hi
-        off = (block * BS + t)[:, None] * stride_cs + h * stride_ch + d[None, :]
-        k = _fp8_to_f32(tl.load(k_ptr + off, mask=valid[:, None], other=0).to(tl.int32)) * k_scale
-        v = _fp8_to_f32(tl.load(v_ptr + off, mask=valid[:, None], other=0).to(tl.int32)) * v_scale
-        m_i, l_i, acc = _online_step(q, k, v, valid, m_i, l_i, acc, qk_scale)
-    _store_split(o_ptr, lse_ptr, b, h, split, m_i, l_i, acc, stride_ob, stride_oh, stride_os, stride_lb, stride_lh,
-                 GROUP, GQ, D)
+    lo, hi = split_bounds(tl.load(lens_ptr + b), num_splits, split, BLOCK_N)
+    m_i = tl.full([G_PAD], float("-inf"), tl.float32)
+    l_i = tl.zeros([G_PAD], tl.float32)
+    acc = tl.zeros([G_PAD, D], tl.float32)
+    for start in range(lo, hi, BLOCK_N):  # empty when lo >= hi
+        t = start + n
+        valid = t < hi
+        # A tile spans several blocks: each token looks up its own. int64: slot x stride can pass 2^31.
+        block = tl.load(tables_ptr + b * stride_tb + t // PAGE, mask=valid, other=0).to(tl.int64)
+        off = (block * PAGE + t % PAGE)[:, None] * stride_cs + h * stride_ch + d[None, :]
+        k = _fp8_to_f16(tl.load(k_ptr + off, mask=valid[:, None], other=0).to(tl.int32)).to(q.dtype)
+        v = _fp8_to_f16(tl.load(v_ptr + off, mask=valid[:, None], other=0).to(tl.int32)).to(q.dtype)
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)  # [G_PAD, BLOCK_N]
+        s = tl.where(valid[None, :], s * s_scale, float("-inf"))
+        # The first tile holds a valid token (lo < hi), so m_new is finite from then on.
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v, input_precision=DOT_PRECISION)
+        m_i = m_new
+    _store_split(o_ptr, lse_ptr, b, h, split, m_i, l_i, acc * v_scale, stride_ob, stride_oh, stride_os, stride_lb,
+                 stride_lh, GROUP, G_PAD, D)
 
 
 @triton.jit
@@ -167,7 +188,7 @@ def _kivi_kernel(q_ptr, kq_ptr, vq_ptr, kscale_ptr, kzero_ptr, vscale_ptr, vzero
 
 def quant_decode_attention(q: torch.Tensor, cache: FP8Cache | KiviCache, layer: int, tables: torch.Tensor,
                            lens: torch.Tensor, res_slots: torch.Tensor | None, scale: float,
-                           num_splits: int | None = None) -> torch.Tensor:
+                           num_splits: int | None = None, block_n: int | None = None) -> torch.Tensor:
     """Decode attention of ``q`` ``[B, Hq, D]`` over layer ``layer`` of ``cache``.
 
     Args:
@@ -177,6 +198,8 @@ def quant_decode_attention(q: torch.Tensor, cache: FP8Cache | KiviCache, layer: 
         num_splits: context splits per (sequence, KV head); None picks
             :func:`~kvscope.attention.decode_splits.default_num_splits` for a ``W``-block table.
             Any value is correct, including more splits than blocks.
+        block_n: (fp8) tokens per tile, a power of two >= 16; None picks 128 for 16-bit ``q``, 64
+            for float32. A tile may span several blocks: splits are whole tiles.
     Returns:
         ``[B, Hq, D]`` in ``q``'s dtype.
     """
@@ -186,7 +209,6 @@ def quant_decode_attention(q: torch.Tensor, cache: FP8Cache | KiviCache, layer: 
     if num_splits is None:
         num_splits = default_num_splits(B, H, tables.shape[1] * bs, q.device)
     group = Hq // H
-    gq = max(triton.next_power_of_2(group), 2)
     out = torch.empty_like(q)
     # One split writes the final output in place; more write float32 partials for merge_splits.
     part = out if num_splits == 1 else torch.empty(B, Hq, num_splits, D, dtype=torch.float32, device=q.device)
@@ -195,12 +217,17 @@ def quant_decode_attention(q: torch.Tensor, cache: FP8Cache | KiviCache, layer: 
     out_strides = (part.stride(0), part.stride(1), 0 if num_splits == 1 else part.stride(2),
                    part_lse.stride(0), part_lse.stride(1))
     grid = (B, H, num_splits)
-    common = dict(GROUP=group, GQ=gq, D=D, BS=bs)
     if isinstance(cache, FP8Cache):
+        # The paged kernel's H100-tuned shape (benchmarks/gpu/NOTES.md): 128-token tiles in 16-bit,
+        # 64 in float32, 4 warps, 2 stages; the group padded to 16 rows, tl.dot's minimum.
+        if block_n is None:
+            block_n = 128 if q.element_size() == 2 else 64
         k, v = cache.data[layer, 0], cache.data[layer, 1]
+        # Triton's float32 dot defaults to tf32 (~3e-4 relative error); float32 callers want float32.
         _fp8_kernel[grid](q, k, v, cache.scale[layer, 0], cache.scale[layer, 1], tables, lens, *outs,
                           q.stride(0), q.stride(1), k.stride(0), k.stride(1), tables.stride(0), *out_strides,
-                          **common)
+                          GROUP=group, G_PAD=max(triton.next_power_of_2(group), 16), D=D, PAGE=bs, BLOCK_N=block_n,
+                          DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32", num_warps=4, num_stages=2)
     else:
         kq, vq, ks, kz = cache.kq[layer], cache.vq[layer], cache.k_scale[layer], cache.k_zero[layer]
         vs, vz, res = cache.v_scale[layer], cache.v_zero[layer], cache.residual[layer]
@@ -208,7 +235,8 @@ def quant_decode_attention(q: torch.Tensor, cache: FP8Cache | KiviCache, layer: 
                            q.stride(0), q.stride(1), kq.stride(0), kq.stride(1), kq.stride(2), ks.stride(0),
                            ks.stride(1), vs.stride(0), vs.stride(1), vs.stride(2), res.stride(0), res.stride(1),
                            res.stride(2), res.stride(3), tables.stride(0), *out_strides,
-                           BITS=cache.bits, VGROUP=cache.value_group, **common)
+                           GROUP=group, GQ=max(triton.next_power_of_2(group), 2), D=D, BS=bs, BITS=cache.bits,
+                           VGROUP=cache.value_group)
     if num_splits > 1:
         merge_splits(part, part_lse, out, torch.empty(B, Hq, dtype=torch.float32, device=q.device))
     return out
