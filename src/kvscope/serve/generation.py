@@ -17,10 +17,12 @@ from starlette.types import Receive, Scope, Send
 
 from kvscope.engine.outputs import CompletionOutput, RequestOutput
 from kvscope.models.tokenizer import Tokenizer
-from kvscope.serve.async_engine import AsyncEngine, EngineFailure, OutputStream, RequestRejected, ServeError
+from kvscope.serve.async_engine import AsyncEngine
+from kvscope.serve.engine_client import EngineProcess
+from kvscope.serve.engine_api import EngineFailure, OutputStream, RequestRejected, ServeError, ServingLimits
 from kvscope.serve.errors import APIError, from_serve_error
 from kvscope.serve.metrics import ServerMetrics
-from kvscope.serve.params import Plan, ServingLimits
+from kvscope.serve.params import Plan
 from kvscope.serve.protocol import UsageInfo
 
 SSE_DONE = "data: [DONE]\n\n"
@@ -30,7 +32,7 @@ SSE_DONE = "data: [DONE]\n\n"
 class ServingContext:
     """Everything a request handler needs; one per app."""
 
-    engine: AsyncEngine
+    engine: AsyncEngine | EngineProcess
     tokenizer: Tokenizer
     model_name: str
     model_root: str

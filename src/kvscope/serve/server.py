@@ -9,21 +9,22 @@ from kvscope.serve.app import create_app
 
 if TYPE_CHECKING:
     from kvscope.llm import LLM
+    from kvscope.serve.engine_client import EngineProcess
 
 #: On shutdown, streams still open after this long are cancelled (their requests aborted).
 GRACEFUL_SHUTDOWN_S = 5
 
 
 def run_server(
-    llm: LLM,
+    engine: LLM | EngineProcess,
     host: str = "127.0.0.1",
     port: int = 8000,
     served_model_name: str | None = None,
     max_queue: int | None = None,
     log_level: str = "info",
 ) -> None:
-    """Serve ``llm`` until interrupted (Ctrl-C / SIGTERM)."""
-    app = create_app(llm, served_model_name, max_queue)
+    """Serve ``engine`` until interrupted (Ctrl-C / SIGTERM)."""
+    app = create_app(engine, served_model_name, max_queue)
     config = uvicorn.Config(app, host=host, port=port, log_level=log_level,
                             timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S)
     try:

@@ -1,0 +1,224 @@
+"""The engine core: one :class:`LLMEngine` in a process of its own, driven by the HTTP server.
+
+``kvscope serve`` (process mode, the default) runs :func:`run_engine_core` in a ``spawn``ed child
+(CUDA cannot be used in a forked one). The child builds the engine itself from a picklable
+``build()`` (the server never loads the weights), sends an :class:`EngineInfo` (tokenizer, limits)
+once, then loops:
+
+1. take the server's commands: without blocking while the engine has work, blocking while idle
+   (an idle server costs nothing); a batch of commands is one pickled list;
+2. apply them in order: ``(ADD, ids, prompts, params, arrival_time)`` adds one HTTP request's
+   prompts, all or none; ``(ABORT, ids)`` aborts (the KV is freed before the next step);
+   ``(STOP,)`` aborts everything and ends the loop;
+3. run one step;
+4. send ONE message for the turn: ``(events, outputs, stats)``.
+
+``events``: ``(ACCEPTED, first_id)``, ``(REJECTED, first_id, message, prompt_index)``,
+``(ADD_FAILED, first_id, message)``, ``(FAILED, ids, message, step_error)`` (requests failed by a
+step that raised, or by an error of the loop; their KV is freed), ``(STOPPED,)``. ``outputs``: one
+tuple per request that moved, carrying only what is new since the last message (see
+:meth:`_Sent.delta`), so a message costs O(batch), not O(tokens so far). ``stats``:
+``engine.stats()`` after any add or abort, when the engine falls idle, otherwise at most every
+``STATS_INTERVAL_S``; None when not taken this turn.
+
+Failures stay contained as on the thread (:mod:`kvscope.serve.async_engine`): a rejected prompt
+fails its request alone, a step that raises fails the requests then in flight and the loop serves
+on. The child ignores SIGINT (Ctrl-C reaches the whole process group; the server shuts down
+gracefully and then stops the core), and exits when the server goes away (its command pipe closes).
+"""
+from __future__ import annotations
+
+import logging
+import pickle
+import signal
+import time
+from collections.abc import Callable
+from multiprocessing.connection import Connection
+from typing import TYPE_CHECKING, Any
+
+from kvscope.engine.outputs import RequestOutput
+from kvscope.errors import ConfigError, KVScopeError, RequestError
+from kvscope.serve.engine_api import STATS_INTERVAL_S, EngineInfo
+
+if TYPE_CHECKING:
+    from kvscope.llm import LLM
+
+log = logging.getLogger("kvscope.serve")
+
+ADD, ABORT, STOP = "add", "abort", "stop"
+READY, START_FAILED = "ready", "start_failed"
+ACCEPTED, REJECTED, ADD_FAILED, FAILED, STOPPED = "accepted", "rejected", "add_failed", "failed", "stopped"
+
+#: One request's news in a step message: request id, first scheduled time, new token times,
+#: finished, one ``(index, new token ids, finish_reason, text_end, error, new logprobs, new logits
+#: rows)`` per sample, and ``(finished_time, num_prefix_cached_tokens, num_preemptions)`` once
+#: finished (else None).
+Delta = tuple[str, float | None, list[float], bool, list[tuple[Any, ...]], tuple[float | None, int, int] | None]
+
+
+def send(conn: Connection, message: Any) -> None:
+    conn.send_bytes(pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL))
+
+
+def recv(conn: Connection) -> Any:
+    return pickle.loads(conn.recv_bytes())
+
+
+def run_engine_core(build: Callable[[], LLM], commands: Connection, outputs: Connection) -> None:
+    """The child's entry point: build the engine, announce it, serve until told to stop."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        llm = build()
+        info, stats = EngineInfo.of(llm), llm.engine.stats()
+    except BaseException as e:  # noqa: BLE001 - reported to the server, which raises it
+        if not isinstance(e, KVScopeError):
+            log.exception("kvscope: the engine core could not start")
+        send(outputs, (START_FAILED, _picklable(e)))
+        return
+    send(outputs, (READY, info, stats))
+    try:
+        EngineCore(llm, commands, outputs).run()
+    finally:
+        llm.close()
+
+
+def _picklable(e: BaseException) -> BaseException:
+    try:
+        return pickle.loads(pickle.dumps(e))
+    except Exception:  # an exception type whose arguments do not survive pickling
+        return RuntimeError(f"{type(e).__name__}: {e}")
+
+
+class _Sent:
+    """How much of one request the server has been sent: tokens per sample, token times."""
+
+    __slots__ = ("tokens", "times")
+
+    def __init__(self) -> None:
+        self.tokens: dict[int, int] = {}
+        self.times = 0
+
+    def delta(self, out: RequestOutput) -> Delta:
+        """What ``out`` (cumulative) adds to what was sent; marks it sent."""
+        samples = []
+        for c in out.outputs:
+            k = self.tokens.get(c.index, 0)
+            self.tokens[c.index] = len(c.token_ids)
+            samples.append((c.index, c.token_ids[k:], c.finish_reason, c.text_end, c.error, c.logprobs[k:],
+                            c.logits[k:]))
+        m = out.metrics
+        times = m.token_times[self.times:]
+        self.times = len(m.token_times)
+        end = (m.finished_time, m.num_prefix_cached_tokens, m.num_preemptions) if out.finished else None
+        return out.request_id, m.first_scheduled_time, times, out.finished, samples, end
+
+
+class EngineCore:
+    """The loop of the module docstring around ``llm.engine``."""
+
+    def __init__(self, llm: LLM, commands: Connection, outputs: Connection) -> None:
+        self._engine = llm.engine
+        self._commands = commands
+        self._outputs = outputs
+        self._live: dict[str, _Sent] = {}  # requests the server still reads
+        self._events: list[tuple[Any, ...]] = []
+        self._stats_time = 0.0
+
+    def run(self) -> None:
+        engine = self._engine
+        while True:
+            try:
+                batch = self._receive(block=not engine.has_unfinished_requests())
+            except (EOFError, OSError):  # the server is gone: nobody to serve
+                return
+            outputs: list[Delta] = []
+            stats = None
+            try:
+                for cmd in batch:
+                    if cmd[0] == STOP:
+                        self._abort(list(self._live))
+                        send(self._outputs, ([*self._events, (STOPPED,)], [], None))
+                        return
+                    self._apply(cmd)
+                if engine.has_unfinished_requests():
+                    outputs = self._step()
+                stats = self._stats(force=bool(batch) or not engine.has_unfinished_requests())
+            except Exception as e:  # a bug outside step(): keep serving, fail what was in flight
+                log.exception("kvscope engine loop error")
+                self._fail_live(f"engine loop error: {type(e).__name__}: {e}", step_error=False)
+            if self._events or outputs or stats is not None:
+                try:
+                    send(self._outputs, (self._events, outputs, stats))
+                except OSError:  # the server is gone
+                    return
+                self._events = []
+
+    def _receive(self, block: bool) -> list[tuple[Any, ...]]:
+        batch = recv(self._commands) if block else []
+        while self._commands.poll():
+            batch += recv(self._commands)
+        return batch
+
+    def _apply(self, cmd: tuple[Any, ...]) -> None:
+        if cmd[0] == ABORT:
+            self._abort(cmd[1])
+            return
+        _, ids, prompts, params, arrival_time = cmd
+        added: list[str] = []
+        try:
+            for i, (rid, prompt) in enumerate(zip(ids, prompts)):
+                try:
+                    self._engine.add_request(prompt, params, request_id=rid, arrival_time=arrival_time)
+                except (RequestError, ConfigError) as e:
+                    self._events.append((REJECTED, ids[0], str(e), i))
+                    break
+                added.append(rid)
+            else:
+                for rid in added:
+                    self._live[rid] = _Sent()
+                self._events.append((ACCEPTED, ids[0]))
+                return
+        except Exception as e:
+            self._events.append((ADD_FAILED, ids[0], f"add_request failed: {type(e).__name__}: {e}"))
+        for rid in added:  # all or none
+            self._engine.abort(rid)
+
+    def _abort(self, ids: list[str]) -> None:
+        for rid in ids:
+            if self._live.pop(rid, None) is not None:
+                self._engine.abort(rid)
+
+    def _step(self) -> list[Delta]:
+        try:
+            outputs = self._engine.step()
+        except Exception as e:
+            log.exception("kvscope engine step failed; failing the requests in flight")
+            self._fail_live(f"engine step failed: {type(e).__name__}: {e}", step_error=True)
+            return []
+        deltas = []
+        for out in outputs:
+            sent = self._live.get(out.request_id)
+            if sent is None:  # aborted: the server accounted for it at the abort
+                continue
+            deltas.append(sent.delta(out))
+            if out.finished:
+                del self._live[out.request_id]
+        return deltas
+
+    def _fail_live(self, message: str, step_error: bool) -> None:
+        """End every request in flight (the server fails them with ``message``) and free its KV."""
+        ids = list(self._live)
+        for rid in ids:
+            try:
+                self._engine.abort(rid)
+            except Exception:
+                log.exception("kvscope: abort of %s failed", rid)
+        self._live.clear()
+        self._events.append((FAILED, ids, message, step_error))
+
+    def _stats(self, force: bool) -> dict[str, Any] | None:
+        now = time.perf_counter()
+        if not force and now - self._stats_time < STATS_INTERVAL_S:
+            return None
+        self._stats_time = now
+        return self._engine.stats()
