@@ -2,7 +2,9 @@
 
 Every rule is checked while another (good, streamed) request is in flight on the same server, and
 that request must still finish with the text of an in-process greedy run. The server runs
-``contiguous`` (which cannot fork KV, so ``n > 1`` is refused) with ``--max-queue 2``.
+``contiguous`` (which cannot fork KV, so ``n > 1`` is refused) with ``--max-queue 2``, with the
+engine on a thread and in a process of its own. The tests that patch the engine's ``step`` need it
+on the server's thread; ``test_serve_process.py`` checks the same behaviour of an engine process.
 """
 from __future__ import annotations
 
@@ -11,11 +13,12 @@ import contextlib
 import json
 import time
 from collections.abc import Awaitable, Callable
+from functools import partial
 from typing import Any
 
 import httpx
 import pytest
-from serve_helpers import ServerThread
+from serve_helpers import MODES, ServerThread, served
 
 from kvscope import LLM, SamplingParams
 
@@ -35,8 +38,18 @@ def llm() -> LLM:
 
 
 @pytest.fixture(scope="module")
-def server(llm: LLM):
+def thread_server(llm: LLM):
     with ServerThread(llm, max_queue=MAX_QUEUE) as s:
+        yield s
+
+
+@pytest.fixture(scope="module", params=MODES)
+def server(request: pytest.FixtureRequest):
+    if request.param == "thread":
+        yield request.getfixturevalue("thread_server")
+        return
+    with ServerThread(served("process", partial(LLM, MODEL, strategy=STRATEGY, kv_memory_bytes=KV_MEMORY)),
+                      max_queue=MAX_QUEUE) as s:
         yield s
 
 
@@ -173,8 +186,9 @@ def test_unknown_fields_are_ignored(server: ServerThread) -> None:
     assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] >= 1
 
 
-def test_non_streaming_client_that_hangs_up_is_aborted(server: ServerThread, llm: LLM,
+def test_non_streaming_client_that_hangs_up_is_aborted(thread_server: ServerThread, llm: LLM,
                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    server = thread_server
     real_step = llm.engine.step
 
     def slow_step() -> list:  # 400 tokens take 4 s: the client gives up long before
@@ -191,8 +205,9 @@ def test_non_streaming_client_that_hangs_up_is_aborted(server: ServerThread, llm
     assert server.metrics()["vllm:request_success_total{finished_reason=abort}"] == before + 1
 
 
-def test_a_failing_engine_step_fails_only_the_requests_in_flight(server: ServerThread, llm: LLM,
+def test_a_failing_engine_step_fails_only_the_requests_in_flight(thread_server: ServerThread, llm: LLM,
                                                                  good_text: str) -> None:
+    server = thread_server
     real_step = llm.engine.step
 
     def step_that_fails_once() -> list:

@@ -243,15 +243,14 @@ class EngineProcess:
     # ---- threads ---------------------------------------------------------------------------------
     def _stop_child(self, timeout: float) -> None:
         """Ask the core to stop; terminate it if it does not within ``timeout`` seconds."""
-        if self._process.is_alive():
-            if self._threads:
-                self._outbox.put((STOP,))
-            else:  # never started: nothing reads the outbox
-                try:
-                    send(self._commands, [(STOP,)])
-                except OSError:
-                    pass
-            self._process.join(timeout)
+        if self._threads:
+            self._outbox.put((STOP,))  # also ends the sender, whose write then fails if the core is gone
+        elif self._process.is_alive():  # never started: nothing reads the outbox
+            try:
+                send(self._commands, [(STOP,)])
+            except OSError:
+                pass
+        self._process.join(timeout)
         if self._process.is_alive():
             self._process.terminate()
             self._process.join(5)

@@ -29,8 +29,10 @@ gracefully and then stops the core), and exits when the server goes away (its co
 from __future__ import annotations
 
 import logging
+import os
 import pickle
 import signal
+import sys
 import time
 from collections.abc import Callable
 from multiprocessing.connection import Connection
@@ -80,6 +82,11 @@ def run_engine_core(build: Callable[[], LLM], commands: Connection, outputs: Con
         EngineCore(llm, commands, outputs).run()
     finally:
         llm.close()
+    # Nothing is left to clean up, and the interpreter's teardown (torch's modules) takes a second
+    # that the server's shutdown would wait for.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def _picklable(e: BaseException) -> BaseException:
