@@ -91,8 +91,9 @@ class _Track:
         m.token_times += times
         completions = out.outputs
         for index, ids, reason, text_end, error, logprobs, logits in samples:
-            # Samples appear in the engine's order (the parent first, then its forks by index).
-            c = completions[index] if index < len(completions) else self._new_completion(index)
+            while len(completions) <= index:  # forked samples appear with their first token
+                self._new_completion(len(completions))
+            c = completions[index]
             c.token_ids += ids
             c.finish_reason, c.text_end, c.error = reason, text_end, error
             if logprobs:
@@ -103,10 +104,9 @@ class _Track:
         if end is not None:
             m.finished_time, m.num_prefix_cached_tokens, m.num_preemptions = end
 
-    def _new_completion(self, index: int) -> CompletionOutput:
-        c = CompletionOutput(index=index, token_ids=[], finish_reason=None, _decode=self._decode)
-        self.output.outputs.append(c)
-        return c
+    def _new_completion(self, index: int) -> None:
+        self.output.outputs.append(CompletionOutput(index=index, token_ids=[], finish_reason=None,
+                                                    _decode=self._decode))
 
 
 class _Pending:

@@ -28,6 +28,7 @@ gracefully and then stops the core), and exits when the server goes away (its co
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import pickle
@@ -38,12 +39,13 @@ from collections.abc import Callable
 from multiprocessing.connection import Connection
 from typing import TYPE_CHECKING, Any
 
-from kvscope.engine.outputs import RequestOutput
 from kvscope.errors import ConfigError, KVScopeError, RequestError
+from kvscope.sampling_params import RequestOutputKind
 from kvscope.serve.engine_api import STATS_INTERVAL_S, EngineInfo
 
 if TYPE_CHECKING:
     from kvscope.llm import LLM
+    from kvscope.request import Request
 
 log = logging.getLogger("kvscope.serve")
 
@@ -97,27 +99,41 @@ def _picklable(e: BaseException) -> BaseException:
 
 
 class _Sent:
-    """How much of one request the server has been sent: tokens per sample, token times."""
+    """One request of the server's: its samples (the engine's own list, see ``LLMEngine.samples``)
+    and how much of each the server has been sent (tokens, end, token times)."""
 
-    __slots__ = ("tokens", "times")
+    __slots__ = ("samples", "counts", "reasons", "times")
 
-    def __init__(self) -> None:
-        self.tokens: dict[int, int] = {}
+    def __init__(self, samples: list[Request]) -> None:
+        self.samples = samples
+        self.counts: list[int] = []  # tokens sent, by sample index
+        self.reasons: list[str | None] = []  # finish reason sent, by sample index
         self.times = 0
 
-    def delta(self, out: RequestOutput) -> Delta:
-        """What ``out`` (cumulative) adds to what was sent; marks it sent."""
-        samples = []
-        for c in out.outputs:
-            k = self.tokens.get(c.index, 0)
-            self.tokens[c.index] = len(c.token_ids)
-            samples.append((c.index, c.token_ids[k:], c.finish_reason, c.text_end, c.error, c.logprobs[k:],
-                            c.logits[k:]))
-        m = out.metrics
-        times = m.token_times[self.times:]
-        self.times = len(m.token_times)
-        end = (m.finished_time, m.num_prefix_cached_tokens, m.num_preemptions) if out.finished else None
-        return out.request_id, m.first_scheduled_time, times, out.finished, samples, end
+    def delta(self) -> Delta | None:
+        """What the request gained since the last call (None: nothing); marks it sent."""
+        counts, reasons = self.counts, self.reasons
+        news = []
+        for r in self.samples:
+            i = r.child_index
+            while len(counts) <= i:  # a sample forked since
+                counts.append(0)
+                reasons.append(None)
+            tokens, reason, k = r.output_token_ids, r.finish_reason, counts[i]
+            if len(tokens) == k and reason == reasons[i]:
+                continue
+            counts[i], reasons[i] = len(tokens), reason
+            # () for what was not asked for: no empty list to build and pickle
+            news.append((i, tokens[k:], reason, r.text_end, r.error, r.logprobs[k:] if r.logprobs else (),
+                         r.logits[k:] if r.logits else ()))
+        if not news:
+            return None
+        head = self.samples[0]
+        times = head.token_times[self.times:]
+        self.times = len(head.token_times)
+        finished = None not in reasons  # every sample's end sent (the engine's RequestOutput.finished)
+        end = (head.finished_time, head.num_prefix_cached_tokens, head.num_preemptions) if finished else None
+        return head.request_id, head.first_scheduled_time, times, finished, news, end
 
 
 class EngineCore:
@@ -171,6 +187,8 @@ class EngineCore:
             self._abort(cmd[1])
             return
         _, ids, prompts, params, arrival_time = cmd
+        # The engine builds no per-step outputs; each step's news is read from the requests' samples.
+        params = dataclasses.replace(params, output_kind=RequestOutputKind.FINAL_ONLY)
         added: list[str] = []
         try:
             for i, (rid, prompt) in enumerate(zip(ids, prompts)):
@@ -182,7 +200,7 @@ class EngineCore:
                 added.append(rid)
             else:
                 for rid in added:
-                    self._live[rid] = _Sent()
+                    self._live[rid] = _Sent(self._engine.samples(rid))
                 self._events.append((ACCEPTED, ids[0]))
                 return
         except Exception as e:
@@ -197,19 +215,20 @@ class EngineCore:
 
     def _step(self) -> list[Delta]:
         try:
-            outputs = self._engine.step()
+            self._engine.step()  # its outputs are finished requests': the samples say it all
         except Exception as e:
             log.exception("kvscope engine step failed; failing the requests in flight")
             self._fail_live(f"engine step failed: {type(e).__name__}: {e}", step_error=True)
             return []
-        deltas = []
-        for out in outputs:
-            sent = self._live.get(out.request_id)
-            if sent is None:  # aborted: the server accounted for it at the abort
-                continue
-            deltas.append(sent.delta(out))
-            if out.finished:
-                del self._live[out.request_id]
+        deltas, done = [], []
+        for rid, sent in self._live.items():
+            delta = sent.delta()
+            if delta is not None:
+                deltas.append(delta)
+                if delta[3]:
+                    done.append(rid)
+        for rid in done:
+            del self._live[rid]
         return deltas
 
     def _fail_live(self, message: str, step_error: bool) -> None:
