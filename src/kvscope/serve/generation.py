@@ -100,14 +100,27 @@ class EventStreamResponse(StreamingResponse):
             self._on_close()
 
 
-def sse_dict(payload: dict[str, object]) -> str:
-    """One ``data:`` event of a plain JSON object: what a streamed chunk costs per token per request
-    matters at hundreds of streams, and this is several times cheaper than building and dumping
-    the pydantic models (same JSON: compact, UTF-8 unescaped, fields in the models' order)."""
-    return f"data: {_dumps(payload)}\n\n"
-
-
 _dumps = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), allow_nan=False).encode
+
+
+class EventTemplate:
+    """The ``data:`` events of one streamed choice whose chunks differ only in their text and
+    finish reason: ``payload`` is a chunk (as plain JSON data) with :attr:`TEXT` and :attr:`REASON`
+    where those go. What a chunk costs per token per stream matters at hundreds of streams, and
+    filling two holes is several times cheaper than building and dumping the pydantic models (same
+    JSON: compact, UTF-8 unescaped, fields in the models' order)."""
+
+    TEXT, REASON = "\x00text\x00", "\x00reason\x00"
+
+    def __init__(self, payload: dict[str, object]) -> None:
+        head, rest = _dumps(payload).split(_dumps(self.TEXT))
+        middle, tail = rest.split(_dumps(self.REASON))
+        self._head, self._middle, self._tail = f"data: {head}", middle, f"{tail}\n\n"
+
+    def __call__(self, text: str, reason: str | None) -> str:
+        # _dumps of a str takes the C string encoder; None would go through the generic path.
+        return (f"{self._head}{_dumps(text)}{self._middle}{'null' if reason is None else _dumps(reason)}"
+                f"{self._tail}")
 
 
 def sse(payload: BaseModel, include_usage: bool) -> str:
