@@ -29,6 +29,7 @@ gracefully and then stops the core), and exits when the server goes away (its co
 from __future__ import annotations
 
 import dataclasses
+import gc
 import logging
 import os
 import pickle
@@ -80,6 +81,10 @@ def run_engine_core(build: Callable[[], LLM], commands: Connection, outputs: Con
         send(outputs, (START_FAILED, _picklable(e)))
         return
     send(outputs, (READY, info, stats))
+    # The model and everything start-up made live as long as the core: out of the collector's
+    # sight, the collections that each step's objects trigger scan only those.
+    gc.collect()
+    gc.freeze()
     try:
         EngineCore(llm, commands, outputs).run()
     finally:
