@@ -1,4 +1,5 @@
-"""The engine on a thread of its own, driven from asyncio.
+"""The engine on a thread of the server, driven from asyncio (``kvscope serve --no-engine-process``;
+by default the engine runs in a process of its own: :mod:`kvscope.serve.engine_client`).
 
 One daemon thread owns the :class:`LLMEngine`: it is the only thread that calls ``add_request``,
 ``step``, ``abort`` and ``stats``. Request handlers on the event loop talk to it through a FIFO of
