@@ -11,7 +11,8 @@ once, then loops:
    prompts, all or none; ``(ABORT, ids)`` aborts (the KV is freed before the next step);
    ``(STOP,)`` aborts everything and ends the loop;
 3. run one step;
-4. send ONE message for the turn: ``(events, outputs, stats)``.
+4. send ONE message for the turn: ``(events, outputs, stats)`` (written by a thread of the core's,
+   so that a server that falls behind never holds up a step).
 
 ``events``: ``(ACCEPTED, first_id)``, ``(REJECTED, first_id, message, prompt_index)``,
 ``(ADD_FAILED, first_id, message)``, ``(FAILED, ids, message, step_error)`` (requests failed by a
@@ -33,8 +34,10 @@ import gc
 import logging
 import os
 import pickle
+import queue
 import signal
 import sys
+import threading
 import time
 from collections.abc import Callable
 from multiprocessing.connection import Connection
@@ -96,6 +99,36 @@ def run_engine_core(build: Callable[[], LLM], commands: Connection, outputs: Con
     os._exit(0)
 
 
+class _Outbox:
+    """Writes the core's messages to the server from a thread of its own: a server that falls
+    behind (its event loop busy with HTTP) never holds up a step, its messages wait here rather
+    than in a full pipe. The thread only writes (the write releases the GIL); pickling stays on the
+    loop, where the objects are."""
+
+    def __init__(self, conn: Connection) -> None:
+        self._conn = conn
+        self._queue: queue.SimpleQueue[bytes | None] = queue.SimpleQueue()
+        self.broken = False  # a write failed: the server is gone
+        self._thread = threading.Thread(target=self._write, name="kvscope-core-out", daemon=True)
+        self._thread.start()
+
+    def put(self, message: Any) -> None:
+        self._queue.put(pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL))
+
+    def close(self) -> None:
+        """Write what is queued, then end the thread."""
+        self._queue.put(None)
+        self._thread.join()
+
+    def _write(self) -> None:
+        while (data := self._queue.get()) is not None:
+            try:
+                self._conn.send_bytes(data)
+            except OSError:
+                self.broken = True
+                return
+
+
 def _picklable(e: BaseException) -> BaseException:
     try:
         return pickle.loads(pickle.dumps(e))
@@ -147,14 +180,20 @@ class EngineCore:
     def __init__(self, llm: LLM, commands: Connection, outputs: Connection) -> None:
         self._engine = llm.engine
         self._commands = commands
-        self._outputs = outputs
+        self._outbox = _Outbox(outputs)
         self._live: dict[str, _Sent] = {}  # requests the server still reads
         self._events: list[tuple[Any, ...]] = []
         self._stats_time = 0.0
 
     def run(self) -> None:
+        try:
+            self._serve()
+        finally:
+            self._outbox.close()
+
+    def _serve(self) -> None:
         engine = self._engine
-        while True:
+        while not self._outbox.broken:
             try:
                 batch = self._receive(block=not engine.has_unfinished_requests())
             except (EOFError, OSError):  # the server is gone: nobody to serve
@@ -165,7 +204,7 @@ class EngineCore:
                 for cmd in batch:
                     if cmd[0] == STOP:
                         self._abort(list(self._live))
-                        send(self._outputs, ([*self._events, (STOPPED,)], [], None))
+                        self._outbox.put(([*self._events, (STOPPED,)], [], None))
                         return
                     self._apply(cmd)
                 if engine.has_unfinished_requests():
@@ -175,10 +214,7 @@ class EngineCore:
                 log.exception("kvscope engine loop error")
                 self._fail_live(f"engine loop error: {type(e).__name__}: {e}", step_error=False)
             if self._events or outputs or stats is not None:
-                try:
-                    send(self._outputs, (self._events, outputs, stats))
-                except OSError:  # the server is gone
-                    return
+                self._outbox.put((self._events, outputs, stats))
                 self._events = []
 
     def _receive(self, block: bool) -> list[tuple[Any, ...]]:
