@@ -53,24 +53,29 @@ def server(request: pytest.FixtureRequest):
         yield s
 
 
+def _reference_text(max_tokens: int) -> str:
+    reference = LLM(MODEL, strategy=STRATEGY, kv_memory_bytes=KV_MEMORY)
+    params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
+    return reference.generate([GOOD["prompt"]], params, use_tqdm=False)[0].text
+
+
 @pytest.fixture(scope="module")
 def good_text() -> str:
-    reference = LLM(MODEL, strategy=STRATEGY, kv_memory_bytes=KV_MEMORY)
-    params = SamplingParams(max_tokens=GOOD["max_tokens"], temperature=0.0, ignore_eos=True)
-    return reference.generate([GOOD["prompt"]], params, use_tqdm=False)[0].text
+    return _reference_text(GOOD["max_tokens"])
 
 
 def _events(lines: list[str]) -> list[dict[str, Any]]:
     return [json.loads(line[len("data: "):]) for line in lines if line.startswith("data: ") and line != "data: [DONE]"]
 
 
-def during_good_requests(server: ServerThread, bad: BadCall, num_good: int = 1) -> tuple[httpx.Response, list[str]]:
-    """Start ``num_good`` streamed good requests, wait for a first chunk of each, send ``bad``, then
-    read the good ones to their end. Returns the bad response and the good texts."""
+def during_good_requests(server: ServerThread, bad: BadCall, num_good: int = 1,
+                         good: dict[str, Any] = GOOD) -> tuple[httpx.Response, list[str]]:
+    """Start ``num_good`` streamed ``good`` requests, wait for a first chunk of each, send ``bad``,
+    then read the good ones to their end. Returns the bad response and the good texts."""
 
     async def main() -> tuple[httpx.Response, list[str]]:
         async with httpx.AsyncClient(base_url=server.base_url, timeout=60) as client, contextlib.AsyncExitStack() as es:
-            goods = [await es.enter_async_context(client.stream("POST", "/v1/completions", json=GOOD))
+            goods = [await es.enter_async_context(client.stream("POST", "/v1/completions", json=good))
                      for _ in range(num_good)]
             lines, its = [], []
             for r in goods:
@@ -148,12 +153,14 @@ def test_n_the_strategy_cannot_serve(server: ServerThread, good_text: str) -> No
     assert text == good_text
 
 
-def test_full_queue_is_503_with_retry_after(server: ServerThread, good_text: str) -> None:
+def test_full_queue_is_503_with_retry_after(server: ServerThread) -> None:
+    # Long good requests, so that the first is still in flight when the third arrives.
+    long_good = {**GOOD, "max_tokens": 400}
     bad, texts = during_good_requests(server, post("/v1/completions", {"model": MODEL, "prompt": "x"}),
-                                      num_good=MAX_QUEUE)
+                                      num_good=MAX_QUEUE, good=long_good)
     error = assert_error(bad, 503, None, "--max-queue 2")
     assert error["code"] == "queue_full" and bad.headers["retry-after"] == "1"
-    assert texts == [good_text] * MAX_QUEUE
+    assert texts == [_reference_text(long_good["max_tokens"])] * MAX_QUEUE
     assert server.metrics()["vllm:admission_rejections_total{reason=max_num_queued_reqs}"] == 1
 
 

@@ -92,7 +92,8 @@ def test_metrics_match_requests_and_engine_stats(server: ServerThread) -> None:
 
 
 def test_gauges_move_while_a_request_runs(server: ServerThread) -> None:
-    body = {"model": MODEL, "prompt": "Still running", "max_tokens": 60, "ignore_eos": True, "stream": True}
+    # As long as the 128-token pool allows, so that the request still runs at the scrape.
+    body = {"model": MODEL, "prompt": "Still running", "max_tokens": 100, "ignore_eos": True, "stream": True}
     with httpx.stream("POST", f"{server.base_url}/v1/completions", json=body, timeout=30) as r:
         lines = r.iter_lines()
         next(lines)
