@@ -152,10 +152,13 @@ class EngineProcess:
         atexit.register(self.close)  # runs before multiprocessing's exit hook, which joins the child
         try:
             first = recv(self._messages)
-        except (EOFError, OSError):
+        except BaseException as e:  # the child died, or Ctrl-C here: no point in finishing the load
+            self._process.terminate()
             self.close()
-            raise KVScopeError(f"the engine process exited with code {self._process.exitcode} while "
-                               "loading the model") from None
+            if isinstance(e, (EOFError, OSError)):
+                raise KVScopeError(f"the engine process exited with code {self._process.exitcode} while "
+                                   "loading the model") from None
+            raise
         if first[0] == START_FAILED:
             self.close()
             raise first[1]
