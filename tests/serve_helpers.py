@@ -4,6 +4,7 @@ from __future__ import annotations
 import socket
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 import httpx
@@ -18,16 +19,29 @@ from prometheus_client.parser import text_string_to_metric_families  # noqa: E40
 
 from kvscope import LLM  # noqa: E402
 from kvscope.serve.app import create_app  # noqa: E402
+from kvscope.serve.engine_client import EngineProcess  # noqa: E402
+
+#: How ``kvscope serve`` runs its engine: on a thread of the server, or in a process of its own.
+MODES = ("thread", "process")
+
+
+def served(mode: str, build: Callable[[], LLM]) -> LLM | EngineProcess:
+    """What ``create_app`` serves in ``mode``: ``build()`` here, or an engine-core process that calls
+    it (``build`` must pickle: a module-level function or a ``functools.partial`` of one)."""
+    return build() if mode == "thread" else EngineProcess(build)
 
 
 class ServerThread:
-    """``kvscope serve``'s app for ``llm`` under uvicorn on a free 127.0.0.1 port, in a thread.
+    """``kvscope serve``'s app for ``engine`` (an LLM, or an engine process) under uvicorn on a free
+    127.0.0.1 port, in a thread.
 
-    Use as a context manager; ``serving`` is the app's :class:`ServingContext`.
+    Use as a context manager; ``serving`` is the app's :class:`ServingContext`. An engine process
+    is closed on exit.
     """
 
-    def __init__(self, llm: LLM, **app_args: Any) -> None:
-        self.app = create_app(llm, **app_args)
+    def __init__(self, engine: LLM | EngineProcess, **app_args: Any) -> None:
+        self._engine = engine
+        self.app = create_app(engine, **app_args)
         self.serving = self.app.state.serving
         self._sock = socket.socket()
         self._sock.bind(("127.0.0.1", 0))
@@ -49,6 +63,8 @@ class ServerThread:
         self._server.should_exit = True
         self._thread.join(30)
         self._sock.close()
+        if isinstance(self._engine, EngineProcess):
+            self._engine.close()
 
     def metrics(self) -> dict[str, float]:
         """``/metrics`` as ``{name{label=value,...}: value}``, labels other than model_name kept."""

@@ -2,7 +2,9 @@
 
 Every rule is checked while another (good, streamed) request is in flight on the same server, and
 that request must still finish with the text of an in-process greedy run. The server runs
-``contiguous`` (which cannot fork KV, so ``n > 1`` is refused) with ``--max-queue 2``.
+``contiguous`` (which cannot fork KV, so ``n > 1`` is refused) with ``--max-queue 2``, with the
+engine on a thread and in a process of its own. The tests that patch the engine's ``step`` need it
+on the server's thread; ``test_serve_process.py`` checks the same behaviour of an engine process.
 """
 from __future__ import annotations
 
@@ -11,11 +13,12 @@ import contextlib
 import json
 import time
 from collections.abc import Awaitable, Callable
+from functools import partial
 from typing import Any
 
 import httpx
 import pytest
-from serve_helpers import ServerThread
+from serve_helpers import MODES, ServerThread, served
 
 from kvscope import LLM, SamplingParams
 
@@ -35,29 +38,44 @@ def llm() -> LLM:
 
 
 @pytest.fixture(scope="module")
-def server(llm: LLM):
+def thread_server(llm: LLM):
     with ServerThread(llm, max_queue=MAX_QUEUE) as s:
         yield s
 
 
+@pytest.fixture(scope="module", params=MODES)
+def server(request: pytest.FixtureRequest):
+    if request.param == "thread":
+        yield request.getfixturevalue("thread_server")
+        return
+    with ServerThread(served("process", partial(LLM, MODEL, strategy=STRATEGY, kv_memory_bytes=KV_MEMORY)),
+                      max_queue=MAX_QUEUE) as s:
+        yield s
+
+
+def _reference_text(max_tokens: int) -> str:
+    reference = LLM(MODEL, strategy=STRATEGY, kv_memory_bytes=KV_MEMORY)
+    params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
+    return reference.generate([GOOD["prompt"]], params, use_tqdm=False)[0].text
+
+
 @pytest.fixture(scope="module")
 def good_text() -> str:
-    reference = LLM(MODEL, strategy=STRATEGY, kv_memory_bytes=KV_MEMORY)
-    params = SamplingParams(max_tokens=GOOD["max_tokens"], temperature=0.0, ignore_eos=True)
-    return reference.generate([GOOD["prompt"]], params, use_tqdm=False)[0].text
+    return _reference_text(GOOD["max_tokens"])
 
 
 def _events(lines: list[str]) -> list[dict[str, Any]]:
     return [json.loads(line[len("data: "):]) for line in lines if line.startswith("data: ") and line != "data: [DONE]"]
 
 
-def during_good_requests(server: ServerThread, bad: BadCall, num_good: int = 1) -> tuple[httpx.Response, list[str]]:
-    """Start ``num_good`` streamed good requests, wait for a first chunk of each, send ``bad``, then
-    read the good ones to their end. Returns the bad response and the good texts."""
+def during_good_requests(server: ServerThread, bad: BadCall, num_good: int = 1,
+                         good: dict[str, Any] = GOOD) -> tuple[httpx.Response, list[str]]:
+    """Start ``num_good`` streamed ``good`` requests, wait for a first chunk of each, send ``bad``,
+    then read the good ones to their end. Returns the bad response and the good texts."""
 
     async def main() -> tuple[httpx.Response, list[str]]:
         async with httpx.AsyncClient(base_url=server.base_url, timeout=60) as client, contextlib.AsyncExitStack() as es:
-            goods = [await es.enter_async_context(client.stream("POST", "/v1/completions", json=GOOD))
+            goods = [await es.enter_async_context(client.stream("POST", "/v1/completions", json=good))
                      for _ in range(num_good)]
             lines, its = [], []
             for r in goods:
@@ -135,12 +153,14 @@ def test_n_the_strategy_cannot_serve(server: ServerThread, good_text: str) -> No
     assert text == good_text
 
 
-def test_full_queue_is_503_with_retry_after(server: ServerThread, good_text: str) -> None:
+def test_full_queue_is_503_with_retry_after(server: ServerThread) -> None:
+    # Long good requests, so that the first is still in flight when the third arrives.
+    long_good = {**GOOD, "max_tokens": 400}
     bad, texts = during_good_requests(server, post("/v1/completions", {"model": MODEL, "prompt": "x"}),
-                                      num_good=MAX_QUEUE)
+                                      num_good=MAX_QUEUE, good=long_good)
     error = assert_error(bad, 503, None, "--max-queue 2")
     assert error["code"] == "queue_full" and bad.headers["retry-after"] == "1"
-    assert texts == [good_text] * MAX_QUEUE
+    assert texts == [_reference_text(long_good["max_tokens"])] * MAX_QUEUE
     assert server.metrics()["vllm:admission_rejections_total{reason=max_num_queued_reqs}"] == 1
 
 
@@ -173,8 +193,9 @@ def test_unknown_fields_are_ignored(server: ServerThread) -> None:
     assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] >= 1
 
 
-def test_non_streaming_client_that_hangs_up_is_aborted(server: ServerThread, llm: LLM,
+def test_non_streaming_client_that_hangs_up_is_aborted(thread_server: ServerThread, llm: LLM,
                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    server = thread_server
     real_step = llm.engine.step
 
     def slow_step() -> list:  # 400 tokens take 4 s: the client gives up long before
@@ -191,8 +212,9 @@ def test_non_streaming_client_that_hangs_up_is_aborted(server: ServerThread, llm
     assert server.metrics()["vllm:request_success_total{finished_reason=abort}"] == before + 1
 
 
-def test_a_failing_engine_step_fails_only_the_requests_in_flight(server: ServerThread, llm: LLM,
+def test_a_failing_engine_step_fails_only_the_requests_in_flight(thread_server: ServerThread, llm: LLM,
                                                                  good_text: str) -> None:
+    server = thread_server
     real_step = llm.engine.step
 
     def step_that_fails_once() -> list:

@@ -3,16 +3,18 @@
 Afterwards every surviving client has its whole answer (the tokens of an in-process greedy run),
 the disconnected clients' requests were aborted and their KV freed (engine stats and /metrics
 both show no KV held), /metrics' engine counters equal ``engine.stats()``, and the server still
-answers. Once per strategy: ``paged``, an evicting one (``h2o``) and a host-offloading one (``offload``).
+answers. Once per strategy: ``paged``, an evicting one (``h2o``) and a host-offloading one
+(``offload``); each with the engine on a thread of the server and in a process of its own.
 """
 from __future__ import annotations
 
 import asyncio
-import time
+from functools import partial
 
 import httpx
 import pytest
-from serve_helpers import ServerThread
+from serve_engines import paced_llm
+from serve_helpers import MODES, ServerThread, served
 
 from kvscope import LLM, SamplingParams
 from kvscope.serve.metrics import STAT_COUNTERS, STAT_GAUGES
@@ -33,26 +35,18 @@ def _prompt(i: int) -> str:
     return f"Client {i} asks question number {i * 7 % 13}:"
 
 
+@pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize(("strategy", "active_counter"), [
     ("paged", "kvscope:engine_steps_total"),
     ("h2o:heavy_ratio=0.2,recent_ratio=0.2", "kvscope:evicted_tokens_total"),
     ("offload", "kvscope:transfer_h2d_bytes_total"),
 ])
-def test_64_streaming_clients_with_disconnects(strategy: str, active_counter: str,
-                                              monkeypatch: pytest.MonkeyPatch) -> None:
+def test_64_streaming_clients_with_disconnects(strategy: str, active_counter: str, mode: str) -> None:
     prompts = [_prompt(i) for i in range(NUM_CLIENTS)]
     params = SamplingParams(max_tokens=MAX_TOKENS, temperature=0.0, ignore_eos=True)
     reference = LLM(MODEL, strategy=strategy, kv_memory_bytes=KV_MEMORY).generate(prompts, params, use_tqdm=False)
 
-    llm = LLM(MODEL, strategy=strategy, kv_memory_bytes=KV_MEMORY)
-    real_step = llm.engine.step
-
-    def paced_step() -> list:
-        time.sleep(STEP_PACE_S)
-        return real_step()
-
-    monkeypatch.setattr(llm.engine, "step", paced_step)
-    with ServerThread(llm) as server:
+    with ServerThread(served(mode, partial(paced_llm, MODEL, strategy, KV_MEMORY, STEP_PACE_S))) as server:
         client = openai.AsyncOpenAI(base_url=f"{server.base_url}/v1", api_key="none", max_retries=0, timeout=60)
 
         async def one(i: int) -> tuple[str, int | None, str | None] | None:

@@ -2,15 +2,17 @@
 ``engine.stats()``.
 
 The KV pool holds 128 tokens, so six concurrent 60-token requests force preemptions, and the
-preemption counter has something to match.
+preemption counter has something to match. The engine runs on a thread of the server and in a
+process of its own (where the per-request metrics come from the outputs rebuilt from its messages).
 """
 from __future__ import annotations
 
 import asyncio
+from functools import partial
 
 import httpx
 import pytest
-from serve_helpers import ServerThread
+from serve_helpers import MODES, ServerThread, served
 
 from kvscope import LLM
 
@@ -35,9 +37,9 @@ KVSCOPE_NAMES = [
 ]
 
 
-@pytest.fixture(scope="module")
-def server():
-    with ServerThread(LLM(MODEL, kv_memory_bytes=64 << 10)) as s:  # 128 tokens of KV
+@pytest.fixture(scope="module", params=MODES)
+def server(request: pytest.FixtureRequest):
+    with ServerThread(served(request.param, partial(LLM, MODEL, kv_memory_bytes=64 << 10))) as s:  # 128 tokens of KV
         yield s
 
 
@@ -90,7 +92,8 @@ def test_metrics_match_requests_and_engine_stats(server: ServerThread) -> None:
 
 
 def test_gauges_move_while_a_request_runs(server: ServerThread) -> None:
-    body = {"model": MODEL, "prompt": "Still running", "max_tokens": 60, "ignore_eos": True, "stream": True}
+    # As long as the 128-token pool allows, so that the request still runs at the scrape.
+    body = {"model": MODEL, "prompt": "Still running", "max_tokens": 100, "ignore_eos": True, "stream": True}
     with httpx.stream("POST", f"{server.base_url}/v1/completions", json=body, timeout=30) as r:
         lines = r.iter_lines()
         next(lines)

@@ -3,15 +3,17 @@
 Each answer is checked against an independent in-process engine (``LLM.generate`` / ``LLM.chat``)
 with the same model and greedy parameters: same text, same tokens (through their logprob
 entries), same usage counts. Completions run on ``dummy:tiny-llama``; chat on SmolLM2-135M,
-whose tokenizer has a chat template (the byte-level tokenizer of dummy models has none).
+whose tokenizer has a chat template (the byte-level tokenizer of dummy models has none). Every
+server runs its engine on a thread and, again, in a process of its own.
 """
 from __future__ import annotations
 
 import asyncio
+from functools import partial
 
 import httpx
 import pytest
-from serve_helpers import ServerThread
+from serve_helpers import MODES, ServerThread, served
 
 from kvscope import LLM, SamplingParams
 from kvscope.engine.outputs import RequestOutput
@@ -28,9 +30,9 @@ def reference() -> LLM:
     return LLM(MODEL, kv_memory_bytes=KV_MEMORY)
 
 
-@pytest.fixture(scope="module")
-def server():
-    with ServerThread(LLM(MODEL, kv_memory_bytes=KV_MEMORY)) as s:
+@pytest.fixture(scope="module", params=MODES)
+def server(request: pytest.FixtureRequest):
+    with ServerThread(served(request.param, partial(LLM, MODEL, kv_memory_bytes=KV_MEMORY))) as s:
         yield s
 
 
@@ -175,9 +177,12 @@ def chat_reference(smollm2) -> RequestOutput:
     return llm.chat(MESSAGES, SamplingParams(max_tokens=10, temperature=0.0, logprobs=True), use_tqdm=False)[0]
 
 
-@pytest.fixture(scope="module")
-def chat_server(smollm2, chat_reference):
-    with ServerThread(LLM("smollm2-135m", kv_memory_bytes=KV_MEMORY, loaded_model=smollm2)) as s:
+@pytest.fixture(scope="module", params=MODES)
+def chat_server(request: pytest.FixtureRequest, smollm2, chat_reference):
+    # The engine process loads the model itself, and sends the server its (HF) tokenizer.
+    engine = (LLM("smollm2-135m", kv_memory_bytes=KV_MEMORY, loaded_model=smollm2) if request.param == "thread"
+              else served("process", partial(LLM, "smollm2-135m", kv_memory_bytes=KV_MEMORY)))
+    with ServerThread(engine) as s:
         yield s
 
 

@@ -1,5 +1,6 @@
-"""``kvscope serve`` pieces on their own: streamed text deltas, error field names, and the command line
-(parsing, the missing-extra message, and a real ``kvscope serve`` process answering on loopback)."""
+"""``kvscope serve`` pieces on their own: streamed text deltas, the templated chunks against the
+pydantic models' JSON, error field names, and the command line (parsing, the missing-extra
+message, and a real ``kvscope serve`` process answering on loopback)."""
 from __future__ import annotations
 
 import os
@@ -18,8 +19,12 @@ from kvscope.cli import build_parser, main  # noqa: E402
 from kvscope.engine.outputs import CompletionOutput  # noqa: E402
 from kvscope.engine.sampling_params import SamplingParams  # noqa: E402
 from kvscope.models.tokenizer import Tokenizer  # noqa: E402
+from kvscope.serve import openai_chat, openai_completions  # noqa: E402
 from kvscope.serve.app import _param  # noqa: E402
 from kvscope.serve.detokenize import TextDeltas  # noqa: E402
+from kvscope.serve.generation import sse  # noqa: E402
+from kvscope.serve.params import Plan  # noqa: E402
+from kvscope.serve.protocol import ChatStreamChoice, CompletionChoice, DeltaMessage  # noqa: E402
 
 
 TOKENIZER = Tokenizer.byte_level(512)  # token id = byte value
@@ -71,6 +76,19 @@ def test_text_deltas_concatenate_to_the_full_decode(smollm2) -> None:
         pieces.append(d.next(CompletionOutput(0, ids, "length", tok.decode)))
         assert "".join(pieces) == tok.decode(ids)
         assert all("\ufffd" not in p for p in pieces)
+
+
+@pytest.mark.parametrize("include_usage", [False, True])
+@pytest.mark.parametrize(("text", "reason"), [('h\u00e9 "q" \\ \n\t\u20ac \U0001F600 \x01', None), ("x", "length"),
+                                              (" ", "stop")])
+def test_templated_chunks_equal_the_pydantic_chunks(text: str, reason: str | None, include_usage: bool) -> None:
+    plan = Plan([[1], [2]], SamplingParams(n=2), None, True, include_usage, "prompt")
+    completions = openai_completions._Chunks("tiny", "cmpl-1", plan, TOKENIZER, None)
+    expected = sse(completions._chunk([CompletionChoice(index=3, text=text, finish_reason=reason)]), include_usage)
+    assert completions._text_events(3)(text, reason) == expected
+    chat = openai_chat._Chunks("tiny", "chatcmpl-1", plan, TOKENIZER, None)
+    assert chat._content_events(1)(text, reason) == chat._event(
+        [ChatStreamChoice(index=1, delta=DeltaMessage(content=text), finish_reason=reason)])
 
 
 def test_error_param_names() -> None:

@@ -62,11 +62,16 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
                    help="split the model's heads and MLP over N processes (one GPU each on CUDA)")
 
 
+def _llm_args(args: argparse.Namespace) -> dict[str, Any]:
+    """The :class:`~kvscope.LLM` arguments that :func:`_add_engine_args`' options (and ``args.model``) give."""
+    return dict(model=args.model, strategy=args.strategy, kv_memory_bytes=args.kv_memory, device=args.device,
+                dtype=args.dtype, max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
+                max_num_batched_tokens=args.max_num_batched_tokens, preemption_mode=args.preemption_mode,
+                enforce_eager=args.enforce_eager, tensor_parallel_size=args.tensor_parallel_size)
+
+
 def _llm(args: argparse.Namespace) -> Any:
     """The :class:`~kvscope.LLM` that :func:`_add_engine_args`' options (and ``args.model``) describe."""
     from kvscope import LLM
 
-    return LLM(model=args.model, strategy=args.strategy, kv_memory_bytes=args.kv_memory, device=args.device,
-               dtype=args.dtype, max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
-               max_num_batched_tokens=args.max_num_batched_tokens, preemption_mode=args.preemption_mode,
-               enforce_eager=args.enforce_eager, tensor_parallel_size=args.tensor_parallel_size)
+    return LLM(**_llm_args(args))

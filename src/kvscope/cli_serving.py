@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from kvscope.cli_args import _add_engine_args, _llm
+from kvscope.cli_args import _add_engine_args, _llm, _llm_args
 from kvscope.errors import KVScopeError
 
 
@@ -92,6 +92,9 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--host", default="127.0.0.1", help="bind address (default: loopback only)")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    p.add_argument("--engine-process", action=argparse.BooleanOptionalAction, default=True,
+                   help="run the engine in a process of its own (default), so that the HTTP front end never "
+                        "slows its steps; --no-engine-process runs it on a thread of the server (debugging)")
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -106,9 +109,17 @@ def _serve(args: argparse.Namespace) -> int:
 
     if args.max_queue is not None and args.max_queue < 1:
         raise KVScopeError(f"--max-queue must be >= 1, got {args.max_queue}")
-    llm = _llm(args)
+    if args.engine_process:
+        from functools import partial
+
+        from kvscope import LLM
+        from kvscope.serve.engine_client import EngineProcess
+
+        engine = EngineProcess(partial(LLM, **_llm_args(args)))
+    else:
+        engine = _llm(args)
     try:
-        run_server(llm, args.host, args.port, args.served_model_name, args.max_queue, args.log_level)
+        run_server(engine, args.host, args.port, args.served_model_name, args.max_queue, args.log_level)
     finally:
-        llm.close()  # tensor-parallel workers
+        engine.close()  # the engine process, or tensor-parallel workers
     return 0

@@ -213,6 +213,12 @@ class LLMEngine:
         """Whether :meth:`step` has work: requests to run, or final outputs of aborted ones to return."""
         return self.scheduler.num_unfinished > 0 or bool(self._due)
 
+    def samples(self, request_id: str) -> list[Request]:
+        """The live state of a queued request: itself, then the ``n - 1`` samples forked from it as
+        they come (appended to this same list). Read-only, between steps: a streaming server reads
+        each step's new tokens here, instead of having ``step`` copy every output (``FINAL_ONLY``)."""
+        return self._groups[request_id]
+
     # ---- the step ---------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
         """Run one scheduled batch; return the outputs of the requests it advanced or finished,
@@ -365,7 +371,6 @@ class LLMEngine:
                     self.requests.pop(r.request_id, None)
                 del self._groups[rid]
         return outs
-
 
     def load(self) -> dict[str, int]:
         """What a serving timeline samples after each step: request counts and KV bytes, from

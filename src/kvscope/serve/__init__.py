@@ -1,10 +1,14 @@
 """``kvscope serve``: an OpenAI-compatible HTTP server over one :class:`~kvscope.engine.engine.LLMEngine`.
 
 Needs the ``serve`` extra (FastAPI, uvicorn, prometheus_client; pydantic comes with FastAPI), except
-``async_engine`` and ``detokenize``, which use only the engine. Nothing here is imported by
-``import kvscope``. Modules:
+``engine_api``, ``engine_core``, ``engine_client``, ``async_engine`` and ``detokenize``, which use
+only the engine. Nothing here is imported by ``import kvscope``. Modules:
 
-- ``async_engine``: the engine on its own thread; requests handed in, outputs streamed out to asyncio.
+- ``engine_api``: what the two engine placements share (errors, output streams, engine info).
+- ``engine_core`` / ``engine_client``: the engine in a process of its own (the default), and the
+  server's side of it.
+- ``async_engine``: the engine on a thread of the server; requests handed in, outputs streamed out
+  to asyncio.
 - ``protocol``: OpenAI request/response shapes (pydantic).
 - ``params``: a validated request -> prompt token ids and :class:`SamplingParams`, or a 400.
 - ``detokenize``: streamed text deltas and logprobs from cumulative outputs.

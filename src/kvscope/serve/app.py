@@ -1,9 +1,12 @@
-"""The FastAPI application: routes, OpenAI-shaped errors, and the engine thread's lifetime.
+"""The FastAPI application: routes, OpenAI-shaped errors, and the engine's lifetime.
 
-``create_app(llm)`` wraps an :class:`~kvscope.llm.LLM`'s engine; the engine thread starts with the
-app (ASGI lifespan) and stops with it. The app depends on the engine's public API only:
-``add_request``, ``step``, ``abort``, ``has_unfinished_requests``, ``stats``, plus the limits read
-once at start (``max_model_len``, the vocabulary size, whether the strategy can fork).
+``create_app(engine)`` serves either an :class:`~kvscope.llm.LLM` (its engine then runs on a
+thread of this process, :class:`~kvscope.serve.async_engine.AsyncEngine`) or an
+:class:`~kvscope.serve.engine_client.EngineProcess` (the engine in a child process, what
+``kvscope serve`` runs by default). Serving starts with the app (ASGI lifespan) and stops with it.
+The app depends on the engine's public API only: ``add_request``, ``step``, ``abort``,
+``has_unfinished_requests``, ``stats``, plus the limits read once at start (``max_model_len``, the
+vocabulary size, whether the strategy can fork).
 """
 from __future__ import annotations
 
@@ -20,13 +23,14 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from kvscope.errors import ConfigError
-from kvscope.serve.async_engine import AsyncEngine, ServeError
+from kvscope.serve.async_engine import AsyncEngine
+from kvscope.serve.engine_api import EngineInfo, ServeError
+from kvscope.serve.engine_client import EngineProcess
 from kvscope.serve.errors import APIError, from_serve_error
 from kvscope.serve.generation import ServingContext
 from kvscope.serve.metrics import ServerMetrics
 from kvscope.serve.openai_chat import create_chat_completion
 from kvscope.serve.openai_completions import create_completion
-from kvscope.serve.params import ServingLimits
 from kvscope.serve.protocol import ChatCompletionRequest, CompletionRequest, ModelCard, ModelList
 
 if TYPE_CHECKING:
@@ -38,39 +42,37 @@ _TYPE_TAGS = frozenset({"str", "int", "float", "bool", "list", "dict"})
 DEFAULT_QUEUE_PER_SEQ = 4  # --max-queue defaults to this many times max_num_seqs
 
 
-def create_app(llm: LLM, served_model_name: str | None = None, max_queue: int | None = None) -> FastAPI:
-    """An OpenAI-compatible app serving ``llm`` under ``served_model_name`` (default: its model spec).
+def create_app(engine: LLM | EngineProcess, served_model_name: str | None = None,
+               max_queue: int | None = None) -> FastAPI:
+    """An OpenAI-compatible app serving ``engine`` under ``served_model_name`` (default: its model spec).
 
     ``max_queue``: requests admitted at once (waiting + running, a batch of prompts counts each);
     above it a request gets 503 with ``Retry-After: 1``. Default: 4 x ``max_num_seqs``.
-    While the app runs, its engine thread owns ``llm.engine``: nothing else may call the engine.
+    While the app runs, it owns the engine: nothing else may call an ``LLM``'s engine.
     """
     if max_queue is not None and max_queue < 1:
         raise ConfigError(f"max_queue must be >= 1, got {max_queue}")
-    engine = llm.engine
-    name = served_model_name or llm.config.model
-    limits = ServingLimits(
-        max_model_len=engine.max_model_len,
-        vocab_size=engine.model_config.vocab_size,
-        supports_fork=engine.kv.supports_fork,
-        strategy=engine.kv.name,
-        max_num_seqs=llm.config.max_num_seqs,
-    )
-    metrics = ServerMetrics(name, limits.max_model_len, lambda: async_engine.stats, lambda: async_engine.num_requests)
-    async_engine = AsyncEngine(engine, observer=metrics)
+    if isinstance(engine, EngineProcess):
+        info, served = engine.info, engine
+    else:
+        info, served = EngineInfo.of(engine), AsyncEngine(engine.engine)
+    name = served_model_name or info.model
+    limits = info.limits
+    metrics = ServerMetrics(name, limits.max_model_len, lambda: served.stats, lambda: served.num_requests)
+    served.observer = metrics
     ctx = ServingContext(
-        engine=async_engine, tokenizer=llm.tokenizer, model_name=name, model_root=llm.config.model, limits=limits,
-        max_queue=max_queue if max_queue is not None else DEFAULT_QUEUE_PER_SEQ * llm.config.max_num_seqs,
+        engine=served, tokenizer=info.tokenizer, model_name=name, model_root=info.model, limits=limits,
+        max_queue=max_queue if max_queue is not None else DEFAULT_QUEUE_PER_SEQ * limits.max_num_seqs,
         metrics=metrics,
     )
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
-        async_engine.start()
+        served.start()
         try:
             yield
         finally:
-            await asyncio.to_thread(async_engine.shutdown)
+            await asyncio.to_thread(served.shutdown)
 
     app = FastAPI(title="kvscope", summary="OpenAI-compatible serving of one kvscope engine", lifespan=lifespan)
     app.state.serving = ctx
@@ -82,7 +84,7 @@ def create_app(llm: LLM, served_model_name: str | None = None, max_queue: int | 
 def _add_routes(app: FastAPI, ctx: ServingContext) -> None:
     @app.get("/health")
     async def health() -> Response:
-        """200 while the engine thread runs, 503 otherwise."""
+        """200 while the engine serves, 503 otherwise (shutting down, or its process died)."""
         return Response(status_code=200 if ctx.engine.is_running else 503)
 
     @app.get("/v1/models")

@@ -1,4 +1,5 @@
-"""The engine on a thread of its own, driven from asyncio.
+"""The engine on a thread of the server, driven from asyncio (``kvscope serve --no-engine-process``;
+by default the engine runs in a process of its own: :mod:`kvscope.serve.engine_client`).
 
 One daemon thread owns the :class:`LLMEngine`: it is the only thread that calls ``add_request``,
 ``step``, ``abort`` and ``stats``. Request handlers on the event loop talk to it through a FIFO of
@@ -27,77 +28,36 @@ import queue
 import threading
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Protocol
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 from kvscope.engine.outputs import RequestOutput
 from kvscope.engine.sampling_params import SamplingParams
 from kvscope.errors import ConfigError, RequestError
+from kvscope.serve.engine_api import (
+    STATS_INTERVAL_S,
+    EngineFailure,
+    EngineStopped,
+    Group,
+    OutputStream,
+    RequestRejected,
+    ServeError,
+    StepObserver,
+    await_accepted,
+    notify,
+    put_all,
+    request_ids,
+)
 
 if TYPE_CHECKING:
     from kvscope.engine.engine import LLMEngine
 
 log = logging.getLogger("kvscope.serve")
 
-#: Between steps with no request added or aborted, ``stats()`` (which walks every block table) is
-#: sampled at most this often; it is taken after every add, abort and when the engine falls idle.
-STATS_INTERVAL_S = 0.05
-
-
-class ServeError(Exception):
-    """A request could not be served; ``status`` is the HTTP status it maps to."""
-
-    status = 500
-
-
-class RequestRejected(ServeError):
-    """The engine refused a prompt (``index``: its position in the request's batch of prompts)."""
-
-    status = 400
-
-    def __init__(self, message: str, index: int) -> None:
-        super().__init__(message)
-        self.index = index
-
-
-class EngineFailure(ServeError):
-    """The engine raised while serving the request."""
-
-    status = 500
-
-
-class EngineStopped(ServeError):
-    """The server is shutting down."""
-
-    status = 503
-
-
-class StepObserver(Protocol):
-    """Called on the engine thread (metrics); must not raise and must be quick."""
-
-    def on_outputs(self, outputs: list[RequestOutput]) -> None: ...
-
-    def on_removed(self, request_ids: list[str], reason: str) -> None:
-        """Requests ended without a final output: ``"abort"`` (client gone, shutdown) or ``"error"``."""
-
-    def on_step_error(self) -> None: ...
-
-
-@dataclass
-class _Group:
-    """The engine requests of one HTTP request (one per prompt), and where their outputs go."""
-
-    ids: list[str]
-    loop: asyncio.AbstractEventLoop
-    queue: asyncio.Queue[tuple[str, Any]] = field(default_factory=asyncio.Queue)
-
-    def __post_init__(self) -> None:
-        self.index = {rid: i for i, rid in enumerate(self.ids)}
-
 
 @dataclass
 class _Add:
-    group: _Group
+    group: Group
     prompts: list[list[int]]
     params: SamplingParams
     arrival_time: float
@@ -111,81 +71,21 @@ class _Abort:
 _STOP = object()
 
 
-class OutputStream:
-    """The outputs of one submitted group, read on the event loop.
-
-    Each ``await stream.next()`` returns ``{prompt index: newest RequestOutput}`` for the prompts
-    that moved. Engine outputs are cumulative (all tokens so far), so when a slow reader falls
-    behind, the outputs waiting in its queue collapse into the newest: a client never makes the
-    server buffer more than one output per prompt. ``close()`` must always be called: it aborts
-    whatever has not finished (a client that went away) and releases the request's admission slot.
-    """
-
-    def __init__(self, engine: AsyncEngine, group: _Group) -> None:
-        self._engine = engine
-        self._group = group
-        self._finished: set[int] = set()
-        self._closed = False
-
-    @property
-    def finished(self) -> bool:
-        return len(self._finished) == len(self._group.ids)
-
-    async def next(self) -> dict[int, RequestOutput]:
-        items = [await self._group.queue.get()]
-        while not self._group.queue.empty():
-            items.append(self._group.queue.get_nowait())
-        updates: dict[int, RequestOutput] = {}
-        for kind, payload in items:
-            if kind == "error":
-                raise payload
-            for i, out in payload:
-                updates[i] = out
-                if out.finished:
-                    self._finished.add(i)
-        return updates
-
-    def __aiter__(self) -> OutputStream:
-        return self
-
-    async def __anext__(self) -> dict[int, RequestOutput]:
-        if self.finished:
-            raise StopAsyncIteration
-        return await self.next()
-
-    async def final(self) -> list[RequestOutput]:
-        """Wait until every prompt finished; their last outputs in prompt order."""
-        latest: dict[int, RequestOutput] = {}
-        async for updates in self:
-            latest.update(updates)
-        return [latest[i] for i in range(len(self._group.ids))]
-
-    def close(self, abort: bool = True) -> None:
-        """Release the admission slot and abort what has not finished (unless nothing of it is in
-        the engine: ``abort=False``)."""
-        if self._closed:
-            return
-        self._closed = True
-        self._engine._release(len(self._group.ids))
-        unfinished = [rid for i, rid in enumerate(self._group.ids) if i not in self._finished]
-        if unfinished and abort:
-            self._engine.abort(unfinished)
-
-
 class AsyncEngine:
     """An :class:`LLMEngine` served from its own thread; see the module docstring.
 
     Args:
         engine: the engine; after :meth:`start`, no other thread may call it.
-        observer: told about every step's outputs, aborts and step failures (metrics).
+        observer: told about every step's outputs, aborts and step failures (metrics); may also be
+            set as the ``observer`` attribute before :meth:`start`.
     """
 
     def __init__(self, engine: LLMEngine, observer: StepObserver | None = None) -> None:
         self._engine = engine
-        self._observer = observer
+        self.observer = observer
         self._commands: queue.SimpleQueue[Any] = queue.SimpleQueue()
-        self._live: dict[str, _Group] = {}  # engine thread only
-        self._outbox: list[tuple[_Group, tuple[str, Any]]] = []  # engine thread only
+        self._live: dict[str, Group] = {}  # engine thread only
+        self._outbox: list[tuple[Group, tuple[str, Any]]] = []  # engine thread only
         self._thread: threading.Thread | None = None
         self._stopping = False
         self._num_requests = 0  # event-loop thread only
@@ -236,20 +136,11 @@ class AsyncEngine:
         """
         if not self.is_running:
             raise EngineStopped("the server is shutting down")
-        ids = [request_id] if len(prompts) == 1 else [f"{request_id}-{i}" for i in range(len(prompts))]
-        group = _Group(ids, asyncio.get_running_loop())
+        group = Group(request_ids(request_id, len(prompts)), asyncio.get_running_loop())
         stream = OutputStream(self, group)
-        self._num_requests += len(ids)
+        self._num_requests += len(group.ids)
         self._commands.put(_Add(group, [list(p) for p in prompts], params, arrival_time))
-        try:
-            kind, payload = await group.queue.get()
-        except BaseException:  # cancelled (client gone) while waiting: the add still lands, then the abort
-            stream.close()
-            raise
-        if kind == "error":
-            stream.close(abort=False)  # nothing of it is in the engine
-            raise payload
-        return stream
+        return await await_accepted(stream, group)
 
     def abort(self, request_ids: list[str]) -> None:
         """Abort engine requests (thread-safe; applied before the engine's next step)."""
@@ -289,7 +180,7 @@ class AsyncEngine:
             for rid in aborted:
                 self._engine.abort(rid)
             if aborted:
-                self._notify("on_removed", aborted, "abort")
+                notify(self.observer, "on_removed", aborted, "abort")
             return
         group, added = cmd.group, []
         try:
@@ -318,13 +209,13 @@ class AsyncEngine:
             outputs = self._engine.step()
         except Exception as e:
             log.exception("kvscope engine step failed; failing the requests in flight")
-            self._notify("on_step_error")
+            notify(self.observer, "on_step_error")
             self._fail_live(EngineFailure(f"engine step failed: {type(e).__name__}: {e}"), "error")
             return
         # The engine's final output of a request aborted here was accounted for at the abort.
         outputs = [out for out in outputs if out.request_id in self._live]
-        self._notify("on_outputs", outputs)
-        per_group: dict[int, tuple[_Group, list[tuple[int, RequestOutput]]]] = {}
+        notify(self.observer, "on_outputs", outputs)
+        per_group: dict[int, tuple[Group, list[tuple[int, RequestOutput]]]] = {}
         for out in outputs:
             group = self._live[out.request_id]
             if out.finished:
@@ -343,10 +234,10 @@ class AsyncEngine:
                 log.exception("kvscope: abort of %s failed", rid)
         self._live.clear()
         if ids:
-            self._notify("on_removed", ids, reason)
+            notify(self.observer, "on_removed", ids, reason)
         self._deliver([(g, ("error", error)) for g in groups.values()])
 
-    def _deliver(self, items: list[tuple[_Group, tuple[str, Any]]]) -> None:
+    def _deliver(self, items: list[tuple[Group, tuple[str, Any]]]) -> None:
         """Queue items for their groups; :meth:`_flush` sends them at the end of the loop's turn."""
         self._outbox.extend(items)
 
@@ -357,17 +248,9 @@ class AsyncEngine:
         self._outbox = []
         for loop, pairs in by_loop.items():
             try:
-                loop.call_soon_threadsafe(_put_all, pairs)
+                loop.call_soon_threadsafe(put_all, pairs)
             except RuntimeError:  # that event loop is closed: nobody is waiting any more
                 pass
-
-    def _notify(self, method: str, *args: Any) -> None:
-        if self._observer is None:
-            return
-        try:
-            getattr(self._observer, method)(*args)
-        except Exception:  # metrics must never take the engine down
-            log.exception("kvscope: step observer %s failed", method)
 
     def _refresh_stats(self, force: bool) -> None:
         now = time.perf_counter()
@@ -375,7 +258,3 @@ class AsyncEngine:
             self._stats = self._engine.stats()
             self._stats_time = now
 
-
-def _put_all(pairs: list[tuple[asyncio.Queue, tuple[str, Any]]]) -> None:
-    for q, item in pairs:
-        q.put_nowait(item)

@@ -1,7 +1,7 @@
 """OpenAI-shaped HTTP errors: ``{"error": {"message", "type", "param", "code"}}``."""
 from __future__ import annotations
 
-from kvscope.serve.async_engine import ServeError
+from kvscope.serve.engine_api import ServeError
 from kvscope.serve.protocol import ErrorInfo, ErrorResponse
 
 

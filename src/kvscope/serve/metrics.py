@@ -3,9 +3,9 @@ one process, as the tests build them).
 
 Two sources, every series labelled ``model_name`` as vLLM labels its own:
 
-- Per request, observed on the engine thread as outputs arrive (:class:`ServerMetrics` is the
-  async engine's step observer): token counters, finished-request counts, latency histograms,
-  with vLLM's names.
+- Per request, observed as outputs arrive (:class:`ServerMetrics` is the engine's step observer:
+  on the engine thread, or on the event loop with an engine process): token counters,
+  finished-request counts, latency histograms, with vLLM's names.
 - The engine's own counters, read at scrape time from the newest ``engine.stats()`` snapshot
   (:class:`EngineStatsCollector`): running/waiting requests, KV usage, preemptions, and kvscope's
   strategy counters (evictions, host transfers, adaptive decisions) under ``kvscope:``. A key the
@@ -123,7 +123,7 @@ class EngineStatsCollector(Collector):
 
 
 class ServerMetrics:
-    """The server's registry; also the async engine's step observer (called on the engine thread)."""
+    """The server's registry; also the engine's step observer (called on one thread only)."""
 
     def __init__(self, model_name: str, max_model_len: int, stats: Callable[[], dict[str, Any]],
                  in_flight: Callable[[], int]) -> None:
@@ -168,7 +168,7 @@ class ServerMetrics:
                                        model_name, "max_num_queued_reqs")
         self._model = model_name
         self.registry.register(EngineStatsCollector(model_name, stats, in_flight))
-        self._tokens_seen: dict[str, int] = {}  # engine thread only
+        self._tokens_seen: dict[str, int] = {}  # the observer's thread only
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
@@ -179,7 +179,7 @@ class ServerMetrics:
         if queue_full:
             self._queue_full.inc()
 
-    # ---- StepObserver (engine thread) ---------------------------------------------------------
+    # ---- StepObserver (the engine thread, or the event loop) -----------------------------------
     def on_outputs(self, outputs: list[RequestOutput]) -> None:
         # One counter update per step, not per request: each inc takes a lock, and a step of a
         # large batch has hundreds of outputs.

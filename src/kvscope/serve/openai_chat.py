@@ -14,7 +14,7 @@ from starlette.responses import Response
 from kvscope.engine.outputs import RequestOutput
 from kvscope.models.tokenizer import Tokenizer
 from kvscope.serve.detokenize import ChoiceStream, Logprobs, TokenLogprob
-from kvscope.serve.generation import ServingContext, finish_reason, new_request_id, respond, sse, usage
+from kvscope.serve.generation import EventTemplate, ServingContext, finish_reason, new_request_id, respond, sse, usage
 from kvscope.serve.params import Plan, chat_plan, check_model
 from kvscope.serve.protocol import (
     ChatChoice,
@@ -64,6 +64,7 @@ class _Chunks:
         self._created = int(time.time())
         self._choices = [ChoiceStream(tokenizer, plan.params, logprobs) for _ in range(plan.params.n)]
         self._latest: RequestOutput | None = None
+        self._templates: dict[int, EventTemplate] = {}
 
     def _event(self, choices: list[ChatStreamChoice], **usage_field: object) -> str:
         chunk = ChatCompletionChunk(id=self._rid, created=self._created, model=self._model, choices=choices,
@@ -83,12 +84,27 @@ class _Chunks:
                 continue
             text, entries = state.update(c)
             reason = finish_reason(c) if c.finished else None
-            if text or entries or reason or state.new_tokens:
+            if text and entries is None:
+                events.append(self._content_events(c.index)(text, reason))
+            elif text or entries or reason or state.new_tokens:
                 lp = _logprobs(entries) if entries is not None else None
                 choice = ChatStreamChoice(index=c.index, delta=DeltaMessage(content=text or None), logprobs=lp,
                                           finish_reason=reason)
                 events.append(self._event([choice]))
         return events
+
+    def _content_events(self, index: int) -> EventTemplate:
+        """Chunks of one choice with content and no logprobs, as :meth:`_event` would make them."""
+        template = self._templates.get(index)
+        if template is None:
+            chunk: dict[str, object] = {
+                "id": self._rid, "object": "chat.completion.chunk", "created": self._created, "model": self._model,
+                "choices": [{"index": index, "delta": {"content": EventTemplate.TEXT}, "logprobs": None,
+                             "finish_reason": EventTemplate.REASON}]}
+            if self._plan.include_usage:
+                chunk["usage"] = None
+            template = self._templates[index] = EventTemplate(chunk)
+        return template
 
     def tail(self) -> list[str]:
         if not self._plan.include_usage or self._latest is None:

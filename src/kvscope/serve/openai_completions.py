@@ -16,7 +16,7 @@ from starlette.responses import Response
 from kvscope.engine.outputs import RequestOutput
 from kvscope.models.tokenizer import Tokenizer
 from kvscope.serve.detokenize import ChoiceStream, Logprobs, TokenLogprob
-from kvscope.serve.generation import (ServingContext, finish_reason, new_request_id, respond, sse, sse_dict,
+from kvscope.serve.generation import (EventTemplate, ServingContext, finish_reason, new_request_id, respond, sse,
                                      usage)
 from kvscope.serve.params import Plan, check_model, completion_plan
 from kvscope.serve.protocol import CompletionChoice, CompletionLogprobs, CompletionRequest, CompletionResponse
@@ -65,6 +65,7 @@ class _Chunks:
         self._choices = [ChoiceStream(tokenizer, plan.params, logprobs) for _ in range(num_choices)]
         self._offsets = [0] * num_choices  # characters of text before each choice's next token
         self._latest: dict[int, RequestOutput] = {}
+        self._templates: dict[int, EventTemplate] = {}
 
     def head(self) -> list[str]:
         return []  # a completion's first chunk already carries text
@@ -73,14 +74,18 @@ class _Chunks:
         return CompletionResponse(id=self._rid, created=self._created, model=self._model, choices=choices,
                                   **usage_field)
 
-    def _text_chunk(self, index: int, text: str, reason: str | None) -> dict[str, object]:
-        """A chunk of one choice without logprobs, as :meth:`_chunk` would make it."""
-        chunk: dict[str, object] = {
-            "id": self._rid, "object": "text_completion", "created": self._created, "model": self._model,
-            "choices": [{"index": index, "text": text, "logprobs": None, "finish_reason": reason}]}
-        if self._plan.include_usage:
-            chunk["usage"] = None
-        return chunk
+    def _text_events(self, index: int) -> EventTemplate:
+        """Chunks of one choice without logprobs, as :meth:`_chunk` would make them."""
+        template = self._templates.get(index)
+        if template is None:
+            chunk: dict[str, object] = {
+                "id": self._rid, "object": "text_completion", "created": self._created, "model": self._model,
+                "choices": [{"index": index, "text": EventTemplate.TEXT, "logprobs": None,
+                             "finish_reason": EventTemplate.REASON}]}
+            if self._plan.include_usage:
+                chunk["usage"] = None
+            template = self._templates[index] = EventTemplate(chunk)
+        return template
 
     def update(self, updates: dict[int, RequestOutput]) -> list[str]:
         events = []
@@ -102,7 +107,7 @@ class _Chunks:
                     choice = CompletionChoice(index=index, text=text, logprobs=lp, finish_reason=reason)
                     events.append(sse(self._chunk([choice]), self._plan.include_usage))
                 else:
-                    events.append(sse_dict(self._text_chunk(index, text, reason)))
+                    events.append(self._text_events(index)(text, reason))
         return events
 
     def tail(self) -> list[str]:

@@ -14,6 +14,7 @@ from typing import Any
 from kvscope.engine.sampling_params import SamplingParams
 from kvscope.errors import ConfigError
 from kvscope.models.tokenizer import Tokenizer
+from kvscope.serve.engine_api import ServingLimits
 from kvscope.serve.errors import APIError, bad_request
 from kvscope.serve.protocol import ChatCompletionRequest, CompletionRequest, SamplingRequest
 
@@ -21,17 +22,6 @@ from kvscope.serve.protocol import ChatCompletionRequest, CompletionRequest, Sam
 #: token); a request whose rows could exceed this is refused rather than allowed to exhaust memory.
 TOP_LOGPROBS_MAX_BYTES = 256 << 20
 COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
-
-
-@dataclass(frozen=True)
-class ServingLimits:
-    """What the server knows of its engine, read once before the engine thread starts."""
-
-    max_model_len: int
-    vocab_size: int
-    supports_fork: bool
-    strategy: str
-    max_num_seqs: int
 
 
 @dataclass

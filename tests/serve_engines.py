@@ -1,0 +1,28 @@
+"""Engines for the serve tests, built by picklable module-level functions: an engine-core process
+(``EngineProcess``) imports this module by name in its child to build them."""
+from __future__ import annotations
+
+import time
+
+from kvscope import LLM
+
+#: Token ids of a prompt (bytes, for the byte-level tokenizer of dummy models) that makes every
+#: step of a :func:`paced_llm` engine raise while the request is unfinished.
+FAIL_STEP_PROMPT = list(b"!fail-this-step!")
+
+
+def paced_llm(model: str, strategy: str, kv_memory: int, pace_s: float) -> LLM:
+    """An :class:`LLM` whose steps each take ``pace_s`` longer (so that a test can act while
+    requests still run), and fail while a request of prompt :data:`FAIL_STEP_PROMPT` is unfinished."""
+    llm = LLM(model, strategy=strategy, kv_memory_bytes=kv_memory)
+    engine = llm.engine
+    real_step = engine.step
+
+    def step() -> list:
+        time.sleep(pace_s)
+        if any(r.prompt_token_ids == FAIL_STEP_PROMPT and not r.is_finished for r in engine.requests.values()):
+            raise RuntimeError("injected step failure")
+        return real_step()
+
+    engine.step = step  # type: ignore[method-assign]
+    return llm
