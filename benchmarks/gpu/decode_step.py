@@ -17,7 +17,8 @@ decodes one token per request at position ``context``. Two timings per point, ea
 - **model step**: ``runner.run(batch, rows)`` + ``kv.end_step(batch)`` on a batch built once (the
   forward pass, attention backend set-up and LM head; the same token is decoded again each time);
 - **engine step**: ``engine.step()`` with the requests injected into the scheduler's running list,
-  i.e. scheduling, batch building, the forward pass, sampling and bookkeeping: what a user gets.
+  i.e. scheduling, batch building, the forward pass, sampling and bookkeeping: what a user gets
+  from ``LLM.generate`` (``FINAL_ONLY`` outputs: none built until a request finishes).
   The context grows by one token per step (25 tokens over a run, negligible).
 
 ``engine.stats()["cuda_graph_replays"]`` is read before and after each timing, so each row says
@@ -76,6 +77,7 @@ from ceilings import RESULTS, env_line  # noqa: E402
 from kvscope.engine.engine import LLMEngine  # noqa: E402
 from kvscope.engine.request import Request  # noqa: E402
 from kvscope.engine.sampling_params import SamplingParams  # noqa: E402
+from kvscope.sampling_params import RequestOutputKind  # noqa: E402
 from kvscope.kv.registry import create  # noqa: E402
 from kvscope.models.loader import LoadedModel, load_model  # noqa: E402
 
@@ -144,7 +146,9 @@ def inject(engine: LLMEngine, batch: int, context: int, tag: str) -> list[Reques
     reqs = []
     for i in range(batch):
         prompt = torch.randint(0, engine.model_config.vocab_size, (context,), generator=gen).tolist()
-        r = Request(f"{tag}-{i}", prompt, SamplingParams(max_tokens=1 << 20, temperature=0.0, ignore_eos=True))
+        # FINAL_ONLY, as LLM.generate (and vLLM's) runs: no per-step copy of every growing output.
+        r = Request(f"{tag}-{i}", prompt, SamplingParams(max_tokens=1 << 20, temperature=0.0, ignore_eos=True,
+                                                         output_kind=RequestOutputKind.FINAL_ONLY))
         r.output_token_ids.append(prompt[-1])
         if not (engine.kv.allocate(r, context) and engine.kv.allocate(r, context + 1)):
             raise RuntimeError(f"no room in the KV pool for {batch} x {context}")
