@@ -47,7 +47,7 @@ class _Layout:
         return BlockTableLayout(self._kv.cache, self._kv.block_size)
 
 
-def measure(batch: int, steps: int, warmup: int, profile: bool) -> dict[str, float]:
+def measure(batch: int, steps: int, warmup: int, profile: bool, output_kind: str = "cumulative") -> dict[str, float]:
     """Median ms per phase over ``steps`` pure-decode steps of ``batch`` requests."""
     from kvscope import LLM, SamplingParams
     from kvscope.engine.cuda_graph import default_graph_sizes
@@ -58,7 +58,7 @@ def measure(batch: int, steps: int, warmup: int, profile: bool) -> dict[str, flo
     e = llm.engine
     graphs = BlockTableGraphs(_Layout(e.kv), default_graph_sizes(batch), MAX_LEN, torch.device("cpu"))
     gen = torch.Generator().manual_seed(0)
-    params = SamplingParams(max_tokens=MAX_LEN - PROMPT, temperature=0.0, ignore_eos=True)
+    params = SamplingParams(max_tokens=MAX_LEN - PROMPT, temperature=0.0, ignore_eos=True, output_kind=output_kind)
     for _ in range(batch):
         e.add_request(torch.randint(1, 500, (PROMPT,), generator=gen).tolist(), params)
     cur: dict[str, float] = {}
@@ -97,7 +97,8 @@ def measure(batch: int, steps: int, warmup: int, profile: bool) -> dict[str, flo
         total = time.perf_counter() - t
         if prof is not None:
             prof.disable()
-        assert len(outs) == batch and cur.get("load_static", 0) > 0, "not a full pure-decode step"
+        assert cur.get("load_static", 0) > 0 and len(outs) == (batch if output_kind == "cumulative" else 0), \
+            "not a full pure-decode step"
         cur["rest"] = total - cur["schedule"] - cur["build_batch"] - cur["load_static"] - cur["forward"]
         if i >= warmup:
             rows.append(dict(cur))
@@ -117,11 +118,13 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3, help="runs per batch; the median run is reported")
     ap.add_argument("--profile", action="store_true", help="print cProfile's top entries, write nothing")
     ap.add_argument("--label", default="", help="a name for this run in the results")
+    ap.add_argument("--output-kind", choices=["cumulative", "final_only"], default="cumulative",
+                    help="the requests' outputs: every step (streaming) or only at the end (LLM.generate)")
     args = ap.parse_args()
     torch.set_num_threads(1)
     out = {}
     for b in args.batches:
-        runs = [measure(b, args.steps, args.warmup, args.profile) for _ in range(args.repeats)]
+        runs = [measure(b, args.steps, args.warmup, args.profile, args.output_kind) for _ in range(args.repeats)]
         out[b] = {k: statistics.median(r[k] for r in runs) for k in runs[0]} | {"runs_host_ms": [r["host"] for r in runs]}
         print(f"batch {b}: " + ", ".join(f"{k} {v:.3f} ms" for k, v in out[b].items() if k != "runs_host_ms"))
     if args.profile:
@@ -130,6 +133,7 @@ def main() -> None:
     rec = json.loads(path.read_text()) if path.exists() else {
         "note": "CPU host cost per pure-decode step (ms, medians of medians), not a GPU figure"}
     rec[args.label or "run"] = {"env": environment(), "steps": args.steps, "prompt_len": PROMPT,
+                                "output_kind": args.output_kind,
                                 "max_len": MAX_LEN, "batches": out}
     RESULTS.mkdir(exist_ok=True)
     path.write_text(json.dumps(rec, indent=2) + "\n")

@@ -358,12 +358,12 @@ class LLMEngine:
     # ---- outputs and stats ---------------------------------------------------------------------------
     def _outputs_for(self, ids: set[str]) -> list[RequestOutput]:
         """Outputs of the groups ``ids``, oldest first (an unfinished ``FINAL_ONLY`` one has none);
-        a finished group is forgotten here."""
-        outs = []
-        for rid in sorted((r for r in ids if r in self._groups), key=lambda r: self._groups[r][0].arrival_time):
-            group = self._groups[rid]
-            if group[0].params.output_kind is RequestOutputKind.FINAL_ONLY and not all(r.is_finished for r in group):
-                continue
+        a finished group is forgotten here. Groups without an output are dropped before the sort: in a
+        ``FINAL_ONLY`` batch (``LLM.generate``) that is all but the few finishing."""
+        final, outs = RequestOutputKind.FINAL_ONLY, []
+        ready = [(rid, g) for rid, g in ((r, self._groups.get(r)) for r in ids) if g is not None
+                 and (g[0].params.output_kind is not final or all(r.is_finished for r in g))]
+        for rid, group in sorted(ready, key=lambda x: x[1][0].arrival_time):
             out = build_output(group, self.tokenizer)
             outs.append(out)
             if out.finished:
