@@ -43,6 +43,7 @@ from kvscope.serve.engine_api import (
     RequestRejected,
     ServeError,
     StepObserver,
+    abort_all,
     await_accepted,
     notify,
     put_all,
@@ -227,11 +228,7 @@ class AsyncEngine:
         """End every request in flight with ``error`` (to its reader) and free its KV."""
         groups = {id(g): g for g in self._live.values()}
         ids = list(self._live)
-        for rid in ids:
-            try:
-                self._engine.abort(rid)
-            except Exception:
-                log.exception("kvscope: abort of %s failed", rid)
+        abort_all(self._engine, ids)
         self._live.clear()
         if ids:
             notify(self.observer, "on_removed", ids, reason)

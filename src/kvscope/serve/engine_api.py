@@ -205,6 +205,16 @@ def notify(observer: StepObserver | None, method: str, *args: Any) -> None:
         log.exception("kvscope: step observer %s failed", method)
 
 
+def abort_all(engine: Any, request_ids: list[str]) -> None:
+    """Abort each of ``request_ids`` on ``engine`` (freeing its KV), logging, never raising, an abort
+    that fails: the others must still be freed."""
+    for rid in request_ids:
+        try:
+            engine.abort(rid)
+        except Exception:
+            log.exception("kvscope: abort of %s failed", rid)
+
+
 def put_all(pairs: list[tuple[asyncio.Queue, tuple[str, Any]]]) -> None:
     for q, item in pairs:
         q.put_nowait(item)

@@ -45,7 +45,7 @@ from typing import TYPE_CHECKING, Any
 
 from kvscope.errors import ConfigError, KVScopeError, RequestError
 from kvscope.sampling_params import RequestOutputKind
-from kvscope.serve.engine_api import STATS_INTERVAL_S, EngineInfo
+from kvscope.serve.engine_api import STATS_INTERVAL_S, EngineInfo, abort_all
 
 if TYPE_CHECKING:
     from kvscope.llm import LLM
@@ -275,11 +275,7 @@ class EngineCore:
     def _fail_live(self, message: str, step_error: bool) -> None:
         """End every request in flight (the server fails them with ``message``) and free its KV."""
         ids = list(self._live)
-        for rid in ids:
-            try:
-                self._engine.abort(rid)
-            except Exception:
-                log.exception("kvscope: abort of %s failed", rid)
+        abort_all(self._engine, ids)
         self._live.clear()
         self._events.append((FAILED, ids, message, step_error))
 
