@@ -198,10 +198,10 @@ def test_interrupt_mid_step_leaves_no_request_without_its_token(loaded, monkeypa
     ids = [e.add_request(p, greedy()) for p in PROMPTS[:2]]
     e.step()
 
-    def interrupted(logits, requests):
+    def interrupted(*args):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(engine_module, "sample", interrupted)
+    monkeypatch.setattr(engine_module, "launch_sampling", interrupted)
     with pytest.raises(KeyboardInterrupt):
         e.step()
     monkeypatch.undo()

@@ -68,6 +68,24 @@ def timed_ms(fn: Callable[[], object], device: torch.device, warmup: int, repeat
     return out
 
 
+def back_to_back_ms(fn: Callable[[], object], device: torch.device, warmup: int, steps: int,
+                    blocks: int) -> list[float]:
+    """Milliseconds per call of ``fn`` run ``steps`` times back to back (no sync between calls, one
+    at each end: what a loop of engine steps gets when it overlaps host and device work), one figure
+    per block of ``steps`` calls, after ``warmup`` calls."""
+    for _ in range(warmup):
+        fn()
+    out = []
+    for _ in range(blocks):
+        sync(device)
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            fn()
+        sync(device)
+        out.append((time.perf_counter() - t0) * 1e3 / steps)
+    return out
+
+
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)

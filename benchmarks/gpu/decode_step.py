@@ -19,7 +19,12 @@ decodes one token per request at position ``context``. Two timings per point, ea
 - **engine step**: ``engine.step()`` with the requests injected into the scheduler's running list,
   i.e. scheduling, batch building, the forward pass, sampling and bookkeeping: what a user gets
   from ``LLM.generate`` (``FINAL_ONLY`` outputs: none built until a request finishes).
-  The context grows by one token per step (25 tokens over a run, negligible).
+  The context grows by one token per step (about 150 tokens over a point, negligible).
+- **back to back**: ``engine.step()`` called 20 times in a row with one sync at each end (as
+  ``LLM.generate`` runs), per step, median of 3 such blocks, once with synchronous scheduling
+  (each step's tokens read back before the next step is scheduled) and once with async scheduling
+  (the next step launched first, so that scheduling, batch building and bookkeeping overlap the
+  GPU's work; ``EngineConfig.async_scheduling``). The targets are read from the async figure.
 
 ``engine.stats()["cuda_graph_replays"]`` is read before and after each timing, so each row says
 whether its steps ran through a graph.
@@ -70,6 +75,7 @@ from bench_common import (  # noqa: E402, F401 (re-exported for the other benchm
     sync,
     target_text,
     timed_ms,
+    back_to_back_ms,
     weight_bytes_per_step,
 )
 from ceilings import RESULTS, env_line  # noqa: E402
@@ -85,6 +91,7 @@ MODEL, TINY_MODEL = "dummy:llama-3.1-8b", "dummy:tiny-llama"
 GRID = [(1, 1024), (1, 8192), (16, 1024), (16, 8192), (64, 1024), (64, 2048), (64, 8192)]
 TINY_GRID = [(1, 64), (4, 64), (4, 256)]
 WARMUP, REPEATS = 5, 20
+BLOCKS = 3  # blocks of REPEATS back-to-back engine steps, per scheduling mode
 HEADROOM = 6 << 30  # device bytes kept free beside weights and KV: activations, graph pools, workspaces
 CHECK_PROMPTS, CHECK_TOKENS = [17, 100, 300, 513, 1000], [16, 12, 8, 16, 3]
 TINY_CHECK_PROMPTS = [5, 17, 40, 100, 200]
@@ -125,7 +132,9 @@ def check_graphs(loaded: LoadedModel, base: dict, tiny: bool) -> dict:
     prompts = [torch.randint(0, vocab, (n,), generator=gen).tolist() for n in lens]
     outs, replays = {}, {}
     for eager in (True, False):
-        engine = LLMEngine(loaded, create("paged"), engine_config(tiny, **base, enforce_eager=eager))
+        # Eager and synchronous against graphs with the default scheduling (async on CUDA): both checked.
+        engine = LLMEngine(loaded, create("paged"), engine_config(
+            tiny, **base, enforce_eager=eager, **({"async_scheduling": False} if eager else {})))
         ids = [engine.add_request(p, SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True, return_logits=True))
                for p, n in zip(prompts, CHECK_TOKENS)]
         done = {}
@@ -170,12 +179,19 @@ def time_point(engine: LLMEngine, mode: str, batch: int, context: int, device: t
         engine.kv.end_step(batch_obj)
 
     row: dict[str, Any] = {"mode": mode, "batch": batch, "context": context}
+    default, engine.async_scheduling = engine.async_scheduling, False  # each timed step ends in a sync anyway
     for name, fn in (("model", model_step), ("engine", engine.step)):
         before = graph_replays(engine)
         times = timed_ms(fn, device, WARMUP, REPEATS)
         after = graph_replays(engine)
         row |= {f"{name}_ms": statistics.median(times), f"{name}_ms_min": min(times), f"{name}_ms_max": max(times),
                 f"{name}_graph_replays": None if before is None else after - before}
+    # Back to back, as LLM.generate steps: with async scheduling the host's work overlaps the GPU's.
+    for name, overlap in (("sync", False), ("async", True)):
+        engine.async_scheduling = overlap  # read per step; a step in flight is read back either way
+        times = back_to_back_ms(engine.step, device, WARMUP, REPEATS, BLOCKS)
+        row |= {f"{name}_pipe_ms": statistics.median(times), f"{name}_pipe_ms_all": times}
+    engine.async_scheduling = default
     for r in reqs:
         engine.abort(r.request_id)
         engine.requests.pop(r.request_id, None)
@@ -215,7 +231,7 @@ def main() -> None:
     print(f"copy ceiling {copy['gb_per_s']:.0f} GB/s", flush=True)
     loaded = load_model(model_name, device=device, dtype=torch.bfloat16)
     kv_bpt = loaded.config.kv_bytes_per_token(torch.bfloat16)
-    steps = WARMUP + REPEATS + 2
+    steps = 3 * WARMUP + REPEATS * (2 + 2 * BLOCKS) + 4
     need = {(b, t): b * math.ceil((t + steps + 16) / 16) * 16 * kv_bpt for b, t in grid}
     free = torch.cuda.mem_get_info(device)[0] - HEADROOM if device.type == "cuda" else 1 << 40
     fits = [p for p in grid if need[p] <= free]
@@ -252,14 +268,15 @@ def main() -> None:
             w = weight_bytes_per_step(loaded.model, b)
             kv = b * (t + 1) * kv_bpt
             row |= {"weight_bytes": w, "kv_bytes": kv, "roofline_ms": (w + kv) / bw * 1e3, "weight_roofline_ms": w / bw * 1e3}
-            for name in ("model", "engine"):
+            for name in ("model", "engine", "sync_pipe", "async_pipe"):
                 row[f"{name}_tok_s"] = b / row[f"{name}_ms"] * 1e3
                 row[f"{name}_frac_roofline"] = row["roofline_ms"] / row[f"{name}_ms"]
                 row[f"{name}_frac_weight_roofline"] = row["weight_roofline_ms"] / row[f"{name}_ms"]
             rows.append(row)
             print(f"{mode:6s} B={b:3d} T={t:5d}  model {row['model_ms']:8.2f} ms  engine {row['engine_ms']:8.2f} ms  "
                   f"roofline {row['roofline_ms']:7.2f} ms ({row['engine_frac_roofline']:.0%})  "
-                  f"{row['engine_tok_s']:8.0f} tok/s  replays {row['engine_graph_replays']}", flush=True)
+                  f"{row['engine_tok_s']:8.0f} tok/s  replays {row['engine_graph_replays']}  back to back: sync "
+                  f"{row['sync_pipe_ms']:.2f} ms, async {row['async_pipe_ms']:.2f} ms", flush=True)
         del engine
         if device.type == "cuda":
             torch.cuda.empty_cache()
@@ -272,7 +289,7 @@ def main() -> None:
             weight_bytes_per_step(loaded.model, b) + b * ctx * kv_bpt) / bw * 1e3)
         del engine
     result = {"benchmark": "decode_step", "environment": env, "model": model_name, "dtype": "bfloat16",
-              "strategy": "paged", "warmup": WARMUP, "repeats": REPEATS, "copy_ceiling": copy,
+              "strategy": "paged", "warmup": WARMUP, "repeats": REPEATS, "blocks": BLOCKS, "copy_ceiling": copy,
               "kv_bytes_per_token": kv_bpt, "correctness": check, "skipped": skipped, "results": rows,
               "vllm": {k: v for k, v in vllm.items() if k != "results"}, "side_by_side": side}
     args.out.mkdir(parents=True, exist_ok=True)
@@ -316,16 +333,29 @@ def markdown(r: dict) -> str:
     for s in r["skipped"]:
         lines.append(f"| {s['batch']} | {s['context']} | skipped: KV {s['kv_bytes'] / 1e9:.1f} GB > "
                      f"{s['free_bytes'] / 1e9:.1f} GB free beside weights and headroom |" + " |" * 11)
-    lines += ["", "## Against the targets (recorded, not asserted; CUDA-graph engine step)", ""]
+    lines += ["", "## Engine steps back to back: synchronous against async scheduling", "",
+              f"`engine.step()` called {r['repeats']} times in a row with no sync in between (as `LLM.generate` "
+              f"does), per step, median of {r.get('blocks', '?')} such blocks; *sync*: each step's tokens read back "
+              "before the next is scheduled; *async*: the next step scheduled and launched first, so the host's "
+              "work overlaps the GPU's.", "",
+              "| mode | batch | context | sync ms | async ms | async speed-up | async % roofline | "
+              "async % weight roofline | model step ms |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for x in r["results"]:
+        if x.get("async_pipe_ms") is not None:
+            lines.append(f"| {x['mode']} | {x['batch']} | {x['context']} | {x['sync_pipe_ms']:.2f} | "
+                         f"{x['async_pipe_ms']:.2f} | {x['sync_pipe_ms'] / x['async_pipe_ms']:.2f}x | "
+                         f"{x['async_pipe_frac_roofline']:.0%} | {x['async_pipe_frac_weight_roofline']:.0%} | "
+                         f"{x['model_ms']:.2f} |")
+    lines += ["", "## Against the targets (recorded, not asserted; CUDA graphs, async scheduling, back to back)", ""]
     g1, g64 = by.get(("graphs", 1, 1024)), by.get(("graphs", 64, 2048))
     if g1:
-        lines.append(f"- Batch 1, context 1024: {target_text(g1['engine_frac_weight_roofline'], 0.80)} of the "
+        lines.append(f"- Batch 1, context 1024: {target_text(g1['async_pipe_frac_weight_roofline'], 0.80)} of the "
                      f"weight-bytes roofline ({g1['weight_roofline_ms']:.2f} ms). "
                      f"Model step alone: {g1['model_frac_weight_roofline']:.0%}.")
     else:
         lines.append("- Batch 1, context 1024: not measured in this run.")
     if g64:
-        lines.append(f"- Batch 64, context 2048: {target_text(g64['engine_frac_roofline'], 0.75)} of the roofline "
+        lines.append(f"- Batch 64, context 2048: {target_text(g64['async_pipe_frac_roofline'], 0.75)} of the roofline "
                      f"({g64['roofline_ms']:.2f} ms, weights + KV); model step alone: {g64['model_frac_roofline']:.0%}.")
     else:
         lines.append("- Batch 64, context 2048: not measured in this run.")

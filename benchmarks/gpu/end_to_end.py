@@ -343,6 +343,8 @@ def main() -> None:
     ap.add_argument("--hf-timeout", type=float, default=1200.0, help="seconds before an HF CB run is abandoned")
     ap.add_argument("--vllm", action="store_true", help="run vLLM (importable in this Python) on the same workloads")
     ap.add_argument("--kv-memory-gib", type=float, help="the same KV pool for every system (default: ample)")
+    ap.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=None,
+                    help="kvscope's EngineConfig.async_scheduling (default: the engine's, on for CUDA)")
     ap.add_argument("--kvscope-strategies", default="", help="kvscope strategies beside paged, ';'-separated specs")
     args = ap.parse_args()
     if args.dump_sharegpt_lengths:
@@ -379,7 +381,8 @@ def main() -> None:
     memory = {"kv_memory_bytes": pool} if pool else (
         {"kv_memory_bytes": 64 << 20} if args.tiny else {"kv_memory_fraction": 0.8})
     kw = checked_fields(args.tiny, max_num_seqs=max_seqs, max_num_batched_tokens=batched,
-                        max_model_len=max_model_len, enforce_eager=False, **memory)
+                        max_model_len=max_model_len, enforce_eager=False, **memory,
+                        **({} if args.async_scheduling is None else {"async_scheduling": args.async_scheduling}))
     # Prefix caching off, as vLLM runs here: random prompts never hit, so it would only add hashing.
     strategies = ["paged:enable_prefix_caching=False", *filter(None, args.kvscope_strategies.split(";"))]
     systems = [*SYSTEMS[:1], *(f"kvscope:{s}" for s in strategies[1:]), *SYSTEMS[1:]]
@@ -404,7 +407,9 @@ def main() -> None:
     for strategy, system in zip(strategies, systems):
         t0 = time.perf_counter()
         llm = LLM(f"dummy:{preset}", strategy, device=str(device), dtype="bfloat16", loaded_model=loaded, **kw)
-        print(f"kvscope {strategy} engine ready in {time.perf_counter() - t0:.1f} s", flush=True)
+        result["engine"].setdefault("async_scheduling_by_strategy", {})[strategy] = llm.engine.async_scheduling
+        print(f"kvscope {strategy} engine ready in {time.perf_counter() - t0:.1f} s "
+              f"(async scheduling {llm.engine.async_scheduling})", flush=True)
         for name, L in live.items():
             measure(system, name, run_kvscope, llm, L, vocab, args.repeats, device)
         del llm

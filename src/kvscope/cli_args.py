@@ -58,6 +58,9 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-num-batched-tokens", type=_positive_int, default=2048)
     p.add_argument("--preemption-mode", default="recompute", choices=["recompute", "swap"])
     p.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs for decode steps (debugging)")
+    p.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=None,
+                   help="launch each step before the previous one's tokens reach the host (default: on for "
+                        "CUDA where the strategy allows it)")
     p.add_argument("--tensor-parallel-size", "-tp", type=_positive_int, default=1,
                    help="split the model's heads and MLP over N processes (one GPU each on CUDA)")
 
@@ -67,7 +70,8 @@ def _llm_args(args: argparse.Namespace) -> dict[str, Any]:
     return dict(model=args.model, strategy=args.strategy, kv_memory_bytes=args.kv_memory, device=args.device,
                 dtype=args.dtype, max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
                 max_num_batched_tokens=args.max_num_batched_tokens, preemption_mode=args.preemption_mode,
-                enforce_eager=args.enforce_eager, tensor_parallel_size=args.tensor_parallel_size)
+                enforce_eager=args.enforce_eager, tensor_parallel_size=args.tensor_parallel_size,
+                async_scheduling=args.async_scheduling)
 
 
 def _llm(args: argparse.Namespace) -> Any:

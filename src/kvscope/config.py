@@ -99,6 +99,11 @@ class EngineConfig:
     ``enforce_eager`` (vLLM's name): when False, on CUDA with the Triton backend, those strategies'
     decode steps replay CUDA graphs captured per batch-size bucket (``cuda_graph_sizes``; default
     1, 2, 4, 8, 16, 24, ... up to ``max_num_seqs``); see ``engine/cuda_graph.py``.
+    ``async_scheduling`` (vLLM's name): schedule and launch each step before the previous one's
+    tokens reach the host, so that the host's work per step overlaps the device's (see
+    ``engine/inflight.py``); outputs then come one :meth:`~kvscope.engine.engine.LLMEngine.step`
+    later. None (default): on for CUDA when the strategy allows it (``KVStrategy.async_scheduling``)
+    and on one process; True where it cannot apply is an error.
     ``tensor_parallel_size`` (vLLM's name): ranks the model's heads and MLP are split over, one
     process and one device each (``cuda:i+r`` from ``cuda:i``; CPU processes over gloo); it must
     divide the model's KV heads. ``kv_memory_bytes`` is then per rank. Every rank captures its own
@@ -123,6 +128,7 @@ class EngineConfig:
     enforce_eager: bool = False
     cuda_graph_sizes: list[int] | None = None
     tensor_parallel_size: int = 1
+    async_scheduling: bool | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.model, str):
@@ -157,6 +163,8 @@ class EngineConfig:
         self.swap_space_bytes = checks.integer(self.swap_space_bytes, "swap_space_bytes", minimum=0)
         self.seed = checks.integer(self.seed, "seed", -(1 << 63), (1 << 63) - 1)
         checks.boolean(self.enforce_eager, "enforce_eager")
+        if self.async_scheduling is not None:
+            checks.boolean(self.async_scheduling, "async_scheduling")
         self.tensor_parallel_size = checks.integer(self.tensor_parallel_size, "tensor_parallel_size", minimum=1)
         _check_world(self.tensor_parallel_size, self.torch_device)
         self.resolved_attention_backend = resolve_attention_backend(self.attention_backend, self.torch_device)

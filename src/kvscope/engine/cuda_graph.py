@@ -90,6 +90,9 @@ class GraphRunner:
         """Float32 logits ``[B, vocab]`` of ``batch`` from static step ``key`` (captured first if new)."""
         step, graph = self._steps.get(key) or self._add(key)
         step.load(batch)
+        if batch.input_patch is not None:  # ordered after load's copy on the stream
+            rows, ids = batch.input_patch
+            step.input_ids.index_copy_(0, rows, ids.to(step.input_ids.dtype))
         if graph is not None:
             graph.replay()
             step.replayed(batch)

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import itertools
 import logging
-import math
 import random
 import time
 from collections.abc import Sequence
@@ -14,11 +13,11 @@ import torch
 from kvscope.config import DEFAULT_CPU_KV_BYTES, EngineConfig
 from kvscope.engine.cuda_graph import GraphRunner, engine_graph_sizes
 from kvscope.engine.executor import StepExecutor
+from kvscope.engine.inflight import InFlight, input_patch, launch_sampling, resolve_async_scheduling
 from kvscope.engine.model_runner import ModelRunner
 from kvscope.engine.outputs import RequestOutput, build_output
 from kvscope.engine.peaks import Peaks
-from kvscope.engine.prompts import check_fits, prompt_token_ids
-from kvscope.engine.sampler import sample
+from kvscope.engine.prompts import check_fields, check_fits, prompt_token_ids
 from kvscope.engine.scheduler import ScheduleResult, Scheduler
 from kvscope.engine.stopping import stop_reason
 from kvscope.errors import ConfigError, RequestError
@@ -108,6 +107,9 @@ class LLMEngine:
         )
         self.runner = executor.runner if executor is not None else ModelRunner(
             self.model, kv, config.torch_device, self._capture_graphs())
+        self.async_scheduling = resolve_async_scheduling(config.async_scheduling, kv, executor is not None,
+                                                         config.torch_device)
+        self._inflight: InFlight | None = None  # the launched step not read back yet (async scheduling)
         self.requests: dict[str, Request] = {}
         self._groups: dict[str, list[Request]] = {}  # parent id -> its n samples, parent first
         self._due: set[str] = set()  # groups finished between steps (aborts): output at the next step
@@ -163,17 +165,8 @@ class LLMEngine:
     ) -> Request:
         """A validated :class:`Request`, not queued yet."""
         params = SamplingParams() if params is None else params
-        if request_id is not None and (not isinstance(request_id, str) or "#" in request_id):
-            raise RequestError(f"request_id must be a string without '#' (it marks the samples of n > 1), "
-                               f"got {request_id!r}")
         rid = request_id if request_id is not None else str(next(self._ids))
-        if rid in self.requests:
-            raise RequestError(f"request id {rid!r} is already in use")
-        if not isinstance(params, SamplingParams):
-            raise RequestError(f"request {rid}: params must be a SamplingParams, got {type(params).__name__}")
-        if arrival_time is not None and (isinstance(arrival_time, bool) or not isinstance(arrival_time, (int, float))
-                                         or not math.isfinite(arrival_time)):
-            raise RequestError(f"request {rid}: arrival_time must be a finite number, got {arrival_time!r}")
+        check_fields(rid, params, arrival_time, self.requests)
         text, token_ids = prompt_token_ids(prompt, self.tokenizer, rid)
         check_fits(rid, token_ids, params, self.model_config.vocab_size, self.max_model_len, self.kv,
                    self.kv.setup.kv_memory_bytes, self.config.max_num_seqs)
@@ -185,6 +178,7 @@ class LLMEngine:
             prompt=text,
             arrival_time=arrival_time if arrival_time is not None else time.perf_counter(),
             generator=self._generator(params.seed),
+            max_total_tokens=min(len(token_ids) + params.max_tokens, self.token_limit),
         )
 
     def _queue(self, req: Request) -> str:
@@ -211,7 +205,7 @@ class LLMEngine:
 
     def has_unfinished_requests(self) -> bool:
         """Whether :meth:`step` has work: requests to run, or final outputs of aborted ones to return."""
-        return self.scheduler.num_unfinished > 0 or bool(self._due)
+        return self.scheduler.num_unfinished > 0 or bool(self._due) or self._inflight is not None
 
     def samples(self, request_id: str) -> list[Request]:
         """The live state of a queued request: itself, then the ``n - 1`` samples forked from it as
@@ -222,31 +216,42 @@ class LLMEngine:
     # ---- the step ---------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
         """Run one scheduled batch; return the outputs of the requests it advanced or finished,
-        and the final outputs of requests aborted since the last step."""
+        and the final outputs of requests aborted since the last step. With async scheduling the
+        batch is launched, the previous one read back, and the outputs are the previous one's."""
+        prev, self._inflight = self._inflight, None
         sched = self.scheduler.schedule()
         if sched.requests:
             try:
-                self._due |= self._run(sched)
+                self._inflight = self._launch(sched, prev)
             except BaseException as exc:
                 self._due |= self._fail_step(sched, exc)
                 if not isinstance(exc, Exception):
+                    self._due |= self._complete(prev) if prev is not None else set()
                     raise
-            self.peaks.update(self.kv.usage(), len(self.scheduler.running))  # typed, no dict, no sync
-        elif self.scheduler.waiting and not self.scheduler.running:
+        elif self.scheduler.waiting and not self.scheduler.running and prev is None:
             # Nothing runs and the head of the queue still cannot be admitted: it never will be.
             head = self.scheduler.waiting[0]
             self._finish(head, "error", "does not fit in the KV pool even when it is empty")
             self._due.add(head.group_id)
+        if prev is not None:
+            self._due |= self._complete(prev)
+        if self._inflight is not None and not self.async_scheduling:
+            self._due |= self._complete(self._inflight)
+            self._inflight = None
+        if sched.requests:  # what the step leaves held, as stats() reads it between steps
+            self.peaks.update(self.kv.usage(), len(self.scheduler.running))  # typed, no dict, no sync
         due, self._due = self._due, set()
         return self._outputs_for(due)
 
-    def _run(self, sched: ScheduleResult) -> set[str]:
-        """Compute the scheduled tokens and sample; returns the groups touched."""
+    def _launch(self, sched: ScheduleResult, prev: InFlight | None) -> InFlight:
+        """Compute the scheduled tokens and start sampling, without waiting for the device; the
+        rows whose input ``prev`` sampled take it from the device."""
         now = time.perf_counter()
         for req in sched.requests:
             if req.first_scheduled_time is None:
                 req.first_scheduled_time = now
         batch = self.runner.build_batch(sched.requests, sched.num_new_tokens)
+        batch.input_patch = input_patch(sched.requests, batch.query_start, prev, self.config.torch_device)
         to_sample = [
             i for i, (r, n) in enumerate(zip(sched.requests, sched.num_new_tokens))
             if r.num_computed_tokens + n == r.num_tokens
@@ -257,16 +262,20 @@ class LLMEngine:
         self.num_computed_tokens_total += sum(sched.num_new_tokens)
         self.kv.end_step(batch)
         self.num_steps += 1
-        self._sample([sched.requests[i] for i in to_sample], logits)
-        return {req.group_id for req in sched.requests}
+        rows, sampled = self._families([sched.requests[i] for i in to_sample])
+        inflight = launch_sampling(logits, rows, sampled, sched.requests)
+        for req in sampled:
+            req.num_pending_tokens += 1
+        return inflight
 
-    def _sample(self, reqs: list[Request], logits: torch.Tensor) -> None:
-        """Give each of ``reqs`` (forking the ``n`` samples of new parents) its token from its row
-        of ``logits`` ``[len(reqs), vocab]``; a request whose part fails is failed alone."""
+    def _families(self, reqs: list[Request]) -> tuple[list[int], list[Request]]:
+        """Fork the ``n`` samples of the new parents among ``reqs`` (row ``i`` of the step's logits
+        each); returns the logits row of every request to sample, and those requests. A request
+        whose fork fails is failed alone."""
         rows, sampled = [], []
         for row, req in enumerate(reqs):
             family = [req]
-            if req.params.n > 1 and req.parent_id is None and not req.output_token_ids:
+            if req.params.n > 1 and req.parent_id is None and req.num_tokens == req.num_prompt_tokens:
                 try:
                     family += self._fork(req)
                 except Exception as exc:  # noqa: BLE001 - this request's failure only
@@ -275,30 +284,43 @@ class LLMEngine:
                     continue
             rows += [row] * len(family)
             sampled += family
-        # Without forks the rows are 0..M-1 in order: no [M, V] gather needed.
-        tokens = sample(logits if rows == list(range(logits.shape[0])) else logits[rows], sampled)
+        return rows, sampled
+
+    def _complete(self, step: InFlight) -> set[str]:
+        """Read ``step``'s tokens back and give each request its token (stop checks included);
+        requests finished since it was launched (aborted, or stopped by their previous token) drop
+        theirs. Returns the groups touched."""
+        try:
+            tokens, logprobs = step.wait()
+        except Exception as exc:  # noqa: BLE001 - the device failed this step: its requests only
+            for req in step.sampled:
+                if not req.is_finished:
+                    self._finish(req, "error", f"the engine step failed: {type(exc).__name__}: {exc}")
+            return {r.group_id for r in step.requests}
         now, limit = time.perf_counter(), self.token_limit  # the limit: once a step, not once a request
-        for row, req, tok in zip(rows, sampled, tokens):
-            if isinstance(tok, Exception):
-                self._fail(req, "sampling", tok)
+        for i, req in enumerate(step.sampled):
+            if req.is_finished:
+                continue
+            req.num_pending_tokens -= 1
+            if i in step.errors:
+                self._fail(req, "sampling", step.errors[i])
                 continue
             try:
-                self._append(req, tok, logits, row, now, limit)
+                self._append(req, tokens[i], step, i, logprobs, now, limit)
             except Exception as exc:  # noqa: BLE001 - this request's failure only
                 self._fail(req, "processing its token", exc)
+        return {r.group_id for r in step.requests}
 
-    def _append(self, req: Request, tok: int, logits: torch.Tensor, row: int, now: float, limit: int) -> None:
-        """Append ``tok`` (sampled from ``logits[row]``, ``logits`` ``[M, vocab]``) to ``req``'s output."""
-        forced = req.params.forced_token_ids
-        if forced is not None:
-            tok = forced[len(req.output_token_ids)]
+    def _append(self, req: Request, tok: int, step: InFlight, i: int, logprobs: list[float] | None,
+                now: float, limit: int) -> None:
+        """Append ``tok``, ``step``'s ``i``-th sampled token (forced tokens already applied), to
+        ``req``'s output, with its logits and log-probability when asked for."""
         req.output_token_ids.append(tok)
         req.token_times.append(now)
-        # The row view only when asked for: building one per request costs more than the rest here.
         if req.params.return_logits:
-            req.logits.append(logits[row].detach().cpu())
-        if req.params.logprobs:
-            req.logprobs.append(float(torch.log_softmax(logits[row], -1)[tok]))
+            req.logits.append(step.host_logits[i])
+        if logprobs is not None and req.params.logprobs:
+            req.logprobs.append(logprobs[i])
         reason = stop_reason(req, tok, self.tokenizer, limit)
         if reason is not None:
             self._finish(req, reason)
@@ -325,19 +347,7 @@ class LLMEngine:
         children = []
         for k in range(1, parent.params.n):
             seed = None if parent.params.seed is None else parent.params.seed + k
-            child = Request(
-                request_id=f"{parent.request_id}#{k}",
-                prompt_token_ids=parent.prompt_token_ids,
-                params=parent.params,
-                eos_token_ids=parent.eos_token_ids,
-                prompt=parent.prompt,
-                arrival_time=parent.arrival_time,
-                num_computed_tokens=parent.num_computed_tokens,
-                parent_id=parent.request_id,
-                child_index=k,
-                first_scheduled_time=parent.first_scheduled_time,
-                generator=self._generator(seed),
-            )
+            child = parent.sample(k, self._generator(seed))
             # Known to the engine before the strategy shares KV with it: a failed fork frees it too.
             self.requests[child.request_id] = child
             self._groups[parent.request_id].append(child)
@@ -349,6 +359,7 @@ class LLMEngine:
     def _finish(self, req: Request, reason: str, error: str | None = None) -> None:
         req.status = RequestStatus.FINISHED
         req.finish_reason = reason
+        req.num_pending_tokens = 0  # a token still in flight for it is dropped when read back
         if error is not None:
             req.error = f"request {req.request_id}: {error}"
         req.finished_time = time.perf_counter()
@@ -396,4 +407,5 @@ class LLMEngine:
             **self.kv.stats(),
             **self.peaks.as_dict(),
         }
+
 

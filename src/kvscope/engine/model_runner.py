@@ -52,6 +52,9 @@ class ModelRunner:
             if logits is not None:
                 self.graph_replays += 1
                 return logits
+        if batch.input_patch is not None:
+            rows, ids = batch.input_patch
+            batch.input_ids.index_copy_(0, rows, ids)
         attn = self.kv.begin_step(batch)
         hidden = self.model(batch.input_ids, batch.positions, attn)
         rows = torch.tensor(sample_rows, dtype=torch.long, device=hidden.device)

@@ -2,12 +2,28 @@
 and checked against what the model and the KV strategy can serve."""
 from __future__ import annotations
 
+import math
 import operator
+from collections.abc import Container
 from typing import Protocol
 
 from kvscope.errors import RequestError
 from kvscope.kv.manager import KVManager
 from kvscope.sampling_params import SamplingParams
+
+
+def check_fields(rid: object, params: object, arrival_time: object, in_use: Container[str]) -> None:
+    """:class:`RequestError` unless the request id (a string without '#', not ``in_use``), the
+    sampling parameters and the arrival time are as ``add_request`` takes them."""
+    if not isinstance(rid, str) or "#" in rid:
+        raise RequestError(f"request_id must be a string without '#' (it marks the samples of n > 1), got {rid!r}")
+    if rid in in_use:
+        raise RequestError(f"request id {rid!r} is already in use")
+    if not isinstance(params, SamplingParams):
+        raise RequestError(f"request {rid}: params must be a SamplingParams, got {type(params).__name__}")
+    if arrival_time is not None and (isinstance(arrival_time, bool) or not isinstance(arrival_time, (int, float))
+                                     or not math.isfinite(arrival_time)):
+        raise RequestError(f"request {rid}: arrival_time must be a finite number, got {arrival_time!r}")
 
 
 class Encoder(Protocol):

@@ -21,35 +21,32 @@ def _filter_top_k_top_p(logits: torch.Tensor, top_k: int, top_p: float) -> torch
     return logits
 
 
-def _sample_row(logits: torch.Tensor, req: Request) -> int:
-    """One token from ``logits`` ``[V]`` under ``req``'s temperature, filters and generator."""
+def _sample_row(logits: torch.Tensor, req: Request) -> torch.Tensor:
+    """One token ``[1]`` int64 from ``logits`` ``[V]`` under ``req``'s temperature, filters and
+    generator, left on the device (no sync)."""
     p = req.params
     filtered = _filter_top_k_top_p(logits / p.temperature, p.top_k, p.top_p)
     probs = filtered.softmax(-1)
     gen = req.generator
     if gen is not None and gen.device != probs.device:
         probs = probs.to(gen.device)
-    return int(torch.multinomial(probs, 1, generator=gen).item())
+    return torch.multinomial(probs, 1, generator=gen)
 
 
-def sample(logits: torch.Tensor, requests: list[Request]) -> list[int | Exception]:
-    """Pick one token per row of ``logits`` ``[M, V]`` (float32) for the matching request.
+def sample_on_device(logits: torch.Tensor, requests: list[Request]) -> tuple[torch.Tensor, dict[int, Exception]]:
+    """Pick one token per row of ``logits`` ``[M, V]`` (float32) for the matching request, on the
+    device and without waiting for it: returns ``[M]`` int64 tokens and, per row whose sampling
+    raised (NaN probabilities, a generator on the wrong device), its exception (that row's token
+    is then undefined): one request's failure is that request's alone, never the batch's.
 
-    Greedy rows take one batched argmax. Each sampled row runs on its own, and a row that raises
-    (NaN probabilities, a generator on the wrong device) gets its exception in place of a token:
-    one request's failure is that request's alone, never the batch's.
+    Greedy rows take one batched argmax; each sampled row draws from its own generator.
     """
-    out: list[int | Exception] = [0] * len(requests)
-    greedy = [i for i, r in enumerate(requests) if r.params.greedy]
-    if greedy:
-        # All rows greedy (the common case) needs no gather of a [M, V] copy first.
-        rows = logits if len(greedy) == len(requests) else logits[greedy]
-        for i, tok in zip(greedy, rows.argmax(dim=-1).tolist()):
-            out[i] = tok
+    tokens = logits.argmax(dim=-1)
+    errors: dict[int, Exception] = {}
     for i, req in enumerate(requests):
         if not req.params.greedy:
             try:
-                out[i] = _sample_row(logits[i], req)
+                tokens[i : i + 1] = _sample_row(logits[i], req)
             except Exception as e:  # noqa: BLE001 - isolated per request, reported in its output
-                out[i] = e
-    return out
+                errors[i] = e
+    return tokens, errors

@@ -66,6 +66,9 @@ class Scheduler:
         i = 0
         while i < len(self.running) and budget > 0:
             req = self.running[i]
+            if req.last_token_pending:  # finished once read back: nothing left to compute
+                i += 1
+                continue
             n = min(req.num_tokens - req.num_computed_tokens, budget)
             while not self.kv.allocate(req, req.num_computed_tokens + n):
                 victim = self.running.pop()

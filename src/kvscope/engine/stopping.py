@@ -17,7 +17,7 @@ def stop_reason(req: Request, tok: int, tokenizer: Decoder, token_limit: int) ->
         return "stop"
     if p.stop and _match_stop_string(req, tokenizer):
         return "stop"
-    if len(req.output_token_ids) >= p.max_tokens or req.num_tokens >= token_limit:
+    if len(req.output_token_ids) >= p.max_tokens or req.num_known_tokens >= token_limit:
         return "length"
     return None
 

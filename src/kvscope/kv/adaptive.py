@@ -83,6 +83,7 @@ class AdaptiveStrategy(BlockTableDecode, KVStrategy):
 
     name = "adaptive"
     lossless = False
+    async_scheduling = False  # its long child may keep KV in host memory (see KVStrategy)
 
     def __init__(
         self,

@@ -81,6 +81,10 @@ class StepBatch:
     input_ids: torch.Tensor  # [N] int64
     positions: torch.Tensor  # [N] int64
     query_start: list[int]  # [B + 1]
+    #: ``(rows [P], ids [P])`` int64 on the device: input ids the host does not know yet (sampled
+    #: by the step still in flight, async scheduling), written into ``input_ids`` (or a captured
+    #: step's static ids) on the device before the forward; the host-side ids there are 0.
+    input_patch: tuple[torch.Tensor, torch.Tensor] | None = None
 
 
 class GraphStep(Protocol):

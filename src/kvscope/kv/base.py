@@ -115,6 +115,12 @@ class KVStrategy(KVManager, KVBackend):
     drops_under_pressure: ClassVar[bool] = True
     #: Keeps all KV resident and reads a selected share per decode step (see :class:`StrategyFacts`).
     selects_per_step: ClassVar[bool] = False
+    #: The engine may schedule and launch step t+1 before step t's tokens reach the host
+    #: (``EngineConfig.async_scheduling``). Requires that neither side reads the ids of a request's
+    #: pending tokens (``Request.num_pending_tokens``; ``all_token_ids`` holds the known ones) and
+    #: that memory freed while a step is in flight is reused only by work the device runs after
+    #: it (true of device memory on one stream; not of host memory the CPU writes).
+    async_scheduling: ClassVar[bool] = True
 
     def __init__(self) -> None:
         self.setup: KVSetup | None = None

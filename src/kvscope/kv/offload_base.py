@@ -98,6 +98,7 @@ class HostOffloadStrategy(KVStrategy):
     """Base of the strategies whose KV lives in host memory (one subclass per file)."""
 
     residence = "host"
+    async_scheduling = False  # its host KV is written and freed by the CPU, unordered with a step in flight
 
     #: Whether a full host pool evicts the request's least-selected token instead of preempting.
     evicts_on_full: ClassVar[bool] = False

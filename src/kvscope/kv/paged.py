@@ -293,7 +293,9 @@ class PagedStrategy(BlockTableDecode, KVStrategy):
             rec.held = req.num_computed_tokens
             if not self.enable_prefix_caching:
                 continue
-            full = req.num_computed_tokens // bs
+            # Only blocks whose ids the host knows: a pending token (async scheduling) is computed
+            # before it is read back; its block is registered at a later step.
+            full = min(req.num_computed_tokens, req.num_known_tokens) // bs
             if full <= rec.registered:
                 continue  # no block filled up this step (most decode steps)
             table = self.tables[rid]

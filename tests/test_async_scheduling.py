@@ -1,0 +1,199 @@
+"""Async scheduling (step t+1 launched before step t's tokens reach the host) gives every request
+exactly the tokens, log-probabilities and finish reasons that the synchronous engine gives, for
+every strategy that allows it; outputs arrive one step later; nothing is computed for a request
+whose last token is already chosen; aborts, failures and preemption behave as without it."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kvscope import LLM, SamplingParams
+from kvscope.engine.inflight import InFlight, input_patch
+from kvscope.errors import ConfigError
+from kvscope.kv import registry
+from kvscope.models.loader import load_model
+from kvscope.request import Request
+from kvscope.sampling_params import RequestOutputKind
+
+MODEL = "dummy:tiny-llama"
+PROMPTS = [[(11 * i + 5 * j) % 300 + 4 for j in range(n)] for i, n in enumerate((37, 21, 45, 9, 30, 64))]
+ASYNC = sorted(name for name, cls in registry.available().items() if cls.async_scheduling)
+SPECS = {"random": "random:budget=24", "quest": "quest:budget=16"}  # lossy at these lengths
+
+
+@pytest.fixture(scope="module")
+def loaded():
+    return load_model(MODEL)
+
+
+def make(loaded, strategy="paged", async_scheduling=True, kv_memory_bytes=4 << 20, **kw):
+    return LLM(MODEL, strategy=strategy, kv_memory_bytes=kv_memory_bytes, loaded_model=loaded,
+               async_scheduling=async_scheduling, **kw)
+
+
+def mixed_params(stop_token: int | None = None, n: int = 2) -> list[SamplingParams]:
+    """Greedy, seeded sampling with filters, logprobs, ``n`` samples, a stop token, several lengths."""
+    return [
+        SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True, logprobs=True),
+        SamplingParams(max_tokens=7, temperature=0.9, top_p=0.8, top_k=50, seed=3, ignore_eos=True),
+        SamplingParams(max_tokens=15, temperature=0.0, ignore_eos=True,
+                       stop_token_ids=[] if stop_token is None else [stop_token]),
+        SamplingParams(max_tokens=5, temperature=1.0, seed=8, n=n, ignore_eos=True),
+        SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True),
+        SamplingParams(max_tokens=9, temperature=0.7, seed=5, ignore_eos=True, logprobs=True),
+    ]
+
+
+def results(llm: LLM, params: list[SamplingParams]) -> list[list[tuple]]:
+    outs = llm.generate(PROMPTS, params, use_tqdm=False)
+    return [[(c.token_ids, c.finish_reason, c.logprobs) for c in o.outputs] for o in outs]
+
+
+def assert_same(got: list[list[tuple]], ref: list[list[tuple]]) -> None:
+    """Tokens and finish reasons exactly; log-probabilities to float32 rounding (a batch of other
+    rows can change a row's matmul blocking on the CPU)."""
+    assert [[c[:2] for c in o] for o in got] == [[c[:2] for c in o] for o in ref]
+    for o, r in zip(got, ref):
+        for c, d in zip(o, r):
+            assert c[2] == pytest.approx(d[2], rel=1e-5, abs=1e-6)
+
+
+@pytest.mark.parametrize("strategy", ASYNC)
+def test_async_equals_sync_for_every_strategy_that_allows_it(loaded, strategy):
+    spec = SPECS.get(strategy, strategy)
+    n = 2 if registry.available()[strategy].supports_fork else 1
+    ref = results(make(loaded, spec, async_scheduling=False), mixed_params(n=n))
+    # A stop token the greedy request meets mid-way in the synchronous run. Not for `random`: its
+    # one generator serves every request, and the step computed after a stop token (discarded)
+    # draws from it too, changing what the others evict.
+    stop = None if strategy == "random" else ref[2][0][0][6]
+    ref = results(make(loaded, spec, async_scheduling=False), mixed_params(stop, n))  # fresh: `random`'s generator
+    assert_same(results(make(loaded, spec), mixed_params(stop, n)), ref)
+    assert stop is None or ref[2][0][1] == "stop"
+
+
+def test_outputs_come_one_step_later_and_nothing_is_computed_twice(loaded):
+    """With EOS ignored every request stops by length, known when its last token is launched: the
+    async engine computes exactly the tokens the synchronous one does (forked samples included),
+    in one more step call, and each output comes one call later."""
+    counts = {}
+    for mode in (False, True):
+        e = make(loaded, "paged:enable_prefix_caching=False", async_scheduling=mode).engine
+        e.add_request(PROMPTS[0], SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True,
+                                                 output_kind=RequestOutputKind.CUMULATIVE))
+        e.add_request(PROMPTS[3], SamplingParams(max_tokens=3, temperature=1.0, seed=2, n=2, ignore_eos=True))
+        seen, calls = [], 0
+        while e.has_unfinished_requests():
+            outs = e.step()
+            calls += 1
+            seen += [(calls, len(o.outputs[0].token_ids)) for o in outs if o.request_id == "0"]
+        counts[mode] = (e.num_computed_tokens_total, e.num_steps, calls, seen)
+        assert not e.requests
+    sync_tokens, sync_steps, sync_calls, sync_seen = counts[False]
+    assert counts[True] == (sync_tokens, sync_steps, sync_calls + 1, [(c + 1, n) for c, n in sync_seen])
+    # The last token is never fed back: 3 of request 0's 4, 2 of each sample's 3.
+    assert sync_tokens == len(PROMPTS[0]) + 3 + len(PROMPTS[3]) + 2 * 2
+    assert sync_seen == [(1, 1), (2, 2), (3, 3), (4, 4)]
+
+
+def test_stop_token_costs_one_discarded_step_and_frees_the_kv(loaded):
+    sync = make(loaded, "paged", async_scheduling=False)
+    ref = sync.generate([PROMPTS[1]], SamplingParams(max_tokens=20, temperature=0.0, ignore_eos=True),
+                        use_tqdm=False)[0].outputs[0].token_ids
+    params = SamplingParams(max_tokens=20, temperature=0.0, ignore_eos=True, stop_token_ids=[ref[4]])
+    llm = make(loaded, "paged")
+    out = llm.generate([PROMPTS[1]], params, use_tqdm=False)[0].outputs[0]
+    assert out.token_ids == ref[: ref.index(ref[4]) + 1] and out.finish_reason == "stop"
+    e = llm.engine
+    assert e.stats()["blocks_used"] == 0 and not e.scheduler.running
+    # The step launched before the stop token was read back computed one more position.
+    assert e.num_computed_tokens_total == len(PROMPTS[1]) + len(out.token_ids)
+
+
+def test_abort_while_a_step_is_in_flight(loaded):
+    llm = make(loaded, "paged")
+    e = llm.engine
+    keep = e.add_request(PROMPTS[0], SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True))
+    gone = e.add_request(PROMPTS[2], SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True))
+    e.step()
+    e.step()
+    assert e._inflight is not None and all(r.num_pending_tokens for r in e.requests.values())
+    e.abort(gone)
+    finals, rest = {}, []
+    while e.has_unfinished_requests():
+        for o in e.step():
+            (finals if o.finished else {}).update({o.request_id: o})
+    assert finals[gone].finish_reason == "abort" and finals[keep].finish_reason == "length"
+    ref = make(loaded, "paged", async_scheduling=False).generate(
+        [PROMPTS[0]], SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True), use_tqdm=False)
+    assert finals[keep].outputs[0].token_ids == ref[0].outputs[0].token_ids
+    assert e.stats()["blocks_used"] == 0 and not e.requests and not rest
+
+
+@pytest.mark.parametrize("mode", ["recompute", "swap"])
+def test_preemption_under_a_small_pool(loaded, mode):
+    """A pool of 12 blocks for 6 requests forces preemption; tokens equal the synchronous run's."""
+    params = [SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True) for _ in PROMPTS]
+    kw = dict(kv_memory_bytes=12 * 16 * loaded.config.kv_bytes_per_token(torch.float32), preemption_mode=mode,
+              max_num_seqs=6)
+    sync = make(loaded, "paged:enable_prefix_caching=False", async_scheduling=False, **kw)
+    ref = results(sync, params)
+    llm = make(loaded, "paged:enable_prefix_caching=False", **kw)
+    assert_same(results(llm, params), ref)
+    assert llm.engine.scheduler.num_preemptions > 0 and llm.engine.stats()["blocks_used"] == 0
+
+
+def test_prefix_cache_registers_only_known_tokens(loaded):
+    """Shared prefixes hit the cache under async scheduling too, and the hits serve the same tokens."""
+    prefix = PROMPTS[5][:48]
+    prompts = [prefix + [5, 6, 7], prefix + [9, 10]]
+    params = SamplingParams(max_tokens=20, temperature=0.0, ignore_eos=True)
+    outs = {}
+    for mode in (False, True):
+        llm = make(loaded, "paged", async_scheduling=mode)
+        first = llm.generate([prompts[0]], params, use_tqdm=False)[0].outputs[0].token_ids
+        # The first request's own output, resubmitted: its generated blocks are cached as well.
+        again = llm.generate([prompts[0] + first[:-1], prompts[1]], params, use_tqdm=False)
+        outs[mode] = (first, [o.outputs[0].token_ids for o in again],
+                      llm.engine.stats()["prefix_cache_hit_tokens"])
+    # The resubmission hits 4 blocks (the 4th holds 3 prompt and 13 output tokens), the other 3.
+    assert outs[True] == outs[False] and outs[True][2] == 4 * 16 + 3 * 16
+
+
+def test_input_patch_reads_the_previous_steps_tokens():
+    p = SamplingParams(max_tokens=5)
+    a, b, c = (Request(str(i), [1, 2, 3], p) for i in range(3))
+    a.num_computed_tokens = 3; a.num_pending_tokens = 1  # noqa: E702 - its 4th token is pending
+    b.num_computed_tokens = 1  # prefill chunk, ids known
+    c.num_computed_tokens = 3; c.num_pending_tokens = 1  # noqa: E702
+    prev_tokens = torch.tensor([40, 50, 60])
+    prev = InFlight([c, a], [c, a, b], prev_tokens, prev_tokens, None, {}, {}, {id(c): 0, id(a): 1, id(b): 2})
+    rows, ids = input_patch([a, b, c], [0, 1, 3, 4], prev, torch.device("cpu"))
+    assert rows.tolist() == [0, 3] and ids.tolist() == [50, 40]
+    assert a.token_at(3) == 0 and a.num_tokens == 4 and a.num_known_tokens == 3
+    assert input_patch([b], [0, 2], None, torch.device("cpu")) is None
+    with pytest.raises(RuntimeError, match="request 0: its next input token is pending"):
+        input_patch([a], [0, 1], None, torch.device("cpu"))
+
+
+def test_config_refuses_async_where_it_cannot_apply(loaded):
+    with pytest.raises(ConfigError, match="strategy 'offload' does not allow it"):
+        make(loaded, "offload")
+    with pytest.raises(ConfigError, match="async_scheduling must be True or False"):
+        make(loaded, "paged", async_scheduling="yes")
+    # Default on CPU: off (no overlap to gain); on CUDA it would be on for paged.
+    assert not make(loaded, "paged", async_scheduling=None).engine.async_scheduling
+
+
+@pytest.mark.parametrize("spec", ["paged", "h2o:heavy_ratio=0.2,recent_ratio=0.2"])
+def test_peaks_are_what_stats_shows_between_steps(loaded, spec):
+    e = make(loaded, spec).engine
+    for i, n in enumerate((40, 23, 57)):
+        e.add_request([(5 * i + j) % 200 + 4 for j in range(n)], SamplingParams(max_tokens=8, ignore_eos=True))
+    peak = 0
+    while e.has_unfinished_requests():
+        e.step()
+        u, s = e.kv.usage(), e.kv.stats()
+        assert u.kv_bytes_used == s["kv_bytes_used"]
+        peak = max(peak, s["kv_bytes_used"])
+    assert e.stats()["peak_kv_bytes_used"] == peak > 0 and e.kv.stats()["kv_bytes_used"] == 0
