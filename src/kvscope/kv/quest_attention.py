@@ -35,6 +35,21 @@ def _one_head_blocks(cache: torch.Tensor, block_size: int) -> torch.Tensor:
     return cache.as_strided((virtual, block_size, 1, d), (d, hkv * d, d, 1))
 
 
+def score_pages(q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor, tables: torch.Tensor,
+                num_pages: torch.Tensor, triton: bool) -> torch.Tensor:
+    """Page scores of each row's pages: ``q`` ``[B, Hq, D]``, a layer's bounds ``[num_blocks, Hkv,
+    D]``, ``tables`` ``[B, P]`` and ``num_pages`` ``[B]`` (int32 for ``triton``, else ``tables``
+    int64) -> ``[B, Hkv, P]`` float32, meaningful below ``num_pages``. ``triton``: the kernel of
+    :mod:`kvscope.attention.triton_quest_scores`, which reads only held pages' bounds; else the
+    gather and :func:`page_scores`. Eager and captured steps both score through here, so they
+    select alike."""
+    if triton:
+        from kvscope.attention.triton_quest_scores import quest_page_scores
+
+        return quest_page_scores(q, kmin, kmax, tables, num_pages)
+    return page_scores(q, kmin[tables], kmax[tables])
+
+
 def attend_selected(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, page_tables: torch.Tensor,
                     pages: torch.Tensor, keep: torch.Tensor, last_len: torch.Tensor, scale: float,
                     block_size: int, triton: bool = False) -> torch.Tensor:
@@ -123,6 +138,9 @@ class QuestAttention:
             self.page_tables = torch.tensor([(block_tables[i][:h] + [0] * width)[:width]
                                              for i, h in zip(decode, held)], dtype=torch.long, device=device)
             self.num_pages = torch.tensor(held, device=device)
+            # The scores' kernel takes int32 (score_pages).
+            self.score_tables = self.page_tables.int() if self.triton else self.page_tables
+            self.score_pages = self.num_pages.int() if self.triton else self.num_pages
             self.keep = torch.tensor(keep, device=device)
             self.last_len = torch.tensor([c - (h - 1) * block_size for c, h in zip(ctx, held)], device=device)
             self.decode_q = torch.tensor([query_start[i] for i in decode], device=device)
@@ -139,8 +157,8 @@ class QuestAttention:
             out[self.prefill_q] = self.prefill.attend_cached(layer_idx, q[self.prefill_q])
         if self.decode_q is not None:
             qd = q[self.decode_q]
-            scores = page_scores(qd, self.bounds.kmin[layer_idx][self.page_tables],
-                                 self.bounds.kmax[layer_idx][self.page_tables])
+            scores = score_pages(qd, self.bounds.kmin[layer_idx], self.bounds.kmax[layer_idx], self.score_tables,
+                                 self.score_pages, self.triton)
             pages = select_pages(scores, self.num_pages, self.keep, self.keep_max)
             out[self.decode_q] = attend_selected(qd, k_cache, v_cache, self.page_tables, pages, self.keep,
                                                  self.last_len, self.scale, self.bs, self.triton)

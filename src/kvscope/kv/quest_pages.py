@@ -58,6 +58,18 @@ class PageBounds:
         kmin.scatter_reduce_(0, index, k, reduce="amin")
         kmax.scatter_reduce_(0, index, k, reduce="amax")
 
+    def update_rows(self, layer: int, slots: torch.Tensor, k: torch.Tensor) -> None:
+        """:meth:`update` for one key per row with static shapes (a captured decode step): row
+        ``i``'s key ``k[i]`` ``[Hkv, D]`` was written at ``slots[i]`` ``[N]`` (int64, >= 0). Rows
+        write distinct blocks, or repeat another row's slot and key exactly (a captured step's
+        padding rows repeat its first row): duplicates then store equal values. A block whose
+        offset 0 is written starts from that key; the test is on the device, not the host."""
+        blocks = slots // self.block_size
+        k = k.to(self.kmin.dtype)
+        first = (slots % self.block_size == 0)[:, None, None]
+        for bound, fold in ((self.kmin[layer], torch.minimum), (self.kmax[layer], torch.maximum)):
+            bound.index_copy_(0, blocks, torch.where(first, k, fold(bound[blocks], k)))
+
     def copy(self, src: int, dst: int) -> None:
         """Block ``dst`` takes block ``src``'s bounds (copy-on-write copies the KV with them)."""
         self.kmin[:, dst] = self.kmin[:, src]
@@ -98,22 +110,28 @@ def select_pages(scores: torch.Tensor, num_pages: torch.Tensor, keep: torch.Tens
     """Per row and KV head, the ``keep`` pages of highest score, the first and last always among them.
 
     Args:
-        scores: ``[B, Hkv, P]`` page scores; pages at or past ``num_pages[b]`` are padding.
+        scores: ``[B, Hkv, P]`` page scores; pages at or past ``num_pages[b]`` are padding (any value).
         num_pages: ``[B]`` pages each row holds (>= 1).
         keep: ``[B]`` pages to read per KV head, each in ``min(2, num_pages) .. num_pages``.
-        k: ``max(keep)`` when the caller knows it on the host (else it is read from the device).
+        k: at least ``max(keep)``, at most ``P``: the places returned. A captured step passes a
+            constant (no shape may depend on the data); else ``max(keep)`` is read from the device.
     Returns:
-        ``[B, Hkv, K]`` page indices, ``K = max(keep)``, ascending in each row's first ``keep[b]``
-        places (so the last page, the only partial one, comes last); later places hold ``P``.
-        Ties go to the lower page index (a stable sort), so the choice is deterministic.
+        ``[B, Hkv, k]`` page indices, ascending in each row's first ``keep[b]`` places (so the last
+        page, the only partial one, comes last); later places hold ``P``. Ties go to the lower
+        page index, so the choice is deterministic.
+
+    A top-``k`` rather than a full sort, exact and with no host sync: each score becomes an int64
+    key that orders as the float does (its bits, negatives' magnitudes negated; -0 and +0 equal)
+    and, below that, by the lower page index, so no two keys tie and ``topk`` has one answer.
     """
-    b, h, p = scores.shape
+    p = scores.shape[2]
     cols = torch.arange(p, device=scores.device)
     forced = (cols == 0) | (cols[None, :] == num_pages[:, None] - 1)  # [B, P]
     ranked = scores.float().masked_fill(forced[:, None, :], float("inf"))
     ranked = ranked.masked_fill((cols[None, :] >= num_pages[:, None])[:, None, :], float("-inf"))
-    order = torch.sort(ranked, dim=-1, descending=True, stable=True).indices
+    bits = ranked.view(torch.int32).long()
+    key = torch.where(bits < 0, -(bits & 0x7FFFFFFF), bits) * p + (p - 1 - cols)
     k = int(keep.max()) if k is None else k
-    top = order[..., :k]
+    top = key.topk(k, dim=-1).indices  # [B, Hkv, k], best first
     top = top.masked_fill(torch.arange(k, device=scores.device) >= keep[:, None, None], p)
     return top.sort(dim=-1).values
