@@ -18,8 +18,8 @@ from hypothesis import strategies as st
 from kvscope import LLM, SamplingParams
 from kvscope.errors import ConfigError
 from kvscope.kv import registry
-from kvscope.kv.quest_attention import attend_selected
-from kvscope.kv.quest_pages import page_scores, select_pages
+from kvscope.kv.quest_attention import attend_selected, selected_lens
+from kvscope.kv.quest_pages import PageSelection, page_scores
 from kvscope.models.dummy import preset_config
 
 PROMPTS = [[(7 * i + j) % 200 + 4 for j in range(40 + 29 * i)] for i in range(3)]
@@ -143,7 +143,7 @@ def selections(draw):
 def test_selection_is_the_brute_force_top_k(case):
     scores, n, keep = case
     b, h, p = scores.shape
-    got = select_pages(scores, torch.tensor(n), torch.tensor(keep))
+    got = PageSelection(torch.tensor(n), torch.tensor(keep), p).select(scores)
     assert got.shape == (b, h, max(keep))
     for i in range(b):
         for j in range(h):
@@ -187,7 +187,7 @@ def attention_case(seed: int, bs: int, ctx: list[int], hq: int, hkv: int, d: int
         off += n
     keep = [min(n, max(2, n // 2)) for n in pages]
     scores = torch.randn(len(ctx), hkv, width, generator=gen)
-    sel = select_pages(scores, torch.tensor(pages), torch.tensor(keep))
+    sel = PageSelection(torch.tensor(pages), torch.tensor(keep), width).select(scores)
     last = [c - (n - 1) * bs for c, n in zip(ctx, pages)]
     return q, k, v, torch.tensor(tables), sel, torch.tensor(keep), torch.tensor(last)
 
@@ -223,7 +223,7 @@ def _attention_errors(triton: bool) -> list[float]:
     errs = []
     for seed, bs, ctx, hq, hkv, d in ATTN_CASES:
         q, k, v, tables, sel, keep, last = attention_case(seed, bs, ctx, hq, hkv, d)
-        got = attend_selected(q, k, v, tables, sel, keep, last, d**-0.5, bs, triton=triton)
+        got = attend_selected(q, k, v, tables, sel, selected_lens(keep, last, bs, hkv), d**-0.5, bs, triton=triton)
         ref = masked_reference(q, k, v, tables, sel, keep, ctx, bs, d**-0.5)
         errs.append(float((got.double() - ref).abs().max()))
     return errs

@@ -26,10 +26,10 @@ import torch
 
 from kvscope import LLM, SamplingParams
 from kvscope.engine.cuda_graph import GraphRunner
-from kvscope.kv import quest_attention, quest_graphs, registry
+from kvscope.kv import registry
 from kvscope.kv.base import KVSetup, StepBatch
 from kvscope.kv.quest_graphs import QuestGraphs
-from kvscope.kv.quest_pages import page_scores
+from kvscope.kv.quest_pages import PageSelection, page_scores
 from kvscope.models.config import ModelConfig
 from kvscope.request import Request
 from kvscope.sampling_params import SamplingParams as Params
@@ -73,19 +73,30 @@ def decode_batch(s, contexts: list[int], gen: torch.Generator) -> StepBatch:
     return StepBatch(reqs, [1] * n, torch.full((n,), 3), pos, list(range(n + 1)))
 
 
-def run_layers(attn, qkv: list[tuple[torch.Tensor, ...]], picked: list, monkeypatch, module) -> torch.Tensor:
+def run_layers(attn, qkv: list[tuple[torch.Tensor, ...]], picked: list, monkeypatch) -> torch.Tensor:
     """Outputs ``[L, N, Hq, D]`` of ``attn`` layer by layer; every selection into ``picked``."""
-    real = module.select_pages
+    real = PageSelection.select
 
-    def record(*args, **kw):
-        out = real(*args, **kw)
+    def record(self, scores):
+        out = real(self, scores)
         picked.append(out)
         return out
 
-    monkeypatch.setattr(module, "select_pages", record)
+    monkeypatch.setattr(PageSelection, "select", record)
     out = torch.stack([attn.attend(layer, q, k, v) for layer, (q, k, v) in enumerate(qkv)])
-    monkeypatch.setattr(module, "select_pages", real)
+    monkeypatch.setattr(PageSelection, "select", real)
     return out
+
+
+def no_host_reads(monkeypatch) -> None:
+    """Make every way of reading a tensor's value on the host raise: what a captured step must not
+    do (on CUDA each is a sync, and a replay would reuse the value read at capture)."""
+    def refuse(*args, **kw):
+        raise AssertionError("a host read of device data in a static step")
+
+    for name in ("item", "tolist", "nonzero", "__bool__", "__int__", "__float__", "__index__"):
+        monkeypatch.setattr(torch.Tensor, name, refuse)
+    monkeypatch.setattr(torch, "nonzero", refuse)
 
 
 def state(s) -> list[torch.Tensor]:
@@ -118,8 +129,7 @@ def test_static_step_equals_eager_step(case, monkeypatch):
         before = state(s)
         eager_sel: list = []
         counted = (s.pages_read, s.pages_held)
-        eager = run_layers(s.begin_step(batch), [tuple(t[:n] for t in x) for x in qkv], eager_sel, monkeypatch,
-                           quest_attention)
+        eager = run_layers(s.begin_step(batch), [tuple(t[:n] for t in x) for x in qkv], eager_sel, monkeypatch)
         eager_state, eager_counts = state(s), (s.pages_read - counted[0], s.pages_held - counted[1])
         s.cache.kv.copy_(before[0])  # back to before the step
         s.bounds.kmin.copy_(before[1])
@@ -128,8 +138,10 @@ def test_static_step_equals_eager_step(case, monkeypatch):
         step = graphs.step(size)
         counted = (s.pages_read, s.pages_held)
         step.load(batch)
-        step.begin()
-        static = run_layers(step.attention, qkv, static_sel, monkeypatch, quest_graphs)
+        with monkeypatch.context() as m:
+            no_host_reads(m)
+            step.begin()
+            static = run_layers(step.attention, qkv, static_sel, m)
         assert (s.pages_read - counted[0], s.pages_held - counted[1]) == eager_counts
         assert eager_counts[0] == sum(s.keep_pages(c) for c in contexts)
         torch.testing.assert_close(static[:, :n], eager, atol=1e-5, rtol=1e-5)

@@ -22,7 +22,7 @@ from collections.abc import Callable
 import torch
 
 from kvscope.attention.torch_ref import attend_decode
-from kvscope.kv.quest_pages import PageBounds, page_scores, select_pages
+from kvscope.kv.quest_pages import PageBounds, PageSelection, page_scores
 from kvscope.kv.slot_cache import SlotKVCache, block_table_attention
 
 
@@ -50,18 +50,24 @@ def score_pages(q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor, tables:
     return page_scores(q, kmin[tables], kmax[tables])
 
 
+def selected_lens(keep: torch.Tensor, last_len: torch.Tensor, block_size: int, num_kv_heads: int) -> torch.Tensor:
+    """Tokens each (row, KV head) sequence of :func:`attend_selected` reads: ``keep`` ``[B]`` pages,
+    the last with ``last_len`` ``[B]`` tokens -> ``[B * Hkv]`` int32."""
+    return ((keep - 1) * block_size + last_len).repeat_interleave(num_kv_heads).to(torch.int32)
+
+
 def attend_selected(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, page_tables: torch.Tensor,
-                    pages: torch.Tensor, keep: torch.Tensor, last_len: torch.Tensor, scale: float,
-                    block_size: int, triton: bool = False) -> torch.Tensor:
+                    pages: torch.Tensor, lens: torch.Tensor, scale: float, block_size: int,
+                    triton: bool = False) -> torch.Tensor:
     """Decode attention of each KV head's query heads over that head's selected pages only.
 
     Args:
         q: ``[B, Hq, D]``.
         k_cache, v_cache: a layer's ``[num_slots, Hkv, D]``.
-        page_tables: ``[B, P]`` int64 block id of each row's pages (padding past its pages).
-        pages: ``[B, Hkv, K]`` selected page indices from :func:`select_pages` (ascending, the
-            row's last page last among the first ``keep[b]``).
-        keep: ``[B]`` pages selected per KV head; ``last_len``: ``[B]`` tokens in the last page.
+        page_tables: ``[B, P]`` int32 or int64 block id of each row's pages (padding past its pages).
+        pages: ``[B, Hkv, K]`` selected page indices from :class:`PageSelection` (ascending, the
+            row's last page last among its kept ones; ``P`` past them).
+        lens: ``[B * Hkv]`` int32 tokens of each (row, KV head)'s selected pages (:func:`selected_lens`).
         triton: the paged Triton decode kernel (CUDA) rather than gather + torch attention.
     Returns:
         ``[B, Hq, D]``.
@@ -70,20 +76,19 @@ def attend_selected(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     hkv = k_cache.shape[1]
     k = pages.shape[2]
     blocks = page_tables.gather(1, pages.clamp(max=page_tables.shape[1] - 1).flatten(1)).view(b, hkv, k)
-    lens = ((keep - 1) * block_size + last_len).repeat_interleave(hkv)  # [B * Hkv]
     qs = q.reshape(b * hkv, hq // hkv, d)
-    heads = torch.arange(hkv, device=q.device)
+    heads = torch.arange(hkv, device=q.device, dtype=blocks.dtype)[None, :, None]
     if triton:
         from kvscope.attention.triton_decode import paged_decode_attention
 
-        virtual = (blocks * (block_size * hkv) + heads[None, :, None]).view(b * hkv, k).to(torch.int32)
+        virtual = (blocks * (block_size * hkv) + heads).view(b * hkv, k).to(torch.int32)
         out = paged_decode_attention(qs.contiguous(), _one_head_blocks(k_cache, block_size),
-                                     _one_head_blocks(v_cache, block_size), virtual, lens.to(torch.int32),
-                                     scale, block_size)
+                                     _one_head_blocks(v_cache, block_size), virtual, lens, scale, block_size)
         return out.view(b, hq, d)
-    slots = (blocks[..., None] * block_size + torch.arange(block_size, device=q.device)).flatten(2)  # [B, Hkv, T]
-    kg = k_cache[slots, heads[None, :, None]].view(b * hkv, -1, 1, d)
-    vg = v_cache[slots, heads[None, :, None]].view(b * hkv, -1, 1, d)
+    blocks, heads = blocks.long(), heads.long()
+    slots = (blocks[..., None] * block_size + torch.arange(block_size, device=q.device)).flatten(2)  # [B, Hkv, K * bs]
+    kg = k_cache[slots, heads].view(b * hkv, -1, 1, d)
+    vg = v_cache[slots, heads].view(b * hkv, -1, 1, d)
     return attend_decode(qs, kg, vg, lens, scale).view(b, hq, d)
 
 
@@ -141,10 +146,12 @@ class QuestAttention:
             # The scores' kernel takes int32 (score_pages).
             self.score_tables = self.page_tables.int() if self.triton else self.page_tables
             self.score_pages = self.num_pages.int() if self.triton else self.num_pages
-            self.keep = torch.tensor(keep, device=device)
-            self.last_len = torch.tensor([c - (h - 1) * block_size for c, h in zip(ctx, held)], device=device)
+            keep_t = torch.tensor(keep, device=device)
+            last_len = torch.tensor([c - (h - 1) * block_size for c, h in zip(ctx, held)], device=device)
+            self.lens = selected_lens(keep_t, last_len, block_size, cache.kv.shape[3])
+            self.selection = PageSelection(self.num_pages, keep_t, width, max(keep))
             self.decode_q = torch.tensor([query_start[i] for i in decode], device=device)
-            self.pages_read, self.pages_held, self.keep_max = sum(keep), sum(held), max(keep)
+            self.pages_read, self.pages_held = sum(keep), sum(held)
 
     def attend(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """``q`` ``[N, Hq, D]``, ``k``/``v`` ``[N, Hkv, D]`` -> ``[N, Hq, D]``."""
@@ -159,7 +166,6 @@ class QuestAttention:
             qd = q[self.decode_q]
             scores = score_pages(qd, self.bounds.kmin[layer_idx], self.bounds.kmax[layer_idx], self.score_tables,
                                  self.score_pages, self.triton)
-            pages = select_pages(scores, self.num_pages, self.keep, self.keep_max)
-            out[self.decode_q] = attend_selected(qd, k_cache, v_cache, self.page_tables, pages, self.keep,
-                                                 self.last_len, self.scale, self.bs, self.triton)
+            out[self.decode_q] = attend_selected(qd, k_cache, v_cache, self.page_tables, self.selection.select(scores),
+                                                 self.lens, self.scale, self.bs, self.triton)
         return out

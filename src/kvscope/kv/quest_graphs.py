@@ -8,7 +8,7 @@ blocks of ``max_model_len``), refreshed by one copy per step, with quest's atten
   so it is computed on the device from ``lens`` (``QuestStrategy.keep_pages_tensor``: the host's
   formula in the same float64 operations), with the pages held and the last page's fill, once per
   step before the first layer (:meth:`StaticQuestAttention.plan`, the step's ``begin``).
-* **Selection.** :func:`~kvscope.kv.quest_pages.select_pages` with a fixed ``k``: the largest
+* **Selection.** :class:`~kvscope.kv.quest_pages.PageSelection` with a fixed ``k``: the largest
   keep of any row the bucket can hold, ``keep_pages(max_model_len)``. Every row ranks its ``W``
   pages (past its own pages -inf, its first and last +inf) and keeps the top ``k``; the places past
   its own ``keep`` are masked, so it reads exactly the pages an eager step reads.
@@ -33,8 +33,8 @@ import torch
 
 from kvscope.kv.backend import StepBatch
 from kvscope.kv.block_table_graphs import BlockTableGraphs, BlockTableStep
-from kvscope.kv.quest_attention import attend_selected, score_pages
-from kvscope.kv.quest_pages import select_pages
+from kvscope.kv.quest_attention import attend_selected, score_pages, selected_lens
+from kvscope.kv.quest_pages import PageSelection
 
 if TYPE_CHECKING:
     from kvscope.kv.quest import QuestStrategy
@@ -63,21 +63,26 @@ class StaticQuestAttention:
         self.plan()
 
     def plan(self) -> None:
-        """Per-row metadata of the step from the static buffers, on the device (once per step)."""
+        """Per-row metadata of the step from the static buffers, on the device, once per step
+        (every layer shares it): pages held and kept, the selection's masks, tokens read per
+        (row, KV head), and where the new tokens go."""
         lens = self.lens.long()
-        self.num_pages = (lens + self.bs - 1) // self.bs
-        self.keep = self.keep_pages(lens)
-        self.last_len = lens - (self.num_pages - 1) * self.bs
+        num_pages = (lens + self.bs - 1) // self.bs
+        keep = self.keep_pages(lens)
+        self.selection = PageSelection(num_pages, keep, self.tables.shape[1], self.k)
+        self.read_lens = selected_lens(keep, lens - (num_pages - 1) * self.bs, self.bs, self.cache.kv.shape[3])
+        if self.triton:
+            self.score_pages = num_pages.int()
+        else:
+            self.score_pages = num_pages
+            self.score_tables.copy_(self.tables)
         real = self.slots >= 0
         # Padding rows repeat row 0's write (row 0 is always a request; at capture, with every row
         # padding, slot 0 of an empty pool).
         self.write_slots = torch.where(real, self.slots, self.slots[:1]).long().clamp(min=0)
         self.write_rows = torch.where(real, torch.arange(real.shape[0], device=real.device), 0)
-        if self.triton:
-            self.score_pages = self.num_pages.int()
-        else:
-            self.score_pages = self.num_pages
-            self.score_tables.copy_(self.tables)
+        self.write_blocks = self.write_slots // self.bs
+        self.write_first = (self.write_slots % self.bs == 0)[:, None, None]
 
     def attend(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """``q`` ``[b, Hq, D]``, ``k``/``v`` ``[b, Hkv, D]`` -> ``[b, Hq, D]``."""
@@ -85,12 +90,11 @@ class StaticQuestAttention:
         k, v = k[self.write_rows], v[self.write_rows]
         k_cache.index_copy_(0, self.write_slots, k.to(k_cache.dtype))
         v_cache.index_copy_(0, self.write_slots, v.to(v_cache.dtype))
-        self.bounds.update_rows(layer_idx, self.write_slots, k)
+        self.bounds.update_rows(layer_idx, self.write_blocks, self.write_first, k)
         scores = score_pages(q, self.bounds.kmin[layer_idx], self.bounds.kmax[layer_idx], self.score_tables,
                              self.score_pages, self.triton)
-        pages = select_pages(scores, self.num_pages, self.keep, self.k)
-        return attend_selected(q, k_cache, v_cache, self.tables, pages, self.keep, self.last_len, self.scale,
-                               self.bs, self.triton)
+        return attend_selected(q, k_cache, v_cache, self.tables, self.selection.select(scores), self.read_lens,
+                               self.scale, self.bs, self.triton)
 
 
 class QuestStep(BlockTableStep):
