@@ -134,22 +134,25 @@ def selections(draw):
     b, h, p = draw(st.integers(1, 3)), draw(st.integers(1, 3)), draw(st.integers(1, 12))
     n = [draw(st.integers(1, p)) for _ in range(b)]
     keep = [draw(st.integers(min(2, x), x)) for x in n]
-    scores = draw(st.lists(st.integers(-2, 2), min_size=b * h * p, max_size=b * h * p))  # many ties
-    return torch.tensor(scores, dtype=torch.float32).view(b, h, p), n, keep
+    k = draw(st.integers(max(keep), p))  # a captured step's places: more than any row keeps
+    # Many ties, -0.0 and 0.0 among them (equal, so the lower page wins).
+    scores = draw(st.lists(st.sampled_from([-2.0, -1.0, -0.0, 0.0, 1.0, 2.0, float("-inf")]),
+                           min_size=b * h * p, max_size=b * h * p))
+    return torch.tensor(scores, dtype=torch.float32).view(b, h, p), n, keep, k
 
 
 @settings(max_examples=200, deadline=None)
 @given(selections())
 def test_selection_is_the_brute_force_top_k(case):
-    scores, n, keep = case
+    scores, n, keep, k = case
     b, h, p = scores.shape
-    got = PageSelection(torch.tensor(n), torch.tensor(keep), p).select(scores)
-    assert got.shape == (b, h, max(keep))
+    got = PageSelection(torch.tensor(n), torch.tensor(keep), p, k).select(scores)
+    assert got.shape == (b, h, k)
     for i in range(b):
         for j in range(h):
             row = got[i, j].tolist()
             assert row[: keep[i]] == brute_select(scores[i, j].tolist(), n[i], keep[i])
-            assert row[keep[i]:] == [p] * (max(keep) - keep[i])
+            assert row[keep[i]:] == [p] * (k - keep[i])
 
 
 @settings(max_examples=100, deadline=None)
@@ -187,7 +190,7 @@ def attention_case(seed: int, bs: int, ctx: list[int], hq: int, hkv: int, d: int
         off += n
     keep = [min(n, max(2, n // 2)) for n in pages]
     scores = torch.randn(len(ctx), hkv, width, generator=gen)
-    sel = PageSelection(torch.tensor(pages), torch.tensor(keep), width).select(scores)
+    sel = PageSelection(torch.tensor(pages), torch.tensor(keep), width, max(keep)).select(scores)
     last = [c - (n - 1) * bs for c, n in zip(ctx, pages)]
     return q, k, v, torch.tensor(tables), sel, torch.tensor(keep), torch.tensor(last)
 

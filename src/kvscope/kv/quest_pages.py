@@ -111,22 +111,21 @@ class PageSelection:
         num_pages: ``[B]`` pages each row holds (>= 1).
         keep: ``[B]`` pages to read per KV head, each in ``min(2, num_pages) .. num_pages``.
         width: ``P``, the pages scored per row (its table's width).
-        k: at least ``max(keep)``, at most ``P``: the places returned. A captured step passes a
-            constant (no shape may depend on the data); None reads ``max(keep)`` from the device.
+        k: at least ``max(keep)``, at most ``P``: the places returned (an eager step's ``max(keep)``;
+            a captured step's a constant, as no shape may depend on the data).
 
     A top-``k`` rather than a full sort, exact and with no host sync: each score becomes an int64
     key that orders as the float does (its bits, negatives' magnitudes negated; -0 and +0 equal)
     and, below that, by the lower page index, so no two keys tie and ``topk`` has one answer.
     """
 
-    def __init__(self, num_pages: torch.Tensor, keep: torch.Tensor, width: int, k: int | None = None) -> None:
+    def __init__(self, num_pages: torch.Tensor, keep: torch.Tensor, width: int, k: int) -> None:
         cols = torch.arange(width, device=num_pages.device)
         self.forced = ((cols == 0) | (cols == num_pages[:, None] - 1))[:, None, :]  # [B, 1, P]
         self.dead = (cols >= num_pages[:, None])[:, None, :]  # [B, 1, P]: past the row's pages
         self.tiebreak = width - 1 - cols  # [P]: the lower page ranks first among equal scores
-        self.k = int(keep.max()) if k is None else k
-        self.unkept = (torch.arange(self.k, device=keep.device) >= keep[:, None])[:, None, :]  # [B, 1, k]
-        self.width = width
+        self.unkept = (torch.arange(k, device=keep.device) >= keep[:, None])[:, None, :]  # [B, 1, k]
+        self.width, self.k = width, k
 
     def select(self, scores: torch.Tensor) -> torch.Tensor:
         """``scores`` ``[B, Hkv, P]`` (any value past a row's pages) -> ``[B, Hkv, k]`` page indices,
