@@ -12,6 +12,10 @@ What it saves is bandwidth, not memory: decode reads ``budget`` tokens' K/V (rou
 pages) plus one bound pair per page, instead of the whole context; the pool holds every token, and
 the bounds take as much memory as one more token per page.
 
+Pure-decode steps on the Triton backend replay CUDA graphs (``kv/quest_graphs.py``): ``paged``'s
+static block-table buffers, the pages per row computed on the device from the lengths, a top-k of
+fixed width masked per row, so a captured step selects exactly the eager step's pages.
+
 Quest and ``infinigen`` select the same way, by an estimate of ``q . k`` per KV head, and read only
 what they select. They differ in where the KV lives: InfiniGen keeps it in host memory and
 speculates one layer ahead, so that the selected rows can cross PCIe while the previous layer
@@ -23,10 +27,12 @@ from __future__ import annotations
 import math
 from typing import Any
 
+import torch
 
 from kvscope.constants import DEFAULT_BUDGET_RATIO
 from kvscope.errors import ConfigError
-from kvscope.kv.base import BlockTableLayout, KVSetup, StepBatch
+from kvscope.kv.backend import GraphDecode
+from kvscope.kv.base import BlockTableLayout, GraphStatistics, KVSetup, StepBatch
 from kvscope.kv.block_pool import BlockPool
 from kvscope.kv.eviction_budget import check_budget_args
 from kvscope.kv.paged import PagedStrategy
@@ -49,7 +55,6 @@ class QuestStrategy(PagedStrategy):
     lossless = False
     selects_per_step = True
     drops_under_pressure = False  # every token stays resident whatever the pool holds
-    graph_decode = False  # the captured graphs run paged's kernels over whole block tables
 
     def __init__(self, budget: int | None = None, budget_ratio: float | None = None, page_size: int = 16,
                  enable_prefix_caching: bool = True) -> None:
@@ -84,6 +89,22 @@ class QuestStrategy(PagedStrategy):
         held = -(-context // self.page_size)
         tokens = self.budget if self.budget is not None else self.budget_ratio * context
         return min(held, max(math.ceil(tokens / self.page_size), 2))
+
+    def keep_pages_tensor(self, context: torch.Tensor) -> torch.Tensor:
+        """:meth:`keep_pages` of every context of ``context`` ``[B]`` (integer, >= 1) on its device,
+        with no host sync (a captured step's rows): ``[B]`` int64. The ratio budget takes the same
+        float64 operations in the same order as the host's, so it rounds alike."""
+        held = (context.long() + self.page_size - 1) // self.page_size
+        if self.budget is not None:
+            return held.clamp(max=max(math.ceil(self.budget / self.page_size), 2))
+        want = torch.ceil(context.double() * self.budget_ratio / self.page_size).long()
+        return torch.minimum(held, want.clamp(min=2))
+
+    def count_decode(self, contexts: list[int]) -> None:
+        """Count decode rows of ``contexts`` tokens (the new one included) in ``quest_pages_read``
+        and ``quest_pages_held``."""
+        self.pages_read += sum(map(self.keep_pages, contexts))
+        self.pages_held += sum(-(-c // self.page_size) for c in contexts)
 
     def decode_read_bytes(self, context: int) -> int | None:
         """The key bounds of every page held, then per KV head its ``keep_pages`` selected pages'
@@ -146,5 +167,26 @@ class QuestStrategy(PagedStrategy):
         self.pages_held += attn.pages_held
         return attn
 
+    # ---- captured decode (kv/quest_graphs.py) -------------------------------------------------------
     def block_table_layout(self) -> BlockTableLayout | None:
-        return None
+        return BlockTableLayout(self.cache, self.block_size)
+
+    def static_attention(self, layout: BlockTableLayout, slots: torch.Tensor, tables: torch.Tensor,
+                         lens: torch.Tensor, scale: float, num_splits: int,
+                         stats: GraphStatistics | None) -> AttentionBackend:
+        # ``num_splits`` is paged's, for b sequences of W blocks; quest's kernel runs b * Hkv one-head
+        # sequences of its selected pages, whose split count follows from those fixed shapes.
+        from kvscope.kv.quest_graphs import StaticQuestAttention
+
+        return StaticQuestAttention(self, slots, tables, lens, scale)
+
+    def decode_graphs(self) -> GraphDecode | None:
+        """Captured decode steps on the Triton backend. The torch path's scores gather every
+        page's bounds of the bucket's whole block-table width, by ``max_model_len`` rather than by
+        context, so it stays eager (it runs the same static steps on the CPU, in tests)."""
+        setup = self.setup
+        if setup is None or not setup.cuda_graph_sizes or setup.attention_backend != "triton":
+            return None
+        from kvscope.kv.quest_graphs import QuestGraphs
+
+        return QuestGraphs(self, setup.cuda_graph_sizes, setup.max_model_len, setup.device)

@@ -22,7 +22,7 @@ from collections.abc import Callable
 import torch
 
 from kvscope.attention.torch_ref import attend_decode
-from kvscope.kv.quest_pages import PageBounds, page_scores, select_pages
+from kvscope.kv.quest_pages import PageBounds, PageSelection, page_scores
 from kvscope.kv.slot_cache import SlotKVCache, block_table_attention
 
 
@@ -35,18 +35,39 @@ def _one_head_blocks(cache: torch.Tensor, block_size: int) -> torch.Tensor:
     return cache.as_strided((virtual, block_size, 1, d), (d, hkv * d, d, 1))
 
 
+def score_pages(q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor, tables: torch.Tensor,
+                num_pages: torch.Tensor, triton: bool) -> torch.Tensor:
+    """Page scores of each row's pages: ``q`` ``[B, Hq, D]``, a layer's bounds ``[num_blocks, Hkv,
+    D]``, ``tables`` ``[B, P]`` and ``num_pages`` ``[B]`` (int32 for ``triton``, else ``tables``
+    int64) -> ``[B, Hkv, P]`` float32, meaningful below ``num_pages``. ``triton``: the kernel of
+    :mod:`kvscope.attention.triton_quest_scores`, which reads only held pages' bounds; else the
+    gather and :func:`page_scores`. Eager and captured steps both score through here, so they
+    select alike."""
+    if triton:
+        from kvscope.attention.triton_quest_scores import quest_page_scores
+
+        return quest_page_scores(q, kmin, kmax, tables, num_pages)
+    return page_scores(q, kmin[tables], kmax[tables])
+
+
+def selected_lens(keep: torch.Tensor, last_len: torch.Tensor, block_size: int, num_kv_heads: int) -> torch.Tensor:
+    """Tokens each (row, KV head) sequence of :func:`attend_selected` reads: ``keep`` ``[B]`` pages,
+    the last with ``last_len`` ``[B]`` tokens -> ``[B * Hkv]`` int32."""
+    return ((keep - 1) * block_size + last_len).repeat_interleave(num_kv_heads).to(torch.int32)
+
+
 def attend_selected(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, page_tables: torch.Tensor,
-                    pages: torch.Tensor, keep: torch.Tensor, last_len: torch.Tensor, scale: float,
-                    block_size: int, triton: bool = False) -> torch.Tensor:
+                    pages: torch.Tensor, lens: torch.Tensor, scale: float, block_size: int,
+                    triton: bool = False) -> torch.Tensor:
     """Decode attention of each KV head's query heads over that head's selected pages only.
 
     Args:
         q: ``[B, Hq, D]``.
         k_cache, v_cache: a layer's ``[num_slots, Hkv, D]``.
-        page_tables: ``[B, P]`` int64 block id of each row's pages (padding past its pages).
-        pages: ``[B, Hkv, K]`` selected page indices from :func:`select_pages` (ascending, the
-            row's last page last among the first ``keep[b]``).
-        keep: ``[B]`` pages selected per KV head; ``last_len``: ``[B]`` tokens in the last page.
+        page_tables: ``[B, P]`` int32 or int64 block id of each row's pages (padding past its pages).
+        pages: ``[B, Hkv, K]`` selected page indices from :class:`PageSelection` (ascending, the
+            row's last page last among its kept ones; ``P`` past them).
+        lens: ``[B * Hkv]`` int32 tokens of each (row, KV head)'s selected pages (:func:`selected_lens`).
         triton: the paged Triton decode kernel (CUDA) rather than gather + torch attention.
     Returns:
         ``[B, Hq, D]``.
@@ -55,20 +76,19 @@ def attend_selected(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     hkv = k_cache.shape[1]
     k = pages.shape[2]
     blocks = page_tables.gather(1, pages.clamp(max=page_tables.shape[1] - 1).flatten(1)).view(b, hkv, k)
-    lens = ((keep - 1) * block_size + last_len).repeat_interleave(hkv)  # [B * Hkv]
     qs = q.reshape(b * hkv, hq // hkv, d)
-    heads = torch.arange(hkv, device=q.device)
+    heads = torch.arange(hkv, device=q.device, dtype=blocks.dtype)[None, :, None]
     if triton:
         from kvscope.attention.triton_decode import paged_decode_attention
 
-        virtual = (blocks * (block_size * hkv) + heads[None, :, None]).view(b * hkv, k).to(torch.int32)
+        virtual = (blocks * (block_size * hkv) + heads).view(b * hkv, k).to(torch.int32)
         out = paged_decode_attention(qs.contiguous(), _one_head_blocks(k_cache, block_size),
-                                     _one_head_blocks(v_cache, block_size), virtual, lens.to(torch.int32),
-                                     scale, block_size)
+                                     _one_head_blocks(v_cache, block_size), virtual, lens, scale, block_size)
         return out.view(b, hq, d)
-    slots = (blocks[..., None] * block_size + torch.arange(block_size, device=q.device)).flatten(2)  # [B, Hkv, T]
-    kg = k_cache[slots, heads[None, :, None]].view(b * hkv, -1, 1, d)
-    vg = v_cache[slots, heads[None, :, None]].view(b * hkv, -1, 1, d)
+    blocks, heads = blocks.long(), heads.long()
+    slots = (blocks[..., None] * block_size + torch.arange(block_size, device=q.device)).flatten(2)  # [B, Hkv, K * bs]
+    kg = k_cache[slots, heads].view(b * hkv, -1, 1, d)
+    vg = v_cache[slots, heads].view(b * hkv, -1, 1, d)
     return attend_decode(qs, kg, vg, lens, scale).view(b, hq, d)
 
 
@@ -123,10 +143,15 @@ class QuestAttention:
             self.page_tables = torch.tensor([(block_tables[i][:h] + [0] * width)[:width]
                                              for i, h in zip(decode, held)], dtype=torch.long, device=device)
             self.num_pages = torch.tensor(held, device=device)
-            self.keep = torch.tensor(keep, device=device)
-            self.last_len = torch.tensor([c - (h - 1) * block_size for c, h in zip(ctx, held)], device=device)
+            # The scores' kernel takes int32 (score_pages).
+            self.score_tables = self.page_tables.int() if self.triton else self.page_tables
+            self.score_pages = self.num_pages.int() if self.triton else self.num_pages
+            keep_t = torch.tensor(keep, device=device)
+            last_len = torch.tensor([c - (h - 1) * block_size for c, h in zip(ctx, held)], device=device)
+            self.lens = selected_lens(keep_t, last_len, block_size, cache.kv.shape[3])
+            self.selection = PageSelection(self.num_pages, keep_t, width, max(keep))
             self.decode_q = torch.tensor([query_start[i] for i in decode], device=device)
-            self.pages_read, self.pages_held, self.keep_max = sum(keep), sum(held), max(keep)
+            self.pages_read, self.pages_held = sum(keep), sum(held)
 
     def attend(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """``q`` ``[N, Hq, D]``, ``k``/``v`` ``[N, Hkv, D]`` -> ``[N, Hq, D]``."""
@@ -139,9 +164,8 @@ class QuestAttention:
             out[self.prefill_q] = self.prefill.attend_cached(layer_idx, q[self.prefill_q])
         if self.decode_q is not None:
             qd = q[self.decode_q]
-            scores = page_scores(qd, self.bounds.kmin[layer_idx][self.page_tables],
-                                 self.bounds.kmax[layer_idx][self.page_tables])
-            pages = select_pages(scores, self.num_pages, self.keep, self.keep_max)
-            out[self.decode_q] = attend_selected(qd, k_cache, v_cache, self.page_tables, pages, self.keep,
-                                                 self.last_len, self.scale, self.bs, self.triton)
+            scores = score_pages(qd, self.bounds.kmin[layer_idx], self.bounds.kmax[layer_idx], self.score_tables,
+                                 self.score_pages, self.triton)
+            out[self.decode_q] = attend_selected(qd, k_cache, v_cache, self.page_tables, self.selection.select(scores),
+                                                 self.lens, self.scale, self.bs, self.triton)
         return out

@@ -58,6 +58,16 @@ class PageBounds:
         kmin.scatter_reduce_(0, index, k, reduce="amin")
         kmax.scatter_reduce_(0, index, k, reduce="amax")
 
+    def update_rows(self, layer: int, blocks: torch.Tensor, first: torch.Tensor, k: torch.Tensor) -> None:
+        """:meth:`update` for one key per row with static shapes (a captured decode step): row
+        ``i``'s key ``k[i]`` ``[Hkv, D]`` was written to block ``blocks[i]`` ``[N]`` (int64), at its
+        offset 0 where ``first[i]`` ``[N, 1, 1]`` (bool; that block then starts from the key). Rows
+        write distinct blocks, or repeat another row's block, flag and key exactly (a captured
+        step's padding rows repeat its first row): duplicates then store equal values."""
+        k = k.to(self.kmin.dtype)
+        for bound, fold in ((self.kmin[layer], torch.minimum), (self.kmax[layer], torch.maximum)):
+            bound.index_copy_(0, blocks, torch.where(first, k, fold(bound[blocks], k)))
+
     def copy(self, src: int, dst: int) -> None:
         """Block ``dst`` takes block ``src``'s bounds (copy-on-write copies the KV with them)."""
         self.kmin[:, dst] = self.kmin[:, src]
@@ -93,27 +103,36 @@ def page_scores(q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor) -> torc
     return bound.amax(dim=2)
 
 
-def select_pages(scores: torch.Tensor, num_pages: torch.Tensor, keep: torch.Tensor, k: int | None = None
-                 ) -> torch.Tensor:
-    """Per row and KV head, the ``keep`` pages of highest score, the first and last always among them.
+class PageSelection:
+    """Per row and KV head, the ``keep`` pages of highest score, the first and last always among
+    them: what depends only on the rows is built once per step, :meth:`select` runs per layer.
 
     Args:
-        scores: ``[B, Hkv, P]`` page scores; pages at or past ``num_pages[b]`` are padding.
         num_pages: ``[B]`` pages each row holds (>= 1).
         keep: ``[B]`` pages to read per KV head, each in ``min(2, num_pages) .. num_pages``.
-        k: ``max(keep)`` when the caller knows it on the host (else it is read from the device).
-    Returns:
-        ``[B, Hkv, K]`` page indices, ``K = max(keep)``, ascending in each row's first ``keep[b]``
-        places (so the last page, the only partial one, comes last); later places hold ``P``.
-        Ties go to the lower page index (a stable sort), so the choice is deterministic.
+        width: ``P``, the pages scored per row (its table's width).
+        k: at least ``max(keep)``, at most ``P``: the places returned (an eager step's ``max(keep)``;
+            a captured step's a constant, as no shape may depend on the data).
+
+    A top-``k`` rather than a full sort, exact and with no host sync: each score becomes an int64
+    key that orders as the float does (its bits, negatives' magnitudes negated; -0 and +0 equal)
+    and, below that, by the lower page index, so no two keys tie and ``topk`` has one answer.
     """
-    b, h, p = scores.shape
-    cols = torch.arange(p, device=scores.device)
-    forced = (cols == 0) | (cols[None, :] == num_pages[:, None] - 1)  # [B, P]
-    ranked = scores.float().masked_fill(forced[:, None, :], float("inf"))
-    ranked = ranked.masked_fill((cols[None, :] >= num_pages[:, None])[:, None, :], float("-inf"))
-    order = torch.sort(ranked, dim=-1, descending=True, stable=True).indices
-    k = int(keep.max()) if k is None else k
-    top = order[..., :k]
-    top = top.masked_fill(torch.arange(k, device=scores.device) >= keep[:, None, None], p)
-    return top.sort(dim=-1).values
+
+    def __init__(self, num_pages: torch.Tensor, keep: torch.Tensor, width: int, k: int) -> None:
+        cols = torch.arange(width, device=num_pages.device)
+        self.forced = ((cols == 0) | (cols == num_pages[:, None] - 1))[:, None, :]  # [B, 1, P]
+        self.dead = (cols >= num_pages[:, None])[:, None, :]  # [B, 1, P]: past the row's pages
+        self.tiebreak = width - 1 - cols  # [P]: the lower page ranks first among equal scores
+        self.unkept = (torch.arange(k, device=keep.device) >= keep[:, None])[:, None, :]  # [B, 1, k]
+        self.width, self.k = width, k
+
+    def select(self, scores: torch.Tensor) -> torch.Tensor:
+        """``scores`` ``[B, Hkv, P]`` (any value past a row's pages) -> ``[B, Hkv, k]`` page indices,
+        ascending in each row's first ``keep[b]`` places (so the last page, the only partial one,
+        comes last); later places hold ``P``."""
+        ranked = scores.float().masked_fill(self.forced, float("inf")).masked_fill(self.dead, float("-inf"))
+        bits = ranked.view(torch.int32).long()
+        key = torch.where(bits < 0, -(bits & 0x7FFFFFFF), bits) * self.width + self.tiebreak
+        top = key.topk(self.k, dim=-1).indices  # best first
+        return top.masked_fill(self.unkept, self.width).sort(dim=-1).values
