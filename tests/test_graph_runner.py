@@ -208,25 +208,3 @@ def test_quant_fp8_static_steps_equal_eager_steps(quant_results, spec):
     # One prefill step, then every decode step on a static step: 3 rows x 3, 2 x 3, 1 x 3.
     assert res["buckets"] == [[3, 4]] * 3 + [[2, 2]] * 3 + [[1, 1]] * 3 and res["replays"] == 9
     assert res["splits"]["4"] > 1  # the bucket's split count, fixed from max_model_len
-
-
-def test_quant_graph_steps_are_fp8_only():
-    """fp8 on the Triton backend has block-table graph steps; KIVI (data-dependent quantization when
-    a block fills) and the torch backend keep every step eager."""
-    import torch
-
-    from kvscope.kv import registry
-    from kvscope.kv.base import KVSetup
-    from kvscope.models.config import ModelConfig
-
-    model = ModelConfig(arch="llama", vocab_size=8, hidden_size=32, intermediate_size=8, num_layers=1,
-                        num_heads=2, num_kv_heads=2, head_dim=16, max_position_embeddings=256)
-    for spec, backend, captured in [("quant:dtype=fp8", "triton", True), ("quant:dtype=fp8", "torch", False),
-                                    ("quant:dtype=int8", "triton", False), ("quant:dtype=int4", "triton", False)]:
-        s = registry.create(spec)
-        s.bind(KVSetup(model, torch.device("cpu"), torch.float32, 1 << 20, 256, 4, 0, attention_backend=backend,
-                       cuda_graph_sizes=[1, 2, 4]))
-        assert (s.decode_graphs() is not None) == captured, (spec, backend)
-        assert s.facts().graph_decode == ("fp8" in spec)
-        if captured:  # no step is captured-ready before a prefill has calibrated every layer's scales
-            assert not s.graph_ready(None) and not any(s.cache.calibrated)

@@ -251,8 +251,8 @@ def test_facts():
                        ("quant:dtype=int4,group_size=64", 4.5)]:
         f = registry.facts(spec)
         assert not f.lossless and f.kept_share == 1.0 and f.kv_bits == bits and f.pool_independent
-        # fp8 decode steps are captured (tests/test_graph_runner.py); KIVI's stay eager.
-        assert f.graph_decode == (spec == "quant:dtype=fp8") and f.residence == "device" and not f.long_child
+        # Every dtype's decode steps are captured (tests/test_graph_runner.py, tests/test_quant_graphs.py).
+        assert f.graph_decode and f.residence == "device" and not f.long_child
     assert registry.available()["quant"].args_for_share(0.2) is None
 
 

@@ -7,10 +7,11 @@ Grid: strategy specs (``--strategies``, ';'-separated; default ``paged``, ``quan
 1x4096, 1x16384, 1x32768, 8x16384). One set of weights is loaded once and shared by every engine.
 
 Method, as in ``decode_step.py``: one engine per spec with ``enforce_eager=False`` (CUDA graphs where
-the strategy allows them: ``quant``'s KIVI dtypes declare ``graph_decode`` False and run eagerly;
-``quest`` replays from its first step; ``quant:dtype=fp8`` replays once its first, eager, step has
-calibrated the scales; each row records the graph replays it counted, and a spec declaring
-``graph_decode`` that replayed none on CUDA stops the script), and the specs of ``--eager`` (default ``paged``) once
+the strategy allows them: ``quest`` replays from its first step; ``quant:dtype=fp8`` replays once
+its first, eager, step has calibrated the scales; KIVI's ``int8``/``int4`` replay from the first
+step, quantizing a block inside the graph when a row completes its group; each row records the
+graph replays it counted, and a spec declaring ``graph_decode`` that replayed none on CUDA is
+flagged in the output), and the specs of ``--eager`` (default ``paged``) once
 more with ``enforce_eager=True``, so that a speed-up can be read with or without graphs. Every
 storage tensor of the strategy is filled with random values (:func:`fill_storage`), requests are
 given their context directly (``decode_step.inject``) and ``decode_step.time_point`` times the
@@ -162,8 +163,8 @@ def time_spec(loaded: LoadedModel, spec: str, eager: bool, base: dict, points: l
             for name in ("model", "engine"):
                 row[f"{name}_frac_roofline"] = row["roofline_ms"] / row[f"{name}_ms"]
         rows.append(row)
-        if device.type == "cuda" and not eager and engine.kv.facts().graph_decode and not row["engine_graph_replays"]:
-            raise SystemExit(f"{spec} declares graph_decode but replayed no CUDA graph at {b}x{t}")
+        if not eager and device.type == "cuda" and engine.kv.facts().graph_decode and not row["engine_graph_replays"]:
+            print(f"WARNING {spec} declares graph_decode but replayed no graph at {b}x{t}: timed eagerly", flush=True)
         print(f"{spec:28s} {mode:6s} {b}x{t:<6d} model {row['model_ms']:8.2f} ms  engine {row['engine_ms']:8.2f} ms  "
               f"KV {(kv or 0) / 1e6:9.1f} MB/step  roofline {row.get('engine_frac_roofline', float('nan')):.0%}  "
               f"replays {row['engine_graph_replays']}", flush=True)

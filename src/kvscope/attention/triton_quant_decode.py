@@ -36,6 +36,7 @@ import triton
 import triton.language as tl
 
 from kvscope.attention.decode_splits import default_num_splits, merge_splits, split_bounds, split_result
+from kvscope.attention.triton_kivi_write import kivi_write
 from kvscope.attention.triton_kv_write import write_kv
 from kvscope.kv.quant_cache import FP8Cache, KiviCache, QuantPlan
 
@@ -287,4 +288,33 @@ class StaticFP8Decode:
         data = self.cache.data[layer_idx]
         write_kv(*self.cache.codes(layer_idx, k, v), data[0], data[1], self.slots)
         return quant_decode_attention(q, self.cache, layer_idx, self.tables, self.lens, None, self.scale,
+                                      self.num_splits)
+
+
+class StaticKiviDecode:
+    """AttentionBackend of a captured ``quant:dtype=int8|int4`` (KIVI) decode step over one bucket's
+    static buffers (:class:`~kvscope.kv.quant_graphs.KiviStep`): no host work per layer.
+
+    The new tokens are stored by :func:`~kvscope.attention.triton_kivi_write.kivi_write` (to the
+    residual, or quantized with their group when they complete it; padding rows skipped), then
+    :func:`quant_decode_attention` reads the static tables, lengths and residual slots with the
+    bucket's fixed split count: the same kernels' reads as an eager Triton step.
+
+    Args:
+        cache: the strategy's KIVI storage.
+        slots: ``[b]`` int32 ``block * G + offset`` of each row's new token (-1: padding).
+        res_slots: ``[b]`` int32 residual slot of each row.
+        tables: ``[b, W]`` int32 block tables (``W`` fixed per engine).
+        lens: ``[b]`` int32 tokens per row after this step (its new token included).
+        num_splits: context splits, fixed at capture.
+    """
+
+    def __init__(self, cache: KiviCache, slots: torch.Tensor, res_slots: torch.Tensor, tables: torch.Tensor,
+                 lens: torch.Tensor, scale: float, num_splits: int) -> None:
+        self.cache, self.slots, self.res_slots, self.tables, self.lens = cache, slots, res_slots, tables, lens
+        self.scale, self.num_splits = scale, num_splits
+
+    def attend(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        kivi_write(k, v, self.cache, layer_idx, self.slots, self.res_slots)
+        return quant_decode_attention(q, self.cache, layer_idx, self.tables, self.lens, self.res_slots, self.scale,
                                       self.num_splits)

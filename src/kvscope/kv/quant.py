@@ -24,26 +24,29 @@ they were stored). The reference path dequantizes and calls :mod:`kvscope.attent
 with ``attention_backend="triton"``, decode steps run
 :mod:`kvscope.attention.triton_quant_decode`, which dequantizes in registers.
 
-CUDA-graph decode (``dtype=fp8`` on the Triton backend): ``paged``'s block-table steps
-(:mod:`kvscope.kv.block_table_graphs`) with :class:`~kvscope.attention.triton_quant_decode.StaticFP8Decode`
+CUDA-graph decode (every dtype, on the Triton backend): ``paged``'s block-table steps
+(:mod:`kvscope.kv.block_table_graphs`). fp8: :class:`~kvscope.attention.triton_quant_decode.StaticFP8Decode`
 as their attention (:meth:`QuantStrategy.static_attention`): the new tokens are encoded at the
-stored scales, written by slot, and read by the fp8 decode kernel. KIVI (``int8``/``int4``) decode
-steps stay eager: which blocks a step fills, and so quantizes, depends on each row's length (the
-shapes of the quantization and of its scatter change per step), so a captured step would have to
-re-quantize every row's residual block every step and mask the stores.
+stored scales, written by slot, and read by the fp8 decode kernel. KIVI: :mod:`kvscope.kv.quant_graphs`
+adds each row's residual slot to the static buffers, and
+:class:`~kvscope.attention.triton_quant_decode.StaticKiviDecode` stores each new token with
+:mod:`kvscope.attention.triton_kivi_write` (one program per row and KV head: to the residual, or,
+when the token completes its group, the group quantized into its block, decided on the device
+from the row's slot) before the KIVI decode kernel reads the step; codes and scales are the eager
+write's, bit for bit.
 
-Not supported (declared): prefix caching, fork (``n > 1``), swap preemption, CUDA-graph decode of KIVI.
+Not supported (declared): prefix caching, fork (``n > 1``), swap preemption.
 """
 from __future__ import annotations
 
-import dataclasses
 from typing import Any
 
 import torch
 
 from kvscope.attention.torch_ref import attend_causal, attend_decode
 from kvscope.errors import ConfigError
-from kvscope.kv.base import BlockTableLayout, GraphStatistics, KVSetup, KVStrategy, StepBatch, StrategyFacts
+from kvscope.kv.backend import GraphDecode
+from kvscope.kv.base import BlockTableLayout, GraphStatistics, KVSetup, KVStrategy, StepBatch
 from kvscope.kv.block_pool import BlockPool
 from kvscope.kv.manager import KVManager, KVUsage
 from kvscope.kv.paged import PagedStrategy
@@ -154,9 +157,6 @@ class QuantStrategy(PagedStrategy):
         row = c.residual[:, :, 0, 0]
         return context // self.block_size * block + context % self.block_size * row.numel() * row.element_size()
 
-    def facts(self) -> StrategyFacts:
-        return dataclasses.replace(super().facts(), graph_decode=not self.kivi)  # see the module docstring
-
     @classmethod
     def args_for_share(cls, share: float) -> dict[str, Any] | None:
         return None  # no budget: every token is kept, at lower precision
@@ -264,7 +264,7 @@ class QuantStrategy(PagedStrategy):
         q_lens = [qs[i + 1] - qs[i] for i in range(len(tables))]
         device = self.setup.device
         if self.kivi:
-            res = [self._res_of[req.request_id] for req in batch.requests]
+            res = self.residual_slots(batch)
             plan = self.cache.plan(tables, done, q_lens, res, device)
         else:
             res = []
@@ -275,21 +275,37 @@ class QuantStrategy(PagedStrategy):
             return TritonQuantDecode(self.cache, plan, tables, done, res, self.scale)
         return QuantAttention(self.cache, plan, qs, self.scale)
 
-    # ---- captured decode (fp8; see the module docstring for KIVI) ---------------------------------------
+    def residual_slots(self, batch: StepBatch) -> list[int]:
+        """(KIVI) Per request of ``batch``, its residual slot."""
+        return [self._res_of[req.request_id] for req in batch.requests]
+
+    # ---- captured decode (see the module docstring) ----------------------------------------------------
     def block_table_layout(self) -> BlockTableLayout | None:
-        if self.kivi or self.setup.attention_backend != "triton":
+        if self.setup.attention_backend != "triton":
             return None
         return BlockTableLayout(self.cache, self.block_size)
 
+    def decode_graphs(self) -> GraphDecode | None:
+        if not self.kivi:
+            return super().decode_graphs()
+        setup = self.setup
+        if setup is None or not setup.cuda_graph_sizes or self.block_table_layout() is None:
+            return None
+        from kvscope.kv.quant_graphs import KiviGraphs
+
+        return KiviGraphs(self, setup.cuda_graph_sizes, setup.max_model_len, setup.device)
+
     def graph_ready(self, batch: StepBatch) -> bool:
-        # A captured step never calibrates: every layer must have its scales from an eager write.
-        # In serving a prefill always comes first; a request given its context directly (the
-        # decode benchmarks) has its first decode step run eagerly, which calibrates.
-        return all(self.cache.calibrated)
+        # fp8: a captured step never calibrates: every layer must have its scales from an eager
+        # write. In serving a prefill always comes first; a request given its context directly (the
+        # decode benchmarks) has its first decode step run eagerly, which calibrates. KIVI has no
+        # calibration: its groups' scales are taken as each block is quantized.
+        return self.kivi or all(self.cache.calibrated)
 
     def static_attention(self, layout: BlockTableLayout, slots: torch.Tensor, tables: torch.Tensor,
                          lens: torch.Tensor, scale: float, num_splits: int,
                          stats: GraphStatistics | None) -> AttentionBackend:
+        # fp8's; KIVI's steps (kv/quant_graphs.py) build theirs, which also read the residual slots.
         from kvscope.attention.triton_quant_decode import StaticFP8Decode
 
         return StaticFP8Decode(layout.cache, slots, tables, lens, scale, num_splits)

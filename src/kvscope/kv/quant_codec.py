@@ -5,7 +5,7 @@ Two codecs:
 * **fp8** (vLLM's ``kv_cache_dtype="fp8"``): ``q = fp8_e4m3(clamp(x / scale, +-448))``,
   ``x' = float(q) * scale``, with ``scale`` float32 per tensor or per KV head.
 * **int8 / int4** (KIVI, Liu et al., 2024): asymmetric min/max quantization over a group,
-  ``scale = (max - min) / (2^bits - 1)``, ``zero = min``, both stored as float16;
+  ``scale = (max - min) / (2^bits - 1)`` (IEEE float32 division), ``zero = min``, both stored as float16;
   ``q = clamp(round((x - zero) / scale), 0, 2^bits - 1)`` with the stored (float16-rounded) scale
   and zero, ``x' = q * scale + zero`` in float32. Keys are quantized **per channel** (the group is
   the block's tokens: KIVI's outlier channels get their own range), values **per token** (the
@@ -56,7 +56,10 @@ def int_quantize(x: torch.Tensor, bits: int, dim: int) -> tuple[torch.Tensor, to
     x = x.float()
     lo, hi = x.amin(dim=dim, keepdim=True), x.amax(dim=dim, keepdim=True)
     levels = (1 << bits) - 1
-    scale = ((hi - lo) / levels).clamp_min(MIN_SCALE).to(SCALE_DTYPE)
+    # Divided by a tensor, not by the number: on CUDA torch divides by a Python scalar through its
+    # float32 reciprocal, which moves a scale by an ulp now and then; IEEE division on every device
+    # is also what the captured step's write computes (attention/triton_kivi_write.py).
+    scale = ((hi - lo) / torch.full_like(hi, levels)).clamp_min(MIN_SCALE).to(SCALE_DTYPE)
     zero = lo.to(SCALE_DTYPE)
     codes = ((x - zero.float()) / scale.float()).round_().clamp_(0, levels).to(torch.uint8)
     return codes, scale, zero
