@@ -197,3 +197,22 @@ def test_peaks_are_what_stats_shows_between_steps(loaded, spec):
         assert u.kv_bytes_used == s["kv_bytes_used"]
         peak = max(peak, s["kv_bytes_used"])
     assert e.stats()["peak_kv_bytes_used"] == peak > 0 and e.kv.stats()["kv_bytes_used"] == 0
+
+
+def test_static_steps_take_their_pending_ids_on_the_device(loaded):
+    """A pure-decode step replayed from static buffers (``GraphRunner(capture=False)``, quest's
+    steps: the ones that run on the torch backend) gets its pending input ids written into the
+    static ids: tokens equal the eager synchronous engine's, every decode step static."""
+    from kvscope.engine.cuda_graph import GraphRunner
+    from kvscope.kv.quest_graphs import QuestGraphs
+
+    spec, prompts = "quest:budget=16,page_size=4", PROMPTS[:3]
+    params = [SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True) for n in (6, 20, 13)]
+    ref = make(loaded, spec, async_scheduling=False, max_model_len=160).generate(prompts, params, use_tqdm=False)
+    llm = make(loaded, spec, max_model_len=160)
+    e = llm.engine
+    e.runner.graphs = GraphRunner(e.model, QuestGraphs(e.kv, [1, 2, 4], 160, e.config.torch_device),
+                                  e.config.torch_device, capture=False)
+    got = llm.generate(prompts, params, use_tqdm=False)
+    assert [o.outputs[0].token_ids for o in got] == [o.outputs[0].token_ids for o in ref]
+    assert e.runner.graph_replays == 5 + 7 + 7  # rows 3, 2, 1 decoding: every decode step static
