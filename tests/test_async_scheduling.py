@@ -1,8 +1,13 @@
 """Async scheduling (step t+1 launched before step t's tokens reach the host) gives every request
 exactly the tokens, log-probabilities and finish reasons that the synchronous engine gives, for
 every strategy that allows it; outputs arrive one step later; nothing is computed for a request
-whose last token is already chosen; aborts, failures and preemption behave as without it."""
+whose last token is already chosen; aborts, failures and preemption behave as without it.
+
+With ``KVSCOPE_TEST_DEVICE=cuda`` the same tests run on a GPU (CUDA graphs and Triton kernels where
+the strategy has them), where the overlap is real."""
 from __future__ import annotations
+
+import os
 
 import pytest
 import torch
@@ -16,6 +21,7 @@ from kvscope.request import Request
 from kvscope.sampling_params import RequestOutputKind
 
 MODEL = "dummy:tiny-llama"
+DEVICE = os.environ.get("KVSCOPE_TEST_DEVICE", "cpu")
 PROMPTS = [[(11 * i + 5 * j) % 300 + 4 for j in range(n)] for i, n in enumerate((37, 21, 45, 9, 30, 64))]
 ASYNC = sorted(name for name, cls in registry.available().items() if cls.async_scheduling)
 SPECS = {"random": "random:budget=24", "quest": "quest:budget=16"}  # lossy at these lengths
@@ -23,12 +29,12 @@ SPECS = {"random": "random:budget=24", "quest": "quest:budget=16"}  # lossy at t
 
 @pytest.fixture(scope="module")
 def loaded():
-    return load_model(MODEL)
+    return load_model(MODEL, device=DEVICE)
 
 
 def make(loaded, strategy="paged", async_scheduling=True, kv_memory_bytes=4 << 20, **kw):
     return LLM(MODEL, strategy=strategy, kv_memory_bytes=kv_memory_bytes, loaded_model=loaded,
-               async_scheduling=async_scheduling, **kw)
+               async_scheduling=async_scheduling, device=DEVICE, **kw)
 
 
 def mixed_params(stop_token: int | None = None, n: int = 2) -> list[SamplingParams]:
@@ -166,7 +172,7 @@ def test_input_patch_reads_the_previous_steps_tokens():
     a.num_computed_tokens = 3; a.num_pending_tokens = 1  # noqa: E702 - its 4th token is pending
     b.num_computed_tokens = 1  # prefill chunk, ids known
     c.num_computed_tokens = 3; c.num_pending_tokens = 1  # noqa: E702
-    prev_tokens = torch.tensor([40, 50, 60])
+    prev_tokens = torch.tensor([40, 50, 60])  # CPU: a unit test of the row mapping
     prev = InFlight([c, a], [c, a, b], prev_tokens, prev_tokens, None, {}, {}, {id(c): 0, id(a): 1, id(b): 2})
     rows, ids = input_patch([a, b, c], [0, 1, 3, 4], prev, torch.device("cpu"))
     assert rows.tolist() == [0, 3] and ids.tolist() == [50, 40]
@@ -181,8 +187,8 @@ def test_config_refuses_async_where_it_cannot_apply(loaded):
         make(loaded, "offload")
     with pytest.raises(ConfigError, match="async_scheduling must be True or False"):
         make(loaded, "paged", async_scheduling="yes")
-    # Default on CPU: off (no overlap to gain); on CUDA it would be on for paged.
-    assert not make(loaded, "paged", async_scheduling=None).engine.async_scheduling
+    # Default: on CUDA for paged; off on a CPU (no overlap to gain).
+    assert make(loaded, "paged", async_scheduling=None).engine.async_scheduling == (DEVICE == "cuda")
 
 
 @pytest.mark.parametrize("spec", ["paged", "h2o:heavy_ratio=0.2,recent_ratio=0.2"])
