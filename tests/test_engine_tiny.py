@@ -160,7 +160,7 @@ def test_bad_requests_raise_and_others_keep_running(tiny):
 
 def test_abort_frees_memory(tiny):
     path, prompts, _ = tiny
-    llm = LLM(path, kv_memory_bytes=8 << 20)
+    llm = LLM(path, kv_memory_bytes=8 << 20, async_scheduling=False)  # a token per step(), as below
     eng = llm.engine
     rid = eng.add_request(prompts[4], greedy())
     eng.step()
@@ -193,7 +193,7 @@ def test_config_errors(tiny):
 
 def test_contiguous_waste_is_measured(tiny):
     path, prompts, _ = tiny
-    llm = LLM(path, strategy="contiguous", kv_memory_bytes=8 << 20, max_model_len=256)
+    llm = LLM(path, strategy="contiguous", kv_memory_bytes=8 << 20, max_model_len=256, async_scheduling=False)
     eng = llm.engine
     eng.add_request(prompts[0], greedy(4))
     eng.step()

@@ -52,7 +52,8 @@ def test_full_budget_equals_paged(tiny, name):
 
 def run_lockstep(path, prompts, budget, recent):
     """Engine (batched) and the dense reference (one per prompt) side by side, step by step."""
-    llm = LLM(path, strategy=f"h2o:budget={budget},recent={recent}", kv_memory_bytes=8 << 20)
+    # Lockstep needs each step's token from that step (async scheduling returns it one step later).
+    llm = LLM(path, strategy=f"h2o:budget={budget},recent={recent}", kv_memory_bytes=8 << 20, async_scheduling=False)
     eng, kv = llm.engine, llm.engine.kv
     model = load_model(path).model
     scale = model.config.head_dim ** -0.5
