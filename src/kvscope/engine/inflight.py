@@ -34,6 +34,8 @@ class InFlight:
         host_logits: sampled index -> ``[V]`` float32 logits on the host (rows with ``return_logits``).
         errors: sampled index -> the exception sampling its row raised (its token is undefined).
         row_of: ``id(request)`` -> its index in ``tokens``.
+        host_valid: ``[S]`` bool on the host once :meth:`wait` returns: False where a sampled row's
+            probabilities were no distribution; None when every row is greedy.
     """
 
     requests: list[Request]
@@ -44,12 +46,18 @@ class InFlight:
     host_logits: dict[int, torch.Tensor]
     errors: dict[int, Exception]
     row_of: dict[int, int]
+    host_valid: torch.Tensor | None = None
     ready: torch.cuda.Event | None = None
 
     def wait(self) -> tuple[list[int], list[float] | None]:
-        """Block until the host copies landed; the tokens and log-probabilities as Python lists."""
+        """Block until the host copies landed; the tokens and log-probabilities as Python lists.
+        Rows whose probabilities were no distribution join :attr:`errors`."""
         if self.ready is not None:
             self.ready.synchronize()
+        if self.host_valid is not None:
+            for i in (~self.host_valid).nonzero().flatten().tolist():
+                self.errors.setdefault(i, RuntimeError(
+                    "probability tensor contains either `inf`, `nan` or element < 0"))
         lps = None if self.host_logprobs is None else self.host_logprobs.tolist()
         return self.host_tokens.tolist(), lps
 
@@ -68,7 +76,7 @@ def launch_sampling(logits: torch.Tensor, rows: list[int], sampled: list[Request
     device, override forced tokens, gather the asked-for log-probabilities and logits, and start
     their copies to the host; returns without waiting for the device."""
     sub = logits if rows == list(range(logits.shape[0])) else logits[rows]
-    tokens, errors = sample_on_device(sub, sampled)
+    tokens, valid, errors = sample_on_device(sub, sampled)
     # Output token k is forced_token_ids[k]; k counts this request's pending tokens too.
     forced = [(i, r.params.forced_token_ids[r.num_tokens - r.num_prompt_tokens]) for i, r in enumerate(sampled)
               if r.params.forced_token_ids is not None]
@@ -84,12 +92,13 @@ def launch_sampling(logits: torch.Tensor, rows: list[int], sampled: list[Request
         host_logprobs = _to_host(lp)
     host_logits = {i: _to_host(sub[i]) for i, r in enumerate(sampled) if r.params.return_logits}
     host_tokens = _to_host(tokens)
+    host_valid = None if valid is None else _to_host(valid)
     ready = None
     if tokens.device.type == "cuda":
         ready = torch.cuda.Event()
         ready.record()
     return InFlight(requests, sampled, tokens, host_tokens, host_logprobs, host_logits, errors,
-                    {id(r): i for i, r in enumerate(sampled)}, ready)
+                    {id(r): i for i, r in enumerate(sampled)}, host_valid, ready)
 
 
 def input_patch(requests: list[Request], query_start: list[int], prev: InFlight | None,

@@ -21,32 +21,44 @@ def _filter_top_k_top_p(logits: torch.Tensor, top_k: int, top_p: float) -> torch
     return logits
 
 
-def _sample_row(logits: torch.Tensor, req: Request) -> torch.Tensor:
+def _sample_row(logits: torch.Tensor, req: Request) -> tuple[torch.Tensor, torch.Tensor]:
     """One token ``[1]`` int64 from ``logits`` ``[V]`` under ``req``'s temperature, filters and
-    generator, left on the device (no sync)."""
+    generator, and whether its probabilities were valid (0-dim bool), both left on the device."""
     p = req.params
     filtered = _filter_top_k_top_p(logits / p.temperature, p.top_k, p.top_p)
     probs = filtered.softmax(-1)
     gen = req.generator
     if gen is not None and gen.device != probs.device:
         probs = probs.to(gen.device)
-    return torch.multinomial(probs, 1, generator=gen)
+    # What torch.multinomial(probs, 1, generator=gen) draws (the same tokens, the same generator
+    # state after), without its check of the probabilities, which waits for the device (.item()):
+    # that check is returned instead, and read back with the token.
+    q = torch.empty_like(probs).exponential_(1, generator=gen)
+    valid = (probs.max() < float("inf")) & (probs.min() >= 0)
+    return (probs / q).argmax(-1, keepdim=True), valid
 
 
-def sample_on_device(logits: torch.Tensor, requests: list[Request]) -> tuple[torch.Tensor, dict[int, Exception]]:
+def sample_on_device(logits: torch.Tensor, requests: list[Request]
+                     ) -> tuple[torch.Tensor, torch.Tensor | None, dict[int, Exception]]:
     """Pick one token per row of ``logits`` ``[M, V]`` (float32) for the matching request, on the
-    device and without waiting for it: returns ``[M]`` int64 tokens and, per row whose sampling
-    raised (NaN probabilities, a generator on the wrong device), its exception (that row's token
-    is then undefined): one request's failure is that request's alone, never the batch's.
+    device and without waiting for it.
+
+    Returns ``[M]`` int64 tokens; ``[M]`` bool, False where a sampled row's probabilities were
+    not a distribution (NaN or infinite logits), or None when every row is greedy; and, per row
+    whose sampling raised (a generator on the wrong device), its exception. Such rows' tokens are
+    undefined: one request's failure is that request's alone, never the batch's.
 
     Greedy rows take one batched argmax; each sampled row draws from its own generator.
     """
     tokens = logits.argmax(dim=-1)
+    valid = None
     errors: dict[int, Exception] = {}
     for i, req in enumerate(requests):
         if not req.params.greedy:
+            if valid is None:
+                valid = torch.ones(len(requests), dtype=torch.bool, device=logits.device)
             try:
-                tokens[i : i + 1] = _sample_row(logits[i], req)
+                tokens[i : i + 1], valid[i] = _sample_row(logits[i], req)
             except Exception as e:  # noqa: BLE001 - isolated per request, reported in its output
                 errors[i] = e
-    return tokens, errors
+    return tokens, valid, errors
