@@ -242,3 +242,36 @@ def test_device_sampling_draws_what_multinomial_draws_without_a_sync():
         probs = _filter_top_k_top_p(logits[i] / reqs[i].params.temperature, 0, 0.9).softmax(-1)
         assert tokens[i] == torch.multinomial(probs, 1, generator=gen)[0]
         assert torch.equal(gen.get_state(), reqs[i].generator.get_state())
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("spec", ["paged", "quest:budget=16"])
+def test_launching_a_step_never_waits_for_the_device(spec):
+    """With async scheduling, launching a step (batch building, the forward, sampling, the copies
+    back) must not synchronize with the GPU, or the host waits for the step still running: pure
+    decode steps from graphs and a mixed step (a prompt joining) under PyTorch's sync debug mode."""
+    kw = dict(strategy=spec, device="cuda", kv_memory_bytes=8 << 20, async_scheduling=True)
+    params = SamplingParams(max_tokens=24, temperature=0.8, top_p=0.9, seed=1, ignore_eos=True, logprobs=True)
+    ref = LLM(MODEL, **{**kw, "async_scheduling": False}).generate(PROMPTS[:4], params, use_tqdm=False)
+    e = LLM(MODEL, **kw).engine
+    for p in PROMPTS[:3]:
+        e.add_request(p, params)
+    e.step()
+    e.step()
+    launch = e._launch
+
+    def strict(*args):
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            return launch(*args)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+
+    e._launch = strict
+    e.add_request(PROMPTS[3], params)
+    done = {}
+    while e.has_unfinished_requests():
+        done.update({o.request_id: o for o in e.step() if o.finished})
+    assert [done[str(i)].outputs[0].token_ids for i in range(4)] == [o.outputs[0].token_ids for o in ref]
+    assert e.runner.graph_replays > 0

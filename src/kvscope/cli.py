@@ -37,7 +37,6 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
 
 
 def _generate(args: argparse.Namespace) -> int:
-    from kvscope import SamplingParams
 
     llm = _llm(args)
     try:

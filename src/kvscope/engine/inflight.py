@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
+from kvscope.device_copy import to_device
 from kvscope.engine.sampler import sample_on_device
 from kvscope.errors import ConfigError
 from kvscope.kv.base import KVStrategy
@@ -75,20 +76,22 @@ def launch_sampling(logits: torch.Tensor, rows: list[int], sampled: list[Request
     """Choose ``sampled[i]``'s token from ``logits[rows[i]]`` (``logits`` ``[M, V]`` float32) on the
     device, override forced tokens, gather the asked-for log-probabilities and logits, and start
     their copies to the host; returns without waiting for the device."""
-    sub = logits if rows == list(range(logits.shape[0])) else logits[rows]
+    # Index tensors, never lists: a list index is copied to the device synchronously.
+    sub = logits if rows == list(range(logits.shape[0])) else logits[to_device(rows, logits.device, torch.long)]
     tokens, valid, errors = sample_on_device(sub, sampled)
     # Output token k is forced_token_ids[k]; k counts this request's pending tokens too.
     forced = [(i, r.params.forced_token_ids[r.num_tokens - r.num_prompt_tokens]) for i, r in enumerate(sampled)
               if r.params.forced_token_ids is not None]
     if forced:  # the next step's input is the forced token, not the sampled one
         idx, vals = zip(*forced)
-        tokens[list(idx)] = torch.tensor(vals, dtype=tokens.dtype, device=tokens.device)
+        tokens[to_device(idx, tokens.device, torch.long)] = to_device(vals, tokens.device, tokens.dtype)
     host_logprobs = None
     lp_rows = [i for i, r in enumerate(sampled) if r.params.logprobs]
     if lp_rows:
         lp = torch.zeros(len(sampled), dtype=torch.float32, device=sub.device)
-        picked = torch.log_softmax(sub[lp_rows], -1).gather(1, tokens[lp_rows, None])[:, 0]
-        lp[lp_rows] = picked.float()
+        at = to_device(lp_rows, sub.device, torch.long)
+        picked = torch.log_softmax(sub[at], -1).gather(1, tokens[at, None])[:, 0]
+        lp[at] = picked.float()
         host_logprobs = _to_host(lp)
     host_logits = {i: _to_host(sub[i]) for i, r in enumerate(sampled) if r.params.return_logits}
     host_tokens = _to_host(tokens)
@@ -120,8 +123,8 @@ def input_patch(requests: list[Request], query_start: list[int], prev: InFlight 
     if src == list(range(len(prev.sampled))):
         ids = prev.tokens  # every token of the previous step, in its order: no gather
     else:
-        ids = prev.tokens[torch.tensor(src, dtype=torch.long, device=device)]
-    return torch.tensor(dst, dtype=torch.long, device=device), ids
+        ids = prev.tokens[to_device(src, device, torch.long)]
+    return to_device(dst, device, torch.long), ids
 
 
 def resolve_async_scheduling(requested: bool | None, kv: KVStrategy, tensor_parallel: bool,

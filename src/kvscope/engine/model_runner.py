@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import torch
 
+from kvscope.device_copy import to_device
 from kvscope.engine.cuda_graph import GraphRunner
 from kvscope.kv.backend import KVBackend, StepBatch
 from kvscope.models.base import CausalLM
@@ -39,8 +40,8 @@ class ModelRunner:
         return StepBatch(
             requests=requests,
             num_new_tokens=num_new_tokens,
-            input_ids=torch.tensor(ids, dtype=torch.long, device=self.device),
-            positions=torch.tensor(pos, dtype=torch.long, device=self.device),
+            input_ids=to_device(ids, self.device, torch.long),
+            positions=to_device(pos, self.device, torch.long),
             query_start=starts,
         )
 
@@ -57,5 +58,5 @@ class ModelRunner:
             batch.input_ids.index_copy_(0, rows, ids)
         attn = self.kv.begin_step(batch)
         hidden = self.model(batch.input_ids, batch.positions, attn)
-        rows = torch.tensor(sample_rows, dtype=torch.long, device=hidden.device)
+        rows = to_device(sample_rows, hidden.device, torch.long)
         return self.model.compute_logits(hidden[rows])

@@ -34,7 +34,6 @@ from kvscope.kv.block_pool import pool_stats
 from kvscope.kv.eviction import EvictionStrategy
 from kvscope.kv.eviction_budget import Budget
 from kvscope.kv.eviction_layered_attention import LayeredEvictionAttention, kv_rows
-from kvscope.kv.slot_cache import table_slots
 from kvscope.request import Request
 
 
@@ -197,7 +196,7 @@ class LayeredEvictionStrategy(EvictionStrategy):
         keep_n = [min(b, r) for b in self.layer_budgets(budget, r)]
         if min(keep_n) == r:
             return
-        L, H = len(held), self.setup.model.num_kv_heads
+        H = self.setup.model.num_kv_heads
         u = torch.stack([self._slots(t, r) for t in self.layer_tables[rid]])  # [L, r]
         pos = self._flat_positions()[u]  # [L, r, Hkv]
         rank = self.selection_scores(self._flat_scores()[u], pos, req).clone()

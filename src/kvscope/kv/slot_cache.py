@@ -13,12 +13,13 @@ from __future__ import annotations
 import torch
 
 from kvscope.attention.torch_ref import attend_causal, attend_decode
+from kvscope.device_copy import to_device
 from kvscope.models.config import ModelConfig
 
 
 def table_slots(table: list[int], num_tokens: int, block_size: int, device: torch.device) -> torch.Tensor:
     """Slot ids ``[num_tokens]`` of the first tokens of a request whose blocks are ``table``."""
-    blocks = torch.tensor(table[: -(-num_tokens // block_size)], dtype=torch.long, device=device)
+    blocks = to_device(table[: -(-num_tokens // block_size)], device, torch.long)
     offsets = torch.arange(block_size, dtype=torch.long, device=device)
     return (blocks[:, None] * block_size + offsets).flatten()[:num_tokens]
 
@@ -83,8 +84,8 @@ class SlotAttention:
             for j, i in enumerate(self.decode_rows):
                 padded[j, : lens[j]] = tables[i]
             self.decode_slots = padded
-            self.decode_lens = torch.tensor(lens, device=device)
-            self.decode_q_index = torch.tensor([query_start[i] for i in self.decode_rows], device=device)
+            self.decode_lens = to_device(lens, device, torch.long)
+            self.decode_q_index = to_device([query_start[i] for i in self.decode_rows], device, torch.long)
 
     def attend(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         self.write(layer_idx, k, v)
@@ -149,7 +150,7 @@ def _rows_index(ranges: list[tuple[int, int]], device: torch.device) -> slice | 
     copy) when they form one run, else the row ids ``[rows]``."""
     if all(a[1] == b[0] for a, b in zip(ranges, ranges[1:])):
         return slice(ranges[0][0], ranges[-1][1])
-    return torch.cat([torch.arange(s, e) for s, e in ranges]).to(device)
+    return to_device(torch.cat([torch.arange(s, e) for s, e in ranges]), device)
 
 
 class TritonSlotAttention:
@@ -191,26 +192,28 @@ class TritonSlotAttention:
         rows = torch.repeat_interleave(torch.arange(batch), torch.tensor(q_lens))
         pos = torch.tensor(num_computed)[rows] + torch.arange(len(rows)) - torch.tensor(query_start[:-1])[rows]
         slots = tables[rows, pos // block_size].long() * block_size + pos % block_size
-        self.slot_mapping = slots.to(device)
-        tables, lens = tables.to(device), torch.tensor(ctx, dtype=torch.int32, device=device)
+        self.slot_mapping = to_device(slots, device)
+        tables, lens = to_device(tables, device), to_device(ctx, device, torch.int32)
 
         decode = [i for i in range(batch) if q_lens[i] == 1]
         prefill = [i for i in range(batch) if q_lens[i] > 1]
         self.decode_q = _rows_index([(query_start[i], query_start[i] + 1) for i in decode], device) if decode else None
         if decode:
             whole = len(decode) == batch
-            self.decode_tables = tables if whole else tables[decode]
-            self.decode_lens = lens if whole else lens[decode]
+            at = None if whole else to_device(decode, device, torch.long)  # a list index would sync
+            self.decode_tables = tables if whole else tables[at]
+            self.decode_lens = lens if whole else lens[at]
         self.prefill_q = None
         if prefill:
             self.prefill_q = _rows_index([(query_start[i], query_start[i + 1]) for i in prefill], device)
             whole = len(prefill) == batch
-            self.prefill_tables = tables if whole else tables[prefill]
-            self.prefill_lens = lens if whole else lens[prefill]
+            at = None if whole else to_device(prefill, device, torch.long)
+            self.prefill_tables = tables if whole else tables[at]
+            self.prefill_lens = lens if whole else lens[at]
             cu = [0]
             for i in prefill:
                 cu.append(cu[-1] + q_lens[i])
-            self.prefill_cu = torch.tensor(cu, dtype=torch.int32, device=device)
+            self.prefill_cu = to_device(cu, device, torch.int32)
             self.prefill_max_len = max(q_lens[i] for i in prefill)
 
     def attend(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:

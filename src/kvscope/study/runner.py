@@ -32,7 +32,6 @@ from typing import TYPE_CHECKING, Any
 import torch
 from tqdm.auto import tqdm
 
-from kvscope.bench import quality
 from kvscope.bench.metrics import serving_metrics
 from kvscope.bench.serve import run_workload
 from kvscope.errors import ConfigError, RequestError
