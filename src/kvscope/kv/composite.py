@@ -6,6 +6,7 @@ import dataclasses
 
 import torch
 
+from kvscope.device_copy import to_device
 from kvscope.kv.base import StepBatch
 from kvscope.models.base import AttentionBackend
 
@@ -39,7 +40,7 @@ def sub_batch(batch: StepBatch, members: list[int]) -> tuple[StepBatch, torch.Te
     """The part of ``batch`` made of requests ``members``, and its rows ``[n]`` in the full batch."""
     qs = batch.query_start
     rows = [r for i in members for r in range(qs[i], qs[i + 1])]
-    index = torch.tensor(rows, dtype=torch.long, device=batch.input_ids.device)
+    index = to_device(rows, batch.input_ids.device, torch.long)
     starts = [0]
     for i in members:
         starts.append(starts[-1] + batch.num_new_tokens[i])

@@ -21,6 +21,7 @@ from typing import Any, ClassVar
 
 import torch
 
+from kvscope.device_copy import to_device
 from kvscope.constants import DEFAULT_BUDGET_RATIO
 from kvscope.errors import ConfigError
 from kvscope.kv.base import (
@@ -332,11 +333,11 @@ class EvictionStrategy(BlockTableDecode, KVStrategy):
         device = self.cache.kv.device
         # Whole blocks on the host, their slots on the device: a per-token list would cost more
         # host time than the step (64 requests x 1k tokens).
-        table = torch.tensor([b + b[-1:] * (most - len(b)) for b in blocks], device=device)
+        table = to_device([b + b[-1:] * (most - len(b)) for b in blocks], device)
         offsets = torch.arange(bs, device=device)
         slots = (table[:, :, None] * bs + offsets).flatten(1)[:, :width]  # [n, width]; past a row's length: masked
-        held = torch.tensor(lens, device=device)
-        recent = torch.tensor([r.num_computed_tokens - self.budgets[r.request_id].recent for r in reqs], device=device)
+        held = to_device(lens, device)
+        recent = to_device([r.num_computed_tokens - self.budgets[r.request_id].recent for r in reqs], device)
         rank = self.scores[:, slots].clone()  # [L, n, width, Hkv]
         out = (torch.arange(width, device=device)[None, :] >= held[:, None])[None, :, :, None]
         rank[(self.positions[:, slots] >= recent[None, :, None, None]) | out] = float("inf")

@@ -13,6 +13,7 @@ from typing import Protocol
 
 import torch
 
+from kvscope.device_copy import to_device
 from kvscope.attention.torch_ref import attend_causal
 from kvscope.kv.base import KVSetup
 from kvscope.kv.slot_cache import SlotAttention, SlotKVCache
@@ -96,8 +97,7 @@ class EvictionAttention(SlotAttention):
                 self.fused = True
                 rows = [block_tables[i] for i in self.decode_rows]
                 blocks = max(len(t) for t in rows)
-                self.block_tables = torch.tensor([t + [0] * (blocks - len(t)) for t in rows], dtype=torch.int32,
-                                                 device=device)
+                self.block_tables = to_device([t + [0] * (blocks - len(t)) for t in rows], device, torch.int32)
                 self.block_lens = self.decode_lens.to(torch.int32)
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import torch
 
+from kvscope.device_copy import to_device
 from kvscope.attention.torch_ref import attend_causal, attend_decode
 from kvscope.kv.eviction_attention import ScoredSlots, _probs, _probs_and_out
 
@@ -60,7 +61,7 @@ class LayeredEvictionAttention:
         self.prefill_rows = [i for i, n in enumerate(q_lens) if n > 1]
         device = every.device
         if self.decode_rows:
-            self.decode_q_index = torch.tensor([query_start[i] for i in self.decode_rows], device=device)
+            self.decode_q_index = to_device([query_start[i] for i in self.decode_rows], device)
 
     def _decode_table(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Layer ``layer``'s decode rows: K rows ``[b, width]`` (padded with row 0) and lengths ``[b]``."""
@@ -69,7 +70,7 @@ class LayeredEvictionAttention:
         padded = torch.zeros(len(rows), max(lens), dtype=torch.long, device=rows[0].device)
         for j, r in enumerate(rows):
             padded[j, : lens[j]] = r
-        return padded, torch.tensor(lens, device=padded.device)
+        return padded, to_device(lens, padded.device)
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         s, stat, S, kvf = self.s, self.s.statistic, self.num_slots, self.kvf

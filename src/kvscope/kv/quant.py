@@ -43,6 +43,7 @@ from typing import Any
 
 import torch
 
+from kvscope.device_copy import to_device
 from kvscope.attention.torch_ref import attend_causal, attend_decode
 from kvscope.errors import ConfigError
 from kvscope.kv.backend import GraphDecode
@@ -82,8 +83,8 @@ class QuantAttention:
             for j, i in enumerate(self.decode_rows):
                 padded[j, : lens[j]] = plan.tables[i]
             self.decode_index = padded
-            self.decode_lens = torch.tensor(lens, device=device)
-            self.decode_q = torch.tensor([query_start[i] for i in self.decode_rows], device=device)
+            self.decode_lens = to_device(lens, device)
+            self.decode_q = to_device([query_start[i] for i in self.decode_rows], device)
 
     def attend(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         self.cache.write(layer_idx, k, v, self.plan)

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
+from kvscope.device_copy import to_device
 from kvscope.kv.quant_codec import (
     FP8_K_RANGE, FP8_V_RANGE, fp8_dequantize, fp8_quantize, fp8_scale, kivi_dequantize_block, kivi_quantize_block,
 )
@@ -28,7 +29,7 @@ from kvscope.models.config import ModelConfig
 
 
 def _longs(values: list[int], device: torch.device) -> torch.Tensor:
-    return torch.tensor(values, dtype=torch.long, device=device)
+    return to_device(values, device, torch.long)
 
 
 @dataclass

@@ -21,6 +21,7 @@ from collections.abc import Callable
 
 import torch
 
+from kvscope.device_copy import to_device
 from kvscope.attention.torch_ref import attend_decode
 from kvscope.kv.quest_pages import PageBounds, PageSelection, page_scores
 from kvscope.kv.slot_cache import SlotKVCache, block_table_attention
@@ -120,8 +121,8 @@ class QuestAttention:
             slots.append(torch.tensor(table, dtype=torch.long)[pos // block_size] * block_size + pos % block_size)
         slot_mapping = torch.cat(slots)
         first = (slot_mapping % block_size == 0).nonzero().flatten()
-        self.first = first.to(device) if first.numel() else None  # rows that start a block
-        self.slot_mapping = slot_mapping.to(device)
+        self.first = to_device(first, device) if first.numel() else None  # rows that start a block
+        self.slot_mapping = to_device(slot_mapping, device)
 
         prefill = [i for i in range(n) if q_lens[i] > 1]
         self.prefill_q = None
@@ -129,7 +130,8 @@ class QuestAttention:
             starts = [0]
             for i in prefill:
                 starts.append(starts[-1] + q_lens[i])
-            self.prefill_q = torch.cat([torch.arange(query_start[i], query_start[i + 1]) for i in prefill]).to(device)
+            self.prefill_q = to_device(torch.cat([torch.arange(query_start[i], query_start[i + 1]) for i in prefill]),
+                                       device)
             self.prefill = block_table_attention(cache, [block_tables[i] for i in prefill], block_size,
                                                  [num_computed[i] for i in prefill], starts, scale, backend)
         decode = [i for i in range(n) if q_lens[i] == 1]
@@ -140,17 +142,17 @@ class QuestAttention:
             held = [-(-c // block_size) for c in ctx]
             keep = [keep_pages(c) for c in ctx]
             width = max(held)
-            self.page_tables = torch.tensor([(block_tables[i][:h] + [0] * width)[:width]
-                                             for i, h in zip(decode, held)], dtype=torch.long, device=device)
-            self.num_pages = torch.tensor(held, device=device)
+            self.page_tables = to_device([(block_tables[i][:h] + [0] * width)[:width]
+                                          for i, h in zip(decode, held)], device, torch.long)
+            self.num_pages = to_device(held, device)
             # The scores' kernel takes int32 (score_pages).
             self.score_tables = self.page_tables.int() if self.triton else self.page_tables
             self.score_pages = self.num_pages.int() if self.triton else self.num_pages
-            keep_t = torch.tensor(keep, device=device)
-            last_len = torch.tensor([c - (h - 1) * block_size for c, h in zip(ctx, held)], device=device)
+            keep_t = to_device(keep, device)
+            last_len = to_device([c - (h - 1) * block_size for c, h in zip(ctx, held)], device)
             self.lens = selected_lens(keep_t, last_len, block_size, cache.kv.shape[3])
             self.selection = PageSelection(self.num_pages, keep_t, width, max(keep))
-            self.decode_q = torch.tensor([query_start[i] for i in decode], device=device)
+            self.decode_q = to_device([query_start[i] for i in decode], device)
             self.pages_read, self.pages_held = sum(keep), sum(held)
 
     def attend(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
