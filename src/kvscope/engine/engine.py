@@ -404,6 +404,7 @@ class LLMEngine:
             "num_computed_tokens": self.num_computed_tokens_total,
             "cuda_graph_sizes": self.graph_sizes or [],
             "cuda_graph_replays": self.runner.graph_replays,
+            "async_scheduling": self.async_scheduling,
             **self.kv.stats(),
             **self.peaks.as_dict(),
         }
