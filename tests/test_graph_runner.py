@@ -111,7 +111,7 @@ def test_offload_static_steps_equal_eager_steps_and_paged(tmp_path):
     make_tiny_checkpoint("llama", path)
     prompts = [[5 + i % 200 for i in range(n)] for n in (252, 23, 57)]
     params = [SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True, return_logits=True) for n in (12, 4, 8)]
-    kw = dict(kv_memory_bytes=4 << 20, max_model_len=320)
+    kw = {"kv_memory_bytes": 4 << 20, "max_model_len": 320}
 
     def run(spec: str, static: bool):
         llm = LLM(str(path), strategy=spec, **kw)
