@@ -15,8 +15,8 @@ launch of the GPU-side gather from pinned host memory (``attention/triton_gather
 parity: places past a row's length are masked (``valid``), so padding costs no PCIe traffic, and
 the rows go in position order (no sort). The fetch of layer ``l + 1`` is queued when layer ``l``
 starts (``layer_input``), so it runs while layer ``l`` computes; the two buffers keep it off the
-rows layer ``l`` reads. A graph cannot hold data-dependent copy sizes or addresses, so a bulk copy
-per request (possible when its slots are contiguous) is not an option inside one; the gather reads
+rows layer ``l`` reads. A captured memcpy keeps the size and addresses it had at capture, so a bulk
+copy per request (possible where its slots are contiguous) cannot serve a replay; the gather reads
 2 KiB rows (Llama-3-8B) near the pinned copy's rate (``benchmarks/results/offload_decode.md``).
 
 Attention over a layout is single-query decode over ``S`` sequences of ``P`` rows with per-sequence
