@@ -82,8 +82,9 @@ def test_cpu_prefill_step_by_hand() -> None:
 
 
 def test_eager_steps_pay_the_eager_overhead() -> None:
-    """Decode-only steps replay CUDA graphs (the replayed overhead); a step with a prefill chunk,
-    and every offload step, run eagerly (the eager one). Unset, the eager overhead is the replayed one."""
+    """Decode-only steps replay CUDA graphs (the replayed overhead), offload's too; a step with a
+    prefill chunk, and every step of a strategy without graph_decode (pyramidkv), run eagerly (the
+    eager one). Unset, the eager overhead is the replayed one."""
     from kvscope.advise.simulate import SimRequest, StepWork
 
     hw = Hardware(**{**HW.__dict__, "step_overhead_s_per_layer": 1e-4, "eager_step_overhead_s_per_layer": 1e-3})
@@ -93,7 +94,10 @@ def test_eager_steps_pay_the_eager_overhead() -> None:
     mixed = StepWork([SimRequest(0.0, 127, 2, computed=127, generated=1)], [(SimRequest(0.0, 64, 2), 64)])
     assert cost.step_seconds(PAGED, decode) == pytest.approx(base.step_seconds(PAGED, decode) + 32 * 1e-4)
     assert cost.step_seconds(PAGED, mixed) == pytest.approx(base.step_seconds(PAGED, mixed) + 32 * 1e-3)
-    assert cost.step_seconds(offload, decode) == pytest.approx(base.step_seconds(offload, decode) + 32 * 1e-3)
+    assert cost.step_seconds(offload, decode) == pytest.approx(base.step_seconds(offload, decode) + 32 * 1e-4)
+    layered = StrategyOption("pyramidkv", "pyramidkv")
+    assert not layered.facts.graph_decode
+    assert cost.step_seconds(layered, decode) == pytest.approx(base.step_seconds(layered, decode) + 32 * 1e-3)
     unset = {k: v for k, v in HW.__dict__.items() if k != "eager_step_overhead_s_per_layer"}
     assert Hardware(**{**unset, "step_overhead_s_per_layer": 2e-4}).eager_step_overhead_s_per_layer == 2e-4
     # The calibration knob moves both, keeping their measured difference.

@@ -136,7 +136,7 @@ def test_adaptive_graphs_equal_eager_on_cuda():
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_adaptive_with_uncaptured_child_replays_full_only_steps_on_cuda():
-    """adaptive with offload (no captured decode of its own): steps with a long row run eagerly,
+    """adaptive with offload (a host child, none of whose steps adaptive captures): steps with a long row run eagerly,
     steps of full rows alone replay the full child's graphs; tokens and logits equal the eager
     engine's."""
     prompts = [[(5 * i + j) % 200 + 4 for j in range(60 if i % 2 else 20)] for i in range(6)]

@@ -78,7 +78,7 @@ def test_scheduler_runs_on_a_manager_without_tensors():
 
 def test_infinigen_static_steps_equal_eager_steps(tmp_path):
     from hf_ref import make_tiny_checkpoint
-    from kvscope.kv.infinigen_decode import InfiniGenGraphs
+    from kvscope.kv.host_decode import HostGraphs
 
     path = tmp_path / "llama"
     make_tiny_checkpoint("llama", path)
@@ -89,12 +89,50 @@ def test_infinigen_static_steps_equal_eager_steps(tmp_path):
     expected = [o.token_ids for o in eager.generate(prompts, params, use_tqdm=False)]
     static = LLM(str(path), strategy=spec, kv_memory_bytes=4 << 20, max_model_len=256)
     engine = static.engine
-    engine.runner.graphs = GraphRunner(engine.model, InfiniGenGraphs(engine.kv, [1, 2, 4]), engine.config.torch_device,
+    engine.runner.graphs = GraphRunner(engine.model, HostGraphs(engine.kv, [1, 2, 4]), engine.config.torch_device,
                                        capture=False)
     got = [o.token_ids for o in static.generate(prompts, params, use_tqdm=False)]
     assert got == expected
     # Three rows run in bucket 4 (one padding row), then 2 and 1 as requests finish together.
     assert engine.runner.graph_replays >= 11
+    assert engine.kv.stats()["kv_bytes_used"] == 0
+
+
+def test_offload_static_steps_equal_eager_steps_and_paged(tmp_path):
+    """``offload``'s decode steps on the static ``(batch, context)`` buckets give the tokens and logits
+    of its eager steps and of ``paged``: three rows of unequal contexts in bucket 4 (one padding
+    row), then 2 and 1 as requests finish, the longest crossing context bucket 256 -> 384."""
+    import torch
+
+    from hf_ref import make_tiny_checkpoint
+    from kvscope.kv.host_decode import HostGraphs
+
+    path = tmp_path / "llama"
+    make_tiny_checkpoint("llama", path)
+    prompts = [[5 + i % 200 for i in range(n)] for n in (252, 23, 57)]
+    params = [SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True, return_logits=True) for n in (12, 4, 8)]
+    kw = {"kv_memory_bytes": 4 << 20, "max_model_len": 320}
+
+    def run(spec: str, static: bool):
+        llm = LLM(str(path), strategy=spec, **kw)
+        engine = llm.engine
+        if static:
+            engine.runner.graphs = GraphRunner(engine.model, HostGraphs(engine.kv, [1, 2, 4]),
+                                               engine.config.torch_device, capture=False)
+        outs = llm.generate(prompts, params, use_tqdm=False)
+        return [o.token_ids for o in outs], [torch.stack(o.outputs[0].logits) for o in outs], engine
+
+    paged_ids, paged_logits, _ = run("paged", False)
+    eager_ids, eager_logits, _ = run("offload", False)
+    ids, logits, engine = run("offload", True)
+    assert ids == eager_ids == paged_ids and [len(t) for t in ids] == [12, 4, 8]
+    for got, eager, paged in zip(logits, eager_logits, paged_logits):
+        assert torch.allclose(got, eager, atol=1e-5, rtol=0), (got - eager).abs().max()
+        assert torch.allclose(got, paged, atol=1e-4, rtol=0), (got - paged).abs().max()
+    # Every decode step after the prefill: 3 rows x 3 steps, 2 x 4, 1 x 4; the 252-token prompt holds
+    # 256 earlier tokens at its 5th decode step, 257 (bucket 384) at its 6th.
+    assert engine.runner.graph_replays == 11
+    assert set(engine.runner.graphs._steps) == {(4, 256), (2, 256), (2, 384), (1, 384)}
     assert engine.kv.stats()["kv_bytes_used"] == 0
 
 

@@ -31,7 +31,8 @@ def test_facts_residence_and_roles() -> None:
     assert facts("offload").residence == "host" and facts("offload").lossless
     assert facts("infinigen").residence == "host" and not facts("infinigen").lossless
     assert facts("h2o").residence == "device" and facts("h2o").graph_decode
-    assert not facts("offload").graph_decode and facts("contiguous").reserves_context
+    assert facts("offload").graph_decode and not facts("pyramidkv").graph_decode
+    assert facts("contiguous").reserves_context
     assert set(long_children()) == {n for n, c in available().items() if facts(n).long_child}
     assert {"h2o", "offload", "infinigen", "snapkv"} <= set(long_children())
     assert not ({"paged", "contiguous", "adaptive"} & set(long_children()))

@@ -33,7 +33,8 @@ from offload_decode import MODEL, fill_random, make_engine  # noqa: E402
 from kvscope.attention.triton_gather import gather_rows  # noqa: E402
 from kvscope.engine.request import Request  # noqa: E402
 from kvscope.engine.sampling_params import SamplingParams  # noqa: E402
-from kvscope.kv.infinigen_decode import InfiniGenDecode, context_bucket  # noqa: E402
+from kvscope.kv.host_decode import context_bucket  # noqa: E402
+from kvscope.kv.infinigen_decode import InfiniGenDecode  # noqa: E402
 from kvscope.models.loader import load_model  # noqa: E402
 
 RESULTS = Path(__file__).parents[1] / "results"

@@ -10,9 +10,10 @@ Units: bytes, seconds, tokens, FLOPs unless a name says otherwise (``_ms`` = mil
   ``layers x overhead + max(HBM bytes / HBM rate, FLOPs / matmul rate) + PCIe bytes / host rate``:
   a roofline over the device's memory and matmul units, plus the engine's fixed per-layer cost
   (the hardware's calibration knob for decode steps replayed from CUDA graphs; the measured eager
-  cost for steps with a prefill chunk and every ``offload`` step), plus the host fetches in full: although the engine
-  fetches one layer ahead, ``benchmarks/results/offload_decode.json`` shows ``offload``'s step
-  taking paged's step plus its whole fetch time, not the larger of the two. ``infinigen`` adds
+  cost for steps with a prefill chunk and every step of a strategy without ``graph_decode``), plus
+  the host fetches in full: although the engine fetches one layer ahead,
+  ``benchmarks/results/offload_decode.json`` showed ``offload``'s eager step taking paged's step
+  plus its whole fetch time, not the larger of the two. ``infinigen`` adds
   ``hardware.speculation_s_per_layer`` per sparse layer.
   HBM bytes = weights + the KV the step's attention reads + the new K/V written; FLOPs =
   2 x matmul parameters x new tokens + 2 x vocab x hidden per logits row + 4 x layers x heads x
@@ -247,7 +248,7 @@ class CostModel:
         device = max(hbm / self.hw.hbm_bytes_per_s, flops / self.hw.matmul_flops_per_s)
         fetch = pcie * token / self.hw.host_device_bytes_per_s
         # The engine replays decode-only steps from CUDA graphs; a step with a prefill chunk, and
-        # every step of offload (which captures none), runs eagerly.
+        # every step of a strategy that captures none (graph_decode False), runs eagerly.
         # Under tensor parallelism each rank captures and replays the same steps (its all-reduces
         # inside the graphs), so the rule is the same at every N.
         eager = bool(work.prefills) or not option.facts.graph_decode

@@ -3,8 +3,8 @@
 
 Strategies whose decode attention reads whole blocks through block tables (``paged``,
 ``contiguous``, evicting policies whose statistic allows it, ``adaptive``) get their steps from
-:class:`BlockTableDecode` (:mod:`kvscope.kv.block_table_graphs` builds them); ``infinigen``
-builds its own (:mod:`kvscope.kv.infinigen_decode`).
+:class:`BlockTableDecode` (:mod:`kvscope.kv.block_table_graphs` builds them); ``offload`` and
+``infinigen`` build their own (:mod:`kvscope.kv.host_decode`).
 """
 from __future__ import annotations
 

@@ -39,7 +39,7 @@ class HostKVPool:
         self.pool = BlockPool(num_blocks, enable_caching=False)
         self.num_slots = num_blocks * block_size
         # One slot past the real ones, never handed out: padding rows of a captured decode step
-        # (kv/infinigen_decode.py) read and write it instead of a request's token.
+        # (kv/host_decode.py) read and write it instead of a request's token.
         self.scratch_slot = self.num_slots
         shape = (model.num_layers, 2, self.num_slots + 1, model.num_kv_heads, model.head_dim)
         # empty, not zeros: pages are touched only as slots fill, and pinning stays cheap.

@@ -37,7 +37,7 @@ from kvscope.attention.triton_speculate import speculate_rows
 from kvscope.constants import DEFAULT_BUDGET_RATIO
 from kvscope.errors import ConfigError
 from kvscope.kv.base import KVSetup, KVUsage, StepBatch
-from kvscope.kv.infinigen_decode import InfiniGenDecode, InfiniGenGraphs, dense_layer_fits
+from kvscope.kv.infinigen_decode import InfiniGenDecode
 from kvscope.kv.offload_base import HostOffloadStrategy, OffloadAttention, _Staged
 from kvscope.kv.registry import register
 from kvscope.kv.skew import CALIBRATION_TOKENS, calibration_tokens, load_or_compute_skew
@@ -183,6 +183,8 @@ class InfiniGenStrategy(HostOffloadStrategy):
 
     name = "infinigen"
     lossless = False
+    attention_class = InfiniGenAttention
+    decode_class = InfiniGenDecode
 
     def __init__(
         self,
@@ -303,9 +305,6 @@ class InfiniGenStrategy(HostOffloadStrategy):
                 0, slots, torch.einsum("nhd,hdc->nhc", k.float(), self.skew_sub[layer]).to(k.dtype)
             )
 
-    def _pure_decode(self, batch: StepBatch, prev: list[torch.Tensor]) -> bool:
-        return all(n == 1 for n in batch.num_new_tokens) and all(p.numel() > 0 for p in prev)
-
     def adopted(self, slots: torch.Tensor, kv: torch.Tensor) -> None:
         """The partial keys of adopted tokens: their keys ``kv[:, 0]`` ``[L, n, Hkv, D]``, skewed."""
         keys = kv[:, 0].to(self.partial_keys.device).float()
@@ -320,14 +319,7 @@ class InfiniGenStrategy(HostOffloadStrategy):
             # pool eviction (in allocate, scheduler side: no collective there) picks one rank's victim.
             slots = torch.cat(prev).unique()
             self._counted = (slots, self.pool.counters[slots].clone())
-        if self._pure_decode(batch, prev):
-            longest = max(p.numel() for p in prev)
-            if dense_layer_fits(self, len(prev), longest):
-                dec = InfiniGenDecode(self, len(prev), longest)
-                dec.load(prev, new, batch.positions)
-                dec.begin()
-                return dec
-        return InfiniGenAttention(self, batch, prev, new)
+        return self.step_attention(batch, prev, new)
 
     def end_step(self, batch: StepBatch) -> None:
         super().end_step(batch)
@@ -337,10 +329,6 @@ class InfiniGenStrategy(HostOffloadStrategy):
             mine = self.pool.counters[slots] - before  # [n] this rank's selections of the step's tokens
             self.pool.counters[slots] = before + tp.all_reduce(mine, "sum")
             self._counted = None
-
-    def decode_graphs(self) -> InfiniGenGraphs | None:
-        sizes = self.setup.cuda_graph_sizes
-        return InfiniGenGraphs(self, sizes) if sizes else None
 
     def usage(self) -> KVUsage:
         # The partial keys are the only device KV between steps; no counter tensor is read here.

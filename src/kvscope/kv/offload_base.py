@@ -11,7 +11,10 @@ fit one prefetch buffer.
 Each step: ``allocate`` gives the new tokens host slots; ``begin_step`` returns the attention
 backend, which starts fetching layer 0; the model's ``layer_input`` hook at layer ``l`` starts
 fetching layer ``l + 1`` (on the copy stream, overlapped with layer ``l``); ``attend`` waits for its
-layer's rows, writes the new K/V to the host pool and attends over fetched + new rows.
+layer's rows, writes the new K/V to the host pool and attends over fetched + new rows. A
+pure-decode step runs the strategy's static decode step (``decode_step``, ``kv/host_decode.py``) at
+its exact shape, the same code the engine's graph runner captures per ``(batch, context)`` bucket
+(``decode_graphs``); other steps (prefill chunks, mixed) run the ragged ``attention_class``.
 """
 from __future__ import annotations
 
@@ -21,6 +24,7 @@ import torch
 
 from kvscope.errors import ConfigError
 from kvscope.kv.base import Adoption, Handover, KVSetup, KVStrategy, KVUsage, StepBatch
+from kvscope.kv.host_decode import HostDecode, HostGraphs, dense_layer_fits
 from kvscope.kv.host_pool import HostKVPool
 from kvscope.kv.slot_cache import SlotAttention
 from kvscope.kv.transfer import TransferEngine
@@ -244,9 +248,35 @@ class HostOffloadStrategy(KVStrategy):
                 new.append(victim)
         return prev, torch.cat(new)
 
-    def begin_step(self, batch: StepBatch) -> OffloadAttention:
+    #: The ragged step (any mix of prefill chunks and decode rows) and the static pure-decode step.
+    attention_class: ClassVar[type[OffloadAttention]] = OffloadAttention
+    decode_class: ClassVar[type[HostDecode]] = HostDecode
+
+    def decode_step(self, b: int, c: int) -> HostDecode:
+        """A static decode step of ``b`` rows of at most ``c`` earlier tokens (not yet loaded)."""
+        return self.decode_class(self, b, c)
+
+    def begin_step(self, batch: StepBatch) -> OffloadAttention | HostDecode:
         prev, new = self.step_slots(batch)
-        return OffloadAttention(self, batch, prev, new)
+        return self.step_attention(batch, prev, new)
+
+    def step_attention(self, batch: StepBatch, prev: list[torch.Tensor], new: torch.Tensor
+                       ) -> OffloadAttention | HostDecode:
+        """The backend of ``batch`` given its slots (:meth:`step_slots`): a pure-decode batch whose
+        dense layout fits a prefetch buffer runs the static decode step at its exact shape (the
+        step the graphs replay), anything else the ragged step."""
+        if all(n == 1 for n in batch.num_new_tokens) and all(p.numel() > 0 for p in prev):
+            longest = max(p.numel() for p in prev)
+            if dense_layer_fits(self, len(prev), longest):
+                dec = self.decode_step(len(prev), longest)
+                dec.load(prev, new, batch.positions)
+                dec.begin()
+                return dec
+        return self.attention_class(self, batch, prev, new)
+
+    def decode_graphs(self) -> HostGraphs | None:
+        sizes = self.setup.cuda_graph_sizes
+        return HostGraphs(self, sizes) if sizes else None
 
     def end_step(self, batch: StepBatch) -> None:
         self.transfer.finish_step()
