@@ -11,6 +11,8 @@ import os
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from kvscope import LLM, SamplingParams
 from kvscope.engine.inflight import InFlight, input_patch
@@ -275,3 +277,40 @@ def test_launching_a_step_never_waits_for_the_device(spec):
         done.update({o.request_id: o for o in e.step() if o.finished})
     assert [done[str(i)].outputs[0].token_ids for i in range(4)] == [o.outputs[0].token_ids for o in ref]
     assert e.runner.graph_replays > 0
+
+
+_request = st.tuples(st.integers(1, 60), st.integers(1, 12), st.booleans(), st.integers(0, 3))  # len, max, greedy, stop
+
+
+@settings(max_examples=15, deadline=None)
+@given(waves=st.lists(st.lists(_request, max_size=3), min_size=1, max_size=5), abort_at=st.integers(0, 8),
+       mode=st.sampled_from(["recompute", "swap"]))
+def test_any_arrival_pattern_gives_the_synchronous_tokens(loaded, waves, abort_at, mode):
+    """Requests arriving in waves between steps, some sampled, some with a stop token, one aborted
+    mid-way, in a pool small enough to preempt: every request that was not aborted gets the
+    synchronous engine's tokens; the aborted one a prefix of them; no KV is left held."""
+    results = {}
+    for overlap in (False, True):
+        e = make(loaded, "paged", async_scheduling=overlap, preemption_mode=mode, max_num_seqs=4,
+                 kv_memory_bytes=10 * 16 * loaded.config.kv_bytes_per_token(torch.float32)).engine
+        done, ids, calls = {}, [], 0
+        for wave in waves + [[]] * 40:
+            for n, max_tokens, greedy, stop in wave:
+                prompt = [(7 * n + 3 * j + len(ids)) % 300 + 4 for j in range(n)]
+                params = SamplingParams(max_tokens=max_tokens, temperature=0.0 if greedy else 0.9, seed=len(ids),
+                                        ignore_eos=True, stop_token_ids=[4 + 37 * stop] if stop else [])
+                ids.append(e.add_request(prompt, params))
+            if calls == abort_at and ids:
+                e.abort(ids[0])
+            done.update({o.request_id: o for o in e.step() if o.finished})
+            calls += 1
+            if not e.has_unfinished_requests() and len(done) == len(ids):
+                break
+        assert len(done) == len(ids) and e.stats()["blocks_used"] == 0 and not e.requests
+        results[overlap] = {i: (o.outputs[0].token_ids, o.outputs[0].finish_reason) for i, o in done.items()}
+    sync, got = results[False], results[True]
+    for i in sync:
+        if sync[i][1] == "abort" or got[i][1] == "abort":
+            assert got[i][0] == sync[i][0][: len(got[i][0])] or sync[i][0] == got[i][0][: len(sync[i][0])]
+        else:
+            assert got[i] == sync[i]

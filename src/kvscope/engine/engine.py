@@ -359,7 +359,6 @@ class LLMEngine:
     def _finish(self, req: Request, reason: str, error: str | None = None) -> None:
         req.status = RequestStatus.FINISHED
         req.finish_reason = reason
-        req.num_pending_tokens = 0  # a token still in flight for it is dropped when read back
         if error is not None:
             req.error = f"request {req.request_id}: {error}"
         req.finished_time = time.perf_counter()
