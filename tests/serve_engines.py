@@ -11,10 +11,10 @@ from kvscope import LLM
 FAIL_STEP_PROMPT = list(b"!fail-this-step!")
 
 
-def paced_llm(model: str, strategy: str, kv_memory: int, pace_s: float) -> LLM:
+def paced_llm(model: str, strategy: str, kv_memory: int, pace_s: float, async_scheduling: bool | None = None) -> LLM:
     """An :class:`LLM` whose steps each take ``pace_s`` longer (so that a test can act while
     requests still run), and fail while a request of prompt :data:`FAIL_STEP_PROMPT` is unfinished."""
-    llm = LLM(model, strategy=strategy, kv_memory_bytes=kv_memory)
+    llm = LLM(model, strategy=strategy, kv_memory_bytes=kv_memory, async_scheduling=async_scheduling)
     engine = llm.engine
     real_step = engine.step
 

@@ -4,7 +4,8 @@ Afterwards every surviving client has its whole answer (the tokens of an in-proc
 the disconnected clients' requests were aborted and their KV freed (engine stats and /metrics
 both show no KV held), /metrics' engine counters equal ``engine.stats()``, and the server still
 answers. Once per strategy: ``paged``, an evicting one (``h2o``) and a host-offloading one
-(``offload``); each with the engine on a thread of the server and in a process of its own.
+(``offload``), and ``paged`` with async scheduling (outputs one step late); each with the engine on
+a thread of the server and in a process of its own.
 """
 from __future__ import annotations
 
@@ -36,17 +37,20 @@ def _prompt(i: int) -> str:
 
 
 @pytest.mark.parametrize("mode", MODES)
-@pytest.mark.parametrize(("strategy", "active_counter"), [
-    ("paged", "kvscope:engine_steps_total"),
-    ("h2o:heavy_ratio=0.2,recent_ratio=0.2", "kvscope:evicted_tokens_total"),
-    ("offload", "kvscope:transfer_h2d_bytes_total"),
+@pytest.mark.parametrize(("strategy", "active_counter", "overlap"), [
+    ("paged", "kvscope:engine_steps_total", None),
+    ("paged", "kvscope:engine_steps_total", True),
+    ("h2o:heavy_ratio=0.2,recent_ratio=0.2", "kvscope:evicted_tokens_total", None),
+    ("offload", "kvscope:transfer_h2d_bytes_total", None),
 ])
-def test_64_streaming_clients_with_disconnects(strategy: str, active_counter: str, mode: str) -> None:
+def test_64_streaming_clients_with_disconnects(strategy: str, active_counter: str, overlap: bool | None,
+                                               mode: str) -> None:
     prompts = [_prompt(i) for i in range(NUM_CLIENTS)]
     params = SamplingParams(max_tokens=MAX_TOKENS, temperature=0.0, ignore_eos=True)
     reference = LLM(MODEL, strategy=strategy, kv_memory_bytes=KV_MEMORY).generate(prompts, params, use_tqdm=False)
 
-    with ServerThread(served(mode, partial(paced_llm, MODEL, strategy, KV_MEMORY, STEP_PACE_S))) as server:
+    build = partial(paced_llm, MODEL, strategy, KV_MEMORY, STEP_PACE_S, overlap)
+    with ServerThread(served(mode, build)) as server:
         client = openai.AsyncOpenAI(base_url=f"{server.base_url}/v1", api_key="none", max_retries=0, timeout=60)
 
         async def one(i: int) -> tuple[str, int | None, str | None] | None:
