@@ -392,7 +392,7 @@ def main() -> None:
     res = {s: res.get(s, {}) for s in systems}
     res["vllm"] |= vllm.get("results", {})
     result = {"benchmark": "end_to_end", "environment": env, "model": f"dummy:{preset}", "dtype": "bfloat16",
-              "engine": kw, "vllm": {k: v for k, v in vllm.items() if k != "results"},
+              "engine": kw, "async_scheduling": {}, "vllm": {k: v for k, v in vllm.items() if k != "results"},
               "copy_ceiling": copy, "matmul": mm, "correctness": check, "repeats": args.repeats,
               "cb_repeats": args.cb_repeats, "hf_cb_attn": args.hf_cb_attn, "workloads": wl, "results": res}
 
@@ -407,7 +407,7 @@ def main() -> None:
     for strategy, system in zip(strategies, systems):
         t0 = time.perf_counter()
         llm = LLM(f"dummy:{preset}", strategy, device=str(device), dtype="bfloat16", loaded_model=loaded, **kw)
-        result["engine"].setdefault("async_scheduling_by_strategy", {})[strategy] = llm.engine.async_scheduling
+        result["async_scheduling"][strategy] = llm.engine.async_scheduling  # not in kw: the next LLM takes kw
         print(f"kvscope {strategy} engine ready in {time.perf_counter() - t0:.1f} s "
               f"(async scheduling {llm.engine.async_scheduling})", flush=True)
         for name, L in live.items():
@@ -442,7 +442,7 @@ def markdown(r: dict) -> str:
     lines = [
         "# End to end: kvscope vs vLLM and HF transformers, output tokens/s", "", env_line(r["environment"]), "",
         f"{r['model']} (random weights, one copy shared by both systems), {r['dtype']}; kvscope `paged`, CUDA graphs "
-        f"on, engine {r['engine']}. Copy {r['copy_ceiling']['gb_per_s']:.0f} GB/s and bf16 matmul "
+        f"on, engine {r['engine']}, async scheduling {r.get('async_scheduling', 'off (predates it)')}. Copy {r['copy_ceiling']['gb_per_s']:.0f} GB/s and bf16 matmul "
         f"{r['matmul']['tflop_per_s']:.0f} TFLOP/s measured in this run give the roofline (idealised schedule: "
         "prefill at the matmul rate, each decode step reading weights + running KV at the copy rate). Output "
         f"tokens / wall time; median of {r['repeats']} runs (HF continuous batching: {r['cb_repeats']}) after a "
