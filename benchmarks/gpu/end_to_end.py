@@ -66,43 +66,24 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import ContinuousBatchingConfig, GenerationConfig, LlamaConfig, LlamaForCausalLM
+from transformers import ContinuousBatchingConfig, GenerationConfig
 
 sys.path.insert(0, str(Path(__file__).parent))
 from ceilings import RESULTS, env_line  # noqa: E402
+from end_to_end_report import markdown  # noqa: E402
+from hf_reference import check_agreement_fp32, hf_sharing_weights  # noqa: E402
 from vllm_peer import run_vllm  # noqa: E402
 from decode_step import (  # noqa: E402
-    bench_environment, checked_fields, copy_ceiling, graph_replays, matmul_ceiling, sync, target_text,
+    bench_environment, checked_fields, copy_ceiling, graph_replays, matmul_ceiling, sync,
     weight_bytes_per_step,
 )
 
 from kvscope.engine.sampling_params import SamplingParams  # noqa: E402
 from kvscope.llm import LLM  # noqa: E402
-from kvscope.models.dummy import PRESETS  # noqa: E402
-from kvscope.models.fused import checkpoint_tensors  # noqa: E402
 from kvscope.models.loader import LoadedModel, load_model  # noqa: E402
 
 PRESET, TINY_PRESET, CHECK_PRESET = "llama-3.1-8b", "tiny-llama", "llama-3.2-1b"
 Lengths = list[tuple[int, int]]
-
-
-def hf_sharing_weights(loaded: LoadedModel, preset: str, device: torch.device):
-    """HF ``LlamaForCausalLM`` of ``preset`` whose parameters are kvscope's tensors (no copy)."""
-    d = {k: v for k, v in PRESETS[preset].items() if k != "model_type"}
-    cfg = LlamaConfig.from_dict(d | {"bos_token_id": None, "eos_token_id": None, "pad_token_id": 0})
-    cfg._attn_implementation = "sdpa"
-    with torch.device("meta"):
-        hf = LlamaForCausalLM(cfg)
-    state = checkpoint_tensors(loaded.model)  # HF names; fused q/k/v and gate/up as views of their rows
-    if cfg.tie_word_embeddings:  # kvscope keeps one tensor; HF names it twice
-        state.setdefault("lm_head.weight", state["model.embed_tokens.weight"])
-    hf.load_state_dict(state, strict=True, assign=True)
-    with torch.device(device):  # the rotary buffers were made on the meta device
-        hf.model.rotary_emb = type(hf.model.rotary_emb)(config=cfg)
-    left = [n for n, t in [*hf.named_parameters(), *hf.named_buffers()] if t.is_meta]
-    if left:
-        raise SystemExit(f"HF model tensors left on the meta device: {left}")
-    return hf.eval().requires_grad_(False)
 
 
 def lognormal_lengths(n: int, median: float, sigma: float, lo: int, hi: int, seed: int) -> list[int]:
@@ -283,48 +264,6 @@ def run_generate_batch(hf, lengths: Lengths, vocab: int, device: torch.device, c
     return r | {"note": "one call, its own manager set-up and CUDA-graph warm-up included"}
 
 
-def check_agreement(llm: LLM, hf, vocab: int, device: torch.device, steps: int = 16) -> dict:
-    prompt = prompts([(64, 0)], vocab, 12345)[0]
-    out = llm.generate([prompt], SamplingParams(max_tokens=steps, temperature=0.0, ignore_eos=True,
-                                                return_logits=True), use_tqdm=False)[0].outputs[0]
-    ids = torch.tensor([prompt], device=device)
-    with torch.inference_mode():
-        ref0 = hf(ids).logits[0, -1].float().cpu()
-        g = hf.generate(input_ids=ids, attention_mask=torch.ones_like(ids), generation_config=GenerationConfig(
-            max_new_tokens=steps, do_sample=False, pad_token_id=0, return_dict_in_generate=True, output_logits=True))
-    ht = g.sequences[0, len(prompt):].tolist()
-    kt = out.token_ids
-    agree = next((i for i, (a, b) in enumerate(zip(kt, ht)) if a != b), steps)
-    diff0 = out.logits[0] - ref0
-    res = {"prompt_len": len(prompt), "steps": steps, "agree": agree,
-           "first_max_abs_diff": float(diff0.abs().max()), "first_max_abs_logit": float(ref0.abs().max()),
-           "first_rel_l2": float(diff0.norm() / ref0.norm()), "kvscope_tokens": kt, "hf_tokens": ht}
-    ok = res["first_rel_l2"] <= 1e-3
-    if agree < steps:
-        hl = g.logits[agree][0].float().cpu()
-        top2 = hl.topk(2).values
-        res["gap_at_divergence"] = float(top2[0] - top2[1])
-        res["diff_at_divergence"] = float((out.logits[agree] - hl).abs().max())
-        res["near_tie"] = res["gap_at_divergence"] <= 2 * res["diff_at_divergence"]
-        ok &= res["near_tie"]
-    res["passed"] = bool(ok)
-    return res
-
-
-def check_agreement_fp32(preset: str, device: torch.device) -> dict:
-    """:func:`check_agreement` on ``preset`` in float32, with its own weights (freed afterwards)."""
-    loaded = load_model(f"dummy:{preset}", device=device, dtype=torch.float32)
-    hf = hf_sharing_weights(loaded, preset, device)
-    llm = LLM(f"dummy:{preset}", "paged", device=str(device), dtype="float32", loaded_model=loaded,
-              kv_memory_bytes=256 << 20, max_model_len=256, enforce_eager=False)
-    res = check_agreement(llm, hf, loaded.config.vocab_size, device) | {"model": f"dummy:{preset}", "dtype": "float32"}
-    del llm, hf, loaded
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-    return res
-
-
 SYSTEMS = ("kvscope", "vllm", "hf_cb", "hf_static", "hf_dynamic", "hf_generate_batch")
 
 
@@ -430,65 +369,6 @@ def main() -> None:
     for name in ("single", "batch64"):  # last: compiled graphs and static caches stay with the model
         measure("hf_static", name, run_hf_generate, hf, live.get(name), "static", vocab, args.repeats, device)
     print(markdown(result))
-
-
-def markdown(r: dict) -> str:
-    res, c = r["results"], r["correctness"]
-
-    def tok(system: str, w: str) -> str:
-        x = res.get(system, {}).get(w)
-        return "-" if x is None else ("error" if "error" in x else f"{x['tok_s']:.0f}")
-
-    lines = [
-        "# End to end: kvscope vs vLLM and HF transformers, output tokens/s", "", env_line(r["environment"]), "",
-        f"{r['model']} (random weights, one copy shared by both systems), {r['dtype']}; kvscope `paged`, CUDA graphs "
-        f"on, engine {r['engine']}, async scheduling {r.get('async_scheduling', 'off (predates it)')}. Copy {r['copy_ceiling']['gb_per_s']:.0f} GB/s and bf16 matmul "
-        f"{r['matmul']['tflop_per_s']:.0f} TFLOP/s measured in this run give the roofline (idealised schedule: "
-        "prefill at the matmul rate, each decode step reading weights + running KV at the copy rate). Output "
-        f"tokens / wall time; median of {r['repeats']} runs (HF continuous batching: {r['cb_repeats']}) after a "
-        "warm-up. HF CB = `continuous_batching_context_manager` (the manager of `generate_batch`), warm-up excluded; "
-        "`generate_batch` = one call, its warm-up included.", "",
-        f"vLLM: {r.get('vllm') or 'not run'}.", "",
-        "| workload | requests | prompt tok | output tok | roofline tok/s | kvscope tok/s | kvscope % roofline | "
-        "vLLM tok/s | vLLM % roofline | kvscope / vLLM | HF CB tok/s | kvscope / HF CB | HF static tok/s | "
-        "HF dynamic tok/s | HF generate_batch tok/s |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
-    ]
-    for name, w in r["workloads"].items():
-        if "roofline" not in w:
-            lines.append(f"| {name} | not run: {w.get('error', 'not asked for')} |" + " |" * 13)
-            continue
-        k, v, cb = (res.get(x, {}).get(name, {}) for x in ("kvscope", "vllm", "hf_cb"))
-        roof = w["roofline"]["tok_s"]
-        frac = lambda x: f"{x['tok_s'] / roof:.0%}" if "tok_s" in x else "-"  # noqa: E731
-        ratio = lambda a, b: f"{a['tok_s'] / b['tok_s']:.2f}x" if "tok_s" in a and "tok_s" in b else "-"  # noqa: E731
-        lines.append(f"| {name} | {w['requests']} | {w['prompt_tokens']} | {w['output_tokens']} | {roof:.0f} | "
-                     f"{tok('kvscope', name)} | {frac(k)} | {tok('vllm', name)} | {frac(v)} | {ratio(k, v)} | "
-                     f"{tok('hf_cb', name)} | {ratio(k, cb)} | {tok('hf_static', name)} | {tok('hf_dynamic', name)} | "
-                     f"{tok('hf_generate_batch', name)} |")
-    extra = [x for x in res if x.startswith("kvscope:")]
-    if extra:
-        lines += ["", "Other kvscope strategies, same engine and pool (tok/s, and against vLLM):", "",
-                  "| workload | " + " | ".join(f"`{x[8:]}`" for x in extra) + " |", "|---|" + "---:|" * len(extra)]
-        for name in r["workloads"]:
-            v = res.get("vllm", {}).get(name, {})
-            cells = [f"{tok(x, name)} ({ratio(res[x].get(name, {}), v)})" for x in extra]
-            lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    errors = [f"{s} {w}: {x['error']}" for s, d in res.items() for w, x in d.items() if "error" in x]
-    lines += ["", "## Against the targets (W1; recorded, not asserted)", ""]
-    k, cb, w1 = res["kvscope"].get("W1", {}), res["hf_cb"].get("W1", {}), r["workloads"]["W1"]
-    if "tok_s" in k and "roofline" in w1:
-        lines.append(f"- kvscope >= 50% of the roofline: {target_text(k['tok_s'] / w1['roofline']['tok_s'], 0.5)}.")
-    if "tok_s" in k and "tok_s" in cb:
-        lines.append(f"- kvscope >= 8x HF continuous batching: {target_text(k['tok_s'] / cb['tok_s'], 8, 'x')}.")
-    lines += ["", f"Correctness (before timing, {c.get('model', r['model'])} in {c.get('dtype', r['dtype'])}): first-step "
-              f"logits of kvscope vs HF forward on a {c['prompt_len']}-token "
-              f"prompt: relative L2 error {c['first_rel_l2']:.2e}, max |diff| {c['first_max_abs_diff']:.3g} (largest "
-              f"|logit| {c['first_max_abs_logit']:.3g}); greedy tokens agree for {c['agree']} of {c['steps']} steps"
-              + (f" (divergence at a near-tie: top-2 gap {c['gap_at_divergence']:.3g})" if c["agree"] < c["steps"] else "")
-              + f". Passed: {c['passed']}."]
-    lines += [f"- Error: {e}" for e in errors]
-    return "\n".join(lines) + "\n"
 
 
 if __name__ == "__main__":
