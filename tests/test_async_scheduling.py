@@ -248,7 +248,8 @@ def test_device_sampling_draws_what_multinomial_draws_without_a_sync():
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-@pytest.mark.parametrize("spec", ["paged", "quest:budget=16"])
+@pytest.mark.parametrize("spec", ["paged", "quest:budget=16", "h2o:heavy_ratio=0.2,recent_ratio=0.2",
+                                  "quant:dtype=int4"])
 def test_launching_a_step_never_waits_for_the_device(spec):
     """With async scheduling, launching a step (batch building, the forward, sampling, the copies
     back) must not synchronize with the GPU, or the host waits for the step still running: pure
