@@ -26,8 +26,9 @@ from kvscope.sampling_params import RequestOutputKind
 MODEL = "dummy:tiny-llama"
 DEVICE = os.environ.get("KVSCOPE_TEST_DEVICE", "cpu")
 PROMPTS = [[(11 * i + 5 * j) % 300 + 4 for j in range(n)] for i, n in enumerate((37, 21, 45, 9, 30, 64))]
-ASYNC = sorted(name for name, cls in registry.available().items() if cls.async_scheduling)
-SPECS = {"random": "random:budget=24", "quest": "quest:budget=16"}  # lossy at these lengths
+ASYNC = sorted(name for name in registry.available() if registry.create(name).async_scheduling)
+# Lossy at these lengths; adaptive's long (h2o) child takes the requests of 40 tokens and more.
+SPECS = {"random": "random:budget=24", "quest": "quest:budget=16", "adaptive": "adaptive:long_threshold=40"}
 
 
 @pytest.fixture(scope="module")
@@ -188,6 +189,8 @@ def test_input_patch_reads_the_previous_steps_tokens():
 def test_config_refuses_async_where_it_cannot_apply(loaded):
     with pytest.raises(ConfigError, match="strategy 'offload' does not allow it"):
         make(loaded, "offload")
+    with pytest.raises(ConfigError, match="strategy 'adaptive' does not allow it"):
+        make(loaded, "adaptive:long=offload")
     with pytest.raises(ConfigError, match="async_scheduling must be True or False"):
         make(loaded, "paged", async_scheduling="yes")
     # Default: on CUDA for paged; off on a CPU (no overlap to gain).
@@ -315,3 +318,17 @@ def test_any_arrival_pattern_gives_the_synchronous_tokens(loaded, waves, abort_a
             assert got[i][0] == sync[i][0][: len(got[i][0])] or sync[i][0] == got[i][0][: len(sync[i][0])]
         else:
             assert got[i] == sync[i]
+
+
+def test_adaptive_under_pressure_serves_every_request_and_frees_its_kv(loaded):
+    """Under memory pressure the scheduler sees a finished request's KV one step later (as vLLM's),
+    so adaptive's pressure routing may differ from the synchronous engine's; every request still
+    completes at full length, hand-overs included, and nothing stays held."""
+    spec = "adaptive:long_threshold=1000,pressure=0.5,relief=0.2,pressure_min_length=20"
+    llm = make(loaded, spec, kv_memory_bytes=14 * 16 * loaded.config.kv_bytes_per_token(torch.float32))
+    params = [SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True) for _ in PROMPTS]
+    outs = llm.generate(PROMPTS, params, use_tqdm=False)
+    assert [len(o.outputs[0].token_ids) for o in outs] == [16] * len(PROMPTS)
+    s = llm.engine.stats()
+    assert s["adaptive_admitted_long_pressure"] + s["adaptive_compressed_under_pressure"] > 0
+    assert s["kv_bytes_used"] == 0 and s["adaptive_requests_full"] == s["adaptive_requests_long"] == 0

@@ -83,7 +83,6 @@ class AdaptiveStrategy(BlockTableDecode, KVStrategy):
 
     name = "adaptive"
     lossless = False
-    async_scheduling = False  # its long child may keep KV in host memory (see KVStrategy)
 
     def __init__(
         self,
@@ -188,6 +187,13 @@ class AdaptiveStrategy(BlockTableDecode, KVStrategy):
                        "compressed_under_pressure": 0, "offloaded_under_pressure": 0, "relieved": 0}
 
     # ---- lifecycle -------------------------------------------------------------------------------
+    @property
+    def async_scheduling(self) -> bool:  # type: ignore[override]
+        """Whether the engine may schedule asynchronously (see :class:`KVStrategy`): as its long
+        child allows, when that child's KV is on the device (one shared pool, hand-overs by device
+        copies); not with a host child, whose pool the CPU writes on a hand-over."""
+        return self.long.residence == "device" and self.long.async_scheduling
+
     def bind(self, setup: KVSetup) -> None:
         self.setup = setup
         m = setup.model
