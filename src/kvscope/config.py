@@ -130,6 +130,17 @@ class EngineConfig:
     tensor_parallel_size: int = 1
     async_scheduling: bool | None = None
 
+    def kv_pool_bytes(self) -> int:
+        """The KV pool an engine of this config allocates now: ``kv_memory_bytes``, else
+        ``kv_memory_fraction`` of the device memory free at this moment (CUDA), else
+        ``DEFAULT_CPU_KV_BYTES``."""
+        if self.kv_memory_bytes is not None:
+            return self.kv_memory_bytes
+        if self.torch_device.type == "cuda":
+            free, _ = torch.cuda.mem_get_info(self.torch_device)
+            return int(free * self.kv_memory_fraction)
+        return DEFAULT_CPU_KV_BYTES
+
     def __post_init__(self) -> None:
         if not isinstance(self.model, str):
             raise ConfigError(f"model must be a name or a path (a string), got {self.model!r}")

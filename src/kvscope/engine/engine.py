@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from kvscope.config import DEFAULT_CPU_KV_BYTES, EngineConfig
+from kvscope.config import EngineConfig
 from kvscope.engine.cuda_graph import GraphRunner, engine_graph_sizes
 from kvscope.engine.executor import StepExecutor
 from kvscope.engine.inflight import InFlight, input_patch, launch_sampling, resolve_async_scheduling
@@ -80,7 +80,7 @@ class LLMEngine:
         )
         self.graph_sizes = engine_graph_sizes(config.enforce_eager, config.torch_device, config.cuda_graph_sizes,
                                               config.max_num_seqs)
-        kv_bytes = self._kv_bytes()
+        kv_bytes = config.kv_pool_bytes()
         setup = KVSetup(
             model=loaded.config,
             device=config.torch_device,
@@ -122,15 +122,6 @@ class LLMEngine:
     def _capture_graphs(self) -> GraphRunner | None:
         decode = self.kv.decode_graphs() if self.graph_sizes is not None else None
         return None if decode is None else GraphRunner(self.model, decode, self.config.torch_device)
-
-    def _kv_bytes(self) -> int:
-        cfg = self.config
-        if cfg.kv_memory_bytes is not None:
-            return cfg.kv_memory_bytes
-        if cfg.torch_device.type == "cuda":
-            free, _ = torch.cuda.mem_get_info(cfg.torch_device)
-            return int(free * cfg.kv_memory_fraction)
-        return DEFAULT_CPU_KV_BYTES
 
     # ---- requests ------------------------------------------------------------------------------
     @property
