@@ -44,6 +44,10 @@ from kvscope.attention.triton_kv_write import write_kv
 from kvscope.kv.quant_cache import FP8Cache, KiviCache, QuantPlan
 
 _LOG2E = 1.4426950408889634
+# The KIVI kernel's launch: at 4 warps ptxas (sm_90) spills registers of the int8 kernel at
+# head_dim 128 in bfloat16 (its float32 dequantized tiles); at 8 neither int8 nor int4 spills
+# (tests/test_triton_kivi.py). Not timed.
+KIVI_LAUNCH = {"num_warps": 8, "num_stages": 2}
 
 
 @triton.jit
@@ -246,8 +250,6 @@ def quant_decode_attention(q: torch.Tensor, cache: FP8Cache | KiviCache, layer: 
                           GROUP=group, G_PAD=g_pad, D=D, PAGE=bs, BLOCK_N=block_n, DOT_PRECISION=precision,
                           num_warps=4, num_stages=2)
     else:
-        # 8 warps: at 4, ptxas (sm_90) spills registers of the int8 kernel at head_dim 128, bfloat16
-        # (the float32 dequantized tiles); at 8 neither int8 nor int4 spills. Not timed.
         kq, vq, ks, kz = cache.kq[layer], cache.vq[layer], cache.k_scale[layer], cache.k_zero[layer]
         vs, vz, res = cache.v_scale[layer], cache.v_zero[layer], cache.residual[layer]
         _kivi_kernel[grid](q, kq, vq, ks, kz, vs, vz, res, tables, lens, res_slots, *outs,
@@ -255,8 +257,7 @@ def quant_decode_attention(q: torch.Tensor, cache: FP8Cache | KiviCache, layer: 
                            ks.stride(1), vs.stride(0), vs.stride(1), vs.stride(2), res.stride(0), res.stride(1),
                            res.stride(2), res.stride(3), tables.stride(0), *out_strides,
                            GROUP=group, GQ=g_pad, D=D, BS=bs, BITS=cache.bits, VGROUP=cache.value_group,
-                           BLOCK_N=block_n, NB=max(block_n // bs, 1), DOT_PRECISION=precision, num_warps=8,
-                           num_stages=2)
+                           BLOCK_N=block_n, NB=max(block_n // bs, 1), DOT_PRECISION=precision, **KIVI_LAUNCH)
     if num_splits > 1:
         merge_splits(part, part_lse, out, torch.empty(B, Hq, dtype=torch.float32, device=q.device))
     return out
