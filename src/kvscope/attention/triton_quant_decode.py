@@ -3,8 +3,8 @@
 One program serves one (sequence, KV head, split) and the ``Hq // Hkv`` query heads that share the
 KV head (so each quantized tile is read once per group), with an online softmax in float32. The
 split over the context is the paged kernel's flash-decoding (:mod:`kvscope.attention.decode_splits`:
-same split choice and merge; a split is whole tiles for fp8, whole blocks for KIVI): with few
-sequences, ``B * Hkv`` programs alone leave most of the device idle.
+same split choice and merge; a split is whole tiles): with few sequences, ``B * Hkv`` programs
+alone leave most of the device idle.
 
 * fp8 (:class:`~kvscope.kv.quant_cache.FP8Cache`): codes ``[num_slots, Hkv, D]`` uint8 holding
   float8_e4m3fn bits, scales ``[Hkv]`` float32. The kernel follows
@@ -21,10 +21,13 @@ sequences, ``B * Hkv`` programs alone leave most of the device idle.
   quantized (codes ``[num_blocks, G, Hkv, D * bits / 8]``, int4 two a byte, low nibble first; key
   scale/zero per channel ``[num_blocks, Hkv, D]``, value scale/zero per token and channel group
   ``[num_blocks, G, Hkv, D / Gv]``, float16); its last ``len % G`` tokens are read from its
-  residual slot ``[R, G, Hkv, D]`` in the model's dtype, by the split that holds them (the last
-  non-empty one: a split's range is whole blocks but for the sequence's end). The kernel walks one
-  block per iteration, dequantizing into float32, with broadcast multiply-and-sums on the CUDA
-  cores for scores and weighted sum.
+  residual slot ``[R, G, Hkv, D]`` in the model's dtype. Tiles as fp8's: ``block_n`` tokens,
+  ``block_n / G`` whole blocks (or part of one when ``block_n < G``), each token looking up its
+  block, each block its key scale/zero row. Codes are dequantized in float32 and rounded to the
+  query's dtype (what :meth:`KiviCache.gather` gives in the model's dtype), then ``tl.dot``. The
+  residual is one more ``G``-token tile, masked to the split's range, in the split(s) holding it.
+  Unmeasured on a GPU (benchmarks/results/kv_formats_decode.md measured the previous
+  one-block-per-iteration broadcast kernel).
 
 The torch reference is :meth:`FP8Cache.gather` / :meth:`KiviCache.gather` followed by
 :func:`kvscope.attention.torch_ref.attend_decode`.
@@ -41,6 +44,10 @@ from kvscope.attention.triton_kv_write import write_kv
 from kvscope.kv.quant_cache import FP8Cache, KiviCache, QuantPlan
 
 _LOG2E = 1.4426950408889634
+# The KIVI kernel's launch: at 4 warps ptxas (sm_90) spills registers of the int8 kernel at
+# head_dim 128 in bfloat16 (its float32 dequantized tiles); at 8 neither int8 nor int4 spills
+# (tests/test_triton_kivi.py). Not timed.
+KIVI_LAUNCH = {"num_warps": 8, "num_stages": 2}
 
 
 @triton.jit
@@ -51,37 +58,6 @@ def _fp8_to_f16(code):
     operations than building float32 bits, and no branch for subnormals."""
     bits = ((code & 0x80) << 8) | ((code & 0x7F) << 7)
     return bits.to(tl.int16).to(tl.float16, bitcast=True) * 256.0
-
-
-@triton.jit
-def _online_step(q, k, v, valid, m_i, l_i, acc, qk_scale):
-    """One tile of the online softmax: ``q`` ``[GQ, D]``, ``k``/``v`` ``[BS, D]`` float32."""
-    s = tl.sum(q[:, None, :] * k[None, :, :], axis=2) * qk_scale  # [GQ, BS], base 2
-    s = tl.where(valid[None, :], s, float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(s, axis=1))
-    alpha = tl.exp2(m_i - m_new)
-    p = tl.exp2(s - m_new[:, None])
-    l_i = l_i * alpha + tl.sum(p, axis=1)
-    acc = acc * alpha[:, None] + tl.sum(p[:, :, None] * v[None, :, :], axis=1)
-    return m_new, l_i, acc
-
-
-@triton.jit
-def _load_codes(ptr, base, d, mask, BITS: tl.constexpr):
-    """Codes ``[BS, D]`` (int32) at ``ptr + base`` (``[BS, 1]`` row offsets) for channels ``d``."""
-    if BITS == 4:
-        byte = tl.load(ptr + base + d[None, :] // 2, mask=mask, other=0).to(tl.int32)
-        return (byte >> ((d[None, :] % 2) * 4)) & 15
-    return tl.load(ptr + base + d[None, :], mask=mask, other=0).to(tl.int32)
-
-
-@triton.jit
-def _group_query(q_ptr, b, h, stride_qb, stride_qh, GROUP: tl.constexpr, GQ: tl.constexpr, D: tl.constexpr):
-    """The ``GROUP`` query heads of KV head ``h`` of sequence ``b``: ``[GQ, D]`` float32, padding rows 0."""
-    rows = tl.arange(0, GQ)
-    d = tl.arange(0, D)
-    return tl.load(q_ptr + b * stride_qb + (h * GROUP + rows)[:, None] * stride_qh + d[None, :],
-                   mask=(rows < GROUP)[:, None], other=0.0).to(tl.float32)
 
 
 @triton.jit
@@ -143,46 +119,88 @@ def _fp8_kernel(q_ptr, k_ptr, v_ptr, ks_ptr, vs_ptr, tables_ptr, lens_ptr, o_ptr
 
 
 @triton.jit
+def _codes(ptr, rows, mask, D: tl.constexpr, BITS: tl.constexpr):
+    """Codes ``[N, D]`` (int32) of the rows starting at ``ptr + rows`` (``[N]`` element offsets);
+    int4 bytes are loaded once each, contiguous (vector loads), and split into their two nibbles."""
+    if BITS == 4:
+        byte = tl.load(ptr + rows[:, None] + tl.arange(0, D // 2)[None, :], mask=mask[:, None], other=0).to(tl.int32)
+        return tl.interleave(byte & 15, byte >> 4)  # the even channel is the low nibble
+    return tl.load(ptr + rows[:, None] + tl.arange(0, D)[None, :], mask=mask[:, None], other=0).to(tl.int32)
+
+
+@triton.jit
+def _dot_step(q, k, v, valid, m_i, l_i, acc, qk_scale, DOT_PRECISION: tl.constexpr):
+    """One tile of the online softmax: ``q`` ``[G_PAD, D]``, ``k``/``v`` ``[BLOCK_N, D]`` in q's
+    dtype, ``valid`` ``[BLOCK_N]`` (at least one true: m_new is finite from the first tile on)."""
+    s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
+    s = tl.where(valid[None, :], s * qk_scale, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, axis=1))
+    alpha = tl.exp2(m_i - m_new)
+    p = tl.exp2(s - m_new[:, None])
+    l_i = l_i * alpha + tl.sum(p, axis=1)
+    acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v, input_precision=DOT_PRECISION)
+    return m_new, l_i, acc
+
+
+@triton.jit
 def _kivi_kernel(q_ptr, kq_ptr, vq_ptr, kscale_ptr, kzero_ptr, vscale_ptr, vzero_ptr, res_ptr,
                  tables_ptr, lens_ptr, slots_ptr, o_ptr, lse_ptr, qk_scale, num_splits,
                  stride_qb, stride_qh, stride_cb, stride_ct, stride_ch, stride_kb, stride_kh,
                  stride_vb, stride_vt, stride_vh, stride_r2, stride_rs, stride_rt, stride_rh,
                  stride_tb, stride_ob, stride_oh, stride_os, stride_lb, stride_lh,
                  GROUP: tl.constexpr, GQ: tl.constexpr, D: tl.constexpr, BS: tl.constexpr,
-                 BITS: tl.constexpr, VGROUP: tl.constexpr):
+                 BITS: tl.constexpr, VGROUP: tl.constexpr, BLOCK_N: tl.constexpr, NB: tl.constexpr,
+                 DOT_PRECISION: tl.constexpr):
     b = tl.program_id(0)
     h = tl.program_id(1)
     split = tl.program_id(2)
+    g = tl.arange(0, GQ)
     d = tl.arange(0, D)
-    t = tl.arange(0, BS)
-    q = _group_query(q_ptr, b, h, stride_qb, stride_qh, GROUP, GQ, D)
-    lo, hi = split_bounds(tl.load(lens_ptr + b), num_splits, split, BS)
+    n = tl.arange(0, BLOCK_N)
+    # In q's own dtype: keys and values are dequantized to it (as the cache's gather rounds them to
+    # the model's dtype), so both products go through tl.dot.
+    q = tl.load(q_ptr + b * stride_qb + (h * GROUP + g)[:, None] * stride_qh + d[None, :],
+                mask=(g < GROUP)[:, None], other=0.0)
+    ctx = tl.load(lens_ptr + b)
+    lo, hi = split_bounds(ctx, num_splits, split, BLOCK_N)
+    qend = ctx // BS * BS  # tokens below are in quantized blocks, the rest in the residual
+    q_hi = tl.minimum(hi, qend)
     m_i = tl.full([GQ], float("-inf"), tl.float32)
     l_i = tl.zeros([GQ], tl.float32)
     acc = tl.zeros([GQ, D], tl.float32)
-    all_rows = t < BS
-    # hi <= len, so the blocks wholly below hi are full, i.e. quantized; empty when lo >= hi.
-    for j in range(lo // BS, hi // BS):
-        block = tl.load(tables_ptr + b * stride_tb + j).to(tl.int64)
-        base = block * stride_cb + t[:, None] * stride_ct + h * stride_ch
-        ks = tl.load(kscale_ptr + block * stride_kb + h * stride_kh + d).to(tl.float32)
-        kz = tl.load(kzero_ptr + block * stride_kb + h * stride_kh + d).to(tl.float32)
-        k = _load_codes(kq_ptr, base, d, all_rows[:, None], BITS).to(tl.float32) * ks[None, :] + kz[None, :]
-        voff = block * stride_vb + t[:, None] * stride_vt + h * stride_vh + d[None, :] // VGROUP
-        vs = tl.load(vscale_ptr + voff).to(tl.float32)
-        vz = tl.load(vzero_ptr + voff).to(tl.float32)
-        v = _load_codes(vq_ptr, base, d, all_rows[:, None], BITS).to(tl.float32) * vs + vz
-        m_i, l_i, acc = _online_step(q, k, v, all_rows, m_i, l_i, acc, qk_scale)
-    # Splits are block-aligned, so only the split ending at the sequence's end has hi % BS > 0, and
-    # then its last hi % BS tokens are the residual (full precision). lo < hi excludes empty splits.
-    tail = hi % BS
-    if (tail > 0) & (lo < hi):
+    for start in range(lo, q_hi, BLOCK_N):  # empty when lo >= q_hi
+        t = start + n
+        valid = t < q_hi
+        # Each token looks up its own block (a tile spans NB of them); int64: offsets pass 2^31.
+        block = tl.load(tables_ptr + b * stride_tb + t // BS, mask=valid, other=0).to(tl.int64)
+        rows = block * stride_cb + (t % BS) * stride_ct + h * stride_ch
+        # Keys: one scale/zero row per block. start is a multiple of BLOCK_N (splits are whole
+        # tiles), so the tile is NB whole blocks, or (NB == 1) lies inside one block.
+        j = start // BS + tl.arange(0, NB)
+        j_valid = j * BS < q_hi
+        kblock = tl.load(tables_ptr + b * stride_tb + j, mask=j_valid, other=0).to(tl.int64)
+        koff = kblock[:, None] * stride_kb + h * stride_kh + d[None, :]
+        ks = tl.load(kscale_ptr + koff, mask=j_valid[:, None], other=0.0).to(tl.float32)
+        kz = tl.load(kzero_ptr + koff, mask=j_valid[:, None], other=0.0).to(tl.float32)
+        kc = tl.reshape(_codes(kq_ptr, rows, valid, D, BITS).to(tl.float32), [NB, BLOCK_N // NB, D])
+        k = tl.reshape(kc * ks[:, None, :] + kz[:, None, :], [BLOCK_N, D]).to(q.dtype)
+        # Values: a scale/zero per token and group of VGROUP channels.
+        voff = (block * stride_vb + (t % BS) * stride_vt + h * stride_vh)[:, None] + tl.arange(0, D // VGROUP)[None, :]
+        vs = tl.load(vscale_ptr + voff, mask=valid[:, None], other=0.0).to(tl.float32)
+        vz = tl.load(vzero_ptr + voff, mask=valid[:, None], other=0.0).to(tl.float32)
+        vc = tl.reshape(_codes(vq_ptr, rows, valid, D, BITS).to(tl.float32), [BLOCK_N, D // VGROUP, VGROUP])
+        v = tl.reshape(vc * vs[:, :, None] + vz[:, :, None], [BLOCK_N, D]).to(q.dtype)
+        m_i, l_i, acc = _dot_step(q, k, v, valid, m_i, l_i, acc, qk_scale, DOT_PRECISION)
+    # The residual (tokens qend .. ctx - 1, fewer than BS) in full precision, by whichever split
+    # holds them: one BS-token tile, masked to the split's range.
+    if tl.maximum(lo, qend) < hi:
         slot = tl.load(slots_ptr + b).to(tl.int64)
-        valid = t < tail
-        off = slot * stride_rs + t[:, None] * stride_rt + h * stride_rh + d[None, :]
-        k = tl.load(res_ptr + off, mask=valid[:, None], other=0.0).to(tl.float32)
-        v = tl.load(res_ptr + stride_r2 + off, mask=valid[:, None], other=0.0).to(tl.float32)
-        m_i, l_i, acc = _online_step(q, k, v, valid, m_i, l_i, acc, qk_scale)
+        r = tl.arange(0, BS)
+        r_valid = (qend + r >= lo) & (qend + r < hi)
+        off = slot * stride_rs + r[:, None] * stride_rt + h * stride_rh + d[None, :]
+        k = tl.load(res_ptr + off, mask=r_valid[:, None], other=0.0).to(q.dtype)
+        v = tl.load(res_ptr + stride_r2 + off, mask=r_valid[:, None], other=0.0).to(q.dtype)
+        m_i, l_i, acc = _dot_step(q, k, v, r_valid, m_i, l_i, acc, qk_scale, DOT_PRECISION)
     _store_split(o_ptr, lse_ptr, b, h, split, m_i, l_i, acc, stride_ob, stride_oh, stride_os, stride_lb, stride_lh,
                  GROUP, GQ, D)
 
@@ -199,8 +217,8 @@ def quant_decode_attention(q: torch.Tensor, cache: FP8Cache | KiviCache, layer: 
         num_splits: context splits per (sequence, KV head); None picks
             :func:`~kvscope.attention.decode_splits.default_num_splits` for a ``W``-block table.
             Any value is correct, including more splits than blocks.
-        block_n: (fp8) tokens per tile, a power of two >= 16; None picks 128 for 16-bit ``q``, 64
-            for float32. A tile may span several blocks: splits are whole tiles.
+        block_n: tokens per tile, a power of two >= 16; None picks 128 for 16-bit ``q``, 64 for
+            float32. A tile may span several blocks (or, for KIVI, part of one): splits are whole tiles.
     Returns:
         ``[B, Hq, D]`` in ``q``'s dtype.
     """
@@ -218,17 +236,19 @@ def quant_decode_attention(q: torch.Tensor, cache: FP8Cache | KiviCache, layer: 
     out_strides = (part.stride(0), part.stride(1), 0 if num_splits == 1 else part.stride(2),
                    part_lse.stride(0), part_lse.stride(1))
     grid = (B, H, num_splits)
+    # The paged kernel's H100-tuned shape (benchmarks/gpu/NOTES.md): 128-token tiles in 16-bit, 64
+    # in float32, 4 warps, 2 stages; the group padded to 16 rows, tl.dot's minimum.
+    if block_n is None:
+        block_n = 128 if q.element_size() == 2 else 64
+    g_pad = max(triton.next_power_of_2(group), 16)
+    # Triton's float32 dot defaults to tf32 (~3e-4 relative error); float32 callers want float32.
+    precision = "ieee" if q.dtype == torch.float32 else "tf32"
     if isinstance(cache, FP8Cache):
-        # The paged kernel's H100-tuned shape (benchmarks/gpu/NOTES.md): 128-token tiles in 16-bit,
-        # 64 in float32, 4 warps, 2 stages; the group padded to 16 rows, tl.dot's minimum.
-        if block_n is None:
-            block_n = 128 if q.element_size() == 2 else 64
         k, v = cache.data[layer, 0], cache.data[layer, 1]
-        # Triton's float32 dot defaults to tf32 (~3e-4 relative error); float32 callers want float32.
         _fp8_kernel[grid](q, k, v, cache.scale[layer, 0], cache.scale[layer, 1], tables, lens, *outs,
                           q.stride(0), q.stride(1), k.stride(0), k.stride(1), tables.stride(0), *out_strides,
-                          GROUP=group, G_PAD=max(triton.next_power_of_2(group), 16), D=D, PAGE=bs, BLOCK_N=block_n,
-                          DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32", num_warps=4, num_stages=2)
+                          GROUP=group, G_PAD=g_pad, D=D, PAGE=bs, BLOCK_N=block_n, DOT_PRECISION=precision,
+                          num_warps=4, num_stages=2)
     else:
         kq, vq, ks, kz = cache.kq[layer], cache.vq[layer], cache.k_scale[layer], cache.k_zero[layer]
         vs, vz, res = cache.v_scale[layer], cache.v_zero[layer], cache.residual[layer]
@@ -236,8 +256,8 @@ def quant_decode_attention(q: torch.Tensor, cache: FP8Cache | KiviCache, layer: 
                            q.stride(0), q.stride(1), kq.stride(0), kq.stride(1), kq.stride(2), ks.stride(0),
                            ks.stride(1), vs.stride(0), vs.stride(1), vs.stride(2), res.stride(0), res.stride(1),
                            res.stride(2), res.stride(3), tables.stride(0), *out_strides,
-                           GROUP=group, GQ=max(triton.next_power_of_2(group), 2), D=D, BS=bs, BITS=cache.bits,
-                           VGROUP=cache.value_group)
+                           GROUP=group, GQ=g_pad, D=D, BS=bs, BITS=cache.bits, VGROUP=cache.value_group,
+                           BLOCK_N=block_n, NB=max(block_n // bs, 1), DOT_PRECISION=precision, **KIVI_LAUNCH)
     if num_splits > 1:
         merge_splits(part, part_lse, out, torch.empty(B, Hq, dtype=torch.float32, device=q.device))
     return out
