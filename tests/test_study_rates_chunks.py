@@ -276,3 +276,34 @@ def test_h200_quality_preset_covers_the_issues_quality_runs():
         assert tasks == {"niah_single_1", "niah_single_2", "niah_single_3", "niah_multikey_1"}
         assert len({p.config["strategy"] for p in real if p.config["model"] == model
                     and p.config["strategy"].startswith("h2o")}) == 5
+
+
+# ---- warm-up once per measurement group -------------------------------------------------------------
+def test_a_group_is_first_once_whatever_its_rates():
+    from kvscope.study.point_quality import PointCache
+
+    points = expand(parse_spec(_spec(rates=["0.5x", "2x", 64]), check_packages=False))
+    cache = PointCache()
+    firsts = [cache.first_in_group(p.config) for p in points]
+    # paged at 0.5x, 2x, 64 req/s, then h2o at the same: the first of each strategy only.
+    assert [p.config["strategy"].split(":")[0] for p in points] == ["paged"] * 3 + ["h2o"] * 3
+    assert firsts == [True, False, False, True, False, False]
+    assert PointCache().first_in_group(points[1].config)  # another run (process) warms up again
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="needs a CUDA device")
+def test_gpu_study_warms_each_group_up_once(tiny_model, tmp_path, monkeypatch):
+    """On a GPU, the offline measurement of a group's relative rates warms it up, and none of its
+    timed points warms up again."""
+    warmed = []
+    real = runner_mod._warm_up
+
+    def counting(llm, requests, max_model_len, count=4):
+        warmed.append(llm.engine.kv.name)
+        return real(llm, requests, max_model_len, count)
+
+    monkeypatch.setattr(runner_mod, "_warm_up", counting)
+    spec = parse_spec(_spec(tiny_model, rates=["0.5x", "2x", 64], device="cuda"), check_packages=False)
+    rows = run_study(spec, tmp_path / "res", progress=False)
+    assert [r["status"] for r in rows] == ["ok"] * 6 and warmed == ["paged", "h2o"]

@@ -24,6 +24,7 @@ from kvscope.llm import LLM
 from kvscope.models.loader import DUMMY_PREFIX, LoadedModel, load_model
 from kvscope.sampling_params import SamplingParams
 from kvscope.study.point_workload import workload_ruler_samples
+from kvscope.study.relative_rates import group_key
 from kvscope.study.spec import Point
 from kvscope.workload.mixed import MixedWorkload
 from kvscope.workload.ruler_scoring import score_prediction
@@ -112,12 +113,27 @@ class PointCache:
     device and dtype (and seed, for dummy models, whose random weights depend on it). The grid
     varies the model slowest, so one slot serves every point of a model, and a study of large
     models never holds two of them at once. ``quality``: metrics by what they depend on, each with
-    the id of the point that computed it (see :func:`point_quality`).
+    the id of the point that computed it (see :func:`point_quality`). ``warmed``: the measurement
+    groups (:func:`~kvscope.study.relative_rates.group_key`) this process has warmed up (see
+    :func:`first_in_group`).
     """
 
     quality: dict[str, dict[str, Any]] = field(default_factory=dict)
     # Offline throughput per configuration group, the basis of relative rates (study.relative_rates).
     offline: dict[str, dict[str, Any]] = field(default_factory=dict)
+    warmed: set[str] = field(default_factory=set)
+
+    def first_in_group(self, cfg: dict[str, Any]) -> bool:
+        """Whether ``cfg`` is the first point of its measurement group (everything but the arrival
+        process) this process runs; it is recorded as warmed. What a warm-up leaves behind is
+        process-wide (compiled and autotuned kernels, cuBLAS state: the engine and its allocator
+        cache are rebuilt for the timed run anyway), and a group's points run the same requests,
+        so only its first needs one."""
+        key = group_key(cfg)
+        if key in self.warmed:
+            return False
+        self.warmed.add(key)
+        return True
     _model_key: tuple[Any, ...] | None = field(default=None, init=False, repr=False)
     _model: LoadedModel | None = field(default=None, init=False, repr=False)
 

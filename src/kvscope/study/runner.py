@@ -8,8 +8,9 @@ is recorded with ``status: "error"`` and the study goes on. The run holds a lock
 folder, and checks its models and the folder's spec before the first point.
 
 Points share what does not depend on them (:class:`~kvscope.study.point_quality.PointCache`): the loaded weights of their
-model, and quality metrics, which do not depend on the arrival process (nor, for most strategies,
-on the KV pool). Every point still builds a fresh engine and KV strategy.
+model, quality metrics, which do not depend on the arrival process (nor, for most strategies,
+on the KV pool), and on a GPU the warm-up of their measurement group. Every point still builds a
+fresh engine and KV strategy for its timed run.
 
 A ``mixed`` workload's quality is the exception: it is scored on the serving run's own outputs
 (:func:`_mixed_quality`), since what a strategy keeps there depends on the run's memory pressure.
@@ -115,7 +116,7 @@ def run_point(point: Point, cache: PointCache | None = None) -> dict[str, Any]:
     mixed = mixed_workload(llm, w, cfg["seed"]) if w.kind == "mixed" else None
     requests = mixed[0].requests if mixed else workload_requests(llm, w, cfg["seed"])
     offsets = gamma_arrivals(len(requests), rate, cfg["burstiness"], seed=cfg["seed"])
-    if llm.engine.config.torch_device.type == "cuda":
+    if llm.engine.config.torch_device.type == "cuda" and cache.first_in_group(cfg):
         _warm_up(llm, requests, cfg["max_model_len"])
         del llm  # a fresh engine for the timed run: its counters start at zero
         llm = cache.llm(cfg)
@@ -161,7 +162,7 @@ def _offline_throughput(point: Point, cache: PointCache) -> dict[str, Any]:
     cfg = point.config
     llm = cache.llm(cfg)
     requests = workload_requests(llm, point.workload, cfg["seed"])
-    if llm.engine.config.torch_device.type == "cuda":
+    if llm.engine.config.torch_device.type == "cuda" and cache.first_in_group(cfg):
         _warm_up(llm, requests, cfg["max_model_len"])
         del llm
         llm = cache.llm(cfg)
@@ -176,7 +177,9 @@ def _warm_up(llm: LLM, requests: list, max_model_len: int, count: int = 4) -> No
 
     On a GPU a strategy's first steps at new shapes compile Triton kernels and grow the allocator,
     seconds that would otherwise land in the first timed requests' latencies (a `paged` point that
-    ran first once showed a 2.2 s median TTFT at 8 req/s). The caller then times a fresh engine."""
+    ran first once showed a 2.2 s median TTFT at 8 req/s). The caller then times a fresh engine.
+    Once per measurement group and process (:meth:`PointCache.first_in_group`): the later points
+    of a group (its other rates) run the same requests on kernels already compiled."""
     def ids(r) -> list[int]:
         tokens = llm.tokenizer.encode(r.prompt) if isinstance(r.prompt, str) else list(r.prompt)
         return tokens[: max(1, max_model_len - 8)]
