@@ -332,3 +332,20 @@ def test_adaptive_under_pressure_serves_every_request_and_frees_its_kv(loaded):
     s = llm.engine.stats()
     assert s["adaptive_admitted_long_pressure"] + s["adaptive_compressed_under_pressure"] > 0
     assert s["kv_bytes_used"] == 0 and s["adaptive_requests_full"] == s["adaptive_requests_long"] == 0
+
+
+def test_resolution_and_the_cli_flag():
+    from kvscope.cli import build_parser
+    from kvscope.cli_args import _llm_args
+    from kvscope.engine.inflight import resolve_async_scheduling
+
+    paged, cuda, cpu = registry.create("paged"), torch.device("cuda"), torch.device("cpu")
+    assert resolve_async_scheduling(None, paged, False, cuda) and not resolve_async_scheduling(None, paged, False, cpu)
+    assert not resolve_async_scheduling(None, paged, True, cuda)  # tensor parallel: synchronous
+    with pytest.raises(ConfigError, match="tensor parallelism"):
+        resolve_async_scheduling(True, paged, True, cpu)
+    assert resolve_async_scheduling(True, paged, False, cpu) and not resolve_async_scheduling(False, paged, False, cuda)
+    parse = build_parser().parse_args
+    assert _llm_args(parse(["generate", "hi", "--no-async-scheduling"]))["async_scheduling"] is False
+    assert _llm_args(parse(["generate", "hi", "--async-scheduling"]))["async_scheduling"] is True
+    assert _llm_args(parse(["generate", "hi"]))["async_scheduling"] is None
