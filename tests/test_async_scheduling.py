@@ -76,7 +76,9 @@ def test_async_equals_sync_for_every_strategy_that_allows_it(loaded, strategy):
     # A stop token the greedy request meets mid-way in the synchronous run. Not for `random`: its
     # one generator serves every request, and the step computed after a stop token (discarded)
     # draws from it too, changing what the others evict.
-    stop = None if strategy == "random" else ref[2][0][0][6]
+    # Nor on a GPU: the discarded step changes that step's batch, hence its split counts and float
+    # sums; every other request's batches are the synchronous engine's when stops are by length.
+    stop = None if strategy == "random" or DEVICE == "cuda" else ref[2][0][0][6]
     ref = results(make(loaded, spec, async_scheduling=False), mixed_params(stop, n))  # fresh: `random`'s generator
     assert_same(results(make(loaded, spec), mixed_params(stop, n)), ref)
     assert stop is None or ref[2][0][1] == "stop"
@@ -121,25 +123,33 @@ def test_stop_token_costs_one_discarded_step_and_frees_the_kv(loaded):
 
 
 def test_abort_while_a_step_is_in_flight(loaded):
-    llm = make(loaded, "paged")
-    e = llm.engine
-    keep = e.add_request(PROMPTS[0], SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True))
-    gone = e.add_request(PROMPTS[2], SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True))
-    e.step()
-    e.step()
-    assert e._inflight is not None and all(r.num_pending_tokens for r in e.requests.values())
-    e.abort(gone)
-    finals, rest = {}, []
-    while e.has_unfinished_requests():
-        for o in e.step():
-            (finals if o.finished else {}).update({o.request_id: o})
-    assert finals[gone].finish_reason == "abort" and finals[keep].finish_reason == "length"
-    ref = make(loaded, "paged", async_scheduling=False).generate(
-        [PROMPTS[0]], SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True), use_tqdm=False)
-    assert finals[keep].outputs[0].token_ids == ref[0].outputs[0].token_ids
-    assert e.stats()["blocks_used"] == 0 and not e.requests and not rest
+    """Aborted after two step calls: with async scheduling its second token is still in flight (its
+    output has one), and the request left gets the synchronous engine's tokens."""
+    finals = {}
+    for overlap in (False, True):
+        e = make(loaded, "paged", async_scheduling=overlap).engine
+        keep = e.add_request(PROMPTS[0], SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True))
+        gone = e.add_request(PROMPTS[2], SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True))
+        e.step()
+        e.step()
+        assert (e._inflight is not None and all(r.num_pending_tokens for r in e.requests.values())) == overlap
+        e.abort(gone)
+        done = {}
+        while e.has_unfinished_requests():
+            done.update({o.request_id: o for o in e.step() if o.finished})
+        assert done[gone].finish_reason == "abort" and done[keep].finish_reason == "length"
+        assert e.stats()["blocks_used"] == 0 and not e.requests
+        finals[overlap] = done
+    assert finals[True][keep].outputs[0].token_ids == finals[False][keep].outputs[0].token_ids
+    assert len(finals[True][gone].outputs[0].token_ids) == 1 and len(finals[False][gone].outputs[0].token_ids) == 2
 
 
+# Bookkeeping, not numerics: under pressure the two engines batch differently for a step (a finished
+# request's KV is seen free a step later), which moves float sums on a GPU and can flip near-ties.
+CPU_ONLY = pytest.mark.skipif(DEVICE != "cpu", reason="batches differ by a step between the engines here")
+
+
+@CPU_ONLY
 @pytest.mark.parametrize("mode", ["recompute", "swap"])
 def test_preemption_under_a_small_pool(loaded, mode):
     """A pool of 12 blocks for 6 requests forces preemption; tokens equal the synchronous run's."""
@@ -257,35 +267,38 @@ def test_launching_a_step_never_waits_for_the_device(spec):
     """With async scheduling, launching a step (batch building, the forward, sampling, the copies
     back) must not synchronize with the GPU, or the host waits for the step still running: pure
     decode steps from graphs and a mixed step (a prompt joining) under PyTorch's sync debug mode."""
-    kw = dict(strategy=spec, device="cuda", kv_memory_bytes=8 << 20, async_scheduling=True)
     params = SamplingParams(max_tokens=24, temperature=0.8, top_p=0.9, seed=1, ignore_eos=True, logprobs=True)
-    ref = LLM(MODEL, **{**kw, "async_scheduling": False}).generate(PROMPTS[:4], params, use_tqdm=False)
-    e = LLM(MODEL, **kw).engine
-    for p in PROMPTS[:3]:
-        e.add_request(p, params)
-    e.step()
-    e.step()
-    launch = e._launch
+    tokens = {}
+    for overlap in (False, True):
+        e = LLM(MODEL, strategy=spec, device="cuda", kv_memory_bytes=8 << 20, async_scheduling=overlap).engine
+        for p in PROMPTS[:3]:
+            e.add_request(p, params)
+        e.step()
+        e.step()
+        launch = e._launch
 
-    def strict(*args):
-        torch.cuda.set_sync_debug_mode("error")
-        try:
-            return launch(*args)
-        finally:
-            torch.cuda.set_sync_debug_mode("default")
+        def strict(*args, launch=launch):
+            torch.cuda.set_sync_debug_mode("error")
+            try:
+                return launch(*args)
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
 
-    e._launch = strict
-    e.add_request(PROMPTS[3], params)
-    done = {}
-    while e.has_unfinished_requests():
-        done.update({o.request_id: o for o in e.step() if o.finished})
-    assert [done[str(i)].outputs[0].token_ids for i in range(4)] == [o.outputs[0].token_ids for o in ref]
-    assert e.runner.graph_replays > 0
+        if overlap:
+            e._launch = strict
+        e.add_request(PROMPTS[3], params)  # joins at the third step in both engines: a mixed step
+        done = {}
+        while e.has_unfinished_requests():
+            done.update({o.request_id: o for o in e.step() if o.finished})
+        tokens[overlap] = [done[str(i)].outputs[0].token_ids for i in range(4)]
+        assert e.runner.graph_replays > 0
+    assert tokens[True] == tokens[False]
 
 
 _request = st.tuples(st.integers(1, 60), st.integers(1, 12), st.booleans(), st.integers(0, 3))  # len, max, greedy, stop
 
 
+@CPU_ONLY
 @settings(max_examples=15, deadline=None)
 @given(waves=st.lists(st.lists(_request, max_size=3), min_size=1, max_size=5), abort_at=st.integers(0, 8),
        mode=st.sampled_from(["recompute", "swap"]))
