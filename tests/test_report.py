@@ -231,3 +231,17 @@ def test_relative_rate_points_are_compared_at_the_same_factor(tmp_path):
     (tmp_path / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     md = write_report(tmp_path)[1].read_text()
     assert "| 24MiB | 0.5x of its offline throughput | h2o 20% | 2.4 (1.94-2.4) | 2.40x paged |" in md
+
+
+def test_about_this_run_names_mixed_commits_and_scheduling():
+    from kvscope.report.render import _engines
+
+    def row(commit, stats):
+        return {"environment": {"commit": commit}, "engine_stats": stats}
+
+    one = [row("abc", {"async_scheduling": True})] * 2
+    assert _engines(one) == ""  # one commit, one engine: nothing to say
+    mixed = [row("abc", {"peak_kv_bytes_used": 1}), row("abc", {"async_scheduling": False}),
+             row("def", {"async_scheduling": True}), {"environment": {"commit": "def"}}]  # the last: a server's row
+    assert _engines(mixed) == (" Rows by commit: abc (2), def (2). kvscope rows by scheduling: async (1), "
+                               "synchronous (2); compare strategies within one.")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import html
 import re
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -133,6 +134,21 @@ def _quality_reuse(rows: list[Row]) -> str:
             f"lossless and budget-driven strategies; see each row's `reused_from`).")
 
 
+def _engines(rows: list[Row]) -> str:
+    """Which commits and which kvscope scheduling measured ``rows``, when they differ (a study run in
+    chunks): a row without ``engine_stats.async_scheduling`` predates async scheduling."""
+    commits = Counter(str(r.get("environment", {}).get("commit")) for r in rows)
+    modes = Counter("async" if r["engine_stats"].get("async_scheduling") else "synchronous"
+                    for r in rows if isinstance(r.get("engine_stats"), dict))
+    out = ""
+    if len(commits) > 1:
+        out += " Rows by commit: " + ", ".join(f"{c} ({n})" for c, n in commits.items()) + "."
+    if len(modes) > 1:
+        out += (" kvscope rows by scheduling: " + ", ".join(f"{m} ({n})" for m, n in sorted(modes.items()))
+                + "; compare strategies within one.")
+    return out
+
+
 def _context(all_rows: list[Row], rows: list[Row], errors: int) -> tuple[str, str]:
     """(one line under the title, the run's details for "About this run")."""
     env: dict[str, Any] = rows[0].get("environment", {}) if rows else {}
@@ -140,8 +156,8 @@ def _context(all_rows: list[Row], rows: list[Row], errors: int) -> tuple[str, st
     line = (f"{models} on {env.get('device')} ({env.get('device_name')}, {env.get('torch_threads')} threads). "
             f"{len(all_rows)} points: {len(rows)} ok, {errors} errors.")
     details = (f"Commit {env.get('commit')}, versions {env.get('versions')}, Python {env.get('python')}, "
-               f"{env.get('platform')}. Guidance ties: within {NOISE:.0%} of the winner (or twice its relative std "
-               f"over seeds, when larger).{_quality_reuse(rows)}")
+               f"{env.get('platform')}.{_engines(rows)} Guidance ties: within {NOISE:.0%} of the winner (or twice "
+               f"its relative std over seeds, when larger).{_quality_reuse(rows)}")
     return line, details
 
 
