@@ -75,6 +75,20 @@ def _store_split(o_ptr, lse_ptr, b, h, split, m_i, l_i, acc, stride_ob, stride_o
 
 
 @triton.jit
+def _dot_step(q, k, v, valid, m_i, l_i, acc, qk_scale, DOT_PRECISION: tl.constexpr):
+    """One tile of the online softmax: ``q`` ``[G_PAD, D]``, ``k``/``v`` ``[BLOCK_N, D]`` in q's
+    dtype, ``valid`` ``[BLOCK_N]`` (at least one true: m_new is finite from the first tile on)."""
+    s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
+    s = tl.where(valid[None, :], s * qk_scale, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, axis=1))
+    alpha = tl.exp2(m_i - m_new)
+    p = tl.exp2(s - m_new[:, None])
+    l_i = l_i * alpha + tl.sum(p, axis=1)
+    acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v, input_precision=DOT_PRECISION)
+    return m_new, l_i, acc
+
+
+@triton.jit
 def _fp8_kernel(q_ptr, k_ptr, v_ptr, ks_ptr, vs_ptr, tables_ptr, lens_ptr, o_ptr, lse_ptr, qk_scale, num_splits,
                 stride_qb, stride_qh, stride_cs, stride_ch, stride_tb, stride_ob, stride_oh, stride_os,
                 stride_lb, stride_lh,
@@ -105,15 +119,8 @@ def _fp8_kernel(q_ptr, k_ptr, v_ptr, ks_ptr, vs_ptr, tables_ptr, lens_ptr, o_ptr
         off = (block * PAGE + t % PAGE)[:, None] * stride_cs + h * stride_ch + d[None, :]
         k = _fp8_to_f16(tl.load(k_ptr + off, mask=valid[:, None], other=0).to(tl.int32)).to(q.dtype)
         v = _fp8_to_f16(tl.load(v_ptr + off, mask=valid[:, None], other=0).to(tl.int32)).to(q.dtype)
-        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)  # [G_PAD, BLOCK_N]
-        s = tl.where(valid[None, :], s * s_scale, float("-inf"))
-        # The first tile holds a valid token (lo < hi), so m_new is finite from then on.
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(s - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, axis=1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v, input_precision=DOT_PRECISION)
-        m_i = m_new
+        # The first tile holds a valid token (lo < hi), as _dot_step needs.
+        m_i, l_i, acc = _dot_step(q, k, v, valid, m_i, l_i, acc, s_scale, DOT_PRECISION)
     _store_split(o_ptr, lse_ptr, b, h, split, m_i, l_i, acc * v_scale, stride_ob, stride_oh, stride_os, stride_lb,
                  stride_lh, GROUP, G_PAD, D)
 
@@ -126,20 +133,6 @@ def _codes(ptr, rows, mask, D: tl.constexpr, BITS: tl.constexpr):
         byte = tl.load(ptr + rows[:, None] + tl.arange(0, D // 2)[None, :], mask=mask[:, None], other=0).to(tl.int32)
         return tl.interleave(byte & 15, byte >> 4)  # the even channel is the low nibble
     return tl.load(ptr + rows[:, None] + tl.arange(0, D)[None, :], mask=mask[:, None], other=0).to(tl.int32)
-
-
-@triton.jit
-def _dot_step(q, k, v, valid, m_i, l_i, acc, qk_scale, DOT_PRECISION: tl.constexpr):
-    """One tile of the online softmax: ``q`` ``[G_PAD, D]``, ``k``/``v`` ``[BLOCK_N, D]`` in q's
-    dtype, ``valid`` ``[BLOCK_N]`` (at least one true: m_new is finite from the first tile on)."""
-    s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
-    s = tl.where(valid[None, :], s * qk_scale, float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(s, axis=1))
-    alpha = tl.exp2(m_i - m_new)
-    p = tl.exp2(s - m_new[:, None])
-    l_i = l_i * alpha + tl.sum(p, axis=1)
-    acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v, input_precision=DOT_PRECISION)
-    return m_new, l_i, acc
 
 
 @triton.jit
