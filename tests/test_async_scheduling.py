@@ -28,7 +28,8 @@ DEVICE = os.environ.get("KVSCOPE_TEST_DEVICE", "cpu")
 PROMPTS = [[(11 * i + 5 * j) % 300 + 4 for j in range(n)] for i, n in enumerate((37, 21, 45, 9, 30, 64))]
 ASYNC = sorted(name for name in registry.available() if registry.create(name).async_scheduling)
 # Lossy at these lengths; adaptive's long (h2o) child takes the requests of 40 tokens and more.
-SPECS = {"random": "random:budget=24", "quest": "quest:budget=16", "adaptive": "adaptive:long_threshold=40"}
+SPECS = {"random": "random:budget=24", "quest": "quest:budget=16", "adaptive": "adaptive:long_threshold=40",
+         "adaptive/offload": "adaptive:long_threshold=40,long=offload"}
 
 
 @pytest.fixture(scope="module")
@@ -68,10 +69,10 @@ def assert_same(got: list[list[tuple]], ref: list[list[tuple]]) -> None:
             assert c[2] == pytest.approx(d[2], rel=1e-5, abs=1e-6)
 
 
-@pytest.mark.parametrize("strategy", ASYNC)
+@pytest.mark.parametrize("strategy", [*ASYNC, "adaptive/offload"])
 def test_async_equals_sync_for_every_strategy_that_allows_it(loaded, strategy):
     spec = SPECS.get(strategy, strategy)
-    n = 2 if registry.available()[strategy].supports_fork else 1
+    n = 2 if registry.available()[strategy.split("/")[0]].supports_fork else 1
     ref = results(make(loaded, spec, async_scheduling=False), mixed_params(n=n))
     # A stop token the greedy request meets mid-way in the synchronous run. Not for `random`: its
     # one generator serves every request, and the step computed after a stop token (discarded)
@@ -197,10 +198,15 @@ def test_input_patch_reads_the_previous_steps_tokens():
 
 
 def test_config_refuses_async_where_it_cannot_apply(loaded):
-    with pytest.raises(ConfigError, match="strategy 'offload' does not allow it"):
-        make(loaded, "offload")
-    with pytest.raises(ConfigError, match="strategy 'adaptive' does not allow it"):
-        make(loaded, "adaptive:long=offload")
+    from kvscope.engine.inflight import resolve_async_scheduling
+
+    class CpuWriter(registry.create("paged").__class__):  # a strategy whose CPU writes KV a step reads
+        name, async_scheduling = "cpu-writer", False
+
+    with pytest.raises(ConfigError, match="strategy 'cpu-writer' does not allow it"):
+        resolve_async_scheduling(True, CpuWriter(), False, torch.device("cpu"))
+    assert not resolve_async_scheduling(None, CpuWriter(), False, torch.device("cuda"))
+    assert make(loaded, "adaptive:long=offload").engine.async_scheduling  # follows both children
     with pytest.raises(ConfigError, match="async_scheduling must be True or False"):
         make(loaded, "paged", async_scheduling="yes")
     # Default: on CUDA for paged; off on a CPU (no overlap to gain).
@@ -262,7 +268,7 @@ def test_device_sampling_draws_what_multinomial_draws_without_a_sync():
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("spec", ["paged", "quest:budget=16", "h2o:heavy_ratio=0.2,recent_ratio=0.2",
-                                  "quant:dtype=int4"])
+                                  "quant:dtype=int4", "offload", "infinigen:calibration=random,budget_ratio=0.5"])
 def test_launching_a_step_never_waits_for_the_device(spec):
     """With async scheduling, launching a step (batch building, the forward, sampling, the copies
     back) must not synchronize with the GPU, or the host waits for the step still running: pure

@@ -189,10 +189,9 @@ class AdaptiveStrategy(BlockTableDecode, KVStrategy):
     # ---- lifecycle -------------------------------------------------------------------------------
     @property
     def async_scheduling(self) -> bool:  # type: ignore[override]
-        """Whether the engine may schedule asynchronously (see :class:`KVStrategy`): as its long
-        child allows, when that child's KV is on the device (one shared pool, hand-overs by device
-        copies); not with a host child, whose pool the CPU writes on a hand-over."""
-        return self.long.residence == "device" and self.long.async_scheduling
+        """Whether the engine may schedule asynchronously (see :class:`KVStrategy`): as both
+        children allow (a host child's hand-over waits for the device before the CPU writes its pool)."""
+        return self.full.async_scheduling and self.long.async_scheduling
 
     def bind(self, setup: KVSetup) -> None:
         self.setup = setup

@@ -119,7 +119,8 @@ class KVStrategy(KVManager, KVBackend):
     #: (``EngineConfig.async_scheduling``). Requires that neither side reads the ids of a request's
     #: pending tokens (``Request.num_pending_tokens``; ``all_token_ids`` holds the known ones) and
     #: that memory freed while a step is in flight is reused only by work the device runs after
-    #: it (true of device memory on one stream; not of host memory the CPU writes).
+    #: it: true of device memory on one stream, and of host memory that only stream-ordered copies
+    #: write (a CPU write to it must first wait for the device, as ``HostOffloadStrategy.adopt`` does).
     async_scheduling: ClassVar[bool] = True
 
     def __init__(self) -> None:

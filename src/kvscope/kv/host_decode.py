@@ -34,6 +34,7 @@ import torch
 import torch.nn.functional as F
 
 from kvscope.attention.torch_ref import attend_decode
+from kvscope.device_copy import to_device
 from kvscope.kv.backend import KVSetup, StepBatch
 from kvscope.kv.graphs import bucket_for
 from kvscope.kv.host_pool import HostKVPool
@@ -111,6 +112,7 @@ class HostDecode:
         self.positions = torch.zeros(b, dtype=torch.long, device=dev)
         self.real = torch.zeros(b, dtype=torch.bool, device=dev)
         self._cols = torch.arange(c, device=dev)
+        self._rows = torch.arange(b, device=dev)
         self.fetches: dict[int, Fetch] = {}
 
     # ---- per step, on the host --------------------------------------------------------------------
@@ -123,12 +125,12 @@ class HostDecode:
         self.slots.fill_(scratch)
         if n:
             self.slots[:n, : max(lens)] = torch.nn.utils.rnn.pad_sequence(prev, batch_first=True, padding_value=scratch)
-        self.lens.copy_(torch.tensor(lens + [1] * (self.b - n)))
+        self.lens.copy_(to_device(lens + [1] * (self.b - n), self.lens.device, torch.long))
         self.new_slots.fill_(scratch)
         self.new_slots[:n] = new_slots
         self.positions.zero_()
         self.positions[:n] = positions
-        self.real.copy_(torch.arange(self.b) < n)
+        self.real.copy_(self._rows < n)
 
     # ---- per step, on the device (captured) ------------------------------------------------------
     def begin(self) -> None:

@@ -16,6 +16,7 @@ import math
 
 import torch
 
+from kvscope.device_copy import to_device
 from kvscope.errors import ConfigError
 from kvscope.kv.block_pool import BlockPool, pool_stats
 from kvscope.models.config import ModelConfig
@@ -89,7 +90,7 @@ class HostKVPool:
             blocks.extend(self.pool.allocate(missing))
         first_block = held // bs
         idx = torch.arange(held - first_block * bs, held - first_block * bs + n, device=self.counters.device)
-        table = torch.tensor(blocks[first_block:], dtype=torch.long, device=self.counters.device)
+        table = to_device(blocks[first_block:], self.counters.device, torch.long)
         new = table[idx // bs] * bs + idx % bs
         buf = self._slots.get(rid)
         if buf is None or buf.numel() < held + n:

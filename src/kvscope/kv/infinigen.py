@@ -35,6 +35,7 @@ import torch.nn.functional as F
 
 from kvscope.attention.triton_speculate import speculate_rows
 from kvscope.constants import DEFAULT_BUDGET_RATIO
+from kvscope.device_copy import to_device
 from kvscope.errors import ConfigError
 from kvscope.kv.base import KVSetup, KVUsage, StepBatch
 from kvscope.kv.infinigen_decode import InfiniGenDecode
@@ -73,12 +74,12 @@ class InfiniGenAttention(OffloadAttention):
         for j, i in enumerate(self.spec):
             padded[j, : lens[j]] = prev[i]
         self.spec_slots = padded  # [B, Tmax]
-        self.spec_lens = torch.tensor(lens, device=device)
+        self.spec_lens = to_device(lens, device, torch.long)
         self.spec_real = torch.ones(len(lens), dtype=torch.bool, device=device)
         self.num_candidates = sum(lens)
         caps = [strategy.k_cap(n) for n in lens]
         self.k_cap = int(max(caps))  # the selection is laid out [B, H, k_cap] for the largest row's cap
-        self.cap = torch.tensor(caps, dtype=torch.float32, device=device)
+        self.cap = to_device(caps, device, torch.float32)
         # Only each row's own cap of that layout can hold kept tokens, and only those are fetched:
         # padded to the largest cap, a batch of many short rows beside a long one would ask for more
         # rows than the prefetch buffer holds (it holds every held token once). ``ragged`` picks
@@ -90,8 +91,8 @@ class InfiniGenAttention(OffloadAttention):
         ragged = flat.nonzero().flatten()
         unragged = torch.zeros(flat.numel(), dtype=torch.long)
         unragged[ragged] = torch.arange(ragged.numel())
-        self.ragged, self.unragged = ragged.to(device), unragged.to(device)
-        self.spec_q = torch.tensor([qs[i] for i in self.spec], device=device)
+        self.ragged, self.unragged = to_device(ragged, device), to_device(unragged, device)
+        self.spec_q = to_device([qs[i] for i in self.spec], device, torch.long)
         self.spec_positions = batch.positions[self.spec_q]
         # Staged layout of speculative layers: the full rows' fetched tokens, then all new tokens;
         # a decode row's table holds only its new token (its real attention is computed apart).

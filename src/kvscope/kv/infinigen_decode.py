@@ -20,6 +20,7 @@ from typing import Any, Protocol
 
 import torch
 
+from kvscope.device_copy import to_device
 from kvscope.kv.host_decode import HostDecode, HostStrategy, Layout, ceil_rows
 from kvscope.kv.transfer import Fetch
 
@@ -67,7 +68,8 @@ class InfiniGenDecode(HostDecode):
         super().load(prev, new_slots, positions)
         g, n = self.g, len(prev)
         lens = [p.numel() for p in prev]
-        self.cap.copy_(torch.tensor([float(g.k_cap(n_i)) for n_i in lens] + [1.0] * (self.b - n)))
+        self.cap.copy_(to_device([float(g.k_cap(n_i)) for n_i in lens] + [1.0] * (self.b - n), self.cap.device,
+                                 torch.float32))
         for layer in range(g.dense_layers, g.num_layers):
             g.candidate_tokens[layer] += sum(lens)
 

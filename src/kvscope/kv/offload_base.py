@@ -102,7 +102,6 @@ class HostOffloadStrategy(KVStrategy):
     """Base of the strategies whose KV lives in host memory (one subclass per file)."""
 
     residence = "host"
-    async_scheduling = False  # its host KV is written and freed by the CPU, unordered with a step in flight
 
     #: Whether a full host pool evicts the request's least-selected token instead of preempting.
     evicts_on_full: ClassVar[bool] = False
@@ -219,6 +218,10 @@ class HostOffloadStrategy(KVStrategy):
             return Adoption.REFUSED
         kv = handover.read_kv()
         slots = self.pool.append(rid, n, 0)
+        if self.setup.device.type == "cuda":
+            # The CPU writes these slots itself, unordered with the device: a step still in flight
+            # (async scheduling) may write them yet for the request that held them before.
+            torch.cuda.synchronize(self.setup.device)
         self.pool.kv[:, :, slots.to(self.pool.kv.device)] = kv.to(self.pool.kv.device)
         self.transfer.bytes_d2h += kv.numel() * kv.element_size()
         self._length[rid] = n

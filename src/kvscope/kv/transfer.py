@@ -159,13 +159,23 @@ class TransferEngine:
         self._used_by_copies(rows, idx)
 
     def finish_step(self) -> None:
-        """Wait for all copies of the step and add up how long compute waited on them."""
-        if not self.cuda:
-            return
-        (self.stream or torch.cuda.current_stream(self.device)).synchronize()
+        """End a step on the device: later compute-stream work (a captured step's own copies
+        included) waits for every copy of this one, such as the last layer's host writes. Then add
+        up how long compute waited on the transfers that have run by now. The host never waits:
+        with async scheduling it is building the next step while this one runs; the waits of steps
+        still on the device are counted at a later call (every one, once the engine has read its
+        last step back)."""
+        self.join()
+        self._count_waits()
+
+    def _count_waits(self) -> None:
+        done = 0
         for start, end in self._timings:
+            if not (start.query() and end.query()):
+                break
             self.wait_ms += max(0.0, start.elapsed_time(end))
-        self._timings.clear()
+            done += 1
+        del self._timings[:done]
 
     def _start_timer(self) -> torch.cuda.Event | float:
         # Synchronous mode: the compute waits for the whole transfer, so its duration is the wait.
@@ -184,6 +194,7 @@ class TransferEngine:
         self._timings.append((start, end))
 
     def stats(self) -> dict[str, float]:
+        self._count_waits()
         return {
             "transfer_bytes_h2d": self.bytes_h2d + int(self._valid_rows_bytes),
             "transfer_bytes_d2h": self.bytes_d2h,
