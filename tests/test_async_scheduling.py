@@ -15,10 +15,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from kvscope import LLM, SamplingParams
-from kvscope.engine.inflight import InFlight, input_patch
+from kvscope.engine.inflight import InFlight, input_patch, resolve_async_scheduling
 from kvscope.engine.sampler import _filter_top_k_top_p, sample_on_device
 from kvscope.errors import ConfigError
 from kvscope.kv import registry
+from kvscope.kv.paged import PagedStrategy
 from kvscope.models.loader import load_model
 from kvscope.request import Request
 from kvscope.sampling_params import RequestOutputKind
@@ -198,9 +199,7 @@ def test_input_patch_reads_the_previous_steps_tokens():
 
 
 def test_config_refuses_async_where_it_cannot_apply(loaded):
-    from kvscope.engine.inflight import resolve_async_scheduling
-
-    class CpuWriter(registry.create("paged").__class__):  # a strategy whose CPU writes KV a step reads
+    class CpuWriter(PagedStrategy):  # a strategy whose CPU writes KV a step reads
         name, async_scheduling = "cpu-writer", False
 
     with pytest.raises(ConfigError, match="strategy 'cpu-writer' does not allow it"):
@@ -356,7 +355,6 @@ def test_adaptive_under_pressure_serves_every_request_and_frees_its_kv(loaded):
 def test_resolution_and_the_cli_flag():
     from kvscope.cli import build_parser
     from kvscope.cli_args import _llm_args
-    from kvscope.engine.inflight import resolve_async_scheduling
 
     paged, cuda, cpu = registry.create("paged"), torch.device("cuda"), torch.device("cpu")
     assert resolve_async_scheduling(None, paged, False, cuda) and not resolve_async_scheduling(None, paged, False, cpu)
