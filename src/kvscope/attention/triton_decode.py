@@ -40,7 +40,13 @@ import torch
 import triton
 import triton.language as tl
 
-from kvscope.attention.decode_splits import default_num_splits, merge_splits, split_bounds, split_result
+from kvscope.attention.decode_splits import (
+    default_num_splits,
+    merge_splits,
+    split_bounds,
+    split_result,
+)
+from kvscope.attention.online_softmax import softmax_step
 from kvscope.attention.paged_inputs import check_paged_inputs
 
 _LOG2E = 1.4426950408889634
@@ -125,17 +131,13 @@ def _split_kernel(
                 s,
                 mask=g_mask[:, None] & t_mask[None, :],
             )
-        # The first tile always holds a valid token (lo < hi), so m_new is finite from then on.
-        m_new = tl.maximum(m, tl.max(s, axis=1))
-        alpha = tl.exp2(m - m_new)
-        p = tl.exp2(s - m_new[:, None])
-        l = l * alpha + tl.sum(p, axis=1)
+        # The first tile always holds a valid token (lo < hi), as softmax_step needs.
+        p, alpha, l, m = softmax_step(s, m, l)
         if USE_DOT:
             pv = tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
         else:
             pv = tl.sum(p[:, :, None] * v.to(tl.float32)[None, :, :], axis=1)
         acc = acc * alpha[:, None] + pv
-        m = m_new
 
     # An empty split (a sequence shorter than the others' splits) contributes weight zero.
     out, lse = split_result(m, l, acc)

@@ -29,6 +29,7 @@ import torch
 import triton
 import triton.language as tl
 
+from kvscope.attention.online_softmax import softmax_step
 from kvscope.attention.paged_inputs import check_paged_inputs
 
 _LOG2E = 1.4426950408889634
@@ -61,13 +62,10 @@ def _attend_tile(
     s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
     if CAUSAL:
         s = tl.where(t[None, :] <= pos[:, None], s, float("-inf"))
-    # m is finite after the first tile: key 0 is visible to every row and is in the first tile.
-    m_new = tl.maximum(m, tl.max(s, axis=1))
-    alpha = tl.exp2(m - m_new)
-    p = tl.exp2(s - m_new[:, None])
-    l = l * alpha + tl.sum(p, axis=1)
+    # Key 0 is visible to every row and is in the first tile, as softmax_step needs.
+    p, alpha, l, m = softmax_step(s, m, l)
     acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
-    return acc, l, m_new
+    return acc, l, m
 
 
 @triton.jit

@@ -38,7 +38,13 @@ import torch
 import triton
 import triton.language as tl
 
-from kvscope.attention.decode_splits import default_num_splits, merge_splits, split_bounds, split_result
+from kvscope.attention.decode_splits import (
+    default_num_splits,
+    merge_splits,
+    split_bounds,
+    split_result,
+)
+from kvscope.attention.online_softmax import softmax_step
 from kvscope.attention.triton_kivi_write import kivi_write
 from kvscope.attention.triton_kv_write import write_kv
 from kvscope.kv.quant_cache import FP8Cache, KiviCache, QuantPlan
@@ -80,12 +86,9 @@ def _dot_step(q, k, v, valid, m_i, l_i, acc, qk_scale, DOT_PRECISION: tl.constex
     dtype, ``valid`` ``[BLOCK_N]`` (at least one true: m_new is finite from the first tile on)."""
     s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
     s = tl.where(valid[None, :], s * qk_scale, float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(s, axis=1))
-    alpha = tl.exp2(m_i - m_new)
-    p = tl.exp2(s - m_new[:, None])
-    l_i = l_i * alpha + tl.sum(p, axis=1)
+    p, alpha, l_i, m_i = softmax_step(s, m_i, l_i)
     acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v, input_precision=DOT_PRECISION)
-    return m_new, l_i, acc
+    return m_i, l_i, acc
 
 
 @triton.jit
