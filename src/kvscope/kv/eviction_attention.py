@@ -84,7 +84,9 @@ class EvictionAttention(SlotAttention):
         strategy.positions[:, slot_mapping] = positions[None, :, None]
         self.keyed_scores = strategy.keyed_initial_scores
         if not self.keyed_scores:
-            strategy.scores[:, slot_mapping] = 0.0
+            # index_fill_, not `scores[:, slots] = 0.0`: item assignment of a Python number copies it
+            # to the device from pageable memory, which synchronizes with the GPU.
+            strategy.scores.index_fill_(1, slot_mapping, 0.0)
         if self.decode_rows:
             width = self.decode_slots.shape[1]
             device = slot_mapping.device
@@ -184,7 +186,7 @@ class CapturedColumnSums:
     def begin(self, new_slots: torch.Tensor, positions: torch.Tensor) -> None:
         s = self.s
         s.positions[:, new_slots] = positions.long()[None, :, None]
-        s.scores[:, new_slots] = 0.0
+        s.scores.index_fill_(1, new_slots, 0.0)  # no host sync (see EvictionAttention)
 
     def layer_scores(self, layer: int) -> torch.Tensor | None:
         return self.s.scores[layer] if self.fold else None

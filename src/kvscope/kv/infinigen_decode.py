@@ -75,7 +75,10 @@ class InfiniGenDecode(HostDecode):
 
     def finish(self) -> None:
         stream = self.g.spec_stream
-        if stream is not None:
+        # Only a step that speculated forked the stream (one of dense layers only, such as a model
+        # with no more layers than dense_layers, did not): joining a stream that was not forked
+        # from a capture is an error inside it.
+        if stream is not None and self._held:
             torch.cuda.current_stream(stream.device).wait_stream(stream)
         super().finish()
         self._held.clear()
