@@ -277,7 +277,8 @@ def test_device_sampling_draws_what_multinomial_draws_without_a_sync():
 def test_launching_a_step_never_waits_for_the_device(spec):
     """With async scheduling, launching a step (batch building, the forward, sampling, the copies
     back) must not synchronize with the GPU, or the host waits for the step still running: pure
-    decode steps from graphs and a mixed step (a prompt joining) under PyTorch's sync debug mode."""
+    decode steps (from graphs where the strategy captures them) and a mixed step (a prompt joining)
+    under PyTorch's sync debug mode."""
     params = SamplingParams(max_tokens=24, temperature=0.8, top_p=0.9, seed=1, ignore_eos=True, logprobs=True)
     tokens = {}
     for overlap in (False, True):
@@ -302,7 +303,7 @@ def test_launching_a_step_never_waits_for_the_device(spec):
         while e.has_unfinished_requests():
             done.update({o.request_id: o for o in e.step() if o.finished})
         tokens[overlap] = [done[str(i)].outputs[0].token_ids for i in range(4)]
-        assert e.runner.graph_replays > 0
+        assert e.runner.graph_replays > 0 or not e.kv.facts().graph_decode  # eager decoders: every step checked
     assert tokens[True] == tokens[False]
 
 

@@ -86,12 +86,17 @@ class EvictionAttention(SlotAttention):
         if not self.keyed_scores:
             # index_fill_, not `scores[:, slots] = 0.0`: item assignment of a Python number copies it
             # to the device from pageable memory, which synchronizes with the GPU.
-            strategy.scores.index_fill_(1, slot_mapping, 0.0)
+            strategy.scores.index_fill_(1, slot_mapping.long(), 0.0)
         if self.decode_rows:
             width = self.decode_slots.shape[1]
             device = slot_mapping.device
             self.decode_valid = torch.arange(width, device=device)[None, :] < self.decode_lens[:, None]
-            self.decode_valid_slots = self.decode_slots[self.decode_valid]
+            # The valid entries' flat indices in [decode rows, width], by nonzero_static with the
+            # count the host knows: indexing by the boolean mask would read the count back from the
+            # device, a sync in every step's launch.
+            held = sum(tables[i].numel() for i in self.decode_rows)
+            self.decode_index = torch.nonzero_static(self.decode_valid.flatten(), size=held).squeeze(1)
+            self.decode_valid_slots = self.decode_slots.flatten()[self.decode_index]
             if strategy.setup.attention_backend == "triton":
                 from kvscope.attention.triton_decode import paged_decode_attention
 
@@ -121,7 +126,7 @@ class EvictionAttention(SlotAttention):
                 o, colsum = self._decode(*args, emit_colsum=True)
                 out[self.decode_q_index] = o
                 colsum = stat.reduce_colsum(colsum, hkv, g, self.decode_valid.shape[1])
-                self._fold(layer, self.decode_valid_slots, colsum, self.decode_valid)
+                self._fold(layer, self.decode_valid_slots, colsum, self.decode_index)
             else:  # decode rows are not observed
                 out[self.decode_q_index] = self._decode(*args)
         elif self.decode_rows:
@@ -131,7 +136,7 @@ class EvictionAttention(SlotAttention):
             probs, o = _probs_and_out(qd, kc[self.decode_slots], vc[self.decode_slots], mask, s.scale)
             out[self.decode_q_index] = o.reshape(b, hkv * g, -1)
             if stat.observes_decode:
-                self._update(layer, self.decode_valid_slots, probs, self.decode_valid)
+                self._update(layer, self.decode_valid_slots, probs, self.decode_index)
         for i in self.prefill_rows:
             st, en = self.query_start[i], self.query_start[i + 1]
             table = self.tables[i]
@@ -158,15 +163,16 @@ class EvictionAttention(SlotAttention):
             self._update(layer, table, probs, None)
         return out
 
-    def _update(self, layer: int, slots: torch.Tensor, probs: torch.Tensor, valid: torch.Tensor | None) -> None:
-        """Fold ``probs`` ``[B, Hkv, G, n, T]`` into the scores of ``slots`` (valid entries only)."""
-        self._fold(layer, slots, self.s.statistic.reduce(probs), valid)
+    def _update(self, layer: int, slots: torch.Tensor, probs: torch.Tensor, index: torch.Tensor | None) -> None:
+        """Fold ``probs`` ``[B, Hkv, G, n, T]`` into the scores of ``slots`` (see :meth:`_fold`)."""
+        self._fold(layer, slots, self.s.statistic.reduce(probs), index)
 
-    def _fold(self, layer: int, slots: torch.Tensor, stat: torch.Tensor, valid: torch.Tensor | None) -> None:
-        """Fold the statistic ``stat`` ``[B, Hkv, T]`` into the scores of ``slots`` (the statistic
-        adds or replaces)."""
+    def _fold(self, layer: int, slots: torch.Tensor, stat: torch.Tensor, index: torch.Tensor | None) -> None:
+        """Fold the statistic ``stat`` ``[B, Hkv, T]`` into the scores of ``slots`` ``[N]`` (the
+        statistic adds or replaces). ``index`` ``[N]``: the flat indices of ``slots``' entries in
+        ``[B, T]``; None when B is 1 and every column is a slot."""
         stat = stat.transpose(1, 2)  # [B, T, Hkv]
-        stat = stat[valid] if valid is not None else stat[0]
+        stat = stat.flatten(0, 1)[index] if index is not None else stat[0]
         self.s.statistic.fold(self.s.scores[layer], slots, stat)
 
 
@@ -186,7 +192,7 @@ class CapturedColumnSums:
     def begin(self, new_slots: torch.Tensor, positions: torch.Tensor) -> None:
         s = self.s
         s.positions[:, new_slots] = positions.long()[None, :, None]
-        s.scores.index_fill_(1, new_slots, 0.0)  # no host sync (see EvictionAttention)
+        s.scores.index_fill_(1, new_slots.long(), 0.0)  # no host sync (see EvictionAttention)
 
     def layer_scores(self, layer: int) -> torch.Tensor | None:
         return self.s.scores[layer] if self.fold else None

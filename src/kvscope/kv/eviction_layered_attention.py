@@ -55,7 +55,7 @@ class LayeredEvictionAttention:
         every = torch.cat(new_slots)
         flat_pos = strategy.positions.view(-1, strategy.positions.shape[-1])
         flat_pos[every] = positions.repeat(len(new_slots))[:, None]
-        self.scores.index_fill_(0, every, 0.0)  # no host sync, unlike item assignment of a number
+        self.scores.index_fill_(0, every.long(), 0.0)  # no host sync, unlike item assignment of a number
         q_lens = [query_start[i + 1] - query_start[i] for i in range(len(query_start) - 1)]
         self.decode_rows = [i for i, n in enumerate(q_lens) if n == 1]
         self.prefill_rows = [i for i, n in enumerate(q_lens) if n > 1]
