@@ -67,6 +67,20 @@ def test_output_tokens_come_from_usage_else_from_chunks():
     assert with_usage["total_input_tokens"] == 3  # a text prompt of unknown length: the server's count
 
 
+def test_tokens_that_come_all_in_an_empty_finishing_chunk_count_by_usage():
+    """A server behind on a stream may send all of a request's tokens in its finishing chunk; when
+    they decode to no text, usage's count says they came: one token time, the server's count.
+    Without usage nothing says so, and the request fails."""
+    req = [WorkloadRequest([5, 6], 4)]
+    with openai_stub(tokens_per_chunk=4, generate=lambda prompt, n: "") as stub:
+        with_usage = run_http_workload(stub.base_url, req, MODEL_ID).records[0]
+        stub.usage = False
+        without = run_http_workload(stub.base_url, req, MODEL_ID).records[0]
+    assert with_usage.error is None and len(with_usage.token_times) == 1 and with_usage.output_tokens == 4
+    assert with_usage.finish_reason == "length"
+    assert without.error == "the response stream carried no token (finish_reason='length')"
+
+
 def test_chat_ttft_waits_for_content_not_the_role_chunk():
     with openai_stub() as stub:
         run = run_http_workload(stub.base_url, [WorkloadRequest("hi there", 3)], MODEL_ID,

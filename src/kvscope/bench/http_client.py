@@ -11,7 +11,8 @@ first choice carries text (``text`` for completions, ``delta.content`` for chat)
 empty text before any ``finish_reason`` (a token that decodes to nothing, e.g. the first byte of a
 multi-byte character). Not counted: a chat chunk that only announces the assistant's ``role`` (a
 server may send it before the first token), an empty closing chunk with ``finish_reason`` set, and
-the ``usage`` chunk. vLLM counts every chunk with a choice; the two agree on vLLM's own server,
+the ``usage`` chunk; except that an empty finishing chunk is the one token time of a stream that
+had no other, when ``usage`` counts generated tokens (they all came in it and decode to no text). vLLM counts every chunk with a choice; the two agree on vLLM's own server,
 which sends the role with the first token and the finish reason with the last one.
 
 Base URLs and the loopback rule: :mod:`kvscope.bench.endpoints`.
@@ -77,6 +78,7 @@ class StreamedResponse:
     output_tokens: int | None = None
     prompt_tokens: int | None = None
     finish_reason: str | None = None
+    finished_at: float | None = None
     error: str | None = None
     ended: float | None = None
 
@@ -106,6 +108,7 @@ def _apply_event(data: dict[str, Any], out: StreamedResponse, chat: bool, now: f
             out.text += text
         if choice.get("finish_reason") is not None:
             out.finish_reason = choice["finish_reason"]
+            out.finished_at = now
     usage = data.get("usage")
     if isinstance(usage, dict):
         if isinstance(usage.get("completion_tokens"), int):
@@ -157,6 +160,10 @@ async def stream_request(session: aiohttp.ClientSession, url: str, body: dict[st
     except aiohttp.ClientError as e:
         out.error = f"{type(e).__name__}: {e}"
     out.ended = time.perf_counter()
+    if out.error is None and not out.chunk_times and out.finished_at is not None and (out.output_tokens or 0) > 0:
+        # Every token came in the finishing chunk, and together they decode to no text (a server
+        # behind on a stream sends what it holds in one chunk): the server's count says they came.
+        out.chunk_times.append(out.finished_at)
     if out.error is None and not out.chunk_times:
         out.error = f"the response stream carried no token (finish_reason={out.finish_reason!r})"
     return out
