@@ -104,8 +104,16 @@ def markdown(r: dict[str, Any]) -> str:
     rows = [f"| {x['pool_tokens']:,} | {x['steps']:,} | {x['steps_with_prefill']:,} "
             f"({x['steps_with_under_512_prefill_tokens']:,}) | {x['pure_decode_steps']:,} | {x['preemptions']:,} | "
             f"{x['recomputed_tokens']:,} |" for x in r["pools"]]
+    small, large = min(r["pools"], key=lambda x: x["pool_tokens"]), max(r["pools"], key=lambda x: x["pool_tokens"])
+    lead = (f"**In a pool of {small['pool_tokens']:,} tokens the run takes {small['steps']:,} steps, "
+            f"{small['steps_with_prefill']:,} of them with prefill (run eagerly), and {small['preemptions']:,} "
+            f"preemptions recompute {small['recomputed_tokens']:,} tokens; in {large['pool_tokens']:,} tokens, "
+            f"{large['steps']:,} steps, {large['steps_with_prefill']:,} with prefill, {large['preemptions']:,} "
+            "preemptions.**")
     return "\n".join([
         "# Scheduler replay: steps, prefill steps and preemptions by pool size",
+        "",
+        lead,
         "",
         f"Computed {e['date']}, commit {e['commit']}, {len(r['lengths'])} requests "
         f"({sum(p for p, _ in r['lengths']):,} prompt and {sum(o for _, o in r['lengths']):,} output tokens) "
