@@ -19,7 +19,7 @@ import torch
 triton = pytest.importorskip("triton")
 import triton.language as tl  # noqa: E402
 
-from kvscope.attention.triton_quant_decode import _fp8_to_f16  # noqa: E402
+from kvscope.attention.fp8_codes import fp8_to_f16  # noqa: E402
 
 # (spec, Hq, Hkv, D, context lengths before the decode step)
 CASES = [
@@ -157,9 +157,9 @@ def run_shuffled(hq: int, hkv: int, d: int, lens: list[int], block_n: int | None
 
 @triton.jit
 def _decode_kernel(codes_ptr, out_ptr):
-    """``out[i] = _fp8_to_f16(codes[i])`` for 256 codes (jitted helpers resolve module globals)."""
+    """``out[i] = fp8_to_f16(codes[i])`` for 256 codes (jitted helpers resolve module globals)."""
     i = tl.arange(0, 256)
-    tl.store(out_ptr + i, _fp8_to_f16(tl.load(codes_ptr + i).to(tl.int32)))
+    tl.store(out_ptr + i, fp8_to_f16(tl.load(codes_ptr + i).to(tl.int32)))
 
 
 def decode_every_code() -> dict:

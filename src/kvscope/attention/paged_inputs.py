@@ -17,10 +17,12 @@ def as_blocks(cache: torch.Tensor, block_size: int) -> torch.Tensor:
 
 
 def check_paged_inputs(
-    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_size: int, *int32: torch.Tensor
+    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_size: int, *int32: torch.Tensor,
+    cache_dtype: torch.dtype | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Validate the arguments both paged kernels share; returns the K/V caches as block views
-    ``[num_blocks, block_size, Hkv, D]``. ``int32``: index tensors (tables, lengths) that must be int32."""
+    ``[num_blocks, block_size, Hkv, D]``. ``int32``: index tensors (tables, lengths) that must be int32.
+    ``cache_dtype``: the K/V caches' dtype when it is not q's (fp8 codes: uint8)."""
     k_cache = as_blocks(k_cache, block_size)
     v_cache = as_blocks(v_cache, block_size)
     num_heads, head_dim = q.shape[1], q.shape[2]
@@ -28,7 +30,10 @@ def check_paged_inputs(
         raise ValueError(
             f"shapes do not match: q {tuple(q.shape)}, k {tuple(k_cache.shape)}, v {tuple(v_cache.shape)}"
         )
-    if not (q.dtype == k_cache.dtype == v_cache.dtype) or q.stride(-1) != 1:
+    if cache_dtype is not None:
+        if not (k_cache.dtype == v_cache.dtype == cache_dtype) or q.stride(-1) != 1:
+            raise ValueError(f"k_cache and v_cache must be {cache_dtype}, and q's last dim contiguous")
+    elif not (q.dtype == k_cache.dtype == v_cache.dtype) or q.stride(-1) != 1:
         raise ValueError("q, k_cache and v_cache must share one dtype, with contiguous last dims")
     if any(t.dtype != torch.int32 for t in int32):
         raise ValueError("block tables, sequence offsets and lengths must be int32")

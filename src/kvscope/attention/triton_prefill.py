@@ -22,6 +22,12 @@ Design (prefill is bound by arithmetic, unlike decode):
 * **Online softmax in float32**, base 2 (``exp2`` with ``log2(e)`` folded into the scale).
 * **Heavy tiles first.** Later query tiles attend to more keys; programs run roughly in launch
   order, so the grid hands out the last tiles first and the short ones fill in the tail.
+
+:func:`fp8_paged_prefill_attention` runs the same kernel over ``quant``'s fp8 cache
+(:class:`~kvscope.kv.quant_cache.FP8Cache`): uint8 codes of float8_e4m3fn, one float32 scale per KV
+head for K and for V. The codes are decoded in registers (:func:`kvscope.attention.fp8_codes.fp8_to_f16`)
+to values exact in the query's dtype, so they feed ``tl.dot`` unscaled: a program serves one KV
+head, whose K scale multiplies the score scale and whose V scale the output.
 """
 from __future__ import annotations
 
@@ -29,6 +35,7 @@ import torch
 import triton
 import triton.language as tl
 
+from kvscope.attention.fp8_codes import fp8_to_f16
 from kvscope.attention.online_softmax import softmax_step
 from kvscope.attention.paged_inputs import check_paged_inputs
 
@@ -41,11 +48,12 @@ def _attend_tile(
     k_base, v_base, table_ptr, qk_scale,
     stride_kblk, stride_ktok, stride_vblk, stride_vtok,
     d, d_mask,
-    PAGE: tl.constexpr, CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    PAGE: tl.constexpr, CAUSAL: tl.constexpr, FP8: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     """Fold keys ``t`` ``[BLOCK_N]`` into the running ``(acc, l, m)`` of the rows ``q``.
 
     With ``CAUSAL`` row ``r`` sees only keys ``t <= pos[r]``; without it every key is visible.
+    With ``FP8`` the cache holds e4m3 codes, decoded here unscaled (the caller applies the scales).
     Returns the updated ``acc`` ``[BLOCK_M, D_PAD]``, ``l`` and ``m`` ``[BLOCK_M]``.
     """
     key_ok = t < ctx
@@ -54,11 +62,14 @@ def _attend_tile(
     offset = t % PAGE
     kv_mask = key_ok[:, None] & d_mask[None, :]
     k = tl.load(
-        k_base + block[:, None] * stride_kblk + offset[:, None] * stride_ktok + d[None, :], mask=kv_mask, other=0.0
+        k_base + block[:, None] * stride_kblk + offset[:, None] * stride_ktok + d[None, :], mask=kv_mask, other=0
     )
     v = tl.load(
-        v_base + block[:, None] * stride_vblk + offset[:, None] * stride_vtok + d[None, :], mask=kv_mask, other=0.0
+        v_base + block[:, None] * stride_vblk + offset[:, None] * stride_vtok + d[None, :], mask=kv_mask, other=0
     )
+    if FP8:
+        k = fp8_to_f16(k.to(tl.int32)).to(q.dtype)
+        v = fp8_to_f16(v.to(tl.int32)).to(q.dtype)
     s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
     if CAUSAL:
         s = tl.where(t[None, :] <= pos[:, None], s, float("-inf"))
@@ -70,7 +81,7 @@ def _attend_tile(
 
 @triton.jit
 def _prefill_kernel(
-    q_ptr, k_ptr, v_ptr, o_ptr, tables_ptr, cu_ptr, lens_ptr,
+    q_ptr, k_ptr, v_ptr, o_ptr, tables_ptr, cu_ptr, lens_ptr, ks_ptr, vs_ptr,
     qk_scale,
     stride_qt, stride_qh,
     stride_kblk, stride_ktok, stride_kh,
@@ -80,9 +91,10 @@ def _prefill_kernel(
     HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr,
     GROUP: tl.constexpr, TOKENS: tl.constexpr,
     PAGE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
+    FP8: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
-    """One (query tile, KV head, sequence): ``TOKENS`` query tokens x ``GROUP`` heads as rows."""
+    """One (query tile, KV head, sequence): ``TOKENS`` query tokens x ``GROUP`` heads as rows.
+    ``ks_ptr``/``vs_ptr``: the ``[Hkv]`` float32 scales of fp8 codes (read only with ``FP8``)."""
     tile = tl.num_programs(0) - 1 - tl.program_id(0)  # heavy (late) tiles first
     kv_head = tl.program_id(1)
     b = tl.program_id(2)
@@ -110,6 +122,8 @@ def _prefill_kernel(
         other=0.0,
     )
 
+    if FP8:  # the head's scales are scalars of the program, not a multiply per decoded element
+        qk_scale = qk_scale * tl.load(ks_ptr + kv_head)
     m = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, D_PAD], tl.float32)
@@ -125,16 +139,18 @@ def _prefill_kernel(
         acc, l, m = _attend_tile(
             acc, l, m, q, start + n, ctx, pos, k_base, v_base, table_ptr, qk_scale,
             stride_kblk, stride_ktok, stride_vblk, stride_vtok, d, d_mask,
-            PAGE=PAGE, CAUSAL=False, DOT_PRECISION=DOT_PRECISION,
+            PAGE=PAGE, CAUSAL=False, FP8=FP8, DOT_PRECISION=DOT_PRECISION,
         )
     for start in range(unmasked_end, key_end, BLOCK_N):
         acc, l, m = _attend_tile(
             acc, l, m, q, start + n, ctx, pos, k_base, v_base, table_ptr, qk_scale,
             stride_kblk, stride_ktok, stride_vblk, stride_vtok, d, d_mask,
-            PAGE=PAGE, CAUSAL=True, DOT_PRECISION=DOT_PRECISION,
+            PAGE=PAGE, CAUSAL=True, FP8=FP8, DOT_PRECISION=DOT_PRECISION,
         )
 
     out = acc / l[:, None]
+    if FP8:
+        out = out * tl.load(vs_ptr + kv_head)
     tl.store(
         o_ptr + q_rows[:, None] * stride_ot + heads[:, None] * stride_oh + d[None, :],
         out.to(o_ptr.dtype.element_ty),
@@ -182,6 +198,62 @@ def paged_prefill_attention(
         ``out`` ``[Nq, Hq, D]`` in q's dtype.
     """
     k_cache, v_cache = check_paged_inputs(q, k_cache, v_cache, block_size, block_tables, cu_seqlens_q, context_lens)
+    return _launch(q, k_cache, v_cache, None, block_tables, cu_seqlens_q, context_lens, scale, block_size,
+                   max_query_len, out, block_m, block_n, num_warps, num_stages)
+
+
+def fp8_paged_prefill_attention(
+    q: torch.Tensor,
+    k_codes: torch.Tensor,
+    v_codes: torch.Tensor,
+    k_scale: torch.Tensor,
+    v_scale: torch.Tensor,
+    block_tables: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    context_lens: torch.Tensor,
+    scale: float,
+    block_size: int,
+    max_query_len: int | None = None,
+    *,
+    out: torch.Tensor | None = None,
+    block_m: int | None = None,
+    block_n: int | None = None,
+    num_warps: int | None = None,
+    num_stages: int | None = None,
+) -> torch.Tensor:
+    """:func:`paged_prefill_attention` over fp8 codes: keys ``k_codes * k_scale``, values
+    ``v_codes * v_scale`` (per KV head), dequantized in registers.
+
+    Args:
+        q: ``[Nq, Hq, D]`` float32, float16 or bfloat16, last dim contiguous.
+        k_codes, v_codes: ``[num_slots, Hkv, D]`` (or ``[num_blocks, block_size, Hkv, D]``) uint8
+            holding float8_e4m3fn bits, last dim contiguous.
+        k_scale, v_scale: ``[Hkv]`` float32 scales (a per-tensor scale repeated per head).
+        The rest as in :func:`paged_prefill_attention`.
+    Returns:
+        ``out`` ``[Nq, Hq, D]`` in q's dtype.
+    """
+    if q.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise ValueError(f"q must be float32, float16 or bfloat16, got {q.dtype}")
+    k_codes, v_codes = check_paged_inputs(q, k_codes, v_codes, block_size, block_tables, cu_seqlens_q,
+                                          context_lens, cache_dtype=torch.uint8)
+    num_kv_heads = k_codes.shape[2]
+    for name, s in (("k_scale", k_scale), ("v_scale", v_scale)):
+        if s.shape != (num_kv_heads,) or s.dtype != torch.float32 or s.stride(0) != 1:
+            raise ValueError(f"{name} must be [{num_kv_heads}] float32 and contiguous, got "
+                             f"{tuple(s.shape)} {s.dtype}")
+    return _launch(q, k_codes, v_codes, (k_scale, v_scale), block_tables, cu_seqlens_q, context_lens, scale,
+                   block_size, max_query_len, out, block_m, block_n, num_warps, num_stages)
+
+
+def _launch(
+    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, scales: tuple[torch.Tensor, torch.Tensor] | None,
+    block_tables: torch.Tensor, cu_seqlens_q: torch.Tensor, context_lens: torch.Tensor, scale: float,
+    block_size: int, max_query_len: int | None, out: torch.Tensor | None, block_m: int | None,
+    block_n: int | None, num_warps: int | None, num_stages: int | None,
+) -> torch.Tensor:
+    """The launch both entry points share, on checked block views ``[num_blocks, block_size, Hkv, D]``;
+    ``scales``: (fp8) the ``[Hkv]`` K and V scales, None for a cache in q's dtype."""
     _, num_heads, head_dim = q.shape
     num_kv_heads = k_cache.shape[2]
     batch = context_lens.shape[0]
@@ -203,6 +275,7 @@ def paged_prefill_attention(
     # Tuned on an H200 at Llama-3-8B shapes (benchmarks/gpu/NOTES.md): 16-bit takes 128 x 128 tiles,
     # 8 warps and 3 stages. Float32 (twice the bytes per element) and head dims above 128 take
     # smaller tiles so that q and the pipelined K/V tiles fit in shared memory (228 KB on Hopper).
+    # fp8 codes take the same (untuned: their K/V tiles are half a 16-bit one's bytes).
     wide = q.element_size() == 4 or head_dim > 128
     if block_m is None:
         block_m = 64 if wide else 128
@@ -223,9 +296,11 @@ def paged_prefill_attention(
     block_tables = block_tables.contiguous()
     cu_seqlens_q = cu_seqlens_q.contiguous()
     context_lens = context_lens.contiguous()
+    # Without fp8 the scale pointers are never read: any tensor stands in.
+    k_scale, v_scale = scales if scales is not None else (context_lens, context_lens)
 
     _prefill_kernel[(triton.cdiv(max_query_len, tokens), num_kv_heads, batch)](
-        q, k_cache, v_cache, out, block_tables, cu_seqlens_q, context_lens,
+        q, k_cache, v_cache, out, block_tables, cu_seqlens_q, context_lens, k_scale, v_scale,
         scale * _LOG2E,
         q.stride(0), q.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
@@ -235,7 +310,7 @@ def paged_prefill_attention(
         HEAD_DIM=head_dim, D_PAD=max(triton.next_power_of_2(head_dim), 16),
         GROUP=group, TOKENS=tokens,
         PAGE=block_size, BLOCK_M=block_m, BLOCK_N=block_n,
-        DOT_PRECISION=precision,
+        FP8=scales is not None, DOT_PRECISION=precision,
         num_warps=num_warps, num_stages=num_stages,
     )
     return out

@@ -11,7 +11,8 @@ alone leave most of the device idle.
   :mod:`kvscope.attention.triton_decode`'s: tiles of ``block_n`` tokens (128 for 16-bit queries, 64
   for float32) spanning several blocks, each token looking up its own block; scores and the
   weighted sum through ``tl.dot`` with the group padded to 16 rows. The codes are decoded with
-  integer operations into float16 (exact, and the same in Triton's interpreter and on any GPU;
+  integer operations into float16 (:func:`~kvscope.attention.fp8_codes.fp8_to_f16`, shared with
+  the prefill kernel; exact, and the same in Triton's interpreter and on any GPU;
   no float8 type, which Triton lacks before sm_89) to values exact in any query dtype (e4m3: 3
   mantissa bits, magnitudes 2^-9 .. 448), so they feed ``tl.dot`` unscaled: the head's K scale
   multiplies the scores and its V scale the output, both scalars of the program. This structure
@@ -44,6 +45,7 @@ from kvscope.attention.decode_splits import (
     split_bounds,
     split_result,
 )
+from kvscope.attention.fp8_codes import fp8_to_f16
 from kvscope.attention.online_softmax import softmax_step
 from kvscope.attention.triton_kivi_write import kivi_write
 from kvscope.attention.triton_kv_write import write_kv
@@ -54,16 +56,6 @@ _LOG2E = 1.4426950408889634
 # head_dim 128 in bfloat16 (its float32 dequantized tiles); at 8 neither int8 nor int4 spills
 # (tests/test_triton_kivi.py). Not timed.
 KIVI_LAUNCH = {"num_warps": 8, "num_stages": 2}
-
-
-@triton.jit
-def _fp8_to_f16(code):
-    """float8_e4m3fn bits (int32 in 0..255) -> float16, exactly. The sign, exponent and mantissa
-    bits moved to float16's places read as the value times 2^-8: float16's exponent bias is 8 more
-    than e4m3's, and e4m3's subnormals land on float16's subnormals, scaled alike. Fewer integer
-    operations than building float32 bits, and no branch for subnormals."""
-    bits = ((code & 0x80) << 8) | ((code & 0x7F) << 7)
-    return bits.to(tl.int16).to(tl.float16, bitcast=True) * 256.0
 
 
 @triton.jit
@@ -120,8 +112,8 @@ def _fp8_kernel(q_ptr, k_ptr, v_ptr, ks_ptr, vs_ptr, tables_ptr, lens_ptr, o_ptr
         # A tile spans several blocks: each token looks up its own. int64: slot x stride can pass 2^31.
         block = tl.load(tables_ptr + b * stride_tb + t // PAGE, mask=valid, other=0).to(tl.int64)
         off = (block * PAGE + t % PAGE)[:, None] * stride_cs + h * stride_ch + d[None, :]
-        k = _fp8_to_f16(tl.load(k_ptr + off, mask=valid[:, None], other=0).to(tl.int32)).to(q.dtype)
-        v = _fp8_to_f16(tl.load(v_ptr + off, mask=valid[:, None], other=0).to(tl.int32)).to(q.dtype)
+        k = fp8_to_f16(tl.load(k_ptr + off, mask=valid[:, None], other=0).to(tl.int32)).to(q.dtype)
+        v = fp8_to_f16(tl.load(v_ptr + off, mask=valid[:, None], other=0).to(tl.int32)).to(q.dtype)
         # The first tile holds a valid token (lo < hi), as _dot_step needs.
         m_i, l_i, acc = _dot_step(q, k, v, valid, m_i, l_i, acc, s_scale, DOT_PRECISION)
     _store_split(o_ptr, lse_ptr, b, h, split, m_i, l_i, acc * v_scale, stride_ob, stride_oh, stride_os, stride_lb,

@@ -20,9 +20,12 @@ Two published schemes on top of ``paged``'s block pool (:class:`~kvscope.kv.page
   so they also bound how many requests run at once.
 
 Attention reads the cache back for prefill and decode alike (the step's own tokens included, as
-they were stored). The reference path dequantizes and calls :mod:`kvscope.attention.torch_ref`;
-with ``attention_backend="triton"``, decode steps run
-:mod:`kvscope.attention.triton_quant_decode`, which dequantizes in registers.
+they were stored). The reference path dequantizes and calls :mod:`kvscope.attention.torch_ref`.
+With ``attention_backend="triton"`` the kernels dequantize in registers: decode-only steps run
+:mod:`kvscope.attention.triton_quant_decode` (every dtype); fp8 steps with prefill chunks run
+:mod:`kvscope.attention.triton_fp8_step` (decode rows by the same decode kernel, the chunks together
+by :func:`~kvscope.attention.triton_prefill.fp8_paged_prefill_attention`); KIVI's prefill chunks
+stay on the reference path.
 
 CUDA-graph decode (every dtype, on the Triton backend): ``paged``'s block-table steps
 (:mod:`kvscope.kv.block_table_graphs`). fp8: :class:`~kvscope.attention.triton_quant_decode.StaticFP8Decode`
@@ -270,10 +273,16 @@ class QuantStrategy(PagedStrategy):
         else:
             res = []
             plan = self.cache.plan(tables, done, q_lens, device)
-        if self.setup.attention_backend == "triton" and all(n == 1 for n in q_lens):
-            from kvscope.attention.triton_quant_decode import TritonQuantDecode
+        if self.setup.attention_backend == "triton":
+            # Imported here: the torch path must work where triton is not installed.
+            if all(n == 1 for n in q_lens):
+                from kvscope.attention.triton_quant_decode import TritonQuantDecode
 
-            return TritonQuantDecode(self.cache, plan, tables, done, res, self.scale)
+                return TritonQuantDecode(self.cache, plan, tables, done, res, self.scale)
+            if isinstance(self.cache, FP8Cache):  # KIVI's prefill chunks stay on the torch path
+                from kvscope.attention.triton_fp8_step import TritonFP8Attention
+
+                return TritonFP8Attention(self.cache, plan, tables, done, qs, self.scale)
         return QuantAttention(self.cache, plan, qs, self.scale)
 
     def residual_slots(self, batch: StepBatch) -> list[int]:

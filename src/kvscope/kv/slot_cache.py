@@ -145,7 +145,7 @@ def block_table_attention(
     return SlotAttention(cache, torch.cat(new_slots), tables, query_start, scale)
 
 
-def _rows_index(ranges: list[tuple[int, int]], device: torch.device) -> slice | torch.Tensor:
+def rows_index(ranges: list[tuple[int, int]], device: torch.device) -> slice | torch.Tensor:
     """Index of the query rows of ``ranges`` (``[start, end)`` each, ascending): a slice (a view, no
     copy) when they form one run, else the row ids ``[rows]``."""
     if all(a[1] == b[0] for a, b in zip(ranges, ranges[1:])):
@@ -197,7 +197,7 @@ class TritonSlotAttention:
 
         decode = [i for i in range(batch) if q_lens[i] == 1]
         prefill = [i for i in range(batch) if q_lens[i] > 1]
-        self.decode_q = _rows_index([(query_start[i], query_start[i] + 1) for i in decode], device) if decode else None
+        self.decode_q = rows_index([(query_start[i], query_start[i] + 1) for i in decode], device) if decode else None
         if decode:
             whole = len(decode) == batch
             at = None if whole else to_device(decode, device, torch.long)  # a list index would sync
@@ -205,7 +205,7 @@ class TritonSlotAttention:
             self.decode_lens = lens if whole else lens[at]
         self.prefill_q = None
         if prefill:
-            self.prefill_q = _rows_index([(query_start[i], query_start[i + 1]) for i in prefill], device)
+            self.prefill_q = rows_index([(query_start[i], query_start[i + 1]) for i in prefill], device)
             whole = len(prefill) == batch
             at = None if whole else to_device(prefill, device, torch.long)
             self.prefill_tables = tables if whole else tables[at]
