@@ -107,10 +107,10 @@ ENGINE_NEW = 6
 
 def _run_engine_case(path: str, strategy: str) -> dict:
     from kvscope import LLM, SamplingParams
-    from kvscope.attention import triton_fp8_step
+    from kvscope.attention import triton_quant_step
 
     calls = {"prefill": 0, "mixed": 0}
-    prefill, decode = triton_fp8_step.fp8_paged_prefill_attention, triton_fp8_step.quant_decode_attention
+    prefill, decode = triton_quant_step.fp8_paged_prefill_attention, triton_quant_step.quant_decode_attention
 
     def count_prefill(*args, **kwargs):
         calls["prefill"] += 1
@@ -126,16 +126,16 @@ def _run_engine_case(path: str, strategy: str) -> dict:
     runs = {}
     # "paged" at full precision measures what quantization itself moves the logits by.
     runs_of = (("full", "paged", "torch"), ("torch", strategy, "torch"), ("triton", strategy, "triton"))
-    triton_fp8_step.fp8_paged_prefill_attention = count_prefill
-    triton_fp8_step.quant_decode_attention = count_decode
+    triton_quant_step.fp8_paged_prefill_attention = count_prefill
+    triton_quant_step.quant_decode_attention = count_decode
     try:
         for name, spec, backend in runs_of:
             llm = LLM(path, strategy=spec, kv_memory_bytes=4 << 20, attention_backend=backend,
                       max_num_batched_tokens=16, max_num_seqs=4)
             runs[name] = (llm.engine.kv.setup.attention_backend, llm.generate(prompts, sp, use_tqdm=False))
     finally:
-        triton_fp8_step.fp8_paged_prefill_attention = prefill
-        triton_fp8_step.quant_decode_attention = decode
+        triton_quant_step.fp8_paged_prefill_attention = prefill
+        triton_quant_step.quant_decode_attention = decode
 
     def max_diff(x, y):
         return max((torch.stack(a.outputs[0].logits) - torch.stack(b.outputs[0].logits)).abs().max().item()

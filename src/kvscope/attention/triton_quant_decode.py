@@ -46,6 +46,7 @@ from kvscope.attention.decode_splits import (
     split_result,
 )
 from kvscope.attention.fp8_codes import fp8_to_f16
+from kvscope.attention.kivi_codes import kivi_codes
 from kvscope.attention.online_softmax import softmax_step
 from kvscope.attention.triton_kivi_write import kivi_write
 from kvscope.attention.triton_kv_write import write_kv
@@ -121,16 +122,6 @@ def _fp8_kernel(q_ptr, k_ptr, v_ptr, ks_ptr, vs_ptr, tables_ptr, lens_ptr, o_ptr
 
 
 @triton.jit
-def _codes(ptr, rows, mask, D: tl.constexpr, BITS: tl.constexpr):
-    """Codes ``[N, D]`` (int32) of the rows starting at ``ptr + rows`` (``[N]`` element offsets);
-    int4 bytes are loaded once each, contiguous (vector loads), and split into their two nibbles."""
-    if BITS == 4:
-        byte = tl.load(ptr + rows[:, None] + tl.arange(0, D // 2)[None, :], mask=mask[:, None], other=0).to(tl.int32)
-        return tl.interleave(byte & 15, byte >> 4)  # the even channel is the low nibble
-    return tl.load(ptr + rows[:, None] + tl.arange(0, D)[None, :], mask=mask[:, None], other=0).to(tl.int32)
-
-
-@triton.jit
 def _kivi_kernel(q_ptr, kq_ptr, vq_ptr, kscale_ptr, kzero_ptr, vscale_ptr, vzero_ptr, res_ptr,
                  tables_ptr, lens_ptr, slots_ptr, o_ptr, lse_ptr, qk_scale, num_splits,
                  stride_qb, stride_qh, stride_cb, stride_ct, stride_ch, stride_kb, stride_kh,
@@ -170,13 +161,13 @@ def _kivi_kernel(q_ptr, kq_ptr, vq_ptr, kscale_ptr, kzero_ptr, vscale_ptr, vzero
         koff = kblock[:, None] * stride_kb + h * stride_kh + d[None, :]
         ks = tl.load(kscale_ptr + koff, mask=j_valid[:, None], other=0.0).to(tl.float32)
         kz = tl.load(kzero_ptr + koff, mask=j_valid[:, None], other=0.0).to(tl.float32)
-        kc = tl.reshape(_codes(kq_ptr, rows, valid, D, BITS).to(tl.float32), [NB, BLOCK_N // NB, D])
+        kc = tl.reshape(kivi_codes(kq_ptr, rows, valid, D, BITS).to(tl.float32), [NB, BLOCK_N // NB, D])
         k = tl.reshape(kc * ks[:, None, :] + kz[:, None, :], [BLOCK_N, D]).to(q.dtype)
         # Values: a scale/zero per token and group of VGROUP channels.
         voff = (block * stride_vb + (t % BS) * stride_vt + h * stride_vh)[:, None] + tl.arange(0, D // VGROUP)[None, :]
         vs = tl.load(vscale_ptr + voff, mask=valid[:, None], other=0.0).to(tl.float32)
         vz = tl.load(vzero_ptr + voff, mask=valid[:, None], other=0.0).to(tl.float32)
-        vc = tl.reshape(_codes(vq_ptr, rows, valid, D, BITS).to(tl.float32), [BLOCK_N, D // VGROUP, VGROUP])
+        vc = tl.reshape(kivi_codes(vq_ptr, rows, valid, D, BITS).to(tl.float32), [BLOCK_N, D // VGROUP, VGROUP])
         v = tl.reshape(vc * vs[:, :, None] + vz[:, :, None], [BLOCK_N, D]).to(q.dtype)
         m_i, l_i, acc = _dot_step(q, k, v, valid, m_i, l_i, acc, qk_scale, DOT_PRECISION)
     # The residual (tokens qend .. ctx - 1, fewer than BS) in full precision, by whichever split

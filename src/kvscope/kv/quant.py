@@ -22,10 +22,12 @@ Two published schemes on top of ``paged``'s block pool (:class:`~kvscope.kv.page
 Attention reads the cache back for prefill and decode alike (the step's own tokens included, as
 they were stored). The reference path dequantizes and calls :mod:`kvscope.attention.torch_ref`.
 With ``attention_backend="triton"`` the kernels dequantize in registers: decode-only steps run
-:mod:`kvscope.attention.triton_quant_decode` (every dtype); fp8 steps with prefill chunks run
-:mod:`kvscope.attention.triton_fp8_step` (decode rows by the same decode kernel, the chunks together
-by :func:`~kvscope.attention.triton_prefill.fp8_paged_prefill_attention`); KIVI's prefill chunks
-stay on the reference path.
+:mod:`kvscope.attention.triton_quant_decode` (every dtype); steps with prefill chunks run
+:mod:`kvscope.attention.triton_quant_step` (every dtype: decode rows by the same decode kernel, the
+chunks together by one prefill launch, fp8's
+:func:`~kvscope.attention.triton_prefill.fp8_paged_prefill_attention` or KIVI's
+:func:`~kvscope.attention.triton_kivi_prefill.kivi_paged_prefill_attention`, which reads the
+quantized blocks and then the residual slot).
 
 CUDA-graph decode (every dtype, on the Triton backend): ``paged``'s block-table steps
 (:mod:`kvscope.kv.block_table_graphs`). fp8: :class:`~kvscope.attention.triton_quant_decode.StaticFP8Decode`
@@ -279,10 +281,9 @@ class QuantStrategy(PagedStrategy):
                 from kvscope.attention.triton_quant_decode import TritonQuantDecode
 
                 return TritonQuantDecode(self.cache, plan, tables, done, res, self.scale)
-            if isinstance(self.cache, FP8Cache):  # KIVI's prefill chunks stay on the torch path
-                from kvscope.attention.triton_fp8_step import TritonFP8Attention
+            from kvscope.attention.triton_quant_step import TritonQuantAttention
 
-                return TritonFP8Attention(self.cache, plan, tables, done, qs, self.scale)
+            return TritonQuantAttention(self.cache, plan, tables, done, qs, res, self.scale)
         return QuantAttention(self.cache, plan, qs, self.scale)
 
     def residual_slots(self, batch: StepBatch) -> list[int]:
