@@ -15,9 +15,8 @@ alone leave most of the device idle.
   the prefill kernel; exact, and the same in Triton's interpreter and on any GPU;
   no float8 type, which Triton lacks before sm_89) to values exact in any query dtype (e4m3: 3
   mantissa bits, magnitudes 2^-9 .. 448), so they feed ``tl.dot`` unscaled: the head's K scale
-  multiplies the scores and its V scale the output, both scalars of the program. This structure
-  is unmeasured on a GPU (benchmarks/results/kv_formats_decode.md measured the previous
-  one-block-per-iteration broadcast kernel).
+  multiplies the scores and its V scale the output, both scalars of the program. Measured on an
+  H200 in benchmarks/results/kv_formats_decode.md.
 * KIVI (:class:`~kvscope.kv.quant_cache.KiviCache`): a sequence's first ``len // G`` blocks are
   quantized (codes ``[num_blocks, G, Hkv, D * bits / 8]``, int4 two a byte, low nibble first; key
   scale/zero per channel ``[num_blocks, Hkv, D]``, value scale/zero per token and channel group
@@ -27,8 +26,7 @@ alone leave most of the device idle.
   block, each block its key scale/zero row. Codes are dequantized in float32 and rounded to the
   query's dtype (what :meth:`KiviCache.gather` gives in the model's dtype), then ``tl.dot``. The
   residual is one more ``G``-token tile, masked to the split's range, in the split(s) holding it.
-  Unmeasured on a GPU (benchmarks/results/kv_formats_decode.md measured the previous
-  one-block-per-iteration broadcast kernel).
+  Measured on an H200 in benchmarks/results/kv_formats_decode.md.
 
 The torch reference is :meth:`FP8Cache.gather` / :meth:`KiviCache.gather` followed by
 :func:`kvscope.attention.torch_ref.attend_decode`.
