@@ -2,35 +2,8 @@
 bfloat16 with their default launches: they compile, and ptxas spills no registers (to the stack)."""
 from __future__ import annotations
 
-import subprocess
-from pathlib import Path
-
 import pytest
-
-
-def _usage(fn, const: dict, ptrs: dict, num_warps: int, num_stages: int, tmp_path: Path) -> str:
-    """cuobjdump's resource usage of ``fn`` compiled for sm_90; pointers and integer arguments
-    specialized as divisible by 16, as the launcher specializes them at these shapes."""
-    triton = pytest.importorskip("triton")
-    from triton.backends import backends
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
-    if "nvidia" not in backends:
-        pytest.skip("this Triton has no NVIDIA backend")
-    cuobjdump = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
-    if not cuobjdump.exists():
-        pytest.skip("this Triton ships no cuobjdump")
-    names = fn.arg_names
-    sig = {n: "constexpr" if n in const else ptrs.get(n, "*bf16" if n.endswith("_ptr") else "i32") for n in names}
-    sig["qk_scale"] = "fp32"
-    attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(names) if n not in const and n != "qk_scale"}
-    kernel = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=const, attrs=attrs),
-                            target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps, "num_stages": num_stages})
-    cubin = tmp_path / "kernel.cubin"
-    cubin.write_bytes(kernel.asm["cubin"])
-    return subprocess.run([str(cuobjdump), "-res-usage", str(cubin)], capture_output=True, text=True,
-                          check=True).stdout
+from sm90_usage import sm90_usage
 
 
 @pytest.mark.parametrize("bits,group", [(8, 32), (4, 64)])
@@ -42,7 +15,7 @@ def test_kivi_prefill_compiles_without_spills(bits, group, tmp_path):
              "BLOCK_N": 64, "DOT_PRECISION": "tf32"}
     ptrs = {"kq_ptr": "*u8", "vq_ptr": "*u8", "ks_ptr": "*fp16", "kz_ptr": "*fp16", "vs_ptr": "*fp16",
             "vz_ptr": "*fp16", "tables_ptr": "*i32", "slots_ptr": "*i32", "cu_ptr": "*i32", "lens_ptr": "*i32"}
-    usage = _usage(_kivi_prefill_kernel, const, ptrs, 8, 2, tmp_path)
+    usage = sm90_usage(_kivi_prefill_kernel, const, ptrs, {"num_warps": 8, "num_stages": 2}, tmp_path)
     assert " STACK:0 " in usage and " LOCAL:0 " in usage, usage
 
 
@@ -54,5 +27,5 @@ def test_fp8_prefill_compiles_without_spills(tmp_path):
              "FP8": True, "DOT_PRECISION": "tf32"}
     ptrs = {"k_ptr": "*u8", "v_ptr": "*u8", "ks_ptr": "*fp32", "vs_ptr": "*fp32", "tables_ptr": "*i32",
             "cu_ptr": "*i32", "lens_ptr": "*i32"}
-    usage = _usage(_prefill_kernel, const, ptrs, 8, 3, tmp_path)
+    usage = sm90_usage(_prefill_kernel, const, ptrs, {"num_warps": 8, "num_stages": 3}, tmp_path)
     assert " STACK:0 " in usage and " LOCAL:0 " in usage, usage

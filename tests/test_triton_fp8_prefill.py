@@ -8,15 +8,12 @@ JSON line; the tests here judge them.
 """
 from __future__ import annotations
 
-import json
-import os
-import random
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
+
+from quant_prefill_harness import interpreted, run_engine_case, run_jobs
+from quant_prefill_harness import ok as _ok
 
 from kvscope.attention.torch_ref import attend_causal
 from kvscope.kv.quant_codec import FP8_K_RANGE, FP8_V_RANGE, fp8_quantize, fp8_scale
@@ -102,83 +99,19 @@ def _run_kernel_case(hq, hkv, d, bs, chunks, ctxs, per_head, dtype, knobs) -> di
 # Engine runs: prompts of several chunks each (max_num_batched_tokens 16), with decode rows in the
 # same steps as other requests' chunks (max_num_seqs 4).
 ENGINE_CASES = ["quant:dtype=fp8", "quant:dtype=fp8,scale=head"]
-ENGINE_NEW = 6
-
-
-def _run_engine_case(path: str, strategy: str) -> dict:
-    from kvscope import LLM, SamplingParams
-    from kvscope.attention import triton_quant_step
-
-    calls = {"prefill": 0, "mixed": 0}
-    prefill, decode = triton_quant_step.fp8_paged_prefill_attention, triton_quant_step.quant_decode_attention
-
-    def count_prefill(*args, **kwargs):
-        calls["prefill"] += 1
-        return prefill(*args, **kwargs)
-
-    def count_decode(*args, **kwargs):  # decode rows of a step that also holds prefill chunks
-        calls["mixed"] += 1
-        return decode(*args, **kwargs)
-
-    rng = random.Random(5)
-    prompts = [[rng.randrange(4, 256) for _ in range(n)] for n in (37, 5, 50, 21)]
-    sp = SamplingParams(max_tokens=ENGINE_NEW, temperature=0.0, ignore_eos=True, return_logits=True)
-    runs = {}
-    # "paged" at full precision measures what quantization itself moves the logits by.
-    runs_of = (("full", "paged", "torch"), ("torch", strategy, "torch"), ("triton", strategy, "triton"))
-    triton_quant_step.fp8_paged_prefill_attention = count_prefill
-    triton_quant_step.quant_decode_attention = count_decode
-    try:
-        for name, spec, backend in runs_of:
-            llm = LLM(path, strategy=spec, kv_memory_bytes=4 << 20, attention_backend=backend,
-                      max_num_batched_tokens=16, max_num_seqs=4)
-            runs[name] = (llm.engine.kv.setup.attention_backend, llm.generate(prompts, sp, use_tqdm=False))
-    finally:
-        triton_quant_step.fp8_paged_prefill_attention = prefill
-        triton_quant_step.quant_decode_attention = decode
-
-    def max_diff(x, y):
-        return max((torch.stack(a.outputs[0].logits) - torch.stack(b.outputs[0].logits)).abs().max().item()
-                   for a, b in zip(x, y))
-
-    (_, full), (_, ref), (used, got) = runs["full"], runs["torch"], runs["triton"]
-    return {"backend": used, "tokens_equal": [a.token_ids for a in ref] == [b.token_ids for b in got],
-            "max_logit_diff": max_diff(ref, got), "quant_logit_diff": max_diff(full, ref), **calls}
 
 
 def _child_main(checkpoint: str) -> None:
-    """Entry point of the interpreter process: one JSON line of every case's result (or error)."""
-    assert os.environ.get("TRITON_INTERPRET") == "1"
+    """Entry point of the interpreter process (:func:`quant_prefill_harness.run_jobs`)."""
     jobs = {f"kernel{i}": lambda c=c: _run_kernel_case(*c) for i, c in enumerate(CASES)}
-    jobs.update({f"engine{i}": lambda s=s: _run_engine_case(checkpoint, s) for i, s in enumerate(ENGINE_CASES)})
-    results = {}
-    for name, job in jobs.items():
-        try:
-            results[name] = job()
-        except Exception as e:  # reported by the case's own test in the parent
-            results[name] = {"error": f"{type(e).__name__}: {e}"}
-    print(json.dumps(results))
+    jobs.update({f"engine{i}": lambda s=s: run_engine_case(checkpoint, s, "fp8_paged_prefill_attention")
+                 for i, s in enumerate(ENGINE_CASES)})
+    run_jobs(jobs)
 
 
 @pytest.fixture(scope="module")
 def interpreted_results(tmp_path_factory, triton_interpreter) -> dict:
-    from hf_ref import make_tiny_checkpoint
-
-    checkpoint = tmp_path_factory.mktemp("llama")
-    make_tiny_checkpoint("llama", checkpoint)
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    here = Path(__file__)
-    code = (f"import sys; sys.path.insert(0, {str(here.parent)!r}); import {here.stem} as t; "
-            f"t._child_main({str(checkpoint)!r})")
-    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return json.loads(proc.stdout.splitlines()[-1])
-
-
-def _ok(results: dict, name: str) -> dict:
-    r = results[name]
-    assert "error" not in r, r.get("error")
-    return r
+    return interpreted(__file__, tmp_path_factory)
 
 
 @pytest.mark.parametrize("index", range(len(CASES)), ids=[

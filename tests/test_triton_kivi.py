@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from sm90_usage import sm90_usage
 
 pytest.importorskip("triton")
 
@@ -188,32 +189,14 @@ def test_gpu_bfloat16(bits, group):
 def test_compiles_for_sm90_without_spills(bits, group, tmp_path):
     """Compiled for an H100 (no GPU needed) at Llama-3-8B head shapes in bfloat16 with the launch
     quant_decode_attention uses: no register spills (ptxas puts them on the stack)."""
-    triton = pytest.importorskip("triton")
-    from triton.backends import backends
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
-    if "nvidia" not in backends:
-        pytest.skip("this Triton has no NVIDIA backend")
-    cuobjdump = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
-    if not cuobjdump.exists():
-        pytest.skip("this Triton ships no cuobjdump")
     from kvscope.attention.triton_quant_decode import KIVI_LAUNCH, _kivi_kernel
 
     const = {"GROUP": 4, "GQ": 16, "D": 128, "BS": group, "BITS": bits, "VGROUP": group, "BLOCK_N": 128,
              "NB": 128 // group, "DOT_PRECISION": "tf32"}
     ptrs = {"q_ptr": "*bf16", "res_ptr": "*bf16", "o_ptr": "*bf16", "lse_ptr": "*fp32", "kq_ptr": "*u8",
             "vq_ptr": "*u8", "tables_ptr": "*i32", "lens_ptr": "*i32", "slots_ptr": "*i32"}
-    names = _kivi_kernel.arg_names
-    sig = {n: "constexpr" if n in const else ptrs.get(n, "*fp16" if n.endswith("_ptr") else "i32") for n in names}
-    sig["qk_scale"] = "fp32"
+    ptrs = {n: ptrs.get(n, "*fp16") for n in _kivi_kernel.arg_names if n.endswith("_ptr")}
     # As the launcher specializes them at these shapes: pointers and most strides multiples of 16.
-    odd = {"qk_scale", "num_splits", "stride_vh", "stride_tb", "stride_lb", "stride_lh"}
-    attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(names) if n not in const and n not in odd}
-    kernel = triton.compile(ASTSource(fn=_kivi_kernel, signature=sig, constexprs=const, attrs=attrs),
-                            target=GPUTarget("cuda", 90, 32), options=KIVI_LAUNCH)
-    cubin = tmp_path / "kivi.cubin"
-    cubin.write_bytes(kernel.asm["cubin"])
-    usage = subprocess.run([str(cuobjdump), "-res-usage", str(cubin)], capture_output=True, text=True,
-                           check=True).stdout
+    odd = frozenset({"num_splits", "stride_vh", "stride_tb", "stride_lb", "stride_lh"})
+    usage = sm90_usage(_kivi_kernel, const, ptrs, KIVI_LAUNCH, tmp_path, odd)
     assert " STACK:0 " in usage and " LOCAL:0 " in usage, usage

@@ -23,7 +23,7 @@ Attention reads the cache back for prefill and decode alike (the step's own toke
 they were stored). The reference path dequantizes and calls :mod:`kvscope.attention.torch_ref`.
 With ``attention_backend="triton"`` the kernels dequantize in registers: decode-only steps run
 :mod:`kvscope.attention.triton_quant_decode` (every dtype); steps with prefill chunks run
-:mod:`kvscope.attention.triton_quant_step` (every dtype: decode rows by the same decode kernel, the
+:mod:`kvscope.kv.quant_triton_step` (every dtype: decode rows by the same decode kernel, the
 chunks together by one prefill launch, fp8's
 :func:`~kvscope.attention.triton_prefill.fp8_paged_prefill_attention` or KIVI's
 :func:`~kvscope.attention.triton_kivi_prefill.kivi_paged_prefill_attention`, which reads the
@@ -281,7 +281,7 @@ class QuantStrategy(PagedStrategy):
                 from kvscope.attention.triton_quant_decode import TritonQuantDecode
 
                 return TritonQuantDecode(self.cache, plan, tables, done, res, self.scale)
-            from kvscope.attention.triton_quant_step import TritonQuantAttention
+            from kvscope.kv.quant_triton_step import TritonQuantAttention
 
             return TritonQuantAttention(self.cache, plan, tables, done, qs, res, self.scale)
         return QuantAttention(self.cache, plan, qs, self.scale)

@@ -10,6 +10,9 @@ slots are whole blocks.
 """
 from __future__ import annotations
 
+import itertools
+from dataclasses import dataclass
+
 import torch
 
 from kvscope.attention.torch_ref import attend_causal, attend_decode
@@ -153,6 +156,33 @@ def rows_index(ranges: list[tuple[int, int]], device: torch.device) -> slice | t
     return to_device(torch.cat([torch.arange(s, e) for s, e in ranges]), device)
 
 
+@dataclass
+class StepRows:
+    """A step's requests split as the Triton kernels take them: decode rows (one new token each)
+    and prefill chunks, each group's query rows (:func:`rows_index`; None for an empty group), and
+    the chunks' ``[P + 1]`` int32 row offsets and longest chunk (None and 0 without chunks)."""
+
+    decode: list[int]
+    prefill: list[int]
+    decode_q: slice | torch.Tensor | None
+    prefill_q: slice | torch.Tensor | None
+    prefill_cu: torch.Tensor | None
+    prefill_max_len: int
+
+    @classmethod
+    def of(cls, query_start: list[int], device: torch.device) -> StepRows:
+        """From the ``[B + 1]`` row offsets of each request's new tokens (host ints: no sync)."""
+        q_lens = [query_start[i + 1] - query_start[i] for i in range(len(query_start) - 1)]
+        decode = [i for i, n in enumerate(q_lens) if n == 1]
+        prefill = [i for i, n in enumerate(q_lens) if n > 1]
+        decode_q = rows_index([(query_start[i], query_start[i] + 1) for i in decode], device) if decode else None
+        if not prefill:
+            return cls(decode, prefill, decode_q, None, None, 0)
+        cu = list(itertools.accumulate((q_lens[i] for i in prefill), initial=0))
+        return cls(decode, prefill, decode_q, rows_index([(query_start[i], query_start[i + 1]) for i in prefill], device),
+                   to_device(cu, device, torch.int32), max(q_lens[i] for i in prefill))
+
+
 class TritonSlotAttention:
     """AttentionBackend over a :class:`SlotKVCache` through block tables, with Triton kernels.
 
@@ -195,26 +225,19 @@ class TritonSlotAttention:
         self.slot_mapping = to_device(slots, device)
         tables, lens = to_device(tables, device), to_device(ctx, device, torch.int32)
 
-        decode = [i for i in range(batch) if q_lens[i] == 1]
-        prefill = [i for i in range(batch) if q_lens[i] > 1]
-        self.decode_q = rows_index([(query_start[i], query_start[i] + 1) for i in decode], device) if decode else None
-        if decode:
-            whole = len(decode) == batch
-            at = None if whole else to_device(decode, device, torch.long)  # a list index would sync
+        split = StepRows.of(query_start, device)
+        self.decode_q, self.prefill_q = split.decode_q, split.prefill_q
+        self.prefill_cu, self.prefill_max_len = split.prefill_cu, split.prefill_max_len
+        if split.decode:
+            whole = len(split.decode) == batch
+            at = None if whole else to_device(split.decode, device, torch.long)  # a list index would sync
             self.decode_tables = tables if whole else tables[at]
             self.decode_lens = lens if whole else lens[at]
-        self.prefill_q = None
-        if prefill:
-            self.prefill_q = rows_index([(query_start[i], query_start[i + 1]) for i in prefill], device)
-            whole = len(prefill) == batch
-            at = None if whole else to_device(prefill, device, torch.long)
+        if split.prefill:
+            whole = len(split.prefill) == batch
+            at = None if whole else to_device(split.prefill, device, torch.long)
             self.prefill_tables = tables if whole else tables[at]
             self.prefill_lens = lens if whole else lens[at]
-            cu = [0]
-            for i in prefill:
-                cu.append(cu[-1] + q_lens[i])
-            self.prefill_cu = to_device(cu, device, torch.int32)
-            self.prefill_max_len = max(q_lens[i] for i in prefill)
 
     def attend(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         self.write(layer_idx, k, v)

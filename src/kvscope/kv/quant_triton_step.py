@@ -20,7 +20,7 @@ from kvscope.attention.triton_prefill import fp8_paged_prefill_attention
 from kvscope.attention.triton_quant_decode import quant_decode_attention
 from kvscope.device_copy import to_device
 from kvscope.kv.quant_cache import FP8Cache, KiviCache, QuantPlan
-from kvscope.kv.slot_cache import rows_index
+from kvscope.kv.slot_cache import StepRows
 
 
 class TritonQuantAttention:
@@ -50,23 +50,17 @@ class TritonQuantAttention:
         padded = torch.tensor([(t[:width] + [0] * width)[:width] for t in tables], dtype=torch.int32)
         lens = torch.tensor(ctx, dtype=torch.int32)
         res = torch.tensor(res_slots, dtype=torch.int32) if res_slots else None
-        decode = [i for i in range(batch) if q_lens[i] == 1]
-        prefill = [i for i in range(batch) if q_lens[i] > 1]
-        self.decode_q = None
+        split = StepRows.of(query_start, device)
+        decode, prefill = split.decode, split.prefill
+        self.decode_q, self.prefill_q = split.decode_q, split.prefill_q
+        self.prefill_cu, self.prefill_max_len = split.prefill_cu, split.prefill_max_len
         if decode:
-            self.decode_q = rows_index([(query_start[i], query_start[i] + 1) for i in decode], device)
             self.decode_tables = to_device(padded[decode], device)
             self.decode_lens = to_device(lens[decode], device)
             self.decode_res = to_device(res[decode], device) if res is not None else None
-        self.prefill_q = rows_index([(query_start[i], query_start[i + 1]) for i in prefill], device)
         self.prefill_tables = to_device(padded[prefill], device)
         self.prefill_lens = to_device(lens[prefill], device)
         self.prefill_res = to_device(res[prefill], device) if res is not None else None
-        cu = [0]
-        for i in prefill:
-            cu.append(cu[-1] + q_lens[i])
-        self.prefill_cu = to_device(cu, device, torch.int32)
-        self.prefill_max_len = max(q_lens[i] for i in prefill)
 
     def attend(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """``q`` ``[N, Hq, D]``, ``k``/``v`` ``[N, Hkv, D]`` of the step's new tokens -> ``[N, Hq, D]``."""
