@@ -40,6 +40,8 @@ before kvscope loads its model, so each engine has the GPU to itself. ``--kv-mem
 every system the same KV pool: kvscope ``kv_memory_bytes``, vLLM ``num_gpu_blocks_override`` of the
 same number of tokens. ``--kvscope-strategies`` adds kvscope strategies beside ``paged`` (each a
 system ``kvscope:<spec>``), e.g. ``h2o:heavy_ratio=0.1,recent_ratio=0.1`` under a tight pool.
+``--piecewise-ab`` adds ``paged`` with piecewise graphs off (``piecewise_graph_sizes=[]``: prefill
+and mixed steps eager), as the system ``kvscope:paged (no piecewise graphs)``, in the same run.
 
 Correctness first, in float32 on the Llama-3.2-1B shapes (``CHECK_PRESET``; on the CPU smoke test the
 tiny preset): kvscope's first-step logits against HF's forward on a 64-token prompt (relative L2
@@ -191,9 +193,12 @@ def run_kvscope(llm: LLM, lengths: Lengths, vocab: int, repeats: int, device: to
 
     run(make(0, [(p, min(o, 16)) for p, o in lengths[:16]]))
     before, pre0 = graph_replays(llm.engine), llm.engine.scheduler.num_preemptions
+    pieces0, steps0 = llm.engine.runner.piecewise_replays, llm.engine.num_steps
     r = timed_runs(run, make, repeats, device)
     after = graph_replays(llm.engine)
     return r | {"graph_replays": None if before is None else after - before,
+                "piecewise_replays": llm.engine.runner.piecewise_replays - pieces0,
+                "steps": llm.engine.num_steps - steps0,
                 "preemptions": llm.engine.scheduler.num_preemptions - pre0}
 
 
@@ -285,6 +290,7 @@ def main() -> None:
     ap.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=None,
                     help="kvscope's EngineConfig.async_scheduling (default: the engine's, on for CUDA)")
     ap.add_argument("--kvscope-strategies", default="", help="kvscope strategies beside paged, ';'-separated specs")
+    ap.add_argument("--piecewise-ab", action="store_true", help="also run paged with piecewise graphs off")
     args = ap.parse_args()
     if args.dump_sharegpt_lengths:
         pairs = sharegpt_lengths()
@@ -323,8 +329,11 @@ def main() -> None:
                         max_model_len=max_model_len, enforce_eager=False, **memory,
                         **({} if args.async_scheduling is None else {"async_scheduling": args.async_scheduling}))
     # Prefix caching off, as vLLM runs here: random prompts never hit, so it would only add hashing.
-    strategies = ["paged:enable_prefix_caching=False", *filter(None, args.kvscope_strategies.split(";"))]
-    systems = [*SYSTEMS[:1], *(f"kvscope:{s}" for s in strategies[1:]), *SYSTEMS[1:]]
+    paged = "paged:enable_prefix_caching=False"
+    runs = [(paged, "kvscope", {}), *((s, f"kvscope:{s}", {}) for s in filter(None, args.kvscope_strategies.split(";")))]
+    if args.piecewise_ab:
+        runs.append((paged, "kvscope:paged (no piecewise graphs)", {"piecewise_graph_sizes": []}))
+    systems = [*(system for _, system, _ in runs), *SYSTEMS[1:]]
 
     old = args.out / "end_to_end.json"
     res = json.loads(old.read_text())["results"] if args.merge and old.is_file() else {}
@@ -343,12 +352,13 @@ def main() -> None:
         (args.out / "end_to_end.json").write_text(json.dumps(result, indent=1) + "\n")
         (args.out / "end_to_end.md").write_text(markdown(result))
 
-    for strategy, system in zip(strategies, systems):
+    for strategy, system, overrides in runs:
         t0 = time.perf_counter()
-        llm = LLM(f"dummy:{preset}", strategy, device=str(device), dtype="bfloat16", loaded_model=loaded, **kw)
-        result["async_scheduling"][strategy] = llm.engine.async_scheduling  # not in kw: the next LLM takes kw
-        print(f"kvscope {strategy} engine ready in {time.perf_counter() - t0:.1f} s "
-              f"(async scheduling {llm.engine.async_scheduling})", flush=True)
+        llm = LLM(f"dummy:{preset}", strategy, device=str(device), dtype="bfloat16", loaded_model=loaded,
+                  **(kw | overrides))
+        result["async_scheduling"][system] = llm.engine.async_scheduling  # not in kw: the next LLM takes kw
+        print(f"{system} engine ready in {time.perf_counter() - t0:.1f} s (async scheduling "
+              f"{llm.engine.async_scheduling}, piecewise graphs {llm.engine.piecewise_sizes})", flush=True)
         for name, L in live.items():
             measure(system, name, run_kvscope, llm, L, vocab, args.repeats, device)
         del llm

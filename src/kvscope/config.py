@@ -98,7 +98,11 @@ class EngineConfig:
     also emits or folds the statistic); their other rows run torch attention.
     ``enforce_eager`` (vLLM's name): when False, on CUDA with the Triton backend, those strategies'
     decode steps replay CUDA graphs captured per batch-size bucket (``cuda_graph_sizes``; default
-    1, 2, 4, 8, 16, 24, ... up to ``max_num_seqs``); see ``engine/cuda_graph.py``.
+    1, 2, 4, 8, 16, 24, ... up to ``max_num_seqs``); see ``engine/cuda_graph.py``. The other steps
+    (prefill chunks, mixed steps, decode steps a strategy does not capture) of up to the largest
+    of ``piecewise_graph_sizes`` tokens (default 16, 32, ..., 512, 768, 1024, capped at
+    ``max_num_batched_tokens``; ``[]``: none) replay graphs of the model split around attention,
+    which runs eagerly in between; see ``engine/piecewise.py``. One process only.
     ``async_scheduling`` (vLLM's name): schedule and launch each step before the previous one's
     tokens reach the host, so that the host's work per step overlaps the device's (see
     ``engine/inflight.py``); outputs then come one :meth:`~kvscope.engine.engine.LLMEngine.step`
@@ -127,6 +131,7 @@ class EngineConfig:
     attention_backend: str = "auto"
     enforce_eager: bool = False
     cuda_graph_sizes: list[int] | None = None
+    piecewise_graph_sizes: list[int] | None = None
     tensor_parallel_size: int = 1
     async_scheduling: bool | None = None
 
@@ -188,4 +193,14 @@ class EngineConfig:
                 raise ConfigError(
                     f"cuda_graph_sizes {sizes} has a bucket above max_num_seqs={self.max_num_seqs}: "
                     "no step has more rows"
+                )
+        if self.piecewise_graph_sizes is not None:
+            sizes = self.piecewise_graph_sizes
+            if not isinstance(sizes, (list, tuple)):
+                raise ConfigError(f"piecewise_graph_sizes must be a list of integers >= 1 (or []), got {sizes!r}")
+            self.piecewise_graph_sizes = checks.int_list(sizes, "piecewise_graph_sizes", minimum=1)
+            if sizes and max(sizes) > self.max_num_batched_tokens:
+                raise ConfigError(
+                    f"piecewise_graph_sizes {sizes} has a bucket above max_num_batched_tokens="
+                    f"{self.max_num_batched_tokens}: no step has more tokens"
                 )

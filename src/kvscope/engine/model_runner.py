@@ -5,6 +5,7 @@ import torch
 
 from kvscope.device_copy import to_device
 from kvscope.engine.cuda_graph import GraphRunner
+from kvscope.engine.piecewise import PiecewiseRunner
 from kvscope.kv.backend import KVBackend, StepBatch
 from kvscope.models.base import CausalLM
 from kvscope.request import Request
@@ -12,15 +13,18 @@ from kvscope.request import Request
 
 class ModelRunner:
     """Sees the strategy only as a :class:`~kvscope.kv.backend.KVBackend`. ``graphs``: the graph
-    runner of the strategy's captured decode steps, tried first for the pure-decode steps."""
+    runner of the strategy's captured decode steps, tried first for the pure-decode steps;
+    ``pieces``: the model's piecewise graphs, tried for the steps the decode graphs decline."""
 
     def __init__(self, model: CausalLM, kv: KVBackend, device: torch.device,
-                 graphs: GraphRunner | None = None) -> None:
+                 graphs: GraphRunner | None = None, pieces: PiecewiseRunner | None = None) -> None:
         self.model = model
         self.kv = kv
         self.device = device
         self.graphs = graphs
+        self.pieces = pieces
         self.graph_replays = 0
+        self.piecewise_replays = 0
 
     def build_batch(self, requests: list[Request], num_new_tokens: list[int]) -> StepBatch:
         if num_new_tokens.count(1) == len(num_new_tokens):  # pure decode (most steps): one token each
@@ -57,6 +61,10 @@ class ModelRunner:
             rows, ids = batch.input_patch
             batch.input_ids.index_copy_(0, rows, ids)
         attn = self.kv.begin_step(batch)
-        hidden = self.model(batch.input_ids, batch.positions, attn)
+        hidden = None if self.pieces is None else self.pieces.run(batch, attn)
+        if hidden is None:
+            hidden = self.model(batch.input_ids, batch.positions, attn)
+        else:
+            self.piecewise_replays += 1
         rows = to_device(sample_rows, hidden.device, torch.long)
         return self.model.compute_logits(hidden[rows])

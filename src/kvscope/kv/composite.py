@@ -16,8 +16,12 @@ class CompositeAttention:
 
     def __init__(self, parts: list[tuple[AttentionBackend, torch.Tensor]]) -> None:
         self.parts = parts
+        # The hook only where a child has one: a backend with the hook makes the step run eagerly
+        # (``engine/piecewise.py``), which children that never fetch should not cost.
+        if any(getattr(backend, "layer_input", None) is not None for backend, _ in parts):
+            self.layer_input = self._layer_input
 
-    def layer_input(self, layer: int, x: torch.Tensor) -> None:
+    def _layer_input(self, layer: int, x: torch.Tensor) -> None:
         for backend, rows in self.parts:
             hook = getattr(backend, "layer_input", None)
             if hook is not None:
