@@ -39,6 +39,7 @@ STAT_COUNTERS: dict[str, tuple[str, str, float]] = {
     "num_steps": ("kvscope:engine_steps", "Engine steps run", 1.0),
     "num_computed_tokens": ("kvscope:computed_tokens", "Tokens run through the model (recomputes included)", 1.0),
     "cuda_graph_replays": ("kvscope:cuda_graph_replays", "Decode steps replayed from CUDA graphs", 1.0),
+    "piecewise_graph_replays": ("kvscope:piecewise_graph_replays", "Prefill and mixed steps replayed from piecewise CUDA graphs", 1.0),
     "num_evictions": ("kvscope:evictions", "Eviction events of an evicting strategy", 1.0),
     "evicted_tokens": ("kvscope:evicted_tokens", "KV entries evicted (token x layer x head)", 1.0),
     "freed_blocks": ("kvscope:freed_blocks", "KV blocks freed by eviction", 1.0),
