@@ -19,7 +19,13 @@ class RandomStrategy(EvictionStrategy):
 
     def __init__(self, seed: int = 0, **kwargs: Any) -> None:
         super().__init__(**kwargs)
-        self.generator = torch.Generator().manual_seed(checks.integer(seed, "random: seed", -(1 << 63), (1 << 63) - 1))
+        self.seed = checks.integer(seed, "random: seed", -(1 << 63), (1 << 63) - 1)
+        self.generator: torch.Generator | None = None
 
     def initial_scores(self, k: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        return torch.rand(k.shape[:2], generator=self.generator).to(k.device)
+        """Uniform scores ``[N, Hkv]`` for the N new tokens of ``k`` ``[N, Hkv, D]``."""
+        # Drawn on k's device: scores drawn on the host would be a blocking copy in every step's
+        # launch (the sequence of draws, so the evictions, differ between a CPU and a GPU engine).
+        if self.generator is None or self.generator.device != k.device:
+            self.generator = torch.Generator(device=k.device).manual_seed(self.seed)
+        return torch.rand(k.shape[:2], generator=self.generator, device=k.device)
