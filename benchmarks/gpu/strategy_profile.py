@@ -1,0 +1,127 @@
+"""Where ``h2o``'s extra time per engine step goes, against ``paged`` at equal resident tokens: a
+torch-profiler trace of back-to-back engine steps (CUDA graphs, async scheduling), per strategy.
+
+For each strategy the same requests as ``strategy_overhead.py`` (``batch`` requests holding
+``resident`` tokens of random KV, ``h2o`` evicting one token per layer and KV head every step) run
+``engine.step()`` ``--steps`` times under the profiler after a warm-up. Per step it reports the wall
+time, the host time inside ``engine.step`` (the engine's Python and launches), the device time
+(the sum of kernel and copy durations), and the kernels by device time; the h2o-minus-paged table
+names the kernels that make up the difference. When host time per step exceeds device time the
+step is bound by the host; otherwise by the kernels listed.
+
+Writes ``strategy_profile.json`` and ``.md`` to ``--out``. ``--tiny``: a 2-layer model on the CPU.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+from torch.profiler import ProfilerActivity, profile, record_function
+
+sys.path.insert(0, str(Path(__file__).parent))
+from bench_common import bench_environment  # noqa: E402
+from ceilings import RESULTS, env_line  # noqa: E402
+from strategy_overhead import MODEL, TINY_MODEL, engine, inject  # noqa: E402
+
+from kvscope.models.loader import load_model  # noqa: E402
+from kvscope.sampling_params import RequestOutputKind, SamplingParams  # noqa: E402
+
+
+SYNCS = {"cudaEventSynchronize", "cudaStreamSynchronize", "cudaDeviceSynchronize"}
+
+
+def profile_steps(eng, reqs, device: torch.device, steps: int) -> dict:
+    """Per-step wall, host and device milliseconds of ``steps`` back-to-back engine steps, and the
+    device time of each kernel name (ms per step)."""
+    for r in reqs:
+        r.params = SamplingParams(max_tokens=1 << 20, ignore_eos=True, output_kind=RequestOutputKind.FINAL_ONLY)
+        eng.requests[r.request_id], eng._groups[r.request_id] = r, [r]
+        eng.scheduler.add_running(r)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    for _ in range(5):
+        eng.step()
+    sync()
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=acts) as prof:
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            with record_function("engine_step"):
+                eng.step()
+        sync()
+        wall = (time.perf_counter() - t0) * 1e3 / steps
+    kernels: dict[str, float] = defaultdict(float)
+    host = wait = 0.0
+    for e in prof.events():
+        if e.name == "engine_step" and e.device_type.name == "CPU":
+            host += e.time_range.elapsed_us() / 1e3
+        elif e.name in SYNCS:  # the host waiting for the device (reading a step back)
+            wait += e.time_range.elapsed_us() / 1e3
+        elif e.device_type.name == "CUDA":  # a kernel or copy, timed on the device
+            kernels[e.name] += e.time_range.elapsed_us() / 1e3
+    for r in reqs:
+        eng.abort(r.request_id)
+    eng.step()
+    per_step = {k: v / steps for k, v in kernels.items()}
+    return {"wall_ms": wall, "host_ms": host / steps, "host_busy_ms": (host - wait) / steps,
+            "device_ms": sum(per_step.values()),
+            "kernels_ms": dict(sorted(per_step.items(), key=lambda kv: -kv[1]))}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--out", type=Path, default=RESULTS)
+    ap.add_argument("--tiny", action="store_true", help="2-layer dummy model on the CPU (smoke test)")
+    ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--resident", type=int, default=4096)
+    ap.add_argument("--steps", type=int, default=30)
+    args = ap.parse_args()
+    device = torch.device("cpu" if args.tiny else "cuda")
+    model = TINY_MODEL if args.tiny else MODEL
+    b, t = (2, 128) if args.tiny else (args.batch, args.resident)
+    env = bench_environment(device)
+    print(env_line(env), flush=True)
+    loaded = load_model(model, device=device, dtype=torch.bfloat16)
+    most = b * (t + 10 * args.steps)
+    res = {}
+    for name, spec in (("paged", "paged"), ("h2o", f"h2o:budget={t},recent={t // 2}")):
+        eng = engine(loaded, spec, most, False, model, device)
+        res[name] = profile_steps(eng, inject(eng, b, t), device, args.steps)
+        res[name]["async_scheduling"] = eng.async_scheduling
+        print(name, json.dumps({k: v for k, v in res[name].items() if k != "kernels_ms"}), flush=True)
+        del eng
+    result = {"benchmark": "strategy_profile", "environment": env, "model": model, "dtype": "bfloat16",
+              "batch": b, "resident": t, "steps": args.steps, "results": res}
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "strategy_profile.json").write_text(json.dumps(result, indent=1) + "\n")
+    (args.out / "strategy_profile.md").write_text(markdown(result))
+    print(markdown(result))
+
+
+def markdown(r: dict, top: int = 12) -> str:
+    p, h = r["results"]["paged"], r["results"]["h2o"]
+    lines = [f"# Profile: `h2o` against `paged`, {r['batch']} x {r['resident']} resident tokens, engine steps", "",
+             env_line(r["environment"]), "",
+             f"{r['model']} (random weights), {r['dtype']}; {r['steps']} back-to-back `engine.step()` calls under "
+             "torch.profiler after 5 warm-up steps, CUDA graphs, async scheduling "
+             f"(paged {p['async_scheduling']}, h2o {h['async_scheduling']}). Per step: wall time, host time inside "
+             "`engine.step`, the same less its waits for the device (`cudaEventSynchronize` and the like: "
+             "the host's own work) and device time (kernels and copies).", "",
+             "| strategy | wall ms | host ms | host busy ms | device ms |", "|---|---:|---:|---:|---:|"]
+    for name, x in (("paged", p), ("h2o", h)):
+        lines.append(f"| {name} | {x['wall_ms']:.2f} | {x['host_ms']:.2f} | {x['host_busy_ms']:.2f} | "
+                     f"{x['device_ms']:.2f} |")
+    diff = {k: h["kernels_ms"].get(k, 0.0) - p["kernels_ms"].get(k, 0.0) for k in set(h["kernels_ms"]) | set(p["kernels_ms"])}
+    lines += ["", f"Device time by kernel, h2o minus paged (ms per step; the {top} largest differences):", "",
+              "| kernel | paged ms | h2o ms | difference |", "|---|---:|---:|---:|"]
+    for k, d in sorted(diff.items(), key=lambda kv: -abs(kv[1]))[:top]:
+        lines.append(f"| `{k[:90]}` | {p['kernels_ms'].get(k, 0.0):.3f} | {h['kernels_ms'].get(k, 0.0):.3f} | {d:+.3f} |")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    main()
