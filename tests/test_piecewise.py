@@ -160,3 +160,16 @@ def test_captured_pieces_equal_eager_on_cuda(tmp_path, kind, spec):
     if spec == "paged":
         for prompt, out in zip(prompts, outs[False]):
             assert out.token_ids == hf_greedy(hf, prompt, 12)[0]
+
+
+def test_cli_flag():
+    from kvscope.cli import build_parser
+    from kvscope.cli_args import _llm_args
+
+    parse = build_parser().parse_args
+    assert _llm_args(parse(["serve", "--piecewise-graph-sizes", "16,64"]))["piecewise_graph_sizes"] == [16, 64]
+    assert _llm_args(parse(["serve", "--piecewise-graph-sizes", "none"]))["piecewise_graph_sizes"] == []
+    assert _llm_args(parse(["generate", "hi"]))["piecewise_graph_sizes"] is None
+    for bad in ("16,0", "16,x", ""):
+        with pytest.raises(SystemExit):
+            parse(["serve", "--piecewise-graph-sizes", bad])

@@ -14,6 +14,7 @@ Systems, in one run, one after the other, each with the GPU to itself:
   :func:`kvscope.bench.http_driver.run_http_workload` (streaming, one connection per request, all
   sent at once: 256 concurrent requests).
 
+``--piecewise-ab`` serves a second time with piecewise graphs off (``--piecewise-graph-sizes none``).
 Both paths report through :func:`kvscope.bench.metrics.serving_metrics`. Output throughput is the
 median of ``--repeats`` runs after a warm-up run on other prompts. Every run of one engine gets
 prompts that engine has not seen (the prefix cache keeps finished requests' blocks):
@@ -78,6 +79,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--requests", type=int, default=None, help="requests sent at once (default 256; 16 with --tiny)")
     ap.add_argument("--output-len", type=int, default=None, help="output tokens each (default 128; 16 with --tiny)")
+    ap.add_argument("--piecewise-ab", action="store_true", help="also serve with piecewise graphs off")
     args = ap.parse_args()
     device = "cpu" if args.tiny else "cuda"
     model = "dummy:tiny-llama" if args.tiny else "dummy:llama-3.1-8b"
@@ -117,36 +119,42 @@ def main() -> None:
     if device == "cuda":
         torch.cuda.empty_cache()
 
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    cmd = [sys.executable, "-m", "kvscope.cli", "serve", model, "--strategy", "paged", "--device", device,
-           "--dtype", "float32" if args.tiny else "bfloat16", "--port", str(port), "--log-level", "warning",
-           "--max-num-seqs", str(engine["max_num_seqs"]), "--max-num-batched-tokens",
-           str(engine["max_num_batched_tokens"]), "--max-model-len", str(engine["max_model_len"]),
-           "--max-queue", str(4 * n)] + (["--kv-memory", str(kv["kv_memory_bytes"])] if args.tiny else [])
-    server = subprocess.Popen(cmd, env=os.environ | {"PYTHONUNBUFFERED": "1"})
-    try:
-        wait_ready(url, server, 600)
-        name = json.loads(urllib.request.urlopen(f"{url}/v1/models").read())["data"][0]["id"]
-        check = run_http_workload(url, check_reqs, name, mode="offline", extra_body={"temperature": 0.0})
-        same = [a == b for a, b in zip(check.texts, ref_texts)]
-        print(f"server vs in-process greedy texts: {sum(same)} of {len(same)} equal", flush=True)
-        if not all(same):
-            raise SystemExit("the server's greedy texts differ from the in-process engine's")
-        run_http_workload(url, workload(lengths, vocab, 0), name, mode="offline")  # warm-up at full size
-        http = median_runs(lambda s: throughput(run_http_workload(url, workload(lengths, vocab, s), name,
-                                                                  mode="offline").records), args.repeats)
-        print(f"HTTP server: {http['tok_s']:.0f} tok/s", flush=True)
-    finally:
-        server.terminate()
-        server.wait(60)
+    def serve(extra: list[str]) -> tuple[dict, list[bool]]:
+        """Median HTTP throughput of a fresh server given ``extra`` options, and the check's texts."""
+        port = free_port()
+        url = f"http://127.0.0.1:{port}"
+        cmd = [sys.executable, "-m", "kvscope.cli", "serve", model, "--strategy", "paged", "--device", device,
+               "--dtype", "float32" if args.tiny else "bfloat16", "--port", str(port), "--log-level", "warning",
+               "--max-num-seqs", str(engine["max_num_seqs"]), "--max-num-batched-tokens",
+               str(engine["max_num_batched_tokens"]), "--max-model-len", str(engine["max_model_len"]),
+               "--max-queue", str(4 * n)] + (["--kv-memory", str(kv["kv_memory_bytes"])] if args.tiny else []) + extra
+        server = subprocess.Popen(cmd, env=os.environ | {"PYTHONUNBUFFERED": "1"})
+        try:
+            wait_ready(url, server, 600)
+            name = json.loads(urllib.request.urlopen(f"{url}/v1/models").read())["data"][0]["id"]
+            check = run_http_workload(url, check_reqs, name, mode="offline", extra_body={"temperature": 0.0})
+            same = [a == b for a, b in zip(check.texts, ref_texts)]
+            print(f"server {extra} vs in-process greedy texts: {sum(same)} of {len(same)} equal", flush=True)
+            if not all(same):
+                raise SystemExit("the server's greedy texts differ from the in-process engine's")
+            run_http_workload(url, workload(lengths, vocab, 0), name, mode="offline")  # warm-up at full size
+            http = median_runs(lambda s: throughput(run_http_workload(url, workload(lengths, vocab, s), name,
+                                                                      mode="offline").records), args.repeats)
+            print(f"HTTP server {extra}: {http['tok_s']:.0f} tok/s", flush=True)
+        finally:
+            server.terminate()
+            server.wait(60)
+        return http, same
+
+    http, same = serve([])
+    ab = {"http_no_piecewise": serve(["--piecewise-graph-sizes", "none"])[0]} if args.piecewise_ab else {}
 
     result = {"benchmark": "serve_overhead", "environment": env, "model": model, "engine": engine | kv,
               "requests": n, "prompt_tokens": sum(p for p, _ in lengths), "output_tokens": n * out_len,
               "repeats": args.repeats, "correctness": {"equal_texts": sum(same), "of": len(same)},
               "in_process_run_workload": inproc, "in_process_generate": gen, "http": http,
               "loss_vs_run_workload": 1 - http["tok_s"] / inproc["tok_s"],
-              "loss_vs_generate": 1 - http["tok_s"] / gen["tok_s"]}
+              "loss_vs_generate": 1 - http["tok_s"] / gen["tok_s"], **ab}
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "serve_overhead.json").write_text(json.dumps(result, indent=1) + "\n")
     (args.out / "serve_overhead.md").write_text(markdown(result))
@@ -175,7 +183,9 @@ def markdown(r: dict) -> str:
         "| path | output tok/s (median) | runs |", "|---|---:|---|",
         row("in-process `run_workload` (offline)", r["in_process_run_workload"]),
         row("in-process `LLM.generate`", r["in_process_generate"]),
-        row("HTTP `kvscope serve`", r["http"]), "",
+        row("HTTP `kvscope serve`", r["http"]),
+        *([row("HTTP `kvscope serve --piecewise-graph-sizes none`", r["http_no_piecewise"])]
+          if "http_no_piecewise" in r else []), "",
         f"Against `LLM.generate`: {r['loss_vs_generate']:.1%} lost. Correctness before timing: "
         f"{r['correctness']['equal_texts']} of {r['correctness']['of']} greedy texts equal between server and "
         "in-process engine.", ""])

@@ -47,6 +47,16 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _sizes(text: str) -> list[int]:
+    """``"16,32,64"`` -> ``[16, 32, 64]``; ``"none"`` -> ``[]``."""
+    if text.strip().lower() == "none":
+        return []
+    try:
+        return [_positive_int(x) for x in text.split(",")]
+    except argparse.ArgumentTypeError as e:
+        raise argparse.ArgumentTypeError(f"{e} (a comma-separated list of token counts, or 'none')") from None
+
+
 def _add_engine_args(p: argparse.ArgumentParser) -> None:
     """The model's engine and KV strategy options that `generate` and `serve` share."""
     p.add_argument("--strategy", default=DEFAULT_STRATEGY, help="name[:key=value,...], e.g. h2o:heavy_ratio=0.1,recent_ratio=0.1")
@@ -58,6 +68,9 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-num-batched-tokens", type=_positive_int, default=2048)
     p.add_argument("--preemption-mode", default="recompute", choices=["recompute", "swap"])
     p.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs for decode steps (debugging)")
+    p.add_argument("--piecewise-graph-sizes", type=_sizes, default=None, metavar="N,N,...|none",
+                   help="token buckets of the prefill and mixed steps replayed as piecewise CUDA graphs "
+                        "(default 16,32,...,1024; 'none': those steps run eagerly)")
     p.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=None,
                    help="launch each step before the previous one's tokens reach the host (default: on for "
                         "CUDA where the strategy allows it)")
@@ -71,7 +84,7 @@ def _llm_args(args: argparse.Namespace) -> dict[str, Any]:
                 dtype=args.dtype, max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
                 max_num_batched_tokens=args.max_num_batched_tokens, preemption_mode=args.preemption_mode,
                 enforce_eager=args.enforce_eager, tensor_parallel_size=args.tensor_parallel_size,
-                async_scheduling=args.async_scheduling)
+                async_scheduling=args.async_scheduling, piecewise_graph_sizes=args.piecewise_graph_sizes)
 
 
 def _llm(args: argparse.Namespace) -> Any:
