@@ -30,6 +30,7 @@ from kvscope.kv.base import (
 from kvscope.kv.block_pool import BlockPool, pool_stats
 from kvscope.kv.eviction_attention import CapturedColumnSums, EvictionAttention
 from kvscope.kv.eviction_budget import Budget, check_budget_args, resolve_budget
+from kvscope.kv.evict_one import replace_one_torch, replace_one_triton
 from kvscope.kv.graphs import BlockTableDecode
 from kvscope.kv.slot_cache import SlotKVCache, table_slots
 from kvscope.kv.statistics import NO_STATISTIC, ScoreStatistic
@@ -323,34 +324,19 @@ class EvictionStrategy(BlockTableDecode, KVStrategy):
 
     def _replace_one(self, reqs: list[Request]) -> None:
         """Decode steps one token over budget, all requests at once: in every layer and KV head the
-        lowest-scoring token outside the recent window gives its slot to the newest token (a copy
-        of one token per layer and head; no compaction of the cache)."""
+        lowest-scoring token outside the recent window gives its slot to the newest token
+        (:mod:`kvscope.kv.evict_one`: one fused kernel on the Triton backend)."""
         bs = self.block_size
         lens = [self.resident[r.request_id] for r in reqs]
-        width = max(lens)
         blocks = [self.tables[r.request_id][: -(-n // bs)] for r, n in zip(reqs, lens)]
         most = max(len(b) for b in blocks)
-        device = self.cache.kv.device
-        # Whole blocks on the host, their slots on the device: a per-token list would cost more
-        # host time than the step (64 requests x 1k tokens).
-        table = to_device([b + b[-1:] * (most - len(b)) for b in blocks], device)
-        offsets = torch.arange(bs, device=device)
-        slots = (table[:, :, None] * bs + offsets).flatten(1)[:, :width]  # [n, width]; past a row's length: masked
-        held = to_device(lens, device)
-        recent = to_device([r.num_computed_tokens - self.budgets[r.request_id].recent for r in reqs], device)
-        rank = self.scores[:, slots].clone()  # [L, n, width, Hkv]
-        out = (torch.arange(width, device=device)[None, :] >= held[:, None])[None, :, :, None]
-        rank[(self.positions[:, slots] >= recent[None, :, None, None]) | out] = float("inf")
-        victim = rank.argmin(dim=2)  # [L, n, Hkv]
-        L, n, H = victim.shape
-        dst = torch.gather(slots[None, :, :, None].expand(L, n, width, H), 2, victim[:, :, None, :])[:, :, 0]
-        last = slots[torch.arange(n, device=device), held - 1][None, :, None].expand(L, n, H)
-        layer = torch.arange(L, device=device)[:, None, None].expand(L, n, H)
-        head = torch.arange(H, device=device)[None, None, :].expand(L, n, H)
-        kv = self.cache.kv
-        kv[layer, :, dst, head] = kv[layer, :, last, head]
-        self.scores[layer, dst, head] = self.scores[layer, last, head]
-        self.positions[layer, dst, head] = self.positions[layer, last, head]
+        # Whole blocks, their slots computed on the device: a per-token list would cost more host
+        # time than the step (64 requests x 1k tokens). One copy for the tables, lengths and windows.
+        rows = [b + b[-1:] * (most - len(b)) + [n, r.num_computed_tokens - self.budgets[r.request_id].recent]
+                for b, n, r in zip(blocks, lens, reqs)]
+        packed = to_device(rows, self.cache.kv.device)
+        replace = replace_one_triton if self.setup.attention_backend == "triton" else replace_one_torch
+        replace(self.cache.kv, self.scores, self.positions, packed[:, :most], packed[:, most], packed[:, most + 1], bs)
         m = self.setup.model
         for r in reqs:
             rid = r.request_id
