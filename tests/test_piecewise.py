@@ -74,11 +74,12 @@ def _prompts(seed: int = 7) -> list[list[int]]:
     return [[rng.randrange(4, 300) for _ in range(n)] for n in (70, 5, 33, 120, 1, 48)]
 
 
-def _run(path: str, spec: str, sizes: list[int] | None, prompts: list[list[int]], tokens: int = 12):
+def _run(path: str, spec: str, sizes: list[int] | None, prompts: list[list[int]], tokens: int = 12,
+         **engine):
     """Greedy outputs with logits; ``sizes``: piecewise buckets run through static buffers."""
     # 64-token chunks: the long prompts are chunked, and the chunks share steps with decode rows.
     llm = LLM(path, strategy=spec, kv_memory_bytes=4 << 20, max_model_len=256, max_num_seqs=4,
-              max_num_batched_tokens=64)
+              max_num_batched_tokens=64, **engine)
     e = llm.engine
     if sizes is not None:
         e.runner.pieces = PiecewiseRunner(e.model, sizes, e.config.torch_dtype, e.config.torch_device, capture=False)
@@ -100,6 +101,19 @@ def test_static_pieces_equal_the_eager_engine(tiny, spec):
         assert a.token_ids == b.token_ids
         torch.testing.assert_close(torch.stack(b.outputs[0].logits), torch.stack(a.outputs[0].logits),
                                    rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("spec", ["paged", "h2o:heavy_ratio=0.2,recent_ratio=0.2"])
+def test_static_pieces_take_the_pending_ids_under_async_scheduling(tiny, spec):
+    """With async scheduling a mixed step's decode rows carry ids the host does not know yet (the
+    step in flight samples them; ``input_patch`` writes them on the device): the pieces read the
+    patched ids, so the tokens are the synchronous eager engine's."""
+    path, _ = tiny
+    prompts = _prompts(11)
+    eager, _ = _run(path, spec, None, prompts, async_scheduling=False)
+    pieces, replays = _run(path, spec, [8, 16, 48], prompts, async_scheduling=True)
+    assert replays > 0
+    assert [o.token_ids for o in pieces] == [o.token_ids for o in eager]
 
 
 def test_static_pieces_equal_hf(tiny):
