@@ -75,6 +75,7 @@ from ceilings import RESULTS, env_line  # noqa: E402
 from end_to_end_report import markdown  # noqa: E402
 from hf_reference import check_agreement_fp32, hf_sharing_weights  # noqa: E402
 from vllm_peer import run_vllm  # noqa: E402
+from bench_common import TritonCompiles  # noqa: E402
 from decode_step import (  # noqa: E402
     bench_environment, checked_fields, copy_ceiling, graph_replays, matmul_ceiling, sync,
     weight_bytes_per_step,
@@ -194,11 +195,12 @@ def run_kvscope(llm: LLM, lengths: Lengths, vocab: int, repeats: int, device: to
     run(make(0, [(p, min(o, 16)) for p, o in lengths[:16]]))
     before, pre0 = graph_replays(llm.engine), llm.engine.scheduler.num_preemptions
     pieces0, steps0 = llm.engine.runner.piecewise_replays, llm.engine.num_steps
-    r = timed_runs(run, make, repeats, device)
+    with TritonCompiles() as compiles:
+        r = timed_runs(run, make, repeats, device)
     after = graph_replays(llm.engine)
     return r | {"graph_replays": None if before is None else after - before,
                 "piecewise_replays": llm.engine.runner.piecewise_replays - pieces0,
-                "steps": llm.engine.num_steps - steps0,
+                "steps": llm.engine.num_steps - steps0, "triton_compiles_in_timed_runs": compiles.seen,
                 "preemptions": llm.engine.scheduler.num_preemptions - pre0}
 
 
