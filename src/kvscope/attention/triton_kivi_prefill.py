@@ -11,9 +11,9 @@ quantization group), the last ``T_b % G`` in the sequence's residual slot ``res_
 ``t % G``, in the model's dtype. A block is quantized as soon as it fills, so a chunk's own tokens
 may already be codes.
 
-The program structure is the paged prefill kernel's (grouped-query rows, unmasked tiles then the
-diagonal's causal tiles, online softmax in float32 base 2, heavy tiles first); only the K/V tile
-loader differs (:func:`_kivi_tile`): for each key, codes (:func:`~kvscope.attention.kivi_codes.kivi_codes`)
+The program structure is the paged prefill kernel's, shared through
+:mod:`kvscope.attention.prefill_tiles` (grouped-query rows, unmasked tiles then the diagonal's
+causal tiles, online softmax in float32 base 2, heavy tiles first); only the K/V tile loader differs (:func:`_kivi_tile`): for each key, codes (:func:`~kvscope.attention.kivi_codes.kivi_codes`)
 times its block's per-channel key scale plus zero, and codes times the token's per-channel-group
 value scale plus zero, in float32 and rounded to the query's dtype (what :meth:`KiviCache.gather`
 gives in the model's dtype); or the residual row for keys past the quantized blocks. A tile may
@@ -29,6 +29,7 @@ import triton.language as tl
 
 from kvscope.attention.kivi_codes import kivi_codes
 from kvscope.attention.online_softmax import softmax_step
+from kvscope.attention.prefill_tiles import key_ranges, query_rows, store_rows, tile_bounds
 from kvscope.kv.quant_cache import KiviCache
 
 _LOG2E = 1.4426950408889634
@@ -105,41 +106,20 @@ def _kivi_prefill_kernel(
     BITS: tl.constexpr, VGROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
-    """One (query tile, KV head, sequence): ``TOKENS`` query tokens x ``GROUP`` heads as rows."""
-    tile = tl.num_programs(0) - 1 - tl.program_id(0)  # heavy (late) tiles first
-    h = tl.program_id(1)
-    b = tl.program_id(2)
-    q_start = tl.load(cu_ptr + b)
-    q_len = tl.load(cu_ptr + b + 1) - q_start
-    tok0 = tile * TOKENS
-    if tok0 >= q_len:  # the grid is sized for the longest chunk of the batch
+    """One (query tile, KV head, sequence) (:mod:`kvscope.attention.prefill_tiles`)."""
+    h, b, q_start, q_len, tok0 = tile_bounds(cu_ptr, TOKENS)
+    if tok0 >= q_len:
         return
-    ctx = tl.load(lens_ptr + b)
+    q, q_rows, heads, row_ok, pos, ctx, d, d_mask = query_rows(
+        q_ptr, lens_ptr, b, q_start, q_len, tok0, h, stride_qt, stride_qh, D, D, GROUP, TOKENS, BLOCK_M)
     qend = ctx // BS * BS  # keys below are in quantized blocks, the rest in the residual
     slot = tl.load(slots_ptr + b).to(tl.int64)
     table_ptr = tables_ptr + b * stride_tb
-
-    r = tl.arange(0, BLOCK_M)
-    d = tl.arange(0, D)
-    tok = tok0 + r // GROUP
-    row_ok = (r < TOKENS * GROUP) & (tok < q_len)
-    # Padding rows repeat the tile's last real token: a finite maximum in every row (no NaN from an
-    # all-masked row) and loads in bounds; they are never stored.
-    tok = tl.minimum(tok, tl.minimum(tok0 + TOKENS, q_len) - 1)
-    heads = h * GROUP + r % GROUP
-    pos = ctx - q_len + tok
-    q_rows = (q_start + tok).to(tl.int64)
-    q = tl.load(q_ptr + q_rows[:, None] * stride_qt + heads[:, None] * stride_qh + d[None, :])
-
     m = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, D], tl.float32)
     n = tl.arange(0, BLOCK_N)
-    first_pos = ctx - q_len + tok0
-    # Keys below the first row's position are visible to every row: whole tiles of them unmasked
-    # (all below ctx). The rest overlap the chunk's diagonal and are masked causally.
-    unmasked_end = (first_pos + 1) // BLOCK_N * BLOCK_N
-    key_end = ctx - q_len + tl.minimum(tok0 + TOKENS, q_len)
+    unmasked_end, key_end = key_ranges(ctx, q_len, tok0, TOKENS, BLOCK_N)
     for start in range(0, unmasked_end, BLOCK_N):
         acc, l, m = _attend_tile(
             acc, l, m, q, start + n, pos, qk_scale, ctx, qend, table_ptr, slot, h,
@@ -157,9 +137,7 @@ def _kivi_prefill_kernel(
             D=D, BS=BS, BITS=BITS, VGROUP=VGROUP, BLOCK_N=BLOCK_N, CAUSAL=True, DOT_PRECISION=DOT_PRECISION,
         )
 
-    out = acc / l[:, None]
-    tl.store(o_ptr + q_rows[:, None] * stride_ot + heads[:, None] * stride_oh + d[None, :],
-             out.to(o_ptr.dtype.element_ty), mask=row_ok[:, None])
+    store_rows(o_ptr, acc / l[:, None], q_rows, heads, row_ok, d, d_mask, stride_ot, stride_oh)
 
 
 def kivi_paged_prefill_attention(

@@ -38,6 +38,7 @@ import triton.language as tl
 from kvscope.attention.fp8_codes import fp8_to_f16
 from kvscope.attention.online_softmax import softmax_step
 from kvscope.attention.paged_inputs import check_paged_inputs
+from kvscope.attention.prefill_tiles import key_ranges, query_rows, store_rows, tile_bounds
 
 _LOG2E = 1.4426950408889634
 
@@ -93,35 +94,13 @@ def _prefill_kernel(
     PAGE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     FP8: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
-    """One (query tile, KV head, sequence): ``TOKENS`` query tokens x ``GROUP`` heads as rows.
+    """One (query tile, KV head, sequence) (:mod:`kvscope.attention.prefill_tiles`).
     ``ks_ptr``/``vs_ptr``: the ``[Hkv]`` float32 scales of fp8 codes (read only with ``FP8``)."""
-    tile = tl.num_programs(0) - 1 - tl.program_id(0)  # heavy (late) tiles first
-    kv_head = tl.program_id(1)
-    b = tl.program_id(2)
-    q_start = tl.load(cu_ptr + b)
-    q_len = tl.load(cu_ptr + b + 1) - q_start
-    tok0 = tile * TOKENS
-    if tok0 >= q_len:  # the grid is sized for the longest chunk of the batch
+    kv_head, b, q_start, q_len, tok0 = tile_bounds(cu_ptr, TOKENS)
+    if tok0 >= q_len:
         return
-    ctx = tl.load(lens_ptr + b)
-
-    r = tl.arange(0, BLOCK_M)
-    d = tl.arange(0, D_PAD)
-    d_mask = d < HEAD_DIM
-    tok = tok0 + r // GROUP
-    row_ok = (r < TOKENS * GROUP) & (tok < q_len)
-    # Padding rows repeat the tile's last real token, so that every row has a finite maximum (no
-    # NaN from an all-masked row) and every load stays in bounds; they are never stored.
-    tok = tl.minimum(tok, tl.minimum(tok0 + TOKENS, q_len) - 1)
-    heads = kv_head * GROUP + r % GROUP
-    pos = ctx - q_len + tok
-    q_rows = (q_start + tok).to(tl.int64)
-    q = tl.load(
-        q_ptr + q_rows[:, None] * stride_qt + heads[:, None] * stride_qh + d[None, :],
-        mask=d_mask[None, :],
-        other=0.0,
-    )
-
+    q, q_rows, heads, row_ok, pos, ctx, d, d_mask = query_rows(
+        q_ptr, lens_ptr, b, q_start, q_len, tok0, kv_head, stride_qt, stride_qh, HEAD_DIM, D_PAD, GROUP, TOKENS, BLOCK_M)
     if FP8:  # the head's scales are scalars of the program, not a multiply per decoded element
         qk_scale = qk_scale * tl.load(ks_ptr + kv_head)
     m = tl.full([BLOCK_M], float("-inf"), tl.float32)
@@ -131,10 +110,7 @@ def _prefill_kernel(
     v_base = v_ptr + kv_head * stride_vh
     table_ptr = tables_ptr + b * stride_tb
     n = tl.arange(0, BLOCK_N)
-    first_pos = ctx - q_len + tok0
-    # Keys below the first row's position are visible to every row: whole tiles of them unmasked.
-    unmasked_end = (first_pos + 1) // BLOCK_N * BLOCK_N
-    key_end = ctx - q_len + tl.minimum(tok0 + TOKENS, q_len)
+    unmasked_end, key_end = key_ranges(ctx, q_len, tok0, TOKENS, BLOCK_N)
     for start in range(0, unmasked_end, BLOCK_N):
         acc, l, m = _attend_tile(
             acc, l, m, q, start + n, ctx, pos, k_base, v_base, table_ptr, qk_scale,
@@ -151,11 +127,7 @@ def _prefill_kernel(
     out = acc / l[:, None]
     if FP8:
         out = out * tl.load(vs_ptr + kv_head)
-    tl.store(
-        o_ptr + q_rows[:, None] * stride_ot + heads[:, None] * stride_oh + d[None, :],
-        out.to(o_ptr.dtype.element_ty),
-        mask=row_ok[:, None] & d_mask[None, :],
-    )
+    store_rows(o_ptr, out, q_rows, heads, row_ok, d, d_mask, stride_ot, stride_oh)
 
 
 def paged_prefill_attention(
