@@ -52,6 +52,7 @@ def _base(**over):
     ({"engine": {"max_num_batched_tokens": 2.5}}, r"^engine\.max_num_batched_tokens: must be an integer >= 1, got 2\.5"),
     ({"engine": {"enforce_eager": "yes"}}, r"^engine\.enforce_eager: must be true or false"),
     ({"engine": {"cuda_graph_sizes": [1, "2"]}}, r"^engine\.cuda_graph_sizes\[1\]: must be an integer"),
+    ({"engine": {"piecewise_graph_sizes": [16, 0]}}, r"^engine\.piecewise_graph_sizes\[1\]: must be an integer"),
     ({"engine": {"swap_space_bytes": -1}}, r"^engine\.swap_space_bytes: must be at least 1 byte"),
     ({"engine": {"preemption_mode": "sometimes"}}, r"^engine: unknown preemption_mode 'sometimes'"),
     ({"kv_memory": ["infGiB"]}, r"^kv_memory\[0\]: not a size"),

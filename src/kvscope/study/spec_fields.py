@@ -139,6 +139,7 @@ _ENGINE_FIELDS: dict[str, Callable[[Any, str], Any]] = {
     "attention_backend": _typed(str, "a string"),
     "enforce_eager": _typed(bool, "true or false"),
     "cuda_graph_sizes": _graph_sizes,
+    "piecewise_graph_sizes": _graph_sizes,
 }
 
 
