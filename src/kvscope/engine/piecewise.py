@@ -145,6 +145,8 @@ class PiecewiseRunner:
 
     def __init__(self, model: CausalLM, sizes: list[int], dtype: torch.dtype, device: torch.device,
                  capture: bool = True) -> None:
+        if not sizes:
+            raise ValueError("PiecewiseRunner needs at least one token bucket")
         self.model, self.capture, self.device = model, capture, device
         self.sizes = sorted(set(sizes))
         self.buffers = _Buffers(model, self.sizes[-1], dtype, device)
