@@ -16,6 +16,7 @@ from hypothesis import strategies as st
 
 from kvscope import LLM, SamplingParams
 from kvscope.engine.inflight import InFlight, input_patch, resolve_async_scheduling
+from kvscope.engine.piecewise import PiecewiseRunner
 from kvscope.engine.sampler import _filter_top_k_top_p, sample_on_device
 from kvscope.errors import ConfigError
 from kvscope.kv import registry
@@ -311,19 +312,23 @@ _request = st.tuples(st.integers(1, 60), st.integers(1, 12), st.booleans(), st.i
 
 
 @CPU_ONLY
-@settings(max_examples=15, deadline=None)
+@settings(max_examples=40, deadline=None)
 @given(waves=st.lists(st.lists(_request, max_size=3), min_size=1, max_size=5), abort_at=st.integers(0, 8),
-       mode=st.sampled_from(["recompute", "swap"]))
-def test_any_arrival_pattern_gives_the_synchronous_tokens(loaded, waves, abort_at, mode):
+       mode=st.sampled_from(["recompute", "swap"]), pieces=st.booleans())
+def test_any_arrival_pattern_gives_the_synchronous_tokens(loaded, waves, abort_at, mode, pieces):
     """Requests arriving in waves between steps, some sampled, some with a stop token, one aborted
     mid-way, in a pool small enough to preempt: every request that was not aborted gets the
-    synchronous engine's tokens; the aborted one a prefix of them; no KV is left held."""
+    synchronous engine's tokens; the aborted one a prefix of them; no KV is left held. With
+    ``pieces`` the asynchronous engine runs its prefill and mixed steps through piecewise graphs'
+    static buffers (``PiecewiseRunner(capture=False)``), padded to small buckets."""
     results = {}
     for overlap in (False, True):
         e = make(loaded, "paged", async_scheduling=overlap, preemption_mode=mode, max_num_seqs=4,
                  kv_memory_bytes=10 * 16 * loaded.config.kv_bytes_per_token(torch.float32)).engine
+        if overlap and pieces:
+            e.runner.pieces = PiecewiseRunner(e.model, [4, 16, 64], torch.float32, e.config.torch_device, capture=False)
         done, ids, calls = {}, [], 0
-        for wave in waves + [[]] * 40:
+        for wave in waves + [[]] * 100:  # the async engine returns outputs a step later
             for n, max_tokens, greedy, stop in wave:
                 prompt = [(7 * n + 3 * j + len(ids)) % 300 + 4 for j in range(n)]
                 params = SamplingParams(max_tokens=max_tokens, temperature=0.0 if greedy else 0.9, seed=len(ids),
@@ -336,6 +341,7 @@ def test_any_arrival_pattern_gives_the_synchronous_tokens(loaded, waves, abort_a
             if not e.has_unfinished_requests() and len(done) == len(ids):
                 break
         assert len(done) == len(ids) and e.stats()["blocks_used"] == 0 and not e.requests
+        assert e.runner.piecewise_replays == 0 or (overlap and pieces)
         results[overlap] = {i: (o.outputs[0].token_ids, o.outputs[0].finish_reason) for i, o in done.items()}
     sync, got = results[False], results[True]
     for i in sync:
