@@ -187,3 +187,17 @@ def test_cli_flag():
     for bad in ("16,0", "16,x", ""):
         with pytest.raises(SystemExit):
             parse(["serve", "--piecewise-graph-sizes", bad])
+
+
+def test_capture_out_of_memory_is_a_config_error_naming_the_fields(monkeypatch):
+    """A pool that leaves too little memory for the pieces' activations: the engine refuses to
+    start, naming what to change, instead of a bare CUDA out-of-memory error."""
+    from kvscope.engine import piecewise
+
+    def oom(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 58.00 MiB")
+
+    monkeypatch.setattr(piecewise, "PiecewiseRunner", oom)
+    with pytest.raises(ConfigError, match=r"piecewise graphs for 64-token steps.*kv_memory_fraction.*piecewise_graph_sizes"):
+        piecewise.build_pieces(None, [16, 64], torch.float32, CPU)
+    assert piecewise.build_pieces(None, None, torch.float32, CPU) is None

@@ -12,7 +12,7 @@ import torch
 
 from kvscope.config import EngineConfig
 from kvscope.engine.cuda_graph import GraphRunner, engine_graph_sizes
-from kvscope.engine.piecewise import PiecewiseRunner, engine_piecewise_sizes
+from kvscope.engine.piecewise import build_pieces, engine_piecewise_sizes
 from kvscope.engine.executor import StepExecutor
 from kvscope.engine.inflight import InFlight, input_patch, launch_sampling, resolve_async_scheduling
 from kvscope.engine.model_runner import ModelRunner
@@ -109,7 +109,8 @@ class LLMEngine:
         self.piecewise_sizes = None if executor is not None else engine_piecewise_sizes(
             config.enforce_eager, config.torch_device, config.piecewise_graph_sizes, config.max_num_batched_tokens)
         self.runner = executor.runner if executor is not None else ModelRunner(
-            self.model, kv, config.torch_device, self._capture_graphs(), self._capture_pieces())
+            self.model, kv, config.torch_device, self._capture_graphs(),
+            build_pieces(self.model, self.piecewise_sizes, config.torch_dtype, config.torch_device))
         self.async_scheduling = resolve_async_scheduling(config.async_scheduling, kv, executor is not None,
                                                          config.torch_device)
         self._inflight: InFlight | None = None  # the launched step not read back yet (async scheduling)
@@ -125,10 +126,6 @@ class LLMEngine:
     def _capture_graphs(self) -> GraphRunner | None:
         decode = self.kv.decode_graphs() if self.graph_sizes is not None else None
         return None if decode is None else GraphRunner(self.model, decode, self.config.torch_device)
-
-    def _capture_pieces(self) -> PiecewiseRunner | None:
-        sizes, cfg = self.piecewise_sizes, self.config
-        return None if sizes is None else PiecewiseRunner(self.model, sizes, cfg.torch_dtype, cfg.torch_device)
 
     # ---- requests ------------------------------------------------------------------------------
     @property

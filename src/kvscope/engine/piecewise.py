@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from kvscope.errors import ConfigError
 from kvscope.kv.backend import StepBatch
 from kvscope.models.base import AttentionBackend, CausalLM
 
@@ -200,3 +201,17 @@ class PiecewiseRunner:
             self.buffers.attend(attn, layer, n)
         bucket.graphs[-1].replay()
         return bucket.hidden[:n]
+
+
+def build_pieces(model: CausalLM, sizes: list[int] | None, dtype: torch.dtype,
+                 device: torch.device) -> PiecewiseRunner | None:
+    """The engine's captured pieces for ``sizes`` (:func:`engine_piecewise_sizes`; None: none)."""
+    if sizes is None:
+        return None
+    try:
+        return PiecewiseRunner(model, sizes, dtype, device)
+    except torch.OutOfMemoryError as e:  # the KV pool took the memory the pieces' activations need
+        raise ConfigError(
+            f"capturing piecewise graphs for {max(sizes)}-token steps ran out of device memory ({e}); "
+            "lower kv_memory_fraction or kv_memory_bytes, give smaller piecewise_graph_sizes, or [] for none"
+        ) from None
