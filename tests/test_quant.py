@@ -252,7 +252,7 @@ def test_facts():
         f = registry.facts(spec)
         assert not f.lossless and f.kept_share == 1.0 and f.kv_bits == bits and f.pool_independent
         # Every dtype's decode steps are captured (tests/test_graph_runner.py, tests/test_quant_graphs.py).
-        assert f.graph_decode and f.residence == "device" and not f.long_child
+        assert f.graph_decode and f.residence == "device" and f.long_child  # adopt: tests/test_quant_long_child.py
     assert registry.available()["quant"].args_for_share(0.2) is None
 
 

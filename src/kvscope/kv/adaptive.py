@@ -7,8 +7,9 @@ or offload for long ones". ``adaptive`` does that per request with two children:
 * ``long``: any strategy implementing the hand-over (:meth:`KVStrategy.adopt`), chosen by its
   facts, never its name: one whose KV lives on the device (an eviction policy; ``h2o`` by default,
   at ``long_budget_ratio``) draws from the *same* block pool and KV tensor as ``full``
-  (``extra_slot_bytes``, ``bind_shared``, ``num_held_tokens``, ``lift_budget``); one whose KV lives
-  on the host gets ``long_share`` of the device budget (``min_device_bytes``).
+  (``extra_slot_bytes``, ``bind_shared``, ``num_held_tokens``, ``lift_budget``: it declares
+  ``shares_pool``); any other gets ``long_share`` of the device budget for its own memory (a host
+  child: as little as ``min_device_bytes`` when derived; ``quant``: a quantized pool of its own).
 
 Decisions, each counted in ``stats()``:
 
@@ -21,7 +22,7 @@ Decisions, each counted in ``stats()``:
    because the pool is exhausted, it is compressed or offloaded instead of preempted. With an eviction child its blocks move to that
    child, which evicts it down to its budget at once and frees the rest; with ``offload`` /
    ``infinigen`` its computed K/V is copied into the host child's pool (InfiniGen also computes
-   their partial keys) and its blocks are freed. Offloaded requests stay on the host until they end.
+   their partial keys), with ``quant`` quantized into its pool, and its blocks are freed. Offloaded requests stay on the host until they end.
 3. **Relief.** When the pool's use falls below ``relief``, requests compressed under pressure stop
    evicting and keep every new token again (the tokens already evicted stay gone).
 
@@ -58,7 +59,7 @@ from kvscope.kv.block_pool import BlockPool, pool_stats
 from kvscope.kv.composite import CompositeAttention, requests_of, sub_batch
 from kvscope.kv.graphs import BlockTableDecode, block_table_layout_of
 from kvscope.kv.paged import PagedStrategy
-from kvscope.kv.registry import available, check_args, long_children, register
+from kvscope.kv.registry import accepted_args, available, check_args, long_children, register
 from kvscope.kv.slot_cache import SlotKVCache
 from kvscope.models.base import AttentionBackend
 from kvscope.request import Request
@@ -143,9 +144,9 @@ class AdaptiveStrategy(BlockTableDecode, KVStrategy):
         else:
             ratio = DEFAULT_BUDGET_RATIO if long_budget_ratio is None else long_budget_ratio
             shared_args = child.args_for_share(ratio)
-            if shared_args is None:
+            if shared_args is None and long_budget_ratio is not None:
                 raise ConfigError(f"adaptive: the long child {long!r} has no budget for long_budget_ratio")
-            args = dict(shared_args)
+            args = dict(shared_args or {})  # a child without a budget (quant) keeps its defaults
         args.update(long_args or {})
         self.long_name = long
         on_host = child.residence == "host"
@@ -172,15 +173,18 @@ class AdaptiveStrategy(BlockTableDecode, KVStrategy):
         self.compress_under_pressure = bool(compress_under_pressure)
         self.block_size = block_size
         self.full = PagedStrategy(block_size=block_size, enable_prefix_caching=False)
-        check_args(child, {"block_size": block_size, **args}, owner=f"adaptive: long_args of the long child {long!r}")
+        # A child drawing from the full child's pool must share its blocks; one with memory of its
+        # own takes the block size where it has one, else keeps its layout (quant's KIVI groups).
+        own = {"block_size": block_size} if child.shares_pool or "block_size" in accepted_args(child) else {}
+        check_args(child, {**own, **args}, owner=f"adaptive: long_args of the long child {long!r}")
         try:
-            self.long = child(block_size=block_size, **args)
+            self.long = child(**own, **args)
         except TypeError as e:
             raise ConfigError(f"adaptive: bad arguments {args} for the long child {long!r}: {e}") from None
         # Share of a prompt's KV the child keeps (1 = lossless; None for a budget in tokens).
         self.long_budget_ratio = self.long.kept_share()
-        # A device child draws from the full child's pool; a host child has its own memory.
-        self.shared = not on_host
+        # An eviction child draws from the full child's pool; any other has its own share of memory.
+        self.shared = child.shares_pool
         self.route: dict[str, KVStrategy] = {}
         self.compressed: dict[str, Request] = {}
         self.counts = {"admitted_full": 0, "admitted_long_length": 0, "admitted_long_pressure": 0,

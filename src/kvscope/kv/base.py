@@ -122,6 +122,10 @@ class KVStrategy(KVManager, KVBackend):
     #: it: true of device memory on one stream, and of host memory that only stream-ordered copies
     #: write (a CPU write to it must first wait for the device, as ``HostOffloadStrategy.adopt`` does).
     async_scheduling: ClassVar[bool] = True
+    #: As ``adaptive``'s long child, draws from the full child's block pool and KV tensor (an
+    #: eviction policy: ``extra_slot_bytes``, ``bind_shared``, ``num_held_tokens``, ``lift_budget``);
+    #: otherwise it is bound with its own share of the memory (``adaptive``'s ``long_share``).
+    shares_pool: ClassVar[bool] = False
 
     def __init__(self) -> None:
         self.setup: KVSetup | None = None

@@ -53,6 +53,7 @@ class EvictionStrategy(BlockTableDecode, KVStrategy):
 
     lossless = False
     drops_under_pressure = False  # keeps what its budget says whatever the pool holds
+    shares_pool = True
     #: The attention statistic the scores read (:mod:`kvscope.kv.statistics`): none, accumulated,
     #: last row or observation window. It owns its fold and says whether decode can be captured.
     statistic: ClassVar[ScoreStatistic] = NO_STATISTIC

@@ -40,6 +40,9 @@ when the token completes its group, the group quantized into its block, decided 
 from the row's slot) before the KIVI decode kernel reads the step; codes and scales are the eager
 write's, bit for bit.
 
+As ``adaptive``'s long child (:meth:`QuantStrategy.adopt`) it gets ``long_share`` of the memory for
+a quantized pool of its own, and a request handed over under pressure is quantized into it.
+
 Not supported (declared): prefix caching, fork (``n > 1``), swap preemption.
 """
 from __future__ import annotations
@@ -52,10 +55,12 @@ from kvscope.device_copy import to_device
 from kvscope.attention.torch_ref import attend_causal, attend_decode
 from kvscope.errors import ConfigError
 from kvscope.kv.backend import GraphDecode
-from kvscope.kv.base import BlockTableLayout, GraphStatistics, KVSetup, KVStrategy, StepBatch
+from kvscope.kv.base import (
+    Adoption, BlockTableLayout, GraphStatistics, Handover, KVSetup, KVStrategy, StepBatch,
+)
 from kvscope.kv.block_pool import BlockPool
 from kvscope.kv.manager import KVManager, KVUsage
-from kvscope.kv.paged import PagedStrategy
+from kvscope.kv.paged import PagedStrategy, _PagedRequest
 from kvscope.kv.quant_cache import FP8Cache, KiviCache, QuantPlan
 from kvscope.kv.registry import register
 from kvscope.models.base import AttentionBackend
@@ -222,6 +227,28 @@ class QuantStrategy(PagedStrategy):
         slot = self._res_of.pop(request.request_id, None)
         if slot is not None:
             self._res_free.append(slot)
+
+    def adopt(self, handover: Handover) -> Adoption:
+        """Take over a running request from ``adaptive``'s full child: its K/V (``[L, 2, n, Hkv,
+        D]``) written through this cache, so quantized as a prefill of the same tokens would be
+        (COPIED). REFUSED, changing nothing, when the pool lacks the blocks (or KIVI a residual slot)."""
+        req, n = handover.request, handover.held
+        rid, need = req.request_id, self._num_blocks(n)
+        if rid in self.tables or need > self.pool.num_free or (self.kivi and not self._res_free):
+            return Adoption.REFUSED
+        table = self.pool.allocate(need)
+        self.tables[rid] = table
+        self._reqs.setdefault(rid, _PagedRequest()).held = n
+        device = self.setup.device
+        if self.kivi:
+            self._res_of[rid] = self._res_free.pop()
+            plan = self.cache.plan([table], [0], [n], [self._res_of[rid]], device)
+        else:
+            plan = self.cache.plan([table], [0], [n], device)
+        kv = handover.read_kv()
+        for layer in range(kv.shape[0]):
+            self.cache.write(layer, kv[layer, 0], kv[layer, 1], plan)
+        return Adoption.COPIED
 
     def swap_out(self, request: Request) -> int | None:
         return KVStrategy.swap_out(self, request)
