@@ -12,8 +12,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from quant_prefill_harness import interpreted, run_engine_case, run_jobs
-from quant_prefill_harness import ok as _ok
+from prefill_harness import interpreted, run_engine_case, run_jobs
+from prefill_harness import ok as _ok
 
 from kvscope.attention.torch_ref import attend_causal
 from kvscope.kv.quant_codec import FP8_K_RANGE, FP8_V_RANGE, fp8_quantize, fp8_scale
@@ -102,7 +102,7 @@ ENGINE_CASES = ["quant:dtype=fp8", "quant:dtype=fp8,scale=head"]
 
 
 def _child_main(checkpoint: str) -> None:
-    """Entry point of the interpreter process (:func:`quant_prefill_harness.run_jobs`)."""
+    """Entry point of the interpreter process (:func:`prefill_harness.run_jobs`)."""
     jobs = {f"kernel{i}": lambda c=c: _run_kernel_case(*c) for i, c in enumerate(CASES)}
     jobs.update({f"engine{i}": lambda s=s: run_engine_case(checkpoint, s, "fp8_paged_prefill_attention")
                  for i, s in enumerate(ENGINE_CASES)})

@@ -7,16 +7,14 @@ case and prints its measurements as one JSON line; the tests here judge them, on
 """
 from __future__ import annotations
 
-import json
 import os
 import random
-import subprocess
-import sys
-from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import torch
+from prefill_harness import interpreted, run_jobs
+from prefill_harness import ok as _ok
 
 from kvscope.attention.torch_ref import attend_causal
 
@@ -217,8 +215,7 @@ def _run_engine_case(path: str, strategy: str, engine_args: dict) -> dict:
 
 
 def _child_main(checkpoint: str) -> None:
-    """Entry point of the interpreter process: one JSON line of every case's result (or error)."""
-    assert os.environ.get("TRITON_INTERPRET") == "1"
+    """Entry point of the interpreter process (:func:`prefill_harness.run_jobs`)."""
     from kvscope.attention import triton_kv_write, triton_prefill
 
     jobs = {}
@@ -230,36 +227,12 @@ def _child_main(checkpoint: str) -> None:
         jobs[f"backend{i}"] = lambda case=case: _run_backend_case(*case)
     for i, case in enumerate(ENGINE_CASES):
         jobs[f"engine{i}"] = lambda case=case: _run_engine_case(checkpoint, *case)
-    results = {}
-    for name, job in jobs.items():
-        try:
-            results[name] = job()
-        except Exception as e:  # reported by the case's own test in the parent
-            results[name] = {"error": f"{type(e).__name__}: {e}"}
-    print(json.dumps(results))
+    run_jobs(jobs)
 
 
 @pytest.fixture(scope="module")
 def interpreted_results(tmp_path_factory, triton_interpreter) -> dict:
-    from hf_ref import make_tiny_checkpoint
-
-    checkpoint = tmp_path_factory.mktemp("llama")
-    make_tiny_checkpoint("llama", checkpoint)
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    here = Path(__file__)
-    code = (
-        f"import sys; sys.path.insert(0, {str(here.parent)!r}); import {here.stem} as t; "
-        f"t._child_main({str(checkpoint)!r})"
-    )
-    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return json.loads(proc.stdout.splitlines()[-1])
-
-
-def _ok(results: dict, name: str) -> dict:
-    r = results[name]
-    assert "error" not in r, r.get("error")
-    return r
+    return interpreted(__file__, tmp_path_factory)
 
 
 @pytest.mark.parametrize("index", range(len(PREFILL_CASES)), ids=[

@@ -62,6 +62,17 @@ def resolve_attention_backend(backend: str, device: torch.device) -> str:
     raise ConfigError("attention_backend='triton' needs the triton package (pip install triton)")
 
 
+def _buckets(sizes: Any, field: str, allow_empty: bool, limit: int, limit_name: str, unit: str) -> list[int]:
+    """A list of graph buckets (integers >= 1, none above ``limit``: no step holds more ``unit``)."""
+    if not isinstance(sizes, (list, tuple)) or not (sizes or allow_empty):
+        raise ConfigError(f"{field} must be a {'' if allow_empty else 'non-empty '}list of integers >= 1"
+                          f"{' (or [])' if allow_empty else ''}, got {sizes!r}")
+    sizes = checks.int_list(sizes, field, minimum=1)
+    if sizes and max(sizes) > limit:
+        raise ConfigError(f"{field} {sizes} has a bucket above {limit_name}={limit}: no step has more {unit}")
+    return sizes
+
+
 def _check_world(world: int, device: torch.device) -> None:
     """Refuse a ``tensor_parallel_size`` this machine cannot run: one GPU per rank from ``device``'s
     index on CUDA; on a CPU, one core per rank process."""
@@ -185,22 +196,8 @@ class EngineConfig:
         _check_world(self.tensor_parallel_size, self.torch_device)
         self.resolved_attention_backend = resolve_attention_backend(self.attention_backend, self.torch_device)
         if self.cuda_graph_sizes is not None:
-            sizes = self.cuda_graph_sizes
-            if not isinstance(sizes, (list, tuple)) or not sizes:
-                raise ConfigError(f"cuda_graph_sizes must be a non-empty list of integers >= 1, got {sizes!r}")
-            self.cuda_graph_sizes = checks.int_list(sizes, "cuda_graph_sizes", minimum=1)
-            if max(sizes) > self.max_num_seqs:
-                raise ConfigError(
-                    f"cuda_graph_sizes {sizes} has a bucket above max_num_seqs={self.max_num_seqs}: "
-                    "no step has more rows"
-                )
+            self.cuda_graph_sizes = _buckets(self.cuda_graph_sizes, "cuda_graph_sizes", False,
+                                             self.max_num_seqs, "max_num_seqs", "rows")
         if self.piecewise_graph_sizes is not None:
-            sizes = self.piecewise_graph_sizes
-            if not isinstance(sizes, (list, tuple)):
-                raise ConfigError(f"piecewise_graph_sizes must be a list of integers >= 1 (or []), got {sizes!r}")
-            self.piecewise_graph_sizes = checks.int_list(sizes, "piecewise_graph_sizes", minimum=1)
-            if sizes and max(sizes) > self.max_num_batched_tokens:
-                raise ConfigError(
-                    f"piecewise_graph_sizes {sizes} has a bucket above max_num_batched_tokens="
-                    f"{self.max_num_batched_tokens}: no step has more tokens"
-                )
+            self.piecewise_graph_sizes = _buckets(self.piecewise_graph_sizes, "piecewise_graph_sizes", True,
+                                                  self.max_num_batched_tokens, "max_num_batched_tokens", "tokens")

@@ -7,12 +7,14 @@ its KV head, heavy (late) tiles first. Its keys split in two ranges: those befor
 query position, visible to every row (no causal mask), and the tiles overlapping the chunk's
 diagonal, masked causally. A kernel calls :func:`tile_bounds`, returns when the tile is past its
 sequence's chunk, then :func:`query_rows` and :func:`key_ranges`, folds its key tiles with
-:func:`~kvscope.attention.online_softmax.softmax_step`, and stores with :func:`store_rows`.
+:func:`fold_tile`, and stores with :func:`store_rows`.
 """
 from __future__ import annotations
 
 import triton
 import triton.language as tl
+
+from kvscope.attention.online_softmax import softmax_step
 
 
 @triton.jit
@@ -57,6 +59,20 @@ def key_ranges(ctx, q_len, tok0, TOKENS: tl.constexpr, BLOCK_N: tl.constexpr):
     of the tile (all below ``ctx``); tiles from there to ``key_end`` overlap the diagonal."""
     first_pos = ctx - q_len + tok0
     return (first_pos + 1) // BLOCK_N * BLOCK_N, ctx - q_len + tl.minimum(tok0 + TOKENS, q_len)
+
+
+@triton.jit
+def fold_tile(acc, l, m, q, k, v, t, pos, qk_scale, CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """Fold a tile of keys ``t`` ``[BLOCK_N]`` (K and V ``[BLOCK_N, D_PAD]`` in q's dtype) into the
+    running ``(acc, l, m)`` of the rows ``q`` ``[BLOCK_M, D_PAD]``; with ``CAUSAL`` row ``r`` sees only
+    keys ``t <= pos[r]``. Returns the updated ``acc`` ``[BLOCK_M, D_PAD]``, ``l`` and ``m`` ``[BLOCK_M]``."""
+    s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
+    if CAUSAL:
+        s = tl.where(t[None, :] <= pos[:, None], s, float("-inf"))
+    # Key 0 is visible to every row and is in the first tile, as softmax_step needs.
+    p, alpha, l, m = softmax_step(s, m, l)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+    return acc, l, m
 
 
 @triton.jit

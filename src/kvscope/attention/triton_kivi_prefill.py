@@ -28,8 +28,7 @@ import triton
 import triton.language as tl
 
 from kvscope.attention.kivi_codes import kivi_codes
-from kvscope.attention.online_softmax import softmax_step
-from kvscope.attention.prefill_tiles import key_ranges, query_rows, store_rows, tile_bounds
+from kvscope.attention.prefill_tiles import fold_tile, key_ranges, query_rows, store_rows, tile_bounds
 from kvscope.kv.quant_cache import KiviCache
 
 _LOG2E = 1.4426950408889634
@@ -86,13 +85,7 @@ def _attend_tile(
                       D=D, BS=BS, BITS=BITS, VGROUP=VGROUP, BLOCK_N=BLOCK_N)
     # Rounded to q's dtype, as KiviCache.gather rounds to the model's dtype (the residual exactly).
     k, v = k.to(q.dtype), v.to(q.dtype)
-    s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
-    if CAUSAL:
-        s = tl.where(t[None, :] <= pos[:, None], s, float("-inf"))
-    # Key 0 is visible to every row and is in the first tile, as softmax_step needs.
-    p, alpha, l, m = softmax_step(s, m, l)
-    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
-    return acc, l, m
+    return fold_tile(acc, l, m, q, k, v, t, pos, qk_scale, CAUSAL, DOT_PRECISION)
 
 
 @triton.jit

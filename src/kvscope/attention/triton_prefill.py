@@ -36,9 +36,8 @@ import triton
 import triton.language as tl
 
 from kvscope.attention.fp8_codes import fp8_to_f16
-from kvscope.attention.online_softmax import softmax_step
 from kvscope.attention.paged_inputs import check_paged_inputs
-from kvscope.attention.prefill_tiles import key_ranges, query_rows, store_rows, tile_bounds
+from kvscope.attention.prefill_tiles import fold_tile, key_ranges, query_rows, store_rows, tile_bounds
 
 _LOG2E = 1.4426950408889634
 
@@ -71,13 +70,7 @@ def _attend_tile(
     if FP8:
         k = fp8_to_f16(k.to(tl.int32)).to(q.dtype)
         v = fp8_to_f16(v.to(tl.int32)).to(q.dtype)
-    s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
-    if CAUSAL:
-        s = tl.where(t[None, :] <= pos[:, None], s, float("-inf"))
-    # Key 0 is visible to every row and is in the first tile, as softmax_step needs.
-    p, alpha, l, m = softmax_step(s, m, l)
-    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
-    return acc, l, m
+    return fold_tile(acc, l, m, q, k, v, t, pos, qk_scale, CAUSAL, DOT_PRECISION)
 
 
 @triton.jit

@@ -239,12 +239,9 @@ class QuantStrategy(PagedStrategy):
         table = self.pool.allocate(need)
         self.tables[rid] = table
         self._reqs.setdefault(rid, _PagedRequest()).held = n
-        device = self.setup.device
         if self.kivi:
             self._res_of[rid] = self._res_free.pop()
-            plan = self.cache.plan([table], [0], [n], [self._res_of[rid]], device)
-        else:
-            plan = self.cache.plan([table], [0], [n], device)
+        plan = self._plan([table], [0], [n], [self._res_of[rid]] if self.kivi else [])
         kv = handover.read_kv()
         for layer in range(kv.shape[0]):
             self.cache.write(layer, kv[layer, 0], kv[layer, 1], plan)
@@ -295,13 +292,8 @@ class QuantStrategy(PagedStrategy):
         done = [req.num_computed_tokens for req in batch.requests]
         qs = batch.query_start
         q_lens = [qs[i + 1] - qs[i] for i in range(len(tables))]
-        device = self.setup.device
-        if self.kivi:
-            res = self.residual_slots(batch)
-            plan = self.cache.plan(tables, done, q_lens, res, device)
-        else:
-            res = []
-            plan = self.cache.plan(tables, done, q_lens, device)
+        res = self.residual_slots(batch) if self.kivi else []
+        plan = self._plan(tables, done, q_lens, res)
         if self.setup.attention_backend == "triton":
             # Imported here: the torch path must work where triton is not installed.
             if all(n == 1 for n in q_lens):
@@ -312,6 +304,13 @@ class QuantStrategy(PagedStrategy):
 
             return TritonQuantAttention(self.cache, plan, tables, done, qs, res, self.scale)
         return QuantAttention(self.cache, plan, qs, self.scale)
+
+    def _plan(self, tables: list[list[int]], done: list[int], q_lens: list[int], res: list[int]) -> QuantPlan:
+        """The cache's plan for requests holding ``done`` tokens and writing ``q_lens`` more; ``res``
+        their residual slots (KIVI; empty for fp8)."""
+        if self.kivi:
+            return self.cache.plan(tables, done, q_lens, res, self.setup.device)
+        return self.cache.plan(tables, done, q_lens, self.setup.device)
 
     def residual_slots(self, batch: StepBatch) -> list[int]:
         """(KIVI) Per request of ``batch``, its residual slot."""

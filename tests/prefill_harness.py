@@ -1,6 +1,6 @@
-"""What the interpreted tests of ``quant``'s Triton prefills share: the child process under Triton's
-interpreter that runs every case and prints one JSON line, and the engine case (the strategy on the
-Triton backend against its torch backend, and full-precision ``paged`` for scale)."""
+"""What the interpreted tests of the Triton prefills share: the child process under Triton's
+interpreter that runs every case and prints one JSON line, and (for ``quant``'s) the engine case:
+the strategy on the Triton backend against its torch backend, and full-precision ``paged`` for scale."""
 from __future__ import annotations
 
 import json
