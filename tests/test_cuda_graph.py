@@ -84,11 +84,13 @@ def test_graphs_equal_eager_and_hf_on_cuda(tmp_path, kind, strategy):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-@pytest.mark.parametrize("spec", ["h2o:budget=24,recent=8,block_size=4", "snapkv:budget=24,window=8,block_size=4"])
+@pytest.mark.parametrize("spec", ["h2o:budget=24,recent=8,block_size=4", "snapkv:budget=24,window=8,block_size=4",
+                                  "streaming:budget=24,sinks=4,block_size=4"])
 def test_eviction_graphs_equal_eager_on_cuda(tmp_path, spec):
     """Eviction decode steps replayed from graphs give the eager steps' tokens, logits and evictions
     (float32): h2o with its column sums folded in the graph and eviction after it; snapkv (prompt
-    compressed once, eagerly) as plain paged decode over its resident tokens."""
+    compressed once, eagerly) and streaming (sinks scored when written, eviction after the replay)
+    as plain paged decode over their resident tokens."""
     path = tmp_path / "llama"
     make_tiny_checkpoint("llama", path)
     rng = random.Random(4)

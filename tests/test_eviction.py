@@ -142,6 +142,30 @@ def test_tova_keeps_same_tokens_across_heads_and_streaming_keeps_sinks(tiny):
             assert torch.equal(pos, expected.expand_as(pos))
 
 
+@pytest.mark.parametrize("prompt_len", [2, 30])
+def test_streaming_keeps_sinks_and_window_every_step(tiny, prompt_len):
+    """Sinks and the recent window, from the definition, after every decode step: through the prompt's
+    one-off eviction and the one-token replacement of each decode step after it, also when the
+    prompt is shorter than the sinks (decode tokens become sinks)."""
+    path, prompts = tiny
+    llm = LLM(path, strategy="streaming:budget=10,sinks=4", kv_memory_bytes=8 << 20)
+    eng = llm.engine
+    eng.add_request(prompts[2][:prompt_len], greedy(24))
+    replaced = 0
+    while eng.has_unfinished_requests():
+        before = eng.kv.num_evictions
+        eng.step()
+        replaced += eng.kv.num_evictions - before
+        for req in eng.scheduler.running:
+            n = req.num_computed_tokens
+            # The prompt stays whole until the first decode step (compress_prompt is off).
+            keep = range(n) if n <= prompt_len else set(range(min(4, n))) | set(range(max(0, n - 6), n))
+            expected = sorted(keep)
+            pos = eng.kv.resident_positions(req).cpu()
+            assert torch.equal(pos, torch.tensor(expected).expand_as(pos)), (n, pos[0, 0])
+    assert replaced > 10
+
+
 def test_h2o_ratio_budget_and_memory_gain(tiny):
     path, prompts = tiny
     llm = LLM(path, strategy="h2o", kv_memory_bytes=8 << 20)  # 10% heavy + 10% recent of the prompt
@@ -263,9 +287,10 @@ def test_which_policies_decode_from_captured_graphs():
 
     kinds = {name: create(name).captured_decode for name in EVICTING}
     # h2o folds its statistic in the graph; snapkv decodes plainly (it compresses the prompt once and
-    # evicts nothing in decode); the others need eager steps (scores keyed on the new key, or
-    # eviction in decode with a policy-specific ranking or a last-row statistic).
-    assert kinds == {"h2o": "statistic", "snapkv": "plain", "streaming": None, "tova": None, "knorm": None,
+    # evicts nothing in decode), and so does streaming (its scores are fixed when a token is written:
+    # the eviction after the replay needs nothing from the step); the others need eager steps (scores
+    # keyed on the new key, or a last-row statistic).
+    assert kinds == {"h2o": "statistic", "snapkv": "plain", "streaming": "plain", "tova": None, "knorm": None,
                      "random": None}
 
 

@@ -114,6 +114,13 @@ class EvictionStrategy(BlockTableDecode, KVStrategy):
         """Score of freshly written tokens. ``k``: ``[N, Hkv, D]``; returns ``[N, Hkv]`` float32."""
         return torch.zeros(k.shape[:2], dtype=torch.float32, device=k.device)
 
+    def reset_scores(self, slots: torch.Tensor, positions: torch.Tensor) -> None:
+        """Score freshly written tokens before any statistic folds into them: zero. ``slots``,
+        ``positions``: ``[N]`` on the device. A policy that pins tokens by position overrides it."""
+        # index_fill_, not `scores[:, slots] = 0.0`: item assignment of a Python number copies it
+        # to the device from pageable memory, which synchronizes with the GPU.
+        self.scores.index_fill_(1, slots.long(), 0.0)
+
     def selection_scores(self, scores: torch.Tensor, positions: torch.Tensor, request: Request) -> torch.Tensor:
         """Scores used to rank tokens. ``scores``/``positions``: ``[L, r, Hkv]``; higher is kept."""
         return scores
@@ -265,8 +272,9 @@ class EvictionStrategy(BlockTableDecode, KVStrategy):
     def captured_decode(self) -> str | None:
         """How a decode step of this policy can be captured: ``"statistic"`` (accumulated attention
         ranked by raw score, ``h2o``: the kernel folds the statistic inside the graph), ``"plain"``
-        (decode needs nothing from attention and evicts nothing, ``snapkv``: plain paged decode over
-        the resident tokens), or None (eager)."""
+        (decode needs nothing from attention: ``snapkv``, which evicts nothing in decode, and
+        ``streaming``, whose scores are fixed when a token is written; plain paged decode over the
+        resident tokens, any eviction after the replay), or None (eager)."""
         if self.keyed_initial_scores:  # a key-dependent score is computed in eager code
             return None
         return self.statistic.capture(self._ranks_by_score, self.evict_in_decode)

@@ -38,6 +38,8 @@ class ScoredSlots(Protocol):
 
     def initial_scores(self, k: torch.Tensor, positions: torch.Tensor) -> torch.Tensor: ...
 
+    def reset_scores(self, slots: torch.Tensor, positions: torch.Tensor) -> None: ...
+
 
 def _probs(q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor, scale: float) -> torch.Tensor:
     """``q`` ``[B, Hkv, G, n, D]``, ``k`` ``[B, T, Hkv, D]``, ``mask`` broadcastable to
@@ -84,9 +86,7 @@ class EvictionAttention(SlotAttention):
         strategy.positions[:, slot_mapping] = positions[None, :, None]
         self.keyed_scores = strategy.keyed_initial_scores
         if not self.keyed_scores:
-            # index_fill_, not `scores[:, slots] = 0.0`: item assignment of a Python number copies it
-            # to the device from pageable memory, which synchronizes with the GPU.
-            strategy.scores.index_fill_(1, slot_mapping.long(), 0.0)
+            strategy.reset_scores(slot_mapping, positions)
         if self.decode_rows:
             width = self.decode_slots.shape[1]
             device = slot_mapping.device
@@ -179,8 +179,8 @@ class EvictionAttention(SlotAttention):
 class CapturedColumnSums:
     """An eviction policy's per-token state inside a captured decode step (``engine/cuda_graph.py``).
 
-    Before each replay the step's new tokens get their positions and a zero score, eagerly (a
-    policy that evicts later reads both). With ``fold`` (H2O's statistic) the decode kernel then adds
+    Before each replay the step's new tokens get their positions and their fresh score (zero, or the
+    policy's own: ``reset_scores``), eagerly (a policy that evicts later reads both). With ``fold`` (H2O's statistic) the decode kernel then adds
     each held token's column sum to its slot's score (``fold_scores``); padding rows of the graph's
     batch hold no token (length 0), so they add nothing. Without it (SnapKV's plain decode) the
     kernel folds nothing."""
@@ -192,7 +192,7 @@ class CapturedColumnSums:
     def begin(self, new_slots: torch.Tensor, positions: torch.Tensor) -> None:
         s = self.s
         s.positions[:, new_slots] = positions.long()[None, :, None]
-        s.scores.index_fill_(1, new_slots.long(), 0.0)  # no host sync (see EvictionAttention)
+        s.reset_scores(new_slots, positions)
 
     def layer_scores(self, layer: int) -> torch.Tensor | None:
         return self.s.scores[layer] if self.fold else None

@@ -5,8 +5,8 @@ A policy declares one (``EvictionStrategy.statistic``); the attention of an evic
 probabilities to one value per token and KV head, and how to fold that into the per-slot scores;
 the strategy asks it whether its decode steps can be captured in a CUDA graph. Four kinds:
 
-* :data:`NO_STATISTIC`: scores come from the key at write time (``initial_scores``) or from
-  positions at selection time; attention is never materialised.
+* :data:`NO_STATISTIC`: scores come from the token at write time (``initial_scores`` from its
+  key, ``reset_scores`` from its position) or at selection time; attention is never materialised.
 * :data:`ACCUMULATED` (H2O): every query row's attention, summed over the rows and the query heads
   of the KV group, added to the score: O(T) per decode step.
 * :data:`LAST_ROW` (TOVA): the newest query's attention, averaged over every query head of the
@@ -31,7 +31,7 @@ KernelMode = Literal["fold", "colsum"] | None
 
 class ScoreStatistic:
     """No statistic (the base): nothing is observed, decode can be captured as plain paged decode
-    when the policy evicts nothing in decode."""
+    unless the policy re-ranks its tokens at selection time while evicting in decode."""
 
     #: Whether attention probabilities are needed at all (else the fused attention runs alone).
     reads_attention: ClassVar[bool] = False
@@ -61,9 +61,10 @@ class ScoreStatistic:
 
     def capture(self, ranks_by_score: bool, evicts_in_decode: bool) -> str | None:
         """How a decode step can be captured: ``"statistic"`` (the kernel folds the statistic inside
-        the graph), ``"plain"`` (decode observes nothing and evicts nothing), or None (eager).
+        the graph), ``"plain"`` (decode observes nothing; a policy that evicts in decode ranks by
+        the scores its tokens got when written, after the replay), or None (eager).
         ``ranks_by_score``: the policy ranks by the raw score (no ``selection_scores``)."""
-        return "plain" if not evicts_in_decode else None
+        return "plain" if ranks_by_score or not evicts_in_decode else None
 
 
 class AccumulatedAttention(ScoreStatistic):

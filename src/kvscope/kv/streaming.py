@@ -7,7 +7,6 @@ from kvscope.errors import ConfigError
 from kvscope.kv.eviction import EvictionStrategy
 from kvscope.kv.eviction_budget import Budget
 from kvscope.kv.registry import register
-from kvscope.request import Request
 
 
 @register
@@ -40,6 +39,12 @@ class StreamingStrategy(EvictionStrategy):
         total = super().resolve_budget(num_prompt_tokens).total
         return Budget(total, max(1, total - self.sinks))
 
-    def selection_scores(self, scores: torch.Tensor, positions: torch.Tensor, request: Request) -> torch.Tensor:
-        # Sinks outrank everything; the rest rank by recency.
-        return positions.float().masked_fill(positions < self.sinks, float("inf"))
+    def reset_scores(self, slots: torch.Tensor, positions: torch.Tensor) -> None:
+        """Sinks (``positions < sinks``) score +inf, every other token 0 (``slots``, ``positions``:
+        ``[N]``). The recent window is ``budget - sinks`` tokens, so ranking by these raw scores
+        with the window kept keeps exactly the sinks and the window; the ranking needs nothing at
+        selection time, so decode steps replay CUDA graphs and a step one token over budget takes
+        the fused one-token eviction (``kvscope.kv.evict_one``)."""
+        fresh = torch.where(positions < self.sinks, float("inf"), 0.0).to(self.scores.dtype)  # [N]
+        layers, _, heads = self.scores.shape
+        self.scores.index_copy_(1, slots.long(), fresh[None, :, None].expand(layers, -1, heads))
