@@ -115,7 +115,7 @@ class _Outbox:
     loop, where the objects are."""
 
     def __init__(self, conn: Connection) -> None:
-        self._conn = conn
+        self.conn = conn
         self._queue: queue.SimpleQueue[bytes | None] = queue.SimpleQueue()
         self.broken = False  # a write failed: the server is gone
         self._thread = threading.Thread(target=self._write, name="kvscope-core-out", daemon=True)
@@ -132,7 +132,7 @@ class _Outbox:
     def _write(self) -> None:
         while (data := self._queue.get()) is not None:
             try:
-                self._conn.send_bytes(data)
+                self.conn.send_bytes(data)
             except OSError:
                 self.broken = True
                 return
@@ -196,6 +196,12 @@ class _Client:
         self.events: list[tuple[Any, ...]] = []
         self.outputs: list[Delta] = []
 
+    def close(self) -> None:
+        """Write what is queued, then close both pipes."""
+        self.outbox.close()
+        self.outbox.conn.close()
+        self.commands.close()
+
 
 class EngineCore:
     """The loop of the module docstring around ``llm.engine``."""
@@ -211,7 +217,7 @@ class EngineCore:
             self._serve()
         finally:
             for client in self._clients.values():
-                client.outbox.close()
+                client.close()
 
     def _serve(self) -> None:
         engine = self._engine
@@ -267,7 +273,7 @@ class EngineCore:
             client.outbox.put(([*client.events, (STOPPED,)], [], None))
         else:
             log.warning("kvscope: front end %d went away; aborted its %d requests", client.index, len(ids))
-        client.outbox.close()
+        client.close()
 
     def _apply(self, client: _Client, cmd: tuple[Any, ...]) -> None:
         if cmd[0] == ABORT:
