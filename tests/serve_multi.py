@@ -88,6 +88,14 @@ class ServerProcess:
         its own once they have started; one may not be accepting yet)."""
         return _holders(_inodes(self.port, None, LISTEN), self.descendants())
 
+    def core_pid(self) -> int:
+        """The engine core: the server's spawned process that holds no listening socket (the front
+        ends hold it; multiprocessing's resource tracker is not spawned that way)."""
+        frontends = self.frontend_pids()
+        (pid,) = [p for p in self.descendants() if p not in frontends
+                  and b"spawn_main" in Path(f"/proc/{p}/cmdline").read_bytes()]
+        return pid
+
     def frontend_of(self, client_port: int) -> int:
         """The front end that serves the connection from ``client_port``."""
         (pid,) = _holders(_inodes(self.port, client_port), self.descendants())

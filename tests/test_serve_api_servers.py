@@ -1,5 +1,6 @@
 """``kvscope serve --api-server-count 2``: two HTTP front-end processes on one port in front of one
-engine core (``kvscope.serve.frontends``), each server a subprocess as the command line starts it.
+engine core, each server a subprocess running ``kvscope.serve.frontends.serve_frontends`` as
+``kvscope serve --api-server-count 2`` does.
 
 - The ``openai`` SDK gets the greedy answers of an in-process engine (those the one-front-end
   server is tested against): completions and chat, streamed and not.
@@ -8,7 +9,8 @@ engine core (``kvscope.serve.frontends``), each server a subprocess as the comma
   requests sent, summed over both front ends (each series once).
 - A bad request gets the OpenAI-shaped 400.
 - A front end killed mid-stream: the core aborts its request (its KV freed) and the other front
-  end serves on; Ctrl-C to the process group then stops everything, leaving no process behind.
+  end serves on; a core killed then: the front end left answers 503; Ctrl-C to the process group
+  then stops everything, leaving no process behind.
 - The command line refuses the option without the engine process, and a core that cannot start
   fails the start.
 
@@ -221,7 +223,7 @@ class Stream:
                     return
 
 
-def test_a_killed_frontend_is_dropped_by_the_core_and_ctrl_c_stops_the_rest(reference: LLM) -> None:
+def test_a_killed_frontend_is_dropped_then_a_killed_core_fails_the_server(reference: LLM) -> None:
     expected = reference.generate(["A long request"], SamplingParams(
         max_tokens=SURVIVOR_TOKENS, temperature=0.0, ignore_eos=True), use_tqdm=False)[0].text
     with ServerProcess.frontends(partial(paced_llm, MODEL, STRATEGY, KV_MEMORY, KILL_PACE_S), 2) as server:
@@ -254,6 +256,14 @@ def test_a_killed_frontend_is_dropped_by_the_core_and_ctrl_c_stops_the_rest(refe
         assert m["kvscope:kv_bytes_used"] == 0 and m["kvscope:kv_bytes_allocated"] == 0
         r = httpx.post(f"{server.base_url}/v1/completions", json={"model": MODEL, "prompt": "x", "max_tokens": 4})
         assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 4
+        # Now the core dies: the front end left reports the server unhealthy.
+        os.kill(server.core_pid(), signal.SIGKILL)
+        deadline = time.monotonic() + 10
+        while httpx.get(f"{server.base_url}/health").status_code != 503:
+            assert time.monotonic() < deadline, "the server still reports itself healthy"
+            time.sleep(0.05)
+        r = httpx.post(f"{server.base_url}/v1/completions", json={"model": MODEL, "prompt": "x", "max_tokens": 4})
+        assert r.status_code == 503 and "engine process died" in r.json()["error"]["message"]
         os.killpg(server.proc.pid, signal.SIGINT)  # Ctrl-C in the terminal reaches every process of the group
         assert server.proc.wait(30) == 0
     _wait_gone(processes)

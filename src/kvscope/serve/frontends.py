@@ -4,7 +4,7 @@ engine core, as vLLM's ``--api-server-count``.
 One front-end process parses, validates, tokenizes and streams every request in turn (about half a
 millisecond of CPU per request, ``benchmarks/results/serve_frontend_cpu.md``): at hundreds of
 concurrent requests the last ones reach the engine late. With N front ends, the parent process
-(:func:`serve_frontends`, this module's only public function besides a front end's entry point):
+(:func:`serve_frontends`; each front end runs :func:`run_frontend`):
 
 1. makes a temporary ``PROMETHEUS_MULTIPROC_DIR`` and puts it in its environment, so that every
    child has it before importing prometheus_client (the front ends' metrics are summed from it);
