@@ -31,6 +31,20 @@ def served(mode: str, build: Callable[[], LLM]) -> LLM | EngineProcess:
     return build() if mode == "thread" else EngineProcess(build)
 
 
+def scrape(base_url: str) -> dict[str, float]:
+    """``base_url/metrics`` as ``{name{label=value,...}: value}``, labels other than model_name kept;
+    a series that appears twice is an error."""
+    text = httpx.get(f"{base_url}/metrics", timeout=10).text
+    out: dict[str, float] = {}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            labels = ",".join(f"{k}={v}" for k, v in sorted(s.labels.items()) if k != "model_name")
+            key = f"{s.name}{{{labels}}}" if labels else s.name
+            assert key not in out, f"{key} appears twice in /metrics"
+            out[key] = s.value
+    return out
+
+
 class ServerThread:
     """``kvscope serve``'s app for ``engine`` (an LLM, or an engine process) under uvicorn on a free
     127.0.0.1 port, in a thread.
@@ -68,13 +82,7 @@ class ServerThread:
 
     def metrics(self) -> dict[str, float]:
         """``/metrics`` as ``{name{label=value,...}: value}``, labels other than model_name kept."""
-        text = httpx.get(f"{self.base_url}/metrics", timeout=10).text
-        out = {}
-        for family in text_string_to_metric_families(text):
-            for s in family.samples:
-                labels = ",".join(f"{k}={v}" for k, v in sorted(s.labels.items()) if k != "model_name")
-                out[f"{s.name}{{{labels}}}" if labels else s.name] = s.value
-        return out
+        return scrape(self.base_url)
 
     def wait_idle(self, timeout: float = 20.0) -> dict[str, Any]:
         """Wait until the engine has nothing in flight; its last stats snapshot."""

@@ -5,8 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from kvscope.cli_args import _add_engine_args, _llm, _llm_args
-from kvscope.errors import KVScopeError
+from kvscope.cli_args import _add_engine_args, _llm, _llm_args, _positive_int
+from kvscope.errors import ConfigError, KVScopeError
 
 
 def _goodput(text: str) -> tuple[str, float]:
@@ -95,6 +95,10 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--engine-process", action=argparse.BooleanOptionalAction, default=True,
                    help="run the engine in a process of its own (default), so that the HTTP front end never "
                         "slows its steps; --no-engine-process runs it on a thread of the server (debugging)")
+    p.add_argument("--api-server-count", type=_positive_int, default=1, metavar="N",
+                   help="HTTP front-end processes sharing the port, all in front of the one engine process "
+                        "(vLLM's option): N processes parse, tokenize and stream requests at once; /metrics of "
+                        "any of them reports the whole server (default 1; needs the engine process)")
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -105,14 +109,23 @@ def _serve(args: argparse.Namespace) -> int:
     except ImportError:
         print("kvscope serve needs the serve extra: pip install 'kvscope[serve]'", file=sys.stderr)
         return 2
+    from functools import partial
+
+    from kvscope import LLM
     from kvscope.serve.server import run_server
 
     if args.max_queue is not None and args.max_queue < 1:
         raise KVScopeError(f"--max-queue must be >= 1, got {args.max_queue}")
-    if args.engine_process:
-        from functools import partial
+    if args.api_server_count > 1:
+        if not args.engine_process:
+            raise ConfigError("--api-server-count above 1 needs the engine in a process of its own; "
+                              "drop --no-engine-process")
+        from kvscope.serve.frontends import serve_frontends
 
-        from kvscope import LLM
+        serve_frontends(partial(LLM, **_llm_args(args)), args.api_server_count, args.host, args.port,
+                        args.served_model_name, args.max_queue, args.log_level)
+        return 0
+    if args.engine_process:
         from kvscope.serve.engine_client import EngineProcess
 
         engine = EngineProcess(partial(LLM, **_llm_args(args)))

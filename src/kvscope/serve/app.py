@@ -43,11 +43,13 @@ DEFAULT_QUEUE_PER_SEQ = 4  # --max-queue defaults to this many times max_num_seq
 
 
 def create_app(engine: LLM | EngineProcess, served_model_name: str | None = None,
-               max_queue: int | None = None) -> FastAPI:
+               max_queue: int | None = None, multiprocess_dir: str | None = None) -> FastAPI:
     """An OpenAI-compatible app serving ``engine`` under ``served_model_name`` (default: its model spec).
 
     ``max_queue``: requests admitted at once (waiting + running, a batch of prompts counts each);
     above it a request gets 503 with ``Retry-After: 1``. Default: 4 x ``max_num_seqs``.
+    ``multiprocess_dir``: the app is one front end of several (``--api-server-count``), whose
+    metrics it reports summed (see :mod:`kvscope.serve.metrics`).
     While the app runs, it owns the engine: nothing else may call an ``LLM``'s engine.
     """
     if max_queue is not None and max_queue < 1:
@@ -58,7 +60,8 @@ def create_app(engine: LLM | EngineProcess, served_model_name: str | None = None
         info, served = EngineInfo.of(engine), AsyncEngine(engine.engine)
     name = served_model_name or info.model
     limits = info.limits
-    metrics = ServerMetrics(name, limits.max_model_len, lambda: served.stats, lambda: served.num_requests)
+    metrics = ServerMetrics(name, limits.max_model_len, lambda: served.stats, lambda: served.num_requests,
+                            multiprocess_dir)
     served.observer = metrics
     ctx = ServingContext(
         engine=served, tokenizer=info.tokenizer, model_name=name, model_root=info.model, limits=limits,

@@ -12,6 +12,11 @@ reads the core's step messages and hands them to the event loop with one
 and the new tokens of each request, appended in place to one cumulative :class:`RequestOutput` per
 request (the readers' view is the thread mode's), then one queue item per HTTP request.
 
+With ``--api-server-count N`` each of the N front-end processes holds an :meth:`EngineProcess.attach`
+on one core that the parent process started: its own pipes, its own requests (ids prefixed by its
+index), and one slot of a shared count of requests in flight (admission and metrics are the
+server's, not the front end's).
+
 If the core dies (killed, out of memory, a crash in native code), the requests in flight fail with
 :class:`EngineFailure` (500, or an error event on a stream already started), and the server
 reports itself unhealthy: ``/health`` and every new request answer 503 until it is restarted (as
@@ -21,16 +26,15 @@ from __future__ import annotations
 
 import asyncio
 import atexit
-import multiprocessing
 import queue
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, MutableSequence, Sequence
 from typing import TYPE_CHECKING, Any
 
 from kvscope.engine.outputs import CompletionOutput, RequestMetrics, RequestOutput
 from kvscope.engine.sampling_params import SamplingParams
-from kvscope.errors import KVScopeError
 from kvscope.models.tokenizer import Tokenizer
+from kvscope.serve.core_process import CoreConnection, CoreProcess
 from kvscope.serve.engine_api import (
     EngineFailure,
     EngineInfo,
@@ -51,12 +55,10 @@ from kvscope.serve.engine_core import (
     ADD_FAILED,
     FAILED,
     REJECTED,
-    START_FAILED,
     STOP,
     STOPPED,
     Delta,
     recv,
-    run_engine_core,
     send,
 )
 
@@ -128,47 +130,44 @@ class EngineProcess:
     The constructor starts the child and waits until the model is loaded (it raises what the
     child's ``build`` raised); :attr:`info` then holds the tokenizer and limits. :meth:`start` on
     the event loop begins serving; :meth:`shutdown` (or :meth:`close`) stops the child.
+    :meth:`attach` makes one front end of several instead, on a core another process started.
     """
 
     def __init__(self, build: Callable[[], LLM]) -> None:
+        self._core: CoreProcess | None = CoreProcess(build, 1)
+        self._setup(self._core.connections[0], [0], 0, "")
+
+    @classmethod
+    def attach(cls, connection: CoreConnection, in_flight: MutableSequence[int], index: int) -> EngineProcess:
+        """Front end ``index`` of several on one core (``kvscope serve --api-server-count``), through
+        its pipes ``connection``; ``in_flight``: every front end's count of requests in flight
+        (shared memory, one slot each), so that admission and metrics see the whole server.
+        Stopping it says goodbye to the core, which exits once every front end has."""
+        self = cls.__new__(cls)
+        self._core = None
+        self._setup(connection, in_flight, index, f"{index}-")  # request ids unique across front ends
+        return self
+
+    def _setup(self, connection: CoreConnection, in_flight: MutableSequence[int], slot: int,
+               id_prefix: str) -> None:
         self.observer: StepObserver | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._outbox: queue.SimpleQueue[tuple[Any, ...]] = queue.SimpleQueue()
         self._threads: list[threading.Thread] = []
-        self._state = "loading"  # -> "loaded" -> "running" -> "dead" | "stopping" -> "closed"
+        self._state = "loaded"  # -> "running" -> "dead" | "stopping" -> "closed"
         self._death = ""
         self._live: dict[str, _Track] = {}  # event loop only, as is everything below
         self._pending: dict[str, _Pending] = {}  # first request id of the group -> its group
-        self._num_requests = 0
-        ctx = multiprocessing.get_context("spawn")  # CUDA cannot run in a forked child
-        core_commands, self._commands = ctx.Pipe(duplex=False)
-        self._messages, core_messages = ctx.Pipe(duplex=False)
-        self._process = ctx.Process(target=run_engine_core, args=(build, core_commands, core_messages),
-                                    name="kvscope-engine-core")
-        self._process.start()
-        # Only the child holds these ends now, so its death closes the pipes (EOF for the receiver).
-        core_commands.close()
-        core_messages.close()
+        self._in_flight, self._slot, self._id_prefix = in_flight, slot, id_prefix
+        self._commands, self._messages, self._pid = connection.commands, connection.messages, connection.pid
+        self.info: EngineInfo = connection.info
+        self._stats: dict[str, Any] = connection.stats
         atexit.register(self.close)  # runs before multiprocessing's exit hook, which joins the child
-        try:
-            first = recv(self._messages)
-        except BaseException as e:  # the child died, or Ctrl-C here: no point in finishing the load
-            self._process.terminate()
-            self.close()
-            if isinstance(e, (EOFError, OSError)):
-                raise KVScopeError(f"the engine process exited with code {self._process.exitcode} while "
-                                   "loading the model") from None
-            raise
-        if first[0] == START_FAILED:
-            self.close()
-            raise first[1]
-        self._state = "loaded"
-        self.info: EngineInfo = first[1]
-        self._stats: dict[str, Any] = first[2]
 
     @property
     def pid(self) -> int | None:
-        return self._process.pid
+        """The engine core's process id."""
+        return self._pid
 
     # ---- the AsyncEngine interface (event loop) --------------------------------------------------
     def start(self) -> None:
@@ -186,8 +185,9 @@ class EngineProcess:
 
     @property
     def num_requests(self) -> int:
-        """Engine requests submitted and not yet closed (waiting, running, or being read)."""
-        return self._num_requests
+        """Engine requests submitted and not yet closed (waiting, running, or being read), by every
+        front end of the server."""
+        return sum(self._in_flight)
 
     @property
     def stats(self) -> dict[str, Any]:
@@ -201,12 +201,12 @@ class EngineProcess:
         if not self.is_running:
             raise EngineStopped(self._death or _SHUTTING_DOWN)
         prompts = [list(p) for p in prompts]
-        group = Group(request_ids(request_id, len(prompts)), asyncio.get_running_loop())
+        group = Group(request_ids(self._id_prefix + request_id, len(prompts)), asyncio.get_running_loop())
         stream = OutputStream(self, group)
         tokenizer = self.info.tokenizer
         tracks = [_Track(rid, group, p, params, arrival_time, tokenizer) for rid, p in zip(group.ids, prompts)]
         self._pending[group.ids[0]] = _Pending(group, tracks)
-        self._num_requests += len(group.ids)
+        self._in_flight[self._slot] += len(group.ids)
         self._outbox.put((ADD, group.ids, prompts, params, arrival_time))
         return await await_accepted(stream, group)
 
@@ -222,14 +222,14 @@ class EngineProcess:
             self._outbox.put((ABORT, list(request_ids)))
 
     def _release(self, n: int) -> None:
-        self._num_requests -= n
+        self._in_flight[self._slot] -= n
 
     def shutdown(self, timeout: float = 10.0) -> None:
         """Fail whatever is in flight with :class:`EngineStopped` and stop the child (any thread)."""
         if self._state in ("stopping", "closed"):
             return
         self._state = "stopping"
-        self._stop_child(timeout)
+        self._stop_core(timeout)
         for t in self._threads:
             t.join(timeout)
         self._commands.close()
@@ -244,22 +244,19 @@ class EngineProcess:
         atexit.unregister(self.close)
 
     # ---- threads ---------------------------------------------------------------------------------
-    def _stop_child(self, timeout: float) -> None:
-        """Ask the core to stop; terminate it if it does not within ``timeout`` seconds."""
+    def _stop_core(self, timeout: float) -> None:
+        """Say goodbye to the core (it aborts this front end's requests, and exits once every front
+        end has); a core of this front end's own that does not exit within ``timeout`` seconds is
+        terminated."""
         if self._threads:
             self._outbox.put((STOP,))  # also ends the sender, whose write then fails if the core is gone
-        elif self._process.is_alive():  # never started: nothing reads the outbox
+        else:  # never started: nothing reads the outbox
             try:
                 send(self._commands, [(STOP,)])
-            except OSError:
+            except OSError:  # the core is gone
                 pass
-        self._process.join(timeout)
-        if self._process.is_alive():
-            self._process.terminate()
-            self._process.join(5)
-        if self._process.is_alive():
-            self._process.kill()
-            self._process.join()
+        if self._core is not None:
+            self._core.stop(timeout)
 
     def _send_commands(self) -> None:
         while True:
@@ -284,8 +281,7 @@ class EngineProcess:
                     return
         except (EOFError, OSError):  # the pipe closed without a goodbye: the core died
             pass
-        self._process.join(5)
-        self._call(self._on_death, self._process.exitcode)
+        self._call(self._on_death, self._core.exitcode(5) if self._core is not None else None)
 
     def _call(self, fn: Callable[..., None], *args: Any) -> None:
         try:
@@ -365,5 +361,6 @@ class EngineProcess:
         if self._state != "running":
             return
         self._state = "dead"
-        self._death = (f"the engine process died (exit code {exitcode}); the server must be restarted")
+        code = "" if exitcode is None else f" (exit code {exitcode})"  # a front end of several cannot know it
+        self._death = f"the engine process died{code}; the server must be restarted"
         self._fail_all(EngineFailure(self._death), "error")

@@ -1,31 +1,37 @@
-"""The engine core: one :class:`LLMEngine` in a process of its own, driven by the HTTP server.
+"""The engine core: one :class:`LLMEngine` in a process of its own, driven by one or more HTTP
+front ends.
 
 ``kvscope serve`` (process mode, the default) runs :func:`run_engine_core` in a ``spawn``ed child
-(CUDA cannot be used in a forked one). The child builds the engine itself from a picklable
-``build()`` (the server never loads the weights), sends an :class:`EngineInfo` (tokenizer, limits)
-once, then loops:
+(CUDA cannot be used in a forked one), with one command pipe and one output pipe per front end
+(``--api-server-count``, default 1). The child builds the engine itself from a picklable
+``build()`` (no front end ever loads the weights), sends an :class:`EngineInfo` (tokenizer, limits)
+down every output pipe once, then loops:
 
-1. take the server's commands: without blocking while the engine has work, blocking while idle
-   (an idle server costs nothing); a batch of commands is one pickled list;
+1. take the front ends' commands: without blocking while the engine has work, blocking while idle
+   (an idle server costs nothing); a batch of one front end's commands is one pickled list;
 2. apply them in order: ``(ADD, ids, prompts, params, arrival_time)`` adds one HTTP request's
    prompts, all or none; ``(ABORT, ids)`` aborts (the KV is freed before the next step);
-   ``(STOP,)`` aborts everything and ends the loop;
+   ``(STOP,)`` aborts that front end's requests and says goodbye to it;
 3. run one step;
-4. send ONE message for the turn: ``(events, outputs, stats)`` (written by a thread of the core's,
-   so that a server that falls behind never holds up a step).
+4. send each front end that has news ONE message for the turn: ``(events, outputs, stats)`` (written
+   by a thread per front end, so that a front end that falls behind never holds up a step).
 
-``events``: ``(ACCEPTED, first_id)``, ``(REJECTED, first_id, message, prompt_index)``,
-``(ADD_FAILED, first_id, message)``, ``(FAILED, ids, message, step_error)`` (requests failed by a
-step that raised, or by an error of the loop; their KV is freed), ``(STOPPED,)``. ``outputs``: one
-tuple per request that moved, carrying only what is new since the last message (see
-:meth:`_Sent.delta`), so a message costs O(batch), not O(tokens so far). ``stats``:
-``engine.stats()`` after any add or abort, when the engine falls idle, otherwise at most every
-``STATS_INTERVAL_S``; None when not taken this turn.
+Each request belongs to the front end that added it: its events and outputs go to that front end
+only, so a turn costs O(batch) whatever the number of front ends. ``events``: ``(ACCEPTED,
+first_id)``, ``(REJECTED, first_id, message, prompt_index)``, ``(ADD_FAILED, first_id, message)``,
+``(FAILED, ids, message, step_error)`` (requests failed by a step that raised, or by an error of the
+loop; their KV is freed; ``step_error`` is set for one front end only, so that a step counts once
+in the server's metrics), ``(STOPPED,)``. ``outputs``: one tuple per request that moved, carrying
+only what is new since the last message (see :meth:`_Sent.delta`), so a message costs O(batch),
+not O(tokens so far). ``stats``: ``engine.stats()`` after any add or abort, when the engine falls
+idle, otherwise at most every ``STATS_INTERVAL_S``, to every front end; None when not taken this turn.
 
 Failures stay contained as on the thread (:mod:`kvscope.serve.async_engine`): a rejected prompt
 fails its request alone, a step that raises fails the requests then in flight and the loop serves
-on. The child ignores SIGINT (Ctrl-C reaches the whole process group; the server shuts down
-gracefully and then stops the core), and exits when the server goes away (its command pipe closes).
+on. A front end that goes away (its command pipe closes, or a write to it fails) has its requests
+aborted, their KV freed, and the others are served on. The child ignores SIGINT (Ctrl-C reaches the
+whole process group; the front ends shut down gracefully and then stop it), and exits when every
+front end has gone.
 """
 from __future__ import annotations
 
@@ -40,7 +46,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable
-from multiprocessing.connection import Connection
+from multiprocessing.connection import Connection, wait
 from typing import TYPE_CHECKING, Any
 
 from kvscope.errors import ConfigError, KVScopeError, RequestError
@@ -72,8 +78,9 @@ def recv(conn: Connection) -> Any:
     return pickle.loads(conn.recv_bytes())
 
 
-def run_engine_core(build: Callable[[], LLM], commands: Connection, outputs: Connection) -> None:
-    """The child's entry point: build the engine, announce it, serve until told to stop."""
+def run_engine_core(build: Callable[[], LLM], clients: list[tuple[Connection, Connection]]) -> None:
+    """The child's entry point: build the engine, announce it to every front end (``clients``: one
+    ``(commands, outputs)`` pipe pair each), serve until every front end has gone."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
         llm = build()
@@ -81,15 +88,17 @@ def run_engine_core(build: Callable[[], LLM], commands: Connection, outputs: Con
     except BaseException as e:  # noqa: BLE001 - reported to the server, which raises it
         if not isinstance(e, KVScopeError):
             log.exception("kvscope: the engine core could not start")
-        send(outputs, (START_FAILED, _picklable(e)))
+        for _, outputs in clients:
+            send(outputs, (START_FAILED, _picklable(e)))
         return
-    send(outputs, (READY, info, stats))
+    for _, outputs in clients:
+        send(outputs, (READY, info, stats))
     # The model and everything start-up made live as long as the core: out of the collector's
     # sight, the collections that each step's objects trigger scan only those.
     gc.collect()
     gc.freeze()
     try:
-        EngineCore(llm, commands, outputs).run()
+        EngineCore(llm, clients).run()
     finally:
         llm.close()
     # Nothing is left to clean up, and the interpreter's teardown (torch's modules) takes a second
@@ -106,7 +115,7 @@ class _Outbox:
     loop, where the objects are."""
 
     def __init__(self, conn: Connection) -> None:
-        self._conn = conn
+        self.conn = conn
         self._queue: queue.SimpleQueue[bytes | None] = queue.SimpleQueue()
         self.broken = False  # a write failed: the server is gone
         self._thread = threading.Thread(target=self._write, name="kvscope-core-out", daemon=True)
@@ -123,7 +132,7 @@ class _Outbox:
     def _write(self) -> None:
         while (data := self._queue.get()) is not None:
             try:
-                self._conn.send_bytes(data)
+                self.conn.send_bytes(data)
             except OSError:
                 self.broken = True
                 return
@@ -137,12 +146,13 @@ def _picklable(e: BaseException) -> BaseException:
 
 
 class _Sent:
-    """One request of the server's: its samples (the engine's own list, see ``LLMEngine.samples``)
-    and how much of each the server has been sent (tokens, end, token times)."""
+    """One request of a front end's: its samples (the engine's own list, see ``LLMEngine.samples``),
+    how much of each the front end has been sent (tokens, end, token times), and that front end."""
 
-    __slots__ = ("samples", "counts", "reasons", "times")
+    __slots__ = ("client", "samples", "counts", "reasons", "times")
 
-    def __init__(self, samples: list[Request]) -> None:
+    def __init__(self, client: _Client, samples: list[Request]) -> None:
+        self.client = client
         self.samples = samples
         self.counts: list[int] = []  # tokens sent, by sample index
         self.reasons: list[str | None] = []  # finish reason sent, by sample index
@@ -174,56 +184,98 @@ class _Sent:
         return head.request_id, head.first_scheduled_time, times, finished, news, end
 
 
+class _Client:
+    """One front end: its command pipe, its outbox, and what it is sent at the end of this turn."""
+
+    __slots__ = ("index", "commands", "outbox", "events", "outputs")
+
+    def __init__(self, index: int, commands: Connection, outputs: Connection) -> None:
+        self.index = index
+        self.commands = commands
+        self.outbox = _Outbox(outputs)
+        self.events: list[tuple[Any, ...]] = []
+        self.outputs: list[Delta] = []
+
+    def close(self) -> None:
+        """Write what is queued, then close both pipes."""
+        self.outbox.close()
+        self.outbox.conn.close()
+        self.commands.close()
+
+
 class EngineCore:
     """The loop of the module docstring around ``llm.engine``."""
 
-    def __init__(self, llm: LLM, commands: Connection, outputs: Connection) -> None:
+    def __init__(self, llm: LLM, clients: list[tuple[Connection, Connection]]) -> None:
         self._engine = llm.engine
-        self._commands = commands
-        self._outbox = _Outbox(outputs)
-        self._live: dict[str, _Sent] = {}  # requests the server still reads
-        self._events: list[tuple[Any, ...]] = []
+        self._clients = {c.commands: c for c in (_Client(i, *pair) for i, pair in enumerate(clients))}
+        self._live: dict[str, _Sent] = {}  # requests a front end still reads
         self._stats_time = 0.0
 
     def run(self) -> None:
         try:
             self._serve()
         finally:
-            self._outbox.close()
+            for client in self._clients.values():
+                client.close()
 
     def _serve(self) -> None:
         engine = self._engine
-        while not self._outbox.broken:
-            try:
-                batch = self._receive(block=not engine.has_unfinished_requests())
-            except (EOFError, OSError):  # the server is gone: nobody to serve
-                return
-            outputs: list[Delta] = []
+        while self._clients:
+            batch = self._receive(block=not engine.has_unfinished_requests())
             stats = None
             try:
-                for cmd in batch:
-                    if cmd[0] == STOP:
-                        self._abort(list(self._live))
-                        self._outbox.put(([*self._events, (STOPPED,)], [], None))
-                        return
-                    self._apply(cmd)
+                for client, commands in batch:
+                    for cmd in commands:
+                        if cmd[0] == STOP:
+                            self._drop(client, goodbye=True)
+                            break
+                        self._apply(client, cmd)
                 if engine.has_unfinished_requests():
-                    outputs = self._step()
+                    self._step()
                 stats = self._stats(force=bool(batch) or not engine.has_unfinished_requests())
             except Exception as e:  # a bug outside step(): keep serving, fail what was in flight
                 log.exception("kvscope engine loop error")
                 self._fail_live(f"engine loop error: {type(e).__name__}: {e}", step_error=False)
-            if self._events or outputs or stats is not None:
-                self._outbox.put((self._events, outputs, stats))
-                self._events = []
+            for client in list(self._clients.values()):
+                if client.outbox.broken:  # a write failed: that front end is gone
+                    self._drop(client, goodbye=False)
+                elif client.events or client.outputs or stats is not None:
+                    client.outbox.put((client.events, client.outputs, stats))
+                    client.events, client.outputs = [], []
 
-    def _receive(self, block: bool) -> list[tuple[Any, ...]]:
-        batch = recv(self._commands) if block else []
-        while self._commands.poll():
-            batch += recv(self._commands)
+    def _receive(self, block: bool) -> list[tuple[_Client, list[tuple[Any, ...]]]]:
+        """Each front end's waiting commands (blocking until some arrive when ``block``); a front
+        end whose pipe closed is dropped."""
+        ready = wait(list(self._clients)) if block else [conn for conn in self._clients if conn.poll()]
+        batch = []
+        for conn in ready:
+            client = self._clients[conn]
+            commands: list[tuple[Any, ...]] = []
+            try:
+                while conn.poll():
+                    commands += recv(conn)
+            except (EOFError, OSError):  # the front end is gone: its requests have no reader
+                self._drop(client, goodbye=False)
+                continue
+            batch.append((client, commands))
         return batch
 
-    def _apply(self, cmd: tuple[Any, ...]) -> None:
+    def _drop(self, client: _Client, goodbye: bool) -> None:
+        """Abort ``client``'s requests (freeing their KV) and stop serving it; ``goodbye``: it asked
+        to stop and still reads, so it is told (STOPPED) once everything before is written."""
+        if client.commands not in self._clients:
+            return
+        del self._clients[client.commands]
+        ids = [rid for rid, sent in self._live.items() if sent.client is client]
+        self._abort(ids)
+        if goodbye:
+            client.outbox.put(([*client.events, (STOPPED,)], [], None))
+        else:
+            log.warning("kvscope: front end %d went away; aborted its %d requests", client.index, len(ids))
+        client.close()
+
+    def _apply(self, client: _Client, cmd: tuple[Any, ...]) -> None:
         if cmd[0] == ABORT:
             self._abort(cmd[1])
             return
@@ -236,16 +288,16 @@ class EngineCore:
                 try:
                     self._engine.add_request(prompt, params, request_id=rid, arrival_time=arrival_time)
                 except (RequestError, ConfigError) as e:
-                    self._events.append((REJECTED, ids[0], str(e), i))
+                    client.events.append((REJECTED, ids[0], str(e), i))
                     break
                 added.append(rid)
             else:
                 for rid in added:
-                    self._live[rid] = _Sent(self._engine.samples(rid))
-                self._events.append((ACCEPTED, ids[0]))
+                    self._live[rid] = _Sent(client, self._engine.samples(rid))
+                client.events.append((ACCEPTED, ids[0]))
                 return
         except Exception as e:
-            self._events.append((ADD_FAILED, ids[0], f"add_request failed: {type(e).__name__}: {e}"))
+            client.events.append((ADD_FAILED, ids[0], f"add_request failed: {type(e).__name__}: {e}"))
         for rid in added:  # all or none
             self._engine.abort(rid)
 
@@ -254,30 +306,35 @@ class EngineCore:
             if self._live.pop(rid, None) is not None:
                 self._engine.abort(rid)
 
-    def _step(self) -> list[Delta]:
+    def _step(self) -> None:
+        """One step; each request's news goes to its front end's outputs."""
         try:
             self._engine.step()  # its outputs are finished requests': the samples say it all
         except Exception as e:
             log.exception("kvscope engine step failed; failing the requests in flight")
             self._fail_live(f"engine step failed: {type(e).__name__}: {e}", step_error=True)
-            return []
-        deltas, done = [], []
+            return
+        done = []
         for rid, sent in self._live.items():
             delta = sent.delta()
             if delta is not None:
-                deltas.append(delta)
+                sent.client.outputs.append(delta)
                 if delta[3]:
                     done.append(rid)
         for rid in done:
             del self._live[rid]
-        return deltas
 
     def _fail_live(self, message: str, step_error: bool) -> None:
-        """End every request in flight (the server fails them with ``message``) and free its KV."""
+        """End every request in flight (each front end fails its own with ``message``) and free its
+        KV. A step error is counted by the first front end only: the server's metrics sum them."""
         ids = list(self._live)
         abort_all(self._engine, ids)
+        per_client: dict[_Client, list[str]] = {c: [] for c in self._clients.values()}
+        for rid in ids:
+            per_client[self._live[rid].client].append(rid)
         self._live.clear()
-        self._events.append((FAILED, ids, message, step_error))
+        for i, (client, client_ids) in enumerate(per_client.items()):
+            client.events.append((FAILED, client_ids, message, step_error and i == 0))
 
     def _stats(self, force: bool) -> dict[str, Any] | None:
         now = time.perf_counter()

@@ -10,17 +10,25 @@ Two sources, every series labelled ``model_name`` as vLLM labels its own:
   (:class:`EngineStatsCollector`): running/waiting requests, KV usage, preemptions, and kvscope's
   strategy counters (evictions, host transfers, adaptive decisions) under ``kvscope:``. A key the
   strategy does not report is simply not exported.
+
+With several front-end processes (``--api-server-count``), prometheus_client's multiprocess mode
+writes each front end's per-request series to files in ``PROMETHEUS_MULTIPROC_DIR`` (which must be
+set before prometheus_client is first imported), and any front end's ``/metrics`` sums them over
+all front ends; the engine's series come from its own newest snapshot (every front end gets the
+core's stats), so they appear once, not once per front end.
 """
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest, values
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.registry import Collector
 
 from kvscope.engine.outputs import RequestOutput
+from kvscope.errors import ConfigError
 
 # vLLM's buckets (vllm/v1/metrics/buckets.py).
 TTFT_BUCKETS = [0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0,
@@ -124,10 +132,17 @@ class EngineStatsCollector(Collector):
 
 
 class ServerMetrics:
-    """The server's registry; also the engine's step observer (called on one thread only)."""
+    """The server's registry; also the engine's step observer (called on one thread only).
+
+    ``multiprocess_dir``: this is one front end of several, whose per-request series are summed
+    from the files there (see the module docstring); ``in_flight`` then counts the whole server's.
+    """
 
     def __init__(self, model_name: str, max_model_len: int, stats: Callable[[], dict[str, Any]],
-                 in_flight: Callable[[], int]) -> None:
+                 in_flight: Callable[[], int], multiprocess_dir: str | None = None) -> None:
+        if multiprocess_dir is not None and values.ValueClass is values.MutexValue:
+            raise ConfigError("several front ends share their metrics through PROMETHEUS_MULTIPROC_DIR, "
+                              "which must be set before prometheus_client is imported")
         self.registry = CollectorRegistry()
         labels = ["model_name"]
 
@@ -168,11 +183,16 @@ class ServerMetrics:
                                    ["model_name", "reason"], registry=self.registry).labels(
                                        model_name, "max_num_queued_reqs")
         self._model = model_name
-        self.registry.register(EngineStatsCollector(model_name, stats, in_flight))
+        # What /metrics renders: this registry, or every front end's files and the engine's series.
+        self._scraped = self.registry
+        if multiprocess_dir is not None:
+            self._scraped = CollectorRegistry()
+            MultiProcessCollector(self._scraped, path=multiprocess_dir)
+        self._scraped.register(EngineStatsCollector(model_name, stats, in_flight))
         self._tokens_seen: dict[str, int] = {}  # the observer's thread only
 
     def render(self) -> bytes:
-        return generate_latest(self.registry)
+        return generate_latest(self._scraped)
 
     def rejected(self, status: int, queue_full: bool) -> None:
         """A request refused with ``status``; ``queue_full``: by ``--max-queue``."""

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import gc
+import socket
 from typing import TYPE_CHECKING
 
 import uvicorn
@@ -23,9 +24,12 @@ def run_server(
     served_model_name: str | None = None,
     max_queue: int | None = None,
     log_level: str = "info",
+    sock: socket.socket | None = None,
+    multiprocess_dir: str | None = None,
 ) -> None:
-    """Serve ``engine`` until interrupted (Ctrl-C / SIGTERM)."""
-    app = create_app(engine, served_model_name, max_queue)
+    """Serve ``engine`` until interrupted (Ctrl-C / SIGTERM), on ``host:port``, or on the listening
+    socket ``sock`` that other front ends share (``multiprocess_dir``: see ``create_app``)."""
+    app = create_app(engine, served_model_name, max_queue, multiprocess_dir)
     config = uvicorn.Config(app, host=host, port=port, log_level=log_level,
                             timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S)
     # What start-up made (torch, the tokenizer, the app; in thread mode the model too) lives as long
@@ -34,7 +38,7 @@ def run_server(
     gc.collect()
     gc.freeze()
     try:
-        uvicorn.Server(config).run()
+        uvicorn.Server(config).run(sockets=None if sock is None else [sock])
     except KeyboardInterrupt:  # uvicorn re-raises Ctrl-C after its graceful shutdown; nothing is left to do
         pass
     finally:
