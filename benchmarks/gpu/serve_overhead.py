@@ -80,6 +80,8 @@ def main() -> None:
     ap.add_argument("--requests", type=int, default=None, help="requests sent at once (default 256; 16 with --tiny)")
     ap.add_argument("--output-len", type=int, default=None, help="output tokens each (default 128; 16 with --tiny)")
     ap.add_argument("--piecewise-ab", action="store_true", help="also serve with piecewise graphs off")
+    ap.add_argument("--api-server-counts", default="", metavar="N,N",
+                    help="also serve with these numbers of front-end processes (--api-server-count), e.g. 2,4")
     args = ap.parse_args()
     device = "cpu" if args.tiny else "cuda"
     model = "dummy:tiny-llama" if args.tiny else "dummy:llama-3.1-8b"
@@ -148,6 +150,8 @@ def main() -> None:
 
     http, same = serve([])
     ab = {"http_no_piecewise": serve(["--piecewise-graph-sizes", "none"])[0]} if args.piecewise_ab else {}
+    for count in [int(c) for c in args.api_server_counts.split(",") if c]:
+        ab[f"http_api_servers_{count}"] = serve(["--api-server-count", str(count)])[0]
 
     result = {"benchmark": "serve_overhead", "environment": env, "model": model, "engine": engine | kv,
               "requests": n, "prompt_tokens": sum(p for p, _ in lengths), "output_tokens": n * out_len,
@@ -185,7 +189,9 @@ def markdown(r: dict) -> str:
         row("in-process `LLM.generate`", r["in_process_generate"]),
         row("HTTP `kvscope serve`", r["http"]),
         *([row("HTTP `kvscope serve --piecewise-graph-sizes none`", r["http_no_piecewise"])]
-          if "http_no_piecewise" in r else []), "",
+          if "http_no_piecewise" in r else []),
+        *[row(f"HTTP `kvscope serve --api-server-count {k.rsplit('_', 1)[1]}`", r[k])
+          for k in r if k.startswith("http_api_servers_")], "",
         f"Against `LLM.generate`: {r['loss_vs_generate']:.1%} lost. Correctness before timing: "
         f"{r['correctness']['equal_texts']} of {r['correctness']['of']} greedy texts equal between server and "
         "in-process engine.", ""])
