@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 from h2o_ref import DenseMaskedH2O
 from hf_ref import make_tiny_checkpoint
 import functools
+import itertools
 import os
 
 from kvscope import LLM as _LLM
@@ -342,6 +343,70 @@ def test_prefill_scores_and_output_equal_dense_attention(name, chunks):
         start += c
     slots = s._slots(s.tables["r"], n)
     torch.testing.assert_close(s.scores[:, slots].double(), expected, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a CUDA device")])])
+@pytest.mark.parametrize("name", ["snapkv", "tova", "h2o"])
+@pytest.mark.parametrize("group_bytes", [1, 1 << 30], ids=["one-chunk-groups", "one-group"])
+def test_batched_prefill_chunks_equal_dense_attention(name, group_bytes, device, monkeypatch):
+    """Three requests prefilled in one step and finished in the next beside a decode row, the chunks
+    batched into groups (eviction_prefill): every row's output and every slot's score equal dense
+    causal attention per request, whether each chunk is its own group or all share one."""
+    from kvscope.engine.request import Request
+    from kvscope.kv import eviction_prefill
+    from kvscope.kv.base import KVSetup, StepBatch
+    from kvscope.kv.registry import create
+    from kvscope.models.dummy import preset_config
+
+    monkeypatch.setattr(eviction_prefill, "MAX_GROUP_BYTES", group_bytes)
+    cfg = preset_config("tiny-llama")
+    s = create(f"{name}:budget=1000,block_size=4" + (",window=6" if name == "snapkv" else ""))
+    s.bind(KVSetup(cfg, torch.device(device), torch.float32, 4 << 20, 64, 4, 0))
+    hq, hkv, d, L = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.num_layers
+    lens = [23, 9, 14]
+    steps = [[12, 9, 5], [11, 1, 9]]  # request 1 decodes in the second step
+    g = torch.Generator().manual_seed(7)
+    qkv = [tuple(torch.randn(L, n + 2, h, d, generator=g) for h in (hq, hkv, hkv)) for n in lens]
+    reqs = [Request(f"r{i}", [1] * n, SamplingParams(max_tokens=2, ignore_eos=True)) for i, n in enumerate(lens)]
+    expected = [torch.zeros(L, n + 2, hkv, dtype=torch.float64) for n in lens]
+    done = [0, 0, 0]
+    for chunk in steps:
+        pos = [torch.arange(done[i], done[i] + c) for i, c in enumerate(chunk)]
+        for r, c, dn in zip(reqs, chunk, done):
+            assert s.allocate(r, dn + c)
+        starts = [0, *itertools.accumulate(chunk)]
+        batch = StepBatch(reqs, chunk, torch.ones(starts[-1], dtype=torch.long, device=device),
+                          torch.cat(pos).to(device), starts)
+        att = s.begin_step(batch)
+        for layer in range(L):
+            q, k, v = (torch.cat([qkv[i][part][layer, pos[i]] for i in range(3)]).to(device) for part in range(3))
+            out = att.attend(layer, q, k, v).cpu()
+            for i, c in enumerate(chunk):
+                t = done[i] + c
+                qi = qkv[i][0][layer, pos[i]].double()
+                kk, vv = (x[layer, :t].double().repeat_interleave(hq // hkv, 1) for x in qkv[i][1:])
+                logits = torch.einsum("nhd,thd->hnt", qi, kk) * d**-0.5
+                probs = logits.masked_fill(torch.arange(t)[None, None, :] > pos[i][None, :, None],
+                                           float("-inf")).softmax(-1)
+                ref = torch.einsum("hnt,thd->nhd", probs, vv)
+                torch.testing.assert_close(out[starts[i]:starts[i + 1]].double(), ref, rtol=1e-4, atol=1e-5)
+                grouped = probs.view(hkv, hq // hkv, c, -1)
+                decode = c == 1 and done[i] >= lens[i]
+                if name == "snapkv" and not decode:
+                    expected[i][layer, :t] += grouped[:, :, pos[i] >= lens[i] - 6].sum((1, 2)).T
+                elif name == "tova":
+                    expected[i][layer] = 0
+                    expected[i][layer, :t] = probs[:, -1].mean(0)[:, None].expand(-1, hkv)
+                elif name == "h2o":
+                    expected[i][layer, :t] += grouped.sum((1, 2)).T
+        for r, c in zip(reqs, chunk):
+            r.num_computed_tokens += c
+        s.end_step(batch)
+        done = [dn + c for dn, c in zip(done, chunk)]
+    for r, n, exp in zip(reqs, done, expected):
+        slots = s._slots(s.tables[r.request_id], n)
+        torch.testing.assert_close(s.scores[:, slots].double().cpu(), exp[:, :n], rtol=1e-4, atol=1e-6)
 
 
 def _pool_llm(path, spec, blocks):

@@ -5,7 +5,8 @@ attention: a KV head's statistic is the *sum* over the query heads of its group 
 accumulated attention generalised to GQA). Decode computes one row of probabilities per query head,
 so its column sums cost O(T); H2O's prefill chunks materialise ``[heads, n, T]`` once per chunk,
 while SnapKV (its observation window) and TOVA (the newest row) compute probabilities only for the
-rows they read and take the output from the fused attention.
+rows they read and take the output from the fused attention. A step's chunks are attended in a few
+padded groups, not one by one (:mod:`kvscope.kv.eviction_prefill`).
 """
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ import torch
 from kvscope.device_copy import to_device
 from kvscope.attention.torch_ref import attend_causal
 from kvscope.kv.base import KVSetup
+from kvscope.kv.eviction_prefill import PrefillGroup, build_group, plan_groups
 from kvscope.kv.slot_cache import SlotAttention, SlotKVCache
 from kvscope.kv.statistics import ScoreStatistic
 
@@ -80,6 +82,7 @@ class EvictionAttention(SlotAttention):
         self.s = strategy
         self.positions = positions
         self.window_first = window_first
+        self.prefill_groups = self._prefill_groups(strategy, slot_mapping.device)
         self.fused = False
         # Every layer's entry of the new tokens at once (one launch per step, not per layer), unless
         # the policy's initial score depends on the layer's keys.
@@ -137,31 +140,42 @@ class EvictionAttention(SlotAttention):
             out[self.decode_q_index] = o.reshape(b, hkv * g, -1)
             if stat.observes_decode:
                 self._update(layer, self.decode_valid_slots, probs, self.decode_index)
+        if not stat.observes_every_prefill_row:
+            # A statistic that reads only some rows (a window, the newest): the output goes through
+            # the fused attention and the [heads, n, T] matrix is never materialised.
+            for i in self.prefill_rows:
+                st, en = self.query_start[i], self.query_start[i + 1]
+                out[st:en] = attend_causal(q[st:en], kc[self.tables[i]], vc[self.tables[i]], s.scale)
+        for grp in self.prefill_groups:
+            b, m = grp.q_index.shape
+            qg = q[grp.q_index].view(b, m, hkv, g, -1).permute(0, 2, 3, 1, 4)  # [B, Hkv, G, M, D]
+            kg, vg = kc[grp.slots], vc[grp.slots]  # [B, T, Hkv, D]
+            if stat.observes_every_prefill_row:  # the output comes from the same probabilities
+                probs, o = _probs_and_out(qg, kg, vg, grp.mask, s.scale)
+                out[grp.out_q] = o.permute(0, 3, 1, 2, 4).reshape(b * m, hkv * g, -1)[grp.out_rows]
+            else:
+                probs = _probs(qg, kg, grp.mask, s.scale)
+            probs.mul_(grp.row_valid[:, None, None, :, None])  # padded rows add nothing
+            self._update(layer, grp.fold_slots, probs, grp.fold_index)
+        return out
+
+    def _prefill_groups(self, strategy: ScoredSlots, device: torch.device) -> list[PrefillGroup]:
+        """The step's prefill chunks whose rows feed the statistic, batched
+        (:mod:`kvscope.kv.eviction_prefill`)."""
+        stat = strategy.statistic
+        if not stat.reads_attention or not self.prefill_rows:
+            return []
+        chunks, tables = [], []
         for i in self.prefill_rows:
             st, en = self.query_start[i], self.query_start[i + 1]
-            table = self.tables[i]
-            n, t = en - st, table.numel()
-            ki, vi = kc[table], vc[table]
-            if stat.observes_every_prefill_row:  # the output comes from the same probabilities
-                first = 0
-            else:
-                # A statistic that reads only some rows (a window, the newest): the output goes
-                # through the fused attention and the [heads, n, T] matrix is never materialised.
-                out[st:en] = attend_causal(q[st:en], ki, vi, s.scale)
-                first = stat.prefill_first_row(n, self.window_first[i])
-                if first is None:
-                    continue
-            rows = torch.arange(first, n, device=q.device)
-            m = rows.numel()
-            qi = q[st + first : en].view(m, hkv, g, -1).permute(1, 2, 0, 3)[None]  # [1, Hkv, G, m, D]
-            causal = torch.arange(t, device=q.device)[None, :] <= (rows + t - n)[:, None]
-            if stat.observes_every_prefill_row:
-                probs, o = _probs_and_out(qi, ki[None], vi[None], causal, s.scale)
-                out[st:en] = o[0].permute(2, 0, 1, 3).reshape(n, hkv * g, -1)
-            else:
-                probs = _probs(qi, ki[None], causal, s.scale)
-            self._update(layer, table, probs, None)
-        return out
+            n = en - st
+            first = 0 if stat.observes_every_prefill_row else stat.prefill_first_row(n, self.window_first[i])
+            if first is None:
+                continue
+            chunks.append((st + first, n - first, self.tables[i].numel()))
+            tables.append(self.tables[i])
+        heads = strategy.setup.model.num_heads
+        return [build_group(chunks, tables, members, device) for members in plan_groups(chunks, heads)]
 
     def _update(self, layer: int, slots: torch.Tensor, probs: torch.Tensor, index: torch.Tensor | None) -> None:
         """Fold ``probs`` ``[B, Hkv, G, n, T]`` into the scores of ``slots`` (see :meth:`_fold`)."""
@@ -179,11 +193,11 @@ class EvictionAttention(SlotAttention):
 class CapturedColumnSums:
     """An eviction policy's per-token state inside a captured decode step (``engine/cuda_graph.py``).
 
-    Before each replay the step's new tokens get their positions and their fresh score (zero, or the
-    policy's own: ``reset_scores``), eagerly (a policy that evicts later reads both). With ``fold`` (H2O's statistic) the decode kernel then adds
-    each held token's column sum to its slot's score (``fold_scores``); padding rows of the graph's
-    batch hold no token (length 0), so they add nothing. Without it (SnapKV's plain decode) the
-    kernel folds nothing."""
+    Before each replay the step's new tokens get their positions and their fresh score (zero, or
+    the policy's own: ``reset_scores``), eagerly (a policy that evicts later reads both). With
+    ``fold`` (H2O's statistic) the decode kernel then adds each held token's column sum to its
+    slot's score (``fold_scores``); padding rows of the graph's batch hold no token (length 0), so
+    they add nothing. Without it (plain decode: SnapKV, StreamingLLM) the kernel folds nothing."""
 
     def __init__(self, strategy: ScoredSlots, fold: bool = True) -> None:
         self.s = strategy
