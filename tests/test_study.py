@@ -265,6 +265,35 @@ def _synthetic_rows(quality: bool = True, params: bool = True, pools: tuple = ("
     return rows
 
 
+def test_model_size_plot_puts_each_models_own_pool_in_one_panel():
+    """Each model given one byte pool of its own (one token count each) shares one panel, at the
+    highest rate every model ran (here 1x: the large model has no all-at-once row); a fraction of
+    free memory keeps its own panel."""
+    import matplotlib.pyplot as plt
+
+    def row(model, params, strategy, kv, rate, tok_s):
+        cfg = {"model": model, "strategy": strategy, "workload": {"kind": "sharegpt", "type": "sharegpt",
+               "num_requests": 4}, "rate": rate, "kv_memory": kv, "seed": 0}
+        return {"id": f"{model}{strategy}{kv}{rate}", "status": "ok", "config": cfg, "model_params": params,
+                "metrics": {"output_throughput": tok_s}}
+
+    rows = [row("small", 10**9, s, 3 << 30, rate, t) for s, rate, t in
+            (("paged", "1x", 100.0), ("h2o", "1x", 150.0), ("paged", "inf", 120.0), ("h2o", "inf", 190.0))]
+    rows += [row("large", 10**10, "paged", 21 << 30, "1x", 10.0), row("large", 10**10, "h2o", 21 << 30, "1x", 15.0),
+             row("large", 10**10, "paged", 0.9, "1x", 30.0), row("small", 10**9, "paged", 0.9, "1x", 300.0)]
+    plot = next(p for p in build_plots(rows) if p.title == "Output throughput vs model size")
+    try:
+        panels = {" ".join(ax.get_title().split()): ax for ax in plot.figure.axes if ax.get_lines()}
+        assert sorted(panels) == [
+            "sharegpt, 4 requests | 90% free pool | 1x of its offline throughput",
+            "sharegpt, 4 requests | per model: 21504MiB large, 3072MiB small pool | 1x of its offline throughput"]
+        shared = next(ax for t, ax in panels.items() if "per model" in t)
+        lines = {line.get_label(): line.get_ydata().tolist() for line in shared.get_lines()}
+        assert sorted(lines.values()) == [[100.0, 10.0], [150.0, 15.0]]  # small then large, at 1x
+    finally:
+        plt.close("all")
+
+
 def _write_rows(folder, rows) -> None:
     folder.mkdir()
     (folder / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))

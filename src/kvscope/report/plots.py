@@ -120,20 +120,49 @@ def _latency_plots(plt: Any, rows: list[Row], style: Style) -> list[Plot]:
     return plots
 
 
+def _size_panels(rows: list[Row]) -> dict[tuple[str, str], list[Row]]:
+    """The model-size plot's panels, ``(workload, pool) -> rows``. A pool in bytes holds different
+    tokens for each model, so a study that gives every model one byte pool of its own (sized to one
+    token count each, say) gets one panel for those pools, titled with each model's; fractions of
+    free memory, and byte pools a model shares with others or holds several of, panel by label."""
+    panels: dict[tuple[str, str], list[Row]] = {}
+    for workload, wrows in by(rows, _workload).items():
+        byte_rows = [r for r in wrows if not isinstance(r["config"]["kv_memory"], float)]
+        pools = by(byte_rows, lambda r: r["config"]["model"])
+        own = {m: {r["config"]["kv_memory"] for r in mrows} for m, mrows in pools.items()}
+        if len(own) > 1 and all(len(k) == 1 for k in own.values()) and len({next(iter(k)) for k in own.values()}) > 1:
+            label = "per model: " + ", ".join(f"{kv_label(next(iter(own[m])))} {m}" for m in sorted(own))
+            panels[(workload, label)] = byte_rows
+            wrows = [r for r in wrows if isinstance(r["config"]["kv_memory"], float)]
+        for kv, krows in by(wrows, lambda r: kv_label(r["config"]["kv_memory"])).items():
+            panels[(workload, kv)] = krows
+    return panels
+
+
+def _common_top_rate(rows: list[Row]) -> tuple[float | str, list[Row]]:
+    """The highest rate every model of ``rows`` ran (else the highest of all), and its rows."""
+    rates = [{r["config"]["rate"] for r in mrows} for mrows in by(rows, lambda r: r["config"]["model"]).values()]
+    common = set.intersection(*rates)
+    return _at_top_rate([r for r in rows if r["config"]["rate"] in common] if common else rows)
+
+
 def _throughput_vs_size(plt: Any, rows: list[Row], style: Style) -> Plot:
+    from matplotlib.ticker import NullFormatter
+
     plot_title = "Output throughput vs model size"
     rows = [r for r in rows if r.get("model_params") and finite(_THROUGHPUT(r))]
     if not rows:
         return Plot(plot_title, missing="no row holds both a parameter count and an output throughput")
-    panels = by(rows, lambda r: (_workload(r), kv_label(r["config"]["kv_memory"])))
+    panels = _size_panels(rows)
     fig, axes = grid(plt, len(panels))
     for ax, ((workload, kv), prows) in zip(axes, panels.items()):
-        rate, at_rate = _at_top_rate(prows)
+        rate, at_rate = _common_top_rate(prows)
         for strategy, st_rows in _by_strategy(at_rate).items():
             by_size = by(st_rows, lambda r: r["model_params"])
             sizes = sorted(by_size)
             series(ax, sizes, [per_seed(by_size[n], _THROUGHPUT) for n in sizes], style[strategy])
         ax.set_xscale("log")
+        ax.xaxis.set_minor_formatter(NullFormatter())  # minor labels of a span under a decade collide
         ax.set_xlabel("model parameters")
         ax.set_ylabel("output tok/s")
         title(ax, f"{workload} | {kv} pool | {rate_text(rate)}")
