@@ -269,6 +269,17 @@ def test_a_killed_frontend_is_dropped_then_a_killed_core_fails_the_server(refere
     _wait_gone(processes)
 
 
+def test_front_ends_and_core_exit_when_the_parent_is_killed() -> None:
+    """The parent killed outright (no graceful shutdown of its own): the front ends notice, shut
+    down, and the core follows them; nothing keeps the port."""
+    with ServerProcess.frontends(BUILD, 2) as server:
+        processes = server.descendants()  # two front ends, the core, multiprocessing's resource tracker
+        assert len(server.frontend_pids()) == 2
+        server.proc.kill()
+        server.proc.wait(10)
+        _wait_gone(processes, timeout=20)
+
+
 def test_the_command_line() -> None:
     cli = [sys.executable, "-m", "kvscope.cli", "serve", MODEL, "--api-server-count", "2", "--port", str(free_port())]
     r = subprocess.run([*cli, "--no-engine-process"], capture_output=True, text=True, timeout=60)

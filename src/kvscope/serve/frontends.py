@@ -33,6 +33,8 @@ import shutil
 import signal
 import socket
 import tempfile
+import threading
+import time
 from collections.abc import Callable, Iterator, MutableSequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -69,12 +71,26 @@ def run_frontend(index: int, sock: socket.socket, connection: CoreConnection, in
     from kvscope.serve.engine_client import EngineProcess
     from kvscope.serve.server import run_server
 
+    _stop_when_orphaned(os.getppid())
     engine = EngineProcess.attach(connection, in_flight, index)
     try:
         run_server(engine, served_model_name=options.served_model_name, max_queue=options.max_queue,
                    log_level=options.log_level, sock=sock, multiprocess_dir=options.multiprocess_dir)
     finally:
         engine.close()
+
+
+def _stop_when_orphaned(parent: int, interval_s: float = 0.5) -> None:
+    """SIGTERM this front end (uvicorn's graceful shutdown) once the parent ``parent`` is gone: a
+    parent killed outright (SIGKILL, out of memory) cannot stop its children, and a front end left
+    serving alone would hold the port. The core exits once every front end has gone."""
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(interval_s)
+        log.error("kvscope: the server's parent process is gone; front end %d shuts down", os.getpid())
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=watch, name="kvscope-orphan-watch", daemon=True).start()
 
 
 def serve_frontends(build: Callable[[], LLM], count: int, host: str = "127.0.0.1", port: int = 8000,
