@@ -53,13 +53,12 @@ class PrefillGroup:
 def plan_groups(chunks: list[tuple[int, int, int]], num_heads: int) -> list[list[int]]:
     """Chunk indices per group. ``chunks``: per chunk ``(first observed flat row, observed rows m,
     context t)``; ``num_heads``: query heads."""
-    max_group_bytes = MAX_GROUP_BYTES
     order = sorted(range(len(chunks)), key=lambda i: -chunks[i][2])
     groups: list[list[int]] = []
     rows = cols = 0
     for i in order:
         _, m, t = chunks[i]
-        if groups and (len(groups[-1]) + 1) * num_heads * max(rows, m) * max(cols, t) * 4 <= max_group_bytes:
+        if groups and (len(groups[-1]) + 1) * num_heads * max(rows, m) * max(cols, t) * 4 <= MAX_GROUP_BYTES:
             groups[-1].append(i)
             rows, cols = max(rows, m), max(cols, t)
         else:
