@@ -270,14 +270,17 @@ def test_a_killed_frontend_is_dropped_then_a_killed_core_fails_the_server(refere
 
 
 def test_front_ends_and_core_exit_when_the_parent_is_killed() -> None:
-    """The parent killed outright (no graceful shutdown of its own): the front ends notice, shut
-    down, and the core follows them; nothing keeps the port."""
-    with ServerProcess.frontends(BUILD, 2) as server:
-        processes = server.descendants()  # two front ends, the core, multiprocessing's resource tracker
-        assert len(server.frontend_pids()) == 2
-        server.proc.kill()
-        server.proc.wait(10)
-        _wait_gone(processes, timeout=20)
+    """The parent killed outright (no graceful shutdown of its own) as soon as both front ends
+    exist, whether or not they serve yet: they notice, shut down, and the core follows them."""
+    server = ServerProcess.frontends(BUILD, 2)
+    deadline = time.monotonic() + 90
+    while len(server.frontend_pids()) < 2:
+        assert server.proc.poll() is None and time.monotonic() < deadline, "the front ends did not start"
+        time.sleep(0.02)
+    processes = server.descendants()  # two front ends, the core, multiprocessing's resource tracker
+    server.proc.kill()
+    server.proc.wait(10)
+    _wait_gone(processes, timeout=30)
 
 
 def test_the_command_line() -> None:

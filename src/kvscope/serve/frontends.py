@@ -34,7 +34,6 @@ import signal
 import socket
 import tempfile
 import threading
-import time
 from collections.abc import Callable, Iterator, MutableSequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -71,7 +70,7 @@ def run_frontend(index: int, sock: socket.socket, connection: CoreConnection, in
     from kvscope.serve.engine_client import EngineProcess
     from kvscope.serve.server import run_server
 
-    _stop_when_orphaned(os.getppid())
+    _stop_when_orphaned()
     engine = EngineProcess.attach(connection, in_flight, index)
     try:
         run_server(engine, served_model_name=options.served_model_name, max_queue=options.max_queue,
@@ -80,13 +79,17 @@ def run_frontend(index: int, sock: socket.socket, connection: CoreConnection, in
         engine.close()
 
 
-def _stop_when_orphaned(parent: int, interval_s: float = 0.5) -> None:
-    """SIGTERM this front end (uvicorn's graceful shutdown) once the parent ``parent`` is gone: a
+def _stop_when_orphaned() -> None:
+    """SIGTERM this front end (uvicorn's graceful shutdown) once its parent process has ended: a
     parent killed outright (SIGKILL, out of memory) cannot stop its children, and a front end left
-    serving alone would hold the port. The core exits once every front end has gone."""
+    serving alone would hold the port. The core exits once every front end has gone. The parent's
+    sentinel (multiprocessing's) says so even if it ended while this process was still starting."""
+    parent = multiprocessing.parent_process()
+    if parent is None:
+        return
+
     def watch() -> None:
-        while os.getppid() == parent:
-            time.sleep(interval_s)
+        parent.join()
         log.error("kvscope: the server's parent process is gone; front end %d shuts down", os.getpid())
         os.kill(os.getpid(), signal.SIGTERM)
 
