@@ -31,6 +31,15 @@ def served(mode: str, build: Callable[[], LLM]) -> LLM | EngineProcess:
     return build() if mode == "thread" else EngineProcess(build)
 
 
+async def sdk_completion(client: Any, model: str, prompt: str, stream: bool) -> str:
+    """A greedy 16-token completion's text (EOS ignored) through an ``openai.AsyncOpenAI`` client,
+    streamed or not."""
+    kwargs = dict(model=model, prompt=prompt, max_tokens=16, temperature=0, extra_body={"ignore_eos": True})
+    if not stream:
+        return (await client.completions.create(**kwargs)).choices[0].text
+    return "".join([x.choices[0].text async for x in await client.completions.create(stream=True, **kwargs)])
+
+
 def scrape(base_url: str) -> dict[str, float]:
     """``base_url/metrics`` as ``{name{label=value,...}: value}``, labels other than model_name kept;
     a series that appears twice is an error."""

@@ -31,7 +31,7 @@ from functools import partial
 import httpx
 import pytest
 from serve_engines import chat_llm, paced_llm
-from serve_helpers import scrape
+from serve_helpers import scrape, sdk_completion
 from serve_multi import ServerProcess, alive, free_port
 
 from kvscope import LLM, SamplingParams
@@ -98,13 +98,6 @@ def test_openai_sdk_matches_in_process_engine(server: ServerProcess, reference: 
 
     async def main() -> tuple[list[str], list[str]]:
         async with openai.AsyncOpenAI(base_url=f"{server.base_url}/v1", api_key="none", max_retries=0) as c:
-            async def completion(i: int) -> str:
-                kwargs = dict(model=MODEL, prompt=prompts[i], max_tokens=16, temperature=0,
-                              extra_body={"ignore_eos": True})
-                if i % 2:
-                    return (await c.completions.create(**kwargs)).choices[0].text
-                return "".join([x.choices[0].text async for x in await c.completions.create(stream=True, **kwargs)])
-
             async def chat(i: int) -> str:
                 kwargs = dict(model=MODEL, messages=chats[i], max_tokens=16, temperature=0,
                               extra_body={"ignore_eos": True})
@@ -113,7 +106,7 @@ def test_openai_sdk_matches_in_process_engine(server: ServerProcess, reference: 
                 stream = await c.chat.completions.create(stream=True, **kwargs)
                 return "".join([x.choices[0].delta.content or "" async for x in stream if x.choices])
 
-            return (await asyncio.gather(*(completion(i) for i in range(4))),
+            return (await asyncio.gather(*(sdk_completion(c, MODEL, prompts[i], stream=not i % 2) for i in range(4))),
                     await asyncio.gather(*(chat(i) for i in range(4))))
 
     # Over several connections, so that both front ends answer some (the kernel picks one per connection).

@@ -13,7 +13,7 @@ from functools import partial
 
 import httpx
 import pytest
-from serve_helpers import MODES, ServerThread, served
+from serve_helpers import MODES, ServerThread, sdk_completion, served
 
 from kvscope import LLM, SamplingParams
 from kvscope.engine.outputs import RequestOutput
@@ -105,14 +105,7 @@ def test_async_client_concurrent_streamed_and_not(server: ServerThread, referenc
 
     async def main() -> list[str]:
         async with openai.AsyncOpenAI(base_url=f"{server.base_url}/v1", api_key="none", max_retries=0) as c:
-            async def one(i: int) -> str:
-                kwargs = dict(model=MODEL, prompt=prompts[i], max_tokens=16, temperature=0,
-                              extra_body={"ignore_eos": True})
-                if i % 2:
-                    return (await c.completions.create(**kwargs)).choices[0].text
-                return "".join([chunk.choices[0].text async for chunk in await c.completions.create(stream=True,
-                                                                                                      **kwargs)])
-            return await asyncio.gather(*(one(i) for i in range(4)))
+            return await asyncio.gather(*(sdk_completion(c, MODEL, prompts[i], stream=not i % 2) for i in range(4)))
 
     assert asyncio.run(main()) == [o.text for o in expected]
 

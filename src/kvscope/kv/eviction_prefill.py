@@ -2,10 +2,10 @@
 
 A statistic that reads prefill rows (H2O: every row; SnapKV: its observation window; TOVA: the
 newest row) needs their attention probabilities, which the fused kernels never materialise. One
-request at a time that is a dozen small launches per request and layer: at a burst of 40 prompts in
-an 8k-token step, host work of a few hundred milliseconds per step, which every request of the
-burst then waits for before its first token. Here the step's chunks are padded into a few groups,
-each attended with one batched computation per layer.
+request at a time that is a dozen small launches per request and layer, host work that every
+request of a burst waits for before its first token (on an H200, 100 ShareGPT prompts at once gave
+`h2o` a median first-token time of 1.8 s, 0.8 s batched). Here the step's chunks are padded into a
+few groups, each attended with one batched computation per layer.
 
 Layout of a group of B chunks: the observed rows of chunk i (``m_i``: from its first observed row
 to its newest) sit at the END of its ``M = max m_i`` rows (left padding), so ``[..., -1, :]`` is
@@ -13,7 +13,7 @@ every chunk's newest row, as the last-row statistic reads it; its context (``t_i
 chunk's own tokens last) in the first ``t_i`` of ``T = max t_i`` columns. Padded rows see key 0
 only (a defined softmax) and are zeroed before any reduction; padded columns are masked and never
 folded. Groups are formed longest context first, while a group's float32 probabilities stay under
-``max_group_bytes``; a chunk larger than that alone is a group of one, as before.
+``MAX_GROUP_BYTES``; a chunk larger than that alone is a group of one, as before.
 """
 from __future__ import annotations
 
