@@ -379,3 +379,43 @@ def test_resolution_and_the_cli_flag():
     assert _llm_args(parse(["generate", "hi", "--no-async-scheduling"]))["async_scheduling"] is False
     assert _llm_args(parse(["generate", "hi", "--async-scheduling"]))["async_scheduling"] is True
     assert _llm_args(parse(["generate", "hi"]))["async_scheduling"] is None
+
+
+class _Finished:
+    """A CUDA event stand-in for a step the device has already finished."""
+
+    def query(self) -> bool:
+        return True
+
+    def synchronize(self) -> None:
+        pass
+
+
+@pytest.mark.parametrize("finished", [False, True])
+def test_a_finished_step_is_read_back_before_the_next_launch(loaded, monkeypatch, finished):
+    """When the previous step's event has completed (a host-bound step: the device waits for the
+    host), its tokens are read back before the next launch, as the synchronous engine does; while
+    it runs, after. Tokens equal the synchronous engine's either way."""
+    from kvscope.engine import engine as engine_module
+
+    params = mixed_params(n=1)
+    ref = results(make(loaded, "h2o:heavy_ratio=0.2,recent_ratio=0.2", async_scheduling=False), params)
+    llm = make(loaded, "h2o:heavy_ratio=0.2,recent_ratio=0.2")
+    if finished:
+        launch = engine_module.launch_sampling
+
+        def finished_launch(*args, **kw):
+            step = launch(*args, **kw)
+            step.ready = _Finished()
+            return step
+        monkeypatch.setattr(engine_module, "launch_sampling", finished_launch)
+    e, run, pending_at_launch = llm.engine, llm.engine.runner.run, []
+
+    def recording_run(*args, **kw):
+        pending_at_launch.append(sum(r.num_pending_tokens for r in e.requests.values()))
+        return run(*args, **kw)
+    monkeypatch.setattr(e.runner, "run", recording_run)
+    assert_same(results(llm, params), ref)
+    # Every launch after the first finds the previous step's tokens read back, or still pending.
+    assert len(pending_at_launch) > 3
+    assert (max(pending_at_launch) == 0) == finished
