@@ -182,13 +182,17 @@ def prefill_column_sums(
         return out
     group = num_heads // num_kv_heads
 
-    # The prefill kernel's tiles (benchmarks/gpu/prefill_statistic.py measures; not tuned apart):
-    # no [BLOCK_M, D] accumulator here, but a [BLOCK_M, BLOCK_N] float32 one instead.
+    # The prefill kernel's tiles, not tuned apart (benchmarks/gpu/prefill_statistic.py --tune
+    # sweeps them): no [BLOCK_M, D] accumulator here, but a [BLOCK_M, BLOCK_N] float32 one instead.
     wide = q.element_size() == 4 or head_dim > 128
-    block_m = block_m or (64 if wide else 128)
-    block_n = block_n or (32 if wide else 128)
-    num_warps = num_warps or (4 if wide else 8)
-    num_stages = num_stages or (2 if wide else 3)
+    if block_m is None:
+        block_m = 64 if wide else 128
+    if block_n is None:
+        block_n = 32 if wide else 128
+    if num_warps is None:
+        num_warps = 4 if wide else 8
+    if num_stages is None:
+        num_stages = 2 if wide else 3
     block_m = max(block_m, triton.next_power_of_2(group), 16)  # a tile holds whole groups; tl.dot >= 16
     if block_n < 16:
         raise ValueError("block_n must be at least 16 (tl.dot)")
