@@ -118,7 +118,15 @@ def test_outputs_come_one_step_later_and_nothing_is_computed_twice(loaded):
     assert sync_seen == [(1, 1), (2, 2), (3, 3), (4, 4)]
 
 
-def test_stop_token_costs_one_discarded_step_and_frees_the_kv(loaded):
+@pytest.fixture
+def device_busy(monkeypatch):
+    """Every launched step reads as still running on the device: the engine then reads it back
+    after the next launch, as on a GPU whose steps outlast the host's work (on a tiny model a GPU
+    finishes each step first, and the engine reads it back before the next launch)."""
+    monkeypatch.setattr(InFlight, "done", lambda self: False)
+
+
+def test_stop_token_costs_one_discarded_step_and_frees_the_kv(loaded, device_busy):
     sync = make(loaded, "paged", async_scheduling=False)
     ref = sync.generate([PROMPTS[1]], SamplingParams(max_tokens=20, temperature=0.0, ignore_eos=True),
                         use_tqdm=False)[0].outputs[0].token_ids
@@ -401,7 +409,9 @@ def test_a_finished_step_is_read_back_before_the_next_launch(loaded, monkeypatch
     params = mixed_params(n=1)
     ref = results(make(loaded, "h2o:heavy_ratio=0.2,recent_ratio=0.2", async_scheduling=False), params)
     llm = make(loaded, "h2o:heavy_ratio=0.2,recent_ratio=0.2")
-    if finished:
+    if not finished:
+        monkeypatch.setattr(InFlight, "done", lambda self: False)
+    else:
         launch = engine_module.launch_sampling
 
         def finished_launch(*args, **kw):
