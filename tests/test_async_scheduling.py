@@ -118,7 +118,15 @@ def test_outputs_come_one_step_later_and_nothing_is_computed_twice(loaded):
     assert sync_seen == [(1, 1), (2, 2), (3, 3), (4, 4)]
 
 
-def test_stop_token_costs_one_discarded_step_and_frees_the_kv(loaded):
+@pytest.fixture
+def device_busy(monkeypatch):
+    """Every launched step reads as still running on the device: the engine then reads it back
+    after the next launch, as on a GPU whose steps outlast the host's work (on a tiny model a GPU
+    finishes each step first, and the engine reads it back before the next launch)."""
+    monkeypatch.setattr(InFlight, "done", lambda self: False)
+
+
+def test_stop_token_costs_one_discarded_step_and_frees_the_kv(loaded, device_busy):
     sync = make(loaded, "paged", async_scheduling=False)
     ref = sync.generate([PROMPTS[1]], SamplingParams(max_tokens=20, temperature=0.0, ignore_eos=True),
                         use_tqdm=False)[0].outputs[0].token_ids
@@ -379,3 +387,45 @@ def test_resolution_and_the_cli_flag():
     assert _llm_args(parse(["generate", "hi", "--no-async-scheduling"]))["async_scheduling"] is False
     assert _llm_args(parse(["generate", "hi", "--async-scheduling"]))["async_scheduling"] is True
     assert _llm_args(parse(["generate", "hi"]))["async_scheduling"] is None
+
+
+class _Finished:
+    """A CUDA event stand-in for a step the device has already finished."""
+
+    def query(self) -> bool:
+        return True
+
+    def synchronize(self) -> None:
+        pass
+
+
+@pytest.mark.parametrize("finished", [False, True])
+def test_a_finished_step_is_read_back_before_the_next_launch(loaded, monkeypatch, finished):
+    """When the previous step's event has completed (a host-bound step: the device waits for the
+    host), its tokens are read back before the next launch, as the synchronous engine does; while
+    it runs, after. Tokens equal the synchronous engine's either way."""
+    from kvscope.engine import engine as engine_module
+
+    params = mixed_params(n=1)
+    ref = results(make(loaded, "h2o:heavy_ratio=0.2,recent_ratio=0.2", async_scheduling=False), params)
+    llm = make(loaded, "h2o:heavy_ratio=0.2,recent_ratio=0.2")
+    if not finished:
+        monkeypatch.setattr(InFlight, "done", lambda self: False)
+    else:
+        launch = engine_module.launch_sampling
+
+        def finished_launch(*args, **kw):
+            step = launch(*args, **kw)
+            step.ready = _Finished()
+            return step
+        monkeypatch.setattr(engine_module, "launch_sampling", finished_launch)
+    e, run, pending_at_launch = llm.engine, llm.engine.runner.run, []
+
+    def recording_run(*args, **kw):
+        pending_at_launch.append(sum(r.num_pending_tokens for r in e.requests.values()))
+        return run(*args, **kw)
+    monkeypatch.setattr(e.runner, "run", recording_run)
+    assert_same(results(llm, params), ref)
+    # Every launch after the first finds the previous step's tokens read back, or still pending.
+    assert len(pending_at_launch) > 3
+    assert (max(pending_at_launch) == 0) == finished

@@ -22,6 +22,9 @@ Design (prefill is bound by arithmetic, unlike decode):
 * **Online softmax in float32**, base 2 (``exp2`` with ``log2(e)`` folded into the scale).
 * **Heavy tiles first.** Later query tiles attend to more keys; programs run roughly in launch
   order, so the grid hands out the last tiles first and the short ones fill in the tail.
+* **Log-sum-exp on request.** ``lse_out`` receives each row's softmax normaliser (natural log),
+  which :mod:`kvscope.attention.triton_prefill_colsum` needs to recompute the probabilities; a
+  constexpr flag keeps the store out of the kernel compiled without it.
 
 :func:`fp8_paged_prefill_attention` runs the same kernel over ``quant``'s fp8 cache
 (:class:`~kvscope.kv.quant_cache.FP8Cache`): uint8 codes of float8_e4m3fn, one float32 scale per KV
@@ -40,6 +43,7 @@ from kvscope.attention.paged_inputs import check_paged_inputs
 from kvscope.attention.prefill_tiles import fold_tile, key_ranges, query_rows, store_rows, tile_bounds
 
 _LOG2E = 1.4426950408889634
+_LN2 = tl.constexpr(0.6931471805599453)
 
 
 @triton.jit
@@ -75,20 +79,22 @@ def _attend_tile(
 
 @triton.jit
 def _prefill_kernel(
-    q_ptr, k_ptr, v_ptr, o_ptr, tables_ptr, cu_ptr, lens_ptr, ks_ptr, vs_ptr,
+    q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, tables_ptr, cu_ptr, lens_ptr, ks_ptr, vs_ptr,
     qk_scale,
     stride_qt, stride_qh,
     stride_kblk, stride_ktok, stride_kh,
     stride_vblk, stride_vtok, stride_vh,
     stride_ot, stride_oh,
+    stride_lt, stride_lh,
     stride_tb,
     HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr,
     GROUP: tl.constexpr, TOKENS: tl.constexpr,
     PAGE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    FP8: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    FP8: tl.constexpr, DOT_PRECISION: tl.constexpr, STORE_LSE: tl.constexpr,
 ):
     """One (query tile, KV head, sequence) (:mod:`kvscope.attention.prefill_tiles`).
-    ``ks_ptr``/``vs_ptr``: the ``[Hkv]`` float32 scales of fp8 codes (read only with ``FP8``)."""
+    ``ks_ptr``/``vs_ptr``: the ``[Hkv]`` float32 scales of fp8 codes (read only with ``FP8``).
+    With ``STORE_LSE`` also each real row's natural-log log-sum-exp to ``lse_ptr`` ``[Nq, Hq]``."""
     kv_head, b, q_start, q_len, tok0 = tile_bounds(cu_ptr, TOKENS)
     if tok0 >= q_len:
         return
@@ -121,6 +127,10 @@ def _prefill_kernel(
     if FP8:
         out = out * tl.load(vs_ptr + kv_head)
     store_rows(o_ptr, out, q_rows, heads, row_ok, d, d_mask, stride_ot, stride_oh)
+    if STORE_LSE:
+        # m and log2(l) are in units of the base-2 scores; natural log is the convention of
+        # torch.logsumexp and flash attention.
+        tl.store(lse_ptr + q_rows * stride_lt + heads * stride_lh, (m + tl.log2(l)) * _LN2, mask=row_ok)
 
 
 def paged_prefill_attention(
@@ -139,6 +149,7 @@ def paged_prefill_attention(
     block_n: int | None = None,
     num_warps: int | None = None,
     num_stages: int | None = None,
+    lse_out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Causal attention of each sequence's new tokens over its paged K/V (chunk included).
 
@@ -159,12 +170,15 @@ def paged_prefill_attention(
             the chunks are left untouched.
         block_m, block_n, num_warps, num_stages: tuning knobs (query rows and keys per tile, warps
             per program, software-pipelining depth); None picks the defaults tuned on an H100.
+        lse_out: ``[Nq, Hq]`` float32 to receive each chunk row's log-sum-exp, natural log, of its
+            scaled scores ``scale * q.k`` over the keys it sees (the softmax's normaliser:
+            ``p = exp(scale * q.k - lse)``); rows outside the chunks are left untouched.
     Returns:
         ``out`` ``[Nq, Hq, D]`` in q's dtype.
     """
     k_cache, v_cache = check_paged_inputs(q, k_cache, v_cache, block_size, block_tables, cu_seqlens_q, context_lens)
     return _launch(q, k_cache, v_cache, None, block_tables, cu_seqlens_q, context_lens, scale, block_size,
-                   max_query_len, out, block_m, block_n, num_warps, num_stages)
+                   max_query_len, out, block_m, block_n, num_warps, num_stages, lse_out)
 
 
 def fp8_paged_prefill_attention(
@@ -215,7 +229,7 @@ def _launch(
     q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, scales: tuple[torch.Tensor, torch.Tensor] | None,
     block_tables: torch.Tensor, cu_seqlens_q: torch.Tensor, context_lens: torch.Tensor, scale: float,
     block_size: int, max_query_len: int | None, out: torch.Tensor | None, block_m: int | None,
-    block_n: int | None, num_warps: int | None, num_stages: int | None,
+    block_n: int | None, num_warps: int | None, num_stages: int | None, lse_out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The launch both entry points share, on checked block views ``[num_blocks, block_size, Hkv, D]``;
     ``scales``: (fp8) the ``[Hkv]`` K and V scales, None for a cache in q's dtype."""
@@ -231,6 +245,8 @@ def _launch(
         out = torch.empty_like(q)
     elif out.shape != q.shape or out.dtype != q.dtype or out.stride(-1) != 1:
         raise ValueError(f"out must be {tuple(q.shape)} {q.dtype} with a contiguous last dim")
+    if lse_out is not None and (lse_out.shape != q.shape[:2] or lse_out.dtype != torch.float32):
+        raise ValueError(f"lse_out must be {tuple(q.shape[:2])} float32, got {tuple(lse_out.shape)} {lse_out.dtype}")
     if max_query_len is None:
         max_query_len = int((cu_seqlens_q[1:] - cu_seqlens_q[:-1]).max()) if batch else 0
     if batch == 0 or max_query_len == 0:
@@ -263,19 +279,23 @@ def _launch(
     context_lens = context_lens.contiguous()
     # Without fp8 the scale pointers are never read: any tensor stands in.
     k_scale, v_scale = scales if scales is not None else (context_lens, context_lens)
+    # Without lse_out the pointer is never dereferenced (STORE_LSE is off).
+    lse = lse_out if lse_out is not None else context_lens
+    lse_strides = (lse_out.stride(0), lse_out.stride(1)) if lse_out is not None else (0, 0)
 
     _prefill_kernel[(triton.cdiv(max_query_len, tokens), num_kv_heads, batch)](
-        q, k_cache, v_cache, out, block_tables, cu_seqlens_q, context_lens, k_scale, v_scale,
+        q, k_cache, v_cache, out, lse, block_tables, cu_seqlens_q, context_lens, k_scale, v_scale,
         scale * _LOG2E,
         q.stride(0), q.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
         out.stride(0), out.stride(1),
+        *lse_strides,
         block_tables.stride(0),
         HEAD_DIM=head_dim, D_PAD=max(triton.next_power_of_2(head_dim), 16),
         GROUP=group, TOKENS=tokens,
         PAGE=block_size, BLOCK_M=block_m, BLOCK_N=block_n,
-        FP8=scales is not None, DOT_PRECISION=precision,
+        FP8=scales is not None, DOT_PRECISION=precision, STORE_LSE=lse_out is not None,
         num_warps=num_warps, num_stages=num_stages,
     )
     return out

@@ -212,8 +212,15 @@ class LLMEngine:
     def step(self) -> list[RequestOutput]:
         """Run one scheduled batch; return the outputs of the requests it advanced or finished,
         and the final outputs of requests aborted since the last step. With async scheduling the
-        batch is launched, the previous one read back, and the outputs are the previous one's."""
+        batch is launched, the previous one read back, and the outputs are the previous one's (read
+        back before the launch when the device has already finished it)."""
         prev, self._inflight = self._inflight, None
+        if prev is not None and prev.done():
+            # The device is idle (a host-bound step): read the last step back before launching the
+            # next, as the synchronous engine does. The host does the same work per step, and the
+            # tokens go out a launch earlier (a burst's first tokens waited for a prefill launch).
+            self._due |= self._complete(prev)
+            prev = None
         sched = self.scheduler.schedule()
         if sched.requests:
             try:

@@ -50,6 +50,11 @@ class InFlight:
     host_valid: torch.Tensor | None = None
     ready: torch.cuda.Event | None = None
 
+    def done(self) -> bool:
+        """Whether the device has finished the step and its copies to the host, known without
+        waiting; False off CUDA (no event), where the step is read back after the next launch."""
+        return self.ready is not None and self.ready.query()
+
     def wait(self) -> tuple[list[int], list[float] | None]:
         """Block until the host copies landed; the tokens and log-probabilities as Python lists.
         Rows whose probabilities were no distribution join :attr:`errors`."""

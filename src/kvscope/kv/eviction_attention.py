@@ -6,7 +6,9 @@ accumulated attention generalised to GQA). Decode computes one row of probabilit
 so its column sums cost O(T); H2O's prefill chunks materialise ``[heads, n, T]`` once per chunk,
 while SnapKV (its observation window) and TOVA (the newest row) compute probabilities only for the
 rows they read and take the output from the fused attention. A step's chunks are attended in a few
-padded groups, not one by one (:mod:`kvscope.kv.eviction_prefill`).
+padded groups, not one by one (:mod:`kvscope.kv.eviction_prefill`). On the Triton backend H2O's
+chunks materialise nothing: the prefill kernel and a column-sum kernel fold the statistic into the
+scores (:mod:`kvscope.kv.eviction_triton_prefill`).
 """
 from __future__ import annotations
 
@@ -65,7 +67,9 @@ class EvictionAttention(SlotAttention):
     statistic reduces and folds them into the scores.
     On the Triton backend, decode rows go through the paged decode kernel instead, which also
     emits the statistic (per token and KV head, the group's summed probabilities) in the same pass
-    over K/V (``block_tables``: per request its blocks, whose first slots hold its tokens in order).
+    over K/V (``block_tables``: per request its blocks, whose first slots hold its tokens in order);
+    so do prefill rows whose every row feeds a folded statistic
+    (:class:`~kvscope.kv.eviction_triton_prefill.FoldedPrefill`).
     """
 
     def __init__(
@@ -82,7 +86,14 @@ class EvictionAttention(SlotAttention):
         self.s = strategy
         self.positions = positions
         self.window_first = window_first
-        self.prefill_groups = self._prefill_groups(strategy, slot_mapping.device)
+        stat, device = strategy.statistic, slot_mapping.device
+        self.folded_prefill = None
+        if (self.prefill_rows and strategy.setup.attention_backend == "triton" and stat.observes_every_prefill_row
+                and stat.kernel_mode == "fold"):
+            from kvscope.kv.eviction_triton_prefill import FoldedPrefill
+
+            self.folded_prefill = FoldedPrefill(tables, query_start, self.prefill_rows, device)
+        self.prefill_groups = [] if self.folded_prefill is not None else self._prefill_groups(strategy, device)
         self.fused = False
         # Every layer's entry of the new tokens at once (one launch per step, not per layer), unless
         # the policy's initial score depends on the layer's keys.
@@ -140,6 +151,8 @@ class EvictionAttention(SlotAttention):
             out[self.decode_q_index] = o.reshape(b, hkv * g, -1)
             if stat.observes_decode:
                 self._update(layer, self.decode_valid_slots, probs, self.decode_index)
+        if self.folded_prefill is not None:
+            self.folded_prefill.attend(q, kc, vc, s.scores[layer], s.scale, out)
         if not stat.observes_every_prefill_row:
             # A statistic that reads only some rows (a window, the newest): the output goes through
             # the fused attention and the [heads, n, T] matrix is never materialised.
