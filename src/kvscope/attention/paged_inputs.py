@@ -38,3 +38,23 @@ def check_paged_inputs(
     if any(t.dtype != torch.int32 for t in int32):
         raise ValueError("block tables, sequence offsets and lengths must be int32")
     return k_cache, v_cache
+
+
+def check_varlen_batch(cu_seqlens_q: torch.Tensor, context_lens: torch.Tensor, block_tables: torch.Tensor) -> None:
+    """A varlen prefill batch's per-sequence tensors agree on its size ``B``: ``cu_seqlens_q``
+    ``[B + 1]``, ``context_lens`` ``[B]``, ``block_tables`` ``[B, max_blocks]``."""
+    batch = context_lens.shape[0]
+    if cu_seqlens_q.shape != (batch + 1,) or block_tables.shape[0] != batch:
+        raise ValueError(
+            f"batch sizes do not match: cu_seqlens_q {tuple(cu_seqlens_q.shape)}, context_lens "
+            f"{tuple(context_lens.shape)}, block_tables {tuple(block_tables.shape)}"
+        )
+
+
+def check_fold_scores(fold_scores: torch.Tensor, num_kv_heads: int) -> None:
+    """A layer's per-slot scores that a kernel adds its column sums to: ``[num_slots, Hkv]`` float32
+    with contiguous heads."""
+    if fold_scores.dtype != torch.float32 or fold_scores.dim() != 2 or fold_scores.stride(1) != 1 \
+            or fold_scores.shape[1] != num_kv_heads:
+        raise ValueError(f"fold_scores must be [num_slots, {num_kv_heads}] float32 with contiguous heads, "
+                         f"got {tuple(fold_scores.shape)} {fold_scores.dtype}")

@@ -47,7 +47,7 @@ from kvscope.attention.decode_splits import (
     split_result,
 )
 from kvscope.attention.online_softmax import softmax_step
-from kvscope.attention.paged_inputs import check_paged_inputs
+from kvscope.attention.paged_inputs import check_fold_scores, check_paged_inputs
 
 _LOG2E = 1.4426950408889634
 
@@ -240,10 +240,7 @@ def paged_decode_attention(
     """
     k_cache, v_cache = check_paged_inputs(q, k_cache, v_cache, block_size, block_tables, context_lens)
     if fold_scores is not None:
-        if fold_scores.dtype != torch.float32 or fold_scores.dim() != 2 or fold_scores.stride(1) != 1 \
-                or fold_scores.shape[1] != k_cache.shape[2]:
-            raise ValueError(f"fold_scores must be [num_slots, {k_cache.shape[2]}] float32 with contiguous heads, "
-                             f"got {tuple(fold_scores.shape)} {fold_scores.dtype}")
+        check_fold_scores(fold_scores, k_cache.shape[2])
         emit_colsum = True
     batch, num_heads, head_dim = q.shape
     num_kv_heads = k_cache.shape[2]

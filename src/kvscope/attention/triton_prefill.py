@@ -39,7 +39,7 @@ import triton
 import triton.language as tl
 
 from kvscope.attention.fp8_codes import fp8_to_f16
-from kvscope.attention.paged_inputs import check_paged_inputs
+from kvscope.attention.paged_inputs import check_paged_inputs, check_varlen_batch
 from kvscope.attention.prefill_tiles import fold_tile, key_ranges, query_rows, store_rows, tile_bounds
 
 _LOG2E = 1.4426950408889634
@@ -225,39 +225,15 @@ def fp8_paged_prefill_attention(
                    block_size, max_query_len, out, block_m, block_n, num_warps, num_stages)
 
 
-def _launch(
-    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, scales: tuple[torch.Tensor, torch.Tensor] | None,
-    block_tables: torch.Tensor, cu_seqlens_q: torch.Tensor, context_lens: torch.Tensor, scale: float,
-    block_size: int, max_query_len: int | None, out: torch.Tensor | None, block_m: int | None,
-    block_n: int | None, num_warps: int | None, num_stages: int | None, lse_out: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """The launch both entry points share, on checked block views ``[num_blocks, block_size, Hkv, D]``;
-    ``scales``: (fp8) the ``[Hkv]`` K and V scales, None for a cache in q's dtype."""
-    _, num_heads, head_dim = q.shape
-    num_kv_heads = k_cache.shape[2]
-    batch = context_lens.shape[0]
-    if cu_seqlens_q.shape != (batch + 1,) or block_tables.shape[0] != batch:
-        raise ValueError(
-            f"batch sizes do not match: cu_seqlens_q {tuple(cu_seqlens_q.shape)}, context_lens "
-            f"{tuple(context_lens.shape)}, block_tables {tuple(block_tables.shape)}"
-        )
-    if out is None:
-        out = torch.empty_like(q)
-    elif out.shape != q.shape or out.dtype != q.dtype or out.stride(-1) != 1:
-        raise ValueError(f"out must be {tuple(q.shape)} {q.dtype} with a contiguous last dim")
-    if lse_out is not None and (lse_out.shape != q.shape[:2] or lse_out.dtype != torch.float32):
-        raise ValueError(f"lse_out must be {tuple(q.shape[:2])} float32, got {tuple(lse_out.shape)} {lse_out.dtype}")
-    if max_query_len is None:
-        max_query_len = int((cu_seqlens_q[1:] - cu_seqlens_q[:-1]).max()) if batch else 0
-    if batch == 0 or max_query_len == 0:
-        return out
-    group = num_heads // num_kv_heads
-
+def tile_config(q: torch.Tensor, group: int, block_m: int | None, block_n: int | None, num_warps: int | None,
+                num_stages: int | None) -> tuple[int, int, int, int, str]:
+    """``(block_m, block_n, num_warps, num_stages, dot_precision)`` of a prefill-shaped launch over
+    ``q`` ``[Nq, Hq, D]`` with ``group`` query heads per KV head; a None knob takes its default."""
     # Tuned on an H200 at Llama-3-8B shapes (benchmarks/gpu/NOTES.md): 16-bit takes 128 x 128 tiles,
     # 8 warps and 3 stages. Float32 (twice the bytes per element) and head dims above 128 take
     # smaller tiles so that q and the pipelined K/V tiles fit in shared memory (228 KB on Hopper).
     # fp8 codes take the same (untuned: their K/V tiles are half a 16-bit one's bytes).
-    wide = q.element_size() == 4 or head_dim > 128
+    wide = q.element_size() == 4 or q.shape[2] > 128
     if block_m is None:
         block_m = 64 if wide else 128
     if block_n is None:
@@ -271,9 +247,37 @@ def _launch(
     block_m = max(block_m, triton.next_power_of_2(group), 16)
     if block_n < 16:
         raise ValueError("block_n must be at least 16 (tl.dot)")
-    tokens = block_m // group
     # Triton's float32 dot defaults to tf32 (~3e-4 relative error); float32 callers want float32.
-    precision = "ieee" if q.dtype == torch.float32 else "tf32"
+    return block_m, block_n, num_warps, num_stages, "ieee" if q.dtype == torch.float32 else "tf32"
+
+
+def _launch(
+    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, scales: tuple[torch.Tensor, torch.Tensor] | None,
+    block_tables: torch.Tensor, cu_seqlens_q: torch.Tensor, context_lens: torch.Tensor, scale: float,
+    block_size: int, max_query_len: int | None, out: torch.Tensor | None, block_m: int | None,
+    block_n: int | None, num_warps: int | None, num_stages: int | None, lse_out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The launch both entry points share, on checked block views ``[num_blocks, block_size, Hkv, D]``;
+    ``scales``: (fp8) the ``[Hkv]`` K and V scales, None for a cache in q's dtype."""
+    _, num_heads, head_dim = q.shape
+    num_kv_heads = k_cache.shape[2]
+    batch = context_lens.shape[0]
+    check_varlen_batch(cu_seqlens_q, context_lens, block_tables)
+    if out is None:
+        out = torch.empty_like(q)
+    elif out.shape != q.shape or out.dtype != q.dtype or out.stride(-1) != 1:
+        raise ValueError(f"out must be {tuple(q.shape)} {q.dtype} with a contiguous last dim")
+    if lse_out is not None and (lse_out.shape != q.shape[:2] or lse_out.dtype != torch.float32):
+        raise ValueError(f"lse_out must be {tuple(q.shape[:2])} float32, got {tuple(lse_out.shape)} {lse_out.dtype}")
+    if max_query_len is None:
+        max_query_len = int((cu_seqlens_q[1:] - cu_seqlens_q[:-1]).max()) if batch else 0
+    if batch == 0 or max_query_len == 0:
+        return out
+    group = num_heads // num_kv_heads
+
+    block_m, block_n, num_warps, num_stages, precision = tile_config(q, group, block_m, block_n, num_warps,
+                                                                     num_stages)
+    tokens = block_m // group
     block_tables = block_tables.contiguous()
     cu_seqlens_q = cu_seqlens_q.contiguous()
     context_lens = context_lens.contiguous()

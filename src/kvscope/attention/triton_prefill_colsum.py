@@ -33,9 +33,9 @@ import torch
 import triton
 import triton.language as tl
 
-from kvscope.attention.paged_inputs import check_paged_inputs
+from kvscope.attention.paged_inputs import check_fold_scores, check_paged_inputs, check_varlen_batch
 from kvscope.attention.prefill_tiles import query_rows
-from kvscope.attention.triton_prefill import paged_prefill_attention
+from kvscope.attention.triton_prefill import paged_prefill_attention, tile_config
 
 _LOG2E = 1.4426950408889634
 _LOG2E_C = tl.constexpr(_LOG2E)
@@ -164,15 +164,11 @@ def prefill_column_sums(
     nq, num_heads, head_dim = q.shape
     num_kv_heads = k_cache.shape[2]
     batch = context_lens.shape[0]
-    if cu_seqlens_q.shape != (batch + 1,) or block_tables.shape[0] != batch:
-        raise ValueError(f"batch sizes do not match: cu_seqlens_q {tuple(cu_seqlens_q.shape)}, context_lens "
-                         f"{tuple(context_lens.shape)}, block_tables {tuple(block_tables.shape)}")
+    check_varlen_batch(cu_seqlens_q, context_lens, block_tables)
     if lse.shape != (nq, num_heads) or lse.dtype != torch.float32:
         raise ValueError(f"lse must be [{nq}, {num_heads}] float32, got {tuple(lse.shape)} {lse.dtype}")
-    if fold_scores is not None and (fold_scores.dtype != torch.float32 or fold_scores.dim() != 2
-                                    or fold_scores.stride(1) != 1 or fold_scores.shape[1] != num_kv_heads):
-        raise ValueError(f"fold_scores must be [num_slots, {num_kv_heads}] float32 with contiguous heads, "
-                         f"got {tuple(fold_scores.shape)} {fold_scores.dtype}")
+    if fold_scores is not None:
+        check_fold_scores(fold_scores, num_kv_heads)
     if max_context_len is None:
         max_context_len = int(context_lens.max()) if batch else 0
     fold = fold_scores is not None
@@ -184,20 +180,8 @@ def prefill_column_sums(
 
     # The prefill kernel's tiles, not tuned apart (benchmarks/gpu/prefill_statistic.py --tune
     # sweeps them): no [BLOCK_M, D] accumulator here, but a [BLOCK_M, BLOCK_N] float32 one instead.
-    wide = q.element_size() == 4 or head_dim > 128
-    if block_m is None:
-        block_m = 64 if wide else 128
-    if block_n is None:
-        block_n = 32 if wide else 128
-    if num_warps is None:
-        num_warps = 4 if wide else 8
-    if num_stages is None:
-        num_stages = 2 if wide else 3
-    block_m = max(block_m, triton.next_power_of_2(group), 16)  # a tile holds whole groups; tl.dot >= 16
-    if block_n < 16:
-        raise ValueError("block_n must be at least 16 (tl.dot)")
-    # Triton's float32 dot defaults to tf32 (~3e-4 relative error); float32 callers want float32.
-    precision = "ieee" if q.dtype == torch.float32 else "tf32"
+    block_m, block_n, num_warps, num_stages, precision = tile_config(q, group, block_m, block_n, num_warps,
+                                                                     num_stages)
     block_tables = block_tables.contiguous()
 
     _colsum_kernel[(triton.cdiv(max_context_len, block_n), num_kv_heads, batch)](
