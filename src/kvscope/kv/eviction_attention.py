@@ -47,15 +47,24 @@ class ScoredSlots(Protocol):
 
 def _probs(q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor, scale: float) -> torch.Tensor:
     """``q`` ``[B, Hkv, G, n, D]``, ``k`` ``[B, T, Hkv, D]``, ``mask`` broadcastable to
-    ``[B, Hkv, G, n, T]`` (True = visible). Returns float32 probabilities ``[B, Hkv, G, n, T]``."""
-    logits = torch.einsum("bhgnd,bthd->bhgnt", q.float(), k.float()) * scale
-    return logits.masked_fill(~mask, float("-inf")).softmax(-1)
+    ``[B, Hkv, G, n, T]`` (True = visible). Returns float32 probabilities ``[B, Hkv, G, n, T]``,
+    contiguous.
+
+    One batched matmul over ``[B, Hkv, G * n, D] x [B, Hkv, D, T]`` with the scale applied to the
+    queries: the einsum this replaces returned the logits in the strides of the permuted queries,
+    and every elementwise pass over the ``n x T`` matrix (scale, mask, softmax) then walked it
+    strided."""
+    b, h, g, n, d = q.shape
+    queries = (q.float() * scale).reshape(b, h, g * n, d)
+    logits = torch.matmul(queries, k.float().permute(0, 2, 3, 1)).view(b, h, g, n, -1)
+    return logits.masked_fill_(~mask, float("-inf")).softmax(-1)
 
 
 def _probs_and_out(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float):
     """:func:`_probs` and the output ``[B, Hkv, G, n, D]`` in ``q``'s dtype (``v`` ``[B, T, Hkv, D]``)."""
     probs = _probs(q, k, mask, scale)
-    out = torch.einsum("bhgnt,bthd->bhgnd", probs, v.float())
+    b, h, g, n, t = probs.shape
+    out = torch.matmul(probs.view(b, h, g * n, t), v.float().permute(0, 2, 1, 3)).view(b, h, g, n, -1)
     return probs, out.to(q.dtype)
 
 
