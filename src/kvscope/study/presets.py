@@ -169,9 +169,9 @@ def _h200_grids() -> list[dict[str, Any]]:
 
 
 def _h200_quality_grids() -> list[dict[str, Any]]:
-    """Quality on real weights (about 560 s on an H200): RULER at 4k, 4 tasks x 50 samples, and
-    perplexity on 16 x 512 = 8,192 scored tokens. SmolLM2 at every budget; Qwen2.5 (model size in
-    quality) with infinigen at 0.2 only. quant and quest quality: docs/results/quant_quality.md,
+    """Quality on real weights (SmolLM2's 52 points took 850 s on an H100): RULER at 4k, 4 tasks x
+    50 samples, and perplexity on 16 x 512 = 8,192 scored tokens. SmolLM2 at every budget; Qwen2.5
+    (model size in quality) with infinigen at 0.2 only. quant and quest quality: docs/results/quant_quality.md,
     quest_quality.md. A preset of its own: it needs the model and data packages installed, which
     the speed grids (random weights) do not."""
     quality = {"perplexity": True, "perplexity_sequences": 16, "perplexity_len": 1024, "perplexity_prefix": 512,
