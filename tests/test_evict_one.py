@@ -128,3 +128,19 @@ def test_engine_evicts_alike_on_either_backend_on_cuda(tmp_path):
         runs[backend] = ([o.token_ids for o in llm.generate(prompts, params, use_tqdm=False)],
                          llm.engine.stats()["evicted_tokens"])
     assert runs["torch"] == runs["triton"] and runs["torch"][1] > 0
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.lists(st.integers(0, 10_000), min_size=1, max_size=9), min_size=1, max_size=7), st.data())
+def test_pack_tables_matches_padded_rows(blocks, data):
+    """The numpy packer against the rows written out by hand: each table padded with its last block
+    id to the longest, then the held count and the recent window's first position."""
+    from kvscope.kv.evict_one import pack_tables
+
+    held = data.draw(st.lists(st.integers(1, 10**6), min_size=len(blocks), max_size=len(blocks)))
+    recent = data.draw(st.lists(st.integers(0, 10**6), min_size=len(blocks), max_size=len(blocks)))
+    most = max(len(b) for b in blocks)
+    expected = [b + b[-1:] * (most - len(b)) + [h, r] for b, h, r in zip(blocks, held, recent)]
+    packed = pack_tables(blocks, held, recent)
+    assert packed.dtype.name == "int64"
+    assert packed.tolist() == expected

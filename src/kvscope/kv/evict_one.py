@@ -12,6 +12,10 @@ newest token's K, V, score and position into each head's victim slot.
 """
 from __future__ import annotations
 
+import itertools
+from collections.abc import Sequence
+
+import numpy as np
 import torch
 
 try:
@@ -19,6 +23,29 @@ try:
     import triton.language as tl
 except ImportError:  # the CPU path needs no Triton
     triton = None
+
+
+def pack_tables(blocks: Sequence[Sequence[int]], held: Sequence[int], recent: Sequence[int]) -> np.ndarray:
+    """The ``tables``, ``held`` and ``recent`` arguments of both paths as one ``[n, most + 2]`` int64
+    array (columns ``:most``, ``most`` and ``most + 1``), for one host-to-device copy.
+
+    Each row of ``blocks`` is a request's block ids (at least one); shorter rows are padded with
+    their last id, which the kernel never reads past ``held``. Built with numpy from one flat
+    iterator: ``torch.tensor`` over a list of lists costs about 0.1 us an entry, half a millisecond
+    of host time a decode step at 64 requests x 1k tokens.
+    """
+    n = len(blocks)
+    lens = np.fromiter(map(len, blocks), dtype=np.int64, count=n)
+    flat = np.fromiter(itertools.chain.from_iterable(blocks), dtype=np.int64, count=int(lens.sum()))
+    most = int(lens.max())
+    ends = np.cumsum(lens)
+    packed = np.empty((n, most + 2), dtype=np.int64)
+    packed[:, :most] = flat[ends - 1][:, None]
+    rows = np.repeat(np.arange(n), lens)
+    packed[rows, np.arange(flat.size) - np.repeat(ends - lens, lens)] = flat
+    packed[:, most] = held
+    packed[:, most + 1] = recent
+    return packed
 
 
 def replace_one_torch(kv: torch.Tensor, scores: torch.Tensor, positions: torch.Tensor, tables: torch.Tensor,

@@ -30,7 +30,7 @@ from kvscope.kv.base import (
 from kvscope.kv.block_pool import BlockPool, pool_stats
 from kvscope.kv.eviction_attention import CapturedColumnSums, EvictionAttention
 from kvscope.kv.eviction_budget import Budget, check_budget_args, resolve_budget
-from kvscope.kv.evict_one import replace_one_torch, replace_one_triton
+from kvscope.kv.evict_one import pack_tables, replace_one_torch, replace_one_triton
 from kvscope.kv.graphs import BlockTableDecode
 from kvscope.kv.slot_cache import SlotKVCache, table_slots
 from kvscope.kv.statistics import NO_STATISTIC, ScoreStatistic
@@ -337,13 +337,12 @@ class EvictionStrategy(BlockTableDecode, KVStrategy):
         (:mod:`kvscope.kv.evict_one`: one fused kernel on the Triton backend)."""
         bs = self.block_size
         lens = [self.resident[r.request_id] for r in reqs]
-        blocks = [self.tables[r.request_id][: -(-n // bs)] for r, n in zip(reqs, lens)]
-        most = max(len(b) for b in blocks)
         # Whole blocks, their slots computed on the device: a per-token list would cost more host
         # time than the step (64 requests x 1k tokens). One copy for the tables, lengths and windows.
-        rows = [b + b[-1:] * (most - len(b)) + [n, r.num_computed_tokens - self.budgets[r.request_id].recent]
-                for b, n, r in zip(blocks, lens, reqs)]
-        packed = to_device(rows, self.cache.kv.device)
+        packed = to_device(torch.from_numpy(pack_tables(
+            [self.tables[r.request_id][: -(-n // bs)] for r, n in zip(reqs, lens)], lens,
+            [r.num_computed_tokens - self.budgets[r.request_id].recent for r in reqs])), self.cache.kv.device)
+        most = packed.shape[1] - 2
         replace = replace_one_triton if self.setup.attention_backend == "triton" else replace_one_torch
         replace(self.cache.kv, self.scores, self.positions, packed[:, :most], packed[:, most], packed[:, most + 1], bs)
         m = self.setup.model
