@@ -19,6 +19,9 @@ Both paths report through :func:`kvscope.bench.metrics.serving_metrics`. Output 
 median of ``--repeats`` runs after a warm-up run on other prompts. Every run of one engine gets
 prompts that engine has not seen (the prefix cache keeps finished requests' blocks):
 ``run_workload`` and the server (a fresh process) the same seeds, ``LLM.generate`` the next ones.
+Each HTTP run also reads the server's ``/metrics`` before and after: the mean TTFT and queue time the
+server timed (from a front end's hand-over to the engine) beside the client's mean TTFT, so that
+the difference shows the way in and the first chunk's way out.
 Correctness first: 8 short greedy requests must return the same text through the server as
 in-process (the same weights, by seed). Target (recorded, not asserted): the server loses at most
 5% of in-process throughput. ``--tiny``: a 2-layer model on the CPU (smoke test; ``--requests`` and
@@ -60,10 +63,42 @@ def workload(lengths: list[tuple[int, int]], vocab: int, seed: int) -> list[Work
 
 def throughput(records: list) -> dict:
     m = serving_metrics(records)
-    out = {k: m[k] for k in ("completed", "failed", "duration", "output_throughput", "median_ttft_ms",
-                             "median_tpot_ms", "median_itl_ms")}
+    out = {k: m[k] for k in ("completed", "failed", "duration", "output_throughput", "mean_ttft_ms",
+                             "median_ttft_ms", "median_tpot_ms", "median_itl_ms")}
     # Throughput counts completed requests only: a run with failures is no overhead figure, so keep why.
     out["errors"] = sorted({r.error for r in records if r.error})[:5]
+    return out
+
+
+# The server's own latency histograms (vLLM's names), timed from when a front end hands the request
+# to the engine: the client's TTFT minus the server's is the way in (connection, HTTP parsing,
+# validation) and the first chunk's way out.
+SERVER_HISTOGRAMS = {"server_mean_ttft_ms": "vllm:time_to_first_token_seconds",
+                     "server_mean_queue_ms": "vllm:request_queue_time_seconds"}
+
+
+def histogram_sums(url: str) -> dict[str, tuple[float, float]]:
+    """(sum, count) of each of :data:`SERVER_HISTOGRAMS` on ``url``'s ``/metrics``, over its labels."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = urllib.request.urlopen(f"{url}/metrics").read().decode()
+    sums = {name: [0.0, 0.0] for name in SERVER_HISTOGRAMS.values()}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            for name, acc in sums.items():
+                if sample.name == f"{name}_sum":
+                    acc[0] += sample.value
+                elif sample.name == f"{name}_count":
+                    acc[1] += sample.value
+    return {name: (a[0], a[1]) for name, a in sums.items()}
+
+
+def server_means(before: dict, after: dict) -> dict[str, float | None]:
+    """Mean of each histogram over the requests observed between two :func:`histogram_sums`, ms."""
+    out = {}
+    for key, name in SERVER_HISTOGRAMS.items():
+        total, count = (after[name][i] - before[name][i] for i in (0, 1))
+        out[key] = 1e3 * total / count if count else None
     return out
 
 
@@ -140,8 +175,12 @@ def main() -> None:
             if not all(same):
                 raise SystemExit("the server's greedy texts differ from the in-process engine's")
             run_http_workload(url, workload(lengths, vocab, 0), name, mode="offline")  # warm-up at full size
-            http = median_runs(lambda s: throughput(run_http_workload(url, workload(lengths, vocab, s), name,
-                                                                      mode="offline").records), args.repeats)
+            def timed(seed: int) -> dict:
+                before = histogram_sums(url)
+                run = throughput(run_http_workload(url, workload(lengths, vocab, seed), name, mode="offline").records)
+                return run | server_means(before, histogram_sums(url))
+
+            http = median_runs(timed, args.repeats)
             print(f"HTTP server {extra}: {http['tok_s']:.0f} tok/s", flush=True)
         finally:
             server.terminate()
@@ -194,7 +233,24 @@ def markdown(r: dict) -> str:
           for k in r if k.startswith("http_api_servers_")], "",
         f"Against `LLM.generate`: {r['loss_vs_generate']:.1%} lost. Correctness before timing: "
         f"{r['correctness']['equal_texts']} of {r['correctness']['of']} greedy texts equal between server and "
-        "in-process engine.", ""])
+        "in-process engine.", "", *ttft_split(r)])
+
+
+def ttft_split(r: dict) -> list[str]:
+    """Mean TTFT per path as the client saw it, and for HTTP as the server timed it (from the front
+    end's hand-over) with its queue part; medians over the runs."""
+    def med(x: dict, key: str) -> str:
+        vals = [run[key] for run in x["runs"] if run.get(key) is not None]
+        return f"{statistics.median(vals):.0f}" if vals else "-"
+
+    paths = [("in-process `run_workload`", "in_process_run_workload"), ("HTTP", "http"),
+             *[(f"HTTP, {k.rsplit('_', 1)[1]} front ends", k) for k in r if k.startswith("http_api_servers_")],
+             *([("HTTP, no piecewise graphs", "http_no_piecewise")] if "http_no_piecewise" in r else [])]
+    if not any("server_mean_ttft_ms" in run for _, k in paths for run in r[k]["runs"]):
+        return []
+    return ["| path | client mean TTFT ms | server mean TTFT ms | server mean queue ms |", "|---|---:|---:|---:|",
+            *[f"| {label} | {med(r[k], 'mean_ttft_ms')} | {med(r[k], 'server_mean_ttft_ms')} | "
+              f"{med(r[k], 'server_mean_queue_ms')} |" for label, k in paths], ""]
 
 
 if __name__ == "__main__":
