@@ -456,20 +456,21 @@ def test_mixed_table_by_hand():
     assert not {e["strategy"]: e for e in mixed_table(rows)}["adaptive:long=snapkv"]["adaptive_wins"]
 
 
-def test_gpu_warm_up_runs_the_workloads_own_shapes_and_skips_a_refused_prompt():
+def test_gpu_warm_up_serves_every_request_of_the_workload_and_skips_a_refused_one():
     from kvscope import LLM
     from kvscope.workload.requests import WorkloadRequest
 
     llm = LLM("dummy:tiny-llama", max_model_len=64, kv_memory_bytes=320 * 512)  # 512 B a token
     reqs = [WorkloadRequest(prompt=[5] * n, output_len=8) for n in (10, 30, 12, 7, 9)]
-    runner_mod._warm_up(llm, reqs, max_model_len=64)
+    runner_mod._warm_up(llm, reqs)
     st = llm.engine.stats()
-    # The longest prompt (30 tokens) and the first three, 4 tokens each.
-    assert st["num_computed_tokens"] == (30 + 3) + (10 + 3) + (12 + 3) + (7 + 3)
-    # A prompt longer than the context is cut to it; one the pool cannot hold is skipped.
+    # Every request, 4 tokens each (no prompt fills a block of 16, so none hits the prefix cache).
+    assert st["num_computed_tokens"] == (10 + 3) + (30 + 3) + (12 + 3) + (7 + 3) + (9 + 3)
+    assert st["num_running"] == st["num_waiting"] == 0
+    # A prompt the pool cannot hold fails alone; the others are served.
     big = LLM("dummy:tiny-llama", max_model_len=512, kv_memory_bytes=256 * 512)  # 256 tokens
     runner_mod._warm_up(big, [WorkloadRequest(prompt=[5] * 400, output_len=4),
-                              WorkloadRequest(prompt=[5] * 6, output_len=4)], max_model_len=512)
+                              WorkloadRequest(prompt=[5] * 6, output_len=4)])
     assert big.engine.stats()["num_computed_tokens"] == 6 + 3
 
 

@@ -299,9 +299,9 @@ def test_gpu_study_warms_each_group_up_once(tiny_model, tmp_path, monkeypatch):
     warmed = []
     real = runner_mod._warm_up
 
-    def counting(llm, requests, max_model_len, count=4):
+    def counting(llm, requests):
         warmed.append(llm.engine.kv.name)
-        return real(llm, requests, max_model_len, count)
+        return real(llm, requests)
 
     monkeypatch.setattr(runner_mod, "_warm_up", counting)
     spec = parse_spec(_spec(tiny_model, rates=["0.5x", "2x", 64], device="cuda"), check_packages=False)

@@ -24,7 +24,7 @@ import subprocess
 import time
 import traceback
 from collections.abc import Callable
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from importlib import metadata
 from pathlib import Path
 from types import SimpleNamespace
@@ -35,9 +35,8 @@ from tqdm.auto import tqdm
 
 from kvscope.bench.metrics import serving_metrics
 from kvscope.bench.serve import run_workload
-from kvscope.errors import ConfigError, RequestError
+from kvscope.errors import ConfigError
 from kvscope.llm import LLM
-from kvscope.sampling_params import SamplingParams
 from kvscope.study.point_quality import PointCache, RecordingEngine, agreement, mixed_quality, point_quality
 from kvscope.study.point_workload import mixed_workload, workload_requests
 from kvscope.study.grids import grid_models
@@ -59,7 +58,7 @@ from kvscope.study.relative_rates import (
 from kvscope.study.spec import Point, StudySpec, expand
 from kvscope.study.time_limit import TimeLimit
 from kvscope.workload.arrivals import gamma_arrivals
-from kvscope.workload.requests import with_arrivals
+from kvscope.workload.requests import WorkloadRequest, with_arrivals
 
 if TYPE_CHECKING:
     from kvscope.study.ray_runner import RayOptions
@@ -117,7 +116,7 @@ def run_point(point: Point, cache: PointCache | None = None) -> dict[str, Any]:
     requests = mixed[0].requests if mixed else workload_requests(llm, w, cfg["seed"])
     offsets = gamma_arrivals(len(requests), rate, cfg["burstiness"], seed=cfg["seed"])
     if llm.engine.config.torch_device.type == "cuda" and cache.first_in_group(cfg):
-        _warm_up(llm, requests, cfg["max_model_len"])
+        _warm_up(llm, requests)
         del llm  # a fresh engine for the timed run: its counters start at zero
         llm = cache.llm(cfg)
     t1 = time.perf_counter()
@@ -163,7 +162,7 @@ def _offline_throughput(point: Point, cache: PointCache) -> dict[str, Any]:
     llm = cache.llm(cfg)
     requests = workload_requests(llm, point.workload, cfg["seed"])
     if llm.engine.config.torch_device.type == "cuda" and cache.first_in_group(cfg):
-        _warm_up(llm, requests, cfg["max_model_len"])
+        _warm_up(llm, requests)
         del llm
         llm = cache.llm(cfg)
     run = run_workload(llm, with_arrivals(requests, [0.0] * len(requests)), mode="timed")
@@ -171,33 +170,23 @@ def _offline_throughput(point: Point, cache: PointCache) -> dict[str, Any]:
     return offline_metrics(run)
 
 
-def _warm_up(llm: LLM, requests: list, max_model_len: int, count: int = 4) -> None:
-    """Run a few of the workload's own requests (the longest, then the first ones; cut to the
-    context and to 4 output tokens) through ``llm`` before a GPU point is timed.
+def _warm_up(llm: LLM, requests: list[WorkloadRequest]) -> None:
+    """Serve the workload's own requests through ``llm`` before a GPU point is timed: all at once,
+    through the timed run's driver, each cut to 4 output tokens (a request the engine refuses fails
+    here as it will there).
 
     On a GPU a strategy's first steps at new shapes compile Triton kernels and grow the allocator,
-    seconds that would otherwise land in the first timed requests' latencies (a `paged` point that
-    ran first once showed a 2.2 s median TTFT at 8 req/s). The caller then times a fresh engine.
-    Once per measurement group and process (:meth:`PointCache.first_in_group`): the later points
-    of a group (its other rates) run the same requests on kernels already compiled."""
-    def ids(r) -> list[int]:
-        tokens = llm.tokenizer.encode(r.prompt) if isinstance(r.prompt, str) else list(r.prompt)
-        return tokens[: max(1, max_model_len - 8)]
-
-    prompts = [ids(r) for r in requests]
-    order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))[:1] + list(range(len(prompts)))
-    batch = [prompts[i] for i in list(dict.fromkeys(order))[:count]]
-    params = SamplingParams(max_tokens=4, ignore_eos=True)
-    try:
-        llm.generate(batch, params, use_tqdm=False)
-    except RequestError:
-        # A prompt the pool cannot hold is refused before anything runs; warm up on the others (the
-        # timed run records the refusal against that request).
-        for prompt in batch:
-            try:
-                llm.generate([prompt], params, use_tqdm=False)
-            except RequestError:
-                continue
+    seconds that would otherwise land in the first timed requests' latencies. Four of the requests
+    were not enough: in the ``h200-quality`` grid's first point (``paged``, 50 RULER prompts of 4k
+    that share a haystack) the timed run took 3.15 s against 1.06-1.32 s for the same strategy's
+    later tasks, median TTFT 1.9 s against 0.45-0.66 s. Four prompts were prefilled together, so
+    that warm-up never prefilled over a cached prefix, as most of the timed run's requests did, nor
+    ran as many steps mixing prefill and decode rows; which kernels compiled during the timed run
+    was not recorded. All the requests cost about the timed run's prefill. The caller then times a
+    fresh engine. Once per measurement group and process (:meth:`PointCache.first_in_group`): the
+    later points of a group (its other rates) run the same requests on kernels already compiled."""
+    short = [replace(r, output_len=min(r.output_len, 4)) for r in requests]
+    run_workload(llm, short, mode="offline")
 
 
 def point_row(point: Point, study: str, cache: PointCache,
