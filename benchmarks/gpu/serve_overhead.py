@@ -19,7 +19,10 @@ Both paths report through :func:`kvscope.bench.metrics.serving_metrics`. Output 
 median of ``--repeats`` runs after a warm-up run on other prompts. Every run of one engine gets
 prompts that engine has not seen (the prefix cache keeps finished requests' blocks):
 ``run_workload`` and the server (a fresh process) the same seeds, ``LLM.generate`` the next ones.
-Each HTTP run also reads the server's ``/metrics`` before and after: the mean TTFT and queue time the
+``--client-processes K`` also sends the default server's runs from K client processes at once
+(``benchmarks/split_client.py``), so that the load generator's own CPU (about 0.35 ms a request in
+one asyncio process) does not delay the requests' arrival. Each HTTP run also reads the server's
+``/metrics`` before and after: the mean TTFT and queue time the
 server timed (from a front end's hand-over to the engine) beside the client's mean TTFT, so that
 the difference shows the way in and the first chunk's way out.
 Correctness first: 8 short greedy requests must return the same text through the server as
@@ -47,6 +50,7 @@ from ceilings import RESULTS, env_line  # noqa: E402
 from decode_step import bench_environment  # noqa: E402
 from end_to_end import lognormal_lengths, prompts  # noqa: E402
 from server_process import free_port, wait_ready  # noqa: E402
+from split_client import SplitClient  # noqa: E402
 
 from kvscope.bench.http_driver import run_http_workload  # noqa: E402
 from kvscope.bench.metrics import serving_metrics  # noqa: E402
@@ -115,6 +119,9 @@ def main() -> None:
     ap.add_argument("--requests", type=int, default=None, help="requests sent at once (default 256; 16 with --tiny)")
     ap.add_argument("--output-len", type=int, default=None, help="output tokens each (default 128; 16 with --tiny)")
     ap.add_argument("--piecewise-ab", action="store_true", help="also serve with piecewise graphs off")
+    ap.add_argument("--client-processes", type=int, default=1, metavar="K",
+                    help="also send the default server's runs from K client processes (the load generator "
+                         "spends about 0.35 ms of CPU a request: benchmarks/results/http_client_cpu.md)")
     ap.add_argument("--api-server-counts", default="", metavar="N,N",
                     help="also serve with these numbers of front-end processes (--api-server-count), e.g. 2,4")
     args = ap.parse_args()
@@ -156,8 +163,9 @@ def main() -> None:
     if device == "cuda":
         torch.cuda.empty_cache()
 
-    def serve(extra: list[str]) -> tuple[dict, list[bool]]:
-        """Median HTTP throughput of a fresh server given ``extra`` options, and the check's texts."""
+    def serve(extra: list[str], clients: SplitClient | None = None) -> tuple[dict, dict | None, list[bool]]:
+        """Median HTTP throughput of a fresh server given ``extra`` options, the same sent by
+        ``clients`` (several client processes) when given, and the check's texts."""
         port = free_port()
         url = f"http://127.0.0.1:{port}"
         cmd = [sys.executable, "-m", "kvscope.cli", "serve", model, "--strategy", "paged", "--device", device,
@@ -182,15 +190,32 @@ def main() -> None:
 
             http = median_runs(timed, args.repeats)
             print(f"HTTP server {extra}: {http['tok_s']:.0f} tok/s", flush=True)
+            split = None
+            if clients is not None:
+                def timed_split(seed: int) -> dict:
+                    before = histogram_sums(url)
+                    run = throughput(clients.run(url, workload(lengths, vocab, seed), name)[0])
+                    return run | server_means(before, histogram_sums(url))
+
+                # Seeds this server has not seen (its prefix cache keeps the single client's prompts).
+                timed_split(10_000)  # warm-up of the client processes' path
+                split = median_runs(timed_split, args.repeats, first_seed=1 + args.repeats)
+                print(f"HTTP server {extra}, {clients.processes} client processes: {split['tok_s']:.0f} tok/s",
+                      flush=True)
         finally:
             server.terminate()
             server.wait(60)
-        return http, same
+        return http, split, same
 
-    http, same = serve([])
-    ab = {"http_no_piecewise": serve(["--piecewise-graph-sizes", "none"])[0]} if args.piecewise_ab else {}
+    clients = SplitClient(args.client_processes) if args.client_processes > 1 else None
+    http, split, same = serve([], clients)
+    ab = {} if split is None else {f"http_clients_{args.client_processes}": split}
+    if args.piecewise_ab:
+        ab["http_no_piecewise"] = serve(["--piecewise-graph-sizes", "none"])[0]
     for count in [int(c) for c in args.api_server_counts.split(",") if c]:
         ab[f"http_api_servers_{count}"] = serve(["--api-server-count", str(count)])[0]
+    if clients is not None:
+        clients.close()
 
     result = {"benchmark": "serve_overhead", "environment": env, "model": model, "engine": engine | kv,
               "requests": n, "prompt_tokens": sum(p for p, _ in lengths), "output_tokens": n * out_len,
@@ -229,6 +254,8 @@ def markdown(r: dict) -> str:
         row("HTTP `kvscope serve`", r["http"]),
         *([row("HTTP `kvscope serve --piecewise-graph-sizes none`", r["http_no_piecewise"])]
           if "http_no_piecewise" in r else []),
+        *[row(f"HTTP `kvscope serve`, {k.rsplit('_', 1)[1]} client processes", r[k])
+          for k in r if k.startswith("http_clients_")],
         *[row(f"HTTP `kvscope serve --api-server-count {k.rsplit('_', 1)[1]}`", r[k])
           for k in r if k.startswith("http_api_servers_")], "",
         f"Against `LLM.generate`: {r['loss_vs_generate']:.1%} lost. Correctness before timing: "
@@ -244,6 +271,7 @@ def ttft_split(r: dict) -> list[str]:
         return f"{statistics.median(vals):.0f}" if vals else "-"
 
     paths = [("in-process `run_workload`", "in_process_run_workload"), ("HTTP", "http"),
+             *[(f"HTTP, {k.rsplit('_', 1)[1]} client processes", k) for k in r if k.startswith("http_clients_")],
              *[(f"HTTP, {k.rsplit('_', 1)[1]} front ends", k) for k in r if k.startswith("http_api_servers_")],
              *([("HTTP, no piecewise graphs", "http_no_piecewise")] if "http_no_piecewise" in r else [])]
     if not any("server_mean_ttft_ms" in run for _, k in paths for run in r[k]["runs"]):
