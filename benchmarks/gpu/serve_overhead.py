@@ -244,7 +244,7 @@ def markdown(r: dict) -> str:
         "# kvscope serve: HTTP overhead against the in-process engine", "",
         warning + f"The server loses {loss:.1%} of in-process throughput ({r['http']['tok_s']:.0f} against "
         f"{r['in_process_run_workload']['tok_s']:.0f} output tok/s) at {r['requests']} concurrent requests; "
-        f"Target: loss <= 5%, {'met' if loss <= 0.05 else 'missed'}.", "", env_line(r["environment"]), "",
+        f"target: loss <= 5%, {'met' if loss <= 0.05 else 'missed'}.", "", env_line(r["environment"]), "",
         f"{r['model']}, `paged`, engine {r['engine']}; {r['requests']} requests sent at once ({r['prompt_tokens']} "
         f"prompt tokens, {r['output_tokens']} output tokens, greedy, EOS ignored); median of {r['repeats']} runs "
         "after a warm-up. HTTP: `kvscope serve` in its own process on loopback, every request streamed.", "",
