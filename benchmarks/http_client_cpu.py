@@ -35,7 +35,7 @@ from kvscope.workload.requests import WorkloadRequest
 HERE = Path(__file__).parent
 sys.path.insert(0, str(HERE))
 from envinfo import environment  # noqa: E402
-from server_process import free_port  # noqa: E402
+from server_process import free_port, wait_ready  # noqa: E402
 
 _BODY = (b'data: {"choices":[{"index":0,"text":"a","finish_reason":null}]}\n\n'
          b'data: {"choices":[{"index":0,"text":"","finish_reason":"length"}],'
@@ -96,12 +96,7 @@ def main() -> None:
     stub = subprocess.Popen([sys.executable, __file__, "--stub-port", str(port)])
     try:
         url = f"http://127.0.0.1:{port}"
-        for _ in range(100):  # wait for the stub to listen
-            try:
-                one_run(url, 1)
-                break
-            except SystemExit:
-                time.sleep(0.05)
+        wait_ready(url, stub, 30)  # the stub answers any request, /health too
         one_run(url, args.requests)  # warm-up
         runs = [one_run(url, args.requests) for _ in range(args.repeats)]
     finally:

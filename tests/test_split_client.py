@@ -13,10 +13,9 @@ pytest.importorskip("aiohttp")
 BENCH = Path(__file__).parents[1] / "benchmarks"
 sys.path.insert(0, str(BENCH))
 
-from server_process import free_port  # noqa: E402
+from server_process import free_port, wait_ready  # noqa: E402
 from split_client import SplitClient  # noqa: E402
 
-from kvscope.bench.http_driver import run_http_workload  # noqa: E402
 from kvscope.workload.requests import WorkloadRequest  # noqa: E402
 
 
@@ -25,11 +24,7 @@ def stub_url():
     port = free_port()
     proc = subprocess.Popen([sys.executable, str(BENCH / "http_client_cpu.py"), "--stub-port", str(port)])
     url = f"http://127.0.0.1:{port}"
-    one = [WorkloadRequest(prompt=[1, 2], output_len=1)]
-    for _ in range(200):
-        if not run_http_workload(url, one, "stub", mode="offline", request_timeout_s=2).records[0].error:
-            break
-        time.sleep(0.05)
+    wait_ready(url, proc, 30)
     yield url
     proc.terminate()
     proc.wait(10)

@@ -106,6 +106,12 @@ def server_means(before: dict, after: dict) -> dict[str, float | None]:
     return out
 
 
+def with_server_means(url: str, send) -> dict:
+    """:func:`throughput` of the records ``send()`` returns, with the server's means over them."""
+    before = histogram_sums(url)
+    return throughput(send()) | server_means(before, histogram_sums(url))
+
+
 def median_runs(fn, repeats: int, first_seed: int = 1) -> dict:
     runs = [fn(seed) for seed in range(first_seed, first_seed + repeats)]
     return {"tok_s": statistics.median(r["output_throughput"] for r in runs), "runs": runs}
@@ -183,19 +189,13 @@ def main() -> None:
             if not all(same):
                 raise SystemExit("the server's greedy texts differ from the in-process engine's")
             run_http_workload(url, workload(lengths, vocab, 0), name, mode="offline")  # warm-up at full size
-            def timed(seed: int) -> dict:
-                before = histogram_sums(url)
-                run = throughput(run_http_workload(url, workload(lengths, vocab, seed), name, mode="offline").records)
-                return run | server_means(before, histogram_sums(url))
-
-            http = median_runs(timed, args.repeats)
+            http = median_runs(lambda s: with_server_means(url, lambda: run_http_workload(
+                url, workload(lengths, vocab, s), name, mode="offline").records), args.repeats)
             print(f"HTTP server {extra}: {http['tok_s']:.0f} tok/s", flush=True)
             split = None
             if clients is not None:
                 def timed_split(seed: int) -> dict:
-                    before = histogram_sums(url)
-                    run = throughput(clients.run(url, workload(lengths, vocab, seed), name)[0])
-                    return run | server_means(before, histogram_sums(url))
+                    return with_server_means(url, lambda: clients.run(url, workload(lengths, vocab, seed), name)[0])
 
                 # Seeds this server has not seen (its prefix cache keeps the single client's prompts).
                 timed_split(10_000)  # warm-up of the client processes' path
@@ -208,14 +208,16 @@ def main() -> None:
         return http, split, same
 
     clients = SplitClient(args.client_processes) if args.client_processes > 1 else None
-    http, split, same = serve([], clients)
+    try:
+        http, split, same = serve([], clients)
+    finally:
+        if clients is not None:
+            clients.close()
     ab = {} if split is None else {f"http_clients_{args.client_processes}": split}
     if args.piecewise_ab:
         ab["http_no_piecewise"] = serve(["--piecewise-graph-sizes", "none"])[0]
     for count in [int(c) for c in args.api_server_counts.split(",") if c]:
         ab[f"http_api_servers_{count}"] = serve(["--api-server-count", str(count)])[0]
-    if clients is not None:
-        clients.close()
 
     result = {"benchmark": "serve_overhead", "environment": env, "model": model, "engine": engine | kv,
               "requests": n, "prompt_tokens": sum(p for p, _ in lengths), "output_tokens": n * out_len,
@@ -251,16 +253,23 @@ def markdown(r: dict) -> str:
         "| path | output tok/s (median) | runs |", "|---|---:|---|",
         row("in-process `run_workload` (offline)", r["in_process_run_workload"]),
         row("in-process `LLM.generate`", r["in_process_generate"]),
-        row("HTTP `kvscope serve`", r["http"]),
-        *([row("HTTP `kvscope serve --piecewise-graph-sizes none`", r["http_no_piecewise"])]
-          if "http_no_piecewise" in r else []),
-        *[row(f"HTTP `kvscope serve`, {k.rsplit('_', 1)[1]} client processes", r[k])
-          for k in r if k.startswith("http_clients_")],
-        *[row(f"HTTP `kvscope serve --api-server-count {k.rsplit('_', 1)[1]}`", r[k])
-          for k in r if k.startswith("http_api_servers_")], "",
+        *[row(label, r[k]) for label, k in http_paths(r)], "",
         f"Against `LLM.generate`: {r['loss_vs_generate']:.1%} lost. Correctness before timing: "
         f"{r['correctness']['equal_texts']} of {r['correctness']['of']} greedy texts equal between server and "
         "in-process engine.", "", *ttft_split(r)])
+
+
+def http_paths(r: dict) -> list[tuple[str, str]]:
+    """(label, result key) of each HTTP configuration ``r`` measured."""
+    def count(k: str) -> str:
+        return k.rsplit("_", 1)[1]
+
+    return [("HTTP `kvscope serve`", "http"),
+            *([("HTTP `kvscope serve --piecewise-graph-sizes none`", "http_no_piecewise")]
+              if "http_no_piecewise" in r else []),
+            *[(f"HTTP `kvscope serve`, {count(k)} client processes", k) for k in r if k.startswith("http_clients_")],
+            *[(f"HTTP `kvscope serve --api-server-count {count(k)}`", k)
+              for k in r if k.startswith("http_api_servers_")]]
 
 
 def ttft_split(r: dict) -> list[str]:
@@ -270,10 +279,7 @@ def ttft_split(r: dict) -> list[str]:
         vals = [run[key] for run in x["runs"] if run.get(key) is not None]
         return f"{statistics.median(vals):.0f}" if vals else "-"
 
-    paths = [("in-process `run_workload`", "in_process_run_workload"), ("HTTP", "http"),
-             *[(f"HTTP, {k.rsplit('_', 1)[1]} client processes", k) for k in r if k.startswith("http_clients_")],
-             *[(f"HTTP, {k.rsplit('_', 1)[1]} front ends", k) for k in r if k.startswith("http_api_servers_")],
-             *([("HTTP, no piecewise graphs", "http_no_piecewise")] if "http_no_piecewise" in r else [])]
+    paths = [("in-process `run_workload`", "in_process_run_workload"), *http_paths(r)]
     if not any("server_mean_ttft_ms" in run for _, k in paths for run in r[k]["runs"]):
         return []
     return ["| path | client mean TTFT ms | server mean TTFT ms | server mean queue ms |", "|---|---:|---:|---:|",
