@@ -164,3 +164,14 @@ def test_lock_is_reentrant_in_one_process_and_names_the_holder(tmp_path):
         assert probe.returncode != 0 and "BlockingIOError" in probe.stderr
         assert lock_path(target).read_text() == str(os.getpid())
     _hold(lock_path(target)).communicate("")
+
+
+def test_an_uncapped_budget_reads_back_and_a_word_for_a_ratio_does_not(tmp_path):
+    # The engine runs ``budget_ratio=None`` (infinigen: uncapped), so its row must read back, or a
+    # resumed study would run that point again forever and the report would leave it out.
+    uncapped = {**ROWS[0], "config": {**ROWS[0]["config"], "strategy": "infinigen:alpha=1000,budget_ratio=None"}}
+    worded = {**ROWS[1], "config": {**ROWS[1]["config"], "strategy": "h2o:heavy_ratio='half'"}}
+    read = read_results_file(write_folder(tmp_path / "res", b"".join(lines([uncapped, worded]))), warn=False)
+    assert read.rows == [uncapped]
+    assert [s.line for s in read.skipped] == [2]
+    assert "config.strategy: must be a strategy spec string" in read.skipped[0].reason

@@ -83,8 +83,9 @@ def _is_strategy(v: Any) -> bool:
         _, args = parse_spec(v)
     except ConfigError:
         return False
-    # The report and the advisor turn these into the share of the KV a strategy keeps.
-    return all(_is_number(args[k]) and args[k] is not None for k in _RATIO_ARGS if k in args)
+    # The report and the advisor turn these into the share of the KV a strategy keeps; None is a
+    # strategy's "uncapped" (``infinigen:budget_ratio=None``), whose share they read as unknown.
+    return all(args[k] is None or _is_number(args[k]) for k in _RATIO_ARGS if k in args)
 
 
 _RATIO_ARGS = ("heavy_ratio", "recent_ratio", "budget_ratio")
