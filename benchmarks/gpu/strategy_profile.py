@@ -9,6 +9,10 @@ time, the host time inside ``engine.step`` (the engine's Python and launches), t
 names the kernels that make up the difference. When host time per step exceeds device time the
 step is bound by the host; otherwise by the kernels listed.
 
+On CUDA it also counts, per strategy, the synchronizing CUDA calls of each kvscope call site per
+step (``torch.cuda.set_sync_debug_mode``, unprofiled steps): a wait that async scheduling cannot
+hide shows there even when the profile's host and device totals do not explain a gap.
+
 Writes ``strategy_profile.json`` and ``.md`` to ``--out``. ``--tiny``: a 2-layer model on the CPU.
 """
 from __future__ import annotations
@@ -17,7 +21,9 @@ import argparse
 import json
 import sys
 import time
-from collections import defaultdict
+import traceback
+import warnings
+from collections import Counter, defaultdict
 from pathlib import Path
 
 import torch
@@ -28,6 +34,7 @@ from bench_common import bench_environment  # noqa: E402
 from ceilings import RESULTS, env_line  # noqa: E402
 from strategy_overhead import MODEL, TINY_MODEL, engine, inject  # noqa: E402
 
+import kvscope  # noqa: E402
 from kvscope.models.loader import load_model  # noqa: E402
 from kvscope.sampling_params import RequestOutputKind, SamplingParams  # noqa: E402
 
@@ -73,6 +80,56 @@ def profile_steps(eng, reqs, device: torch.device, steps: int) -> dict:
             "kernels_ms": dict(sorted(per_step.items(), key=lambda kv: -kv[1]))}
 
 
+PACKAGE = str(Path(kvscope.__file__).parent) + "/"
+
+
+class SyncSites:
+    """Counts the warnings of ``torch.cuda.set_sync_debug_mode("warn")`` raised inside the context,
+    by the innermost kvscope frame that made the call (``path:line`` inside the package)."""
+
+    def __init__(self) -> None:
+        self.sites: Counter[str] = Counter()
+
+    def _show(self, message, category, filename, lineno, file=None, line=None) -> None:
+        if "synchroniz" not in str(message):
+            return
+        frames = [f for f in traceback.extract_stack() if f.filename.startswith(PACKAGE)]
+        where = f"{frames[-1].filename[len(PACKAGE):]}:{frames[-1].lineno}" if frames else f"{filename}:{lineno}"
+        self.sites[where] += 1
+
+    def __enter__(self) -> "SyncSites":
+        self._warnings = warnings.catch_warnings()
+        self._warnings.__enter__()
+        warnings.simplefilter("always")
+        warnings.showwarning = self._show
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._warnings.__exit__(*exc)
+
+
+def sync_sites(eng, reqs, steps: int) -> dict[str, float]:
+    """Synchronizing CUDA calls per step of ``steps`` unprofiled engine steps, by call site."""
+    for r in reqs:
+        r.params = SamplingParams(max_tokens=1 << 20, ignore_eos=True, output_kind=RequestOutputKind.FINAL_ONLY)
+        eng.requests[r.request_id], eng._groups[r.request_id] = r, [r]
+        eng.scheduler.add_running(r)
+    for _ in range(5):
+        eng.step()
+    torch.cuda.synchronize()
+    with SyncSites() as found:
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            for _ in range(steps):
+                eng.step()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    for r in reqs:
+        eng.abort(r.request_id)
+    eng.step()
+    return {k: v / steps for k, v in found.sites.most_common()}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", type=Path, default=RESULTS)
@@ -97,6 +154,12 @@ def main() -> None:
             res[name] = profile_steps(eng, inject(eng, b, t), device, args.steps)
             res[name]["async_scheduling"] = eng.async_scheduling
             print(f"round {rnd}", name, json.dumps({k: v for k, v in res[name].items() if k != "kernels_ms"}), flush=True)
+            del eng
+    if device.type == "cuda":
+        for name, spec in (("paged", "paged"), ("h2o", f"h2o:budget={t},recent={t // 2}")):
+            eng = engine(loaded, spec, most, False, model, device)
+            res[name]["syncs_per_step"] = sync_sites(eng, inject(eng, b, t), args.steps)
+            print(name, "synchronizing calls per step:", json.dumps(res[name]["syncs_per_step"]), flush=True)
             del eng
     result = {"benchmark": "strategy_profile", "environment": env, "model": model, "dtype": "bfloat16",
               "batch": b, "resident": t, "steps": args.steps, "results": res}
@@ -124,6 +187,12 @@ def markdown(r: dict, top: int = 12) -> str:
               "| kernel | paged ms | h2o ms | difference |", "|---|---:|---:|---:|"]
     for k, d in sorted(diff.items(), key=lambda kv: -abs(kv[1]))[:top]:
         lines.append(f"| `{k[:90]}` | {p['kernels_ms'].get(k, 0.0):.3f} | {h['kernels_ms'].get(k, 0.0):.3f} | {d:+.3f} |")
+    if "syncs_per_step" in p:
+        sites = sorted(set(p["syncs_per_step"]) | set(h["syncs_per_step"]))
+        lines += ["", "Synchronizing CUDA calls per unprofiled step, by kvscope call site "
+                  "(`torch.cuda.set_sync_debug_mode`):", "", "| call site | paged | h2o |", "|---|---:|---:|"]
+        lines += [f"| `{k}` | {p['syncs_per_step'].get(k, 0.0):.2f} | {h['syncs_per_step'].get(k, 0.0):.2f} |"
+                  for k in sites] or ["| (none) | 0 | 0 |"]
     return "\n".join(lines) + "\n"
 
 
