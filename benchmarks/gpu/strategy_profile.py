@@ -94,7 +94,10 @@ class SyncSites:
         if "synchroniz" not in str(message):
             return
         frames = [f for f in traceback.extract_stack() if f.filename.startswith(PACKAGE)]
-        where = f"{frames[-1].filename[len(PACKAGE):]}:{frames[-1].lineno}" if frames else f"{filename}:{lineno}"
+        if frames:
+            where = f"{frames[-1].filename[len(PACKAGE):]}:{frames[-1].lineno}"
+        else:  # a library's frame: named from its package down, not by this machine's path
+            where = f"{filename.rsplit('site-packages/', 1)[-1]}:{lineno}"
         self.sites[where] += 1
 
     def __enter__(self) -> "SyncSites":
