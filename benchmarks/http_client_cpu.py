@@ -1,19 +1,22 @@
-"""What the HTTP load generator itself costs: CPU per streamed request of
+"""What the HTTP load generator itself costs: CPU per streamed request and per streamed token of
 :func:`kvscope.bench.http_driver.run_http_workload`, and how long it takes to get ``--requests``
 requests, sent at once, through a server that costs next to nothing. A benchmark, not a test.
 
-Why: ``kvscope serve`` loses 8% of the in-process engine's throughput at 256 concurrent requests on
-an H100 whatever its number of front-end processes (``results/serve_overhead_frontends_h100.md``),
-so something other than the front end delays the requests' arrival. The client is one asyncio
-process, as vLLM's ``bench serve`` is; this measures its share.
+Why: ``kvscope serve`` loses 9-13% of the in-process engine's throughput at 256 concurrent
+requests of 128 tokens on an H100, less when the load comes from four client processes than from
+one (``results/serve_overhead_clients_h100.md``), while the server's own TTFT equals the
+in-process engine's. The client is one asyncio process, as vLLM's ``bench serve`` is; this
+measures its share.
 
 The server is a stub in its own process: a raw asyncio protocol that answers each POST at once with
-a three-event stream (one token, the closing chunk with ``usage``, ``[DONE]``) and closes the
+a stream of one-token events (then the closing chunk with ``usage`` and ``[DONE]``) and closes the
 connection, so nearly all the CPU of a run is the client's. The client is the real driver (one
 connection per request, streaming, ``offline`` mode). Its CPU (``getrusage`` of this process) and
-wall time are read around each run; medians over ``--repeats`` runs after one warm-up. Timing on a
-shared machine is only meaningful with nothing else running: the result records the load average
-before the runs. Writes ``http_client_cpu.{json,md}`` to ``--out``.
+wall time are read around each run, with answers of one token and of ``--tokens``; the one-token
+run holds every per-request cost, and what the longer answers add, per token, is the cost of
+reading a streamed token. Medians over ``--repeats`` runs after one warm-up. Timing on a shared
+machine is only meaningful with nothing else running: the result records the load average before
+the runs. Writes ``http_client_cpu.{json,md}`` to ``--out``.
 """
 from __future__ import annotations
 
@@ -37,16 +40,21 @@ sys.path.insert(0, str(HERE))
 from envinfo import environment  # noqa: E402
 from server_process import free_port, wait_ready  # noqa: E402
 
-_BODY = (b'data: {"choices":[{"index":0,"text":"a","finish_reason":null}]}\n\n'
-         b'data: {"choices":[{"index":0,"text":"","finish_reason":"length"}],'
-         b'"usage":{"prompt_tokens":100,"completion_tokens":1}}\n\n'
-         b"data: [DONE]\n\n")
-_RESPONSE = (b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ncontent-length: %d\r\n"
-             b"connection: close\r\n\r\n" % len(_BODY)) + _BODY
+def _response(tokens: int) -> bytes:
+    """The stub's whole answer: ``tokens`` one-token events, the closing chunk with ``usage``, ``[DONE]``."""
+    body = (b'data: {"choices":[{"index":0,"text":"a","finish_reason":null}]}\n\n' * tokens
+            + b'data: {"choices":[{"index":0,"text":"","finish_reason":"length"}],'
+            + b'"usage":{"prompt_tokens":100,"completion_tokens":%d}}\n\n' % tokens
+            + b"data: [DONE]\n\n")
+    return (b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ncontent-length: %d\r\n"
+            b"connection: close\r\n\r\n" % len(body)) + body
 
 
 class _Stub(asyncio.Protocol):
     """Reads one request (headers and a body of content-length bytes), answers, closes."""
+
+    def __init__(self, response: bytes) -> None:
+        self.response = response
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport, self.buf = transport, b""
@@ -59,18 +67,19 @@ class _Stub(asyncio.Protocol):
         length = next((int(line.split(b":")[1]) for line in self.buf[:end].lower().split(b"\r\n")
                        if line.startswith(b"content-length:")), 0)
         if len(self.buf) - end - 4 >= length:
-            self.transport.write(_RESPONSE)  # type: ignore[attr-defined]
+            self.transport.write(self.response)  # type: ignore[attr-defined]
             self.transport.close()
 
 
-async def _serve(port: int) -> None:
-    server = await asyncio.get_running_loop().create_server(_Stub, "127.0.0.1", port, backlog=4096)
+async def _serve(port: int, tokens: int) -> None:
+    response = _response(tokens)
+    server = await asyncio.get_running_loop().create_server(lambda: _Stub(response), "127.0.0.1", port, backlog=4096)
     async with server:
         await server.serve_forever()
 
 
-def one_run(url: str, requests: int) -> dict[str, float]:
-    reqs = [WorkloadRequest(prompt=list(range(100)), output_len=1, prompt_len=100) for _ in range(requests)]
+def one_run(url: str, requests: int, tokens: int) -> dict[str, float]:
+    reqs = [WorkloadRequest(prompt=list(range(100)), output_len=tokens, prompt_len=100) for _ in range(requests)]
     before, t0 = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
     run = run_http_workload(url, reqs, "stub", mode="offline")
     wall, after = time.perf_counter() - t0, resource.getrusage(resource.RUSAGE_SELF)
@@ -78,35 +87,48 @@ def one_run(url: str, requests: int) -> dict[str, float]:
     if failed:
         raise SystemExit(f"{len(failed)} requests failed, first: {failed[0]}")
     return {"cpu_s": after.ru_utime - before.ru_utime + after.ru_stime - before.ru_stime, "wall_s": wall,
-            "last_token_s": max(r.token_times[0] for r in run.records)}
+            "last_token_s": max(r.token_times[-1] for r in run.records)}
+
+
+def timed_runs(requests: int, tokens: int, repeats: int) -> list[dict[str, float]]:
+    """``repeats`` runs after a warm-up, against a stub (its own process) answering ``tokens`` tokens."""
+    port = free_port()
+    stub = subprocess.Popen([sys.executable, __file__, "--stub-port", str(port), "--stub-tokens", str(tokens)])
+    try:
+        url = f"http://127.0.0.1:{port}"
+        wait_ready(url, stub, 30)  # the stub answers any request, /health too
+        one_run(url, requests, tokens)  # warm-up
+        return [one_run(url, requests, tokens) for _ in range(repeats)]
+    finally:
+        stub.terminate()
+        stub.wait(10)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--requests", type=int, default=256)
+    ap.add_argument("--tokens", type=int, default=128, help="tokens each answer streams (beside a one-token run)")
     ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--out", type=Path, default=HERE / "results")
     ap.add_argument("--stub-port", type=int, default=None, help=argparse.SUPPRESS)  # the stub's own process
+    ap.add_argument("--stub-tokens", type=int, default=1, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.stub_port is not None:
-        asyncio.run(_serve(args.stub_port))
+        asyncio.run(_serve(args.stub_port, args.stub_tokens))
         return
     load = os.getloadavg()[0]
-    port = free_port()
-    stub = subprocess.Popen([sys.executable, __file__, "--stub-port", str(port)])
-    try:
-        url = f"http://127.0.0.1:{port}"
-        wait_ready(url, stub, 30)  # the stub answers any request, /health too
-        one_run(url, args.requests)  # warm-up
-        runs = [one_run(url, args.requests) for _ in range(args.repeats)]
-    finally:
-        stub.terminate()
-        stub.wait(10)
-    med = {k: statistics.median(r[k] for r in runs) for k in runs[0]}
+    by_tokens = {}
+    for tokens in (1, args.tokens):
+        runs = timed_runs(args.requests, tokens, args.repeats)
+        by_tokens[tokens] = {"runs": runs, "median": {k: statistics.median(r[k] for r in runs) for k in runs[0]}}
+    one, many = by_tokens[1]["median"], by_tokens[args.tokens]["median"]
     result: dict[str, Any] = {
         "benchmark": "http_client_cpu", "environment": environment(), "load_average_before": load,
-        "requests": args.requests, "repeats": args.repeats, "runs": runs, "median": med,
-        "cpu_us_per_request": 1e6 * med["cpu_s"] / args.requests,
+        "requests": args.requests, "tokens": args.tokens, "repeats": args.repeats,
+        "runs": by_tokens[1]["runs"], "median": one, "runs_tokens": by_tokens[args.tokens]["runs"],
+        "median_tokens": many, "cpu_us_per_request": 1e6 * one["cpu_s"] / args.requests,
+        # The one-token run holds every per-request cost; what the longer answers add is per token.
+        "cpu_us_per_token": 1e6 * (many["cpu_s"] - one["cpu_s"]) / (args.requests * (args.tokens - 1)),
     }
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "http_client_cpu.json").write_text(json.dumps(result, indent=1) + "\n")
@@ -115,20 +137,21 @@ def main() -> None:
 
 
 def markdown(r: dict[str, Any]) -> str:
-    med, n = r["median"], r["requests"]
+    med, many, n, k = r["median"], r["median_tokens"], r["requests"], r["tokens"]
     env = r["environment"]
     return "\n".join([
         "# The HTTP load generator's own cost", "",
-        f"**The load generator spends {r['cpu_us_per_request']:.0f} us of CPU per streamed request: "
-        f"{n} requests sent at once take it {1e3 * med['cpu_s']:.0f} ms of CPU and {1e3 * med['wall_s']:.0f} ms "
-        f"of wall time through a server that costs next to nothing** (the last request's token arrives "
-        f"{1e3 * med['last_token_s']:.0f} ms after the start). Runs (CPU ms): "
-        + ", ".join(f"{1e3 * x['cpu_s']:.0f}" for x in r["runs"]) + ".", "",
+        f"**The load generator spends {r['cpu_us_per_request']:.0f} us of CPU per streamed request and "
+        f"{r['cpu_us_per_token']:.1f} us per streamed token: {n} requests of {k} tokens sent at once take it "
+        f"{1e3 * many['cpu_s']:.0f} ms of CPU and {1e3 * many['wall_s']:.0f} ms of wall time through a server that "
+        f"costs next to nothing** (of one token: {1e3 * med['cpu_s']:.0f} ms of CPU, {1e3 * med['wall_s']:.0f} ms). "
+        f"Runs (CPU ms), one token: " + ", ".join(f"{1e3 * x['cpu_s']:.0f}" for x in r["runs"])
+        + f"; {k} tokens: " + ", ".join(f"{1e3 * x['cpu_s']:.0f}" for x in r["runs_tokens"]) + ".", "",
         f"Measured {env.get('date', '')} on {env.get('cpu', 'CPU')} ({env.get('cpu_count', '?')} cores), load "
         f"average {r['load_average_before']:.2f} before the runs, commit {env.get('commit')}, Python "
         f"{env.get('python')}. `run_http_workload` in `offline` mode (one connection per request, "
         f"streaming) against a stub server in its own process that answers each request at once with "
-        f"one token; median of {r['repeats']} runs after a warm-up.", ""])
+        f"one token, then with {k}; median of {r['repeats']} runs each after a warm-up.", ""])
 
 
 if __name__ == "__main__":
