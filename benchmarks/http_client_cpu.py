@@ -9,8 +9,9 @@ in-process engine's. The client is one asyncio process, as vLLM's ``bench serve`
 measures its share.
 
 The server is a stub in its own process: a raw asyncio protocol that answers each POST at once with
-a stream of one-token events (then the closing chunk with ``usage`` and ``[DONE]``) and closes the
-connection, so nearly all the CPU of a run is the client's. The client is the real driver (one
+a stream of one-token events written ``--interval-ms`` apart (then the closing chunk with
+``usage`` and ``[DONE]``) and closes the connection, so nearly all the CPU of a run is the
+client's. The client is the real driver (one
 connection per request, streaming, ``offline`` mode). Its CPU (``getrusage`` of this process) and
 wall time are read around each run, with answers of one token and of ``--tokens``; the one-token
 run holds every per-request cost, and what the longer answers add, per token, is the cost of
@@ -40,21 +41,26 @@ sys.path.insert(0, str(HERE))
 from envinfo import environment  # noqa: E402
 from server_process import free_port, wait_ready  # noqa: E402
 
-def _response(tokens: int) -> bytes:
-    """The stub's whole answer: ``tokens`` one-token events, the closing chunk with ``usage``, ``[DONE]``."""
-    body = (b'data: {"choices":[{"index":0,"text":"a","finish_reason":null}]}\n\n' * tokens
-            + b'data: {"choices":[{"index":0,"text":"","finish_reason":"length"}],'
-            + b'"usage":{"prompt_tokens":100,"completion_tokens":%d}}\n\n' % tokens
-            + b"data: [DONE]\n\n")
-    return (b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ncontent-length: %d\r\n"
-            b"connection: close\r\n\r\n" % len(body)) + body
+_TOKEN = b'data: {"choices":[{"index":0,"text":"a","finish_reason":null}]}\n\n'
+
+
+def _response(tokens: int) -> list[bytes]:
+    """The stub's answer in the parts it writes apart: the headers with the first token's event,
+    one event per further token, then the closing chunk with ``usage`` and ``[DONE]``."""
+    end = (b'data: {"choices":[{"index":0,"text":"","finish_reason":"length"}],'
+           b'"usage":{"prompt_tokens":100,"completion_tokens":%d}}\n\n' % tokens + b"data: [DONE]\n\n")
+    head = (b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ncontent-length: %d\r\n"
+            b"connection: close\r\n\r\n" % (len(_TOKEN) * tokens + len(end)))
+    return [head + _TOKEN] + [_TOKEN] * (tokens - 1) + [end]
 
 
 class _Stub(asyncio.Protocol):
-    """Reads one request (headers and a body of content-length bytes), answers, closes."""
+    """Reads one request (headers and a body of content-length bytes), answers, closes. The answer's
+    parts go out ``interval`` seconds apart, as a server sends a token per engine step, so that the
+    client reads each token on its own as it would from a real server."""
 
-    def __init__(self, response: bytes) -> None:
-        self.response = response
+    def __init__(self, parts: list[bytes], interval: float) -> None:
+        self.parts, self.interval = parts, interval
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport, self.buf = transport, b""
@@ -67,13 +73,20 @@ class _Stub(asyncio.Protocol):
         length = next((int(line.split(b":")[1]) for line in self.buf[:end].lower().split(b"\r\n")
                        if line.startswith(b"content-length:")), 0)
         if len(self.buf) - end - 4 >= length:
-            self.transport.write(self.response)  # type: ignore[attr-defined]
-            self.transport.close()
+            loop = asyncio.get_running_loop()
+            for i, part in enumerate(self.parts):
+                loop.call_later(i * self.interval, self._write, part)
+            loop.call_later((len(self.parts) - 1) * self.interval, self.transport.close)
+
+    def _write(self, part: bytes) -> None:
+        if not self.transport.is_closing():  # a reader that left early (the readiness probe) gets no more
+            self.transport.write(part)  # type: ignore[attr-defined]
 
 
-async def _serve(port: int, tokens: int) -> None:
-    response = _response(tokens)
-    server = await asyncio.get_running_loop().create_server(lambda: _Stub(response), "127.0.0.1", port, backlog=4096)
+async def _serve(port: int, tokens: int, interval: float) -> None:
+    parts = _response(tokens)
+    server = await asyncio.get_running_loop().create_server(lambda: _Stub(parts, interval), "127.0.0.1", port,
+                                                            backlog=4096)
     async with server:
         await server.serve_forever()
 
@@ -90,10 +103,12 @@ def one_run(url: str, requests: int, tokens: int) -> dict[str, float]:
             "last_token_s": max(r.token_times[-1] for r in run.records)}
 
 
-def timed_runs(requests: int, tokens: int, repeats: int) -> list[dict[str, float]]:
-    """``repeats`` runs after a warm-up, against a stub (its own process) answering ``tokens`` tokens."""
+def timed_runs(requests: int, tokens: int, interval_ms: float, repeats: int) -> list[dict[str, float]]:
+    """``repeats`` runs after a warm-up, against a stub (its own process) answering ``tokens`` tokens
+    ``interval_ms`` apart."""
     port = free_port()
-    stub = subprocess.Popen([sys.executable, __file__, "--stub-port", str(port), "--stub-tokens", str(tokens)])
+    stub = subprocess.Popen([sys.executable, __file__, "--stub-port", str(port), "--stub-tokens", str(tokens),
+                             "--stub-interval-ms", str(interval_ms)])
     try:
         url = f"http://127.0.0.1:{port}"
         wait_ready(url, stub, 30)  # the stub answers any request, /health too
@@ -108,23 +123,25 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--requests", type=int, default=256)
     ap.add_argument("--tokens", type=int, default=128, help="tokens each answer streams (beside a one-token run)")
+    ap.add_argument("--interval-ms", type=float, default=2.0, help="between the stub's writes of one answer")
     ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--out", type=Path, default=HERE / "results")
     ap.add_argument("--stub-port", type=int, default=None, help=argparse.SUPPRESS)  # the stub's own process
     ap.add_argument("--stub-tokens", type=int, default=1, help=argparse.SUPPRESS)
+    ap.add_argument("--stub-interval-ms", type=float, default=0.0, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.stub_port is not None:
-        asyncio.run(_serve(args.stub_port, args.stub_tokens))
+        asyncio.run(_serve(args.stub_port, args.stub_tokens, args.stub_interval_ms / 1e3))
         return
     load = os.getloadavg()[0]
     by_tokens = {}
     for tokens in (1, args.tokens):
-        runs = timed_runs(args.requests, tokens, args.repeats)
+        runs = timed_runs(args.requests, tokens, args.interval_ms, args.repeats)
         by_tokens[tokens] = {"runs": runs, "median": {k: statistics.median(r[k] for r in runs) for k in runs[0]}}
     one, many = by_tokens[1]["median"], by_tokens[args.tokens]["median"]
     result: dict[str, Any] = {
         "benchmark": "http_client_cpu", "environment": environment(), "load_average_before": load,
-        "requests": args.requests, "tokens": args.tokens, "repeats": args.repeats,
+        "requests": args.requests, "tokens": args.tokens, "interval_ms": args.interval_ms, "repeats": args.repeats,
         "runs": by_tokens[1]["runs"], "median": one, "runs_tokens": by_tokens[args.tokens]["runs"],
         "median_tokens": many, "cpu_us_per_request": 1e6 * one["cpu_s"] / args.requests,
         # The one-token run holds every per-request cost; what the longer answers add is per token.
@@ -151,7 +168,8 @@ def markdown(r: dict[str, Any]) -> str:
         f"average {r['load_average_before']:.2f} before the runs, commit {env.get('commit')}, Python "
         f"{env.get('python')}. `run_http_workload` in `offline` mode (one connection per request, "
         f"streaming) against a stub server in its own process that answers each request at once with "
-        f"one token, then with {k}; median of {r['repeats']} runs each after a warm-up.", ""])
+        f"one token, then with {k}, written {r['interval_ms']:g} ms apart (a token per read, as from a server "
+        f"that sends one per engine step); median of {r['repeats']} runs each after a warm-up.", ""])
 
 
 if __name__ == "__main__":
