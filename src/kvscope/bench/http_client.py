@@ -160,9 +160,9 @@ async def stream_request(session: aiohttp.ClientSession, url: str, body: dict[st
                 text = (await resp.text(errors="replace"))[:_ERROR_BODY_CHARS]
                 out.error = f"HTTP {resp.status} {resp.reason or ''}: {text}".strip()
                 return out
-            # Whole chunks as they arrive, split into lines here: one await per network read,
-            # not two per event (each event's line and its blank separator), which on a 2-core
-            # machine made the client's own CPU a measurable part of a streamed run.
+            # Whole chunks as they arrive, split into lines here: one await per network read, not
+            # two per event (its line and the blank separator); 18% less of the client's CPU per
+            # streamed token (benchmarks/results/http_client_cpu.md), which a run's timing includes.
             pending = b""
             async for chunk in resp.content.iter_any():
                 now = time.perf_counter()
