@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from kvscope.report.axes import empty_panels, png
+from kvscope.report.checks import SPARSE_NOTE, starved_selection_rows
 from kvscope.report.decision import decision_table
 from kvscope.report.plots import Plot, build_plots
 from kvscope.report.rows import NOISE, QUALITY_FLOOR, Row, by_spec_rate
@@ -190,6 +191,12 @@ def write_report(results_dir: str | Path, warn: bool = True) -> tuple[Path, Path
         doc.heading("Verdict")
         doc.para("No verdict: no row holds a goodput (the spec sets no `slos`), and the decisions rank strategies "
                  "by it. The plots and the guidance appendix below compare them metric by metric.")
+
+    starved = starved_selection_rows(rows)
+    if starved[1]:
+        doc.heading("Check: selections far below their budget")
+        doc.para(SPARSE_NOTE, "note")
+        doc.table(starved)
 
     plot_dir = folder / "plots"
     plot_dir.mkdir(exist_ok=True)
