@@ -88,13 +88,15 @@ def test_tokens_without_text_still_get_chunks(client, reference: LLM) -> None:
     """Ids outside the byte-level vocabulary decode to no text; such tokens still get chunks, since a
     client counts a stream's tokens by its chunks (held back, a stream of them read as no token).
     Here at most 16 of the 40 tokens add text, so a stream of text chunks only would have at most
-    17 chunks; the engine may fold a few steps into one chunk, hence the margin."""
+    one chunk more than those (the closing one). The server folds the steps a slow reader has not
+    taken yet into one chunk, so the count is compared with that bound, not with 40: a loaded
+    machine folded 41 chunks into 25 once."""
     expected = _ref(reference, PROMPT, max_tokens=40, ignore_eos=True)
     with_text = sum(reference.tokenizer.decode([t]) != "" for t in expected.token_ids)
     assert with_text <= 16  # the case under test occurs
     chunks = list(client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=40, temperature=0, stream=True,
                                             extra_body={"ignore_eos": True}))
-    assert len(chunks) >= 26
+    assert len(chunks) > with_text + 1
     assert "".join(c.choices[0].text for c in chunks) == expected.text
 
 
