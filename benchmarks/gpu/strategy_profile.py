@@ -9,16 +9,20 @@ time, the host time inside ``engine.step`` (the engine's Python and launches), t
 names the kernels that make up the difference. When host time per step exceeds device time the
 step is bound by the host; otherwise by the kernels listed.
 
-On CUDA it also counts, per strategy, the synchronizing CUDA calls of each kvscope call site per
-step (``torch.cuda.set_sync_debug_mode``, unprofiled steps): a wait that async scheduling cannot
-hide shows there even when the profile's host and device totals do not explain a gap.
+A second pass per strategy, without torch's profiler, takes cProfile's host time by kvscope
+function (which of the engine's Python grows with the strategy) and, on CUDA, counts the
+synchronizing CUDA calls of each kvscope call site per step (``torch.cuda.set_sync_debug_mode``):
+a wait that async scheduling cannot hide shows there even when the profile's totals do not
+explain a gap.
 
 Writes ``strategy_profile.json`` and ``.md`` to ``--out``. ``--tiny``: a 2-layer model on the CPU.
 """
 from __future__ import annotations
 
 import argparse
+import cProfile
 import json
+import pstats
 import sys
 import time
 import traceback
@@ -45,14 +49,8 @@ SYNCS = {"cudaEventSynchronize", "cudaStreamSynchronize", "cudaDeviceSynchronize
 def profile_steps(eng, reqs, device: torch.device, steps: int) -> dict:
     """Per-step wall, host and device milliseconds of ``steps`` back-to-back engine steps, and the
     device time of each kernel name (ms per step)."""
-    for r in reqs:
-        r.params = SamplingParams(max_tokens=1 << 20, ignore_eos=True, output_kind=RequestOutputKind.FINAL_ONLY)
-        eng.requests[r.request_id], eng._groups[r.request_id] = r, [r]
-        eng.scheduler.add_running(r)
+    _run_warm(eng, reqs)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    for _ in range(5):
-        eng.step()
-    sync()
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     with profile(activities=acts) as prof:
         t0 = time.perf_counter()
@@ -71,9 +69,7 @@ def profile_steps(eng, reqs, device: torch.device, steps: int) -> dict:
         elif e.device_type.name == "CUDA" and e.name != "engine_step":  # a kernel or copy (the
             # range of record_function is mirrored on the device's timeline too: not work)
             kernels[e.name] += e.time_range.elapsed_us() / 1e3
-    for r in reqs:
-        eng.abort(r.request_id)
-    eng.step()
+    _release(eng, reqs)
     per_step = {k: v / steps for k, v in kernels.items()}
     return {"wall_ms": wall, "host_ms": host / steps, "host_busy_ms": (host - wait) / steps,
             "device_ms": sum(per_step.values()),
@@ -111,26 +107,48 @@ class SyncSites:
         self._warnings.__exit__(*exc)
 
 
-def sync_sites(eng, reqs, steps: int) -> dict[str, float]:
-    """Synchronizing CUDA calls per step of ``steps`` unprofiled engine steps, by call site."""
+def host_pass(eng, reqs, steps: int, device: torch.device) -> tuple[dict[str, float], dict[str, float]]:
+    """``steps`` engine steps without torch's profiler: per step, the synchronizing CUDA calls by
+    kvscope call site (CUDA only; ``torch.cuda.set_sync_debug_mode``) and the host time of every
+    kvscope function in ms, largest first (cProfile's own time; cProfile slows the host, so read
+    them against each other, not against the step)."""
+    _run_warm(eng, reqs)
+    debug = device.type == "cuda"
+    prof = cProfile.Profile()
+    with SyncSites() as found:
+        if debug:
+            torch.cuda.set_sync_debug_mode("warn")
+        try:
+            prof.enable()
+            for _ in range(steps):
+                eng.step()
+            prof.disable()
+        finally:
+            if debug:
+                torch.cuda.set_sync_debug_mode("default")
+    _release(eng, reqs)
+    own = {f"{path[len(PACKAGE):]}:{line}({fn})": stat[2] * 1e3 / steps  # stat[2]: tottime
+           for (path, line, fn), stat in pstats.Stats(prof).stats.items() if path.startswith(PACKAGE)}
+    return {k: v / steps for k, v in found.sites.most_common()}, dict(sorted(own.items(), key=lambda kv: -kv[1]))
+
+
+def _run_warm(eng, reqs) -> None:
+    """Put ``reqs`` (from :func:`inject`) in the running batch as ``LLM.generate`` would, then 5
+    warm-up steps."""
     for r in reqs:
         r.params = SamplingParams(max_tokens=1 << 20, ignore_eos=True, output_kind=RequestOutputKind.FINAL_ONLY)
         eng.requests[r.request_id], eng._groups[r.request_id] = r, [r]
         eng.scheduler.add_running(r)
     for _ in range(5):
         eng.step()
-    torch.cuda.synchronize()
-    with SyncSites() as found:
-        torch.cuda.set_sync_debug_mode("warn")
-        try:
-            for _ in range(steps):
-                eng.step()
-        finally:
-            torch.cuda.set_sync_debug_mode("default")
+    if eng.kv.cache.kv.is_cuda:
+        torch.cuda.synchronize()
+
+
+def _release(eng, reqs) -> None:
     for r in reqs:
         eng.abort(r.request_id)
     eng.step()
-    return {k: v / steps for k, v in found.sites.most_common()}
 
 
 def main() -> None:
@@ -158,12 +176,14 @@ def main() -> None:
             res[name]["async_scheduling"] = eng.async_scheduling
             print(f"round {rnd}", name, json.dumps({k: v for k, v in res[name].items() if k != "kernels_ms"}), flush=True)
             del eng
-    if device.type == "cuda":
-        for name, spec in (("paged", "paged"), ("h2o", f"h2o:budget={t},recent={t // 2}")):
-            eng = engine(loaded, spec, most, False, model, device)
-            res[name]["syncs_per_step"] = sync_sites(eng, inject(eng, b, t), args.steps)
-            print(name, "synchronizing calls per step:", json.dumps(res[name]["syncs_per_step"]), flush=True)
-            del eng
+    for name, spec in (("paged", "paged"), ("h2o", f"h2o:budget={t},recent={t // 2}")):
+        eng = engine(loaded, spec, most, False, model, device)
+        syncs, funcs = host_pass(eng, inject(eng, b, t), args.steps, device)
+        if device.type == "cuda":
+            res[name]["syncs_per_step"] = syncs
+            print(name, "synchronizing calls per step:", json.dumps(syncs), flush=True)
+        res[name]["host_functions_ms"] = funcs
+        del eng
     result = {"benchmark": "strategy_profile", "environment": env, "model": model, "dtype": "bfloat16",
               "batch": b, "resident": t, "steps": args.steps, "results": res}
     args.out.mkdir(parents=True, exist_ok=True)
@@ -190,6 +210,15 @@ def markdown(r: dict, top: int = 12) -> str:
               "| kernel | paged ms | h2o ms | difference |", "|---|---:|---:|---:|"]
     for k, d in sorted(diff.items(), key=lambda kv: -abs(kv[1]))[:top]:
         lines.append(f"| `{k[:90]}` | {p['kernels_ms'].get(k, 0.0):.3f} | {h['kernels_ms'].get(k, 0.0):.3f} | {d:+.3f} |")
+    if "host_functions_ms" in p:
+        fdiff = {k: h["host_functions_ms"].get(k, 0.0) - p["host_functions_ms"].get(k, 0.0)
+                 for k in set(h["host_functions_ms"]) | set(p["host_functions_ms"])}
+        lines += ["", "Host time by kvscope function, h2o minus paged (cProfile's own time, ms per step, under "
+                  "cProfile's slowdown; the largest differences):", "",
+                  "| function | paged ms | h2o ms | difference |", "|---|---:|---:|---:|"]
+        for k, d in sorted(fdiff.items(), key=lambda kv: -abs(kv[1]))[:top]:
+            lines.append(f"| `{k}` | {p['host_functions_ms'].get(k, 0.0):.3f} | "
+                         f"{h['host_functions_ms'].get(k, 0.0):.3f} | {d:+.3f} |")
     if "syncs_per_step" in p:
         sites = sorted(set(p["syncs_per_step"]) | set(h["syncs_per_step"]))
         lines += ["", "Synchronizing CUDA calls per unprofiled step, by kvscope call site "
