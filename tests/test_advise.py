@@ -286,3 +286,30 @@ def test_cli_zero_limits_exit_at_once() -> None:
                               "--hardware", "cpu", "--num-requests", "2", flag, "0"],
                              capture_output=True, text=True, timeout=120)
         assert out.returncode == 2 and f"argument {flag}: must be an integer >= 1, got '0'" in out.stderr
+
+
+def test_quality_uses_the_models_own_figures_when_measured() -> None:
+    from kvscope.advise.quality import quality
+
+    # Qwen2.5-0.5B (h200-quality): full KV 35.36, infinigen 20% 46.77 and no needle found.
+    q = quality("infinigen", 0.2, model="qwen2.5-0.5b")
+    assert q.score == pytest.approx(35.36 / 46.77) and q.ruler_accuracy == 0.0
+    assert (q.source, q.measured_on) == ("measured (qwen2.5-0.5b)", "qwen2.5-0.5b")
+    assert quality("snapkv", 0.2, model="dummy:qwen2.5-0.5b").ruler_accuracy == 1.0  # a dummy stands for the real one
+    assert quality("paged", None, lossless=True, model="qwen2.5-0.5b").ruler_accuracy == 1.0
+    # A model without figures of its own gets SmolLM2's (29.95 full, 37.29 at 20%), said as such.
+    other = quality("infinigen", 0.2, model="dummy:llama-3-8b")
+    assert other.score == pytest.approx(29.95 / 37.29) and other.ruler_accuracy == 0.75
+    assert other.measured_on == "smollm2-135m"
+    assert quality("snapkv", 0.2, model="llama-3-8b").source == "unknown"  # not measured on SmolLM2
+
+
+def test_advice_names_the_model_its_quality_comes_from() -> None:
+    tight = dict(quality_floor=0.0, kv_memory=64 << 20)
+    w = fixed_workload(4000, 64, math.inf, 64)
+    qwen = advise(w, resolve_model("qwen2.5-0.5b"), H100, **tight)
+    assert qwen.recommended == "h2o:heavy_ratio=0.05,recent_ratio=0.05"  # measured on Qwen2.5 itself
+    assert not any("measured on" in r for r in qwen.reasons)
+    smol_figures = advise(w, resolve_model("qwen2.5-7b"), H100, quality_floor=0.0, kv_memory=256 << 20)
+    assert smol_figures.recommended == "h2o:heavy_ratio=0.05,recent_ratio=0.05"  # no figures of its own
+    assert any("measured on smollm2-135m, not on this model" in r for r in smol_figures.reasons)

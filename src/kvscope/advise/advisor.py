@@ -170,8 +170,9 @@ def advise(
                        + (f", quality {second.quality.score:.2f} vs {best.quality.score:.2f}"
                           if second.quality.score != best.quality.score and second.quality.score is not None
                           and best.quality.score is not None else ""))
-    if best.quality.source.startswith("measured") and model.name.removeprefix("dummy:") != "smollm2-135m":
-        reasons.append(f"quality of {best.strategy} was measured on SmolLM2-135M, not on this model")
+    measured_on = best.quality.measured_on
+    if measured_on is not None and model.name.removeprefix("dummy:") != measured_on:
+        reasons.append(f"quality of {best.strategy} was measured on {measured_on}, not on this model")
     reasons += [f"{s}: {r}" for s, r in ruled.items() if r is not None]
     msg = f"{best.strategy} ({source})"
     return Advice(True, msg, best.strategy, engine_args, best.metrics(), second.strategy if second else None,

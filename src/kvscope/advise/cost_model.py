@@ -270,7 +270,7 @@ class CostModel:
     def predict(self, option: StrategyOption, workload: Workload) -> Prediction:
         """Replay ``workload`` under ``option`` and summarise latencies, throughput and memory."""
         pool = self.pool_tokens(option)
-        q = quality(option.family, option.budget_ratio, option.facts.lossless)
+        q = quality(option.family, option.budget_ratio, option.facts.lossless, self.model.name)
         problem = None
         if not self.weights_fit():
             problem = (f"weights ({self.weight_bytes / 2**30:.1f} GiB) + KV pool ({self.kv_pool_bytes / 2**30:.1f}"

@@ -131,7 +131,7 @@ def row_prediction(rows: list[dict[str, Any]], option: StrategyOption) -> Predic
         host_kv_bytes=int(peaks.get("peak_host_kv_bytes", 0)),
         peak_kv_bytes=int(peaks.get("peak_kv_bytes_used", 0)),
         max_concurrent=int(peaks.get("peak_num_running", 0)),
-        quality=quality(option.family, option.budget_ratio, option.facts.lossless),
+        quality=quality(option.family, option.budget_ratio, option.facts.lossless, rows[0]["config"]["model"]),
         **metrics,
     )
 

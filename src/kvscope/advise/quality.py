@@ -1,32 +1,48 @@
-"""Measured quality of each strategy and KV budget, and the quality floor's definition.
+"""Measured quality of each strategy and KV budget, per model, and the quality floor's definition.
 
 Quality score = full-cache perplexity / perplexity under the strategy: 1.0 for a lossless strategy,
 0.9 when perplexity is 11% above the full cache's. ``--quality-floor`` is a minimum of this score.
-RULER needle accuracy is carried along for the advice's explanation but is not part of the floor.
+RULER needle accuracy (the mean over niah_single_1 and niah_single_2 at 4,096 tokens) is carried
+along for the advice's explanation but is not part of the floor.
 
-Figures from ``docs/results/eviction_quality.json`` (2026-11-27, commit b4653f3) and
-``docs/results/infinigen_quality.json`` (2026-11-27, commit 54f1e73): SmolLM2-135M, perplexity of
-16 prose sequences of 256 tokens whose first 128 are the prompt (full cache 29.95), RULER
-niah_single_1/2 at 4096 tokens, 20 samples (full cache 0.95). They are written here, not read from
-those files, because ``docs/`` is not part of the installed package. Other models: the same scores
-are used as the best available estimate, and the advice says so.
+Figures, written here because ``docs/`` is not part of the installed package:
+- SmolLM2-135M: ``docs/results/eviction_quality.json`` (2026-11-27, commit b4653f3) and
+  ``docs/results/infinigen_quality.json`` (2026-11-27, commit 54f1e73): perplexity of 16 prose
+  sequences of 256 tokens whose first 128 are the prompt (full cache 29.95), RULER over 20 samples.
+- Qwen2.5-0.5B: ``docs/results/h200-quality/`` (2026-12-06, commit 9a08cf8, bf16): perplexity over
+  8,192 scored tokens (full cache 35.36), RULER over 50 samples. Its ``infinigen`` at InfiniGen's
+  alpha of 4 retrieves nothing there, where SmolLM2's keeps most needles: the reason a model's own
+  figures are used when they exist.
+
+Other models: SmolLM2's scores are used as the best available estimate, and the advice says so.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-QUALITY_MODEL = "smollm2-135m"
-FULL_CACHE_PERPLEXITY = 29.95
-FULL_CACHE_RULER = 0.95
+QUALITY_MODEL = "smollm2-135m"  # whose figures stand in for a model without its own
 
-# (strategy family, KV budget as a fraction of the prompt) -> (perplexity, RULER accuracy)
-_MEASURED: dict[tuple[str, float], tuple[float, float]] = {
-    ("h2o", 0.1): (45.22, 0.05),
-    ("h2o", 0.2): (35.28, 0.05),
-    ("h2o", 0.5): (30.55, 0.20),
-    ("infinigen", 0.1): (43.69, 0.60),
-    ("infinigen", 0.2): (37.29, 0.75),
-    ("infinigen", 0.5): (35.77, 0.70),
+# model -> (full-cache perplexity, full-cache RULER accuracy,
+#           {(strategy family, KV budget as a fraction of the prompt): (perplexity, RULER accuracy)})
+_MEASURED: dict[str, tuple[float, float, dict[tuple[str, float], tuple[float, float]]]] = {
+    "smollm2-135m": (29.95, 0.95, {
+        ("h2o", 0.1): (45.22, 0.05),
+        ("h2o", 0.2): (35.28, 0.05),
+        ("h2o", 0.5): (30.55, 0.20),
+        ("infinigen", 0.1): (43.69, 0.60),
+        ("infinigen", 0.2): (37.29, 0.75),
+        ("infinigen", 0.5): (35.77, 0.70),
+    }),
+    "qwen2.5-0.5b": (35.36, 1.00, {
+        ("h2o", 0.1): (48.23, 0.07),
+        ("h2o", 0.2): (42.25, 0.12),
+        ("h2o", 0.3): (39.24, 0.20),
+        ("h2o", 0.4): (37.78, 0.25),
+        ("h2o", 0.5): (37.12, 0.30),
+        ("streaming", 0.2): (44.54, 0.25),
+        ("snapkv", 0.2): (37.63, 1.00),
+        ("infinigen", 0.2): (46.77, 0.00),
+    }),
 }
 
 
@@ -39,24 +55,31 @@ class QualityEstimate:
         perplexity_ratio: strategy perplexity / full-cache perplexity, or None.
         ruler_accuracy: RULER needle accuracy (0-1), or None.
         source: ``lossless``, ``measured (<model>)`` or ``unknown``.
+        measured_on: the model whose figures these are (None: lossless or unknown).
     """
 
     score: float | None
     perplexity_ratio: float | None
     ruler_accuracy: float | None
     source: str
+    measured_on: str | None = None
 
 
-def quality(family: str, budget_ratio: float | None, lossless: bool = False) -> QualityEstimate:
+def quality(family: str, budget_ratio: float | None, lossless: bool = False, model: str | None = None
+            ) -> QualityEstimate:
     """Quality estimate of strategy ``family`` (its registered name) at ``budget_ratio`` (None =
-    full KV); ``lossless`` (the strategy's fact) needs no measurement."""
+    full KV) on ``model`` (a model name; its own figures when measured, else SmolLM2's; a
+    ``dummy:`` model's name stands for the real one's); ``lossless`` (the strategy's fact) needs no
+    measurement."""
+    key = (model or "").removeprefix("dummy:")
+    name = key if key in _MEASURED else QUALITY_MODEL
+    full_ppl, full_ruler, table = _MEASURED[name]
     if lossless or (budget_ratio is not None and budget_ratio >= 1.0):
-        return QualityEstimate(1.0, 1.0, FULL_CACHE_RULER, "lossless")
+        return QualityEstimate(1.0, 1.0, full_ruler, "lossless")
     if budget_ratio is None:  # lossy with every token kept (a quantized cache): not measured here
         return QualityEstimate(None, None, None, "unknown")
-    measured = _MEASURED.get((family, round(budget_ratio, 3)))
+    measured = table.get((family, round(budget_ratio, 3)))
     if measured is None:
         return QualityEstimate(None, None, None, "unknown")
     ppl, ruler = measured
-    return QualityEstimate(FULL_CACHE_PERPLEXITY / ppl, ppl / FULL_CACHE_PERPLEXITY, ruler,
-                           f"measured ({QUALITY_MODEL})")
+    return QualityEstimate(full_ppl / ppl, ppl / full_ppl, ruler, f"measured ({name})", name)
