@@ -276,6 +276,10 @@ def test_h200_quality_preset_covers_the_issues_quality_runs():
         assert tasks == {"niah_single_1", "niah_single_2", "niah_single_3", "niah_multikey_1"}
         assert len({p.config["strategy"] for p in real if p.config["model"] == model
                     and p.config["strategy"].startswith("h2o")}) == 5
+    # Qwen2.5's infinigen at InfiniGen's alpha (which starves its layers) and at a raised one.
+    assert {p.config["strategy"] for p in real if p.config["model"] == "qwen2.5-0.5b"
+            and p.config["strategy"].startswith("infinigen")} == {"infinigen:budget_ratio=0.2",
+                                                                  "infinigen:alpha=12,budget_ratio=0.2"}
 
 
 # ---- warm-up once per measurement group -------------------------------------------------------------
