@@ -98,21 +98,32 @@ def inject(eng: LLMEngine, batch: int, resident: int) -> list[Request]:
     return reqs
 
 
-def time_engine(eng: LLMEngine, reqs: list[Request], device: torch.device) -> dict[str, float]:
-    """Milliseconds per ``engine.step()`` over ``reqs`` (from :func:`inject`) back to back, with
-    synchronous and with async scheduling."""
-    for r in reqs:  # as LLM.generate runs them: nothing built per step until a request finishes
+def attach(eng: LLMEngine, reqs: list[Request]) -> None:
+    """Put ``reqs`` (from :func:`inject`) in the engine's running batch, as ``LLM.generate`` runs
+    them: nothing built per step until a request finishes."""
+    for r in reqs:
         r.params = SamplingParams(max_tokens=1 << 20, ignore_eos=True, output_kind=RequestOutputKind.FINAL_ONLY)
         eng.requests[r.request_id], eng._groups[r.request_id] = r, [r]
         eng.scheduler.add_running(r)
+
+
+def release(eng: LLMEngine, reqs: list[Request]) -> None:
+    """Abort ``reqs``; the step after reads the last step back and returns their outputs."""
+    for r in reqs:
+        eng.abort(r.request_id)
+    eng.step()
+
+
+def time_engine(eng: LLMEngine, reqs: list[Request], device: torch.device) -> dict[str, float]:
+    """Milliseconds per ``engine.step()`` over ``reqs`` (from :func:`inject`) back to back, with
+    synchronous and with async scheduling."""
+    attach(eng, reqs)
     default, out = eng.async_scheduling, {}
     for name, overlap in (("sync", False), ("async", True)):
         eng.async_scheduling = overlap  # read per step; a step in flight is read back either way
         out[name] = statistics.median(back_to_back_ms(eng.step, device, 3, 20, 3))
     eng.async_scheduling = default
-    for r in reqs:
-        eng.abort(r.request_id)
-    eng.step()  # reads the last step back and returns the aborted requests' outputs
+    release(eng, reqs)
     return out
 
 

@@ -36,11 +36,10 @@ from torch.profiler import ProfilerActivity, profile, record_function
 sys.path.insert(0, str(Path(__file__).parent))
 from bench_common import bench_environment  # noqa: E402
 from ceilings import RESULTS, env_line  # noqa: E402
-from strategy_overhead import MODEL, TINY_MODEL, engine, inject  # noqa: E402
+from strategy_overhead import MODEL, TINY_MODEL, attach, engine, inject, release  # noqa: E402
 
 import kvscope  # noqa: E402
 from kvscope.models.loader import load_model  # noqa: E402
-from kvscope.sampling_params import RequestOutputKind, SamplingParams  # noqa: E402
 
 
 SYNCS = {"cudaEventSynchronize", "cudaStreamSynchronize", "cudaDeviceSynchronize"}
@@ -69,7 +68,7 @@ def profile_steps(eng, reqs, device: torch.device, steps: int) -> dict:
         elif e.device_type.name == "CUDA" and e.name != "engine_step":  # a kernel or copy (the
             # range of record_function is mirrored on the device's timeline too: not work)
             kernels[e.name] += e.time_range.elapsed_us() / 1e3
-    _release(eng, reqs)
+    release(eng, reqs)
     per_step = {k: v / steps for k, v in kernels.items()}
     return {"wall_ms": wall, "host_ms": host / steps, "host_busy_ms": (host - wait) / steps,
             "device_ms": sum(per_step.values()),
@@ -126,29 +125,19 @@ def host_pass(eng, reqs, steps: int, device: torch.device) -> tuple[dict[str, fl
         finally:
             if debug:
                 torch.cuda.set_sync_debug_mode("default")
-    _release(eng, reqs)
+    release(eng, reqs)
     own = {f"{path[len(PACKAGE):]}:{line}({fn})": stat[2] * 1e3 / steps  # stat[2]: tottime
            for (path, line, fn), stat in pstats.Stats(prof).stats.items() if path.startswith(PACKAGE)}
     return {k: v / steps for k, v in found.sites.most_common()}, dict(sorted(own.items(), key=lambda kv: -kv[1]))
 
 
 def _run_warm(eng, reqs) -> None:
-    """Put ``reqs`` (from :func:`inject`) in the running batch as ``LLM.generate`` would, then 5
-    warm-up steps."""
-    for r in reqs:
-        r.params = SamplingParams(max_tokens=1 << 20, ignore_eos=True, output_kind=RequestOutputKind.FINAL_ONLY)
-        eng.requests[r.request_id], eng._groups[r.request_id] = r, [r]
-        eng.scheduler.add_running(r)
+    """:func:`attach` ``reqs``, then 5 warm-up steps."""
+    attach(eng, reqs)
     for _ in range(5):
         eng.step()
     if eng.kv.cache.kv.is_cuda:
         torch.cuda.synchronize()
-
-
-def _release(eng, reqs) -> None:
-    for r in reqs:
-        eng.abort(r.request_id)
-    eng.step()
 
 
 def main() -> None:
@@ -166,17 +155,18 @@ def main() -> None:
     print(env_line(env), flush=True)
     loaded = load_model(model, device=device, dtype=torch.bfloat16)
     most = b * (t + 10 * args.steps)
+    specs = (("paged", "paged"), ("h2o", f"h2o:budget={t},recent={t // 2}"))
     res = {}
     # Two rounds, the second kept: the first profile in a process measured `paged`'s host time at
     # twice its unprofiled step (64 x 1k on an H100); one-time costs of a first round fall outside the kept one.
     for rnd in (1, 2):
-        for name, spec in (("paged", "paged"), ("h2o", f"h2o:budget={t},recent={t // 2}")):
+        for name, spec in specs:
             eng = engine(loaded, spec, most, False, model, device)
             res[name] = profile_steps(eng, inject(eng, b, t), device, args.steps)
             res[name]["async_scheduling"] = eng.async_scheduling
             print(f"round {rnd}", name, json.dumps({k: v for k, v in res[name].items() if k != "kernels_ms"}), flush=True)
             del eng
-    for name, spec in (("paged", "paged"), ("h2o", f"h2o:budget={t},recent={t // 2}")):
+    for name, spec in specs:
         eng = engine(loaded, spec, most, False, model, device)
         syncs, funcs = host_pass(eng, inject(eng, b, t), args.steps, device)
         if device.type == "cuda":

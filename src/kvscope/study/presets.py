@@ -173,8 +173,8 @@ def _h200_quality_grids() -> list[dict[str, Any]]:
     RULER at 4k, 4 tasks x 50 samples, and perplexity on 16 x 512 = 8,192 scored tokens. SmolLM2 at
     every budget; Qwen2.5 (model size in quality) with infinigen at 0.2 only, at InfiniGen's alpha
     of 4 and at 12: alpha 4 starves 5-6 of Qwen2.5's layers and finds no needle
-    (docs/results/h200-quality/README.md), so the tuned threshold is a point of its own. quant and quest quality: docs/results/quant_quality.md,
-    quest_quality.md. A preset of its own: it needs the model and data packages installed, which
+    (docs/results/h200-quality/README.md), so the tuned threshold is a point of its own. quant and
+    quest quality: docs/results/quant_quality.md, quest_quality.md. A preset of its own: it needs the model and data packages installed, which
     the speed grids (random weights) do not."""
     quality = {"perplexity": True, "perplexity_sequences": 16, "perplexity_len": 1024, "perplexity_prefix": 512,
                "ruler": True}
@@ -183,7 +183,7 @@ def _h200_quality_grids() -> list[dict[str, Any]]:
     return [
         {**common, "models": ["smollm2-135m"], "strategies": [*lossy, *[_infinigen(b) for b in _H200_BUDGETS]]},
         {**common, "models": ["qwen2.5-0.5b"],
-         "strategies": [*lossy, _infinigen(0.2), f"infinigen:alpha=12,budget_ratio={0.2:g}"]},
+         "strategies": [*lossy, _infinigen(0.2), "infinigen:alpha=12,budget_ratio=0.2"]},
     ]
 
 
