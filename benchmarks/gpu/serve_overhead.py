@@ -68,7 +68,7 @@ def workload(lengths: list[tuple[int, int]], vocab: int, seed: int) -> list[Work
 def throughput(records: list) -> dict:
     m = serving_metrics(records)
     out = {k: m[k] for k in ("completed", "failed", "duration", "output_throughput", "mean_ttft_ms",
-                             "median_ttft_ms", "median_tpot_ms", "median_itl_ms")}
+                             "median_ttft_ms", "median_tpot_ms", "median_itl_ms", "mean_e2el_ms")}
     # Throughput counts completed requests only: a run with failures is no overhead figure, so keep why.
     out["errors"] = sorted({r.error for r in records if r.error})[:5]
     return out
@@ -76,9 +76,11 @@ def throughput(records: list) -> dict:
 
 # The server's own latency histograms (vLLM's names), timed from when a front end hands the request
 # to the engine: the client's TTFT minus the server's is the way in (connection, HTTP parsing,
-# validation) and the first chunk's way out.
+# validation) and the first chunk's way out; the client's E2E minus the server's adds the last
+# token's way out, so a front end that falls behind the engine shows there.
 SERVER_HISTOGRAMS = {"server_mean_ttft_ms": "vllm:time_to_first_token_seconds",
-                     "server_mean_queue_ms": "vllm:request_queue_time_seconds"}
+                     "server_mean_queue_ms": "vllm:request_queue_time_seconds",
+                     "server_mean_e2e_ms": "vllm:e2e_request_latency_seconds"}
 
 
 def histogram_sums(url: str) -> dict[str, tuple[float, float]]:
@@ -273,8 +275,8 @@ def http_paths(r: dict) -> list[tuple[str, str]]:
 
 
 def ttft_split(r: dict) -> list[str]:
-    """Mean TTFT per path as the client saw it, and for HTTP as the server timed it (from the front
-    end's hand-over) with its queue part; medians over the runs."""
+    """Mean TTFT and E2E latency per path as the client saw them, and for HTTP as the server timed
+    them (from the front end's hand-over), with the queue part; medians over the runs."""
     def med(x: dict, key: str) -> str:
         vals = [run[key] for run in x["runs"] if run.get(key) is not None]
         return f"{statistics.median(vals):.0f}" if vals else "-"
@@ -282,9 +284,11 @@ def ttft_split(r: dict) -> list[str]:
     paths = [("in-process `run_workload`", "in_process_run_workload"), *http_paths(r)]
     if not any("server_mean_ttft_ms" in run for _, k in paths for run in r[k]["runs"]):
         return []
-    return ["| path | client mean TTFT ms | server mean TTFT ms | server mean queue ms |", "|---|---:|---:|---:|",
+    return ["| path | client mean TTFT ms | server mean TTFT ms | server mean queue ms | client mean E2E ms | "
+            "server mean E2E ms |", "|---|---:|---:|---:|---:|---:|",
             *[f"| {label} | {med(r[k], 'mean_ttft_ms')} | {med(r[k], 'server_mean_ttft_ms')} | "
-              f"{med(r[k], 'server_mean_queue_ms')} |" for label, k in paths], ""]
+              f"{med(r[k], 'server_mean_queue_ms')} | {med(r[k], 'mean_e2el_ms')} | "
+              f"{med(r[k], 'server_mean_e2e_ms')} |" for label, k in paths], ""]
 
 
 if __name__ == "__main__":
