@@ -19,7 +19,7 @@ Both paths report through :func:`kvscope.bench.metrics.serving_metrics`. Output 
 median of ``--repeats`` runs after a warm-up run on other prompts. Every run of one engine gets
 prompts that engine has not seen (the prefix cache keeps finished requests' blocks):
 ``run_workload`` and the server (a fresh process) the same seeds, ``LLM.generate`` the next ones.
-``--client-processes K`` also sends the default server's runs from K client processes at once
+``--client-processes K`` also sends each server's runs (the default and each ``--api-server-counts``) from K client processes at once
 (``benchmarks/split_client.py``), so that the load generator's own CPU (about 0.35 ms a request in
 one asyncio process) does not delay the requests' arrival. Each HTTP run also reads the server's
 ``/metrics`` before and after: the mean TTFT and queue time the
@@ -71,6 +71,10 @@ def throughput(records: list) -> dict:
                              "median_ttft_ms", "median_tpot_ms", "median_itl_ms", "mean_e2el_ms")}
     # Throughput counts completed requests only: a run with failures is no overhead figure, so keep why.
     out["errors"] = sorted({r.error for r in records if r.error})[:5]
+    # How long the client took to put every request on its way (all are due at once): a run's
+    # duration beyond its requests' mean E2E latency.
+    arrivals = [r.arrival_time for r in records]
+    out["send_spread_ms"] = 1e3 * (max(arrivals) - min(arrivals)) if arrivals else None
     return out
 
 
@@ -128,7 +132,7 @@ def main() -> None:
     ap.add_argument("--output-len", type=int, default=None, help="output tokens each (default 128; 16 with --tiny)")
     ap.add_argument("--piecewise-ab", action="store_true", help="also serve with piecewise graphs off")
     ap.add_argument("--client-processes", type=int, default=1, metavar="K",
-                    help="also send the default server's runs from K client processes (the load generator "
+                    help="also send each server's runs from K client processes (the load generator "
                          "spends about 0.35 ms of CPU a request: benchmarks/results/http_client_cpu.md)")
     ap.add_argument("--api-server-counts", default="", metavar="N,N",
                     help="also serve with these numbers of front-end processes (--api-server-count), e.g. 2,4")
@@ -210,16 +214,22 @@ def main() -> None:
         return http, split, same
 
     clients = SplitClient(args.client_processes) if args.client_processes > 1 else None
+    k = args.client_processes
     try:
         http, split, same = serve([], clients)
+        ab = {} if split is None else {f"http_clients_{k}": split}
+        if args.piecewise_ab:
+            ab["http_no_piecewise"] = serve(["--piecewise-graph-sizes", "none"])[0]
+        # Several front ends with several client processes too: with one client process the
+        # client's own CPU may be what spreads the requests' arrival, whatever the server does.
+        for count in [int(c) for c in args.api_server_counts.split(",") if c]:
+            one, several, _ = serve(["--api-server-count", str(count)], clients)
+            ab[f"http_api_servers_{count}"] = one
+            if several is not None:
+                ab[f"http_api_servers_{count}_clients_{k}"] = several
     finally:
         if clients is not None:
             clients.close()
-    ab = {} if split is None else {f"http_clients_{args.client_processes}": split}
-    if args.piecewise_ab:
-        ab["http_no_piecewise"] = serve(["--piecewise-graph-sizes", "none"])[0]
-    for count in [int(c) for c in args.api_server_counts.split(",") if c]:
-        ab[f"http_api_servers_{count}"] = serve(["--api-server-count", str(count)])[0]
 
     result = {"benchmark": "serve_overhead", "environment": env, "model": model, "engine": engine | kv,
               "requests": n, "prompt_tokens": sum(p for p, _ in lengths), "output_tokens": n * out_len,
@@ -263,20 +273,23 @@ def markdown(r: dict) -> str:
 
 def http_paths(r: dict) -> list[tuple[str, str]]:
     """(label, result key) of each HTTP configuration ``r`` measured."""
-    def count(k: str) -> str:
-        return k.rsplit("_", 1)[1]
+    def label(k: str) -> str:
+        # http_clients_K, http_api_servers_N or http_api_servers_N_clients_K
+        parts = k.split("_")
+        servers = f" --api-server-count {parts[3]}" if k.startswith("http_api_servers_") else ""
+        clients = f", {parts[-1]} client processes" if "clients" in parts else ""
+        return f"HTTP `kvscope serve{servers}`{clients}"
 
     return [("HTTP `kvscope serve`", "http"),
             *([("HTTP `kvscope serve --piecewise-graph-sizes none`", "http_no_piecewise")]
               if "http_no_piecewise" in r else []),
-            *[(f"HTTP `kvscope serve`, {count(k)} client processes", k) for k in r if k.startswith("http_clients_")],
-            *[(f"HTTP `kvscope serve --api-server-count {count(k)}`", k)
-              for k in r if k.startswith("http_api_servers_")]]
+            *[(label(k), k) for k in r if k.startswith(("http_clients_", "http_api_servers_"))]]
 
 
 def ttft_split(r: dict) -> list[str]:
     """Mean TTFT and E2E latency per path as the client saw them, and for HTTP as the server timed
-    them (from the front end's hand-over), with the queue part; medians over the runs."""
+    them (from the front end's hand-over), with the queue part and the client's send spread;
+    medians over the runs."""
     def med(x: dict, key: str) -> str:
         vals = [run[key] for run in x["runs"] if run.get(key) is not None]
         return f"{statistics.median(vals):.0f}" if vals else "-"
@@ -285,10 +298,10 @@ def ttft_split(r: dict) -> list[str]:
     if not any("server_mean_ttft_ms" in run for _, k in paths for run in r[k]["runs"]):
         return []
     return ["| path | client mean TTFT ms | server mean TTFT ms | server mean queue ms | client mean E2E ms | "
-            "server mean E2E ms |", "|---|---:|---:|---:|---:|---:|",
+            "server mean E2E ms | send spread ms |", "|---|---:|---:|---:|---:|---:|---:|",
             *[f"| {label} | {med(r[k], 'mean_ttft_ms')} | {med(r[k], 'server_mean_ttft_ms')} | "
               f"{med(r[k], 'server_mean_queue_ms')} | {med(r[k], 'mean_e2el_ms')} | "
-              f"{med(r[k], 'server_mean_e2e_ms')} |" for label, k in paths], ""]
+              f"{med(r[k], 'server_mean_e2e_ms')} | {med(r[k], 'send_spread_ms')} |" for label, k in paths], ""]
 
 
 if __name__ == "__main__":

@@ -9,8 +9,10 @@ time, the host time inside ``engine.step`` (the engine's Python and launches), t
 names the kernels that make up the difference. When host time per step exceeds device time the
 step is bound by the host; otherwise by the kernels listed.
 
-A second pass per strategy, without torch's profiler, takes cProfile's host time by kvscope
-function (which of the engine's Python grows with the strategy) and, on CUDA, counts the
+A second pass per strategy, without torch's profiler, first times the same steps with no
+profiler at all (async and synchronous scheduling: the gap the profile must explain), then takes
+cProfile's host time by kvscope function, its own and with the torch ops it calls (which of the
+engine's Python grows with the strategy) and, on CUDA, counts the
 synchronizing CUDA calls of each kvscope call site per step (``torch.cuda.set_sync_debug_mode``):
 a wait that async scheduling cannot hide shows there even when the profile's totals do not
 explain a gap.
@@ -23,6 +25,7 @@ import argparse
 import cProfile
 import json
 import pstats
+import statistics
 import sys
 import time
 import traceback
@@ -34,7 +37,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile, record_function
 
 sys.path.insert(0, str(Path(__file__).parent))
-from bench_common import bench_environment  # noqa: E402
+from bench_common import back_to_back_ms, bench_environment  # noqa: E402
 from ceilings import RESULTS, env_line  # noqa: E402
 from strategy_overhead import MODEL, TINY_MODEL, attach, engine, inject, release  # noqa: E402
 
@@ -106,12 +109,21 @@ class SyncSites:
         self._warnings.__exit__(*exc)
 
 
-def host_pass(eng, reqs, steps: int, device: torch.device) -> tuple[dict[str, float], dict[str, float]]:
-    """``steps`` engine steps without torch's profiler: per step, the synchronizing CUDA calls by
-    kvscope call site (CUDA only; ``torch.cuda.set_sync_debug_mode``) and the host time of every
-    kvscope function in ms, largest first (cProfile's own time; cProfile slows the host, so read
-    them against each other, not against the step)."""
+def host_pass(eng, reqs, steps: int, device: torch.device) -> dict[str, dict[str, float]]:
+    """``steps`` engine steps without torch's profiler, after the same steps timed with no profiler
+    at all (``unprofiled_ms``: median ms per step of 3 blocks, async and synchronous scheduling, the
+    figures the profiled ones must explain). Then, per step: the synchronizing CUDA calls by kvscope
+    call site (CUDA only; ``torch.cuda.set_sync_debug_mode``), and the host time of every kvscope
+    function in ms, largest first, both its own (``host_functions_ms``: cProfile's tottime, which
+    leaves out the torch ops it calls) and with what it calls (``host_cumulative_ms``: cumtime,
+    torch ops and launches included). cProfile slows the host, so read them against each other,
+    not against the step."""
     _run_warm(eng, reqs)
+    default, unprofiled = eng.async_scheduling, {}
+    for mode, overlap in (("async", True), ("sync", False)):
+        eng.async_scheduling = overlap  # read per step; a step in flight is read back either way
+        unprofiled[mode] = statistics.median(back_to_back_ms(eng.step, device, 3, steps, 3))
+    eng.async_scheduling = default
     debug = device.type == "cuda"
     prof = cProfile.Profile()
     with SyncSites() as found:
@@ -126,9 +138,15 @@ def host_pass(eng, reqs, steps: int, device: torch.device) -> tuple[dict[str, fl
             if debug:
                 torch.cuda.set_sync_debug_mode("default")
     release(eng, reqs)
-    own = {f"{path[len(PACKAGE):]}:{line}({fn})": stat[2] * 1e3 / steps  # stat[2]: tottime
-           for (path, line, fn), stat in pstats.Stats(prof).stats.items() if path.startswith(PACKAGE)}
-    return {k: v / steps for k, v in found.sites.most_common()}, dict(sorted(own.items(), key=lambda kv: -kv[1]))
+    stats = pstats.Stats(prof).stats.items()
+
+    def per_step(i: int) -> dict[str, float]:  # stat[2]: tottime, stat[3]: cumtime
+        ms = {f"{path[len(PACKAGE):]}:{line}({fn})": stat[i] * 1e3 / steps
+              for (path, line, fn), stat in stats if path.startswith(PACKAGE)}
+        return dict(sorted(ms.items(), key=lambda kv: -kv[1]))
+
+    return {"unprofiled_ms": unprofiled, "syncs_per_step": {k: v / steps for k, v in found.sites.most_common()},
+            "host_functions_ms": per_step(2), "host_cumulative_ms": per_step(3)}
 
 
 def _run_warm(eng, reqs) -> None:
@@ -168,11 +186,12 @@ def main() -> None:
             del eng
     for name, spec in specs:
         eng = engine(loaded, spec, most, False, model, device)
-        syncs, funcs = host_pass(eng, inject(eng, b, t), args.steps, device)
-        if device.type == "cuda":
-            res[name]["syncs_per_step"] = syncs
-            print(name, "synchronizing calls per step:", json.dumps(syncs), flush=True)
-        res[name]["host_functions_ms"] = funcs
+        found = host_pass(eng, inject(eng, b, t), args.steps, device)
+        if device.type != "cuda":
+            del found["syncs_per_step"]
+        res[name] |= found
+        print(name, "unprofiled ms per step:", json.dumps(found["unprofiled_ms"]), "synchronizing calls per step:",
+              json.dumps(found.get("syncs_per_step")), flush=True)
         del eng
     result = {"benchmark": "strategy_profile", "environment": env, "model": model, "dtype": "bfloat16",
               "batch": b, "resident": t, "steps": args.steps, "results": res}
@@ -200,15 +219,21 @@ def markdown(r: dict, top: int = 12) -> str:
               "| kernel | paged ms | h2o ms | difference |", "|---|---:|---:|---:|"]
     for k, d in sorted(diff.items(), key=lambda kv: -abs(kv[1]))[:top]:
         lines.append(f"| `{k[:90]}` | {p['kernels_ms'].get(k, 0.0):.3f} | {h['kernels_ms'].get(k, 0.0):.3f} | {d:+.3f} |")
-    if "host_functions_ms" in p:
-        fdiff = {k: h["host_functions_ms"].get(k, 0.0) - p["host_functions_ms"].get(k, 0.0)
-                 for k in set(h["host_functions_ms"]) | set(p["host_functions_ms"])}
-        lines += ["", "Host time by kvscope function, h2o minus paged (cProfile's own time, ms per step, under "
+    if "unprofiled_ms" in p:
+        lines += ["", "The same steps with no profiler (median ms per step of 3 blocks of "
+                  f"{r['steps']}):", "", "| scheduling | paged ms | h2o ms | h2o over paged |", "|---|---:|---:|---:|"]
+        lines += [f"| {m} | {p['unprofiled_ms'][m]:.2f} | {h['unprofiled_ms'][m]:.2f} | "
+                  f"{h['unprofiled_ms'][m] / p['unprofiled_ms'][m] - 1:+.1%} |" for m in ("async", "sync")]
+    for key, what in (("host_functions_ms", "cProfile's own time, without the torch ops it calls"),
+                      ("host_cumulative_ms", "cProfile's cumulative time, torch ops and launches included")):
+        if key not in p:
+            continue
+        fdiff = {k: h[key].get(k, 0.0) - p[key].get(k, 0.0) for k in set(h[key]) | set(p[key])}
+        lines += ["", f"Host time by kvscope function, h2o minus paged ({what}; ms per step, under "
                   "cProfile's slowdown; the largest differences):", "",
                   "| function | paged ms | h2o ms | difference |", "|---|---:|---:|---:|"]
         for k, d in sorted(fdiff.items(), key=lambda kv: -abs(kv[1]))[:top]:
-            lines.append(f"| `{k}` | {p['host_functions_ms'].get(k, 0.0):.3f} | "
-                         f"{h['host_functions_ms'].get(k, 0.0):.3f} | {d:+.3f} |")
+            lines.append(f"| `{k}` | {p[key].get(k, 0.0):.3f} | {h[key].get(k, 0.0):.3f} | {d:+.3f} |")
     if "syncs_per_step" in p:
         sites = sorted(set(p["syncs_per_step"]) | set(h["syncs_per_step"]))
         lines += ["", "Synchronizing CUDA calls per unprofiled step, by kvscope call site "
