@@ -159,6 +159,10 @@ def test_display_names_tell_colliding_specs_apart():
     assert names == {"adaptive:long=h2o": "adaptive (long=h2o)",
                      "adaptive:long=snapkv,long_threshold=256": "adaptive (long=snapkv,long_threshold=256)",
                      "paged": "paged", H2O_20: "h2o 20%"}
+    # A spec that leaves the differing argument at its default is named by the default.
+    names = display_names(["infinigen:budget_ratio=0.2", "infinigen:alpha=12,budget_ratio=0.2"])
+    assert names == {"infinigen:budget_ratio=0.2": "infinigen 20% (alpha=4)",
+                     "infinigen:alpha=12,budget_ratio=0.2": "infinigen 20% (alpha=12)"}
 
 
 def test_outlier_is_clipped_to_the_bulk_and_marked():

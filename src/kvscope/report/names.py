@@ -79,8 +79,10 @@ def display_name(strategy: str) -> str:
 
 def display_names(strategies: Iterable[str]) -> dict[str, str]:
     """Spec -> display name for a set of specs, unique: specs that share a name get the arguments
-    in which they differ (``adaptive (long=h2o)``, ``adaptive (long=snapkv)``), and specs that
-    still collide (the same arguments written differently) are shown whole."""
+    in which they differ, defaults included (``adaptive (long=h2o)``, ``adaptive (long=snapkv)``;
+    ``infinigen 20% (alpha=4)`` for a spec that leaves alpha at its default beside one that sets
+    ``alpha=12``), and specs that still collide (the same arguments written differently) are shown
+    whole."""
     specs = list(dict.fromkeys(strategies))
     groups: dict[str, list[str]] = defaultdict(list)
     for s in specs:
@@ -94,8 +96,14 @@ def display_names(strategies: Iterable[str]) -> dict[str, str]:
         keys = sorted({k for a in given.values() for k in a})
         differ = [k for k in keys if len({repr(a.get(k)) for a in given.values()}) > 1]
         for s in members:
-            extra = ",".join(f"{k}={given[s][k]}" for k in differ if k in given[s])
+            # An argument left at its default is named by that default, where it has one.
+            values = {k: given[s].get(k, _spec(s)[1].get(k)) for k in differ}
+            extra = ",".join(f"{k}={_show(v)}" for k, v in values.items() if v is not None)
             out[s] = f"{label} ({extra})" if extra else s
         if len(set(out[s] for s in members)) < len(members):
             out.update({s: s for s in members})
     return out
+
+
+def _show(value: Any) -> str:
+    return f"{value:g}" if isinstance(value, float) else str(value)
