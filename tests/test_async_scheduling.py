@@ -17,7 +17,6 @@ from hypothesis import strategies as st
 from kvscope import LLM, SamplingParams
 from kvscope.engine.inflight import InFlight, input_patch, resolve_async_scheduling
 from kvscope.engine.piecewise import PiecewiseRunner
-from kvscope.engine.sampler import _filter_top_k_top_p, sample_on_device
 from kvscope.errors import ConfigError
 from kvscope.kv import registry
 from kvscope.kv.paged import PagedStrategy
@@ -259,25 +258,6 @@ def test_static_steps_take_their_pending_ids_on_the_device(loaded):
     got = llm.generate(prompts, params, use_tqdm=False)
     assert [o.outputs[0].token_ids for o in got] == [o.outputs[0].token_ids for o in ref]
     assert e.runner.graph_replays == 5 + 7 + 7  # rows 3, 2, 1 decoding: every decode step static
-
-
-def test_device_sampling_draws_what_multinomial_draws_without_a_sync():
-    """``sample_on_device`` takes torch.multinomial's draw (same tokens, same generator state after)
-    but reports invalid probabilities as a flag instead of checking them on the host."""
-    logits = torch.randn(4, 300, generator=torch.Generator().manual_seed(0))
-    logits[2] = float("nan")
-    reqs = [Request(str(i), [1], SamplingParams(temperature=t, top_p=0.9, seed=i))
-            for i, t in enumerate((0.7, 0.0, 1.0, 1.3))]
-    for r in reqs:
-        r.generator = torch.Generator().manual_seed(100 + int(r.request_id))
-    tokens, valid, errors = sample_on_device(logits.clone(), reqs)
-    assert valid.tolist() == [True, True, False, True] and not errors
-    assert tokens[1] == logits[1].argmax()
-    for i in (0, 3):
-        gen = torch.Generator().manual_seed(100 + i)
-        probs = _filter_top_k_top_p(logits[i] / reqs[i].params.temperature, 0, 0.9).softmax(-1)
-        assert tokens[i] == torch.multinomial(probs, 1, generator=gen)[0]
-        assert torch.equal(gen.get_state(), reqs[i].generator.get_state())
 
 
 @pytest.mark.gpu
