@@ -106,17 +106,10 @@ def _run_case(module, batch, hq, hkv, d, bs, lens, splits, use_dot, block_n) -> 
     out, colsum = module.paged_decode_attention(q, k, v, tables, ctx, scale, bs, splits, emit_colsum=True, **knobs)
     # Without the statistic (no logits written), through the engine's flat [num_slots, Hkv, D] view.
     plain = module.paged_decode_attention(q, k.flatten(0, 1), v.flatten(0, 1), tables, ctx, scale, bs, splits, **knobs)
-    # Folded into per-slot scores: each held token's sum lands on its slot, nothing else moves.
-    scores = torch.rand(k.shape[0] * bs, hkv)
-    expect = scores.double().clone()
-    for b in range(batch):
-        t = torch.arange(int(ctx[b]))
-        slot = tables[b].long()[t // bs] * bs + t % bs
-        expect[slot] += ref_colsum[b, :, : len(t)].T
-    folded = module.paged_decode_attention(q, k, v, tables, ctx, scale, bs, splits, fold_scores=scores, **knobs)
+    fold = _fold_check(module, q, k, v, tables, ctx, scale, bs, splits, knobs, ref_out, ref_colsum)
     return {
-        "fold_out_err": rel_err(folded, ref_out),
-        "fold_err": float((scores.double() - expect).abs().max()),
+        "fold_out_err": fold["out_err"],
+        "fold_err": fold["held_err"] if fold["untouched_ok"] else float("inf"),
         "shapes_ok": out.shape == (batch, hq, d) and colsum.shape == (batch, hkv, tables.shape[1] * bs),
         "nan": bool(out.isnan().any() or colsum.isnan().any() or plain.isnan().any()),
         "out_err": rel_err(out, ref_out),
@@ -125,18 +118,107 @@ def _run_case(module, batch, hq, hkv, d, bs, lens, splits, use_dot, block_n) -> 
     }
 
 
+def held_slots(tables, lens, block_size) -> list[torch.Tensor]:
+    """Per sequence, the slots of its tokens ``0 .. lens[b] - 1`` in order (CPU, int64)."""
+    tables, lens = tables.long().cpu(), lens.cpu()
+    return [
+        tables[b][torch.arange(int(lens[b])) // block_size] * block_size + torch.arange(int(lens[b])) % block_size
+        for b in range(tables.shape[0])
+    ]
+
+
+def fold_reference(scores, tables, lens, ref_colsum, block_size) -> tuple[torch.Tensor, torch.Tensor]:
+    """Float64 ``scores [num_slots, Hkv]`` (CPU) after adding each held token's group-summed
+    probability (``ref_colsum [B, Hkv, Tcap]``) to its slot's row, and the mask of held slots."""
+    expect = scores.double().cpu().clone()
+    held = torch.zeros(scores.shape[0], dtype=torch.bool)
+    for b, slot in enumerate(held_slots(tables, lens, block_size)):
+        expect[slot] += ref_colsum[b, :, : len(slot)].T
+        held[slot] = True
+    return expect, held
+
+
+def _fold_check(module, q, k, v, tables, ctx, scale, bs, splits, knobs, ref_out, ref_colsum) -> dict:
+    """Fold into per-slot scores that start non-zero: each held token's sum lands on its slot's row,
+    and every other entry (slots of blocks past a length or of no sequence) keeps its bits."""
+    scores = torch.rand(k.shape[0] * bs, k.shape[2])
+    before = scores.clone()
+    expect, held = fold_reference(scores, tables, ctx, ref_colsum, bs)
+    out = module.paged_decode_attention(q, k, v, tables, ctx, scale, bs, splits, fold_scores=scores, **knobs)
+    return {
+        "out_err": rel_err(out, ref_out),
+        "held_err": float((scores[held].double() - expect[held]).abs().max()),
+        "untouched_ok": bool(torch.equal(scores[~held], before[~held])),
+    }
+
+
+# fold_scores cases: (B, Hq, Hkv, D, block_size, context lens, num_splits, use_dot, block_n). The
+# fold kernel's token tile is 128 tokens at up to 32 padded query heads, 64 at 64: lengths span
+# several tiles and end inside a block and inside a tile.
+FOLD_CASES = [
+    (2, 3, 3, 16, 4, [7, 150], 2, False, 16),  # group 1, 3 KV heads (padded to 4)
+    (3, 8, 2, 16, 16, [1, 129, 45], 3, True, 32),  # group 4
+    (2, 6, 6, 16, 16, [261, 17], 1, False, 32),  # group 1, 6 KV heads (padded to 8)
+    (2, 9, 3, 16, 4, [70, 131], 2, True, 16),  # group 3 (padded to 4), 3 KV heads
+    (2, 48, 6, 16, 16, [150, 63], 2, True, 32),  # group 8, 6 KV heads: 64-token tiles
+    (1, 4, 1, 16, 4, [1], 1, False, 16),  # one KV head, one token
+    (2, 32, 8, 16, 16, [200, 77], None, None, None),  # Llama-3-8B's heads, the defaults
+]
+
+
+def _run_fold_case(module, batch, hq, hkv, d, bs, lens, splits, use_dot, block_n, seed=None) -> dict:
+    """fold_scores against the float64 reference, scattered into a random slot table (in the child)."""
+    seed = batch * 1000 + sum(lens) + hq if seed is None else seed
+    q, k, v, tables, ctx = make_case(batch, hq, hkv, d, bs, lens, dtype=torch.float32, device="cpu", seed=seed)
+    ref_out, ref_colsum = reference(q, k, v, tables, ctx, d**-0.5)
+    knobs = {name: x for name, x in (("use_dot", use_dot), ("block_n", block_n)) if x is not None}
+    return _fold_check(module, q, k, v, tables, ctx, d**-0.5, bs, splits, knobs, ref_out, ref_colsum)
+
+
+def _fold_property(module) -> dict:
+    """Hypothesis over head counts, groups, block sizes, lengths and splits (in the child: the
+    interpreter lives there). A failure comes back with hypothesis' falsifying example."""
+    from hypothesis import Phase, given, settings
+    from hypothesis import strategies as st
+
+    # No shrinking: at a quarter second per interpreted example it could outlast the child's timeout.
+    @settings(max_examples=12, deadline=None, derandomize=True, database=None, phases=[Phase.generate])
+    @given(
+        hkv=st.sampled_from([1, 2, 3, 5, 6, 8]),
+        group=st.sampled_from([1, 2, 3, 4, 8]),
+        bs=st.sampled_from([4, 8, 16]),
+        lens=st.lists(st.integers(1, 200), min_size=1, max_size=3),
+        splits=st.integers(1, 4),
+        use_dot=st.booleans(),
+        seed=st.integers(0, 2**16),
+    )
+    def prop(hkv, group, bs, lens, splits, use_dot, seed):
+        r = _run_fold_case(module, len(lens), hkv * group, hkv, 16, bs, lens, splits, use_dot, 16, seed)
+        assert r["untouched_ok"] and r["held_err"] < 1e-5 and r["out_err"] < 1e-4, r
+
+    try:
+        prop()
+    except Exception as e:
+        notes = " ".join(getattr(e, "__notes__", []))
+        return {"error": f"{type(e).__name__}: {e} {notes}"}
+    return {}
+
+
 def _child_main() -> None:
-    """Entry point of the interpreter process: one JSON line per case (or the error it raised)."""
+    """Entry point of the interpreter process: one JSON line, each case's measurements (or the error
+    it raised) under ``case/i`` and ``fold/i``, and the fold property's outcome under ``fold_property``."""
     assert os.environ.get("TRITON_INTERPRET") == "1"
     from kvscope.attention import triton_decode
 
     _poison_outputs(triton_decode)
     results = {}
-    for i, case in enumerate(CASES):
-        try:
-            results[i] = _run_case(triton_decode, *case)
-        except Exception as e:  # reported by the case's own test in the parent
-            results[i] = {"error": f"{type(e).__name__}: {e}"}
+    for kind, cases, run in (("case", CASES, _run_case), ("fold", FOLD_CASES, _run_fold_case)):
+        for i, case in enumerate(cases):
+            try:
+                results[f"{kind}/{i}"] = run(triton_decode, *case)
+            except Exception as e:  # reported by the case's own test in the parent
+                results[f"{kind}/{i}"] = {"error": f"{type(e).__name__}: {e}"}
+    results["fold_property"] = _fold_property(triton_decode)
     print(json.dumps(results))
 
 
@@ -147,14 +229,14 @@ def interpreted_results(triton_interpreter) -> dict:
     code = f"import sys; sys.path.insert(0, {str(here.parent)!r}); import {here.stem} as t; t._child_main()"
     proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    return {int(i): r for i, r in json.loads(proc.stdout.splitlines()[-1]).items()}
+    return json.loads(proc.stdout.splitlines()[-1])
 
 
 @pytest.mark.parametrize("index", range(len(CASES)), ids=[
     f"B{c[0]}-H{c[1]}/{c[2]}-D{c[3]}-bs{c[4]}-S{c[6]}-dot{c[7]}-n{c[8]}" for c in CASES
 ])
 def test_interpreted_matches_reference_float32(interpreted_results, index):
-    r = interpreted_results[index]
+    r = interpreted_results[f"case/{index}"]
     assert "error" not in r, r.get("error")
     assert r["shapes_ok"] and not r["nan"]
     assert r["out_err"] < 1e-4
@@ -162,6 +244,23 @@ def test_interpreted_matches_reference_float32(interpreted_results, index):
     assert r["colsum_err"] < 1e-4
     assert r["fold_out_err"] < 1e-4
     assert r["fold_err"] < 1e-5
+
+
+@pytest.mark.parametrize("index", range(len(FOLD_CASES)), ids=[
+    f"B{c[0]}-H{c[1]}/{c[2]}-bs{c[4]}-T{max(c[5])}-S{c[6]}" for c in FOLD_CASES
+])
+def test_interpreted_fold_scores(interpreted_results, index):
+    """fold_scores adds the group-summed probabilities of held tokens to their (scattered) slots."""
+    r = interpreted_results[f"fold/{index}"]
+    assert "error" not in r, r.get("error")
+    assert r["untouched_ok"], "an entry of no held token changed"
+    assert r["held_err"] < 1e-5
+    assert r["out_err"] < 1e-4
+
+
+def test_interpreted_fold_scores_property(interpreted_results):
+    r = interpreted_results["fold_property"]
+    assert "error" not in r, r.get("error")
 
 
 def test_rejects_bad_inputs():
@@ -201,3 +300,26 @@ def test_gpu(dtype, splits):
     tol = {torch.bfloat16: 1e-2, torch.float16: 2e-3, torch.float32: 1e-4}[dtype]
     assert rel_err(out, ref_out) < tol
     assert rel_err(colsum, ref_colsum) < max(tol, 1e-3)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_gpu_fold_scores(dtype):
+    """Compiled fold_scores at Llama-3-8B head shapes: held slots gain the reference sums (within the
+    column sums' tolerance above), every other entry keeps its bits."""
+    from kvscope.attention.triton_decode import paged_decode_attention
+
+    bs, d = 16, 128
+    lens = [1, 1000, 4096, 17, 2500]
+    q, k, v, tables, ctx = make_case(5, 32, 8, d, bs, lens, dtype=dtype, device="cuda", seed=4)
+    _, ref_colsum = reference(q, k, v, tables, ctx, d**-0.5)
+    scores = torch.rand(k.shape[0] * bs, 8, device="cuda")
+    before = scores.cpu()
+    expect, held = fold_reference(before, tables, ctx, ref_colsum, bs)
+    paged_decode_attention(q, k, v, tables, ctx, d**-0.5, bs, fold_scores=scores)
+    after = scores.cpu()
+    assert torch.equal(after[~held], before[~held])
+    tol = {torch.bfloat16: 1e-2, torch.float32: 1e-4}[dtype]
+    gained, expected_gain = (after.double() - before.double())[held], (expect - before.double())[held]
+    assert rel_err(gained, expected_gain) < max(tol, 1e-3)
