@@ -113,13 +113,15 @@ def main() -> None:
     rows = []
     for name, setting in SETTINGS.items():
         runs: dict[str, list[float]] = {s: [] for s in SAMPLERS}
-        for sampler in SAMPLERS:  # warm-up of each path at full size, on prompts not timed
+        # Prompts of their own for every run (warm-up included): the prefix cache keeps finished
+        # requests' blocks, and a run on prompts served before would skip most of its prefill.
+        for k, sampler in enumerate(SAMPLERS):  # warm-up of each path at full size
             use(sampler)
-            generate(1000, setting)
+            generate(1000 + k, setting)
         for rep in range(args.repeats):
-            for sampler in SAMPLERS:
+            for k, sampler in enumerate(SAMPLERS):
                 use(sampler)
-                runs[sampler].append(generate(1 + rep, setting)[0])
+                runs[sampler].append(generate(1 + 2 * rep + k, setting)[0])
         row = {"setting": name, **{f"{s}_tok_s": statistics.median(v) for s, v in runs.items()},
                **{f"{s}_runs": v for s, v in runs.items()}}
         row["speedup"] = row["batched_tok_s"] / row["per-row_tok_s"]
