@@ -118,6 +118,29 @@ def test_clients_that_go_away_are_aborted_and_their_kv_freed(server: ServerThrea
     assert m["vllm:kv_cache_usage_perc"] == 0 and m["kvscope:num_requests_in_flight"] == 0
 
 
+def test_the_core_reports_where_its_turns_go(server: ServerThread) -> None:
+    """Each step here sleeps PACE_S: a request of 32 tokens takes at least 32 steps, so the core's
+    step seconds and its turns grow by at least that much, and the turn histogram counts every turn."""
+    before = server.metrics()
+    r = httpx.post(f"{server.base_url}/v1/completions", json=GOOD, timeout=30)
+    assert r.status_code == 200
+    stats = server.wait_idle()
+    m = server.metrics()
+
+    def grew(name: str) -> float:
+        return m[name] - before.get(name, 0)
+
+    steps = GOOD["max_tokens"]
+    assert grew("kvscope:engine_core_step_seconds_total") >= steps * PACE_S
+    assert grew("kvscope:engine_core_turn_seconds_count") >= steps
+    assert m["kvscope:engine_core_turn_seconds_count"] == m["kvscope:engine_core_turn_seconds_bucket{le=+Inf}"]
+    assert m["kvscope:engine_core_turn_seconds_count"] == stats["core_turns"]
+    parts = sum(stats[f"core_{p}_seconds"] for p in ("admit", "step", "output"))
+    assert m["kvscope:engine_core_turn_seconds_sum"] == pytest.approx(parts) == stats["core_turn_seconds_sum"]
+    # No turn here is shorter than a step's sleep but the ones without a step.
+    assert grew("kvscope:engine_core_turn_seconds_bucket{le=0.0025}") <= grew("kvscope:engine_core_turn_seconds_count") - steps
+
+
 def test_a_dead_core_fails_the_requests_in_flight_and_the_server_reports_unhealthy() -> None:
     with _server() as server:
         engine = server.serving.engine

@@ -140,3 +140,27 @@ def test_kvscope_serve_process_answers_and_stops_on_sigint() -> None:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_loop_times_bucket_each_turn_by_its_length_and_render_as_a_prometheus_histogram():
+    from kvscope.serve.engine_core import LoopTimes
+    from kvscope.serve.metrics import EngineStatsCollector
+
+    times = LoopTimes()
+    times.add(0.0004, 0.0, 0.0001)  # 0.5 ms: the first bucket (<= 1 ms)
+    times.add(0.0, 0.001, 0.0)  # exactly 1 ms: still <= 1 ms
+    times.add(0.1, 0.9, 0.1)  # 1.1 s: <= 2.5 s
+    times.add(3.0, 0.0, 0.0)  # past every bound
+    stats = times.stats()
+    assert stats["core_turns"] == 4 and stats["core_turn_buckets"] == [2, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 1]
+    assert stats["core_admit_seconds"] == pytest.approx(3.1004) and stats["core_step_seconds"] == pytest.approx(0.901)
+    assert stats["core_output_seconds"] == pytest.approx(0.1001)
+    assert stats["core_turn_seconds_sum"] == pytest.approx(4.1015)
+
+    families = {f.name: f for f in EngineStatsCollector("m", lambda: stats, lambda: 0).collect()}
+    samples = families["kvscope:engine_core_turn_seconds"].samples
+    buckets = {s.labels["le"]: s.value for s in samples if s.name.endswith("_bucket")}
+    assert buckets["0.001"] == 2 and buckets["1.0"] == 2 and buckets["2.5"] == 3 and buckets["+Inf"] == 4
+    assert {s.name: s.value for s in samples if not s.name.endswith("_bucket")} == {
+        "kvscope:engine_core_turn_seconds_count": 4, "kvscope:engine_core_turn_seconds_sum": pytest.approx(4.1015)}
+    assert families["kvscope:engine_core_step_seconds"].samples[0].value == pytest.approx(0.901)

@@ -24,7 +24,8 @@ prompts that engine has not seen (the prefix cache keeps finished requests' bloc
 one asyncio process) does not delay the requests' arrival. Each HTTP run also reads the server's
 ``/metrics`` before and after: the mean TTFT and queue time the
 server timed (from a front end's hand-over to the engine) beside the client's mean TTFT, so that
-the difference shows the way in and the first chunk's way out.
+the difference shows the way in and the first chunk's way out; and the engine core's working
+time by part (admission, step, messages) with its turns longer than a quarter second.
 Correctness first: 8 short greedy requests must return the same text through the server as
 in-process (the same weights, by seed). Target (recorded, not asserted): the server loses at most
 5% of in-process throughput. ``--tiny``: a 2-layer model on the CPU (smoke test; ``--requests`` and
@@ -87,12 +88,23 @@ SERVER_HISTOGRAMS = {"server_mean_ttft_ms": "vllm:time_to_first_token_seconds",
                      "server_mean_e2e_ms": "vllm:e2e_request_latency_seconds"}
 
 
+# The engine core's own loop (counters of its working time by part, and its turns longer than a
+# quarter second), so that a run whose requests wait can tell a long step from a busy admission.
+CORE_COUNTERS = {"core_admit_s": "kvscope:engine_core_admit_seconds_total",
+                 "core_step_s": "kvscope:engine_core_step_seconds_total",
+                 "core_output_s": "kvscope:engine_core_output_seconds_total"}
+LONG_TURN = "0.25"
+
+
 def histogram_sums(url: str) -> dict[str, tuple[float, float]]:
-    """(sum, count) of each of :data:`SERVER_HISTOGRAMS` on ``url``'s ``/metrics``, over its labels."""
+    """(sum, count) of each of :data:`SERVER_HISTOGRAMS` on ``url``'s ``/metrics``, over its labels;
+    also each of :data:`CORE_COUNTERS` and the core's turns longer than :data:`LONG_TURN` s, as
+    (value, 0)."""
     from prometheus_client.parser import text_string_to_metric_families
 
     text = urllib.request.urlopen(f"{url}/metrics").read().decode()
     sums = {name: [0.0, 0.0] for name in SERVER_HISTOGRAMS.values()}
+    core = {name: 0.0 for name in [*CORE_COUNTERS.values(), "turns", "short_turns"]}
     for family in text_string_to_metric_families(text):
         for sample in family.samples:
             for name, acc in sums.items():
@@ -100,15 +112,25 @@ def histogram_sums(url: str) -> dict[str, tuple[float, float]]:
                     acc[0] += sample.value
                 elif sample.name == f"{name}_count":
                     acc[1] += sample.value
-    return {name: (a[0], a[1]) for name, a in sums.items()}
+            if sample.name in core:
+                core[sample.name] = sample.value
+            elif sample.name == "kvscope:engine_core_turn_seconds_count":
+                core["turns"] = sample.value
+            elif sample.name == "kvscope:engine_core_turn_seconds_bucket" and sample.labels.get("le") == LONG_TURN:
+                core["short_turns"] = sample.value
+    core["long_turns"] = core.pop("turns") - core.pop("short_turns")
+    return {name: (a[0], a[1]) for name, a in sums.items()} | {name: (v, 0.0) for name, v in core.items()}
 
 
 def server_means(before: dict, after: dict) -> dict[str, float | None]:
-    """Mean of each histogram over the requests observed between two :func:`histogram_sums`, ms."""
+    """Mean of each histogram over the requests observed between two :func:`histogram_sums`, ms;
+    and what the engine core's counters gained in between (seconds, and turns)."""
     out = {}
     for key, name in SERVER_HISTOGRAMS.items():
         total, count = (after[name][i] - before[name][i] for i in (0, 1))
         out[key] = 1e3 * total / count if count else None
+    for key, name in [*CORE_COUNTERS.items(), ("core_long_turns", "long_turns")]:
+        out[key] = after[name][0] - before[name][0]
     return out
 
 
@@ -288,8 +310,8 @@ def http_paths(r: dict) -> list[tuple[str, str]]:
 
 def ttft_split(r: dict) -> list[str]:
     """Mean TTFT and E2E latency per path as the client saw them, and for HTTP as the server timed
-    them (from the front end's hand-over), with the queue part and the client's send spread;
-    medians over the runs."""
+    them (from the front end's hand-over), with the queue part and the client's send spread
+    (medians over the runs); then the engine core's working time and long turns, run by run."""
     def med(x: dict, key: str) -> str:
         vals = [run[key] for run in x["runs"] if run.get(key) is not None]
         return f"{statistics.median(vals):.0f}" if vals else "-"
@@ -297,11 +319,23 @@ def ttft_split(r: dict) -> list[str]:
     paths = [("in-process `run_workload`", "in_process_run_workload"), *http_paths(r)]
     if not any("server_mean_ttft_ms" in run for _, k in paths for run in r[k]["runs"]):
         return []
+    core = []
+    if any("core_step_s" in run for _, k in http_paths(r) for run in r[k]["runs"]):
+        def runs(x: dict, key: str, fmt: str) -> str:
+            return ", ".join(format(run[key], fmt) for run in x["runs"])
+
+        core = [f"The engine core's working time per run, s (admission: taking and applying commands; step; "
+                f"messages), and its turns longer than {LONG_TURN} s, each run:", "",
+                "| path | admission s | step s | messages s | turns > 0.25 s |", "|---|---|---|---|---|",
+                *[f"| {label} | {runs(r[k], 'core_admit_s', '.3f')} | {runs(r[k], 'core_step_s', '.2f')} | "
+                  f"{runs(r[k], 'core_output_s', '.3f')} | {runs(r[k], 'core_long_turns', '.0f')} |"
+                  for label, k in http_paths(r)], ""]
     return ["| path | client mean TTFT ms | server mean TTFT ms | server mean queue ms | client mean E2E ms | "
             "server mean E2E ms | send spread ms |", "|---|---:|---:|---:|---:|---:|---:|",
             *[f"| {label} | {med(r[k], 'mean_ttft_ms')} | {med(r[k], 'server_mean_ttft_ms')} | "
               f"{med(r[k], 'server_mean_queue_ms')} | {med(r[k], 'mean_e2el_ms')} | "
-              f"{med(r[k], 'server_mean_e2e_ms')} | {med(r[k], 'send_spread_ms')} |" for label, k in paths], ""]
+              f"{med(r[k], 'server_mean_e2e_ms')} | {med(r[k], 'send_spread_ms')} |" for label, k in paths], "",
+            *core]
 
 
 if __name__ == "__main__":

@@ -25,6 +25,9 @@ log = logging.getLogger("kvscope.serve")
 #: Between steps with no request added or aborted, ``stats()`` (which walks every block table) is
 #: sampled at most this often; it is taken after every add, abort and when the engine falls idle.
 STATS_INTERVAL_S = 0.05
+#: Upper bounds (s) of the engine core's turn-length histogram in its stats (``core_turn_buckets``:
+#: one count per bound, then the turns longer than the last).
+TURN_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 
 
 class ServeError(Exception):

@@ -25,6 +25,9 @@ in the server's metrics), ``(STOPPED,)``. ``outputs``: one tuple per request tha
 only what is new since the last message (see :meth:`_Sent.delta`), so a message costs O(batch),
 not O(tokens so far). ``stats``: ``engine.stats()`` after any add or abort, when the engine falls
 idle, otherwise at most every ``STATS_INTERVAL_S``, to every front end; None when not taken this turn.
+The stats also carry the loop's own time (:class:`LoopTimes`): where the core's turns go (taking
+and applying commands, the step, the messages) and a histogram of turn lengths, so that a server
+whose requests wait can tell a long step from a core busy with admission.
 
 Failures stay contained as on the thread (:mod:`kvscope.serve.async_engine`): a rejected prompt
 fails its request alone, a step that raises fails the requests then in flight and the loop serves
@@ -45,13 +48,14 @@ import signal
 import sys
 import threading
 import time
+from bisect import bisect_left
 from collections.abc import Callable
 from multiprocessing.connection import Connection, wait
 from typing import TYPE_CHECKING, Any
 
 from kvscope.errors import ConfigError, KVScopeError, RequestError
 from kvscope.sampling_params import RequestOutputKind
-from kvscope.serve.engine_api import STATS_INTERVAL_S, EngineInfo, abort_all
+from kvscope.serve.engine_api import STATS_INTERVAL_S, TURN_BUCKETS, EngineInfo, abort_all
 
 if TYPE_CHECKING:
     from kvscope.llm import LLM
@@ -106,6 +110,31 @@ def run_engine_core(build: Callable[[], LLM], clients: list[tuple[Connection, Co
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(0)
+
+
+class LoopTimes:
+    """Cumulative seconds of the core's working turns by part, and their lengths' histogram. A turn
+    that waited for commands while idle counts from when they arrived: waiting is not work."""
+
+    __slots__ = ("admit", "step", "output", "buckets", "total")
+
+    def __init__(self) -> None:
+        self.admit = self.step = self.output = self.total = 0.0
+        self.buckets = [0] * (len(TURN_BUCKETS) + 1)
+
+    def add(self, admit: float, step: float, output: float) -> None:
+        self.admit += admit
+        self.step += step
+        self.output += output
+        turn = admit + step + output
+        self.total += turn
+        self.buckets[bisect_left(TURN_BUCKETS, turn)] += 1
+
+    def stats(self) -> dict[str, Any]:
+        """The ``core_*`` keys of the stats: seconds by part, turns, and the histogram."""
+        return {"core_admit_seconds": self.admit, "core_step_seconds": self.step,
+                "core_output_seconds": self.output, "core_turns": sum(self.buckets),
+                "core_turn_seconds_sum": self.total, "core_turn_buckets": list(self.buckets)}
 
 
 class _Outbox:
@@ -211,6 +240,7 @@ class EngineCore:
         self._clients = {c.commands: c for c in (_Client(i, *pair) for i, pair in enumerate(clients))}
         self._live: dict[str, _Sent] = {}  # requests a front end still reads
         self._stats_time = 0.0
+        self._times = LoopTimes()
 
     def run(self) -> None:
         try:
@@ -221,8 +251,14 @@ class EngineCore:
 
     def _serve(self) -> None:
         engine = self._engine
+        clock = time.perf_counter
         while self._clients:
-            batch = self._receive(block=not engine.has_unfinished_requests())
+            idle = not engine.has_unfinished_requests()
+            t0 = clock()
+            batch = self._receive(block=idle)
+            t1 = t2 = clock()
+            if idle:
+                t0 = t1
             stats = None
             try:
                 for client, commands in batch:
@@ -231,8 +267,10 @@ class EngineCore:
                             self._drop(client, goodbye=True)
                             break
                         self._apply(client, cmd)
+                t1 = t2 = clock()
                 if engine.has_unfinished_requests():
                     self._step()
+                t2 = clock()
                 stats = self._stats(force=bool(batch) or not engine.has_unfinished_requests())
             except Exception as e:  # a bug outside step(): keep serving, fail what was in flight
                 log.exception("kvscope engine loop error")
@@ -243,6 +281,7 @@ class EngineCore:
                 elif client.events or client.outputs or stats is not None:
                     client.outbox.put((client.events, client.outputs, stats))
                     client.events, client.outputs = [], []
+            self._times.add(t1 - t0, t2 - t1, clock() - t2)
 
     def _receive(self, block: bool) -> list[tuple[_Client, list[tuple[Any, ...]]]]:
         """Each front end's waiting commands (blocking until some arrive when ``block``); a front
@@ -341,4 +380,4 @@ class EngineCore:
         if not force and now - self._stats_time < STATS_INTERVAL_S:
             return None
         self._stats_time = now
-        return self._engine.stats()
+        return self._engine.stats() | self._times.stats()

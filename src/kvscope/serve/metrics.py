@@ -23,12 +23,13 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest, values
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.registry import Collector
 
 from kvscope.engine.outputs import RequestOutput
 from kvscope.errors import ConfigError
+from kvscope.serve.engine_api import TURN_BUCKETS
 
 # vLLM's buckets (vllm/v1/metrics/buckets.py).
 TTFT_BUCKETS = [0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0,
@@ -58,6 +59,12 @@ STAT_COUNTERS: dict[str, tuple[str, str, float]] = {
     "transfer_bytes_h2d": ("kvscope:transfer_h2d_bytes", "KV bytes fetched host -> device (PCIe)", 1.0),
     "transfer_bytes_d2h": ("kvscope:transfer_d2h_bytes", "KV bytes written device -> host (PCIe)", 1.0),
     "transfer_wait_ms": ("kvscope:transfer_wait_seconds", "Time steps waited for host transfers", 1e-3),
+    # The engine core's loop (engine process only: kvscope.serve.engine_core.LoopTimes).
+    "core_admit_seconds": ("kvscope:engine_core_admit_seconds", "Engine core time taking and applying the front "
+                           "ends' commands (adds, aborts)", 1.0),
+    "core_step_seconds": ("kvscope:engine_core_step_seconds", "Engine core time in engine steps", 1.0),
+    "core_output_seconds": ("kvscope:engine_core_output_seconds", "Engine core time building and queueing each "
+                            "turn's messages to the front ends", 1.0),
 }
 
 #: engine.stats() key -> (gauge name, help).
@@ -122,6 +129,8 @@ class EngineStatsCollector(Collector):
                 c = CounterMetricFamily(name, doc, labels=["model_name"])
                 c.add_metric([self._model], stats[key] * scale)
                 yield c
+        if "core_turn_buckets" in stats:
+            yield self._turns(stats["core_turn_buckets"], stats["core_turn_seconds_sum"])
         decisions = [d for d in ADAPTIVE_DECISIONS if f"adaptive_{d}" in stats]
         if decisions:
             c = CounterMetricFamily("kvscope:adaptive_decisions", "Admission and pressure decisions of `adaptive`",
@@ -129,6 +138,19 @@ class EngineStatsCollector(Collector):
             for d in decisions:
                 c.add_metric([self._model, d], stats[f"adaptive_{d}"])
             yield c
+
+
+    def _turns(self, counts: list[int], total: float) -> HistogramMetricFamily:
+        """The engine core's turn lengths (per-bucket counts, the last past every bound) as a
+        Prometheus histogram: cumulative counts by upper bound."""
+        h = HistogramMetricFamily("kvscope:engine_core_turn_seconds", "Length of the engine core's working turns "
+                                  "(commands, step, messages)", labels=["model_name"])
+        cumulative, running = [], 0
+        for bound, n in zip([*map(str, TURN_BUCKETS), "+Inf"], counts):
+            running += n
+            cumulative.append((bound, running))
+        h.add_metric([self._model], cumulative, total)
+        return h
 
 
 class ServerMetrics:
