@@ -12,8 +12,10 @@ from kvscope.models.config import ModelConfig
 from kvscope.models.dummy import PRESETS, preset_config
 from kvscope.models.hf_config import model_config_from_hf
 
-# The KV budgets (fraction of the prompt kept) at which quality was measured (advise/quality.py).
+# The KV budgets (fraction of the prompt kept) at which quality was measured (advise/quality.py),
+# and the one budget of the strategies measured at a single budget.
 BUDGETS = (0.1, 0.2, 0.5)
+FIXED_BUDGET = 0.2
 
 
 @dataclass(frozen=True)
@@ -65,10 +67,12 @@ class StrategyOption:
 
 def candidates(host_kv_bytes: int | None = None) -> list[StrategyOption]:
     """Every option the advisor weighs: paged, contiguous, h2o and infinigen at each measured
-    budget, offload. ``host_kv_bytes`` (bytes) is written into the offloading specs when given."""
+    budget, snapkv and streaming at the one budget their quality was measured at, offload.
+    ``host_kv_bytes`` (bytes) is written into the offloading specs when given."""
     host = f"host_kv_bytes={host_kv_bytes}" if host_kv_bytes else ""
     out = [StrategyOption("paged", "paged"), StrategyOption("contiguous", "contiguous")]
     out += [StrategyOption(f"h2o:heavy_ratio={b / 2:g},recent_ratio={b / 2:g}", "h2o", b) for b in BUDGETS]
+    out += [StrategyOption(f"{name}:budget_ratio={FIXED_BUDGET:g}", name, FIXED_BUDGET) for name in ("snapkv", "streaming")]
     out.append(StrategyOption("offload" + (f":{host}" if host else ""), "offload", None, host_kv_bytes))
     out += [StrategyOption(f"infinigen:budget_ratio={b:g}" + (f",{host}" if host else ""), "infinigen", b,
                            host_kv_bytes) for b in BUDGETS]
