@@ -117,15 +117,21 @@ def release(eng: LLMEngine, reqs: list[Request]) -> None:
     eng.step()
 
 
-def time_engine(eng: LLMEngine, reqs: list[Request], device: torch.device) -> dict[str, float]:
-    """Milliseconds per ``engine.step()`` over ``reqs`` (from :func:`inject`) back to back, with
-    synchronous and with async scheduling."""
-    attach(eng, reqs)
+def scheduling_ms(eng: LLMEngine, device: torch.device, steps: int) -> dict[str, float]:
+    """Median milliseconds per ``engine.step()`` of the engine's running batch, back to back (3
+    blocks of ``steps`` after 3 warm-up steps), with synchronous and with async scheduling."""
     default, out = eng.async_scheduling, {}
     for name, overlap in (("sync", False), ("async", True)):
         eng.async_scheduling = overlap  # read per step; a step in flight is read back either way
-        out[name] = statistics.median(back_to_back_ms(eng.step, device, 3, 20, 3))
+        out[name] = statistics.median(back_to_back_ms(eng.step, device, 3, steps, 3))
     eng.async_scheduling = default
+    return out
+
+
+def time_engine(eng: LLMEngine, reqs: list[Request], device: torch.device) -> dict[str, float]:
+    """:func:`scheduling_ms` over ``reqs`` (from :func:`inject`), 20 steps a block."""
+    attach(eng, reqs)
+    out = scheduling_ms(eng, device, 20)
     release(eng, reqs)
     return out
 

@@ -25,7 +25,6 @@ import argparse
 import cProfile
 import json
 import pstats
-import statistics
 import sys
 import time
 import traceback
@@ -37,9 +36,9 @@ import torch
 from torch.profiler import ProfilerActivity, profile, record_function
 
 sys.path.insert(0, str(Path(__file__).parent))
-from bench_common import back_to_back_ms, bench_environment  # noqa: E402
+from bench_common import bench_environment  # noqa: E402
 from ceilings import RESULTS, env_line  # noqa: E402
-from strategy_overhead import MODEL, TINY_MODEL, attach, engine, inject, release  # noqa: E402
+from strategy_overhead import MODEL, TINY_MODEL, attach, engine, inject, release, scheduling_ms  # noqa: E402
 
 import kvscope  # noqa: E402
 from kvscope.models.loader import load_model  # noqa: E402
@@ -119,11 +118,7 @@ def host_pass(eng, reqs, steps: int, device: torch.device) -> dict[str, dict[str
     torch ops and launches included). cProfile slows the host, so read them against each other,
     not against the step."""
     _run_warm(eng, reqs)
-    default, unprofiled = eng.async_scheduling, {}
-    for mode, overlap in (("async", True), ("sync", False)):
-        eng.async_scheduling = overlap  # read per step; a step in flight is read back either way
-        unprofiled[mode] = statistics.median(back_to_back_ms(eng.step, device, 3, steps, 3))
-    eng.async_scheduling = default
+    unprofiled = scheduling_ms(eng, device, steps)
     debug = device.type == "cuda"
     prof = cProfile.Profile()
     with SyncSites() as found:

@@ -97,7 +97,8 @@ def display_names(strategies: Iterable[str]) -> dict[str, str]:
         differ = [k for k in keys if len({repr(a.get(k)) for a in given.values()}) > 1]
         for s in members:
             # An argument left at its default is named by that default, where it has one.
-            values = {k: given[s].get(k, _spec(s)[1].get(k)) for k in differ}
+            defaults = _spec(s)[1]
+            values = {k: given[s].get(k, defaults.get(k)) for k in differ}
             extra = ",".join(f"{k}={_show(v)}" for k, v in values.items() if v is not None)
             out[s] = f"{label} ({extra})" if extra else s
         if len(set(out[s] for s in members)) < len(members):
