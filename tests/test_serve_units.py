@@ -164,3 +164,35 @@ def test_loop_times_bucket_each_turn_by_its_length_and_render_as_a_prometheus_hi
     assert {s.name: s.value for s in samples if not s.name.endswith("_bucket")} == {
         "kvscope:engine_core_turn_seconds_count": 4, "kvscope:engine_core_turn_seconds_sum": pytest.approx(4.1015)}
     assert families["kvscope:engine_core_step_seconds"].samples[0].value == pytest.approx(0.901)
+
+
+def test_a_slow_core_turn_is_logged_with_its_parts_and_the_tokens_of_its_step(monkeypatch, caplog):
+    import threading
+    from multiprocessing import Pipe
+
+    from kvscope import LLM
+    from kvscope.serve import engine_core
+    from kvscope.serve.engine_core import ADD, STOP, EngineCore, recv, send
+
+    monkeypatch.setattr(engine_core, "SLOW_TURN_S", 0.0)  # every working turn is "slow"
+    llm = LLM("dummy:tiny-llama", "paged", kv_memory_bytes=8 << 20, max_num_batched_tokens=64)
+    core_commands, commands = Pipe(duplex=False)
+    outputs, core_outputs = Pipe(duplex=False)
+    core = threading.Thread(target=EngineCore(llm, [(core_commands, core_outputs)]).run)
+    core.start()
+    params = SamplingParams(max_tokens=3, temperature=0.0, ignore_eos=True)
+    with caplog.at_level("WARNING", logger="kvscope.serve"):
+        send(commands, [(ADD, ["r0"], [list(range(1, 101))], params, time.time())])
+        finished = False
+        while not finished:
+            _, deltas, _ = recv(outputs)
+            finished = any(d[3] for d in deltas)
+        send(commands, [(STOP,)])
+        core.join(30)
+    turns = [r.getMessage() for r in caplog.records if "engine core turn" in r.getMessage()]
+    # 100 prompt tokens in chunks of at most 64, then one token per decode step: the first turn
+    # also applied the ADD; the turn that took STOP ran no step.
+    assert "1 commands applied" in turns[0] and "a step of 64 tokens" in turns[0]
+    assert "a step of 36 tokens" in turns[1]
+    assert all("a step of 1 tokens" in t for t in turns[2:-1])
+    assert "a step of 0 tokens" in turns[-1] and "0 running, 0 waiting" in turns[-1]

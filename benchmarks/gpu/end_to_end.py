@@ -14,6 +14,10 @@ requests submitted at once): ``single`` 1 x (128-token prompt, 256 out); ``batch
 with the SmolLM2 tokenizer packaged with kvscope; Llama 3's gives somewhat fewer tokens). Without the
 file the script tries to compute it, and skips W2 if it cannot.
 
+Sampling: greedy, or for every request of every system ``--temperature``, ``--top-p``, ``--top-k``
+(vLLM's sampler against kvscope's batched one; the tokens then differ between systems, their count
+does not, as EOS is ignored).
+
 Systems: **kvscope** (``LLM.generate``, ``paged`` with prefix caching off, ``enforce_eager=False``, max_num_seqs 256,
 max_num_batched_tokens 8192) on every workload; **HF generate**, dynamic cache and
 ``cache_implementation="static"`` (compiled by transformers on CUDA), on the fixed-shape workloads;
@@ -185,9 +189,11 @@ def guarded(name: str, fn, *a: Any) -> dict:
     return r
 
 
-def run_kvscope(llm: LLM, lengths: Lengths, vocab: int, repeats: int, device: torch.device) -> dict:
+def run_kvscope(llm: LLM, lengths: Lengths, vocab: int, repeats: int, device: torch.device,
+                sampling: dict[str, float]) -> dict:
+    """``sampling``: temperature, top_p, top_k of every request (temperature 0: greedy)."""
     def make(seed: int, lens: Lengths = lengths) -> tuple[list[list[int]], list[SamplingParams]]:
-        return prompts(lens, vocab, seed), [SamplingParams(max_tokens=o, temperature=0.0, ignore_eos=True) for _, o in lens]
+        return prompts(lens, vocab, seed), [SamplingParams(max_tokens=o, ignore_eos=True, **sampling) for _, o in lens]
 
     def run(x: tuple[list[list[int]], list[SamplingParams]]) -> int:
         return sum(len(o.outputs[0].token_ids) for o in llm.generate(*x, use_tqdm=False))
@@ -293,7 +299,11 @@ def main() -> None:
                     help="kvscope's EngineConfig.async_scheduling (default: the engine's, on for CUDA)")
     ap.add_argument("--kvscope-strategies", default="", help="kvscope strategies beside paged, ';'-separated specs")
     ap.add_argument("--piecewise-ab", action="store_true", help="also run paged with piecewise graphs off")
+    ap.add_argument("--temperature", type=float, default=0.0, help="kvscope's and vLLM's (0: greedy)")
+    ap.add_argument("--top-p", type=float, default=1.0, help="kvscope's and vLLM's nucleus sampling")
+    ap.add_argument("--top-k", type=int, default=0, help="kvscope's and vLLM's top-k (0: off)")
     args = ap.parse_args()
+    sampling = {"temperature": args.temperature, "top_p": args.top_p, "top_k": args.top_k}
     if args.dump_sharegpt_lengths:
         pairs = sharegpt_lengths()
         Path(args.dump_sharegpt_lengths).write_text(json.dumps(pairs) + "\n")
@@ -310,7 +320,7 @@ def main() -> None:
     max_model_len = -(-max_len // 256) * 256
     batched = 512 if args.tiny else 8192
     pool = None if args.kv_memory_gib is None else int(args.kv_memory_gib * (1 << 30))
-    vllm = run_vllm(preset, live, args.repeats, max_seqs, batched, max_model_len, pool) if args.vllm else {}
+    vllm = run_vllm(preset, live, args.repeats, max_seqs, batched, max_model_len, pool, sampling) if args.vllm else {}
 
     check = check_agreement_fp32(TINY_PRESET if args.tiny else CHECK_PRESET, device)
     print("kvscope vs HF (float32):", json.dumps({k: v for k, v in check.items() if "tokens" not in k}), flush=True)
@@ -342,7 +352,7 @@ def main() -> None:
     res = {s: res.get(s, {}) for s in systems}
     res["vllm"] |= vllm.get("results", {})
     result = {"benchmark": "end_to_end", "environment": env, "model": f"dummy:{preset}", "dtype": "bfloat16",
-              "engine": kw, "async_scheduling": {}, "vllm": {k: v for k, v in vllm.items() if k != "results"},
+              "engine": kw, "sampling": sampling, "async_scheduling": {}, "vllm": {k: v for k, v in vllm.items() if k != "results"},
               "copy_ceiling": copy, "matmul": mm, "correctness": check, "repeats": args.repeats,
               "cb_repeats": args.cb_repeats, "hf_cb_attn": args.hf_cb_attn, "workloads": wl, "results": res}
 
@@ -362,7 +372,7 @@ def main() -> None:
         print(f"{system} engine ready in {time.perf_counter() - t0:.1f} s (async scheduling "
               f"{llm.engine.async_scheduling}, piecewise graphs {llm.engine.piecewise_sizes})", flush=True)
         for name, L in live.items():
-            measure(system, name, run_kvscope, llm, L, vocab, args.repeats, device)
+            measure(system, name, run_kvscope, llm, L, vocab, args.repeats, device, sampling)
         del llm
         gc.collect()
     if device.type == "cuda":

@@ -5,6 +5,13 @@ from ceilings import env_line
 from decode_step import target_text
 
 
+def sampling_text(sampling: dict | None) -> str:
+    """How every request of both systems sampled (runs that predate the option were greedy)."""
+    if not sampling or not sampling["temperature"]:
+        return "greedy"
+    return ", ".join(f"{k} {v}" for k, v in sampling.items())
+
+
 def markdown(r: dict) -> str:
     res, c = r["results"], r["correctness"]
 
@@ -15,7 +22,7 @@ def markdown(r: dict) -> str:
     lines = [
         "# End to end: kvscope vs vLLM and HF transformers, output tokens/s", "", env_line(r["environment"]), "",
         f"{r['model']} (random weights, one copy shared by both systems), {r['dtype']}; kvscope `paged`, CUDA graphs "
-        f"on, engine {r['engine']}, async scheduling {r.get('async_scheduling', 'off (predates it)')}. Copy {r['copy_ceiling']['gb_per_s']:.0f} GB/s and bf16 matmul "
+        f"on, engine {r['engine']}, sampling {sampling_text(r.get('sampling'))}, async scheduling {r.get('async_scheduling', 'off (predates it)')}. Copy {r['copy_ceiling']['gb_per_s']:.0f} GB/s and bf16 matmul "
         f"{r['matmul']['tflop_per_s']:.0f} TFLOP/s measured in this run give the roofline (idealised schedule: "
         "prefill at the matmul rate, each decode step reading weights + running KV at the copy rate). Output "
         f"tokens / wall time; median of {r['repeats']} runs (HF continuous batching: {r['cb_repeats']}) after a "

@@ -39,8 +39,10 @@ import os
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
+from importlib import metadata
 from pathlib import Path
 
 import torch
@@ -59,6 +61,13 @@ from kvscope.bench.serve import run_workload  # noqa: E402
 from kvscope.engine.sampling_params import SamplingParams  # noqa: E402
 from kvscope.llm import LLM  # noqa: E402
 from kvscope.workload.requests import WorkloadRequest  # noqa: E402
+
+
+def version_of(package: str) -> str | None:
+    try:
+        return metadata.version(package)
+    except metadata.PackageNotFoundError:
+        return None
 
 
 def workload(lengths: list[tuple[int, int]], vocab: int, seed: int) -> list[WorkloadRequest]:
@@ -134,10 +143,16 @@ def server_means(before: dict, after: dict) -> dict[str, float | None]:
     return out
 
 
-def with_server_means(url: str, send) -> dict:
-    """:func:`throughput` of the records ``send()`` returns, with the server's means over them."""
-    before = histogram_sums(url)
-    return throughput(send()) | server_means(before, histogram_sums(url))
+def with_server_means(url: str, send, log: Path) -> dict:
+    """:func:`throughput` of the records ``send()`` returns, with the server's means over them and
+    the engine core's slow-turn warnings that the server wrote to ``log`` (its stderr) meanwhile."""
+    before, offset = histogram_sums(url), log.stat().st_size
+    out = throughput(send()) | server_means(before, histogram_sums(url))
+    with log.open("rb") as f:
+        f.seek(offset)
+        out["slow_turns"] = [line.strip() for line in f.read().decode(errors="replace").splitlines()
+                             if "engine core turn" in line]
+    return out
 
 
 def median_runs(fn, repeats: int, first_seed: int = 1) -> dict:
@@ -168,6 +183,9 @@ def main() -> None:
               "max_model_len": 256 if args.tiny else 1280}
     kv = {"kv_memory_bytes": 64 << 20} if args.tiny else {"kv_memory_fraction": 0.8}
     env = bench_environment(torch.device(device))
+    # The front end's cost per request depends on which event loop and HTTP parser uvicorn found.
+    env["server_stack"] = {p: version_of(p) for p in ("fastapi", "starlette", "uvicorn", "uvloop", "httptools",
+                                                       "pydantic")}
     print(env_line(env), flush=True)
 
     llm = LLM(model, "paged", device=device, dtype="float32" if args.tiny else "bfloat16", **engine, **kv)
@@ -207,7 +225,9 @@ def main() -> None:
                "--max-num-seqs", str(engine["max_num_seqs"]), "--max-num-batched-tokens",
                str(engine["max_num_batched_tokens"]), "--max-model-len", str(engine["max_model_len"]),
                "--max-queue", str(4 * n)] + (["--kv-memory", str(kv["kv_memory_bytes"])] if args.tiny else []) + extra
-        server = subprocess.Popen(cmd, env=os.environ | {"PYTHONUNBUFFERED": "1"})
+        log = Path(tempfile.mkdtemp(prefix="serve-overhead-")) / "server.log"
+        with log.open("wb") as stderr:
+            server = subprocess.Popen(cmd, env=os.environ | {"PYTHONUNBUFFERED": "1"}, stderr=stderr)
         try:
             wait_ready(url, server, 600)
             name = json.loads(urllib.request.urlopen(f"{url}/v1/models").read())["data"][0]["id"]
@@ -218,12 +238,13 @@ def main() -> None:
                 raise SystemExit("the server's greedy texts differ from the in-process engine's")
             run_http_workload(url, workload(lengths, vocab, 0), name, mode="offline")  # warm-up at full size
             http = median_runs(lambda s: with_server_means(url, lambda: run_http_workload(
-                url, workload(lengths, vocab, s), name, mode="offline").records), args.repeats)
+                url, workload(lengths, vocab, s), name, mode="offline").records, log), args.repeats)
             print(f"HTTP server {extra}: {http['tok_s']:.0f} tok/s", flush=True)
             split = None
             if clients is not None:
                 def timed_split(seed: int) -> dict:
-                    return with_server_means(url, lambda: clients.run(url, workload(lengths, vocab, seed), name)[0])
+                    return with_server_means(url, lambda: clients.run(url, workload(lengths, vocab, seed), name)[0],
+                                             log)
 
                 # Seeds this server has not seen (its prefix cache keeps the single client's prompts).
                 timed_split(10_000)  # warm-up of the client processes' path
@@ -233,6 +254,8 @@ def main() -> None:
         finally:
             server.terminate()
             server.wait(60)
+            print(f"server {extra} stderr, last lines:", *log.read_text(errors="replace").splitlines()[-8:],
+                  sep="\n  ", flush=True)
         return http, split, same
 
     clients = SplitClient(args.client_processes) if args.client_processes > 1 else None
@@ -330,6 +353,11 @@ def ttft_split(r: dict) -> list[str]:
                 *[f"| {label} | {runs(r[k], 'core_admit_s', '.3f')} | {runs(r[k], 'core_step_s', '.2f')} | "
                   f"{runs(r[k], 'core_output_s', '.3f')} | {runs(r[k], 'core_long_turns', '.0f')} |"
                   for label, k in http_paths(r)], ""]
+        slow = [f"- {label}, run {i + 1}: {line}" for label, k in http_paths(r)
+                for i, run in enumerate(r[k]["runs"]) for line in run.get("slow_turns", [])]
+        if any("slow_turns" in run for _, k in http_paths(r) for run in r[k]["runs"]):
+            core += ["The engine core's turns longer than 0.5 s, as its log gave them, each run:", "",
+                     *(slow or ["- none"]), ""]
     return ["| path | client mean TTFT ms | server mean TTFT ms | server mean queue ms | client mean E2E ms | "
             "server mean E2E ms | send spread ms |", "|---|---:|---:|---:|---:|---:|---:|",
             *[f"| {label} | {med(r[k], 'mean_ttft_ms')} | {med(r[k], 'server_mean_ttft_ms')} | "

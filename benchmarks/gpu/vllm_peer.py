@@ -6,12 +6,12 @@ be importable in that process (carried onto the GPU machine; see the GPU notes).
 
 Input (``--job FILE``, JSON): ``preset`` (a kvscope dummy preset: its shapes become an HF
 ``config.json`` and vLLM loads random weights with ``load_format="dummy"``), ``workloads``
-(``{name: [[prompt_len, output_len], ...]}``), ``repeats``, ``max_num_seqs``,
+(``{name: [[prompt_len, output_len], ...]}``), ``repeats``, ``max_num_seqs``, ``sampling``
+(``temperature``, ``top_p``, ``top_k`` of every request; default greedy),
 ``max_num_batched_tokens``, ``max_model_len``, optional ``kv_tokens`` (the KV pool in tokens, given to
 vLLM as ``num_gpu_blocks_override`` blocks of 16) and ``gpu_memory_utilization``.
 Prompts are the same random token ids as kvscope's runs (``end_to_end.prompts``, seeds 0..repeats:
-seed 0 warms up, as for kvscope). Every request generates exactly its output length (EOS ignored,
-greedy). Throughput = output tokens / wall time of ``LLM.generate``; median of the repeats.
+seed 0 warms up, as for kvscope). Every request generates exactly its output length (EOS ignored). Throughput = output tokens / wall time of ``LLM.generate``; median of the repeats.
 Output (``--out FILE``, JSON): ``{"version", "engine_s", "config", "results": {name: {...}}}``.
 
 A job with ``decode_points`` (``[[batch, context], ...]``) instead of ``workloads`` times vLLM's decode
@@ -65,7 +65,7 @@ def run_job(job: dict) -> dict:
 
 
 def run_vllm(preset: str, live: dict[str, list[tuple[int, int]]], repeats: int, max_seqs: int, batched: int, max_model_len: int,
-             pool: int | None) -> dict:
+             pool: int | None, sampling: dict[str, float]) -> dict:
     """vLLM on the same workloads in its own process (``vllm_peer.py``); ``{}`` fields say why if it failed."""
     kv_tokens = None
     if pool:
@@ -75,7 +75,8 @@ def run_vllm(preset: str, live: dict[str, list[tuple[int, int]]], repeats: int, 
 
         kv_tokens = pool // preset_config(preset).kv_bytes_per_token(torch.bfloat16)
     job = {"preset": preset, "workloads": live, "repeats": repeats, "max_num_seqs": max_seqs,
-           "max_num_batched_tokens": batched, "max_model_len": max_model_len, "kv_tokens": kv_tokens}
+           "max_num_batched_tokens": batched, "max_model_len": max_model_len, "kv_tokens": kv_tokens,
+           "sampling": sampling}
     return run_job(job) | {"kv_tokens": kv_tokens}
 
 
@@ -129,13 +130,16 @@ def main() -> None:
               gpu_memory_utilization=job.get("gpu_memory_utilization", 0.8), **kw)
     engine_s = time.perf_counter() - t0
     vocab = json.loads((folder / "config.json").read_text())["vocab_size"]
+    # vLLM's top_k -1 and kvscope's 0 both mean off.
+    sampling = job.get("sampling") or {"temperature": 0.0}
+    sampling = sampling | ({"top_k": -1} if sampling.get("top_k") == 0 else {})
     results = {}
     for name, lengths in job["workloads"].items():
         lengths = [(int(p), int(o)) for p, o in lengths]
 
         def make(seed: int, lens=lengths):
             ids = prompts(lens, vocab, seed)
-            params = [SamplingParams(max_tokens=o, temperature=0.0, ignore_eos=True, detokenize=False)
+            params = [SamplingParams(max_tokens=o, ignore_eos=True, detokenize=False, **sampling)
                       for _, o in lens]
             return [{"prompt_token_ids": p} for p in ids], params
 

@@ -27,7 +27,8 @@ not O(tokens so far). ``stats``: ``engine.stats()`` after any add or abort, when
 idle, otherwise at most every ``STATS_INTERVAL_S``, to every front end; None when not taken this turn.
 The stats also carry the loop's own time (:class:`LoopTimes`): where the core's turns go (taking
 and applying commands, the step, the messages) and a histogram of turn lengths, so that a server
-whose requests wait can tell a long step from a core busy with admission.
+whose requests wait can tell a long step from a core busy with admission. A turn longer than
+:data:`SLOW_TURN_S` is logged as a warning with its parts and the tokens its step computed.
 
 Failures stay contained as on the thread (:mod:`kvscope.serve.async_engine`): a rejected prompt
 fails its request alone, a step that raises fails the requests then in flight and the loop serves
@@ -66,6 +67,10 @@ log = logging.getLogger("kvscope.serve")
 ADD, ABORT, STOP = "add", "abort", "stop"
 READY, START_FAILED = "ready", "start_failed"
 ACCEPTED, REJECTED, ADD_FAILED, FAILED, STOPPED = "accepted", "rejected", "add_failed", "failed", "stopped"
+
+#: A turn longer than this is logged as a warning with its parts: every stream the core serves
+#: waited that long for its next token.
+SLOW_TURN_S = 0.5
 
 #: One request's news in a step message: request id, first scheduled time, new token times,
 #: finished, one ``(index, new token ids, finish_reason, text_end, error, new logprobs, new logits
@@ -122,13 +127,15 @@ class LoopTimes:
         self.admit = self.step = self.output = self.total = 0.0
         self.buckets = [0] * (len(TURN_BUCKETS) + 1)
 
-    def add(self, admit: float, step: float, output: float) -> None:
+    def add(self, admit: float, step: float, output: float) -> float:
+        """Counts one turn by part; returns its length."""
         self.admit += admit
         self.step += step
         self.output += output
         turn = admit + step + output
         self.total += turn
         self.buckets[bisect_left(TURN_BUCKETS, turn)] += 1
+        return turn
 
     def stats(self) -> dict[str, Any]:
         """The ``core_*`` keys of the stats: seconds by part, turns, and the histogram."""
@@ -254,6 +261,7 @@ class EngineCore:
         clock = time.perf_counter
         while self._clients:
             idle = not engine.has_unfinished_requests()
+            tokens = engine.num_computed_tokens_total
             t0 = clock()
             batch = self._receive(block=idle)
             t1 = t2 = clock()
@@ -281,7 +289,12 @@ class EngineCore:
                 elif client.events or client.outputs or stats is not None:
                     client.outbox.put((client.events, client.outputs, stats))
                     client.events, client.outputs = [], []
-            self._times.add(t1 - t0, t2 - t1, clock() - t2)
+            turn = self._times.add(t1 - t0, t2 - t1, clock() - t2)
+            if turn > SLOW_TURN_S:
+                log.warning("kvscope: engine core turn of %.3f s: %d commands applied in %.3f s, a step of %d "
+                            "tokens in %.3f s, messages in %.3f s; %d running, %d waiting after it",
+                            turn, sum(len(c) for _, c in batch), t1 - t0, engine.num_computed_tokens_total - tokens,
+                            t2 - t1, turn - (t2 - t0), len(engine.scheduler.running), len(engine.scheduler.waiting))
 
     def _receive(self, block: bool) -> list[tuple[_Client, list[tuple[Any, ...]]]]:
         """Each front end's waiting commands (blocking until some arrive when ``block``); a front
