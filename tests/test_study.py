@@ -415,8 +415,11 @@ def test_mixed_workload_end_to_end(tiny_long_model, tmp_path, monkeypatch):
     results = tmp_path / "res"
     rows = run_study(spec, results, progress=False)
     assert [r["status"] for r in rows] == ["ok"] * 3, [r.get("error") for r in rows]
+    # The CPU engine launches no compiled Triton kernel: nothing to flag (None where Triton is absent).
+    compiled = {"timed_run": 0, "kernels": []} if importlib.util.find_spec("triton") else {"timed_run": None,
+                                                                                          "kernels": []}
     for r in rows:
-        assert r["metrics"]["completed"] == 5
+        assert r["metrics"]["completed"] == 5 and r["triton_compiles"] == compiled
         assert r["quality"]["ruler"]["num_samples"] == 2 and r["quality"]["ruler"]["measured_in"] == "serving run"
         assert r["quality"]["agreement"]["num_requests"] == 3
     paged, h2o, adaptive = rows
@@ -456,7 +459,7 @@ def test_mixed_table_by_hand():
     assert not {e["strategy"]: e for e in mixed_table(rows)}["adaptive:long=snapkv"]["adaptive_wins"]
 
 
-def test_gpu_warm_up_serves_every_request_of_the_workload_and_skips_a_refused_one():
+def test_gpu_warm_up_serves_the_workload_staggered_then_at_once_and_skips_a_refused_one():
     from kvscope import LLM
     from kvscope.workload.requests import WorkloadRequest
 
@@ -464,14 +467,17 @@ def test_gpu_warm_up_serves_every_request_of_the_workload_and_skips_a_refused_on
     reqs = [WorkloadRequest(prompt=[5] * n, output_len=8) for n in (10, 30, 12, 7, 9)]
     runner_mod._warm_up(llm, reqs)
     st = llm.engine.stats()
-    # Every request, 4 tokens each (no prompt fills a block of 16, so none hits the prefix cache).
-    assert st["num_computed_tokens"] == (10 + 3) + (30 + 3) + (12 + 3) + (7 + 3) + (9 + 3)
+    # Every request, 4 tokens each, twice: staggered (all 5 are among the first WARM_STAGGERED),
+    # then all at once, where the 30-token prompt finds its first block of 16 in the prefix cache.
+    once = (10 + 3) + (30 + 3) + (12 + 3) + (7 + 3) + (9 + 3)
+    assert runner_mod.WARM_STAGGERED >= len(reqs)
+    assert st["num_computed_tokens"] == 2 * once - 16 and st["prefix_cache_hit_tokens"] == 16
     assert st["num_running"] == st["num_waiting"] == 0
     # A prompt the pool cannot hold fails alone; the others are served.
     big = LLM("dummy:tiny-llama", max_model_len=512, kv_memory_bytes=256 * 512)  # 256 tokens
     runner_mod._warm_up(big, [WorkloadRequest(prompt=[5] * 400, output_len=4),
                               WorkloadRequest(prompt=[5] * 6, output_len=4)])
-    assert big.engine.stats()["num_computed_tokens"] == 6 + 3
+    assert big.engine.stats()["num_computed_tokens"] == 2 * (6 + 3)
 
 
 def test_agreement_of_a_plain_workload_as_served(tiny_model, tmp_path):

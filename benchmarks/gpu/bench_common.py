@@ -19,6 +19,7 @@ sys.path.insert(0, str(Path(__file__).parents[1]))
 from ceilings import device_copy_bandwidth, gpu_environment, matmul_rate, time_ms  # noqa: E402
 from envinfo import environment  # noqa: E402
 
+from kvscope.bench.compiles import TritonCompiles  # noqa: E402,F401 - re-exported for the scripts
 from kvscope.config import EngineConfig  # noqa: E402
 from kvscope.engine.engine import LLMEngine  # noqa: E402
 
@@ -108,31 +109,6 @@ def checked_fields(allow_missing: bool, **kw: Any) -> dict[str, Any]:
         print(f"warning: EngineConfig lacks {missing}; running without them (smoke test only)", flush=True)
         kw = {k: v for k, v in kw.items() if k in have}
     return kw
-
-
-class TritonCompiles:
-    """The Triton kernels compiled while the block runs, as ``name[options](arg: type, ...)`` (the
-    types carry Triton's specialisation of integer arguments: 1, divisible by 16, or neither). A
-    compile inside a timed run is a stall the warm-up missed, typically a new specialisation of a
-    stride that varies per step. ``seen`` stays None where this Triton has no post-compile hook."""
-
-    def __enter__(self) -> "TritonCompiles":
-        self.seen: list[str] | None = None
-        try:
-            from triton import knobs
-        except ImportError:
-            return self
-        self._knobs, self._prev, self.seen = knobs.runtime, knobs.runtime.jit_post_compile_hook, []
-
-        def hook(*, repr: str, **_: Any) -> None:
-            self.seen.append(repr)
-
-        self._knobs.jit_post_compile_hook = hook
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        if self.seen is not None:
-            self._knobs.jit_post_compile_hook = self._prev
 
 
 def graph_replays(engine: LLMEngine) -> int | None:

@@ -10,7 +10,7 @@ so. The check reads the stat, never the strategy's name, so any strategy reporti
 from __future__ import annotations
 
 from kvscope.report.names import display_names, kept_fraction
-from kvscope.report.rows import Row, scenario
+from kvscope.report.rows import Row, rate_text, scenario
 from kvscope.report.tables import Table
 
 #: A layer fetching less than this share of the context counts as starved ...
@@ -46,4 +46,30 @@ def starved_selection_rows(rows: list[Row]) -> Table:
         model, workload, _ = scenario(r["config"])
         body.append([model, names[r["config"]["strategy"]], workload, f"{len(starved)} of {len(selecting)}",
                      f"{min(starved):.2%}", f"{budget:.0%}", "-" if ruler is None else f"{ruler:.2f}"])
+    return head, body
+
+
+COMPILE_NOTE = ("Rows whose timed run first launched Triton kernel specialisations (compiled, or loaded from "
+                "Triton's disk cache: tens of milliseconds to seconds each, during which the engine stepped "
+                "nothing). Their latencies and goodput include that stall: the warm-up did not produce the "
+                "shapes these runs did. Run them again before reading them as the strategy's.")
+
+
+def compile_stall_rows(rows: list[Row]) -> Table:
+    """One line per row whose timed run compiled Triton kernels (``triton_compiles.timed_run`` > 0):
+    model, strategy, workload, KV pool, rate, how many, the first kernel's name and the row's mean TTFT."""
+    names = display_names(r["config"]["strategy"] for r in rows)
+    head = ["model", "strategy", "workload", "KV pool", "rate", "kernels compiled", "first", "mean TTFT ms"]
+    body = []
+    for r in rows:
+        compiles = r.get("triton_compiles") or {}
+        count = compiles.get("timed_run")
+        if not isinstance(count, int) or count <= 0:
+            continue
+        model, workload, pool = scenario(r["config"])
+        rate = r["config"].get("rate_relative") or r["config"]["rate"]
+        first = (compiles.get("kernels") or ["?"])[0].split("[", 1)[0]
+        ttft = (r.get("metrics") or {}).get("mean_ttft_ms")
+        body.append([model, names[r["config"]["strategy"]], workload, pool, rate_text(rate), str(count), first,
+                     "-" if ttft is None else f"{ttft:.0f}"])
     return head, body

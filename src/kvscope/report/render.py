@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from kvscope.report.axes import empty_panels, png
-from kvscope.report.checks import SPARSE_NOTE, starved_selection_rows
+from kvscope.report.checks import COMPILE_NOTE, SPARSE_NOTE, compile_stall_rows, starved_selection_rows
 from kvscope.report.decision import decision_table
 from kvscope.report.plots import Plot, build_plots
 from kvscope.report.rows import NOISE, QUALITY_FLOOR, Row, by_spec_rate
@@ -197,6 +197,11 @@ def write_report(results_dir: str | Path, warn: bool = True) -> tuple[Path, Path
         doc.heading("Check: selections far below their budget")
         doc.para(SPARSE_NOTE, "note")
         doc.table(starved)
+    stalled = compile_stall_rows(rows)
+    if stalled[1]:
+        doc.heading("Check: kernels compiled during timed runs")
+        doc.para(COMPILE_NOTE, "note")
+        doc.table(stalled)
 
     plot_dir = folder / "plots"
     plot_dir.mkdir(exist_ok=True)
