@@ -202,9 +202,9 @@ def _warm_up(llm: LLM, requests: list[WorkloadRequest]) -> None:
     Before that, the first :data:`WARM_STAGGERED` of them :data:`WARM_GAP_S` apart: a prompt
     prefilled alone, then prompts prefilled beside decoding rows, the steps a timed run's arrivals
     make and an all-at-once run does not. The ``h200`` study's OPT rows of ``h2o`` with ample
-    memory (warmed all at once) took 3.0-4.7 s mean TTFT against `paged`'s 0.04-0.5 s, with 3-8
-    prefill steps for 100 requests: one stall early in the timed run, most likely kernels first
-    compiled there (not recorded then; rows now record them, ``triton_compiles``)."""
+    memory (warmed all at once) took 3.0-4.7 s mean TTFT against `paged`'s 0.04-0.5 s, with 6-11
+    steps outside the decode graphs for 100 requests: one stall early in the timed run, most likely
+    kernels first compiled there (not recorded then; rows now record them, ``triton_compiles``)."""
     short = [replace(r, output_len=min(r.output_len, 4)) for r in requests]
     # Staggered first, on an empty prefix cache: run after the others, its prompts would be cached.
     few = short[:WARM_STAGGERED]
