@@ -19,9 +19,10 @@ Both paths report through :func:`kvscope.bench.metrics.serving_metrics`. Output 
 median of ``--repeats`` runs after a warm-up run on other prompts. Every run of one engine gets
 prompts that engine has not seen (the prefix cache keeps finished requests' blocks):
 ``run_workload`` and the server (a fresh process) the same seeds, ``LLM.generate`` the next ones.
-``--client-processes K`` also sends each server's runs (the default and each ``--api-server-counts``) from K client processes at once
-(``benchmarks/split_client.py``), so that the load generator's own CPU (about 0.35 ms a request in
-one asyncio process) does not delay the requests' arrival. Each HTTP run also reads the server's
+``--client-processes K`` also sends each server's runs (the default and each ``--api-server-counts``)
+from K client processes at once (``kvscope.bench.client_processes``, as ``kvscope bench serve
+--client-processes``), so that the load generator's own CPU (about 0.35 ms a request in one
+asyncio process) does not delay the requests' arrival. Each HTTP run also reads the server's
 ``/metrics`` before and after: the mean TTFT and queue time the
 server timed (from a front end's hand-over to the engine) beside the client's mean TTFT, so that
 the difference shows the way in and the first chunk's way out; and the engine core's working
@@ -53,8 +54,8 @@ from ceilings import RESULTS, env_line  # noqa: E402
 from decode_step import bench_environment  # noqa: E402
 from end_to_end import lognormal_lengths, prompts  # noqa: E402
 from server_process import free_port, wait_ready  # noqa: E402
-from split_client import SplitClient  # noqa: E402
 
+from kvscope.bench.client_processes import ClientProcesses  # noqa: E402
 from kvscope.bench.http_driver import run_http_workload  # noqa: E402
 from kvscope.bench.metrics import serving_metrics  # noqa: E402
 from kvscope.bench.serve import run_workload  # noqa: E402
@@ -215,7 +216,7 @@ def main() -> None:
     if device == "cuda":
         torch.cuda.empty_cache()
 
-    def serve(extra: list[str], clients: SplitClient | None = None) -> tuple[dict, dict | None, list[bool]]:
+    def serve(extra: list[str], clients: ClientProcesses | None = None) -> tuple[dict, dict | None, list[bool]]:
         """Median HTTP throughput of a fresh server given ``extra`` options, the same sent by
         ``clients`` (several client processes) when given, and the check's texts."""
         port = free_port()
@@ -243,7 +244,7 @@ def main() -> None:
             split = None
             if clients is not None:
                 def timed_split(seed: int) -> dict:
-                    return with_server_means(url, lambda: clients.run(url, workload(lengths, vocab, seed), name)[0],
+                    return with_server_means(url, lambda: clients.run(url, workload(lengths, vocab, seed), name, mode="offline").records,
                                              log)
 
                 # Seeds this server has not seen (its prefix cache keeps the single client's prompts).
@@ -258,7 +259,7 @@ def main() -> None:
                   sep="\n  ", flush=True)
         return http, split, same
 
-    clients = SplitClient(args.client_processes) if args.client_processes > 1 else None
+    clients = ClientProcesses(args.client_processes) if args.client_processes > 1 else None
     k = args.client_processes
     try:
         http, split, same = serve([], clients)

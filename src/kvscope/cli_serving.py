@@ -44,6 +44,9 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
                    help="requests/s, inf = all at once (default inf; a trace's own times)")
     s.add_argument("--burstiness", type=float, default=1.0, help="gamma shape of the arrival gaps; 1 = Poisson")
     s.add_argument("--max-concurrency", type=int, default=None, help="at most this many requests in flight")
+    s.add_argument("--client-processes", type=int, default=1, metavar="N",
+                   help="send from N processes (each a share of the requests, on one clock), so that the "
+                        "client's own CPU does not spread a burst's arrivals; --max-concurrency is split among them")
     s.add_argument("--random-input-len", type=int, default=1024)
     s.add_argument("--random-output-len", type=int, default=128)
     s.add_argument("--random-range-ratio", type=float, default=0.0)

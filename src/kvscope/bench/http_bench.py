@@ -41,7 +41,7 @@ DATASETS = ("sharegpt", "random", "ruler", "trace")
 DEFAULT_NUM_PROMPTS = {"sharegpt": 1000, "random": 1000, "ruler": 20}  # vLLM's 1000; RULER prompts are long
 #: Fields of the result that vLLM's file does not have.
 KVSCOPE_FIELDS = ("base_url", "endpoint", "dataset", "seed", "max_duration_s", "request_timeout_s",
-                  "deadline_reached", "goodput", "server_input_lens", "ruler")
+                  "deadline_reached", "goodput", "server_input_lens", "ruler", "client_processes")
 
 
 @dataclass
@@ -50,7 +50,9 @@ class BenchServeConfig:
 
     ``num_prompts`` None: :data:`DEFAULT_NUM_PROMPTS`, or every row of a trace. ``request_rate``
     None: all at once (``inf``), except for a trace, which then keeps its own arrival times.
-    ``goodput``: SLOs in ms (``{"ttft": 500, "tpot": 50}``).
+    ``goodput``: SLOs in ms (``{"ttft": 500, "tpot": 50}``). ``client_processes``: send from this
+    many processes (:mod:`kvscope.bench.client_processes`), so that one client's CPU does not spread
+    the arrivals of a burst.
     """
 
     base_url: str
@@ -77,6 +79,7 @@ class BenchServeConfig:
     seed: int = 0
     allow_remote: bool = False
     disable_tqdm: bool = False
+    client_processes: int = 1
 
 
 def _check(cfg: BenchServeConfig) -> None:
@@ -89,6 +92,8 @@ def _check(cfg: BenchServeConfig) -> None:
 
     if cfg.dataset not in DATASETS:
         raise ConfigError(f"--dataset: must be one of {', '.join(DATASETS)}, got {cfg.dataset!r}")
+    if isinstance(cfg.client_processes, bool) or not isinstance(cfg.client_processes, int) or cfg.client_processes < 1:
+        raise ConfigError(f"--client-processes: must be an integer >= 1, got {cfg.client_processes!r}")
     for flag, value in (("--num-prompts", cfg.num_prompts), ("--max-concurrency", cfg.max_concurrency)):
         if value is not None and (not isinstance(value, int) or value < 1):
             raise ConfigError(f"{flag}: must be an integer >= 1, got {value!r}")
@@ -215,6 +220,7 @@ def result_dict(cfg: BenchServeConfig, model: str, run: HttpRun, metrics: dict[s
         "deadline_reached": run.deadline_reached,
         "goodput": cfg.goodput or None,
         "server_input_lens": run.server_prompt_tokens,
+        "client_processes": cfg.client_processes,
     }
 
 
@@ -231,9 +237,15 @@ def bench_serve(cfg: BenchServeConfig) -> dict[str, Any]:
     requests, samples = build_requests(cfg, tok)
     requests = with_prompt_lens(_arrivals(cfg, requests), tok, cfg.endpoint)
     model = cfg.model or asyncio.run(first_model_id(base_url))
-    run = run_http_workload(base_url, requests, model, endpoint=cfg.endpoint, max_concurrency=cfg.max_concurrency,
-                            max_duration_s=cfg.max_duration_s, request_timeout_s=cfg.request_timeout_s,
-                            use_tqdm=not cfg.disable_tqdm)
+    kwargs = {"endpoint": cfg.endpoint, "max_concurrency": cfg.max_concurrency, "max_duration_s": cfg.max_duration_s,
+              "request_timeout_s": cfg.request_timeout_s, "use_tqdm": not cfg.disable_tqdm}
+    if cfg.client_processes > 1:
+        from kvscope.bench.client_processes import ClientProcesses
+
+        with ClientProcesses(cfg.client_processes) as clients:
+            run = clients.run(base_url, requests, model, **kwargs)
+    else:
+        run = run_http_workload(base_url, requests, model, **kwargs)
     metrics = serving_metrics(run.records, goodput=cfg.goodput or None, percentiles=cfg.metric_percentiles)
     result = result_dict(cfg, model, run, metrics)
     if samples is not None:
