@@ -20,7 +20,8 @@ once per pool. The requests are those the strategies get (the runner's own workl
 with the model's tokenizer, loaded without its weights), sent through
 :func:`kvscope.bench.http_driver.run_http_workload` at the point's arrivals, and the metrics are
 :func:`kvscope.bench.metrics.serving_metrics` of the records, under the same keys as a strategy
-row's (``peak_device_memory_bytes`` / ``peak_host_rss_bytes`` None, ``engine_stats`` empty:
+row's (``peak_device_memory_bytes`` / ``peak_host_rss_bytes`` None, ``engine_stats`` empty,
+``triton_compiles.timed_run`` None:
 the server's engine is not visible through the API).
 
 Quality, from the serving run's completions (``measured_in: "serving run"``):
@@ -208,6 +209,7 @@ def run_system_point(point: Point, cache: Any) -> dict[str, Any]:
         "timeline_peaks": {},
         "engine_stats": {},
         "request_errors": errors[:5],
+        "triton_compiles": {"timed_run": None, "kernels": []},  # another process's kernels: not seen
         "served_model": model,
         "deadline_reached": run.deadline_reached,
     }
