@@ -133,14 +133,33 @@ def test_engine_evicts_alike_on_either_backend_on_cuda(tmp_path):
 @settings(max_examples=60, deadline=None)
 @given(st.lists(st.lists(st.integers(0, 10_000), min_size=1, max_size=9), min_size=1, max_size=7), st.data())
 def test_pack_tables_matches_padded_rows(blocks, data):
-    """The numpy packer against the rows written out by hand: each table padded with its last block
-    id to the longest, then the held count and the recent window's first position."""
-    from kvscope.kv.evict_one import pack_tables
+    """The numpy packer against the rows written out by hand: the held count, the recent window's
+    first position, then each table padded with its last block id to a row of a multiple of 16;
+    and unpack's views of it."""
+    from kvscope.kv.evict_one import pack_tables, unpack
 
     held = data.draw(st.lists(st.integers(1, 10**6), min_size=len(blocks), max_size=len(blocks)))
     recent = data.draw(st.lists(st.integers(0, 10**6), min_size=len(blocks), max_size=len(blocks)))
     most = max(len(b) for b in blocks)
-    expected = [b + b[-1:] * (most - len(b)) + [h, r] for b, h, r in zip(blocks, held, recent)]
+    width = 16 * ((most + 2 + 15) // 16)
+    expected = [[h, r] + b + b[-1:] * (width - 2 - len(b)) for b, h, r in zip(blocks, held, recent)]
     packed = pack_tables(blocks, held, recent)
     assert packed.dtype.name == "int64"
     assert packed.tolist() == expected
+    tables, h, r = unpack(torch.from_numpy(packed), most)
+    assert tables.tolist() == [b + b[-1:] * (most - len(b)) for b in blocks]
+    assert h.tolist() == held and r.tolist() == recent
+
+
+@given(most=st.integers(1, 300), n=st.integers(1, 64))
+def test_packed_views_keep_one_alignment_and_stride_class_whatever_the_longest_table(most, n):
+    """What Triton specialises a launch on (pointer 16-byte alignment, integers divisible by 16 or
+    equal to 1) is the same for every step, so the eviction kernel compiles once."""
+    from kvscope.kv.evict_one import pack_tables, unpack
+
+    blocks = [list(range(most))] + [[0]] * (n - 1)
+    packed = torch.from_numpy(pack_tables(blocks, [1] * n, [0] * n)).clone()  # a fresh (allocator-aligned) copy
+    assert packed.data_ptr() % 16 == 0
+    tables, held, recent = unpack(packed, most)
+    assert (tables.data_ptr() % 16, held.data_ptr() % 16, recent.data_ptr() % 16) == (0, 0, 8)
+    assert tables.stride(0) % 16 == held.stride(0) % 16 == recent.stride(0) % 16 == 0 and tables.stride(1) == 1

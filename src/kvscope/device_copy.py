@@ -26,3 +26,24 @@ def to_device(data: Sequence[int] | Sequence[float] | torch.Tensor, device: torc
     if not t.is_pinned():
         t = t.pin_memory()
     return t.to(device, non_blocking=True)
+
+
+#: Triton compiles a kernel anew for each combination of its pointer arguments' 16-byte alignment;
+#: views of one packed copy keep one alignment every step only if each starts on such a boundary.
+ALIGN_BYTES = 16
+
+
+def to_device_views(parts: Sequence[Sequence[int]], device: torch.device, dtype: torch.dtype) -> list[torch.Tensor]:
+    """``parts`` (lists of numbers) copied to ``device`` in one :func:`to_device` of ``dtype``, as
+    one view per part, each starting :data:`ALIGN_BYTES`-aligned (the copy itself is: the
+    allocators align far more). Packed end to end instead, a part's alignment would follow the
+    lengths of the parts before it, which change from step to step."""
+    step = max(1, ALIGN_BYTES // torch.empty((), dtype=dtype).element_size())
+    flat: list[int] = []
+    starts = []
+    for part in parts:
+        starts.append(len(flat))
+        flat.extend(part)
+        flat.extend([0] * (-len(flat) % step))
+    t = to_device(flat, device, dtype)
+    return [t[s : s + len(p)] for s, p in zip(starts, parts)]

@@ -63,7 +63,7 @@ from kvscope.attention.paged_inputs import check_fold_scores, check_paged_inputs
 _LOG2E = 1.4426950408889634
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["stride_tb", "stride_lb", "stride_gb"])  # vary per step: a compile per new class
 def _split_kernel(
     q_ptr, k_ptr, v_ptr, tables_ptr, lens_ptr,
     o_ptr, lse_ptr, logits_ptr,
@@ -191,7 +191,7 @@ def _colsum_kernel(
     tl.store(colsum_ptr + b * stride_cb + kv_head * stride_ch + t, colsum, mask=t < num_tokens)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["stride_tb"])  # varies per step: a compile per new class
 def _fold_kernel(
     logits_ptr, lse_ptr, lens_ptr, tables_ptr, scores_ptr,
     stride_gb, stride_gh,

@@ -88,7 +88,7 @@ def _attend_tile(
     return fold_tile(acc, l, m, q, k, v, t, pos, qk_scale, CAUSAL, DOT_PRECISION)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["stride_tb"])  # varies per step: a compile per new class
 def _kivi_prefill_kernel(
     q_ptr, o_ptr, kq_ptr, vq_ptr, ks_ptr, kz_ptr, vs_ptr, vz_ptr, res_ptr,
     tables_ptr, slots_ptr, cu_ptr, lens_ptr, qk_scale,

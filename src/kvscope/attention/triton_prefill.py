@@ -77,7 +77,7 @@ def _attend_tile(
     return fold_tile(acc, l, m, q, k, v, t, pos, qk_scale, CAUSAL, DOT_PRECISION)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["stride_tb"])  # varies per step: a compile per new class
 def _prefill_kernel(
     q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, tables_ptr, cu_ptr, lens_ptr, ks_ptr, vs_ptr,
     qk_scale,

@@ -65,7 +65,7 @@ def _add_query_tile(
     return acc + tl.exp2(s - lse[:, None])
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_tokens", "stride_tb"])  # varies per step: a compile per new class
 def _colsum_kernel(
     q_ptr, k_ptr, lse_ptr, tables_ptr, cu_ptr, lens_ptr, out_ptr,
     qk_scale, num_tokens,

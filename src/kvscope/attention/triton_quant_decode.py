@@ -82,7 +82,7 @@ def _dot_step(q, k, v, valid, m_i, l_i, acc, qk_scale, DOT_PRECISION: tl.constex
     return m_i, l_i, acc
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["stride_tb"])  # varies per step: a compile per new class
 def _fp8_kernel(q_ptr, k_ptr, v_ptr, ks_ptr, vs_ptr, tables_ptr, lens_ptr, o_ptr, lse_ptr, qk_scale, num_splits,
                 stride_qb, stride_qh, stride_cs, stride_ch, stride_tb, stride_ob, stride_oh, stride_os,
                 stride_lb, stride_lh,
@@ -119,7 +119,7 @@ def _fp8_kernel(q_ptr, k_ptr, v_ptr, ks_ptr, vs_ptr, tables_ptr, lens_ptr, o_ptr
                  stride_lh, GROUP, G_PAD, D)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["stride_tb"])  # varies per step: a compile per new class
 def _kivi_kernel(q_ptr, kq_ptr, vq_ptr, kscale_ptr, kzero_ptr, vscale_ptr, vzero_ptr, res_ptr,
                  tables_ptr, lens_ptr, slots_ptr, o_ptr, lse_ptr, qk_scale, num_splits,
                  stride_qb, stride_qh, stride_cb, stride_ct, stride_ch, stride_kb, stride_kh,

@@ -23,7 +23,7 @@ import triton
 import triton.language as tl
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["stride_tb", "stride_ob", "stride_oh"])  # vary per step: a compile per new class
 def _bound_kernel(
     q_ptr, kmin_ptr, kmax_ptr, tables_ptr, num_pages_ptr, out_ptr,
     stride_qb, stride_qh, stride_kb, stride_kh, stride_tb, stride_ob, stride_oh,

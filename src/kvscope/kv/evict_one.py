@@ -25,9 +25,22 @@ except ImportError:  # the CPU path needs no Triton
     triton = None
 
 
+#: The packed array's rows are a multiple of this many int64 long (see :func:`pack_tables`).
+ROW_ALIGN = 16
+
+
 def pack_tables(blocks: Sequence[Sequence[int]], held: Sequence[int], recent: Sequence[int]) -> np.ndarray:
-    """The ``tables``, ``held`` and ``recent`` arguments of both paths as one ``[n, most + 2]`` int64
-    array (columns ``:most``, ``most`` and ``most + 1``), for one host-to-device copy.
+    """The ``tables``, ``held`` and ``recent`` arguments of both paths as one ``[n, width]`` int64
+    array, for one host-to-device copy: column 0 ``held``, column 1 ``recent``, columns
+    ``2 : 2 + most`` the tables (:func:`unpack` takes the views), ``width`` = ``most + 2`` rounded up
+    to :data:`ROW_ALIGN`.
+
+    Why this layout: Triton compiles a kernel anew for each combination of its pointer arguments'
+    16-byte alignment and its integers' divisibility by 16. With ``held`` and ``recent`` after a
+    table of the step's longest length, their alignment and the row stride changed with that length,
+    and serving compiled the eviction kernel again (seconds on a GPU, every stream stalled) whenever
+    a step's longest table hit a new combination. Here every view starts at the same place in its
+    row and the stride is always a multiple of 16.
 
     Each row of ``blocks`` is a request's block ids (at least one); shorter rows are padded with
     their last id, which the kernel never reads past ``held``. Built with numpy from one flat
@@ -39,13 +52,19 @@ def pack_tables(blocks: Sequence[Sequence[int]], held: Sequence[int], recent: Se
     flat = np.fromiter(itertools.chain.from_iterable(blocks), dtype=np.int64, count=int(lens.sum()))
     most = int(lens.max())
     ends = np.cumsum(lens)
-    packed = np.empty((n, most + 2), dtype=np.int64)
-    packed[:, :most] = flat[ends - 1][:, None]
+    packed = np.empty((n, -(-(most + 2) // ROW_ALIGN) * ROW_ALIGN), dtype=np.int64)
+    packed[:, 0] = held
+    packed[:, 1] = recent
+    packed[:, 2:] = flat[ends - 1][:, None]
     rows = np.repeat(np.arange(n), lens)
-    packed[rows, np.arange(flat.size) - np.repeat(ends - lens, lens)] = flat
-    packed[:, most] = held
-    packed[:, most + 1] = recent
+    packed[rows, 2 + np.arange(flat.size) - np.repeat(ends - lens, lens)] = flat
     return packed
+
+
+def unpack(packed: torch.Tensor, most: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(tables [n, most], held [n], recent [n])``: views of :func:`pack_tables`' array (a copy of it
+    on any device) whose longest table has ``most`` blocks."""
+    return packed[:, 2 : 2 + most], packed[:, 0], packed[:, 1]
 
 
 def replace_one_torch(kv: torch.Tensor, scores: torch.Tensor, positions: torch.Tensor, tables: torch.Tensor,
@@ -125,7 +144,7 @@ if triton is not None:
 def replace_one_triton(kv: torch.Tensor, scores: torch.Tensor, positions: torch.Tensor, tables: torch.Tensor,
                        held: torch.Tensor, recent: torch.Tensor, block_size: int, block_t: int = 128) -> None:
     """:func:`replace_one_torch` in one launch (same arguments; the cache, scores and positions
-    contiguous, the tables' rows contiguous: views of one packed ``[n, blocks + 2]`` copy may carry all three)."""
+    contiguous, the tables' rows contiguous: :func:`unpack`'s views of one packed copy may carry all three)."""
     for name, t in (("kv", kv), ("scores", scores), ("positions", positions)):
         if not t.is_contiguous():
             raise ValueError(f"replace_one_triton: {name} must be contiguous")

@@ -30,7 +30,7 @@ from kvscope.kv.base import (
 from kvscope.kv.block_pool import BlockPool, pool_stats
 from kvscope.kv.eviction_attention import CapturedColumnSums, EvictionAttention
 from kvscope.kv.eviction_budget import Budget, check_budget_args, resolve_budget
-from kvscope.kv.evict_one import pack_tables, replace_one_torch, replace_one_triton
+from kvscope.kv.evict_one import pack_tables, replace_one_torch, replace_one_triton, unpack
 from kvscope.kv.graphs import BlockTableDecode
 from kvscope.kv.slot_cache import SlotKVCache, table_slots
 from kvscope.kv.statistics import NO_STATISTIC, ScoreStatistic
@@ -339,12 +339,12 @@ class EvictionStrategy(BlockTableDecode, KVStrategy):
         lens = [self.resident[r.request_id] for r in reqs]
         # Whole blocks, their slots computed on the device: a per-token list would cost more host
         # time than the step (64 requests x 1k tokens). One copy for the tables, lengths and windows.
+        tables = [self.tables[r.request_id][: -(-n // bs)] for r, n in zip(reqs, lens)]
         packed = to_device(torch.from_numpy(pack_tables(
-            [self.tables[r.request_id][: -(-n // bs)] for r, n in zip(reqs, lens)], lens,
-            [r.num_computed_tokens - self.budgets[r.request_id].recent for r in reqs])), self.cache.kv.device)
-        most = packed.shape[1] - 2
+            tables, lens, [r.num_computed_tokens - self.budgets[r.request_id].recent for r in reqs])),
+            self.cache.kv.device)
         replace = replace_one_triton if self.setup.attention_backend == "triton" else replace_one_torch
-        replace(self.cache.kv, self.scores, self.positions, packed[:, :most], packed[:, most], packed[:, most + 1], bs)
+        replace(self.cache.kv, self.scores, self.positions, *unpack(packed, max(map(len, tables))), bs)
         m = self.setup.model
         for r in reqs:
             rid = r.request_id

@@ -15,7 +15,7 @@ import torch
 from torch.nn.utils.rnn import pad_sequence
 
 from kvscope.attention.triton_prefill_colsum import paged_prefill_with_column_sums
-from kvscope.device_copy import to_device
+from kvscope.device_copy import to_device_views
 from kvscope.kv.slot_cache import rows_index
 
 
@@ -34,9 +34,10 @@ class FoldedPrefill:
         q_lens = [query_start[i + 1] - query_start[i] for i in rows]
         ctx = [tables[i].numel() for i in rows]
         self.q_rows = rows_index([(query_start[i], query_start[i + 1]) for i in rows], device)
-        # Row offsets and context lengths in one copy; the host knows them all (no sync).
-        packed = to_device(list(itertools.accumulate(q_lens, initial=0)) + ctx, device, torch.int32)
-        self.cu, self.lens = packed[: len(rows) + 1], packed[len(rows) + 1:]
+        # Row offsets and context lengths in one copy; the host knows them all (no sync). Each view
+        # aligned, whatever the number of chunks: its alignment is part of the kernels' compile key.
+        self.cu, self.lens = to_device_views([list(itertools.accumulate(q_lens, initial=0)), ctx], device,
+                                             torch.int32)
         # [P, max t] int32, padding slot 0 (never read: past each context).
         self.slots = pad_sequence([tables[i] for i in rows], batch_first=True).to(torch.int32)
         self.max_q, self.max_ctx = max(q_lens), max(ctx)

@@ -204,7 +204,9 @@ def _warm_up(llm: LLM, requests: list[WorkloadRequest]) -> None:
     make and an all-at-once run does not. The ``h200`` study's OPT rows of ``h2o`` with ample
     memory (warmed all at once) took 3.0-4.7 s mean TTFT against `paged`'s 0.04-0.5 s, with 6-11
     steps outside the decode graphs for 100 requests: one stall early in the timed run, most likely
-    kernels first compiled there (not recorded then; rows now record them, ``triton_compiles``)."""
+    kernels compiled again there (not recorded then; rows now record them, ``triton_compiles``).
+    The kernels now launch with one specialisation whatever the step (see the Attention section
+    of docs/architecture.md); this warm-up is for whatever else a new step shape first costs."""
     short = [replace(r, output_len=min(r.output_len, 4)) for r in requests]
     # Staggered first, on an empty prefix cache: run after the others, its prompts would be cached.
     few = short[:WARM_STAGGERED]
