@@ -152,7 +152,10 @@ class EngineProcess:
                id_prefix: str) -> None:
         self.observer: StepObserver | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._outbox: queue.SimpleQueue[tuple[Any, ...]] = queue.SimpleQueue()
+        # The loop's commands of one iteration go to the sender thread as one list: a put per
+        # request woke the thread (and traded the GIL) once per request of a burst.
+        self._outbox: queue.SimpleQueue[list[tuple[Any, ...]]] = queue.SimpleQueue()
+        self._batch: list[tuple[Any, ...]] = []  # event loop only: commands not yet handed over
         self._threads: list[threading.Thread] = []
         self._state = "loaded"  # -> "running" -> "dead" | "stopping" -> "closed"
         self._death = ""
@@ -207,7 +210,7 @@ class EngineProcess:
         tracks = [_Track(rid, group, p, params, arrival_time, tokenizer) for rid, p in zip(group.ids, prompts)]
         self._pending[group.ids[0]] = _Pending(group, tracks)
         self._in_flight[self._slot] += len(group.ids)
-        self._outbox.put((ADD, group.ids, prompts, params, arrival_time))
+        self._command((ADD, group.ids, prompts, params, arrival_time))
         return await await_accepted(stream, group)
 
     def abort(self, request_ids: list[str]) -> None:
@@ -219,7 +222,18 @@ class EngineProcess:
         if removed:
             notify(self.observer, "on_removed", removed, "abort")
         if self._state == "running":
-            self._outbox.put((ABORT, list(request_ids)))
+            self._command((ABORT, list(request_ids)))
+
+    def _command(self, command: tuple[Any, ...]) -> None:
+        """Queue ``command`` for the core (event loop); the iteration's commands leave together."""
+        self._batch.append(command)
+        if len(self._batch) == 1:
+            self._loop.call_soon(self._flush)  # type: ignore[union-attr]
+
+    def _flush(self) -> None:
+        batch, self._batch = self._batch, []
+        if batch:  # a stop may have taken them
+            self._outbox.put(batch)
 
     def _release(self, n: int) -> None:
         self._in_flight[self._slot] -= n
@@ -249,7 +263,9 @@ class EngineProcess:
         end has); a core of this front end's own that does not exit within ``timeout`` seconds is
         terminated."""
         if self._threads:
-            self._outbox.put((STOP,))  # also ends the sender, whose write then fails if the core is gone
+            # after what the loop queued; also ends the sender, whose write then fails if the core is gone
+            batch, self._batch = self._batch, []
+            self._outbox.put([*batch, (STOP,)])
         else:  # never started: nothing reads the outbox
             try:
                 send(self._commands, [(STOP,)])
@@ -260,9 +276,9 @@ class EngineProcess:
 
     def _send_commands(self) -> None:
         while True:
-            batch = [self._outbox.get()]
+            batch = self._outbox.get()
             while not self._outbox.empty():
-                batch.append(self._outbox.get_nowait())
+                batch += self._outbox.get_nowait()
             try:
                 send(self._commands, batch)
             except OSError:  # the core is gone

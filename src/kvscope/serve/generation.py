@@ -3,6 +3,7 @@ client goes away), server-sent events, usage and finish reasons."""
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import time
 import uuid
@@ -41,8 +42,15 @@ class ServingContext:
     metrics: ServerMetrics
 
 
+# A random tag drawn once per process (front ends are spawned: each draws its own), then a
+# counter: unique ids without a uuid4 per request, whose urandom call was 13% of a front end's
+# CPU per request in a sampling profile (benchmarks/results/serve_frontend_cpu.md).
+_PROCESS_TAG = uuid.uuid4().hex[:16]
+_SERIAL = itertools.count()
+
+
 def new_request_id(prefix: str) -> str:
-    return f"{prefix}-{uuid.uuid4().hex}"
+    return f"{prefix}-{_PROCESS_TAG}{next(_SERIAL):x}"
 
 
 async def submit(ctx: ServingContext, plan: Plan, request_id: str) -> OutputStream:
