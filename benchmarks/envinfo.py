@@ -9,7 +9,7 @@ from importlib import metadata
 from pathlib import Path
 
 
-def _version(pkg: str) -> str | None:
+def package_version(pkg: str) -> str | None:
     try:
         return metadata.version(pkg)
     except metadata.PackageNotFoundError:
@@ -43,5 +43,5 @@ def environment() -> dict:
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "gpu": gpu,
-        "versions": {p: _version(p) for p in ("kvscope", "torch", "transformers", "triton", "numpy")},
+        "versions": {p: package_version(p) for p in ("kvscope", "torch", "transformers", "triton", "numpy")},
     }

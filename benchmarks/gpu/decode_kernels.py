@@ -49,7 +49,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from bench_common import (bench_environment, copy_ceiling, engine_config, graph_replays, sync,  # noqa: E402
                           timed_ms, weight_bytes_per_step)
 from ceilings import RESULTS, env_line  # noqa: E402
-from decode_step import MODEL, TINY_MODEL, fill_random, inject  # noqa: E402
+from decode_step import MODEL, TINY_MODEL, fill_random, inject, release  # noqa: E402
 
 from kvscope.engine.engine import LLMEngine  # noqa: E402
 from kvscope.kv.registry import create  # noqa: E402
@@ -224,10 +224,7 @@ def run_point(engine: LLMEngine, b: int, t: int, args: argparse.Namespace, devic
               f"device sum {res.get('device_sum_ms', 0.0):.3f} ms {res.get('missing_kernels', '')}", flush=True)
         if "missing_kernels" not in res:
             break
-    for r in reqs:
-        engine.abort(r.request_id)
-        engine.requests.pop(r.request_id, None)
-        engine._groups.pop(r.request_id, None)
+    release(engine, reqs)
     return row
 
 

@@ -169,6 +169,14 @@ def inject(engine: LLMEngine, batch: int, context: int, tag: str) -> list[Reques
     return reqs
 
 
+def release(engine: LLMEngine, reqs: list[Request]) -> None:
+    """Undo :func:`inject`: abort the requests (freeing their KV) and forget them."""
+    for r in reqs:
+        engine.abort(r.request_id)
+        engine.requests.pop(r.request_id, None)
+        engine._groups.pop(r.request_id, None)
+
+
 def time_point(engine: LLMEngine, mode: str, batch: int, context: int, device: torch.device) -> dict:
     reqs = inject(engine, batch, context, f"{mode}-{batch}x{context}")
     batch_obj = engine.runner.build_batch(reqs, [1] * batch)
@@ -192,10 +200,7 @@ def time_point(engine: LLMEngine, mode: str, batch: int, context: int, device: t
         times = back_to_back_ms(engine.step, device, WARMUP, REPEATS, BLOCKS)
         row |= {f"{name}_pipe_ms": statistics.median(times), f"{name}_pipe_ms_all": times}
     engine.async_scheduling = default
-    for r in reqs:
-        engine.abort(r.request_id)
-        engine.requests.pop(r.request_id, None)
-        engine._groups.pop(r.request_id, None)
+    release(engine, reqs)
     sync(device)
     return row
 

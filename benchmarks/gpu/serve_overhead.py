@@ -43,7 +43,6 @@ import sys
 import tempfile
 import time
 import urllib.request
-from importlib import metadata
 from pathlib import Path
 
 import torch
@@ -52,6 +51,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 sys.path.insert(0, str(Path(__file__).parent.parent))
 from ceilings import RESULTS, env_line  # noqa: E402
 from decode_step import bench_environment  # noqa: E402
+from envinfo import package_version  # noqa: E402
 from end_to_end import lognormal_lengths, prompts  # noqa: E402
 from server_process import free_port, wait_ready  # noqa: E402
 
@@ -62,13 +62,6 @@ from kvscope.bench.serve import run_workload  # noqa: E402
 from kvscope.engine.sampling_params import SamplingParams  # noqa: E402
 from kvscope.llm import LLM  # noqa: E402
 from kvscope.workload.requests import WorkloadRequest  # noqa: E402
-
-
-def version_of(package: str) -> str | None:
-    try:
-        return metadata.version(package)
-    except metadata.PackageNotFoundError:
-        return None
 
 
 def workload(lengths: list[tuple[int, int]], vocab: int, seed: int) -> list[WorkloadRequest]:
@@ -185,7 +178,7 @@ def main() -> None:
     kv = {"kv_memory_bytes": 64 << 20} if args.tiny else {"kv_memory_fraction": 0.8}
     env = bench_environment(torch.device(device))
     # The front end's cost per request depends on which event loop and HTTP parser uvicorn found.
-    env["server_stack"] = {p: version_of(p) for p in ("fastapi", "starlette", "uvicorn", "uvloop", "httptools",
+    env["server_stack"] = {p: package_version(p) for p in ("fastapi", "starlette", "uvicorn", "uvloop", "httptools",
                                                        "pydantic")}
     print(env_line(env), flush=True)
 

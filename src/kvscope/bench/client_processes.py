@@ -28,7 +28,7 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from kvscope.bench.endpoints import COMPLETIONS
-from kvscope.bench.http_driver import HttpRun, run_http_workload
+from kvscope.bench.http_driver import HttpRun, check_run, run_http_workload
 from kvscope.bench.serve import RequestRecord
 from kvscope.errors import ConfigError
 from kvscope.workload.requests import WorkloadRequest
@@ -89,8 +89,7 @@ class ClientProcesses:
         each worker's share ends."""
         if mode not in ("timed", "offline"):
             raise ConfigError(f"client processes send open-loop modes ('timed' or 'offline'), got {mode!r}")
-        if not requests:
-            raise ConfigError("run_http_workload needs at least one request")
+        check_run(requests, mode, max_concurrency, max_duration_s, request_timeout_s)  # here, not in a worker
         cap = None if max_concurrency is None else math.ceil(max_concurrency / self.processes)
         kwargs = {"endpoint": endpoint, "mode": mode, "max_concurrency": cap, "max_duration_s": max_duration_s,
                   "request_timeout_s": request_timeout_s, "extra_body": extra_body}

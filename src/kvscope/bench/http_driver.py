@@ -62,8 +62,9 @@ class HttpRun:
     deadline_reached: bool
 
 
-def _check(requests: Sequence[WorkloadRequest], mode: str | ClosedLoop, max_concurrency: int | None,
-           max_duration_s: float, request_timeout_s: float | None) -> None:
+def check_run(requests: Sequence[WorkloadRequest], mode: str | ClosedLoop, max_concurrency: int | None,
+              max_duration_s: float, request_timeout_s: float | None) -> None:
+    """:class:`ConfigError` naming the first of :func:`run_http_workload`'s arguments out of range."""
     if not requests:
         raise ConfigError("run_http_workload needs at least one request")
     if not (mode in ("timed", "offline") or isinstance(mode, ClosedLoop)):
@@ -103,7 +104,7 @@ def run_http_workload(
     ``usage.prompt_tokens``, else 0. Runs its own event loop (``asyncio.run``), so call it from
     synchronous code.
     """
-    _check(requests, mode, max_concurrency, max_duration_s, request_timeout_s)
+    check_run(requests, mode, max_concurrency, max_duration_s, request_timeout_s)
     bodies = [request_body(endpoint, model, r.prompt, r.output_len, extra_body) for r in requests]
     return asyncio.run(_drive(api_url(base_url, endpoint), requests, bodies, mode, max_concurrency,
                               float(max_duration_s), request_timeout_s, use_tqdm))
